@@ -1,0 +1,71 @@
+"""The `chtsl` command line (Typer). Every command prints one line and exits 2 on bad input.
+
+Each command lives beside the code it drives (train/, export/, evals/, chtsl_infer/bench.py…);
+this module only wires them into one app, keeping heavy imports inside the commands.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from chtsl_infer.bench import bench_command
+from chtsl_infer.console import UserError, console, err_console, write_json
+from chtsl_infer.generate import generate_command
+from evals.command import eval_command
+from export.command import export_command
+from train.command import plot_command, train_command
+
+app = typer.Typer(
+    name="chtsl",
+    help="Parameter-efficient LLaMA models trained with CHTsL: train, export, bench, eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command("info")
+def info_command(
+    preset: str = typer.Option("llama60m-c4", help="Preset name, e.g. llama60m-c4, llama130m-owt, tiny."),
+    s_total: float = typer.Option(0.9, "--s-total", help="Total sparsity of the linears (0.9, 0.8 or 0.7)."),
+    method: str = typer.Option("chtsl", help="dense|chts|cola|sltrain|naive|act|chtsl."),
+    sparsity: float | None = typer.Option(None, help="Override the preset's sparsity s of S."),
+    rank: int | None = typer.Option(None, help="Override the preset's rank r of the low-rank branch."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+) -> None:
+    """Per-layer-type shapes, (s, r), parameter counts and s_total of a preset."""
+    from chtsl_infer.info import budget_report, budget_table
+    from chtsl_infer.presets import build_config
+
+    try:
+        config = build_config(preset, method=method, s_total=s_total, sparsity=sparsity, rank=rank)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    report = budget_report(config, preset)
+    if json_out:
+        write_json(report, "-")
+    else:
+        console.print(budget_table(report))
+
+
+app.command("train")(train_command)
+app.command("plot")(plot_command)
+app.command("export")(export_command)
+app.command("bench")(bench_command)
+app.command("generate")(generate_command)
+app.command("eval")(eval_command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `chtsl` script: runs the app, turning `UserError` into one line + exit 2."""
+    try:
+        app(args=argv, prog_name="chtsl")
+    except UserError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""`ChtslLlamaForCausalLM`: the stock transformers Llama with its block linears as CHTsL layers.
+
+Attention, RoPE, the KV cache and `generate()` are transformers' own; only the seven linears of
+every decoder block (q, k, v, o, gate, up, down) are swapped for `SparseLowRankLinear`.
+Embeddings, RMSNorms and `lm_head` stay dense (method.md §1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
+from transformers import initialization as init
+
+from chtsl_infer.configuration import ChtslConfig
+from chtsl_infer.layers import LAYER_TYPES, SparseLowRankLinear
+
+
+class ChtslLlamaModel(LlamaModel):
+    """The Llama decoder stack with `SparseLowRankLinear` block linears."""
+
+    config_class = ChtslConfig
+    config: ChtslConfig
+
+    def __init__(self, config: ChtslConfig) -> None:
+        super().__init__(config)
+        block = config.chtsl
+        for layer in self.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for t in LAYER_TYPES:
+                    old = getattr(parent, t, None)
+                    if old is None:
+                        continue
+                    setattr(
+                        parent,
+                        t,
+                        SparseLowRankLinear(
+                            old.in_features,
+                            old.out_features,
+                            method=block["method"],
+                            sparsity=block["sparsity"][t],
+                            rank=block["rank"][t],
+                            activation=block["activation"],
+                            alpha=block["alpha"],
+                            group_rows=config.head_dim if t in ("q_proj", "k_proj", "v_proj") else None,
+                        ),
+                    )
+        self.post_init()  # initialises the new modules only (the rest are flagged as initialised)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if not isinstance(module, SparseLowRankLinear):
+            super()._init_weights(module)
+            return
+        if module.weight is not None:
+            if module.method == "sltrain":  # SLTrain: sparse values uniform(±1/√in)
+                bound = 1.0 / math.sqrt(module.in_features)
+                init.uniform_(module.weight, -bound, bound)
+            else:  # as Hugging Face Llama: N(0, initializer_range²), kept (not rescaled) on the mask
+                init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.mask is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                module.weight.mul_(module.mask)
+        if module.has_lowrank:
+            if module.method == "sltrain":  # SLTrain: A kaiming-uniform, B = 0
+                init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
+                init.zeros_(module.lora_B)
+            else:  # CoLA: every entry N(0, σ0²), σ0 = (r·(in+out))^(-1/4)
+                sigma = (module.rank * (module.in_features + module.out_features)) ** -0.25
+                init.normal_(module.lora_A, mean=0.0, std=sigma)
+                init.normal_(module.lora_B, mean=0.0, std=sigma)
+
+
+
+class ChtslLlamaForCausalLM(LlamaForCausalLM):
+    """A causal Llama LM whose block linears are `SparseLowRankLinear` (per `config.chtsl`)."""
+
+    config_class = ChtslConfig
+    config: ChtslConfig
+
+    def __init__(self, config: ChtslConfig) -> None:
+        # LlamaForCausalLM.__init__ with our decoder stack (building a stock one first would waste
+        # the memory and init time of every dense linear).
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = ChtslLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def chtsl_layers(self) -> dict[str, SparseLowRankLinear]:
+        """Every block linear by its module name (e.g. `model.layers.0.self_attn.q_proj`)."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, SparseLowRankLinear)}
+
+    def sparse_layers(self) -> dict[str, SparseLowRankLinear]:
+        """The block linears with a sparse branch (a mask) — what the topology engine manages."""
+        return {n: m for n, m in self.chtsl_layers().items() if m.mask is not None}
+
+    def align_layers(self) -> dict[str, SparseLowRankLinear]:
+        """The layers whose branches enter the alignment loss (`config.chtsl.align_layers`)."""
+        types = self.config.align_layer_types()
+        return {n: m for n, m in self.chtsl_layers().items() if n.rsplit(".", 1)[-1] in types and m.has_sparse}
+
+    def trainable_linear_params(self) -> int:
+        """Exact trainable entries of the block linears (active links + low-rank factors)."""
+        return sum(m.trainable_entries() for m in self.chtsl_layers().values())

@@ -1,0 +1,150 @@
+"""Paper presets (method.md §4–§5): architecture, training recipe and the (s, r) table per s_total.
+
+Names are `<size>-<data>`, e.g. `llama60m-c4`, plus `tiny` for CPU runs and tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from chtsl_infer import budget
+from chtsl_infer.configuration import ChtslConfig
+from chtsl_infer.layers import METHODS
+
+S_TOTALS = (0.9, 0.8, 0.7)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One row of the paper's recipe (method.md §5) for a model size and dataset."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    steps: int
+    warmup: int
+    lr: float  # sparse / low-rank methods
+    dense_lr: float
+    sltrain_alpha: float
+    table: dict[float, tuple[float, int]]  # s_total -> (s, r) for CHTsL
+    align_lambda: float
+    data: str = "c4"
+    tokenizer: str = "t5-base"
+    vocab_size: int = 32000
+    seq_len: int = 256
+    batch_size: int = 512  # global, sequences
+    micro_batch_size: int = 64
+    update_interval: int = 100  # ΔT, optimizer steps between topology updates
+    restart_warmup: int = 20  # LR warm-up steps after each topology update
+    min_lr_ratio: float = 0.1
+    eval_every: int = 1000
+    save_every: int = 1000
+    ocr_every: int = 100
+    eval_tokens: int = 10_000_000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return budget.linear_shapes(self.hidden_size, self.intermediate_size, self.num_heads)
+
+    def split(self, s_total: float, method: str = "chtsl") -> tuple[float, int]:
+        """(s, r) of `method` at `s_total`: the paper's table for CHTsL-like methods; the whole
+        budget in S for `chts` and in the rank for `cola`; (0, 0) for `dense`."""
+        if s_total not in self.table:
+            valid = ", ".join(str(s) for s in self.table)
+            raise ValueError(f"s_total {s_total} is not in the table of preset {self.name}; valid: {valid}")
+        if method == "dense":
+            return 0.0, 0
+        if method == "chts":
+            return s_total, 0
+        if method == "cola":
+            return 0.0, round((1.0 - s_total) / budget.rank_density(self.shapes()))
+        return self.table[s_total]
+
+
+def _one_to_one(hidden: int, ffn: int, heads: int) -> dict[float, tuple[float, int]]:
+    """Equal split of the budget between S and the low-rank branch (350M, 1B and tiny)."""
+    per_rank = budget.rank_density(budget.linear_shapes(hidden, ffn, heads))
+    return {st: (round(1 - (1 - st) / 2, 4), round((1 - st) / 2 / per_rank)) for st in S_TOTALS}
+
+
+def _make_presets() -> dict[str, Preset]:
+    sizes = {
+        # name: hidden, ffn, layers, heads, steps, warmup, lr, sltrain α
+        "llama60m": (512, 1376, 8, 8, 10_000, 1_000, 3e-3, 32.0),
+        "llama130m": (768, 2048, 12, 12, 20_000, 2_000, 3e-3, 16.0),
+        "llama350m": (1024, 2736, 24, 16, 60_000, 6_000, 3e-3, 16.0),
+        "llama1b": (2048, 5461, 24, 32, 100_000, 10_000, 1e-3, 8.0),
+    }
+    tables = {  # Table 5 of the paper: s_total -> (s, r)
+        ("llama60m", "owt"): {0.9: (0.95, 16), 0.8: (0.9, 32), 0.7: (0.85, 48)},
+        ("llama130m", "owt"): {0.9: (0.95, 24), 0.8: (0.9, 48), 0.7: (0.85, 72)},
+        ("llama60m", "c4"): {0.9: (0.95, 16), 0.8: (0.95, 48), 0.7: (0.95, 80)},
+        ("llama130m", "c4"): {0.9: (0.95, 24), 0.8: (0.95, 72), 0.7: (0.95, 120)},
+    }
+    presets: dict[str, Preset] = {}
+    for size, (h, f, n, heads, steps, warmup, lr, alpha) in sizes.items():
+        for data in ("c4", "owt"):
+            table = tables.get((size, data)) or _one_to_one(h, f, heads)
+            lam = 0.3 if (size, data) == ("llama60m", "c4") else 0.5
+            name = f"{size}-{data}"
+            presets[name] = Preset(
+                name=name, hidden_size=h, intermediate_size=f, num_layers=n, num_heads=heads, steps=steps,
+                warmup=warmup, lr=lr, dense_lr=1e-3, sltrain_alpha=alpha, table=table, align_lambda=lam, data=data,
+            )
+    presets["tiny"] = Preset(
+        name="tiny", hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, steps=300, warmup=30,
+        lr=3e-3, dense_lr=1e-3, sltrain_alpha=32.0, table=_one_to_one(128, 344, 4), align_lambda=0.3,
+        data="builtin", tokenizer="bpe", vocab_size=4096, seq_len=128, batch_size=16, micro_batch_size=16,
+        update_interval=20, restart_warmup=5, eval_every=100, save_every=100, ocr_every=25, eval_tokens=100_000,
+    )
+    return presets
+
+
+PRESETS: dict[str, Preset] = _make_presets()
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; ValueError naming the valid ones otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def build_config(
+    preset: str | Preset,
+    *,
+    method: str = "chtsl",
+    s_total: float = 0.9,
+    sparsity: float | None = None,
+    rank: int | None = None,
+    activation: str | None = None,
+    align_lambda: float | None = None,
+    align_layers: str = "all",
+    vocab_size: int | None = None,
+    **llama_overrides: Any,
+) -> ChtslConfig:
+    """The `ChtslConfig` of a preset at `s_total` (explicit `sparsity`/`rank` override the table)."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    s, r = p.split(s_total, method)
+    block = {
+        "method": method,
+        "sparsity": s if sparsity is None else sparsity,
+        "rank": r if rank is None else rank,
+        "activation": activation,
+        "alpha": p.sltrain_alpha if method == "sltrain" else None,
+        "align_lambda": p.align_lambda if align_lambda is None else align_lambda,
+        "align_layers": align_layers,
+    }
+    fields = dict(
+        vocab_size=vocab_size or p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_layers, num_attention_heads=p.num_heads, num_key_value_heads=p.num_heads,
+        max_position_embeddings=max(p.seq_len, 256), rms_norm_eps=1e-6, initializer_range=0.02,
+        tie_word_embeddings=False, chtsl=block,
+    )
+    fields.update(llama_overrides)
+    return ChtslConfig(**fields)

@@ -1,0 +1,1 @@
+"""evals: zero-shot GLUE/SuperGLUE through lm-eval, and validation perplexity."""

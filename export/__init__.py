@@ -1,0 +1,1 @@
+"""export: one module per output format of a trained checkpoint (packed safetensors, ONNX)."""

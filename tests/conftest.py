@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny models and a tiny checkpoint (model + BPE tokenizer), never the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import chtsl_infer  # noqa: E402  (registers the Auto classes)
+from chtsl_infer.layers import METHODS  # noqa: E402
+from chtsl_infer.modeling import ChtslLlamaForCausalLM  # noqa: E402
+from chtsl_infer.presets import build_config  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ALL_METHODS = tuple(METHODS)
+
+
+def tiny_config(method: str = "chtsl", vocab_size: int = 512, **overrides) -> chtsl_infer.ChtslConfig:
+    """The `tiny` preset, smaller still (2 layers, small vocab) so tests run in milliseconds."""
+    fields = dict(num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=128)
+    fields.update(overrides)
+    return build_config("tiny", method=method, s_total=0.9, **fields)
+
+
+def tiny_model(method: str = "chtsl", seed: int = 0, **overrides) -> ChtslLlamaForCausalLM:
+    torch.manual_seed(seed)
+    return ChtslLlamaForCausalLM(tiny_config(method, **overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A 512-token byte-level BPE trained on CPython's own docs (offline, deterministic)."""
+    import pydoc_data.topics
+
+    from train.tokenizer import train_bpe
+
+    texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    return train_bpe(texts, vocab_size=512)
+
+
+@pytest.fixture(scope="session", params=["chtsl"])
+def tiny_checkpoint(request, tmp_path_factory, bpe_tokenizer) -> Path:
+    """A saved tiny checkpoint directory (config.json, model.safetensors, tokenizer) of one method."""
+    path = tmp_path_factory.mktemp(f"ckpt-{request.param}")
+    model = tiny_model(request.param, vocab_size=len(bpe_tokenizer))
+    model.save_pretrained(path)
+    bpe_tokenizer.save_pretrained(path)
+    return path
