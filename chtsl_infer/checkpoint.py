@@ -31,7 +31,15 @@ def check_checkpoint_dir(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, device: str = "cpu") -> ChtslLlamaForCausalLM:
-    """The `ChtslLlamaForCausalLM` of a training checkpoint directory, in eval mode."""
+    """The `ChtslLlamaForCausalLM` of a training checkpoint or a packed export dir, in eval mode.
+
+    A packed export (`chtsl export`, `model.safetensors` with `format=chtsl-packed`) is rebuilt in
+    fp32 through `chtsl_infer.packed`.
+    """
+    from chtsl_infer.packed import is_packed_dir, load_packed_model
+
+    if is_packed_dir(path):
+        return load_packed_model(path).to(device).eval()
     p = check_checkpoint_dir(path)
     try:
         model = ChtslLlamaForCausalLM.from_pretrained(p, use_safetensors=True, trust_remote_code=False)

@@ -1,8 +1,247 @@
-"""`chtsl export` (being built by the export issue)."""
+"""`chtsl export CKPT`: packed safetensors and/or a sparse ONNX graph, verified against PyTorch.
 
-from chtsl_infer.console import UserError
+Everything is written into a temporary directory beside the output and renamed into place only
+when every stage (and the verification, when on) has succeeded, so a failure leaves no partial
+output behind; `--force` replaces an existing output the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from chtsl_infer.console import UserError, console, write_json
+
+FORMATS = ("safetensors", "onnx", "all")
+DTYPE_FLAGS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def export_command() -> None:
-    """Not available yet."""
-    raise UserError("`chtsl export` is not available yet")
+def _human(n: int) -> str:
+    """Bytes as a short human-readable size (KiB/MiB/GiB, binary units)."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _check_output(ckpt: Path, out: Path, force: bool) -> None:
+    """UserError when `out` may not be (re)written: exists without --force, or would hit `ckpt`."""
+    c, o = ckpt.resolve(), out.resolve()
+    if o == c or o in c.parents:
+        raise UserError(f"output {out} would overwrite the checkpoint {ckpt}; choose another --out")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UserError(f"output {out} already exists; pass --force to replace it")
+        if not out.is_dir():
+            raise UserError(f"output {out} exists and is not a directory")
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write to {out}: {out.parent} is not a directory")
+
+
+def _make_temp_dir(out: Path) -> Path:
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)  # mkdtemp creates 0700; the export gets the usual directory mode
+        return tmp
+    except OSError as e:
+        raise UserError(f"cannot write to {out.parent}: {e.strerror or e}") from None
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Renames `tmp` to `out`, replacing an existing `out` directory only once `tmp` is complete."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rmdir(old)
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _Stages:
+    """A Rich progress bar over the export's stages; each finished stage prints one line."""
+
+    def __init__(self, names: list[str]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=console, transient=True,
+            disable=not console.is_terminal,  # a log file gets the per-stage lines only
+        )
+        self.task = self.progress.add_task("export", total=len(names))
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.progress.update(self.task, description=name)
+        start = time.perf_counter()
+        yield
+        self.progress.console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - start:.1f} s)[/]")
+        self.progress.advance(self.task)
+
+
+def export_command(
+    ckpt_arg: str = typer.Argument(..., metavar="CKPT", help="Checkpoint directory (config.json + model.safetensors)."),
+    fmt: str = typer.Option("all", "--format", help="safetensors|onnx|all."),
+    out_arg: str | None = typer.Option(None, "--out", help="Output directory (default: CKPT/export)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Value dtype of the packed safetensors: fp32|fp16|bf16."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 18; the exporter cannot go down to 17)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare exported logits with PyTorch."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    json_path: str | None = typer.Option(None, "--json", help="Also write the summary as JSON ('-' = stdout)."),
+) -> None:
+    """Export a checkpoint as packed CSR + low-rank safetensors and/or a sparse ONNX graph."""
+    ckpt = Path(ckpt_arg)
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if dtype not in DTYPE_FLAGS:
+        raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_FLAGS)}")
+    from export.onnx import MIN_OPSET
+
+    if opset < MIN_OPSET:
+        raise UserError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    from chtsl_infer.checkpoint import check_checkpoint_dir
+    from chtsl_infer.packed import is_packed_dir
+
+    if not is_packed_dir(ckpt):
+        check_checkpoint_dir(ckpt)
+    out = Path(out_arg) if out_arg is not None else ckpt / "export"
+    _check_output(ckpt, out, force)
+
+    want_packed, want_onnx = fmt in ("safetensors", "all"), fmt in ("onnx", "all")
+    names = ["load checkpoint"] + ["pack safetensors"] * want_packed
+    names += ["export ONNX graph", "sparsify ONNX weights", "check ONNX (full_check)"] * want_onnx
+    names += ["copy config + tokenizer"] + ["verify vs PyTorch"] * verify
+    tmp = _make_temp_dir(out)
+    try:
+        summary, checks = _run(ckpt, tmp, names, want_packed, want_onnx, dtype, opset, verify)
+        failed = [c for c in checks if not c.ok]
+        if not failed:
+            try:
+                _move_into_place(tmp, out)
+            except OSError as e:
+                raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed into place
+
+    _print_summary(summary, out, dtype, want_onnx)
+    if checks:
+        from export.verify import checks_table
+
+        console.print(checks_table(checks))
+    write_json({"out": str(out), "dtype": dtype, "files": summary, "verification": [c.to_dict() for c in checks],
+                "written": not failed}, json_path)
+    if failed:
+        console.print(f"[bold red]verification failed[/] ({len(failed)} of {len(checks)} checks beyond tolerance); "
+                      f"nothing written to {out}")
+        raise typer.Exit(1)
+    console.print(f"exported to [bold]{out}[/]")
+
+
+def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: bool, dtype: str, opset: int,
+         verify: bool) -> tuple[list[dict], list]:
+    """The export stages into `tmp`: returns (summary rows, verification checks)."""
+    from transformers.utils import logging as hf_logging
+
+    from chtsl_infer.checkpoint import load_model
+    from chtsl_infer.packed import DTYPES, WEIGHTS_NAME
+    from export import onnx as onnx_export
+    from export.packed import copy_support_files, write_packed
+
+    hf_logging.disable_progress_bar()  # our own progress bar reports the stages
+    stages = _Stages(names)
+    summary: list[dict] = []
+    checks: list = []
+    with stages.progress:
+        with stages.stage("load checkpoint"):
+            try:
+                model = load_model(ckpt).float()
+            except UserError:
+                raise
+            except Exception as e:  # corrupt/truncated weights surface as assorted library errors
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise UserError(f"cannot load {ckpt}: {first}") from None
+        if want_packed:
+            with stages.stage("pack safetensors"):
+                stats = _writing(lambda: write_packed(model, tmp, DTYPES[DTYPE_FLAGS[dtype]]), tmp)
+            summary += [
+                _row(WEIGHTS_NAME, stats.file_bytes, stats.dense_equivalent_bytes),
+                _row("  └ CHTsL linears", stats.linear_bytes, stats.dense_linear_bytes),
+            ]
+        if want_onnx:
+            path = tmp / "model.onnx"
+            with stages.stage("export ONNX graph"):
+                try:
+                    proto = onnx_export.export_graph(model, opset)
+                except ValueError as e:  # the requested opset could not be produced
+                    raise UserError(str(e)) from None
+            with stages.stage("sparsify ONNX weights"):
+                ostats = onnx_export.sparsify_initializers(proto, model)
+                if ostats.unmatched_layers:
+                    raise RuntimeError(f"{len(ostats.unmatched_layers)} sparse weights not found in the ONNX graph "
+                                       f"(first: {ostats.unmatched_layers[0]})")
+                _writing(lambda: onnx_export.save_onnx(proto, path), tmp)
+                del proto
+            with stages.stage("check ONNX (full_check)"):
+                onnx_export.check_onnx(path, full_check=True)
+            ostats.file_bytes = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
+            summary += [
+                _row("model.onnx (float32)", ostats.file_bytes, ostats.dense_equivalent_bytes),
+                _row("  └ CHTsL linears", ostats.linear_bytes, ostats.dense_linear_bytes),
+            ]
+        with stages.stage("copy config + tokenizer"):
+            _writing(lambda: copy_support_files(ckpt, tmp), tmp)
+        if verify:
+            with stages.stage("verify vs PyTorch"):
+                from export.verify import random_batches, reference_logits, verify_onnx, verify_packed
+
+                batches = random_batches(model.config.vocab_size)
+                refs = reference_logits(model, batches)
+                if want_packed:
+                    checks += verify_packed(tmp / WEIGHTS_NAME, batches, refs)
+                if want_onnx:
+                    checks += verify_onnx(tmp / "model.onnx", batches, refs)
+    return summary, checks
+
+
+def _writing(fn, tmp: Path):
+    """Runs a writing step; OS errors (disk full, permissions) become one-line UserErrors."""
+    try:
+        return fn()
+    except OSError as e:
+        raise UserError(f"cannot write into {tmp.parent}: {e.strerror or e}") from None
+
+
+def _row(name: str, size: int, dense: int) -> dict:
+    return {"file": name, "bytes": size, "dense_equivalent_bytes": dense, "ratio": size / dense if dense else None}
+
+
+def _print_summary(rows: list[dict], out: Path, dtype: str, onnx: bool) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"chtsl export → {out} (packed values {dtype})")
+    for col in ("file", "size", "dense-equivalent size", "ratio"):
+        table.add_column(col, justify="left" if col == "file" else "right")
+    for r in rows:
+        ratio = f"{r['ratio']:.3f}×" if r["ratio"] is not None else "-"
+        table.add_row(r["file"], _human(r["bytes"]), _human(r["dense_equivalent_bytes"]), ratio)
+    console.print(table)
+    if onnx and dtype != "fp32":
+        console.print("[dim]the ONNX graph is float32 (--dtype sets the packed safetensors' values)[/]")

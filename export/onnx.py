@@ -1,0 +1,295 @@
+"""ONNX export: `input_ids` [batch, seq] (int64) → `logits` [batch, seq, vocab], float32.
+
+The graph comes from `torch.onnx.export` (the dynamo exporter; the TorchScript one cannot export
+transformers 5 Llama's mask code) of the model with `use_cache=False`. Before export each sparse
+branch is materialised as one plain weight `S = weight · mask`, so it becomes a single MatMul
+initializer (the exporter folds the transpose: the initializer holds Sᵀ). Afterwards the `onnx`
+API finds those initializers by content — the exporter renames them — and replaces each by an
+ONNX `SparseTensorProto` (COO: float values + int64 linearised indices, as the spec requires),
+which ONNX Runtime densifies at load. The low-rank branch stays MatMul → activation → MatMul.
+
+Where the sparse tensors live (`sparse_as`):
+  "constant"     (default) a `Constant` node with a `sparse_value` attribute per weight. Its
+                 output is typed as a dense tensor, so the graph passes
+                 `onnx.checker.check_model(full_check=True)`; ONNX Runtime turns such constants
+                 into (sparse) initializers when it loads the graph.
+  "initializer"  `graph.sparse_initializer`. ONNX's shape inference types these as sparse
+                 tensors, which MatMul does not accept, so only the basic checker passes
+                 (full_check fails on onnx ≤ 1.23); ONNX Runtime runs it all the same.
+Both store exactly the same bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from chtsl_infer.modeling import ChtslLlamaForCausalLM
+
+# The dynamo exporter emits opset 18 and converts to other versions afterwards; the conversion down
+# to 17 fails on this graph (ReduceMean's axes input) and leaves the model at 18, so 18 is the
+# lowest opset we can produce. Versions above 18 convert fine (checked: 20, 21, 23).
+MIN_OPSET = 18
+DEFAULT_OPSET = 18
+EXPORT_SHAPE = (2, 8)  # (batch, seq) of the example input; verification uses other shapes
+PROTOBUF_LIMIT = 2**31 - 1  # bytes; larger models are saved with external data
+SPARSE_AS = ("constant", "initializer")
+
+
+class LogitsOnly(nn.Module):
+    """`input_ids` (batch, seq) int64 → `logits` (batch, seq, vocab): the graph's signature."""
+
+    def __init__(self, model: ChtslLlamaForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+@dataclass
+class OnnxStats:
+    """Bytes of the exported graph's tensors (all float32), split by what they are."""
+
+    file_bytes: int = 0
+    sparse_bytes: int = 0  # sparse initializers of the sparse branches: values + int64 indices
+    factor_bytes: int = 0  # low-rank factors A, B (and the full weights of method `dense`)
+    dense_linear_bytes: int = 0  # what the block linears would take as dense float32 matrices
+    other_bytes: int = 0  # every other initializer (embeddings, norms, lm_head, constants)
+    n_sparse: int = 0  # sparse initializers written
+    nnz: int = 0
+    unmatched_layers: list[str] = field(default_factory=list)
+
+    @property
+    def linear_bytes(self) -> int:
+        """Bytes of the CHTsL linears in the file (sparse initializers + factors)."""
+        return self.sparse_bytes + self.factor_bytes
+
+    @property
+    def dense_equivalent_bytes(self) -> int:
+        """File size if the block linears were stored as dense float32 matrices."""
+        return self.file_bytes - self.linear_bytes + self.dense_linear_bytes
+
+
+def _digest(array: np.ndarray) -> tuple[tuple[int, ...], str]:
+    """(shape, content hash) identifying a float32 array."""
+    a = np.ascontiguousarray(array, dtype=np.float32)
+    return a.shape, hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest()
+
+
+@dataclass
+class _Part:
+    """A tensor of one CHTsL linear as it may appear among the exported initializers."""
+
+    layer: str
+    kind: str  # "sparse" (S), "factor" (lora_A / lora_B / dense weight)
+    mask: np.ndarray | None  # bool support in the same orientation (sparse parts only)
+
+
+def _parts_index(model: ChtslLlamaForCausalLM) -> dict[tuple[tuple[int, ...], str], list[_Part]]:
+    """Content digest → parts, for every block linear tensor in both orientations (W and Wᵀ)."""
+    index: dict[tuple[tuple[int, ...], str], list[_Part]] = {}
+    for name, layer in model.chtsl_layers().items():
+        tensors: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+        if layer.mask is not None:
+            tensors.append(("sparse", layer.sparse_weight(), layer.mask))
+        elif layer.weight is not None:
+            tensors.append(("factor", layer.weight, None))
+        if layer.has_lowrank:
+            tensors += [("factor", layer.lora_A, None), ("factor", layer.lora_B, None)]
+        for kind, t, mask in tensors:
+            w = t.detach().float().cpu().numpy()
+            m = None if mask is None else mask.cpu().numpy()
+            for arr, msk in ((w, m), (w.T, None if m is None else m.T)):
+                index.setdefault(_digest(arr), []).append(_Part(name, kind, None if msk is None else msk.copy()))
+    return index
+
+
+def materialized_copy(model: ChtslLlamaForCausalLM) -> ChtslLlamaForCausalLM:
+    """A float32 copy whose sparse branches are plain weights `S = weight·mask` (mask dropped).
+
+    With no mask, `SparseLowRankLinear.sparse_weight()` returns the weight itself, so every S is one
+    initializer of the graph instead of weight, mask and a Mul.
+    """
+    export = copy.deepcopy(model).float().eval()
+    with torch.no_grad():
+        for layer in export.sparse_layers().values():
+            layer.weight.mul_(layer.mask)
+            layer.mask = None
+    export.config.use_cache = False
+    return export
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silences the exporter's optional-dependency warnings (torchvision ops) for one export."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def export_graph(model: ChtslLlamaForCausalLM, opset: int = DEFAULT_OPSET):  # -> onnx.ModelProto
+    """The dense ONNX graph of `model` (float32, dynamic batch/seq axes, no KV cache)."""
+    import warnings
+
+    export = materialized_copy(model)
+    example = torch.zeros(EXPORT_SHAPE, dtype=torch.long)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    with _quiet_exporter(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            LogitsOnly(export),
+            (example,),
+            input_names=["input_ids"],
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}},
+            verbose=False,
+            optimize=True,
+        )
+    proto = program.model_proto
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        raise ValueError(f"the exporter produced opset {got}, not the requested {opset}")
+    return proto
+
+
+def sparsify_initializers(proto, model: ChtslLlamaForCausalLM, sparse_as: str = "constant") -> OnnxStats:
+    """Replaces every sparse-branch initializer of `proto` (onnx.ModelProto) by a sparse tensor, in place.
+
+    Initializers are matched to the model's tensors by content (the exporter renames and
+    transposes them). A match is converted only when all its non-zeros lie on the layer's mask,
+    so the densified graph is exactly the dense one; explicit zeros on the mask are kept as
+    entries (nnz = mask count). `sparse_as`: "constant" or "initializer" (module docstring).
+    Returns the byte accounting of the result (`file_bytes` is filled in by `export_onnx`).
+    """
+    from onnx import helper, numpy_helper
+
+    if sparse_as not in SPARSE_AS:
+        raise ValueError(f"sparse_as must be one of {', '.join(SPARSE_AS)}, got {sparse_as!r}")
+    index = _parts_index(model)
+    stats = OnnxStats()
+    stats.dense_linear_bytes = sum(4 * m.in_features * m.out_features for m in model.chtsl_layers().values())
+    matched: set[str] = set()
+    keep, sparse = [], []
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        parts = index.get(_digest(arr)) if arr.dtype == np.float32 and arr.ndim == 2 else None
+        part = parts[0] if parts else None
+        if part is not None and part.kind == "sparse":
+            assert part.mask is not None
+            if not np.any(arr[~part.mask]):
+                flat = np.flatnonzero(part.mask).astype(np.int64)  # ascending, row-major (linearised)
+                values = numpy_helper.from_array(arr.reshape(-1)[flat].astype(np.float32), name=init.name)
+                indices = numpy_helper.from_array(flat, name=f"{init.name}_indices")
+                sparse.append(helper.make_sparse_tensor(values, indices, list(arr.shape)))
+                stats.sparse_bytes += values.ByteSize() + indices.ByteSize()
+                stats.nnz += flat.size
+                matched.update(p.layer for p in parts if p.kind == "sparse")
+                continue
+        if part is not None and part.kind == "factor":
+            stats.factor_bytes += init.ByteSize()
+        else:
+            stats.other_bytes += init.ByteSize()
+        keep.append(init)
+    stats.n_sparse = len(sparse)
+    stats.unmatched_layers = sorted(set(model.sparse_layers()) - matched)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    names = {t.values.name for t in sparse}
+    # The exporter records the dense type of every initializer in value_info; a sparse
+    # initializer's type is inferred as a sparse tensor and would clash with it.
+    value_info = [v for v in proto.graph.value_info if v.name not in names]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(value_info)
+    if sparse_as == "initializer":
+        proto.graph.sparse_initializer.extend(sparse)
+    else:
+        constants = [helper.make_node("Constant", [], [t.values.name], name=f"sparse/{t.values.name}",
+                                      sparse_value=t) for t in sparse]
+        nodes = constants + list(proto.graph.node)  # constants first: the graph stays topologically sorted
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+    return stats
+
+
+def save_onnx(proto, path: Path) -> None:
+    """Saves `proto` to `path`, with external data beside it when it exceeds protobuf's 2 GB."""
+    import onnx
+
+    if proto.ByteSize() > PROTOBUF_LIMIT:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data")
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def check_onnx(path: Path, full_check: bool = True) -> None:
+    """`onnx.checker.check_model` (by path, so external data works); raises onnx's errors."""
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=full_check)
+
+
+def export_onnx(
+    model: ChtslLlamaForCausalLM, path: str | Path, opset: int = DEFAULT_OPSET, sparse_as: str = "constant"
+) -> OnnxStats:
+    """Exports `model` to `path` (.onnx) with sparse weights, checks it; returns byte stats.
+
+    The checker runs with `full_check` for `sparse_as="constant"` and without it for
+    "initializer" (see the module docstring). Raises RuntimeError when a sparse branch could not
+    be located in the exported graph (the file would silently be dense).
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    path = Path(path)
+    proto = export_graph(model, opset)
+    stats = sparsify_initializers(proto, model, sparse_as)
+    if stats.unmatched_layers:
+        raise RuntimeError(
+            f"{len(stats.unmatched_layers)} sparse weights not found among the ONNX initializers "
+            f"(first: {stats.unmatched_layers[0]})"
+        )
+    save_onnx(proto, path)
+    check_onnx(path, full_check=sparse_as == "constant")
+    data = path.with_name(f"{path.name}.data")
+    stats.file_bytes = os.path.getsize(path) + (os.path.getsize(data) if data.exists() else 0)
+    return stats
+
+
+def providers() -> list[str]:
+    """ONNX Runtime execution providers to verify with: CPU, plus CUDA when it is available."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else [])
+
+
+def session(path: str | Path, provider: str = "CPUExecutionProvider"):  # -> ort.InferenceSession
+    """An ONNX Runtime session on `provider` (CUDA with TF32 off, so fp32 tolerances hold)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only
+    if provider == "CUDAExecutionProvider":
+        chosen: list = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
+    else:
+        chosen = [provider]
+    return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)

@@ -1,0 +1,75 @@
+"""Packed safetensors export: CSR sparse branch + low-rank factors (format in chtsl_infer/packed.py).
+
+Writes `<out>/model.safetensors` from a loaded checkpoint model and copies the files a packed
+export needs beside it (config, tokenizer), so `chtsl_infer.checkpoint.load_model` and
+`load_tokenizer` work on the export directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from chtsl_infer.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.packed import WEIGHTS_NAME, PackedModel, pack_model, save_packed
+
+#: Files copied from the checkpoint when present (HF config + every tokenizer file format).
+SUPPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+@dataclass
+class PackedStats:
+    """Bytes of a packed file, and of the same model with dense block linears (same dtype)."""
+
+    file_bytes: int
+    linear_bytes: int  # CHTsL linears: CSR triples + factors (or dense weights for `dense`)
+    dense_linear_bytes: int  # the block linears as dense (out, in) matrices
+    nnz: int
+
+    @property
+    def dense_equivalent_bytes(self) -> int:
+        return self.file_bytes - self.linear_bytes + self.dense_linear_bytes
+
+
+def packed_stats(packed: PackedModel, file_bytes: int) -> PackedStats:
+    """Byte accounting of `packed` whose file takes `file_bytes`."""
+    element = torch.empty((), dtype=packed.dtype).element_size()
+    return PackedStats(
+        file_bytes=file_bytes,
+        linear_bytes=sum(lin.nbytes() for lin in packed.linears.values()),
+        dense_linear_bytes=sum(element * lin.in_features * lin.out_features for lin in packed.linears.values()),
+        nnz=sum(lin.nnz for lin in packed.linears.values()),
+    )
+
+
+def write_packed(model: ChtslLlamaForCausalLM, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> PackedStats:
+    """Packs `model` in `dtype` into `out_dir/model.safetensors` (atomic); returns its byte stats."""
+    path = Path(out_dir) / WEIGHTS_NAME
+    packed = pack_model(model, dtype)
+    save_packed(packed, path)
+    return packed_stats(packed, path.stat().st_size)
+
+
+def copy_support_files(ckpt: str | Path, out_dir: str | Path) -> list[str]:
+    """Copies the config and tokenizer files of `ckpt` that exist into `out_dir`; their names."""
+    copied = []
+    for name in SUPPORT_FILES:
+        src = Path(ckpt) / name
+        if src.is_file():
+            shutil.copyfile(src, Path(out_dir) / name)
+            copied.append(name)
+    return copied

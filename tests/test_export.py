@@ -1,0 +1,195 @@
+"""`chtsl export` end to end: outputs, verification, and one-line errors with no partial output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chtsl_infer.checkpoint import load_model, load_tokenizer
+from chtsl_infer.cli import main
+from chtsl_infer.packed import DTYPES, is_packed_dir, load_packed
+
+IDS = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(2))
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Runs `chtsl argv` in-process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    captured = capsys.readouterr()
+    return int(e.value.code or 0), captured.out, captured.err
+
+
+def one_line_error(err: str, *fragments: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Hidden temp entries an export may have left in `directory`."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def ckpt(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    """A private copy of the session checkpoint (the default output goes inside it)."""
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+
+
+@torch.no_grad()
+def logits(path: Path) -> torch.Tensor:
+    return load_model(path)(input_ids=IDS, use_cache=False).logits
+
+
+def test_export_all_to_default_dir(ckpt: Path, tmp_path: Path, capsys) -> None:
+    summary = tmp_path / "summary.json"
+    code, out, _ = run(["export", str(ckpt), "--json", str(summary)], capsys)
+    assert code == 0, out
+    export = ckpt / "export"
+    names = {p.name for p in export.iterdir()}
+    assert {"model.safetensors", "model.onnx", "config.json", "tokenizer.json"} <= names
+    assert leftovers(ckpt) == [] and leftovers(export) == []
+    assert "dense-equivalent size" in out and "Verification" in out
+
+    # The packed export reloads to the checkpoint's logits and carries its tokenizer.
+    assert is_packed_dir(export)
+    assert (logits(export) - logits(ckpt)).abs().max().item() <= 1e-6
+    assert load_tokenizer(export)("x = 1").input_ids == load_tokenizer(ckpt)("x = 1").input_ids
+
+    report = json.loads(summary.read_text())
+    assert report["written"] is True
+    checks = report["verification"]
+    assert {c["file"] for c in checks} == {"packed", "onnx"}
+    assert len({tuple(c["shape"]) for c in checks}) == 2  # two batch shapes
+    assert all(c["ok"] for c in checks)
+    assert all(c["max_abs"] <= 1e-4 for c in checks if c["file"] == "onnx")
+    assert all(c["max_abs"] <= 1e-6 for c in checks if c["file"] == "packed")
+    rows = {r["file"]: r for r in report["files"]}
+    assert rows["model.safetensors"]["bytes"] == (export / "model.safetensors").stat().st_size
+    assert rows["model.onnx (float32)"]["bytes"] == (export / "model.onnx").stat().st_size
+    assert all(0 < r["ratio"] < 1 for r in report["files"])
+
+
+@pytest.mark.parametrize("flag", ["bf16"])  # fp16 is covered in test_packed.py
+def test_half_precision_export(flag: str, ckpt: Path, tmp_path: Path, capsys) -> None:
+    out_dir = tmp_path / "out"
+    code, out, _ = run(["export", str(ckpt), "--format", "safetensors", "--dtype", flag, "--out", str(out_dir),
+                        "--json", str(tmp_path / "s.json")], capsys)
+    assert code == 0, out
+    assert load_packed(out_dir).dtype == DTYPES[{"fp16": "float16", "bf16": "bfloat16"}[flag]]
+    assert not (out_dir / "model.onnx").exists()
+    checks = json.loads((tmp_path / "s.json").read_text())["verification"]
+    assert checks and all(c["metric"] == "rel" and c["rel"] <= 1e-2 and c["ok"] for c in checks)
+    ref = logits(ckpt)
+    rel = torch.linalg.vector_norm(logits(out_dir) - ref) / torch.linalg.vector_norm(ref)
+    assert 0 < rel.item() <= 1e-2
+
+
+def test_existing_output_needs_force(ckpt: Path, tmp_path: Path, capsys) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("mine")
+    code, _, err = run(["export", str(ckpt), "--format", "safetensors", "--out", str(out_dir)], capsys)
+    assert code == 2
+    one_line_error(err, str(out_dir), "--force")
+    assert [p.name for p in out_dir.iterdir()] == ["keep.txt"]
+
+    code, out, _ = run(["export", str(ckpt), "--format", "safetensors", "--no-verify", "--out", str(out_dir),
+                        "--force"], capsys)
+    assert code == 0, out
+    assert not (out_dir / "keep.txt").exists() and (out_dir / "model.safetensors").is_file()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--format", "tflite"], "unknown format"),
+        (["--dtype", "int8"], "unknown dtype"),
+        (["--opset", "17"], "opset must be >= 18"),
+    ],
+)
+def test_bad_options(args: list[str], fragment: str, ckpt: Path, tmp_path: Path, capsys) -> None:
+    out_dir = tmp_path / "out"
+    code, _, err = run(["export", str(ckpt), "--out", str(out_dir), *args], capsys)
+    assert code == 2
+    one_line_error(err, fragment)
+    assert not out_dir.exists() and leftovers(tmp_path) == []
+
+
+def test_not_a_checkpoint(tmp_path: Path, capsys) -> None:
+    code, _, err = run(["export", str(tmp_path / "nowhere")], capsys)
+    assert code == 2
+    one_line_error(err, "not a directory")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(["export", str(tmp_path / "empty")], capsys)
+    assert code == 2
+    one_line_error(err, "not a chtsl checkpoint")
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_checkpoint(damage: str, ckpt: Path, capsys) -> None:
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"\x07junk" * 1000)
+    code, _, err = run(["export", str(ckpt), "--format", "safetensors"], capsys)
+    assert code == 2
+    one_line_error(err, str(ckpt))
+    assert not (ckpt / "export").exists() and leftovers(ckpt) == []
+
+
+def test_unwritable_output(ckpt: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = run(["export", str(ckpt), "--format", "safetensors", "--out", str(blocker / "out")], capsys)
+    assert code == 2
+    one_line_error(err, "cannot write")
+
+    code, _, err = run(["export", str(ckpt), "--out", str(ckpt), "--force"], capsys)
+    assert code == 2
+    one_line_error(err, "would overwrite the checkpoint")
+    assert (ckpt / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory(ckpt: Path, tmp_path: Path, capsys) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, _, err = run(["export", str(ckpt), "--format", "safetensors", "--out", str(locked / "out")], capsys)
+    finally:
+        locked.chmod(0o700)
+    assert code == 2
+    one_line_error(err, "cannot write")
+    assert list(locked.iterdir()) == []
+
+
+def test_failed_verification_exits_1_and_writes_nothing(ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import export.verify
+
+    monkeypatch.setattr(export.verify, "TOL_PACKED_FP32", -1.0)  # no result can pass
+    out_dir = tmp_path / "out"
+    code, out, _ = run(["export", str(ckpt), "--format", "safetensors", "--out", str(out_dir)], capsys)
+    assert code == 1
+    assert "FAIL" in out and "verification failed" in out
+    assert not out_dir.exists() and leftovers(tmp_path) == []
+
+
+def test_cli_subprocess_reports_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "chtsl_infer.cli", "export", str(tmp_path / "missing")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120,
+    )
+    assert proc.returncode == 2
+    one_line_error(proc.stderr, "checkpoint not found")

@@ -1,0 +1,145 @@
+"""ONNX export (export/onnx.py): sparse weights, full checker, ONNX Runtime vs PyTorch, file size."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import tiny_model
+
+from chtsl_infer.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.presets import build_config
+from export.onnx import (
+    EXPORT_SHAPE,
+    check_onnx,
+    export_graph,
+    export_onnx,
+    providers,
+    save_onnx,
+    session,
+    sparsify_initializers,
+)
+from export.verify import TOL_ONNX, VERIFY_SHAPES, random_batches, reference_logits, verify_onnx
+
+assert all(shape != EXPORT_SHAPE for shape in VERIFY_SHAPES)
+
+
+def sparse_tensors(proto: onnx.ModelProto) -> list[onnx.SparseTensorProto]:
+    """The sparse tensors of a graph: Constant `sparse_value`s and `sparse_initializer`s."""
+    consts = [a.sparse_tensor for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute
+              if a.name == "sparse_value"]
+    return consts + list(proto.graph.sparse_initializer)
+
+
+def ort_logits(path: Path, ids: torch.Tensor, provider: str = "CPUExecutionProvider") -> np.ndarray:
+    return session(path, provider).run(["logits"], {"input_ids": ids.numpy()})[0]
+
+
+@functools.cache
+def exported(method: str) -> tuple[ChtslLlamaForCausalLM, onnx.ModelProto]:
+    """A tiny model of `method` (one explicit zero on every mask) and its dense exported graph,
+    built once per test session; tests sparsify deep copies of the graph."""
+    model = tiny_model(method)
+    with torch.no_grad():  # a zero on the mask (a just-regrown link) must stay an entry
+        for layer in model.sparse_layers().values():
+            r, c = layer.mask.nonzero()[0]
+            layer.weight[r, c] = 0.0
+    return model, export_graph(model)
+
+
+@pytest.mark.parametrize("method", ["chtsl", "sltrain", "cola", "dense"])
+def test_onnx_matches_pytorch_on_unseen_shapes(method: str, tmp_path: Path) -> None:
+    model, dense = exported(method)
+    proto = copy.deepcopy(dense)
+    stats = sparsify_initializers(proto, model)  # sparse_as="constant", the default
+    path = tmp_path / "model.onnx"
+    save_onnx(proto, path)
+    check_onnx(path, full_check=True)
+
+    proto = onnx.load(str(path))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    (inp,) = proto.graph.input
+    assert inp.name == "input_ids" and inp.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert [d.dim_param for d in inp.type.tensor_type.shape.dim] == ["batch", "seq"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    assert out_dims[0].dim_param and out_dims[1].dim_param and out_dims[2].dim_value == model.config.vocab_size
+
+    # One COO sparse tensor (int64 indices) per sparse branch, holding exactly the mask's links.
+    sparse = sparse_tensors(proto)
+    layers = model.sparse_layers()
+    assert len(sparse) == len(layers) == stats.n_sparse
+    assert all(t.indices.data_type == onnx.TensorProto.INT64 for t in sparse)
+    assert sorted(t.values.dims[0] for t in sparse) == sorted(int(m.mask.sum()) for m in layers.values())
+    assert stats.nnz == sum(int(m.mask.sum()) for m in layers.values())
+    assert not stats.unmatched_layers
+    if layers:  # the sparse form is what makes the file small
+        assert path.stat().st_size < dense.ByteSize() - 0.5 * stats.dense_linear_bytes
+
+    batches = random_batches(model.config.vocab_size, seed=3)
+    refs = reference_logits(model, batches)
+    for ids, ref in zip(batches, refs, strict=True):
+        out = ort_logits(path, ids)
+        assert out.shape == tuple(ref.shape)
+        assert np.abs(out - ref.numpy()).max() <= TOL_ONNX
+    checks = verify_onnx(path, batches, refs)  # every available provider (CUDA when present)
+    assert checks and all(c.ok for c in checks)
+    assert {c.runtime for c in checks} == {f"ORT {p.removesuffix('ExecutionProvider')}" for p in providers()}
+
+
+def test_sparse_initializer_layout_runs_in_onnxruntime(tmp_path: Path) -> None:
+    """`graph.sparse_initializer` form: the basic checker passes and ORT densifies it correctly;
+    onnx's strict shape inference (full_check) types it as a sparse tensor, which MatMul rejects."""
+    model, dense = exported("chtsl")
+    proto = copy.deepcopy(dense)
+    stats = sparsify_initializers(proto, model, sparse_as="initializer")
+    assert len(proto.graph.sparse_initializer) == len(model.sparse_layers()) == stats.n_sparse
+    # Only the sparse-branch initializers moved; everything else stayed dense.
+    assert len(proto.graph.initializer) == len(dense.graph.initializer) - stats.n_sparse
+    path = tmp_path / "model.onnx"
+    save_onnx(proto, path)
+    check_onnx(path, full_check=False)
+    with pytest.raises(Exception, match="(?i)sparse|rank"):
+        check_onnx(path, full_check=True)
+    ids = random_batches(model.config.vocab_size, seed=4)[1]
+    ref = reference_logits(model, [ids])[0].numpy()
+    assert np.abs(ort_logits(path, ids) - ref).max() <= TOL_ONNX
+
+
+def test_unmatched_sparse_weights_are_an_error() -> None:
+    model, dense = exported("chtsl")
+    other = tiny_model("chtsl", seed=6)  # different weights: nothing in `dense` belongs to it
+    stats = sparsify_initializers(copy.deepcopy(dense), other)
+    assert stats.n_sparse == 0 and len(stats.unmatched_layers) == len(other.sparse_layers())
+
+
+def test_opset_below_18_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(tiny_model("chtsl"), tmp_path / "m.onnx", opset=16)
+
+
+def test_llama60m_shapes_onnx_linears_within_025_of_dense(tmp_path: Path) -> None:
+    """llama60m-c4 shapes (s=0.95, r=16, random, fp32): CHTsL linears ≤ 0.25× the dense bytes.
+
+    One of the eight blocks, to keep the test fast (a full 60M export takes ~25 s on 2 cores);
+    every block has the same shapes, so the linear-byte ratio does not depend on the count.
+    """
+    config = build_config("llama60m-c4", s_total=0.9, num_hidden_layers=1)
+    assert config.chtsl["sparsity"]["q_proj"] == 0.95 and config.chtsl["rank"]["q_proj"] == 16
+    torch.manual_seed(0)
+    model = ChtslLlamaForCausalLM(config).eval()
+    stats = export_onnx(model, tmp_path / "model.onnx")
+    assert stats.dense_linear_bytes == sum(4 * m.in_features * m.out_features for m in model.chtsl_layers().values())
+    ratio = stats.linear_bytes / stats.dense_linear_bytes
+    file_ratio = stats.file_bytes / stats.dense_equivalent_bytes
+    print(f"llama60m-c4 (1 block) ONNX fp32: linears {ratio:.4f}x, file {file_ratio:.4f}x")
+    assert ratio <= 0.25
+    assert stats.factor_bytes >= 4 * sum(m.lora_A.numel() + m.lora_B.numel() for m in model.chtsl_layers().values())
+    ids = random_batches(config.vocab_size, shapes=((1, 6),), seed=1)[0]
+    ref = reference_logits(model, [ids])[0].numpy()
+    assert np.abs(ort_logits(tmp_path / "model.onnx", ids) - ref).max() <= TOL_ONNX

@@ -1,0 +1,308 @@
+"""The packed format (chtsl_infer/packed.py): exact round trips, valid CSR, a strict loader, sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ALL_METHODS, tiny_model
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from chtsl_infer.checkpoint import load_model, load_tokenizer
+from chtsl_infer.console import UserError
+from chtsl_infer.layers import SparseLowRankLinear
+from chtsl_infer.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.packed import (
+    is_packed_dir,
+    load_packed,
+    pack_linear,
+    pack_model,
+    save_packed,
+    unpack_model,
+)
+from chtsl_infer.presets import build_config
+from export.packed import copy_support_files, write_packed
+
+IDS = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def logits(model: ChtslLlamaForCausalLM, ids: torch.Tensor = IDS) -> torch.Tensor:
+    return model.float()(input_ids=ids, use_cache=False).logits
+
+
+def with_explicit_zero(model: ChtslLlamaForCausalLM) -> ChtslLlamaForCausalLM:
+    """Sets one active link of every sparse layer to exactly 0 (as a regrown link is)."""
+    with torch.no_grad():
+        for layer in model.sparse_layers().values():
+            r, c = layer.mask.nonzero()[0]
+            layer.weight[r, c] = 0.0
+    return model
+
+
+def roundtrip(model: ChtslLlamaForCausalLM, path: Path, dtype: torch.dtype = torch.float32):
+    save_packed(pack_model(model, dtype), path)
+    return load_packed(path)
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_fp32_roundtrip_is_exact(method: str, tmp_path: Path) -> None:
+    model = with_explicit_zero(tiny_model(method))
+    packed = roundtrip(model, tmp_path / "m.safetensors")
+    rebuilt = unpack_model(packed)
+    assert rebuilt.dtype == torch.float32
+    assert (logits(rebuilt) - logits(model)).abs().max().item() <= 1e-6
+    ref = model.state_dict()
+    for key, value in rebuilt.state_dict().items():  # masks, dense S, factors, the dense rest
+        assert torch.equal(value, ref[key]), key
+
+
+@pytest.mark.parametrize("method", ["chtsl", "sltrain", "cola", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_1e2_relative(method: str, dtype: torch.dtype, tmp_path: Path) -> None:
+    model = tiny_model(method)
+    packed = roundtrip(model, tmp_path / "m.safetensors", dtype)
+    assert packed.dtype == dtype
+    assert all(t.dtype == dtype for t in packed.tensors().values() if t.is_floating_point())
+    ref = logits(model)
+    # Weights rounded to dtype, computed in fp32 (as `load_model` does); bf16 also natively
+    # (CPU fp16 kernels are too slow for a unit test).
+    for compute in (torch.float32,) + ((dtype,) if dtype == torch.bfloat16 else ()):
+        out = unpack_model(packed, compute)(input_ids=IDS, use_cache=False).logits.float()
+        rel = (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
+        assert rel <= 1e-2, (compute, rel)
+        assert rel > 0  # the rounding is real: the test would notice an fp32 file
+
+
+def test_tied_embeddings_roundtrip(tmp_path: Path) -> None:
+    model = tiny_model("chtsl", tie_word_embeddings=True)
+    packed = roundtrip(model, tmp_path / "m.safetensors")
+    assert "lm_head.weight" not in packed.dense
+    rebuilt = unpack_model(packed)
+    assert rebuilt.lm_head.weight.data_ptr() == rebuilt.model.embed_tokens.weight.data_ptr()
+    assert (logits(rebuilt) - logits(model)).abs().max().item() <= 1e-6
+
+
+def test_unpack_leaves_global_rng_alone(tmp_path: Path) -> None:
+    packed = pack_model(tiny_model("chtsl"))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    unpack_model(packed)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ----------------------------------------------------------------------------- CSR validity
+
+
+@pytest.mark.parametrize("method", ["chtsl", "sltrain", "chts", "naive"])
+def test_csr_arrays_are_valid(method: str, tmp_path: Path) -> None:
+    model = with_explicit_zero(tiny_model(method))
+    packed = roundtrip(model, tmp_path / "m.safetensors")
+    layers = model.sparse_layers()
+    assert set(packed.linears) == set(model.chtsl_layers())
+    for name, layer in layers.items():
+        lin = packed.linears[name]
+        crow, col = lin.crow_indices.long(), lin.col_indices.long()
+        assert lin.crow_indices.dtype == torch.int32 and lin.col_indices.dtype == torch.int16
+        assert crow[0] == 0 and crow[-1] == col.numel() == lin.values.numel()
+        assert bool((crow[1:] >= crow[:-1]).all())
+        assert int(col.min()) >= 0 and int(col.max()) < layer.in_features
+        for i in range(layer.out_features):  # sorted, unique columns within every row
+            row = col[crow[i] : crow[i + 1]]
+            assert bool((row[1:] > row[:-1]).all())
+        assert lin.nnz == int(layer.mask.sum())  # explicit zeros stay entries
+        assert int((lin.values == 0).sum()) >= 1
+        assert torch.equal(lin.mask(), layer.mask)
+        assert torch.equal(lin.dense_sparse_weight(), layer.weight * layer.mask)
+        assert torch.equal(lin.to_torch_csr().to_dense(), layer.weight * layer.mask)
+        assert lin.lora_A is None or torch.equal(lin.lora_A, layer.lora_A)
+        assert lin.scale == layer.scale and lin.activation == layer.activation
+    for name in model.chtsl_layers():
+        if name not in layers:
+            assert packed.linears[name].crow_indices is None
+
+
+def test_no_csr_for_dense_and_cola() -> None:
+    dense = pack_model(tiny_model("dense"))
+    assert all(lin.weight is not None and lin.crow_indices is None for lin in dense.linears.values())
+    cola = pack_model(tiny_model("cola"))
+    assert all(lin.weight is None and lin.crow_indices is None and lin.lora_A is not None
+               for lin in cola.linears.values())
+    assert {lin.activation for lin in cola.linears.values()} == {"silu"}
+
+
+def test_wide_layers_use_int32_columns() -> None:
+    torch.manual_seed(0)
+    layer = SparseLowRankLinear(40_000, 3, method="chts", sparsity=0.99)
+    torch.nn.init.normal_(layer.weight)
+    lin = pack_linear("wide", layer)
+    assert lin.col_indices.dtype == torch.int32
+    assert int(lin.col_indices.max()) > 32767
+    assert torch.equal(lin.dense_sparse_weight(), layer.weight * layer.mask)
+
+
+# ----------------------------------------------------------------------------- the strict loader
+
+
+@pytest.fixture(scope="module")
+def packed_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("packed") / "model.safetensors"
+    save_packed(pack_model(tiny_model("chtsl")), path)
+    return path
+
+
+def rewrite(src: Path, dst: Path, edit, metadata_edit=None) -> Path:
+    """Copies a packed file through `edit(tensors)` / `metadata_edit(metadata)`."""
+    with safe_open(str(src), framework="pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(tensors)
+    if metadata_edit:
+        metadata_edit(metadata)
+    save_file(tensors, str(dst), metadata=metadata)
+    return dst
+
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def _set(key: str, fn):
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        t[key] = fn(t[key].clone())
+
+    return edit
+
+
+def _col_out_of_range(c: torch.Tensor) -> torch.Tensor:
+    c[-1] = 200  # q_proj has 128 inputs
+    return c
+
+
+def _crow_not_monotone(c: torch.Tensor) -> torch.Tensor:
+    c[5] = c[6] + 3  # row 5 would end before it starts
+    return c
+
+
+def _unsorted_row(c: torch.Tensor) -> torch.Tensor:
+    c[0], c[1] = c[1].clone(), c[0].clone()
+    return c
+
+
+def _crow_end(c: torch.Tensor) -> torch.Tensor:
+    c[-1] -= 1
+    return c
+
+
+CORRUPTIONS = {
+    "column out of range": (_set(f"{Q}.col_indices", _col_out_of_range), "out of range"),
+    "negative column": (_set(f"{Q}.col_indices", lambda c: c.index_fill_(0, torch.tensor([3]), -1)), "out of range"),
+    "row pointers not monotone": (_set(f"{Q}.crow_indices", _crow_not_monotone), "not monotone"),
+    "unsorted columns": (_set(f"{Q}.col_indices", _unsorted_row), "not strictly increasing"),
+    "row pointers do not end at nnz": (_set(f"{Q}.crow_indices", _crow_end), "end at nnz"),
+    "int64 columns": (_set(f"{Q}.col_indices", lambda c: c.long()), "col_indices must be"),
+    "wrong value dtype": (_set(f"{Q}.values", lambda v: v.double()), "values must be"),
+    "missing tensor": (lambda t: t.pop(f"{Q}.lora_A"), "missing tensor"),
+    "extra tensor": (lambda t: t.update(stray=torch.zeros(2)), "unexpected tensor"),
+    "wrong factor shape": (_set(f"{Q}.lora_B", lambda b: b[:, :2].contiguous()), "lora_B"),
+    "wrong dense shape": (_set("model.norm.weight", lambda w: w[:-1].contiguous()), "model.norm.weight"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_loader_rejects_invalid_tensors(case: str, packed_file: Path, tmp_path: Path) -> None:
+    edit, message = CORRUPTIONS[case]
+    bad = rewrite(packed_file, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(UserError, match=message) as e:
+        load_packed(bad)
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(format="something-else"), "not a chtsl packed export"),
+        (lambda m: m.update(format_version="99"), "unsupported format_version"),
+        (lambda m: m.update(dtype="float8"), "unknown dtype"),
+        (lambda m: m.update(config="{not json"), "invalid config"),
+    ],
+)
+def test_loader_rejects_bad_metadata(edit, message: str, packed_file: Path, tmp_path: Path) -> None:
+    bad = rewrite(packed_file, tmp_path / "bad.safetensors", lambda t: None, edit)
+    with pytest.raises(UserError, match=message):
+        load_packed(bad)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "missing"])
+def test_loader_rejects_corrupt_files(damage: str, packed_file: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "model.safetensors"
+    data = packed_file.read_bytes()
+    if damage == "truncated":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        bad.write_bytes(b"\x00\x01not a safetensors file" * 100)
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        load_packed(bad)
+    assert str(bad) in str(e.value)
+    assert not is_packed_dir(tmp_path)
+
+
+def test_save_is_atomic(tmp_path: Path, monkeypatch) -> None:
+    """A failing write leaves neither the target nor a temp file behind."""
+    import safetensors.torch
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError):
+        save_packed(pack_model(tiny_model("chtsl")), tmp_path / "model.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- export dirs
+
+
+def test_export_dir_loads_like_the_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    out.mkdir()
+    reference = load_model(tiny_checkpoint)
+    stats = write_packed(reference, out)
+    copied = copy_support_files(tiny_checkpoint, out)
+    assert {"config.json", "tokenizer.json"} <= set(copied)
+    assert is_packed_dir(out) and not is_packed_dir(tiny_checkpoint)
+    rebuilt = load_model(out)
+    assert (logits(rebuilt) - logits(reference)).abs().max().item() <= 1e-6
+    tok = load_tokenizer(out)
+    assert tok("def f(x): return x").input_ids == load_tokenizer(tiny_checkpoint)("def f(x): return x").input_ids
+    assert stats.file_bytes == (out / "model.safetensors").stat().st_size
+    assert stats.nnz == sum(int(m.mask.sum()) for m in reference.sparse_layers().values())
+
+
+# ----------------------------------------------------------------------------- sizes (Done-when)
+
+
+def test_llama60m_packed_linears_within_015_of_dense(tmp_path: Path) -> None:
+    """Random llama60m-c4 at s=0.95, r=16, fp32: CHTsL linears ≤ 0.15× the dense linear bytes."""
+    config = build_config("llama60m-c4", s_total=0.9)
+    assert config.chtsl["sparsity"]["q_proj"] == 0.95 and config.chtsl["rank"]["q_proj"] == 16
+    torch.manual_seed(0)
+    model = ChtslLlamaForCausalLM(config).eval()
+    out = tmp_path / "export"
+    out.mkdir()
+    stats = write_packed(model, out)
+    dense_linear = sum(4 * m.in_features * m.out_features for m in model.chtsl_layers().values())
+    assert stats.dense_linear_bytes == dense_linear
+    linear_ratio = stats.linear_bytes / stats.dense_linear_bytes
+    file_ratio = stats.file_bytes / stats.dense_equivalent_bytes
+    print(f"llama60m-c4 packed fp32: linears {linear_ratio:.4f}x, whole file {file_ratio:.4f}x")
+    assert linear_ratio <= 0.15
+    # The dense embeddings and lm_head bound the whole file (≈ 0.62× expected for 60M).
+    assert 0.5 < file_ratio < 0.7
