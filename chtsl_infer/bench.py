@@ -1,8 +1,285 @@
-"""`chtsl bench` (being built by the inference runtime issue)."""
+"""`chtsl bench`: tokens/s and peak memory of a model per backend, next to the dense model of its shape.
 
-from chtsl_infer.console import UserError
+Each configuration (model × backend) runs in a fresh worker process (`python -m chtsl_infer.bench
+WORKER_SPEC_JSON`), so its peak memory is its own: CPU — peak RSS (VmHWM) of the worker, which
+includes Python, torch, the numba kernel (loaded in every CPU worker, so each pays it alike; the
+RSS at that point is reported as `base_rss_bytes`) and the model build; CUDA —
+`torch.cuda.max_memory_allocated`. Timings are
+the median over `--steps` timed full forwards (logits over every position, no KV cache, as the
+paper's Table 12) after `--warmup` untimed ones.
+
+Defaults keep `chtsl bench --batch 128` within 3 minutes on 2 CPU cores: on CPU seq 32, 3 timed
+steps after 1 warm-up (on CUDA seq 256, 20 after 5). The paper's protocol is `--seq 256
+--steps 5000` and only runs when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from chtsl_infer.console import UserError, console, write_json
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
-def bench_command() -> None:
-    """Not available yet."""
-    raise UserError("`chtsl bench` is not available yet")
+def _config_for(spec: dict[str, Any]):  # -> ChtslConfig
+    """The config a worker benchmarks: the preset's at s_total/method, or a checkpoint's (any method)."""
+    from chtsl_infer.configuration import ChtslConfig
+    from chtsl_infer.presets import build_config
+
+    if spec.get("ckpt"):
+        config = _ckpt_config(Path(spec["ckpt"]))
+        if spec["method"] == "dense":  # the dense model of the checkpoint's shape
+            fields = config.to_dict()
+            fields["chtsl"] = {**config.chtsl, "method": "dense"}
+            return ChtslConfig(**{k: v for k, v in fields.items() if k not in ("model_type", "transformers_version")})
+        return config
+    return build_config(spec["preset"], method=spec["method"], s_total=spec["s_total"])
+
+
+def _ckpt_config(path: Path):  # -> ChtslConfig
+    """The config of a checkpoint or packed export, read without loading any weight."""
+    from safetensors import safe_open
+
+    from chtsl_infer.configuration import ChtslConfig
+    from chtsl_infer.packed import WEIGHTS_NAME, is_packed_dir
+
+    if is_packed_dir(path):
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+            return ChtslConfig.from_dict(json.loads((f.metadata() or {})["config"]))
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json")
+    return ChtslConfig.from_json_file(str(path / "config.json"))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process: VmHWM of /proc/self/status on Linux.
+
+    Not `ru_maxrss`: Linux carries it over fork + exec, so a worker spawned by a big parent would
+    report the parent's peak; VmHWM belongs to the address space, which exec replaces.
+    """
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Builds one configuration, times it and reports (in this process) — the worker's body."""
+    import torch
+
+    from chtsl_infer import kernels
+    from chtsl_infer.packed import DTYPES
+    from chtsl_infer.runtime import from_packed, load_packed_any, load_runtime, random_packed
+
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    dtype = DTYPES[spec["dtype"]]
+    if device.type == "cpu" and kernels.NUMBA_AVAILABLE:
+        # Every CPU worker loads the JIT-compiled CSR kernel (≈100 MiB of LLVM/numba RSS) before
+        # building its model, whatever its backend, so the one-off runtime cost is the same in each
+        # configuration and peak RSS differences come from the model and its activations.
+        one = torch.ones(1, 1)
+        kernels.csr_matmul_cpu(one, torch.tensor([0, 1], dtype=torch.int32), torch.zeros(1, dtype=torch.int16), one[0])
+    base_rss = peak_rss_bytes()
+    t0 = time.perf_counter()
+    if spec["backend"] == "onnx":
+        rt = load_runtime(spec["ckpt"], "onnx", device, dtype)
+    else:
+        if spec.get("ckpt") and spec["method"] != "dense":
+            packed = load_packed_any(spec["ckpt"])
+        else:
+            packed = random_packed(_config_for(spec), seed=0)
+        rt = from_packed(packed, spec["backend"], device, dtype, consume=True)
+        del packed
+    build_s = time.perf_counter() - t0
+    ids = torch.randint(0, rt.config.vocab_size, (spec["batch"], spec["seq"]), device=device)
+
+    def step() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        rt.logits(ids)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(spec["warmup"]):
+        step()
+    times = [step() for _ in range(spec["steps"])]
+    tokens = spec["batch"] * spec["seq"]
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
+    return {
+        "backend": rt.backend,
+        "tokens_per_s": tokens / statistics.median(times),
+        "step_s": times,
+        "peak_memory_bytes": int(peak),
+        "base_rss_bytes": int(base_rss) if device.type == "cpu" else 0,  # after imports + kernel JIT
+        "model_bytes": rt.model_bytes,
+        "build_s": build_s,
+    }
+
+
+def _spawn(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """Runs one configuration in a fresh interpreter; its JSON report (last stdout line)."""
+    cmd = [sys.executable, "-m", "chtsl_infer.bench", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"benchmark worker for {spec['label']} timed out after {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit code {proc.returncode}"
+        raise UserError(f"benchmark worker for {spec['label']} failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def bench_command(
+    ckpt: Annotated[Path | None, typer.Argument(help="Checkpoint or export dir (omitted: random preset).")] = None,
+    preset: Annotated[str, typer.Option(help="Preset when no CKPT is given.")] = "llama60m-c4",
+    s_total: Annotated[float, typer.Option("--s-total", help="Total sparsity of the preset's linears.")] = 0.9,
+    method: Annotated[str, typer.Option(help="Method of the preset model (without CKPT).")] = "chtsl",
+    batch: Annotated[int, typer.Option(help="Sequences per forward.")] = 128,
+    seq: Annotated[int | None, typer.Option(help="Tokens per sequence (CPU 32, CUDA 256).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Timed steps (CPU 3, CUDA 20; paper 5000).")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Warm-up steps (CPU 1, CUDA 5).")] = None,
+    backend: Annotated[str, typer.Option(help="Backend(s), comma-separated: auto, dense, sparse, onnx.")] = "auto",
+    compare: Annotated[str, typer.Option(help="Other methods of the shape, e.g. cola,sltrain.")] = "",
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (cuda when available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32|bfloat16|float16 (CPU fp32, CUDA bf16).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds allowed per configuration.")] = 1800.0,
+) -> None:
+    """Tokens/s and peak memory per backend, as ratios to the dense model of the same shape."""
+    import torch
+
+    from chtsl_infer.layers import METHODS
+    from chtsl_infer.presets import get_preset
+    from chtsl_infer.runtime import BACKENDS
+
+    if batch <= 0:
+        raise UserError(f"--batch must be positive, got {batch}")
+    for name, value in (("--seq", seq), ("--steps", steps)):
+        if value is not None and value <= 0:
+            raise UserError(f"{name} must be positive, got {value}")
+    if warmup is not None and warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {warmup}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}; valid: cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available")
+    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+    if dtype not in DTYPE_CHOICES:
+        raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_CHOICES)}")
+    backends = _split(backend) or ["auto"]
+    for b in backends:
+        if b not in BACKENDS:
+            raise UserError(f"unknown backend {b!r}; valid: {', '.join(BACKENDS)}")
+        if b == "onnx" and ckpt is None:
+            raise UserError("backend 'onnx' needs an export directory with model.onnx as CKPT")
+        if b == "sparse" and device == "cpu" and dtype != "float32":
+            raise UserError("backend 'sparse' on CPU computes in float32; use --dtype float32")
+    for m in _split(compare):
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r} in --compare; valid: {', '.join(METHODS)}")
+        if ckpt is not None and m != "dense":
+            raise UserError("--compare builds preset models; use it without CKPT (the dense baseline is always shown)")
+    if ckpt is not None and not ckpt.exists():
+        raise UserError(f"checkpoint not found: {ckpt}")
+    if ckpt is None:
+        try:
+            get_preset(preset)
+            _config_for({"preset": preset, "method": method, "s_total": s_total})
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    cpu = device == "cpu"
+    common = {
+        "batch": batch, "seq": seq or (32 if cpu else 256), "steps": steps or (3 if cpu else 20),
+        "warmup": (1 if cpu else 5) if warmup is None else warmup, "device": device, "dtype": dtype,
+        "preset": preset, "s_total": s_total, "ckpt": str(ckpt) if ckpt else None,
+    }
+    main_name = ckpt.name if ckpt else method
+    baseline = {"label": "dense (baseline)", "model": "dense (baseline)", "method": "dense", "backend": "dense"}
+    specs = [{**common, **baseline}]
+    for b in backends:
+        specs.append({**common, "label": f"{main_name} [{b}]", "model": main_name, "method": method, "backend": b})
+    for m in _split(compare):
+        if m != "dense":
+            specs.append({**common, "label": f"{m} [auto]", "model": m, "method": m, "backend": "auto"})
+    if ckpt is not None:  # the checkpoint's own method (the worker loads its weights)
+        for s in specs[1:1 + len(backends)]:
+            s["method"] = "checkpoint"
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    results = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("benchmarking", total=len(specs))
+        for spec in specs:
+            progress.update(task, description=f"benchmarking {spec['label']}")
+            results.append({**spec, **_spawn(spec, timeout)})
+            progress.advance(task)
+    base = results[0]
+    for r in results:
+        r["speedup_vs_dense"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["peak_memory_ratio"] = r["peak_memory_bytes"] / base["peak_memory_bytes"]
+        r["model_memory_ratio"] = r["model_bytes"] / base["model_bytes"]
+    _print_table(results, common)
+    write_json({"settings": common, "results": results}, json_path)
+
+
+def _print_table(results: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    mem = "peak RSS" if settings["device"] == "cpu" else "peak alloc"
+    what = Path(settings["ckpt"]).name if settings["ckpt"] else f"{settings['preset']} s_total={settings['s_total']}"
+    table = Table(title=f"chtsl bench {what} — batch {settings['batch']} × seq {settings['seq']}, {settings['device']} "
+                        f"{settings['dtype']}, median of {settings['steps']} steps")
+    for col in ("model", "backend", "tok/s", "×dense", f"{mem} MiB", "×dense", "model MiB", "×dense"):
+        table.add_column(col, justify="left" if col in ("model", "backend") else "right",
+                         no_wrap=col != "model")
+    for r in results:
+        table.add_row(r["model"], r["backend"], f"{r['tokens_per_s']:,.0f}", f"{r['speedup_vs_dense']:.2f}",
+                      f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['peak_memory_ratio']:.3f}",
+                      f"{r['model_bytes'] / 2**20:,.1f}", f"{r['model_memory_ratio']:.3f}")
+    console.print(table)
+
+
+def _worker_main(argv: list[str]) -> None:
+    """`python -m chtsl_infer.bench SPEC_JSON`: run one configuration, print its report as JSON."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = json.loads(argv[0])
+    try:
+        report = run_worker(spec)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])

@@ -1,0 +1,110 @@
+"""Sparse branch of one layer vs the dense layer, for the 60M, 130M and 1B shapes, in one run.
+
+    python benchmarks/kernels.py                              # CPU: numba kernel + torch CSR vs dense
+    python benchmarks/kernels.py --shapes llama60m --tokens 4096 --density 0.05
+    python benchmarks/kernels.py --device cuda                # cuSPARSE (torch CSR) vs cuBLAS
+
+For each shape (gate/up: ffn × hidden; down: hidden × ffn; q: hidden × hidden) and token count T,
+times `Y = X Sᵀ` with S at `--density` (CHTsL's 5 % at s_total 0.9) against the dense layer
+`X Wᵀ` of the same shape, interleaving the candidates so machine noise hits them alike. Prints the
+median and the best of `--repeats` calls and the ratios dense/candidate (> 1: faster than dense).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# Run as a script, this file's folder leads sys.path and this file would shadow the `kernels`
+# package that transformers probes for at import: drop the folder before importing it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+from chtsl_infer import kernels  # noqa: E402
+from chtsl_infer.presets import get_preset  # noqa: E402
+
+SHAPES = {"llama60m": "llama60m-c4", "llama130m": "llama130m-c4", "llama1b": "llama1b-c4"}
+
+
+def _time(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]) -> dict[str, list[float]]:
+    """Seconds per call of every fn, `repeats` rounds interleaved, after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - start)
+    return times
+
+
+def _csr(out_f: int, in_f: int, density: float, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    mask = torch.rand(out_f, in_f, generator=gen) < density
+    w = torch.randn(out_f, in_f, generator=gen) * mask
+    rows, cols = mask.nonzero(as_tuple=True)
+    crow = torch.zeros(out_f + 1, dtype=torch.int64)
+    crow[1:] = mask.sum(1).cumsum(0)
+    return crow.to(torch.int32), cols.to(torch.int16 if in_f <= 32767 else torch.int32), w[rows, cols].contiguous(), w
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="llama60m,llama130m,llama1b")
+    ap.add_argument("--tokens", default="1,16,256,4096")
+    ap.add_argument("--density", type=float, default=0.05)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch + numba threads [default: torch's]")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kernels.set_threads()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    print(f"device {device}, threads {torch.get_num_threads()}, density {args.density}, repeats {args.repeats}")
+    print(f"{'shape':<10}{'layer':<11}{'out×in':>12}{'T':>6}{'dense ms':>10}  "
+          f"{'candidate':<10}{'median ms':>10}{'best ms':>9}{'× dense (median)':>18}{'× dense (best)':>16}")
+    for size in args.shapes.split(","):
+        p = get_preset(SHAPES[size])
+        layers = {"q_proj": (p.hidden_size, p.hidden_size), "gate_proj": (p.intermediate_size, p.hidden_size),
+                  "down_proj": (p.hidden_size, p.intermediate_size)}
+        for name, (out_f, in_f) in layers.items():
+            crow, col, val, w = _csr(out_f, in_f, args.density, gen)
+            for n_tok in (int(t) for t in args.tokens.split(",")):
+                x = torch.randn(n_tok, in_f, generator=gen)
+                fns: dict[str, Callable[[], object]] = {}
+                if cuda:
+                    wd, xd = w.to(device), x.to(device)
+                    csr = torch.sparse_csr_tensor(crow, col.int(), val, size=(out_f, in_f)).to(device)
+                    fns["dense"] = lambda xd=xd, wd=wd: xd @ wd.t()
+                    fns["cusparse"] = lambda xd=xd, csr=csr: kernels.csr_matmul_cuda(xd, csr)
+                else:
+                    csr = torch.sparse_csr_tensor(crow, col.int(), val, size=(out_f, in_f))
+                    out = torch.empty(n_tok, out_f)
+                    fns["dense"] = lambda x=x, w=w: x @ w.t()
+                    fns["numba"] = lambda x=x, out=out, crow=crow, col=col, val=val: kernels.csr_matmul_cpu(
+                        x, crow, col, val, out=out)
+                    fns["torch-csr"] = lambda x=x, csr=csr: (csr @ x.t()).t()
+                times = _time(fns, args.repeats, sync)
+                d_med, d_best = statistics.median(times["dense"]), min(times["dense"])
+                for k, ts in times.items():
+                    if k == "dense":
+                        continue
+                    med, best = statistics.median(ts), min(ts)
+                    print(f"{size:<10}{name:<11}{f'{out_f}×{in_f}':>12}{n_tok:>6}{d_med * 1e3:>10.3f}  "
+                          f"{k:<10}{med * 1e3:>10.3f}{best * 1e3:>9.3f}{d_med / med:>18.2f}{d_best / best:>16.2f}",
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""Inference backends: the transformers Llama with its CHTsL linears replaced by inference modules.
+
+Attention, RoPE, the KV cache and `generate()` stay transformers' own. Each decoder block's seven
+linears become four `FusedLinears` groups — (q, k, v), (o), (gate, up), (down) — because linears of
+one group read the same input: one call computes every member at once (one sparse kernel over the
+concatenated CSR rows, one GEMM with the concatenated A factors) and the members return slices.
+
+Per group, `y = S x + scale · B σ(A x)`:
+  S x        `dense`: S densified once at load, one GEMM (the reference); method `dense` always so;
+             `sparse`: CSR kernel (`kernels.csr_matmul_cpu`, numba, on CPU; cuSPARSE on CUDA);
+  B σ(A x)   two skinny GEMMs, `A` concatenated over the group, one `B` per member (BA is never formed).
+`onnx` runs onnxruntime on an exported `model.onnx` (`chtsl export --format onnx`).
+`auto` picks by rule, backed by `benchmarks/model.py` on 2 CPU cores: `sparse` on CPU when the
+model has a sparse branch of density ≤ `AUTO_SPARSE_MAX_DENSITY` (and numba is installed), else
+`dense`; `dense` on CUDA (cuBLAS beats cuSPARSE at these densities; no GPU measurement yet).
+
+The model is built from a `PackedModel` on the `meta` device and filled with the packed tensors, so
+a dense S is never materialised by the `sparse` backend (resident memory is the packed size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chtsl_infer import kernels
+from chtsl_infer.configuration import ChtslConfig
+from chtsl_infer.console import UserError
+from chtsl_infer.layers import activation_fn, random_mask
+from chtsl_infer.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.packed import PackedLinear, PackedModel
+
+BACKENDS = ("auto", "dense", "sparse", "onnx")
+AUTO_SPARSE_MAX_DENSITY = 0.3  # above ≈30 % density the CSR kernel loses to a dense GEMM on CPU
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+
+
+class FusedLinears(nn.Module):
+    """Several linears sharing an input, computed together: x (..., in) -> (..., Σ out_m).
+
+    Buffers (present parts only): `weight` (Σout, in) dense S or dense-method weight; `crow`,
+    `col`, `values` the CSR of S with the members' rows stacked (sparse backend); `lora_A`
+    (Σr, in); `lora_B_<m>` (out_m, r_m). Members fetch their slice through `member(i, x)`,
+    which computes the whole group once per distinct input tensor.
+    """
+
+    def __init__(self, linears: list[PackedLinear], sparse: bool, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        first = linears[0]
+        self.in_features = first.in_features
+        self.outs = [lin.out_features for lin in linears]
+        self.offsets = [0, *torch.tensor(self.outs).cumsum(0).tolist()]
+        self.activation, self.scale = first.activation, first.scale
+        self.sparse = False
+        self.cuda_csr: torch.Tensor | None = None
+        if first.has_sparse and sparse:
+            self.sparse = True
+            crow = [torch.zeros(1, dtype=torch.int64)]
+            base = 0
+            for lin in linears:
+                crow.append(lin.crow_indices[1:].long() + base)
+                base += lin.nnz
+            crow_t = torch.cat(crow)
+            col = torch.cat([lin.col_indices for lin in linears])
+            values = torch.cat([lin.values for lin in linears])
+            if device.type == "cuda":  # cuSPARSE wants int32/int64 indices and the compute dtype
+                self.cuda_csr = torch.sparse_csr_tensor(
+                    crow_t.to(torch.int32), col.to(torch.int32), values.to(dtype),
+                    size=(self.offsets[-1], self.in_features), device=device)
+            else:  # the numba kernel reads int32 row pointers, int16/int32 columns, fp32 values
+                self.register_buffer("crow", crow_t.to(torch.int32))
+                self.register_buffer("col", col.contiguous())
+                self.register_buffer("values", values.to(torch.float32).contiguous())
+            self.weight = None
+        elif first.has_sparse:
+            self.register_buffer("weight", torch.cat([lin.dense_sparse_weight() for lin in linears]).to(device, dtype))
+        elif first.weight is not None:
+            self.register_buffer("weight", torch.cat([lin.weight for lin in linears]).to(device, dtype))
+        else:
+            self.weight = None
+        if first.has_lowrank:
+            self.ranks = [lin.lora_A.shape[0] for lin in linears]
+            self.register_buffer("lora_A", torch.cat([lin.lora_A for lin in linears]).to(device, dtype))
+            for i, lin in enumerate(linears):
+                self.register_buffer(f"lora_B_{i}", lin.lora_B.to(device, dtype).contiguous())
+        else:
+            self.lora_A = None
+        self._x: torch.Tensor | None = None
+        self._parts: list[torch.Tensor | None] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., Σ out_m): every member's output, concatenated along the last dim."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.sparse:
+            if self.cuda_csr is not None:
+                y = kernels.csr_matmul_cuda(x2, self.cuda_csr).contiguous()
+            else:
+                y = kernels.csr_matmul_cpu(x2.float(), self.crow, self.col, self.values).to(x.dtype)
+        elif self.weight is not None:
+            y = x2 @ self.weight.t()
+        else:
+            y = x2.new_zeros(x2.shape[0], self.offsets[-1])
+        if self.lora_A is not None:
+            h = activation_fn(self.activation, x2 @ self.lora_A.t())  # (T, Σr)
+            r0 = 0
+            for i, r in enumerate(self.ranks):
+                sl = y[:, self.offsets[i]:self.offsets[i + 1]]
+                sl.addmm_(h[:, r0:r0 + r], getattr(self, f"lora_B_{i}").t(), alpha=self.scale)
+                r0 += r
+        return y.view(*lead, self.offsets[-1])
+
+    def member(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Output of member `index` for input x, computing the group once per input tensor."""
+        if self._x is not x or self._parts[index] is None:
+            y = self.forward(x)
+            self._x = x
+            self._parts = [y[..., self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.outs))]
+        out = self._parts[index]
+        self._parts[index] = None
+        if all(p is None for p in self._parts):  # every member served: drop the references
+            self._x, self._parts = None, []
+        assert out is not None
+        return out
+
+
+class FusedMember(nn.Module):
+    """Stands where one linear of a group stood; returns its slice of the group's output."""
+
+    def __init__(self, group: FusedLinears, index: int, owner: bool) -> None:
+        super().__init__()
+        if owner:  # the group's tensors are registered once, under its first member
+            self.group = group
+        else:
+            object.__setattr__(self, "group", group)
+        self.index = index
+        self.in_features, self.out_features = group.in_features, group.outs[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.member(self.index, x)
+
+
+def resolve_backend(backend: str, packed: PackedModel | None, device: torch.device) -> str:
+    """The concrete backend for `backend` (`auto` resolved); UserError when unknown/unavailable."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "sparse" and device.type == "cpu" and not kernels.NUMBA_AVAILABLE:
+        raise UserError("backend 'sparse' on CPU needs numba (pip install numba)")
+    if backend != "auto":
+        return backend
+    if device.type != "cpu" or packed is None or not kernels.NUMBA_AVAILABLE:
+        return "dense"
+    densities = [lin.nnz / (lin.in_features * lin.out_features) for lin in packed.linears.values() if lin.has_sparse]
+    return "sparse" if densities and max(densities) <= AUTO_SPARSE_MAX_DENSITY else "dense"
+
+
+@torch.no_grad()
+def build_model(packed: PackedModel, backend: str = "dense", device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, consume: bool = False) -> ChtslLlamaForCausalLM:
+    """The inference model of `packed` with `backend` ('dense' or 'sparse'), in eval mode.
+
+    Built on `meta` and filled from the packed tensors: nothing of the training form is allocated.
+    `consume`: empty `packed` while building, so its copy of every tensor is freed as soon as the
+    model's exists (peak memory ≈ the model, not model + packed).
+    """
+    device = torch.device(device)
+    if backend not in ("dense", "sparse"):
+        raise ValueError(f"build_model builds the torch backends dense/sparse, not {backend!r}")
+    config: ChtslConfig = packed.config
+    with torch.device("meta"):
+        model = ChtslLlamaForCausalLM(config)
+    for i, block in enumerate(model.model.layers):
+        for parent_name, members in GROUPS:
+            parent = getattr(block, parent_name)
+            names = [f"model.layers.{i}.{parent_name}.{m}" for m in members]
+            linears = [packed.linears.pop(n) if consume else packed.linears[n] for n in names]
+            group = FusedLinears(linears, sparse=backend == "sparse", device=device, dtype=dtype)
+            del linears
+            for j, m in enumerate(members):
+                setattr(parent, m, FusedMember(group, j, owner=j == 0))
+    dense = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in packed.dense.items()}
+    if consume:
+        packed.dense.clear()
+    _, unexpected = model.load_state_dict(dense, strict=False, assign=True)
+    if unexpected:
+        raise UserError(f"packed model does not match its config: unexpected {unexpected[:3]}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.device(device):  # RoPE frequencies are non-persistent buffers: recompute them
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise UserError(f"packed model does not match its config: missing {left[:3]}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of `model`, each storage counted once."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen or t.is_meta:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    for m in model.modules():  # cuSPARSE tensors are plain attributes, not buffers
+        csr = getattr(m, "cuda_csr", None)
+        if isinstance(csr, torch.Tensor):
+            total += sum(t.numel() * t.element_size() for t in (csr.crow_indices(), csr.col_indices(), csr.values()))
+    return total
+
+
+# ----------------------------------------------------------------------------- random weights
+
+
+@torch.no_grad()
+def random_packed(config: ChtslConfig, seed: int = 0) -> PackedModel:
+    """A packed model of `config` with random weights at its sparsity, built layer by layer.
+
+    For benchmarks ("dummy weights" as in the paper): S on a uniformly random support with
+    N(0, 0.02²) values, A and B N(0, σ0²), embeddings and lm_head N(0, 0.02²), norms 1. Only one
+    layer's mask is ever dense in memory, so building it costs about the packed size.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        skeleton = ChtslLlamaForCausalLM(config)
+    layers = skeleton.chtsl_layers()
+    linears: dict[str, PackedLinear] = {}
+    for name, layer in layers.items():
+        out_f, in_f = layer.out_features, layer.in_features
+        lin = PackedLinear(name=name, in_features=in_f, out_features=out_f, scale=float(layer.scale),
+                           activation=layer.activation)
+        if layer.has_sparse:
+            mask = random_mask(out_f, in_f, layer.sparsity, layer.group_rows, generator=gen)
+            rows, cols = mask.nonzero(as_tuple=True)
+            crow = torch.zeros(out_f + 1, dtype=torch.int64)
+            crow[1:] = mask.sum(1).cumsum(0)
+            lin.crow_indices = crow.to(torch.int32)
+            lin.col_indices = cols.to(torch.int16 if in_f <= 32767 else torch.int32)
+            lin.values = torch.randn(rows.numel(), generator=gen) * config.initializer_range
+        elif layer.weight is not None:
+            lin.weight = torch.randn(out_f, in_f, generator=gen) * config.initializer_range
+        if layer.has_lowrank:
+            sigma = (layer.rank * (in_f + out_f)) ** -0.25
+            lin.lora_A = torch.randn(layer.rank, in_f, generator=gen) * sigma
+            lin.lora_B = torch.randn(out_f, layer.rank, generator=gen) * sigma
+        linears[name] = lin
+    dense: dict[str, torch.Tensor] = {}
+    for key, t in skeleton.state_dict().items():
+        if key.rsplit(".", 1)[0] in layers or (config.tie_word_embeddings and key == "lm_head.weight"):
+            continue
+        if key.endswith("norm.weight") or "layernorm" in key:
+            dense[key] = torch.ones(t.shape)
+        else:
+            dense[key] = torch.randn(t.shape, generator=gen) * config.initializer_range
+    return PackedModel(config=config, dtype=torch.float32, linears=linears, dense=dense)
+
+
+# ----------------------------------------------------------------------------- one interface
+
+
+@dataclass
+class Runtime:
+    """A loaded model behind one interface: `logits(input_ids)` and `generate(...)`.
+
+    `model` is set for the torch backends (`dense`, `sparse`), `session` for `onnx`.
+    """
+
+    backend: str
+    device: torch.device
+    dtype: torch.dtype
+    config: ChtslConfig
+    model: ChtslLlamaForCausalLM | None = None
+    session: Any = None  # onnxruntime.InferenceSession
+    model_bytes: int = 0
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (batch, seq) int64 -> logits (batch, seq, vocab), no KV cache."""
+        if self.session is not None:
+            out = self.session.run(["logits"], {"input_ids": input_ids.cpu().numpy()})[0]
+            return torch.from_numpy(out)
+        assert self.model is not None
+        return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 streamer: Any = None, eos_token_id: int | None = None) -> torch.Tensor:
+        """(1, prompt) -> (1, prompt + new) tokens; greedy when temperature is 0, else sampled.
+
+        Torch backends use transformers' `generate()` with its KV cache; `onnx` recomputes the
+        whole sequence per token (the exported graph has no cache inputs).
+        """
+        if self.model is not None:
+            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, streamer=streamer,
+                                          eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+            if temperature > 0:
+                kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+            return self.model.generate(input_ids.to(self.device), **kwargs).cpu()
+        ids = input_ids.cpu()
+        if streamer is not None:
+            streamer.put(ids)
+        for _ in range(max_new_tokens):
+            last = self.logits(ids)[:, -1].float()
+            if temperature > 0:
+                nxt = torch.multinomial(F.softmax(last / temperature, dim=-1), 1)
+            else:
+                nxt = last.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            if streamer is not None:
+                streamer.put(nxt)
+            if eos_token_id is not None and int(nxt) == eos_token_id:
+                break
+        if streamer is not None:
+            streamer.end()
+        return ids
+
+
+def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, consume: bool = False) -> Runtime:
+    """A torch-backend `Runtime` of an in-memory packed model (`onnx` needs a file: `load_runtime`).
+
+    `consume`: `packed` is emptied while the model is built (see `build_model`).
+    """
+    device = torch.device(device)
+    backend = resolve_backend(backend, packed, device)
+    if backend == "onnx":
+        raise UserError("backend 'onnx' needs an export directory with model.onnx "
+                        "(run `chtsl export CKPT --format onnx`)")
+    if backend == "sparse" and device.type == "cpu" and dtype != torch.float32:
+        raise UserError("backend 'sparse' on CPU computes in float32; use --dtype float32 or --backend dense")
+    kernels.set_threads()
+    model = build_model(packed, backend, device, dtype, consume=consume)
+    return Runtime(backend=backend, device=device, dtype=dtype, config=packed.config, model=model,
+                   model_bytes=resident_bytes(model))
+
+
+def load_packed_any(path: str | Path) -> PackedModel:
+    """The packed form of a packed export dir or of a training checkpoint dir (packed in memory)."""
+    from chtsl_infer.checkpoint import load_model
+    from chtsl_infer.packed import is_packed_dir, load_packed, pack_model
+
+    if is_packed_dir(path):
+        return load_packed(path)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the CLI shows its own progress; keep stderr to errors
+    model = load_model(path)  # validates the directory (UserError when it is not a checkpoint)
+    packed = pack_model(model, torch.float32)
+    del model
+    return packed
+
+
+def load_runtime(path: str | Path, backend: str = "auto", device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Runtime:
+    """The `Runtime` of a checkpoint or export directory with `backend`."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint not found: {p}")
+    device = torch.device(device)
+    if backend == "onnx":
+        return _onnx_runtime(p, device, dtype)
+    packed = load_packed_any(p)
+    if packed.dtype != torch.float32:  # fp16/bf16 exports compute in the requested dtype
+        packed = PackedModel(config=packed.config, dtype=torch.float32, linears=packed.linears,
+                             dense=packed.dense, metadata=packed.metadata)
+    return from_packed(packed, backend, device, dtype, consume=True)
+
+
+def _onnx_runtime(path: Path, device: torch.device, dtype: torch.dtype) -> Runtime:
+    """onnxruntime on `<path>/model.onnx` (CUDA provider on a CUDA device)."""
+    onnx_file = path / "model.onnx" if path.is_dir() else path
+    if not onnx_file.is_file():
+        raise UserError(f"{path} has no model.onnx; run `chtsl export {path} --format onnx` first")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("backend 'onnx' needs onnxruntime (pip install onnxruntime)") from None
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UserError("backend 'onnx' on cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(onnx_file), options, providers=providers)
+    config_file = onnx_file.parent / "config.json"
+    if config_file.is_file():
+        config = ChtslConfig.from_json_file(str(config_file))
+    else:
+        from chtsl_infer.packed import load_packed
+        config = load_packed(onnx_file.parent).config
+    return Runtime(backend="onnx", device=device, dtype=dtype, config=config, session=session,
+                   model_bytes=onnx_file.stat().st_size)
+
+
+def dense_flops_per_token(config: ChtslConfig) -> int:
+    """2 × (block linear + lm_head entries) of the dense model of this shape (attention excluded)."""
+    h, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (config.head_dim or h // config.num_attention_heads)
+    return 2 * (n * (2 * h * h + 2 * h * kv + 3 * h * f) + h * config.vocab_size)
+
+
+__all__ = ["BACKENDS", "FusedLinears", "Runtime", "build_model", "from_packed", "load_runtime",
+           "random_packed", "resident_bytes", "resolve_backend", "load_packed_any"]

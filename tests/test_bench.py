@@ -1,0 +1,103 @@
+"""`chtsl bench` and `chtsl generate` through the CLI on tiny models (smoke + bad input)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chtsl_infer.cli import main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    code = "import sys; from chtsl_infer.cli import main; main(sys.argv[1:])"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+
+
+def test_bench_tiny_reports_ratios_to_dense(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = _run("bench", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1",
+                "--backend", "sparse", "--compare", "cola", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "tok/s" in proc.stdout and "dense (baseline)" in proc.stdout
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert [(r["model"], r["backend"]) for r in rows] == [
+        ("dense (baseline)", "dense"), ("chtsl", "sparse"), ("cola", "dense")]
+    assert report["settings"]["batch"] == 2 and report["settings"]["seq"] == 16
+    base = rows[0]
+    assert base["speedup_vs_dense"] == 1.0 and base["peak_memory_ratio"] == 1.0
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and len(r["step_s"]) == 2 and r["peak_memory_bytes"] > 2**20
+        assert r["speedup_vs_dense"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"])
+    # the sparse model's resident size is its packed size: well under the dense model's
+    assert rows[1]["model_memory_ratio"] < 0.75
+
+
+def test_bench_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ckpt.json"
+    proc = _run("bench", str(tiny_checkpoint), "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0",
+                "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert rows[0]["model"] == "dense (baseline)" and rows[1]["backend"] == "sparse"  # auto → sparse on CPU
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench", "--batch", "0"], "--batch must be positive"),
+        (["bench", "--preset", "tiny", "--backend", "fast"], "unknown backend 'fast'"),
+        (["bench", "/no/such/ckpt"], "checkpoint not found"),
+        (["bench", "--preset", "huge"], "unknown preset"),
+        (["bench", "--preset", "tiny", "--backend", "onnx"], "needs an export directory"),
+        (["bench", "--preset", "tiny", "--dtype", "bfloat16", "--backend", "sparse", "--device", "cpu"], "float32"),
+        (["bench", "--preset", "tiny", "--compare", "dense,magic"], "unknown method 'magic'"),
+        (["generate", "/no/such/ckpt", "--prompt", "hi"], "checkpoint not found"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_bench_cuda_unavailable_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--preset", "tiny", "--device", "cuda"])
+    assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_generate_streams_text_and_reports_speed(tiny_checkpoint: Path) -> None:
+    proc = _run("generate", str(tiny_checkpoint), "--prompt", "The def statement", "--max-new-tokens", "6",
+                "--backend", "sparse")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The def statement")
+    assert "tokens/s (backend sparse)" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--backend", "fast"], "unknown backend 'fast'"),
+        (["--backend", "onnx"], "chtsl export"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+        (["--max-new-tokens", "100000"], "exceeds the model's"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+    ],
+)
+def test_generate_bad_input(tiny_checkpoint: Path, extra: list[str], message: str,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(tiny_checkpoint), "--prompt", "x", *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

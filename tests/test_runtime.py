@@ -1,0 +1,168 @@
+"""Inference backends: every backend's logits match the `dense` backend (and the training-form
+model) within 1e-4 in fp32, for every method; fusion, loading, generate and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chtsl_infer.console import UserError
+from chtsl_infer.layers import layer_link_count
+from chtsl_infer.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.packed import pack_model, save_packed
+from chtsl_infer.runtime import (
+    FusedLinears,
+    from_packed,
+    load_runtime,
+    random_packed,
+    resolve_backend,
+)
+from tests.conftest import ALL_METHODS, tiny_config, tiny_model
+
+ATOL = 1e-4
+
+
+def _model(method: str, **overrides) -> ChtslLlamaForCausalLM:
+    """A tiny model whose low-rank B is non-zero (SLTrain initialises B = 0, which would hide bugs)."""
+    model = tiny_model(method, **overrides)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in model.chtsl_layers().values():
+            if layer.lora_B is not None:
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
+    return model
+
+
+def _ids(batch: int = 2, seq: int = 37, vocab: int = 512, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_torch_backends_match_dense_backend_and_training_model(method: str) -> None:
+    model = _model(method)
+    ids = _ids()  # 74 tokens: a full kernel tile plus a tail
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=False).logits
+    packed = pack_model(model)
+    dense = from_packed(packed, "dense").logits(ids)
+    sparse = from_packed(packed, "sparse").logits(ids)
+    torch.testing.assert_close(dense, reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(sparse, dense, atol=ATOL, rtol=0)
+    one = _ids(batch=1, seq=1, seed=3)  # decoding shape: one token
+    torch.testing.assert_close(from_packed(packed, "sparse").logits(one), from_packed(packed, "dense").logits(one),
+                               atol=ATOL, rtol=0)
+
+
+def _export_onnx(model: ChtslLlamaForCausalLM, out: Path) -> None:
+    """model.onnx (input_ids -> logits, dynamic batch/seq) + config.json, like `chtsl export`."""
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m: ChtslLlamaForCausalLM) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.m(input_ids=input_ids, use_cache=False).logits
+
+    out.mkdir(parents=True, exist_ok=True)
+    dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=128)}
+    torch.onnx.export(Logits(model).eval(), (_ids(2, 9),), str(out / "model.onnx"), input_names=["input_ids"],
+                      output_names=["logits"], dynamic_shapes={"input_ids": dims}, dynamo=True, verbose=False)
+    model.config.save_pretrained(out)
+
+
+@pytest.mark.parametrize("method", ["dense", "cola", "sltrain", "chtsl"])
+def test_onnx_backend_matches_dense_backend(method: str, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = _model(method, num_hidden_layers=1)
+    _export_onnx(model, tmp_path)
+    ids = _ids(3, 21)
+    onnx_logits = load_runtime(tmp_path, "onnx").logits(ids)
+    dense = from_packed(pack_model(model), "dense").logits(ids)
+    torch.testing.assert_close(onnx_logits, dense, atol=ATOL, rtol=0)
+
+
+def test_fused_group_computes_once_per_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = from_packed(pack_model(_model("chtsl")), "sparse")
+    calls: list[int] = []
+    original = FusedLinears.forward
+
+    def counting(self: FusedLinears, x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(self.outs))
+        return original(self, x)
+
+    monkeypatch.setattr(FusedLinears, "forward", counting)
+    rt.logits(_ids(1, 5))
+    layers = rt.config.num_hidden_layers
+    assert sorted(calls) == sorted([3, 1, 2, 1] * layers)  # (q,k,v), o, (gate,up), down per block
+    group = rt.model.model.layers[0].self_attn.q_proj.group
+    assert group._x is None and group._parts == []  # no activation kept after the forward
+
+
+def test_generate_matches_training_model_greedy() -> None:
+    model = _model("chtsl")
+    prompt = _ids(1, 6, seed=5)
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=8, do_sample=False, temperature=None, top_p=None,
+                              top_k=None, pad_token_id=0)
+    for backend in ("dense", "sparse"):
+        got = from_packed(pack_model(model), backend).generate(prompt, max_new_tokens=8)
+        assert torch.equal(got, want), backend
+
+
+def test_random_packed_has_the_configured_links_and_saves_memory() -> None:
+    config = tiny_config("chtsl")
+    packed = random_packed(config, seed=1)
+    skeleton = ChtslLlamaForCausalLM(config)
+    for name, layer in skeleton.chtsl_layers().items():
+        lin = packed.linears[name]
+        assert lin.nnz == layer_link_count(layer.out_features, layer.in_features, layer.sparsity, layer.group_rows)
+        assert lin.lora_A.shape == layer.lora_A.shape and lin.lora_B.shape == layer.lora_B.shape
+    sparse = from_packed(packed, "sparse")
+    dense_model = from_packed(random_packed(tiny_config("dense")), "dense")
+    assert sparse.model_bytes < 0.75 * dense_model.model_bytes
+    assert torch.isfinite(sparse.logits(_ids(1, 8))).all()
+
+
+def test_resolve_backend_rules_and_errors() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", random_packed(tiny_config("chtsl")), cpu) == "sparse"
+    assert resolve_backend("auto", random_packed(tiny_config("dense")), cpu) == "dense"
+    assert resolve_backend("auto", random_packed(tiny_config("cola")), cpu) == "dense"
+    assert resolve_backend("dense", None, cpu) == "dense"
+    with pytest.raises(UserError, match="unknown backend 'fast'"):
+        resolve_backend("fast", None, cpu)
+
+
+def test_load_runtime_from_checkpoint_and_packed_export(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    model = ChtslLlamaForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    ids = _ids(2, 11, vocab=model.config.vocab_size)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    save_packed(pack_model(model), tmp_path / "model.safetensors")
+    for path in (tiny_checkpoint, tmp_path):
+        for backend in ("auto", "sparse", "dense"):
+            torch.testing.assert_close(load_runtime(path, backend).logits(ids), want, atol=ATOL, rtol=0)
+
+
+def test_bad_input_is_a_user_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="run `chtsl export"):
+        load_runtime(tiny_checkpoint, "onnx")
+    with pytest.raises(UserError, match="not found"):
+        load_runtime(tmp_path / "missing", "dense")
+    with pytest.raises(UserError, match="float32"):
+        from_packed(random_packed(tiny_config()), "sparse", dtype=torch.bfloat16)
+    with pytest.raises(UserError, match="needs an export directory"):
+        from_packed(random_packed(tiny_config()), "onnx")
+
+
+def test_tied_embeddings_share_storage() -> None:
+    model = _model("chtsl", tie_word_embeddings=True)
+    rt = from_packed(pack_model(model), "sparse")
+    assert rt.model.lm_head.weight.data_ptr() == rt.model.model.embed_tokens.weight.data_ptr()
+    ids = _ids(1, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(rt.logits(ids), model(input_ids=ids).logits, atol=ATOL, rtol=0)
