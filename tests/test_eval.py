@@ -1,0 +1,458 @@
+"""`chtsl eval`: lm-eval zero-shot tasks offline, checked against an independent scorer, and perplexity.
+
+The reference scorer here shares no code with the harness: prompts are written out from lm-eval's
+task YAML (glue/rte, glue/cola, glue/mrpc default.yaml; super_glue/copa utils.py), continuations
+are `target_delimiter` (" ") + choice, and a choice's score is the summed log-probability of its
+tokens from a plain forward pass, as lm-eval documents for `multiple_choice` tasks. Everything
+runs offline on a tiny model; lm-eval is imported and run once per module (fixtures).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chtsl_infer.cli import main
+from tests.conftest import SHARED_DATA, tiny_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TASKS = ("rte", "copa", "cola", "mrpc")
+
+
+# ----------------------------------------------------------------------------- reference scorer
+
+
+def _copa_choice(text: str) -> str:
+    return " " + text[0].lower() + text[1:]
+
+
+def reference_prompts(task: str, doc: dict) -> tuple[str, list[str], int]:
+    """(context, continuations, gold index) of one document, written from lm-eval's task YAML."""
+    if task == "rte":  # doc_to_text "{{sentence1}}\nQuestion: {{sentence2}} True or False?\nAnswer:"
+        ctx, choices = f"{doc['sentence1']}\nQuestion: {doc['sentence2']} True or False?\nAnswer:", ["True", "False"]
+    elif task == "cola":
+        ctx, choices = f"{doc['sentence']}\nQuestion: Does this sentence make sense?\nAnswer:", ["no", "yes"]
+    elif task == "mrpc":
+        ctx = (f"Sentence 1: {doc['sentence1']}\nSentence 2: {doc['sentence2']}\n"
+               "Question: Do both sentences mean the same thing?\nAnswer:")
+        choices = ["no", "yes"]
+    elif task == "copa":  # premise without its final period + connector; choices lower-cased, " "-prefixed
+        connector = {"cause": "because", "effect": "therefore"}[doc["question"]]
+        ctx = doc["premise"].strip()[:-1] + f" {connector}"
+        choices = [_copa_choice(doc["choice1"]), _copa_choice(doc["choice2"])]
+    else:
+        raise KeyError(task)
+    return ctx, [" " + c for c in choices], int(doc["label"])
+
+
+@torch.no_grad()
+def reference_loglikelihood(model, tokenizer, context: str, continuation: str, max_length: int) -> float:
+    """Summed log p(continuation | context) from one forward pass.
+
+    As lm-eval documents for causal models: trailing spaces of the context belong to the
+    continuation; the pair is tokenized whole and split at the context's token count; inputs
+    longer than the model keep their last `max_length` + 1 tokens.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    n_cont = len(whole) - len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    seq = torch.tensor(whole[-(max_length + 1) :])
+    logp = torch.log_softmax(model(input_ids=seq[None, :-1]).logits[0].float(), dim=-1)
+    targets = seq[-n_cont:]
+    return float(logp[-n_cont:].gather(1, targets[:, None]).sum())
+
+
+def reference_scores(model, tokenizer, task: str, path: Path) -> list[tuple[list[float], int]]:
+    """Per document: (log-likelihood of each choice, gold index)."""
+    out = []
+    for line in path.read_text().splitlines():
+        ctx, conts, gold = reference_prompts(task, json.loads(line))
+        lls = [reference_loglikelihood(model, tokenizer, ctx, c, model.config.max_position_embeddings) for c in conts]
+        out.append((lls, gold))
+    return out
+
+
+def predictions(scores: list[tuple[list[float], int]]) -> tuple[list[int], list[int]]:
+    """(argmax choice per document, first index on ties as numpy, gold labels)."""
+    return [max(range(len(lls)), key=lambda i: (lls[i], -i)) for lls, _ in scores], [g for _, g in scores]
+
+
+def binary_counts(preds: list[int], golds: list[int]) -> tuple[int, int, int, int]:
+    tp = sum(p == 1 and g == 1 for p, g in zip(preds, golds, strict=True))
+    tn = sum(p == 0 and g == 0 for p, g in zip(preds, golds, strict=True))
+    fp = sum(p == 1 and g == 0 for p, g in zip(preds, golds, strict=True))
+    fn = sum(p == 0 and g == 1 for p, g in zip(preds, golds, strict=True))
+    return tp, tn, fp, fn
+
+
+def mcc(preds: list[int], golds: list[int]) -> float:
+    tp, tn, fp, fn = binary_counts(preds, golds)
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return 0.0 if denom == 0 else (tp * tn - fp * fn) / denom
+
+
+def f1(preds: list[int], golds: list[int]) -> float:
+    tp, _, fp, fn = binary_counts(preds, golds)
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, torch's spinning OpenMP threads make a tiny
+    model ~30x slower when the cores are oversubscribed (measured: 0.96 s vs 0.03 s a forward)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(autouse=True)
+def still_one_thread(one_thread):
+    """Re-applies one thread before every test: starting numba's OpenMP pool (the sparse backend)
+    resets torch's thread count to the machine default."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def eval_checkpoint(tmp_path_factory, bpe_tokenizer) -> Path:
+    """A tiny checkpoint whose choices depend on the document: initialised with std 1 (not 0.02,
+    where every document gets the same answer), seed picked so that on all four fixtures both
+    choices are predicted (cola mcc 0.41, mrpc f1 0.29 here), so the metric checks are not 0 == 0."""
+    path = tmp_path_factory.mktemp("eval-ckpt")
+    model = tiny_model("chtsl", seed=23, vocab_size=len(bpe_tokenizer), initializer_range=1.0)
+    model.save_pretrained(path)
+    bpe_tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `chtsl ARGV` run in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def fixture_run(eval_checkpoint, tmp_path_factory):
+    """`chtsl eval` on the four hand-written fixtures with HF_HUB_OFFLINE=1 and every socket
+    connection and name lookup refused and recorded: (exit code, stdout, results JSON, samples, attempts)."""
+    out_dir = tmp_path_factory.mktemp("eval-out")
+    attempts: list[object] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in tests")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(socket.socket, "connect_ex", refuse)
+        mp.setattr(socket, "getaddrinfo", refuse)  # libraries swallow failed connections: record lookups too
+        code, stdout, stderr = run_cli([
+            "eval", str(eval_checkpoint), "--tasks", ",".join(TASKS), "--data-dir", str(FIXTURES),
+            "--batch-size", "4", "--device", "cpu", "--output", str(out_dir / "res.json"), "--log-samples",
+        ])
+    assert code == 0, stderr
+    results = json.loads((out_dir / "res.json").read_text())
+    samples = [json.loads(line) for line in (out_dir / "res.samples.jsonl").read_text().splitlines()]
+    return code, stdout, results, samples, attempts
+
+
+@pytest.fixture(scope="module")
+def reference_model_and_tokenizer(eval_checkpoint):
+    """The checkpoint as the reference scorer sees it: loaded, fp32, eval mode."""
+    from chtsl_infer.checkpoint import load_model, load_tokenizer
+
+    return load_model(eval_checkpoint), load_tokenizer(eval_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_model_and_tokenizer):
+    """Reference scores of every fixture document: {task: [(choice log-likelihoods, gold)]}."""
+    model, tok = reference_model_and_tokenizer
+    paths = {"rte": "glue/rte", "cola": "glue/cola", "mrpc": "glue/mrpc", "copa": "super_glue/copa"}
+    return {t: reference_scores(model, tok, t, FIXTURES / paths[t] / "validation.jsonl") for t in TASKS}
+
+
+# ----------------------------------------------------------------------------- lm-eval tasks
+
+
+def test_offline_no_network(fixture_run):
+    *_, attempts = fixture_run
+    assert attempts == []
+
+
+@pytest.mark.parametrize("task", ["rte", "copa"])
+def test_accuracy_matches_reference(fixture_run, reference, task):
+    _, stdout, results, _, _ = fixture_run
+    preds, golds = predictions(reference[task])
+    assert len(set(preds)) == 2, "the test model should not prefer one choice everywhere"
+    expected = sum(p == g for p, g in zip(preds, golds, strict=True)) / len(golds)
+    assert results["results"][task]["acc,none"] == pytest.approx(expected, abs=1e-12)
+    row = next(line for line in stdout.splitlines() if f" {task} " in line and " acc " in line)
+    assert f"{expected:.4f}" in row and f" {len(golds)} " in row  # the table: value and n
+
+
+def test_loglikelihoods_match_reference(fixture_run, reference):
+    """Every choice's score lm-eval logged equals the plain forward pass (fp32, atol 1e-4)."""
+    _, _, _, samples, _ = fixture_run
+    for task in TASKS:
+        logged = sorted((s for s in samples if s["task"] == task), key=lambda s: s["doc_id"])
+        assert len(logged) == len(reference[task])
+        for s, (lls, gold) in zip(logged, reference[task], strict=True):
+            assert s["target"] == gold or task == "copa"  # copa's target is the gold text
+            got = [float(r[0]) for r in s["filtered_resps"]]
+            assert got == pytest.approx(lls, abs=1e-4, rel=1e-5), (task, s["doc_id"])
+
+
+def test_cola_mcc_and_mrpc_acc_f1(fixture_run, reference):
+    _, stdout, results, _, _ = fixture_run
+    cola, mrpc = results["results"]["cola"], results["results"]["mrpc"]
+    preds, golds = predictions(reference["cola"])
+    assert len(set(preds)) == 2, "the test model should not give one answer everywhere"
+    assert cola["mcc,none"] == pytest.approx(mcc(preds, golds), abs=1e-9)
+    assert "acc,none" not in cola
+    preds, golds = predictions(reference["mrpc"])
+    assert len(set(preds)) == 2
+    assert mrpc["acc,none"] == pytest.approx(sum(p == g for p, g in zip(preds, golds, strict=True)) / 10, abs=1e-12)
+    assert mrpc["f1,none"] == pytest.approx(f1(preds, golds), abs=1e-9)
+    assert all(math.isfinite(mrpc[k]) for k in ("acc_stderr,none", "f1_stderr,none"))
+    table = {tuple(line.split("│")[1:3]) for line in stdout.splitlines() if "│" in line}
+    names = {(t.strip(), m.strip()) for t, m in table}
+    assert {("cola", "mcc"), ("mrpc", "acc"), ("mrpc", "f1")} <= names
+
+
+def test_results_json_is_lm_evals(fixture_run):
+    _, _, results, samples, _ = fixture_run
+    assert set(results["results"]) == set(TASKS)
+    assert results["n-samples"]["rte"]["effective"] == 10
+    assert results["configs"]["rte"]["dataset_path"] == "json"
+    assert "tag" not in results["configs"]["rte"]  # local copies never join lm-eval's `glue` tag
+    assert "samples" not in results
+    assert {s["task"] for s in samples} == set(TASKS) and len(samples) == 40
+
+
+def test_list_tasks():
+    code, stdout, _ = run_cli(["eval", "--list-tasks"])
+    names = {line.split()[0] for line in stdout.splitlines() if line.strip()}
+    assert code == 0
+    assert {"cola", "copa", "hellaswag", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "boolq", "cb", "wic", "wsc",
+            "sglue_rte", "wnli", "glue", "super-glue-lm-eval-v1"} <= names
+
+
+def test_groups_expand_and_record_is_rejected():
+    from chtsl_infer.console import UserError
+    from evals.harness import resolve_tasks
+
+    tasks, notes = resolve_tasks("rte,glue")
+    assert tasks[0] == "rte" and tasks.count("rte") == 1 and "mnli" in tasks and "cola" in tasks
+    tasks, notes = resolve_tasks("super-glue-lm-eval-v1")
+    assert "copa" in tasks and "record" not in tasks and "record" in notes[0]
+    with pytest.raises(UserError, match="record"):
+        resolve_tasks("record")
+
+
+def test_groups_are_lm_evals_tags():
+    """GROUPS (plus the unsupported record) are exactly lm-eval's `glue` / `super-glue-lm-eval-v1` tags,
+    read from its task YAML (TaskManager's full index takes half a minute on this machine)."""
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from evals.harness import GROUPS, UNSUPPORTED
+
+    root = Path(lm_eval.tasks.__file__).parent
+    members: dict[str, set[str]] = {g: set() for g in GROUPS}
+    for folder in ("glue", "super_glue"):
+        for path in sorted((root / folder).rglob("*.yaml")):
+            config = load_yaml(path, resolve_func=False)
+            tags = config.get("tag") or []
+            for tag in [tags] if isinstance(tags, str) else tags:
+                if tag in members:
+                    members[tag].add(config["task"])
+    assert members["glue"] == set(GROUPS["glue"])
+    assert members["super-glue-lm-eval-v1"] == set(GROUPS["super-glue-lm-eval-v1"]) | set(UNSUPPORTED)
+
+
+def _one_line_error(argv: list[str]) -> str:
+    code, stdout, stderr = run_cli(argv)
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    return lines[0]
+
+
+def test_bad_input_one_line(eval_checkpoint, tmp_path):
+    msg = _one_line_error(["eval", str(eval_checkpoint), "--tasks", "rte,nope"])
+    assert "'nope'" in msg and all(n in msg for n in ("cola", "copa", "rte", "glue", "hellaswag"))
+    expected = tmp_path / "super_glue" / "copa" / "validation.jsonl"
+    msg = _one_line_error(["eval", str(eval_checkpoint), "--tasks", "copa", "--data-dir", str(tmp_path)])
+    assert str(expected) in msg
+    msg = _one_line_error(["eval", str(tmp_path), "--tasks", "rte"])
+    assert "not a chtsl checkpoint" in msg
+    msg = _one_line_error(["eval", str(eval_checkpoint), "--tasks", "rte", "--log-samples"])
+    assert "--output" in msg
+
+
+def test_more_tasks_local_layout(eval_checkpoint):
+    """mnli reads `glue/mnli/validation_matched`; hellaswag (no hub config) `hellaswag/default/`."""
+    code, stdout, stderr = run_cli(["eval", str(eval_checkpoint), "--tasks", "mnli,hellaswag,cola", "--data-dir",
+                                    str(FIXTURES), "--device", "cpu", "--output", "-"])
+    assert code == 0, stderr
+    results = json.loads(stdout)  # stdout is only the JSON (lm-eval's bootstrap prints go to stderr)
+    assert results["n-samples"]["mnli"]["effective"] == 3 and results["n-samples"]["hellaswag"]["effective"] == 2
+    assert {"acc,none", "acc_norm,none"} <= set(results["results"]["hellaswag"])
+    assert "mnli" in stderr  # the table goes to stderr when the JSON takes stdout
+
+
+def test_bad_data_files_one_line(eval_checkpoint, tmp_path):
+    rte = tmp_path / "glue" / "rte"
+    rte.mkdir(parents=True)
+    (rte / "validation.jsonl").write_text('{"sentence1": "a b", "label": 0, "idx": 0}\n')
+    msg = _one_line_error(["eval", str(eval_checkpoint), "--tasks", "rte", "--data-dir", str(tmp_path)])
+    assert f"{rte / 'validation.jsonl'}:1 lacks sentence2" in msg
+    (rte / "validation.jsonl").write_text('{"sentence1": "a b", "label": 0,\n')
+    msg = _one_line_error(["eval", str(eval_checkpoint), "--tasks", "rte", "--data-dir", str(tmp_path)])
+    assert f"{rte / 'validation.jsonl'}:1 is not valid JSON" in msg
+    msg = _one_line_error(["eval", str(eval_checkpoint), "--tasks", "rte", "--output", str(tmp_path / "no" / "r.json")])
+    assert "does not exist" in msg
+
+
+@pytest.fixture(scope="module")
+def export_dir(eval_checkpoint, tmp_path_factory) -> Path:
+    """`chtsl export --format all` of the eval checkpoint (packed safetensors + ONNX)."""
+    out = tmp_path_factory.mktemp("export") / "exp"
+    code, _, stderr = run_cli(["export", str(eval_checkpoint), "--format", "all", "--out", str(out), "--no-verify"])
+    assert code == 0, stderr
+    return out
+
+
+@pytest.mark.parametrize("source,backend", [("ckpt", "sparse"), ("export", "dense"), ("export", "onnx")])
+def test_backends_match_reference(eval_checkpoint, export_dir, reference, tmp_path, source, backend):
+    """The runtime backends and the packed export score every choice as the reference does."""
+    path = eval_checkpoint if source == "ckpt" else export_dir
+    code, _, stderr = run_cli(["eval", str(path), "--tasks", "rte,copa", "--data-dir", str(FIXTURES), "--device",
+                               "cpu", "--backend", backend, "--output", str(tmp_path / "r.json"), "--log-samples"])
+    assert code == 0, stderr
+    samples = [json.loads(line) for line in (tmp_path / "r.samples.jsonl").read_text().splitlines()]
+    for task in ("rte", "copa"):
+        logged = sorted((s for s in samples if s["task"] == task), key=lambda s: s["doc_id"])
+        for s, (lls, _) in zip(logged, reference[task], strict=True):
+            assert [float(r[0]) for r in s["filtered_resps"]] == pytest.approx(lls, abs=1e-3, rel=1e-5)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "glue" / "rte" / "validation.jsonl").is_file(),
+                    reason="the shared GLUE RTE validation split is absent")
+def test_real_rte_all_277(eval_checkpoint, tmp_path, reference_model_and_tokenizer):
+    """All 277 real RTE examples, in a fresh `chtsl` process without any HF_*_OFFLINE variable and
+    with sockets refused (the command must go offline by itself: without that, `datasets` looks up
+    the hub, and a swallowed failure would pass unnoticed); accuracy equals the reference."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env["OMP_NUM_THREADS"] = "1"  # as the one_thread fixture, for the fresh process
+    code = (
+        "import socket, sys\n"
+        "def refuse(*a, **k):\n"
+        "    sys.stderr.write('NETWORK-ATTEMPT\\n')\n"
+        "    raise OSError('network disabled in tests')\n"
+        "socket.socket.connect = socket.socket.connect_ex = socket.getaddrinfo = refuse\n"
+        "from chtsl_infer.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    out = tmp_path / "rte.json"
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "eval", str(eval_checkpoint), "--tasks", "rte", "--data-dir", str(SHARED_DATA),
+         "--device", "cpu", "--output", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "NETWORK-ATTEMPT" not in proc.stderr
+    print(f"\nchtsl eval --tasks rte (277 real examples, fresh process): {seconds:.1f} s")
+    results = json.loads(out.read_text())
+    assert results["n-samples"]["rte"]["effective"] == 277
+    model, tok = reference_model_and_tokenizer
+    preds, golds = predictions(reference_scores(model, tok, "rte", SHARED_DATA / "glue" / "rte" / "validation.jsonl"))
+    expected = sum(p == g for p, g in zip(preds, golds, strict=True)) / len(golds)
+    assert results["results"]["rte"]["acc,none"] == pytest.approx(expected, abs=1e-12)
+
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A 3-step `chtsl train` run on a small local corpus; its last step ran validation."""
+    import pydoc_data.topics
+
+    root = tmp_path_factory.mktemp("ppl")
+    topics = pydoc_data.topics.topics
+    (root / "corpus.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)[:60]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHTSL_CACHE", str(root / "cache"))
+        code, _, stderr = run_cli([
+            "train", "--preset", "tiny", "--num-layers", "1", "--steps", "3", "--batch-size", "4",
+            "--micro-batch-size", "2", "--seq-len", "64", "--vocab-size", "512", "--eval-tokens", "3000",
+            "--data", str(root / "corpus.txt"), "--device", "cpu", "--no-progress", "--out", str(root / "ckpt"),
+        ])
+    assert code == 0, stderr
+    return root / "ckpt"
+
+
+def test_perplexity_equals_trainers_last_validation(trained_checkpoint, tmp_path):
+    state = json.loads((trained_checkpoint / "trainer_state" / "state.json").read_text())
+    code, stdout, stderr = run_cli(["eval", str(trained_checkpoint), "--perplexity", "--device", "cpu",
+                                    "--output", str(tmp_path / "ppl.json")])
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "ppl.json").read_text())
+    assert report["tokens"] == state["last_val"]["val_tokens"]
+    assert report["ppl"] == pytest.approx(state["last_val"]["val_ppl"], rel=1e-3)
+    assert report["trainer_val_ppl"] == state["last_val"]["val_ppl"]
+    assert f"{report['ppl']:.4f}" in stdout
+
+    code, _, stderr = run_cli(["eval", str(trained_checkpoint), "--perplexity", "--device", "cpu",
+                               "--max-tokens", "500", "--output", str(tmp_path / "ppl500.json")])
+    assert code == 0, stderr
+    small = json.loads((tmp_path / "ppl500.json").read_text())
+    assert 500 <= small["tokens"] < report["tokens"]
+    assert small["trainer_val_ppl"] is None  # other data than the trainer's: nothing to compare
+
+
+def test_perplexity_sparse_backend(trained_checkpoint, tmp_path):
+    state = json.loads((trained_checkpoint / "trainer_state" / "state.json").read_text())
+    code, _, stderr = run_cli(["eval", str(trained_checkpoint), "--perplexity", "--device", "cpu", "--backend",
+                               "sparse", "--output", str(tmp_path / "ppl.json")])
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "ppl.json").read_text())
+    assert report["ppl"] == pytest.approx(state["last_val"]["val_ppl"], rel=1e-3)
+
+
+def test_perplexity_bad_input(trained_checkpoint, tmp_path):
+    msg = _one_line_error(["eval", str(trained_checkpoint), "--perplexity", "--data", str(tmp_path / "missing")])
+    assert "missing" in msg
+    msg = _one_line_error(["eval", str(trained_checkpoint), "--perplexity", "--tasks", "rte"])
+    assert "--tasks" in msg and "--perplexity" in msg
+    msg = _one_line_error(["eval", str(tmp_path), "--perplexity"])
+    assert "not a chtsl checkpoint" in msg

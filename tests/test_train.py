@@ -1,0 +1,223 @@
+"""`chtsl train` end to end on a smaller-than-tiny model: loss, OCR, topology, checkpoints, methods,
+bad input, NaN stop, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from chtsl_infer.cli import main
+from chtsl_infer.console import UserError
+from train.trainer import TrainArgs, train
+
+STEPS = 20
+
+
+def corpus(tmp_path: Path) -> Path:
+    """A small jsonl corpus (paragraphs of CPython's pydoc topics) shared by the trainer tests."""
+    import pydoc_data.topics
+
+    from train.data import _paragraph_documents
+
+    path = tmp_path / "corpus.jsonl"
+    if not path.exists():
+        topics = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)][:40]
+        docs = [d for t in topics for d in _paragraph_documents(t, 200)]
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def small_args(tmp_path: Path, **overrides) -> TrainArgs:
+    """2 blocks, seq 32, global batch 8 in micro-batches of 4, 20 steps, updates every 5 steps."""
+    fields = dict(
+        preset="tiny", data=str(corpus(tmp_path)), tokenizer="bpe", vocab_size=512, num_layers=2, seq_len=32,
+        batch_size=8, micro_batch_size=4, steps=STEPS, warmup=4, update_interval=5, restart_warmup=2, eval_every=10,
+        save_every=10, ocr_every=5, eval_tokens=2000, out=str(tmp_path / "ckpt"), progress=False,
+    )
+    fields.update(overrides)
+    return TrainArgs(**fields)
+
+
+def metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def bpe_cache(tmp_path_factory) -> Path:
+    """One tokenizer cache for the session: the same corpus trains the same BPE once."""
+    return tmp_path_factory.mktemp("chtsl-cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache(bpe_cache, monkeypatch):
+    monkeypatch.setenv("CHTSL_CACHE", str(bpe_cache))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are too small for intra-op threads to pay; one thread also keeps the tests from
+    spinning OpenMP workers on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_chtsl_run_end_to_end(tmp_path) -> None:
+    r = train(small_args(tmp_path))
+    out = Path(r.out)
+    assert r.step == STEPS and r.stopped is None
+    recs = metrics(out)
+    start, steps = recs[0], [m for m in recs if "step" in m]
+    assert start["event"] == "start" and start["unigram_ppl"] > 1
+    assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
+    assert steps[-1]["task_loss"] < steps[0]["task_loss"] - 0.5
+    assert all(m["align_loss"] > 0 for m in steps)
+    assert all(m["loss"] == pytest.approx(m["task_loss"] + 0.3 * m["align_loss"], rel=1e-9) for m in steps)
+    # Topology updates at 5, 10, 15 (T_end = 15); they change the masks except the last (ζ_t = 0 at
+    # T_end); the LR restarts its warm-up after each.
+    updates = [m for m in steps if "topology" in m]
+    assert [m["step"] for m in updates] == [5, 10, 15]
+    assert [m["topology"]["frac_changed"] > 0 for m in updates] == [True, True, False]
+    lr = {m["step"]: m["lr"] for m in steps}
+    assert lr[6] < lr[7] and lr[6] < 0.5 * lr[4]
+    # OCR and cosine of every layer (2 blocks × 7) on OCR steps, in [0, 1) and [-1, 1].
+    from chtsl_infer.checkpoint import load_model
+
+    model = load_model(out)
+    names = set(model.chtsl_layers())
+    ocr_steps = [m for m in steps if "ocr" in m]
+    assert [m["step"] for m in ocr_steps] == [1, 5, 10, 15, 20]
+    for m in ocr_steps:
+        assert set(m["ocr"]) == names == set(m["cosine"])
+        assert all(0 <= v < 1 for v in m["ocr"].values())
+    evals = [m for m in steps if "val_ppl" in m]
+    assert [m["step"] for m in evals] == [10, 20]
+    assert r.val_ppl == evals[-1]["val_ppl"] < start["unigram_ppl"] * 5  # sane scale; learning is the 300-step run
+
+    # The checkpoint: HF-loadable through the Auto classes, with its tokenizer and trainer state.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import chtsl_infer  # noqa: F401
+
+    auto = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert type(auto).__name__ == "ChtslLlamaForCausalLM" and len(tok) == auto.config.vocab_size
+    ids = torch.tensor([tok("def f(x): return x")["input_ids"]])
+    torch.testing.assert_close(auto(ids).logits, model(ids).logits, rtol=0, atol=0)
+    state = json.loads((out / "trainer_state" / "state.json").read_text())
+    args = json.loads((out / "trainer_state" / "args.json").read_text())
+    assert state["step"] == STEPS and args["data"] == str(corpus(tmp_path)) and args["seq_len"] == 32
+    # The validation perplexity is reproducible from the saved arguments (what `chtsl eval` does).
+    from evals.perplexity import perplexity
+    from train.data import spec_from_args, validation_batches
+
+    val, _ = validation_batches(spec_from_args(args), tok, eval_batch=args["micro_batch_size"])
+    assert perplexity(auto, val).ppl == pytest.approx(r.val_ppl, rel=1e-6)
+    # Masks at their per-group targets after the updates: trainable count as `chtsl info` reports.
+    from chtsl_infer.info import budget_report
+
+    assert model.trainable_linear_params() == budget_report(model.config)["totals"]["trainable_linear_params"]
+
+    # chtsl plot
+    with pytest.raises(SystemExit) as e:
+        main(["plot", str(out), "--out", str(tmp_path / "plots")])
+    assert e.value.code in (0, None)
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"loss.png", "val_ppl.png", "ocr.png"}
+
+
+@pytest.mark.parametrize("method", ["dense", "chts", "cola", "sltrain", "naive", "act"])
+def test_every_method_trains(tmp_path, method) -> None:
+    # Updates at 3 and 6 (T_end = 6): after the first one every group holds its target link count.
+    r = train(small_args(tmp_path, method=method, steps=8, eval_every=8, save_every=8, ocr_every=3, update_interval=3,
+                         restart_warmup=1))
+    assert r.step == 8 and math.isfinite(r.loss) and r.val_ppl is not None
+    from chtsl_infer.checkpoint import load_model
+    from chtsl_infer.info import budget_report
+    from chtsl_infer.presets import build_config
+
+    model = load_model(r.out)
+    assert model.config.method == method
+    # Same flags through `chtsl info`'s report (the CLI builds exactly this config).
+    config = build_config("tiny", method=method, s_total=0.9, vocab_size=model.config.vocab_size, num_hidden_layers=2)
+    expected = budget_report(config)["totals"]["trainable_linear_params"]
+    if method == "chts":
+        # BRF with randomness 0.25 draws random node degrees over the whole layer, so a head group
+        # can start above its per-group target; removal brings it down over several updates only.
+        # (Reported to the topology engine: BRF ignores the per-group link targets.)
+        assert abs(model.trainable_linear_params() - expected) <= 1e-3 * expected
+    else:
+        assert model.trainable_linear_params() == expected
+    recs = [m for m in metrics(Path(r.out)) if "step" in m]
+    assert all(m["align_loss"] == 0 for m in recs)  # only chtsl aligns
+    assert ("ocr" in recs[0]) == (method in ("sltrain", "naive", "act"))
+    assert ("topology" in recs[2]) == (method in ("chts", "naive", "act"))
+    if method == "cola":
+        assert "grad_norm" in recs[0]  # CoLA's recipe clips at 0.5
+
+
+def test_packing_run(tmp_path) -> None:
+    r = train(small_args(tmp_path, packing=True, steps=3, eval_every=3, save_every=3))
+    args = json.loads((Path(r.out) / "trainer_state" / "args.json").read_text())
+    assert r.step == 3 and math.isfinite(r.val_ppl) and args["packing"] is True
+    start = metrics(Path(r.out))[0]
+    assert start["train_tokens"] == start["train_rows"] * 32  # packed rows are full
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path) -> None:
+    def poison(step: int, model: torch.nn.Module) -> None:
+        if step == 3:
+            with torch.no_grad():
+                model.model.embed_tokens.weight.fill_(float("nan"))
+
+    r = train(small_args(tmp_path, steps=6, save_every=2, eval_every=100), after_step=poison)
+    assert r.stopped == "nan" and r.step == 3  # step 4's loss is NaN: stopped before its optimizer step
+    state = json.loads((Path(r.out) / "trainer_state" / "state.json").read_text())
+    assert state["step"] == 2
+    from chtsl_infer.checkpoint import load_model
+
+    model = load_model(r.out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_one_line_exit_2(tmp_path, capsys) -> None:
+    base = ["train", "--num-layers", "2", "--seq-len", "32", "--batch-size", "8", "--micro-batch-size", "4",
+            "--steps", "2", "--vocab-size", "512", "--no-progress"]
+    out = tmp_path / "out"
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "notext.jsonl").write_text('{"body": 1}\n')
+    cases = [
+        (["--data", str(tmp_path / "missing.txt")], "not found"),
+        (["--data", str(tmp_path / "empty.txt")], "empty"),
+        (["--data", str(tmp_path / "notext.jsonl")], "text"),
+        (["--data", str(corpus(tmp_path)), "--tokenizer", "no-such-org/no-such-tok"], "cannot load tokenizer"),
+        (["--data", str(corpus(tmp_path)), "--resume", str(tmp_path)], "not a chtsl training checkpoint"),
+        (["--data", str(corpus(tmp_path)), "--micro-batch-size", "3"], "does not divide"),
+        (["--data", str(corpus(tmp_path)), "--method", "bogus"], "unknown method"),
+        (["--data", "c4"], "cannot load"),
+    ]
+    for extra, match in cases:
+        err = _cli_error(capsys, [*base, "--out", str(out), *extra])
+        assert match in err, (extra, err)
+        assert not out.exists()  # nothing written
+    # An existing checkpoint is never overwritten by a fresh run.
+    r = train(small_args(tmp_path, steps=2, save_every=2, eval_every=2))
+    before = (Path(r.out) / "model.safetensors").read_bytes()
+    err = _cli_error(capsys, [*base, "--data", str(corpus(tmp_path)), "--out", r.out])
+    assert "already holds a checkpoint" in err
+    assert (Path(r.out) / "model.safetensors").read_bytes() == before
+    with pytest.raises(UserError, match="cannot change on resume"):
+        train(TrainArgs(resume=r.out, seq_len=64, progress=False))

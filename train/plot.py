@@ -1,0 +1,119 @@
+"""`chtsl plot`: PNGs of a run's metrics.jsonl — loss, validation perplexity, and the OCR grid.
+
+The OCR grid follows the paper's Figure 2: one row per block, columns q, k, v, o; each panel is
+that layer's output cancellation ratio over training steps.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from chtsl_infer.console import UserError
+
+OCR_COLUMNS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The per-step records of a metrics.jsonl (lines with a `step`)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{i} is not valid JSON") from None
+        if "step" in r:
+            records.append(r)
+    if not records:
+        raise UserError(f"{path} has no step records")
+    return records
+
+
+def _save(fig, path: Path) -> Path:
+    """Atomic PNG write: temp file + rename."""
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def plot_run(metrics: Path, out_dir: Path) -> list[Path]:
+    """Writes loss.png, val_ppl.png (when evaluated) and ocr.png (when logged) into `out_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [r["step"] for r in records if r.get("loss") is not None]
+    ax.plot(steps, [r["loss"] for r in records if r.get("loss") is not None], label="total loss", lw=1)
+    ax.plot(steps, [r["task_loss"] for r in records if r.get("loss") is not None], label="task loss", lw=1)
+    if any(r.get("align_loss") for r in records):
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r.get("align_loss", 0.0) for r in records if r.get("loss") is not None],
+                 color="tab:green", lw=0.8, label="alignment loss")
+        ax2.set_ylabel("alignment loss")
+    for r in records:
+        if r.get("topology"):
+            ax.axvline(r["step"], color="grey", lw=0.5, alpha=0.4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend(loc="upper right")
+    ax.set_title("training loss (grey: topology updates)")
+    written.append(_save(fig, out_dir / "loss.png"))
+    plt.close(fig)
+
+    evals = [r for r in records if r.get("val_ppl") is not None]
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["step"] for r in evals], [r["val_ppl"] for r in evals], marker="o", label="validation ppl")
+        uni = evals[-1].get("unigram_ppl")
+        if uni:
+            ax.axhline(uni, color="grey", ls="--", label=f"unigram ppl {uni:.1f}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("perplexity")
+        ax.legend()
+        written.append(_save(fig, out_dir / "val_ppl.png"))
+        plt.close(fig)
+
+    ocr_records = [r for r in records if r.get("ocr")]
+    if ocr_records:
+        pattern = re.compile(r"layers\.(\d+)\.\w+\.(\w+)$")
+        series: dict[tuple[int, str], list[tuple[int, float]]] = {}
+        for r in ocr_records:
+            for name, v in r["ocr"].items():
+                m = pattern.search(name)
+                if m and m.group(2) in OCR_COLUMNS:
+                    series.setdefault((int(m.group(1)), m.group(2)), []).append((r["step"], v))
+        blocks = sorted({b for b, _ in series})
+        if blocks:
+            fig, axes = plt.subplots(len(blocks), len(OCR_COLUMNS), figsize=(3 * len(OCR_COLUMNS), 1.8 * len(blocks)),
+                                     sharex=True, sharey=True, squeeze=False)
+            for i, b in enumerate(blocks):
+                for j, col in enumerate(OCR_COLUMNS):
+                    ax = axes[i][j]
+                    pts = series.get((b, col), [])
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+                    if i == 0:
+                        ax.set_title(col.removesuffix("_proj"))
+                    if j == 0:
+                        ax.set_ylabel(f"block {b}")
+            fig.suptitle("output cancellation ratio (OCR) over steps")
+            fig.supxlabel("step")
+            written.append(_save(fig, out_dir / "ocr.png"))
+            plt.close(fig)
+    return written
