@@ -33,6 +33,7 @@ def _random_csr(out_f: int, in_f: int, density: float, gen: torch.Generator, emp
         (300, 200, 130, 0.5, 0),  # several tiles, half dense
         (5, 40, 30, 0.0, 0),  # no links at all: Y = 0
         (20, 16, 16, 1.0, 3),  # fully dense rows next to empty ones
+        (150, 40, 2100, 0.01, 4),  # wide input: halved tiles (a full one and a 22-token tail)
     ],
 )
 def test_kernel_matches_dense_masked_matmul(tokens: int, out_f: int, in_f: int, density: float,
