@@ -120,7 +120,9 @@ if NUMBA_AVAILABLE:
             t0 = tile * tile_size
             nt = min(tile_size, n_tok - t0)
             i0 = chunk * rows_per_chunk
-            i1 = min(n_out, i0 + rows_per_chunk)
+            # The last chunks may start past n_out (ceil division): clamp so they are empty,
+            # never negative (a negative row count would index Y out of bounds in _unpack).
+            i1 = max(i0, min(n_out, i0 + rows_per_chunk))
             buf = np.empty((n_in, nt), dtype=np.float32)  # the tile of X, transposed
             _pack(x, t0, nt, buf)
             ybuf = np.empty((max(i1 - i0, 0), nt), dtype=np.float32)  # the tile of Y, transposed
