@@ -383,6 +383,17 @@ def test_update_returns_each_group_to_its_target(mode: str, per_head: bool) -> N
     assert engine.target_links(q) == link_count((8 if per_head else 32) * 24, 0.8)
 
 
+@pytest.mark.parametrize("randomness", [0.0, 0.25, 1.0])
+def test_init_masks_start_every_group_at_its_target(randomness: float) -> None:
+    # BRF counts links per layer; the budget (`chtsl info`) per topology group (per head for q/k/v).
+    for seed in range(3):
+        engine = make_engine(make_layers(seed, sparsity=0.87), brf_randomness=randomness, seed=seed)
+        engine.init_masks()
+        for name, layer in engine.layers.items():
+            assert set(group_counts(engine, name)) == {engine.target_links(layer)}, name
+            assert layer.weight[~layer.mask].abs().max() == 0
+
+
 def test_removal_never_takes_more_than_scheduled_from_a_group_above_target() -> None:
     layers = make_layers()
     engine = make_engine(layers, zeta=0.05)

@@ -409,12 +409,29 @@ class TopologyEngine:
         for layer in self.layers.values():
             gen = self._layer_generator(layer.mask.device)
             mask = brf_mask(layer.out_features, layer.in_features, layer.sparsity, randomness, gen)
+            mask = self._fit_groups_to_target(mask, layer, gen)
             if _distributed():  # identical by construction; the broadcast makes sure of it
                 code = mask.to(torch.uint8)
                 dist.broadcast(code, src=0)
                 mask = code.bool()
             layer.mask.copy_(mask)
             layer.weight.mul_(layer.mask)
+
+    def _fit_groups_to_target(
+        self, mask: torch.Tensor, layer: SparseLowRankLinear, generator: torch.Generator
+    ) -> torch.Tensor:
+        """`mask` with every group at exactly `target_links`: BRF counts links per layer, while the
+        budget (and `chtsl info`) counts them per topology group, and removal never cuts a group above
+        target. Surplus links are dropped and missing ones added uniformly at random (±a few links)."""
+        rows, target = self.group_rows(layer), self.target_links(layer)
+        counts = group_counts(mask, rows)
+        if bool((counts == target).all()):
+            return mask
+        grouped = mask.reshape(counts.numel(), -1)
+        keys = _tie_broken_key(torch.zeros(grouped.shape, device=mask.device), grouped, generator)
+        kept = _top_per_row(keys, counts.clamp(max=target)).reshape(mask.shape)
+        added = regrow_links(None, kept, (target - counts).clamp(min=0), group_rows=rows, generator=generator)
+        return kept | added
 
     @staticmethod
     def _mask_optimizer_state(
