@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,19 @@ err_console = Console(stderr=True)
 
 class UserError(Exception):
     """Bad input: `chtsl` prints the message as one line and exits with code 2 (no traceback)."""
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file; a line that is not JSON
+    raises UserError naming `path:line`. OSError/UnicodeDecodeError propagate to the caller."""
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
 
 
 def write_json(data: Any, path: str | Path | None) -> None:

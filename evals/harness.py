@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import CausalLMOutput
 
-from chtsl_infer.console import UserError
+from chtsl_infer.console import UserError, iter_jsonl
 
 # name -> the built-in YAML defining it, relative to lm_eval/tasks
 TASK_YAMLS: dict[str, str] = {
@@ -173,19 +173,12 @@ def check_data_file(task: str, path: Path) -> int:
         return meta.num_rows
     rows = 0
     try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
-                missing = [c for c in need if not isinstance(record, dict) or c not in record]
-                if missing:
-                    raise UserError(f"{path}:{lineno} lacks {', '.join(missing)} "
-                                    f"(task {task!r} reads {', '.join(need)})")
-                rows += 1
+        for lineno, record in iter_jsonl(path):
+            missing = [c for c in need if not isinstance(record, dict) or c not in record]
+            if missing:
+                raise UserError(f"{path}:{lineno} lacks {', '.join(missing)} "
+                                f"(task {task!r} reads {', '.join(need)})")
+            rows += 1
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     if rows == 0:

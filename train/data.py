@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from chtsl_infer.console import UserError
+from chtsl_infer.console import UserError, iter_jsonl
 
 VAL_FRACTION_PER_MILLE = 50  # 5 % of documents go to validation
 EVAL_SHUFFLE_SEED = 42  # the paper's validation shuffle seed
@@ -125,17 +125,10 @@ def _read_file(path: Path) -> list[str]:
     try:
         if path.suffix == ".jsonl":
             docs = []
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise UserError(f"{path}:{lineno} is not valid JSON") from None
-                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise UserError(f"{path}:{lineno} has no string `text` field")
-                    docs.append(record["text"])
+            for lineno, record in iter_jsonl(path):
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise UserError(f"{path}:{lineno} has no string `text` field")
+                docs.append(record["text"])
             return docs
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq

@@ -6,12 +6,11 @@ that layer's output cancellation ratio over training steps.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from chtsl_infer.console import UserError
+from chtsl_infer.console import UserError, iter_jsonl
 
 OCR_COLUMNS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -19,19 +18,9 @@ OCR_COLUMNS = ("q_proj", "k_proj", "v_proj", "o_proj")
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The per-step records of a metrics.jsonl (lines with a `step`)."""
     try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    records = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{i} is not valid JSON") from None
-        if "step" in r:
-            records.append(r)
+        records = [r for _, r in iter_jsonl(path) if "step" in r]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if not records:
         raise UserError(f"{path} has no step records")
     return records
