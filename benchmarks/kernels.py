@@ -1,13 +1,14 @@
 """Sparse branch of one layer vs the dense layer, for the 60M, 130M and 1B shapes, in one run.
 
-    python benchmarks/kernels.py                              # CPU: numba kernel + torch CSR vs dense
+    python benchmarks/kernels.py                              # CPU: C kernel + torch CSR vs dense
     python benchmarks/kernels.py --shapes llama60m --tokens 4096 --density 0.05
     python benchmarks/kernels.py --device cuda                # cuSPARSE (torch CSR) vs cuBLAS
 
 For each shape (gate/up: ffn × hidden; down: hidden × ffn; q: hidden × hidden) and token count T,
-times `Y = X Sᵀ` with S at `--density` (CHTsL's 5 % at s_total 0.9) against the dense layer
-`X Wᵀ` of the same shape, interleaving the candidates so machine noise hits them alike. Prints the
-median and the best of `--repeats` calls and the ratios dense/candidate (> 1: faster than dense).
+times the sparse branch `Y = S X` (feature-major, X (in, T), as the runtime computes it) with S at
+`--density` (CHTsL's 5 % at s_total 0.9) against the dense layer `W X` of the same shape (both
+writing into a kept output buffer), interleaving the candidates so machine noise hits them alike.
+Prints the median and the best of `--repeats` calls and the ratios dense/candidate (> 1: faster).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.05)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch + numba threads [default: torch's]")
+    ap.add_argument("--threads", type=int, default=None, help="torch + kernel threads [default: torch's]")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,20 +82,20 @@ def main() -> None:
         for name, (out_f, in_f) in layers.items():
             crow, col, val, w = _csr(out_f, in_f, args.density, gen)
             for n_tok in (int(t) for t in args.tokens.split(",")):
-                x = torch.randn(n_tok, in_f, generator=gen)
+                x = torch.randn(in_f, n_tok, generator=gen)  # feature-major, as the runtime keeps it
                 fns: dict[str, Callable[[], object]] = {}
                 if cuda:
                     wd, xd = w.to(device), x.to(device)
                     csr = torch.sparse_csr_tensor(crow, col.int(), val, size=(out_f, in_f)).to(device)
-                    fns["dense"] = lambda xd=xd, wd=wd: xd @ wd.t()
-                    fns["cusparse"] = lambda xd=xd, csr=csr: kernels.csr_matmul_cuda(xd, csr)
+                    fns["dense"] = lambda xd=xd, wd=wd: wd @ xd
+                    fns["cusparse"] = lambda xd=xd, csr=csr: kernels.spmm_cuda(xd, csr)
                 else:
                     csr = torch.sparse_csr_tensor(crow, col.int(), val, size=(out_f, in_f))
-                    out = torch.empty(n_tok, out_f)
-                    fns["dense"] = lambda x=x, w=w: x @ w.t()
-                    fns["numba"] = lambda x=x, out=out, crow=crow, col=col, val=val: kernels.csr_matmul_cpu(
+                    out = torch.empty(out_f, n_tok)  # both write into a kept buffer, as in the runtime
+                    fns["dense"] = lambda x=x, w=w, out=out: torch.mm(w, x, out=out)
+                    fns["c-kernel"] = lambda x=x, out=out, crow=crow, col=col, val=val: kernels.spmm_cpu(
                         x, crow, col, val, out=out)
-                    fns["torch-csr"] = lambda x=x, csr=csr: (csr @ x.t()).t()
+                    fns["torch-csr"] = lambda x=x, csr=csr: csr @ x
                 times = _time(fns, args.repeats, sync)
                 d_med, d_best = statistics.median(times["dense"]), min(times["dense"])
                 for k, ts in times.items():

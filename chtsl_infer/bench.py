@@ -2,8 +2,8 @@
 
 Each configuration (model × backend) runs in a fresh worker process (`python -m chtsl_infer.bench
 WORKER_SPEC_JSON`), so its peak memory is its own: CPU — peak RSS (VmHWM) of the worker, which
-includes Python, torch, the numba kernel (loaded in every CPU worker, so each pays it alike; the
-RSS at that point is reported as `base_rss_bytes`) and the model build; CUDA —
+includes Python, torch, the compiled sparse kernel (loaded in every CPU worker, so each pays it
+alike; the RSS at that point is reported as `base_rss_bytes`) and the model build; CUDA —
 `torch.cuda.max_memory_allocated`. Timings are
 the median over `--steps` timed full forwards (logits over every position, no KV cache, as the
 paper's Table 12) after `--warmup` untimed ones.
@@ -89,12 +89,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     device = torch.device(spec["device"])
     dtype = DTYPES[spec["dtype"]]
-    if device.type == "cpu" and kernels.NUMBA_AVAILABLE:
-        # Every CPU worker loads the JIT-compiled CSR kernel (≈100 MiB of LLVM/numba RSS) before
-        # building its model, whatever its backend, so the one-off runtime cost is the same in each
-        # configuration and peak RSS differences come from the model and its activations.
-        one = torch.ones(1, 1)
-        kernels.csr_matmul_cpu(one, torch.tensor([0, 1], dtype=torch.int32), torch.zeros(1, dtype=torch.int16), one[0])
+    if device.type == "cpu":  # every CPU worker loads the compiled kernel, whatever its backend: same base
+        kernels.cpu_kernel_status()
     base_rss = peak_rss_bytes()
     t0 = time.perf_counter()
     if spec["backend"] == "onnx":
@@ -108,12 +104,15 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         del packed
     build_s = time.perf_counter() - t0
     ids = torch.randint(0, rt.config.vocab_size, (spec["batch"], spec["seq"]), device=device)
+    # One logits buffer for every step, as a serving loop would keep (the (batch, seq, vocab)
+    # logits are the largest activation; allocating them afresh re-faults their pages each step).
+    logits = torch.empty(spec["batch"], spec["seq"], rt.config.vocab_size, device=device, dtype=dtype)
 
     def step() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        rt.logits(ids)
+        rt.logits(ids, out=logits)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -130,7 +129,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": tokens / statistics.median(times),
         "step_s": times,
         "peak_memory_bytes": int(peak),
-        "base_rss_bytes": int(base_rss) if device.type == "cpu" else 0,  # after imports + kernel JIT
+        "base_rss_bytes": int(base_rss) if device.type == "cpu" else 0,  # after imports + kernel load
         "model_bytes": rt.model_bytes,
         "build_s": build_s,
     }
@@ -214,6 +213,10 @@ def bench_command(
         except ValueError as e:
             raise UserError(str(e)) from None
     cpu = device == "cpu"
+    if cpu:  # build the sparse kernel once here (first use only), not in each worker
+        from chtsl_infer import kernels
+
+        kernels.cpu_kernel_status()
     common = {
         "batch": batch, "seq": seq or (32 if cpu else 256), "steps": steps or (3 if cpu else 20),
         "warmup": (1 if cpu else 5) if warmup is None else warmup, "device": device, "dtype": dtype,

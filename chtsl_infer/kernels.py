@@ -1,186 +1,165 @@
-"""Sparse-times-dense kernels for the sparse branch `Y = X Sᵀ` (S in CSR, X dense).
+"""Sparse-times-dense kernels for the sparse branch, feature-major: `Y = S X`.
 
-Shapes: X (T, in) with T = tokens, S (out, in) as CSR (crow int32 (out+1,), col int16/int32 (nnz,),
-values fp32 (nnz,)), Y (T, out).
+Shapes: S (out, in) as CSR — crow int32 (out+1,), col int16/int32 (nnz,), values fp32 (nnz,) —,
+X (in, T) and Y (out, T) with T = tokens. The inference runtime keeps activations feature-major
+(`chtsl_infer.feature_major`) so neither side needs a transpose; `csr_matmul_cpu` is the
+token-major convenience form, (T, in) -> (T, out), for the transformers path (decoding).
 
-CPU (`csr_matmul_cpu`): one numba kernel, multi-threaded with `prange` over (token tile × row chunk)
-tasks. A task copies its tile of X transposed into a local (in, nt) buffer (256 KiB for in = 512 and
-128 tokens, so it stays in L2; tiles of 64 tokens once in > 2048), then for every output row of its
-chunk accumulates
+CPU (`spmm_cpu`): the C kernel in `csrc/spmm.c`, compiled on first use with the host C compiler
+(`$CC`, else `cc`; `-O3 -march=native`, OpenMP when available) into
+`$CHTSL_CACHE_DIR/kernels` (default `~/.cache/chtsl/kernels`), keyed by the source, the flags and
+the host CPU's feature flags (so a shared home on a mixed cluster never loads code built for
+another CPU), and called through ctypes (which releases the GIL). It shares torch's OpenMP
+runtime (`libgomp.so.1` is already loaded by torch) and uses torch's intra-op thread count.
+Why C and not numba (the previous kernel): numba/LLVM picked 256-bit vectors and spilled the
+accumulators; the explicit 16-float vectors run 1.5–2.5× faster (`benchmarks/kernels.py`).
+Without a working compiler, `spmm_cpu` falls back to torch's CSR matmul (correct, slower) and
+`cpu_kernel_status()` says why.
 
-    acc[:nt] += v · buf[col, :nt]      over the row's links (v, col)
-
-— a contiguous FMA over the tile's tokens that LLVM vectorises, four links per pass (fewer acc
-loads/stores; eight per pass measured the same) — into row i of a local transposed Y tile, which
-is finally copied into Y. For full tiles the token count is a compile-time constant, so LLVM
-unrolls the token loop completely (1.1–1.15× faster than a loop bounded by nt). Both transposes go
-in small blocks: X in 8×8 blocks (2–3× faster than copying one token at a time), Y eight tokens
-at a time in 8 × 16-column blocks, so the writes stream through eight rows of Y in whole 64-byte
-lines (about 1.5× faster than writing Y row by row from the strided tile). At 4096 tokens the two
-copies are still 30–50 % of the time, the FMAs the rest (about one 8-wide FMA per cycle: LLVM
-picks 256-bit vectors for this CPU family, and an L1-resident tile is only 25 % faster).
-One pass over the CSR per tile; the packing (in·nt loads) is amortised over every row.
-When there are fewer tiles than threads (decoding, short prompts) rows are split into chunks so
-every thread has work. Measured alternatives (60M shapes at 5 % density, 256 and 4096 tokens):
-16 register accumulators per row (not vectorised by LLVM: 2–3× slower); tiles of 16 or 32 tokens
-(1.9–2.5× slower FMA part: per-link overhead); a tree of partial sums instead of the FMA chain,
-8 links per pass, 16-token blocks for either copy (all within noise); torch for the transposes
-(`x.t().contiguous()`: 2–14 ms at 4096 tokens, slower than the blocked copies); writing each
-16-row block of Y right after computing it (up to 1.3× slower at 4096 tokens); a C++ kernel with
-AVX-512 register accumulators (`load_inline`: only 1.1–1.3× faster, not worth a compiler at run
-time); a per-token gathered dot product (5–10× slower at 256+ tokens); torch's CSR matmul (3–8×
-slower below 4096 tokens). The kernel computes in fp32 (numba has no bf16): the CPU runtime keeps
-S in fp32.
-
-CUDA (`csr_matmul_cuda`): torch's CSR matmul (cuSPARSE). This module imports on machines without
-numba or CUDA; `NUMBA_AVAILABLE` says whether the CPU kernel exists.
+CUDA (`spmm_cuda`): torch's CSR matmul (cuSPARSE).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
 import torch
 
-TILE = 128  # tokens per task of the CPU kernel (see the module docstring for the measurement) ...
-TILE_BYTES = 1 << 20  # ... halved while a transposed tile of X (in × TILE fp32) would exceed this share of L2
-
-try:  # the CPU sparse backend needs numba, but the package must import without it
-    import numba
-    from numba import njit, prange
-
-    NUMBA_AVAILABLE = True
-except ImportError:  # pragma: no cover - installs without numba
-    NUMBA_AVAILABLE = False
+SOURCE = Path(__file__).with_name("csrc") / "spmm.c"
+TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
+FLAG_SETS = (  # tried in order until one compiles
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-mcpu=native", "-fopenmp"),  # arm64 compilers spell it -mcpu
+    ("-O3", "-march=native"),  # no OpenMP (e.g. Apple clang): single-threaded
+    ("-O3",),
+)
 
 
-if NUMBA_AVAILABLE:
+def _cpu_fingerprint() -> str:
+    """The host CPU's identity for the cache key: its feature flags where the OS lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
 
-    @njit(inline="always", fastmath=True, error_model="numpy")
-    def _pack(x, t0, nt, buf):  # pragma: no cover - compiled by numba
-        """buf[j, u] = x[t0 + u, j] for u < nt, in 8×8 blocks (2–3× faster than token by token)."""
-        n_in = x.shape[1]
-        j_full, u_full = n_in - n_in % 8, nt - nt % 8
-        for jb in range(0, j_full, 8):
-            for ub in range(0, u_full, 8):
-                for jj in range(8):
-                    for uu in range(8):
-                        buf[jb + jj, ub + uu] = x[t0 + ub + uu, jb + jj]
-            for u in range(u_full, nt):
-                for jj in range(8):
-                    buf[jb + jj, u] = x[t0 + u, jb + jj]
-        for j in range(j_full, n_in):
-            for u in range(nt):
-                buf[j, u] = x[t0 + u, j]
 
-    @njit(inline="always", fastmath=True, error_model="numpy")
-    def _row(crow, col, val, buf, i, acc, width):  # pragma: no cover - compiled by numba
-        """acc[:width] = Σ_{k in row i} val[k] · buf[col[k], :width]."""
-        for u in range(width):
-            acc[u] = 0.0
-        k, end = crow[i], crow[i + 1]
-        while k + 3 < end:  # four links per pass: a quarter of the acc loads/stores
-            v0, j0 = val[k], np.int64(col[k])
-            v1, j1 = val[k + 1], np.int64(col[k + 1])
-            v2, j2 = val[k + 2], np.int64(col[k + 2])
-            v3, j3 = val[k + 3], np.int64(col[k + 3])
-            for u in range(width):
-                acc[u] += (v0 * buf[j0, u] + v1 * buf[j1, u]) + (v2 * buf[j2, u] + v3 * buf[j3, u])
-            k += 4
-        while k < end:
-            v0, j0 = val[k], np.int64(col[k])
-            for u in range(width):
-                acc[u] += v0 * buf[j0, u]
-            k += 1
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CHTSL_CACHE_DIR") or Path.home() / ".cache" / "chtsl") / "kernels"
 
-    @njit(inline="always", fastmath=True, error_model="numpy")
-    def _unpack(ybuf, y, t0, nt, i0, i1):  # pragma: no cover - compiled by numba
-        """y[t0 + u, i0 + i] = ybuf[i, u]: 8 rows of Y at a time, filled in blocks of 8 × 16 columns."""
-        n = i1 - i0
-        i_full = n - n % 16
-        for ub in range(0, nt, 8):
-            u_end = min(ub + 8, nt)
-            for ib in range(0, i_full, 16):
-                for u in range(ub, u_end):
-                    for ii in range(16):
-                        y[t0 + u, i0 + ib + ii] = ybuf[ib + ii, u]
-            for u in range(ub, u_end):
-                for i in range(i_full, n):
-                    y[t0 + u, i0 + i] = ybuf[i, u]
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
-    def _csr_tiled(x, crow, col, val, y, tile_size, n_chunks):  # pragma: no cover - compiled by numba
-        """y[t, i] = Σ_{k in row i} val[k] · x[t, col[k]]; x (T, in) fp32, y (T, out) fp32."""
-        n_tok, n_in = x.shape
-        n_out = crow.shape[0] - 1
-        n_tiles = (n_tok + tile_size - 1) // tile_size
-        rows_per_chunk = (n_out + n_chunks - 1) // n_chunks
-        for task in prange(n_tiles * n_chunks):
-            tile = task // n_chunks
-            chunk = task % n_chunks
-            t0 = tile * tile_size
-            nt = min(tile_size, n_tok - t0)
-            i0 = chunk * rows_per_chunk
-            # The last chunks may start past n_out (ceil division): clamp so they are empty,
-            # never negative (a negative row count would index Y out of bounds in _unpack).
-            i1 = max(i0, min(n_out, i0 + rows_per_chunk))
-            buf = np.empty((n_in, nt), dtype=np.float32)  # the tile of X, transposed
-            _pack(x, t0, nt, buf)
-            ybuf = np.empty((max(i1 - i0, 0), nt), dtype=np.float32)  # the tile of Y, transposed
-            for i in range(i0, i1):
-                if nt == 128:  # compile-time widths: LLVM unrolls the token loop completely
-                    _row(crow, col, val, buf, i, ybuf[i - i0], 128)
-                elif nt == 64:
-                    _row(crow, col, val, buf, i, ybuf[i - i0], 64)
-                else:
-                    _row(crow, col, val, buf, i, ybuf[i - i0], nt)
-            _unpack(ybuf, y, t0, nt, i0, i1)
+def _compile() -> tuple[ctypes.CDLL | None, str]:
+    """(library, how it was built) or (None, why not)."""
+    source = SOURCE.read_bytes()
+    compiler = os.environ.get("CC", "cc")
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
+                                         _cpu_fingerprint().encode()])).hexdigest()[:16]
+        target = _cache_dir() / f"spmm-{key}.so"
+        if not target.exists():
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename:
+                    tmp_lib = Path(tmp) / target.name  # concurrent first uses never load a partial file
+                    run = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(tmp_lib), str(SOURCE)],
+                                         capture_output=True, text=True, timeout=120)
+                    if run.returncode != 0:
+                        errors.append(f"{compiler} {' '.join(flags)}: {run.stderr.strip().splitlines()[-1:]}")
+                        continue
+                    os.replace(tmp_lib, target)
+            except (OSError, subprocess.SubprocessError) as exc:
+                errors.append(f"{compiler} {' '.join(flags)}: {exc}")
+                continue
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError as exc:
+            errors.append(f"loading {target}: {exc}")
+            continue
+        p, i, lng = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+        for fn in (lib.spmm_i16, lib.spmm_i32):
+            fn.argtypes = [p, lng, i, i, p, p, p, p, lng, i, i, i, i]
+            fn.restype = i
+        return lib, f"{compiler} {' '.join(flags)} ({target})"
+    return None, "; ".join(errors) or "no compiler"
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    return _compile()
+
+
+def cpu_kernel_status() -> tuple[bool, str]:
+    """(whether the compiled CPU kernel is in use, how it was built or why it is not)."""
+    lib, how = _library()
+    return lib is not None, how
 
 
 def set_threads(n: int | None = None) -> None:
-    """Uses `n` (default: torch's intra-op thread count) threads in the numba kernel."""
-    n = n or torch.get_num_threads()
-    if NUMBA_AVAILABLE:
-        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
-        torch.set_num_threads(n)  # starting numba's OpenMP pool can reset the OpenMP default torch reads
+    """Uses `n` threads (default: torch's current count) for torch and the CPU kernel alike."""
+    torch.set_num_threads(n or torch.get_num_threads())
 
 
-def csr_matmul_cpu(
-    x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`X Sᵀ` on CPU: x (T, in) fp32 → (T, out) fp32, S given as a CSR triple (out rows).
+def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """`S X` on CPU: x (in, T) fp32 with contiguous rows -> (out, T) fp32; S a CSR triple (out rows).
 
-    `out`, if given, is a contiguous (T, out) fp32 tensor the result is written into.
+    `out`, if given, is a (out, T) fp32 tensor with contiguous rows the result is written into.
     """
-    if not NUMBA_AVAILABLE:
-        raise RuntimeError("the CPU sparse kernel needs numba (pip install numba)")
     if x.dtype != torch.float32 or values.dtype != torch.float32:
-        raise TypeError(f"csr_matmul_cpu computes in float32, got x {x.dtype} and values {values.dtype}")
-    x = x.contiguous()
-    n_tok, n_out = x.shape[0], crow.numel() - 1
-    y = torch.empty(n_tok, n_out, dtype=torch.float32) if out is None else out
+        raise TypeError(f"spmm_cpu computes in float32, got x {x.dtype} and values {values.dtype}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    n_in, n_tok = x.shape
+    n_out = crow.numel() - 1
+    y = torch.empty(n_out, n_tok, dtype=torch.float32) if out is None else out
     if n_tok == 0 or n_out == 0:
         return y.zero_()
-    threads = numba.get_num_threads()
-    tile = TILE
-    while tile > 64 and x.shape[1] * tile * 4 > TILE_BYTES:
-        tile //= 2
-    n_tiles = -(-n_tok // tile)
-    n_chunks = max(1, -(-2 * threads // n_tiles)) if n_tiles < threads else 1
-    _csr_tiled(x.numpy(), crow.numpy(), col.numpy(), values.numpy(), y.numpy(), tile, n_chunks)
+    lib, _ = _library()
+    if lib is None:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            csr = torch.sparse_csr_tensor(crow.long(), col.long(), values, size=(n_out, n_in), check_invariants=False)
+            return y.copy_(csr @ x)
+    threads = torch.get_num_threads()
+    tile = 64 if n_in * 64 * 4 <= TILE_BYTES else 32
+    n_tiles = 1 if n_tok < 16 else -(-n_tok // tile)
+    n_chunks = max(1, -(-2 * threads // n_tiles)) if n_tiles < threads else 1  # few tokens: split rows
+    if col.dtype not in (torch.int16, torch.int32) or crow.dtype != torch.int32:
+        raise TypeError(f"spmm_cpu reads int32 row pointers and int16/int32 columns, got {crow.dtype}/{col.dtype}")
+    fn = lib.spmm_i16 if col.dtype == torch.int16 else lib.spmm_i32
+    if fn(x.data_ptr(), x.stride(0), n_in, n_tok, crow.data_ptr(), col.data_ptr(), values.data_ptr(),
+          y.data_ptr(), y.stride(0), n_out, tile, n_chunks, threads):
+        raise MemoryError("spmm_cpu: could not allocate the kernel's tile buffers")
     return y
 
 
-def csr_matmul_cuda(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
-    """`X Sᵀ` on CUDA with cuSPARSE: x (T, in), csr a (out, in) `torch.sparse_csr_tensor` → (T, out)."""
-    return (csr @ x.t()).t()
+def csr_matmul_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`X Sᵀ` on CPU, token-major: x (T, in) fp32 -> (T, out) fp32 (two transposes around `spmm_cpu`)."""
+    return spmm_cpu(x.t().contiguous(), crow, col, values).t().contiguous()
 
 
-def csr_matmul_reference(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-                         n_in: int) -> torch.Tensor:
-    """`X Sᵀ` through a densified S (for tests): x (T, in) → (T, out)."""
+def spmm_cuda(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
+    """`S X` on CUDA with cuSPARSE: x (in, T), csr a (out, in) `torch.sparse_csr_tensor` -> (out, T)."""
+    return csr @ x
+
+
+def spmm_reference(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                   n_in: int) -> torch.Tensor:
+    """`S X` through a densified S (for tests): x (in, T) -> (out, T)."""
     n_out = crow.numel() - 1
     counts = (crow[1:] - crow[:-1]).long()
     rows = torch.repeat_interleave(torch.arange(n_out), counts)
     w = torch.zeros(n_out, n_in, dtype=values.dtype)
     w[rows, col.long()] = values
-    return x @ w.t()
+    return w @ x

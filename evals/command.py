@@ -66,11 +66,7 @@ def _load(ckpt: Path, backend: str, device: str, dtype: str):
     from chtsl_infer.runtime import load_runtime
     from evals.harness import RuntimeModule
 
-    threads = torch.get_num_threads()
     runtime = load_runtime(ckpt, backend=backend, device=device, dtype=getattr(torch, dtype))
-    # Starting numba's OpenMP pool (sparse backend) resets torch's intra-op thread count to the
-    # machine default (measured: 1 -> 2 on 2 cores); keep the caller's setting.
-    torch.set_num_threads(threads)
     return (runtime.model if runtime.model is not None else RuntimeModule(runtime)), tokenizer
 
 

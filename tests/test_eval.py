@@ -122,13 +122,6 @@ def one_thread():
     torch.set_num_threads(saved)
 
 
-@pytest.fixture(autouse=True)
-def still_one_thread(one_thread):
-    """Re-applies one thread before every test: starting numba's OpenMP pool (the sparse backend)
-    resets torch's thread count to the machine default."""
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def eval_checkpoint(tmp_path_factory, bpe_tokenizer) -> Path:
     """A tiny checkpoint whose choices depend on the document: initialised with std 1 (not 0.02,

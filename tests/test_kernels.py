@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from chtsl_infer import kernels
-
-pytestmark = pytest.mark.skipif(not kernels.NUMBA_AVAILABLE, reason="numba not installed")
 
 
 def _random_csr(out_f: int, in_f: int, density: float, gen: torch.Generator, empty_rows: int = 0,
@@ -23,17 +23,24 @@ def _random_csr(out_f: int, in_f: int, density: float, gen: torch.Generator, emp
     return crow.to(torch.int32), cols.to(col_dtype), w[rows, cols].contiguous(), w
 
 
+def test_compiled_kernel_is_in_use() -> None:
+    """CI machines have a C compiler: the fast path, not the torch fallback, is what the tests check."""
+    ok, how = kernels.cpu_kernel_status()
+    assert ok, how
+
+
 @pytest.mark.parametrize(
     ("tokens", "out_f", "in_f", "density", "empty_rows"),
     [
-        (1, 96, 64, 0.05, 10),  # decoding: one token, row-chunk parallelism
-        (7, 33, 50, 0.3, 5),  # fewer tokens than a tile, odd shapes
-        (kernels.TILE, 128, 80, 0.1, 0),  # exactly one tile
-        (kernels.TILE + 3, 70, 120, 0.02, 20),  # a full tile and a 3-token tail; very sparse
+        (1, 96, 64, 0.05, 10),  # decoding: one token, gather path, row-chunk parallelism
+        (7, 33, 50, 0.3, 5),  # fewer tokens than a vector, odd shapes
+        (16, 20, 24, 0.2, 2),  # the smallest tiled case: one partial tile
+        (64, 128, 80, 0.1, 0),  # exactly one 64-token tile
+        (67, 70, 120, 0.02, 20),  # a full tile and a 3-token tail; very sparse
         (300, 200, 130, 0.5, 0),  # several tiles, half dense
         (5, 40, 30, 0.0, 0),  # no links at all: Y = 0
         (20, 16, 16, 1.0, 3),  # fully dense rows next to empty ones
-        (150, 40, 2100, 0.01, 4),  # wide input: halved tiles (a full one and a 22-token tail)
+        (150, 40, 4200, 0.01, 4),  # wide input: 32-token tiles (4 full, a 22-token tail)
         (1, 1, 1, 1.0, 0),  # 1×1: more row chunks than rows
         (3, 5, 9, 0.5, 0),  # row chunks of 2 over 5 rows: the last chunk starts past the end
     ],
@@ -42,52 +49,81 @@ def test_kernel_matches_dense_masked_matmul(tokens: int, out_f: int, in_f: int, 
                                             empty_rows: int) -> None:
     gen = torch.Generator().manual_seed(tokens * 1000 + out_f)
     crow, col, val, w = _random_csr(out_f, in_f, density, gen, empty_rows)
-    x = torch.randn(tokens, in_f, generator=gen)
+    x = torch.randn(in_f, tokens, generator=gen)  # feature-major
     kernels.set_threads(2)  # row chunking (few tokens) depends on the thread count
     try:
-        y = kernels.csr_matmul_cpu(x, crow, col, val)
+        y = kernels.spmm_cpu(x, crow, col, val)
+        y_tm = kernels.csr_matmul_cpu(x.t().contiguous(), crow, col, val)
     finally:
         kernels.set_threads()
-    assert y.shape == (tokens, out_f)
-    torch.testing.assert_close(y, x @ w.t(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(kernels.csr_matmul_reference(x, crow, col, val, in_f), x @ w.t(), atol=1e-5, rtol=1e-5)
+    assert y.shape == (out_f, tokens) and y_tm.shape == (tokens, out_f)
+    torch.testing.assert_close(y, w @ x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_tm, x.t() @ w.t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernels.spmm_reference(x, crow, col, val, in_f), w @ x, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_thread_counts_agree(threads: int) -> None:
     gen = torch.Generator().manual_seed(1)
     crow, col, val, w = _random_csr(257, 190, 0.05, gen, empty_rows=7)
-    x = torch.randn(150, 190, generator=gen)
+    x = torch.randn(190, 150, generator=gen)
     kernels.set_threads(threads)
     try:
-        torch.testing.assert_close(kernels.csr_matmul_cpu(x, crow, col, val), x @ w.t(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kernels.spmm_cpu(x, crow, col, val), w @ x, atol=1e-5, rtol=1e-5)
     finally:
         kernels.set_threads()
 
 
-def test_kernel_int32_columns_and_out_buffer() -> None:
+def test_kernel_int32_columns_strided_rows_and_out_buffer() -> None:
     gen = torch.Generator().manual_seed(2)
     crow, col, val, w = _random_csr(50, 70, 0.2, gen, col_dtype=torch.int32)
-    x = torch.randn(9, 70, generator=gen)
-    out = torch.full((9, 50), float("nan"))
-    y = kernels.csr_matmul_cpu(x, crow, col, val, out=out)
+    x = torch.randn(70, 100, generator=gen)[:, 10:90]  # rows contiguous, row stride 100 ≠ T
+    out = torch.full((50, 120), float("nan"))[:, :80]  # written through its row stride
+    y = kernels.spmm_cpu(x, crow, col, val, out=out)
     assert y.data_ptr() == out.data_ptr()
-    torch.testing.assert_close(out, x @ w.t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, w @ x, atol=1e-5, rtol=1e-5)
 
 
 def test_kernel_non_contiguous_input_and_zero_tokens() -> None:
     gen = torch.Generator().manual_seed(3)
     crow, col, val, w = _random_csr(24, 40, 0.3, gen)
-    x = torch.randn(40, 11, generator=gen).t()  # (11, 40), not contiguous
-    torch.testing.assert_close(kernels.csr_matmul_cpu(x, crow, col, val), x @ w.t(), atol=1e-5, rtol=1e-5)
-    assert kernels.csr_matmul_cpu(torch.zeros(0, 40), crow, col, val).shape == (0, 24)
+    x = torch.randn(33, 40, generator=gen).t()  # (40, 33) with column-contiguous storage: copied
+    torch.testing.assert_close(kernels.spmm_cpu(x, crow, col, val), w @ x, atol=1e-5, rtol=1e-5)
+    assert kernels.spmm_cpu(torch.zeros(40, 0), crow, col, val).shape == (24, 0)
 
 
-def test_kernel_rejects_non_fp32() -> None:
+def test_kernel_rejects_wrong_dtypes() -> None:
     gen = torch.Generator().manual_seed(4)
     crow, col, val, _ = _random_csr(8, 8, 0.5, gen)
     with pytest.raises(TypeError, match="float32"):
-        kernels.csr_matmul_cpu(torch.randn(2, 8, dtype=torch.float64), crow, col, val)
+        kernels.spmm_cpu(torch.randn(8, 2, dtype=torch.float64), crow, col, val)
+    with pytest.raises(TypeError, match="int32 row pointers"):
+        kernels.spmm_cpu(torch.randn(8, 2), crow.long(), col, val)
+
+
+def test_torch_fallback_without_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No working compiler: the status says why, and spmm_cpu still computes S X (torch CSR)."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("CHTSL_CACHE_DIR", str(tmp_path / "cache"))
+    lib, why = kernels._compile()
+    assert lib is None and "no-such-cc" in why
+    monkeypatch.setattr(kernels, "_library", lambda: (None, why))
+    assert kernels.cpu_kernel_status() == (False, why)
+    gen = torch.Generator().manual_seed(6)
+    crow, col, val, w = _random_csr(30, 20, 0.2, gen, empty_rows=3)
+    x = torch.randn(20, 19, generator=gen)
+    torch.testing.assert_close(kernels.spmm_cpu(x, crow, col, val), w @ x, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_builds_into_the_cache_dir_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CHTSL_CACHE_DIR", str(tmp_path))
+    lib, how = kernels._compile()
+    assert lib is not None, how
+    built = sorted((tmp_path / "kernels").glob("spmm-*.so"))
+    assert len(built) == 1 and str(built[0]) in how
+    mtime = built[0].stat().st_mtime_ns
+    assert kernels._compile()[0] is not None and built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built[0].name]  # no temp files left
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -95,5 +131,5 @@ def test_cuda_csr_matches_dense() -> None:  # pragma: no cover - GPU machines on
     gen = torch.Generator().manual_seed(5)
     crow, col, val, w = _random_csr(300, 200, 0.05, gen, empty_rows=9)
     csr = torch.sparse_csr_tensor(crow, col.int(), val, size=(300, 200)).cuda()
-    x = torch.randn(77, 200, generator=gen)
-    torch.testing.assert_close(kernels.csr_matmul_cuda(x.cuda(), csr).cpu(), x @ w.t(), atol=1e-4, rtol=1e-4)
+    x = torch.randn(200, 77, generator=gen)
+    torch.testing.assert_close(kernels.spmm_cuda(x.cuda(), csr).cpu(), w @ x, atol=1e-4, rtol=1e-4)

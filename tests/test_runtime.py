@@ -50,6 +50,9 @@ def test_torch_backends_match_dense_backend_and_training_model(method: str) -> N
     sparse = from_packed(packed, "sparse").logits(ids)
     torch.testing.assert_close(dense, reference, atol=ATOL, rtol=0)
     torch.testing.assert_close(sparse, dense, atol=ATOL, rtol=0)
+    with torch.no_grad():  # the token-major transformers path of the runtime model (generate's)
+        sparse_tm = from_packed(packed, "sparse").model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(sparse_tm, dense, atol=ATOL, rtol=0)
     one = _ids(batch=1, seq=1, seed=3)  # decoding shape: one token
     torch.testing.assert_close(from_packed(packed, "sparse").logits(one), from_packed(packed, "dense").logits(one),
                                atol=ATOL, rtol=0)
@@ -88,18 +91,44 @@ def test_onnx_backend_matches_dense_backend(method: str, tmp_path: Path) -> None
 def test_fused_group_computes_once_per_input(monkeypatch: pytest.MonkeyPatch) -> None:
     rt = from_packed(pack_model(_model("chtsl")), "sparse")
     calls: list[int] = []
-    original = FusedLinears.forward
+    original = FusedLinears.forward_fm
 
-    def counting(self: FusedLinears, x: torch.Tensor) -> torch.Tensor:
+    def counting(self: FusedLinears, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         calls.append(len(self.outs))
-        return original(self, x)
+        return original(self, x, out)
 
-    monkeypatch.setattr(FusedLinears, "forward", counting)
-    rt.logits(_ids(1, 5))
+    monkeypatch.setattr(FusedLinears, "forward_fm", counting)
     layers = rt.config.num_hidden_layers
-    assert sorted(calls) == sorted([3, 1, 2, 1] * layers)  # (q,k,v), o, (gate,up), down per block
+    for run in (lambda: rt.logits(_ids(1, 5)),  # feature-major path
+                lambda: rt.model(input_ids=_ids(1, 5), use_cache=False)):  # transformers path (members)
+        calls.clear()
+        run()
+        assert sorted(calls) == sorted([3, 1, 2, 1] * layers)  # (q,k,v), o, (gate,up), down per block
     group = rt.model.model.layers[0].self_attn.q_proj.group
     assert group._x is None and group._parts == []  # no activation kept after the forward
+
+
+def test_logits_out_buffer_and_workspace_reuse() -> None:
+    rt = from_packed(pack_model(_model("chtsl")), "sparse")
+    ids = _ids(2, 19)
+    want = rt.logits(ids)
+    buf = rt.workspace["gate_up"]
+    out = torch.full_like(want, float("nan"))
+    assert rt.logits(ids, out=out).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    assert rt.workspace["gate_up"].data_ptr() == buf.data_ptr()  # reused, not re-allocated
+    torch.testing.assert_close(rt.logits(ids[:1, :7]), want[:1, :7], atol=ATOL, rtol=0)  # new shape: resized
+    assert rt.workspace["gate_up"].shape[1] == 7
+
+
+def test_feature_major_forward_with_grouped_query_attention() -> None:
+    model = _model("chtsl", num_key_value_heads=2)
+    assert model.config.num_attention_heads > 2
+    ids = _ids(3, 11)
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=False).logits
+    for backend in ("dense", "sparse"):
+        torch.testing.assert_close(from_packed(pack_model(model), backend).logits(ids), reference, atol=ATOL, rtol=0)
 
 
 def test_generate_matches_training_model_greedy() -> None:

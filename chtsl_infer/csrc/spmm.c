@@ -1,0 +1,114 @@
+/* CPU sparse branch in feature-major layout: Y = S X, S (n_out × n_in) in CSR, X (n_in × T), Y (n_out × T).
+ *
+ * Built on first use by chtsl_infer/kernels.py with the host C compiler (-O3 -march=native, OpenMP
+ * when the compiler has it) and called through ctypes. Portable C: the GCC/Clang vector extension
+ * `v16` (16 floats) is lowered to what the host has (one zmm register with AVX-512, two ymm with AVX2).
+ *
+ * Work is split into tasks (token tile × row chunk). A task copies its tile X[:, t0:t0+TILE] into a
+ * contiguous (n_in × TILE) buffer — plain row copies, no transpose, because the runtime keeps
+ * activations feature-major — then, for every row i of its chunk, accumulates
+ *
+ *     acc[0:TILE] += v · buf[c, 0:TILE]      over the row's links (v, c)
+ *
+ * in TILE/16 vector registers (two sets, even and odd links, so two loads are in flight) and stores
+ * them into Y[i, t0:t0+TILE]. The last tile is zero-padded in the buffer and stored partially.
+ * Fewer than 16 tokens (decoding) take a gather loop over the row's links instead.
+ * Measured on 2 Xeon (AVX-512) cores, 5 % density, 4096 tokens: 45–58 GFLOP/s per core, 5–7× faster
+ * than MKL's dense GEMM of the same shape; a column-blocked CSR (buffer slices in L1), software
+ * prefetch, four accumulator sets and 16- or 128-token tiles were all the same or slower.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4))); /* unaligned store into Y */
+
+#define ROWS(NAME, COL_T, TILE)                                                                       \
+  static void NAME(const float *buf, const int32_t *crow, const COL_T *col, const float *val,         \
+                   float *y, long ldy, int i0, int i1, int nt) {                                      \
+    enum { V = TILE / 16 };                                                                           \
+    for (int i = i0; i < i1; i++) {                                                                   \
+      v16 acc[V], acc2[V];                                                                            \
+      for (int v = 0; v < V; v++) acc[v] = acc2[v] = (v16){0};                                        \
+      int k = crow[i], end = crow[i + 1];                                                             \
+      for (; k + 1 < end; k += 2) {                                                                   \
+        const v16 *p = (const v16 *)(buf + (long)col[k] * TILE);                                      \
+        const v16 *q = (const v16 *)(buf + (long)col[k + 1] * TILE);                                  \
+        float a = val[k], b = val[k + 1];                                                             \
+        for (int v = 0; v < V; v++) acc[v] += a * p[v];                                               \
+        for (int v = 0; v < V; v++) acc2[v] += b * q[v];                                              \
+      }                                                                                               \
+      if (k < end) {                                                                                  \
+        const v16 *p = (const v16 *)(buf + (long)col[k] * TILE);                                      \
+        float a = val[k];                                                                             \
+        for (int v = 0; v < V; v++) acc[v] += a * p[v];                                               \
+      }                                                                                               \
+      for (int v = 0; v < V; v++) acc[v] += acc2[v];                                                  \
+      float *out = y + (long)i * ldy;                                                                 \
+      if (nt == TILE) {                                                                               \
+        for (int v = 0; v < V; v++) *(v16u *)(out + 16 * v) = acc[v];                                 \
+      } else {                                                                                        \
+        memcpy(out, acc, sizeof(float) * nt);                                                         \
+      }                                                                                               \
+    }                                                                                                 \
+  }
+
+#define KERNEL(SUFFIX, COL_T)                                                                         \
+  ROWS(rows32_##SUFFIX, COL_T, 32)                                                                    \
+  ROWS(rows64_##SUFFIX, COL_T, 64)                                                                    \
+  static void gather_##SUFFIX(const float *x, long ldx, const int32_t *crow, const COL_T *col,        \
+                              const float *val, float *y, long ldy, int i0, int i1, int n_tok) {      \
+    for (int i = i0; i < i1; i++) {                                                                   \
+      for (int t = 0; t < n_tok; t++) {                                                               \
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f; /* four chains hide the add latency */     \
+        int k = crow[i], end = crow[i + 1];                                                           \
+        for (; k + 3 < end; k += 4) {                                                                 \
+          s0 += val[k] * x[(long)col[k] * ldx + t];                                                   \
+          s1 += val[k + 1] * x[(long)col[k + 1] * ldx + t];                                           \
+          s2 += val[k + 2] * x[(long)col[k + 2] * ldx + t];                                           \
+          s3 += val[k + 3] * x[(long)col[k + 3] * ldx + t];                                           \
+        }                                                                                             \
+        for (; k < end; k++) s0 += val[k] * x[(long)col[k] * ldx + t];                                \
+        y[(long)i * ldy + t] = (s0 + s1) + (s2 + s3);                                                 \
+      }                                                                                               \
+    }                                                                                                 \
+  }                                                                                                   \
+  /* Returns 0, or 1 when a tile buffer could not be allocated (Y is then incomplete). */            \
+  int spmm_##SUFFIX(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow,               \
+                    const COL_T *col, const float *val, float *y, long ldy, int n_out, int tile,       \
+                    int n_chunks, int n_threads) {                                                     \
+    int small = n_tok < 16;                                                                           \
+    int n_tiles = small ? 1 : (n_tok + tile - 1) / tile;                                              \
+    int rows_per_chunk = (n_out + n_chunks - 1) / n_chunks;                                           \
+    int failed = 0;                                                                                   \
+    (void)n_threads;                                                                                  \
+    _Pragma("omp parallel num_threads(n_threads) reduction(| : failed)") {                            \
+      float *buf = small ? NULL : aligned_alloc(64, sizeof(float) * (size_t)n_in * tile);             \
+      int ok = small || buf != NULL;                                                                  \
+      failed = !ok;                                                                                   \
+      _Pragma("omp for schedule(static)") for (int task = 0; task < n_tiles * n_chunks; task++) {     \
+        int t0 = (task / n_chunks) * tile, chunk = task % n_chunks;                                   \
+        int i0 = chunk * rows_per_chunk, i1 = i0 + rows_per_chunk < n_out ? i0 + rows_per_chunk : n_out; \
+        if (!ok || i0 >= i1) continue;                                                                \
+        if (small) {                                                                                  \
+          gather_##SUFFIX(x, ldx, crow, col, val, y, ldy, i0, i1, n_tok);                             \
+          continue;                                                                                   \
+        }                                                                                             \
+        int nt = n_tok - t0 < tile ? n_tok - t0 : tile;                                               \
+        for (int j = 0; j < n_in; j++) {                                                              \
+          memcpy(buf + (long)j * tile, x + (long)j * ldx + t0, sizeof(float) * nt);                   \
+          if (nt < tile) memset(buf + (long)j * tile + nt, 0, sizeof(float) * (tile - nt));           \
+        }                                                                                             \
+        if (tile == 64)                                                                               \
+          rows64_##SUFFIX(buf, crow, col, val, y + t0, ldy, i0, i1, nt);                              \
+        else                                                                                          \
+          rows32_##SUFFIX(buf, crow, col, val, y + t0, ldy, i0, i1, nt);                              \
+      }                                                                                               \
+      free(buf);                                                                                      \
+    }                                                                                                 \
+    return failed;                                                                                    \
+  }
+
+KERNEL(i16, int16_t)
+KERNEL(i32, int32_t)
