@@ -6,8 +6,8 @@
 
 For each shape (gate/up: ffn × hidden; down: hidden × ffn; q: hidden × hidden) and token count T,
 times the sparse branch `Y = S X` (feature-major, X (in, T), as the runtime computes it) with S at
-`--density` (CHTsL's 5 % at s_total 0.9) against the dense layer `W X` of the same shape (both
-writing into a kept output buffer), interleaving the candidates so machine noise hits them alike.
+`--density` (CHTsL's 5 % at s_total 0.9) against the dense layer `W X` of the same shape (each
+writing into its own kept output buffer), interleaving the candidates so machine noise hits them alike.
 Prints the median and the best of `--repeats` calls and the ratios dense/candidate (> 1: faster).
 """
 
@@ -91,9 +91,11 @@ def main() -> None:
                     fns["cusparse"] = lambda xd=xd, csr=csr: kernels.spmm_cuda(xd, csr)
                 else:
                     csr = torch.sparse_csr_tensor(crow, col.int(), val, size=(out_f, in_f))
-                    out = torch.empty(out_f, n_tok)  # both write into a kept buffer, as in the runtime
-                    fns["dense"] = lambda x=x, w=w, out=out: torch.mm(w, x, out=out)
-                    fns["c-kernel"] = lambda x=x, out=out, crow=crow, col=col, val=val: kernels.spmm_cpu(
+                    # Each writes into its own kept buffer, as the runtime's workspace: a shared one
+                    # would hand the next candidate the previous one's dirty lines of Y to flush.
+                    out_d, out_s = torch.empty(out_f, n_tok), torch.empty(out_f, n_tok)
+                    fns["dense"] = lambda x=x, w=w, out=out_d: torch.mm(w, x, out=out)
+                    fns["c-kernel"] = lambda x=x, out=out_s, crow=crow, col=col, val=val: kernels.spmm_cpu(
                         x, crow, col, val, out=out)
                     fns["torch-csr"] = lambda x=x, csr=csr: csr @ x
                 times = _time(fns, args.repeats, sync)

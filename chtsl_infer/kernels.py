@@ -88,7 +88,7 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
             continue
         p, i, lng = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
         for fn in (lib.spmm_i16, lib.spmm_i32):
-            fn.argtypes = [p, lng, i, i, p, p, p, p, lng, i, i, i, i]
+            fn.argtypes = [p, lng, i, i, p, p, p, p, p, lng, i, i, i, i]
             fn.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
@@ -111,10 +111,11 @@ def set_threads(n: int | None = None) -> None:
 
 
 def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """`S X` on CPU: x (in, T) fp32 with contiguous rows -> (out, T) fp32; S a CSR triple (out rows).
 
     `out`, if given, is a (out, T) fp32 tensor with contiguous rows the result is written into.
+    `rows` (int32, out): stored CSR row r is output row rows[r] (see `sort_rows`); None: identity.
     """
     if x.dtype != torch.float32 or values.dtype != torch.float32:
         raise TypeError(f"spmm_cpu computes in float32, got x {x.dtype} and values {values.dtype}")
@@ -130,7 +131,11 @@ def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: tor
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
             csr = torch.sparse_csr_tensor(crow.long(), col.long(), values, size=(n_out, n_in), check_invariants=False)
-            return y.copy_(csr @ x)
+            result = csr @ x
+        if rows is None:
+            return y.copy_(result)
+        y[rows.long()] = result
+        return y
     threads = torch.get_num_threads()
     tile = 64 if n_in * 64 * 4 <= TILE_BYTES else 32
     n_tiles = 1 if n_tok < 16 else -(-n_tok // tile)
@@ -138,10 +143,30 @@ def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: tor
     if col.dtype not in (torch.int16, torch.int32) or crow.dtype != torch.int32:
         raise TypeError(f"spmm_cpu reads int32 row pointers and int16/int32 columns, got {crow.dtype}/{col.dtype}")
     fn = lib.spmm_i16 if col.dtype == torch.int16 else lib.spmm_i32
+    if rows is not None and (rows.dtype != torch.int32 or rows.numel() != n_out or not rows.is_contiguous()):
+        raise TypeError(f"spmm_cpu: rows must be a contiguous int32 permutation of {n_out} rows")
     if fn(x.data_ptr(), x.stride(0), n_in, n_tok, crow.data_ptr(), col.data_ptr(), values.data_ptr(),
-          y.data_ptr(), y.stride(0), n_out, tile, n_chunks, threads):
+          None if rows is None else rows.data_ptr(), y.data_ptr(), y.stride(0), n_out, tile, n_chunks, threads):
         raise MemoryError("spmm_cpu: could not allocate the kernel's tile buffers")
     return y
+
+
+def sort_rows(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The CSR with its rows stored by increasing link count: (crow, col, values, rows int32).
+
+    `rows[r]` is the output row of stored row r (pass it to `spmm_cpu`). Runs of equal-length rows
+    let the CPU predict the kernel's per-row loop exits.
+    """
+    counts = (crow[1:] - crow[:-1]).long()
+    order = torch.argsort(counts, stable=True)
+    starts = crow[:-1].long()[order]
+    new_counts = counts[order]
+    new_crow = torch.zeros_like(crow)
+    new_crow[1:] = new_counts.cumsum(0).to(crow.dtype)
+    # link k of stored row r comes from starts[r] + (k - new_crow[r])
+    within = torch.arange(int(new_counts.sum())) - torch.repeat_interleave(new_crow[:-1].long(), new_counts)
+    index = torch.repeat_interleave(starts, new_counts) + within
+    return new_crow, col[index].contiguous(), values[index].contiguous(), order.to(torch.int32)
 
 
 def csr_matmul_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

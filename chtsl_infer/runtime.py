@@ -47,7 +47,8 @@ class FusedLinears(nn.Module):
     """Several linears sharing an input, computed together: x (..., in) -> (..., Σ out_m).
 
     Buffers (present parts only): `weight` (Σout, in) dense S or dense-method weight; `crow`,
-    `col`, `values` the CSR of S with the members' rows stacked (sparse backend); `lora_A`
+    `col`, `values`, `rows` the CSR of S with the members' rows stacked, stored by link count
+    (`rows`: stored row -> output row; CPU sparse backend); `lora_A`
     (Σr, in); `lora_B_<m>` (out_m, r_m). Members fetch their slice through `member(i, x)`,
     which computes the whole group once per distinct input tensor.
     """
@@ -76,9 +77,11 @@ class FusedLinears(nn.Module):
                     crow_t.to(torch.int32), col.to(torch.int32), values.to(dtype),
                     size=(self.offsets[-1], self.in_features), device=device)
             else:  # the C kernel reads int32 row pointers, int16/int32 columns, fp32 values
-                self.register_buffer("crow", crow_t.to(torch.int32))
-                self.register_buffer("col", col.contiguous())
-                self.register_buffer("values", values.to(torch.float32).contiguous())
+                crow_s, col_s, values_s, rows = kernels.sort_rows(crow_t.to(torch.int32), col, values.float())
+                self.register_buffer("crow", crow_s)  # rows stored by link count (see kernels.sort_rows)
+                self.register_buffer("col", col_s)
+                self.register_buffer("values", values_s)
+                self.register_buffer("rows", rows)
             self.weight = None
         elif first.has_sparse:
             self.register_buffer("weight", torch.cat([lin.dense_sparse_weight() for lin in linears]).to(device, dtype))
@@ -107,9 +110,9 @@ class FusedLinears(nn.Module):
             if self.cuda_csr is not None:
                 y = out.copy_(kernels.spmm_cuda(x, self.cuda_csr))
             elif x.dtype == torch.float32:
-                y = kernels.spmm_cpu(x, self.crow, self.col, self.values, out=out)
+                y = kernels.spmm_cpu(x, self.crow, self.col, self.values, out=out, rows=self.rows)
             else:
-                y = out.copy_(kernels.spmm_cpu(x.float(), self.crow, self.col, self.values))
+                y = out.copy_(kernels.spmm_cpu(x.float(), self.crow, self.col, self.values, rows=self.rows))
         elif self.weight is not None:
             y = torch.mm(self.weight, x, out=out)
         else:

@@ -84,6 +84,21 @@ def test_kernel_int32_columns_strided_rows_and_out_buffer() -> None:
     torch.testing.assert_close(out, w @ x, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [3, 70])  # gather path and tiled path
+def test_sorted_rows_write_each_row_to_its_place(tokens: int) -> None:
+    gen = torch.Generator().manual_seed(7)
+    crow, col, val, w = _random_csr(90, 60, 0.15, gen, empty_rows=6)
+    s_crow, s_col, s_val, rows = kernels.sort_rows(crow, col, val)
+    counts = s_crow[1:] - s_crow[:-1]
+    assert bool((counts[1:] >= counts[:-1]).all())  # stored by increasing link count
+    assert sorted(rows.tolist()) == list(range(90))
+    torch.testing.assert_close(kernels.spmm_reference(torch.eye(60), s_crow, s_col, s_val, 60), w[rows.long()])
+    x = torch.randn(60, tokens, generator=gen)
+    torch.testing.assert_close(kernels.spmm_cpu(x, s_crow, s_col, s_val, rows=rows), w @ x, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="permutation"):
+        kernels.spmm_cpu(x, s_crow, s_col, s_val, rows=rows.long())
+
+
 def test_kernel_non_contiguous_input_and_zero_tokens() -> None:
     gen = torch.Generator().manual_seed(3)
     crow, col, val, w = _random_csr(24, 40, 0.3, gen)
@@ -113,6 +128,8 @@ def test_torch_fallback_without_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp_
     crow, col, val, w = _random_csr(30, 20, 0.2, gen, empty_rows=3)
     x = torch.randn(20, 19, generator=gen)
     torch.testing.assert_close(kernels.spmm_cpu(x, crow, col, val), w @ x, atol=1e-5, rtol=1e-5)
+    s_crow, s_col, s_val, rows = kernels.sort_rows(crow, col, val)
+    torch.testing.assert_close(kernels.spmm_cpu(x, s_crow, s_col, s_val, rows=rows), w @ x, atol=1e-5, rtol=1e-5)
 
 
 def test_kernel_builds_into_the_cache_dir_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
