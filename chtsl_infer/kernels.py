@@ -35,6 +35,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "spmm.c"
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
+GATHER_BELOW = 3  # fewer tokens: per-token gather loop, else 16-token vectors (measured crossover: 2–4)
 FLAG_SETS = (  # tried in order until one compiles
     ("-O3", "-march=native", "-fopenmp"),
     ("-O3", "-mcpu=native", "-fopenmp"),  # arm64 compilers spell it -mcpu
@@ -99,6 +100,19 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return _compile()
 
 
+def token_tile(n_in: int, n_tok: int) -> int:
+    """Tokens per task of the CPU kernel; 0 = the per-token gather loop (decoding).
+
+    Tiles are vectors of 16 tokens: the smallest of 16/32/64 covering n_tok (a short batch is not
+    padded to 64), 64 only while its (n_in × 64) buffer fits in `TILE_BYTES` of L2.
+    """
+    if n_tok < GATHER_BELOW:
+        return 0
+    if n_tok <= 16:
+        return 16
+    return 32 if n_tok <= 32 or n_in * 64 * 4 > TILE_BYTES else 64
+
+
 def cpu_kernel_status() -> tuple[bool, str]:
     """(whether the compiled CPU kernel is in use, how it was built or why it is not)."""
     lib, how = _library()
@@ -137,8 +151,8 @@ def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: tor
         y[rows.long()] = result
         return y
     threads = torch.get_num_threads()
-    tile = 64 if n_in * 64 * 4 <= TILE_BYTES else 32
-    n_tiles = 1 if n_tok < 16 else -(-n_tok // tile)
+    tile = token_tile(n_in, n_tok)
+    n_tiles = 1 if tile == 0 else -(-n_tok // tile)
     n_chunks = max(1, -(-2 * threads // n_tiles)) if n_tiles < threads else 1  # few tokens: split rows
     if col.dtype not in (torch.int16, torch.int32) or crow.dtype != torch.int32:
         raise TypeError(f"spmm_cpu reads int32 row pointers and int16/int32 columns, got {crow.dtype}/{col.dtype}")

@@ -33,8 +33,11 @@ def test_compiled_kernel_is_in_use() -> None:
     ("tokens", "out_f", "in_f", "density", "empty_rows"),
     [
         (1, 96, 64, 0.05, 10),  # decoding: one token, gather path, row-chunk parallelism
+        (2, 50, 33, 0.2, 3),  # the largest gather case
+        (3, 48, 40, 0.2, 3),  # the smallest tiled case: 3 of 16 tokens
         (7, 33, 50, 0.3, 5),  # fewer tokens than a vector, odd shapes
-        (16, 20, 24, 0.2, 2),  # the smallest tiled case: one partial tile
+        (16, 20, 24, 0.2, 2),  # exactly one 16-token tile
+        (29, 60, 24, 0.2, 2),  # one partial 32-token tile
         (64, 128, 80, 0.1, 0),  # exactly one 64-token tile
         (67, 70, 120, 0.02, 20),  # a full tile and a 3-token tail; very sparse
         (300, 200, 130, 0.5, 0),  # several tiles, half dense
