@@ -1,18 +1,19 @@
 """Inference backends: the transformers Llama with its CHTsL linears replaced by inference modules.
 
-Attention, RoPE, the KV cache and `generate()` stay transformers' own. Each decoder block's seven
-linears become four `FusedLinears` groups — (q, k, v), (o), (gate, up), (down) — because linears of
-one group read the same input: one call computes every member at once (one sparse kernel over the
-concatenated CSR rows, one GEMM with the concatenated A factors) and the members return slices.
+Each decoder block's seven linears become four `FusedLinears` groups — (q, k, v), (o), (gate, up),
+(down) — because linears of one group read the same input: one call computes every member at once
+(one sparse kernel over the concatenated CSR rows, one GEMM with the concatenated A factors).
+`Runtime.logits` (scoring, bench, perplexity) runs the blocks feature-major (`feature_major.py`);
+`generate()` keeps transformers' modules and KV cache, where each member returns its slice.
 
 Per group, `y = S x + scale · B σ(A x)`:
   S x        `dense`: S densified once at load, one GEMM (the reference); method `dense` always so;
-             `sparse`: CSR kernel (`kernels.csr_matmul_cpu`, numba, on CPU; cuSPARSE on CUDA);
+             `sparse`: CSR kernel (`kernels.spmm_cpu`, compiled C, on CPU; cuSPARSE on CUDA);
   B σ(A x)   two skinny GEMMs, `A` concatenated over the group, one `B` per member (BA is never formed).
 `onnx` runs onnxruntime on an exported `model.onnx` (`chtsl export --format onnx`).
 `auto` picks by rule, backed by `benchmarks/model.py` on 2 CPU cores: `sparse` on CPU when the
-model has a sparse branch of density ≤ `AUTO_SPARSE_MAX_DENSITY` (and numba is installed), else
-`dense`; `dense` on CUDA (cuBLAS beats cuSPARSE at these densities; no GPU measurement yet).
+model has a sparse branch of density ≤ `AUTO_SPARSE_MAX_DENSITY` and the C kernel built (its
+torch-CSR fallback loses to MKL), else `dense`; `dense` on CUDA (no GPU measurement yet).
 
 The model is built from a `PackedModel` on the `meta` device and filled with the packed tensors, so
 a dense S is never materialised by the `sparse` backend (resident memory is the packed size).

@@ -13,12 +13,13 @@
  *
  * in TILE/16 vector registers (two sets, even and odd links, so two loads are in flight) and stores
  * them into Y[i, t0:t0+TILE]. The last tile is zero-padded in the buffer and stored partially.
- * tile 0 (one or two tokens: decoding) takes a gather loop over the row's links instead. The runtime
- * stores rows sorted by link count, so consecutive rows run loops of equal length and the branch
- * predictor learns their exits (3–12 % faster on random 5 % masks; more on CHT's skewed degrees).
- * Measured on 2 Xeon (AVX-512) cores, 5 % density, 4096 tokens: 45–58 GFLOP/s per core, 5–7× faster
- * than MKL's dense GEMM of the same shape; a column-blocked CSR (buffer slices in L1), software
- * prefetch, four accumulator sets and 16- or 128-token tiles were all the same or slower.
+ * Tiles are 16, 32 or 64 tokens (chosen by kernels.token_tile); tile 0 (one or two tokens:
+ * decoding) takes a gather loop over the row's links instead. The runtime stores rows sorted by link
+ * count, so consecutive rows run loops of equal length and the branch predictor learns their exits
+ * (3–12 % faster on random 5 % masks). Measured on 2 Xeon (AVX-512) cores, 5 % density, 4096
+ * tokens: 45–58 GFLOP/s per core, 5–7× faster than MKL's dense GEMM of the same shape. Tried and
+ * no faster: a column-blocked CSR (buffer slices in L1), software prefetch of links or of the next
+ * tile, four accumulator sets, 128-token tiles.
  */
 #include <stdint.h>
 #include <stdlib.h>
