@@ -4,14 +4,15 @@
     python benchmarks/model.py --preset llama130m-c4 --batch 16 --seq 256
     python benchmarks/model.py --memory                         # + peak RSS, one fresh worker each
 
-Throughput: the dense model (method `dense`, `dense` backend), the CHTsL model on the `sparse`
-backend and on the `dense` backend (S densified) are built in this process from random weights
+Throughput: the dense model (method `dense`, `dense` backend; also through transformers' own
+forward, `[transformers]`), the CHTsL model on the `sparse` backend and on the `dense` backend (S
+densified) are built in this process from random weights
 (`runtime.random_packed`) and timed *interleaved* — one full forward (logits at every position,
 no KV cache) of each per round, `--rounds` rounds after a warm-up — so load from other processes
 hits all of them alike; the median per model gives tokens/s and the ratio to dense.
 Resident memory: bytes of each model's parameters and buffers (the packed size for `sparse`).
 Peak memory (`--memory`): `chtsl bench`'s worker per configuration, i.e. the peak RSS of a fresh
-process that builds the model and runs the same forward (includes Python, torch, numba).
+process that builds the model and runs the same forward (includes Python, torch, the kernel).
 """
 
 from __future__ import annotations
@@ -26,8 +27,23 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
+from chtsl_infer.configuration import ChtslConfig  # noqa: E402
+from chtsl_infer.modeling import ChtslLlamaForCausalLM  # noqa: E402
 from chtsl_infer.presets import build_config  # noqa: E402
 from chtsl_infer.runtime import from_packed, random_packed  # noqa: E402
+
+
+class StockForward:
+    """The dense model as plain transformers runs it (`nn.Linear` layers, token-major forward):
+    shows that the runtime's feature-major path does not handicap the dense baseline."""
+
+    def __init__(self, config: ChtslConfig) -> None:
+        self.model = ChtslLlamaForCausalLM(config).eval()
+        self.model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self.model(input_ids=ids, use_cache=False).logits)
 
 
 def main() -> None:
@@ -39,7 +55,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS in fresh workers")
-    ap.add_argument("--threads", type=int, default=None, help="torch + numba threads [default: torch's]")
+    ap.add_argument("--threads", type=int, default=None, help="torch + kernel threads [default: torch's]")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,6 +67,7 @@ def main() -> None:
     }
     models[f"{args.method} [dense]"] = from_packed(
         random_packed(build_config(args.preset, method=args.method, s_total=args.s_total)), "dense")
+    models["dense model [transformers]"] = StockForward(build_config(args.preset, method="dense"))
     vocab = models["dense model [dense]"].config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     tokens = args.batch * args.seq
@@ -67,12 +84,12 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     base_t = statistics.median(times["dense model [dense]"])
     base_b = models["dense model [dense]"].model_bytes
-    print(f"{'model [backend]':<24}{'median s':>10}{'best s':>9}{'tokens/s':>11}{'× dense':>9}"
+    print(f"{'model [backend]':<28}{'median s':>10}{'best s':>9}{'tokens/s':>11}{'× dense':>9}"
           f"{'best × dense':>14}{'resident MiB':>14}{'× dense':>9}")
     best_base = min(times["dense model [dense]"])
     for name, rt in models.items():
         med, best = statistics.median(times[name]), min(times[name])
-        print(f"{name:<24}{med:>10.3f}{best:>9.3f}{tokens / med:>11,.0f}{base_t / med:>9.2f}{best_base / best:>14.2f}"
+        print(f"{name:<28}{med:>10.3f}{best:>9.3f}{tokens / med:>11,.0f}{base_t / med:>9.2f}{best_base / best:>14.2f}"
               f"{rt.model_bytes / 2**20:>14.1f}{rt.model_bytes / base_b:>9.3f}")
     if args.memory:
         del models
@@ -86,9 +103,9 @@ def main() -> None:
             report = _spawn({**common, "label": label, "method": method, "backend": backend}, timeout=None)
             peaks[label] = report["peak_memory_bytes"]
         base = peaks["dense model [dense]"]
-        print(f"{'model [backend]':<24}{'peak RSS MiB':>14}{'× dense':>9}{'saved MiB':>11}")
+        print(f"{'model [backend]':<28}{'peak RSS MiB':>14}{'× dense':>9}{'saved MiB':>11}")
         for label, peak in peaks.items():
-            print(f"{label:<24}{peak / 2**20:>14.1f}{peak / base:>9.3f}{(base - peak) / 2**20:>11.1f}")
+            print(f"{label:<28}{peak / 2**20:>14.1f}{peak / base:>9.3f}{(base - peak) / 2**20:>11.1f}")
 
 
 if __name__ == "__main__":
