@@ -76,7 +76,7 @@ def _export_onnx(model: ChtslLlamaForCausalLM, out: Path) -> None:
     model.config.save_pretrained(out)
 
 
-@pytest.mark.parametrize("method", ["dense", "cola", "sltrain", "chtsl"])
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_onnx_backend_matches_dense_backend(method: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
