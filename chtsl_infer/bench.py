@@ -254,15 +254,18 @@ def bench_command(
 
 
 def _print_table(results: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    from rich import box
     from rich.table import Table
 
-    mem = "peak RSS" if settings["device"] == "cpu" else "peak alloc"
+    mem = "peak RSS" if settings["device"] == "cpu" else "peak allocated"
     what = Path(settings["ckpt"]).name if settings["ckpt"] else f"{settings['preset']} s_total={settings['s_total']}"
     table = Table(title=f"chtsl bench {what} — batch {settings['batch']} × seq {settings['seq']}, {settings['device']} "
-                        f"{settings['dtype']}, median of {settings['steps']} steps")
-    for col in ("model", "backend", "tok/s", "×dense", f"{mem} MiB", "×dense", "model MiB", "×dense"):
-        table.add_column(col, justify="left" if col in ("model", "backend") else "right",
-                         no_wrap=col != "model")
+                        f"{settings['dtype']}, median of {settings['steps']} steps",
+                  caption=f"×: ratio to the dense baseline · peak: {mem}",
+                  box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)  # fits 80 columns untruncated
+    for col in ("model", "backend", "tok/s", "×", "peak MiB", "×", "model MiB", "×"):
+        table.add_column(col, justify="left" if col in ("model", "backend") else "right", no_wrap=True,
+                         min_width=5 if col == "×" else None)
     for r in results:
         table.add_row(r["model"], r["backend"], f"{r['tokens_per_s']:,.0f}", f"{r['speedup_vs_dense']:.2f}",
                       f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['peak_memory_ratio']:.3f}",
