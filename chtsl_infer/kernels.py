@@ -26,6 +26,7 @@ import functools
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import warnings
@@ -63,6 +64,8 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
     """(library, how it was built) or (None, why not)."""
     source = SOURCE.read_bytes()
     compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        return None, f"no C compiler: {compiler!r} not found (set CC)"
     errors = []
     for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
@@ -97,7 +100,11 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
 
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
-    return _compile()
+    lib, how = _compile()
+    if lib is None:  # once per process: the sparse backend still works, only slower
+        warnings.warn(f"chtsl: the CPU sparse kernel could not be built ({how}); "
+                      "using torch's CSR matmul instead (slower)", RuntimeWarning, stacklevel=3)
+    return lib, how
 
 
 def token_tile(n_in: int, n_tok: int) -> int:
