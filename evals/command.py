@@ -53,8 +53,9 @@ def _load(ckpt: Path, backend: str, device: str, dtype: str):
     """(causal LM module on `device`, eval mode; tokenizer) of a checkpoint or packed export.
 
     `dense` is the checkpoint's own model (`load_model`: the trainer's computation, the reference);
-    the other backends come from `chtsl_infer.runtime.load_runtime`, so what is scored is what
-    `chtsl generate --backend X` runs.
+    the other backends come from `chtsl_infer.runtime.load_runtime` and score through
+    `Runtime.logits` — the same forward as `chtsl bench` (feature-major for the torch backends,
+    no transposes around the sparse kernel; matches transformers' forward within 1e-4).
     """
     import torch
 
@@ -67,7 +68,7 @@ def _load(ckpt: Path, backend: str, device: str, dtype: str):
     from evals.harness import RuntimeModule
 
     runtime = load_runtime(ckpt, backend=backend, device=device, dtype=getattr(torch, dtype))
-    return (runtime.model if runtime.model is not None else RuntimeModule(runtime)), tokenizer
+    return RuntimeModule(runtime), tokenizer
 
 
 def run_tasks(ckpt: Path, tasks: str, *, data_dir: Path | None, batch_size: int, limit: int | None, device: str,

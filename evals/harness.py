@@ -207,9 +207,11 @@ def task_configs(tasks: Iterable[str], data_dir: Path | None) -> list[dict[str, 
 
 
 class RuntimeModule(torch.nn.Module):
-    """A `chtsl_infer.runtime.Runtime` without a torch model (the onnx backend) as a causal LM
-    module, which is all HFLM and `evals.perplexity` need: `forward(input_ids (b, seq))` returns an
-    output whose `.logits` are (b, seq, vocab); `.config` and `.device` as a transformers model."""
+    """A `chtsl_infer.runtime.Runtime` as a causal LM module, which is all HFLM (loglikelihood
+    requests) and `evals.perplexity` need: `forward(input_ids (b, seq))` returns an output whose
+    `.logits` are (b, seq, vocab); `.config` and `.device` as a transformers model. Other inputs
+    (an attention mask) are ignored: batches are right-padded, so a causal model's logits at the
+    real tokens do not depend on the padding."""
 
     def __init__(self, runtime) -> None:
         super().__init__()
@@ -223,7 +225,7 @@ class RuntimeModule(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, **_: Any) -> CausalLMOutput:
         return CausalLMOutput(logits=self.runtime.logits(input_ids).to(input_ids.device))
 
-    def tie_weights(self) -> None:  # HFLM calls it on any module; an onnx graph has nothing to tie
+    def tie_weights(self) -> None:  # HFLM calls it on any module; the runtime's weights are already tied
         pass
 
 
