@@ -140,10 +140,13 @@ def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: tor
     """
     if x.dtype != torch.float32 or values.dtype != torch.float32:
         raise TypeError(f"spmm_cpu computes in float32, got x {x.dtype} and values {values.dtype}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
     n_in, n_tok = x.shape
+    if x.stride(1) != 1 or x.stride(0) < n_tok:  # the kernel reads rows of n_tok contiguous floats
+        x = x.contiguous()
     n_out = crow.numel() - 1
+    if out is not None and (out.shape != (n_out, n_tok) or out.dtype != torch.float32 or out.device.type != "cpu"
+                            or out.stride(1) != 1 or out.stride(0) < n_tok):
+        raise ValueError(f"spmm_cpu: out must be a CPU float32 ({n_out}, {n_tok}) tensor with contiguous rows")
     y = torch.empty(n_out, n_tok, dtype=torch.float32) if out is None else out
     if n_tok == 0 or n_out == 0:
         return y.zero_()

@@ -117,6 +117,11 @@ def test_kernel_rejects_wrong_dtypes() -> None:
         kernels.spmm_cpu(torch.randn(8, 2, dtype=torch.float64), crow, col, val)
     with pytest.raises(TypeError, match="int32 row pointers"):
         kernels.spmm_cpu(torch.randn(8, 2), crow.long(), col, val)
+    for bad in (torch.empty(8, 3), torch.empty(2, 8).t(), torch.empty(8, 2, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="out must be"):
+            kernels.spmm_cpu(torch.randn(8, 2), crow, col, val, out=bad)
+    x = torch.randn(8, 1).expand(8, 5)  # a broadcast view (stride 0 along tokens): copied, not misread
+    torch.testing.assert_close(kernels.spmm_cpu(x, crow, col, val), kernels.spmm_reference(x, crow, col, val, 8))
 
 
 def test_torch_fallback_without_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
