@@ -11,8 +11,10 @@ densified) are built in this process from random weights
 no KV cache) of each per round, `--rounds` rounds after a warm-up — so load from other processes
 hits all of them alike; the median per model gives tokens/s and the ratio to dense.
 Resident memory: bytes of each model's parameters and buffers (the packed size for `sparse`).
-Peak memory (`--memory`): `chtsl bench`'s worker per configuration, i.e. the peak RSS of a fresh
-process that builds the model and runs the same forward (includes Python, torch, the kernel).
+Peak memory (`--memory`): `chtsl bench`'s worker per configuration (a fresh process): peak RSS
+over its forwards (includes Python, torch, the kernel; varies by tens of MiB from run to run on
+this VM) and peak live tensor bytes (`bench.peak_tensor_bytes`: deterministic, as CUDA's
+`max_memory_allocated`).
 """
 
 from __future__ import annotations
@@ -98,14 +100,17 @@ def main() -> None:
         common = {"batch": args.batch, "seq": args.seq, "steps": 1, "warmup": 1, "device": "cpu",
                   "dtype": "float32", "preset": args.preset, "s_total": args.s_total, "ckpt": None}
         rows = [("dense model [dense]", "dense", "dense"), (f"{args.method} [sparse]", args.method, "sparse")]
-        peaks = {}
+        reports = {}
         for label, method, backend in rows:
-            report = _spawn({**common, "label": label, "method": method, "backend": backend}, timeout=None)
-            peaks[label] = report["peak_memory_bytes"]
-        base = peaks["dense model [dense]"]
-        print(f"{'model [backend]':<28}{'peak RSS MiB':>14}{'× dense':>9}{'saved MiB':>11}")
-        for label, peak in peaks.items():
-            print(f"{label:<28}{peak / 2**20:>14.1f}{peak / base:>9.3f}{(base - peak) / 2**20:>11.1f}")
+            reports[label] = _spawn({**common, "label": label, "method": method, "backend": backend}, timeout=None)
+        base = reports["dense model [dense]"]
+        print(f"{'model [backend]':<28}{'peak RSS MiB':>14}{'× dense':>9}{'saved MiB':>11}"
+              f"{'peak tensors MiB':>18}{'× dense':>9}{'saved MiB':>11}")
+        for label, r in reports.items():
+            rss, rss0 = r["peak_memory_bytes"], base["peak_memory_bytes"]
+            ten, ten0 = r["peak_tensor_bytes"], base["peak_tensor_bytes"]
+            print(f"{label:<28}{rss / 2**20:>14.1f}{rss / rss0:>9.3f}{(rss0 - rss) / 2**20:>11.1f}"
+                  f"{ten / 2**20:>18.1f}{ten / ten0:>9.3f}{(ten0 - ten) / 2**20:>11.1f}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ def test_bench_tiny_reports_ratios_to_dense(tmp_path: Path) -> None:
         assert r["speedup_vs_dense"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"])
     # the sparse model's resident size is its packed size: well under the dense model's
     assert rows[1]["model_memory_ratio"] < 0.75
+    # Peak tensor memory is deterministic: the sparse model's is below dense's by its resident saving.
+    saved = rows[0]["peak_tensor_bytes"] - rows[1]["peak_tensor_bytes"]
+    assert rows[0]["peak_tensor_bytes"] > rows[0]["model_bytes"]
+    assert saved >= 0.9 * (rows[0]["model_bytes"] - rows[1]["model_bytes"])
 
 
 def test_bench_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
