@@ -18,7 +18,6 @@ steps after 1 warm-up (on CUDA seq 256, 20 after 5). The paper's protocol is `--
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -184,16 +183,10 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spawn(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-    """Runs one configuration in a fresh interpreter; its JSON report (last stdout line).
-
-    The worker gets one glibc malloc arena (`MALLOC_ARENA_MAX=1`, unless already set): with one
-    arena per thread, where each activation lands varies from run to run, and so did peak RSS —
-    by ±50 MiB for the same llama60m-c4 configuration (with one arena: ±7 MiB).
-    """
+    """Runs one configuration in a fresh interpreter; its JSON report (last stdout line)."""
     cmd = [sys.executable, "-m", "chtsl_infer.bench", json.dumps(spec)]
-    env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "1")}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise UserError(f"benchmark worker for {spec['label']} timed out after {timeout:.0f} s") from None
     if proc.returncode != 0:
@@ -330,6 +323,8 @@ def _print_table(results: list[dict[str, Any]], settings: dict[str, Any]) -> Non
 
 def _worker_main(argv: list[str]) -> None:
     """`python -m chtsl_infer.bench SPEC_JSON`: run one configuration, print its report as JSON."""
+    import os
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = json.loads(argv[0])
     try:
