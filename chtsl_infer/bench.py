@@ -6,9 +6,11 @@ once the model is built: CPU — peak RSS (VmHWM) of the worker, reset after the
 /proc/self/clear_refs, so it covers Python, torch, the compiled kernel (loaded in every CPU worker
 alike), the resident model and the forward's activations and logits; the build's own peak is
 reported as `build_peak_bytes` (where the reset is unsupported, `peak_scope` says "process" and
-the peak includes the build); CUDA — `torch.cuda.max_memory_allocated` after a reset at the same
-point. Timings are the median over `--steps` timed full forwards (logits over every position, no
-KV cache, as the paper's Table 12) after `--warmup` untimed ones.
+the peak includes the build), plus `peak_tensor_bytes`, the peak of live torch tensors over one
+forward (deterministic, while RSS moves by tens of MiB between runs of the same configuration
+on a shared VM); CUDA — `torch.cuda.max_memory_allocated` after a reset at the same point.
+Timings are the median over `--steps` timed full forwards (logits over every position, no KV
+cache, as the paper's Table 12) after `--warmup` untimed ones.
 
 Defaults keep `chtsl bench --batch 128` within 3 minutes on 2 CPU cores: on CPU seq 32, 3 timed
 steps after 1 warm-up (on CUDA seq 256, 20 after 5). The paper's protocol is `--seq 256
