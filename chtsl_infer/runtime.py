@@ -119,7 +119,8 @@ class FusedLinears(nn.Module):
         else:
             y = out.zero_()
         if self.lora_A is not None:
-            h = activation_fn(self.activation, self.lora_A @ x)  # (Σr, T)
+            h = self.lora_A @ x  # (Σr, T)
+            h = F.silu(h, inplace=True) if self.activation == "silu" else activation_fn(self.activation, h)
             r0 = 0
             for i, r in enumerate(self.ranks):
                 y[self.offsets[i]:self.offsets[i + 1]].addmm_(getattr(self, f"lora_B_{i}"), h[r0:r0 + r],
