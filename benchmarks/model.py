@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from chtsl_infer.configuration import ChtslConfig  # noqa: E402
 from chtsl_infer.modeling import ChtslLlamaForCausalLM  # noqa: E402
 from chtsl_infer.presets import build_config  # noqa: E402
-from chtsl_infer.runtime import from_packed, random_packed  # noqa: E402
+from chtsl_infer.runtime import from_packed, random_packed, resident_bytes  # noqa: E402
 
 
 class StockForward:
@@ -41,7 +41,7 @@ class StockForward:
 
     def __init__(self, config: ChtslConfig) -> None:
         self.model = ChtslLlamaForCausalLM(config).eval()
-        self.model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.model_bytes = resident_bytes(self.model)
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

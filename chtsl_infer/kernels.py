@@ -3,7 +3,7 @@
 Shapes: S (out, in) as CSR — crow int32 (out+1,), col int16/int32 (nnz,), values fp32 (nnz,) —,
 X (in, T) and Y (out, T) with T = tokens. The inference runtime keeps activations feature-major
 (`chtsl_infer.feature_major`) so neither side needs a transpose; `csr_matmul_cpu` is the
-token-major convenience form, (T, in) -> (T, out), for the transformers path (decoding).
+token-major convenience form, (T, in) -> (T, out), for callers holding token-major activations.
 
 CPU (`spmm_cpu`): the C kernel in `csrc/spmm.c`, compiled on first use with the host C compiler
 (`$CC`, else `cc`; `-O3 -march=native`, OpenMP when available) into
@@ -124,11 +124,6 @@ def cpu_kernel_status() -> tuple[bool, str]:
     """(whether the compiled CPU kernel is in use, how it was built or why it is not)."""
     lib, how = _library()
     return lib is not None, how
-
-
-def set_threads(n: int | None = None) -> None:
-    """Uses `n` threads (default: torch's current count) for torch and the CPU kernel alike."""
-    torch.set_num_threads(n or torch.get_num_threads())
 
 
 def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,

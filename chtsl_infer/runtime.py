@@ -360,7 +360,6 @@ def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.
                         "(run `chtsl export CKPT --format onnx`)")
     if backend == "sparse" and device.type == "cpu" and dtype != torch.float32:
         raise UserError("backend 'sparse' on CPU computes in float32; use --dtype float32 or --backend dense")
-    kernels.set_threads()
     model = build_model(packed, backend, device, dtype, consume=consume)
     if device.type == "cpu":  # after the build: its freed packed tensors go back to the OS
         keep_freed_heap()

@@ -53,12 +53,13 @@ def test_kernel_matches_dense_masked_matmul(tokens: int, out_f: int, in_f: int, 
     gen = torch.Generator().manual_seed(tokens * 1000 + out_f)
     crow, col, val, w = _random_csr(out_f, in_f, density, gen, empty_rows)
     x = torch.randn(in_f, tokens, generator=gen)  # feature-major
-    kernels.set_threads(2)  # row chunking (few tokens) depends on the thread count
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)  # row chunking (few tokens) depends on the thread count
     try:
         y = kernels.spmm_cpu(x, crow, col, val)
         y_tm = kernels.csr_matmul_cpu(x.t().contiguous(), crow, col, val)
     finally:
-        kernels.set_threads()
+        torch.set_num_threads(saved)
     assert y.shape == (out_f, tokens) and y_tm.shape == (tokens, out_f)
     torch.testing.assert_close(y, w @ x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y_tm, x.t() @ w.t(), atol=1e-5, rtol=1e-5)
@@ -70,11 +71,12 @@ def test_kernel_thread_counts_agree(threads: int) -> None:
     gen = torch.Generator().manual_seed(1)
     crow, col, val, w = _random_csr(257, 190, 0.05, gen, empty_rows=7)
     x = torch.randn(190, 150, generator=gen)
-    kernels.set_threads(threads)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         torch.testing.assert_close(kernels.spmm_cpu(x, crow, col, val), w @ x, atol=1e-5, rtol=1e-5)
     finally:
-        kernels.set_threads()
+        torch.set_num_threads(saved)
 
 
 def test_kernel_int32_columns_strided_rows_and_out_buffer() -> None:
