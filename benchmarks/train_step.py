@@ -25,12 +25,12 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import torch  # noqa: E402
 
-from chtsl_infer.layers import METHODS, record_branches  # noqa: E402
+from chtsl_infer.layers import record_branches  # noqa: E402
+from chtsl_infer.methods import DEFAULT_METHOD, DENSE, METHODS  # noqa: E402
 from chtsl_infer.modeling import ChtslLlamaForCausalLM  # noqa: E402
 from chtsl_infer.presets import build_config, get_preset  # noqa: E402
 from evals.perplexity import token_nll_sum  # noqa: E402
-from train.topology import TopologyEngine  # noqa: E402
-from train.trainer import engine_settings  # noqa: E402
+from train.trainer import build_engine  # noqa: E402
 
 # (micro batch, seq) per shape on CPU; the GPU uses the paper's batch 128 × 256 for llama60m.
 CPU_BATCH = {"tiny": (16, 128), "llama60m": (2, 256)}
@@ -46,13 +46,7 @@ def setup(shape: str, method: str, device: str):
     preset = get_preset("tiny" if shape == "tiny" else "llama60m-c4")
     torch.manual_seed(0)
     model = ChtslLlamaForCausalLM(build_config(preset, method=method, s_total=0.9)).to(device).train()
-    engine = None
-    settings = engine_settings(method)
-    if settings is not None:
-        engine = TopologyEngine(model.sparse_layers(), total_steps=preset.steps, mode=settings[0],
-                                update_interval=preset.update_interval, brf_randomness=settings[1])
-        if settings[0] != "static":
-            engine.init_masks()
+    engine = build_engine(model, preset.steps, preset.update_interval)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     hybrid = {n: m for n, m in model.chtsl_layers().items() if m.has_sparse and m.has_lowrank}
     return preset, model, engine, opt, hybrid, set(model.align_layers())
@@ -88,14 +82,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     sys.stdout.reconfigure(line_buffering=True)  # progress is visible when piped to a file
     methods = args.methods.split(",")
-    if "dense" not in methods:
-        methods.insert(0, "dense")
+    if DENSE not in methods:
+        methods.insert(0, DENSE)
     batch = GPU_BATCH if args.device.startswith("cuda") else CPU_BATCH
     print(f"device {args.device}, torch threads {torch.get_num_threads()}")
     for shape in args.shapes.split(","):
         b, seq = batch[shape]
         runs = {m: setup(shape, m, args.device) for m in methods}
-        vocab = runs["dense"][1].config.vocab_size
+        vocab = runs[DENSE][1].config.vocab_size
         ids = torch.randint(0, vocab, (b, seq), generator=torch.Generator().manual_seed(0)).to(args.device)
         times: dict[str, list[float]] = {m: [] for m in methods}
         for m in methods:  # warm-up
@@ -113,7 +107,7 @@ def main() -> None:
         print(f"{'method':10s} {'ms/step':>10s} {'× dense':>8s} {'tokens/s':>10s}")
         for m in methods:
             print(f"{m:10s} {1e3 * med[m]:10.1f} {med[m] / med['dense']:8.2f} {b * seq / med[m]:10,.0f}")
-        preset, model, engine, opt, *_ = runs.get("chtsl", runs[methods[-1]])
+        preset, model, engine, opt, *_ = runs.get(DEFAULT_METHOD, runs[methods[-1]])
         if engine is not None and engine.mode != "static":
             upd = []
             for k in range(1, 4):
@@ -122,7 +116,7 @@ def main() -> None:
                 _sync(args.device)
                 upd.append(time.perf_counter() - t0)
             u = statistics.median(upd)
-            share = u / (u + preset.update_interval * med["chtsl"])
+            share = u / (u + preset.update_interval * med[DEFAULT_METHOD])
             print(f"topology update {1e3 * u:.1f} ms every {preset.update_interval} steps → {100 * share:.2f} % "
                   f"of wall time")
 

@@ -9,13 +9,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from chtsl_infer.configuration import ChtslConfig
 from chtsl_infer.layers import (
     LAYER_TYPES,
-    METHODS,
     SparseLowRankLinear,
     alignment_loss,
     branch_cosine,
     ocr,
     record_branches,
 )
+from chtsl_infer.methods import METHODS, Method, get_method
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.presets import PRESETS, build_config, get_preset
 
@@ -29,10 +29,12 @@ __all__ = [
     "PRESETS",
     "ChtslConfig",
     "ChtslLlamaForCausalLM",
+    "Method",
     "SparseLowRankLinear",
     "alignment_loss",
     "branch_cosine",
     "build_config",
+    "get_method",
     "get_preset",
     "ocr",
     "record_branches",

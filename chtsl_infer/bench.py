@@ -30,7 +30,10 @@ from typing import Annotated, Any
 
 import typer
 
-from chtsl_infer.console import UserError, console, write_json
+from chtsl_infer.console import console, write_json
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.methods import DEFAULT_METHOD, DENSE, METHOD_CHOICES, METHODS
+from chtsl_infer.utils import resolve_device
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -42,9 +45,9 @@ def _config_for(spec: dict[str, Any]):  # -> ChtslConfig
 
     if spec.get("ckpt"):
         config = _ckpt_config(Path(spec["ckpt"]))
-        if spec["method"] == "dense":  # the dense model of the checkpoint's shape
+        if spec["method"] == DENSE:  # the dense model of the checkpoint's shape
             fields = config.to_dict()
-            fields["chtsl"] = {**config.chtsl, "method": "dense"}
+            fields["chtsl"] = {**config.chtsl, "method": DENSE}
             return ChtslConfig(**{k: v for k, v in fields.items() if k not in ("model_type", "transformers_version")})
         return config
     return build_config(spec["preset"], method=spec["method"], s_total=spec["s_total"])
@@ -61,7 +64,7 @@ def _ckpt_config(path: Path):  # -> ChtslConfig
         with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
             return ChtslConfig.from_dict(json.loads((f.metadata() or {})["config"]))
     if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json")
+        raise ChtslError(f"{path} has no config.json")
     return ChtslConfig.from_json_file(str(path / "config.json"))
 
 
@@ -133,7 +136,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["backend"] == "onnx":
         rt = load_runtime(spec["ckpt"], "onnx", device, dtype)
     else:
-        if spec.get("ckpt") and spec["method"] != "dense":
+        if spec.get("ckpt") and spec["method"] != DENSE:
             packed = load_packed_any(spec["ckpt"])
         else:
             packed = random_packed(_config_for(spec), seed=0)
@@ -190,11 +193,11 @@ def _spawn(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise UserError(f"benchmark worker for {spec['label']} timed out after {timeout:.0f} s") from None
+        raise ChtslError(f"benchmark worker for {spec['label']} timed out after {timeout:.0f} s") from None
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         last = lines[-1] if lines else f"exit code {proc.returncode}"
-        raise UserError(f"benchmark worker for {spec['label']} failed: {last}")
+        raise ChtslError(f"benchmark worker for {spec['label']} failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -206,61 +209,49 @@ def bench_command(
     ckpt: Annotated[Path | None, typer.Argument(help="Checkpoint or export dir (omitted: random preset).")] = None,
     preset: Annotated[str, typer.Option(help="Preset when no CKPT is given.")] = "llama60m-c4",
     s_total: Annotated[float, typer.Option("--s-total", help="Total sparsity of the preset's linears.")] = 0.9,
-    method: Annotated[str, typer.Option(help="Method of the preset model (without CKPT).")] = "chtsl",
+    method: Annotated[str, typer.Option(help=f"Preset model method: {METHOD_CHOICES}.")] = DEFAULT_METHOD,
     batch: Annotated[int, typer.Option(help="Sequences per forward.")] = 128,
     seq: Annotated[int | None, typer.Option(help="Tokens per sequence (CPU 32, CUDA 256).")] = None,
     steps: Annotated[int | None, typer.Option(help="Timed steps (CPU 3, CUDA 20; paper 5000).")] = None,
     warmup: Annotated[int | None, typer.Option(help="Warm-up steps (CPU 1, CUDA 5).")] = None,
     backend: Annotated[str, typer.Option(help="Backend(s), comma-separated: auto, dense, sparse, onnx.")] = "auto",
     compare: Annotated[str, typer.Option(help="Other methods of the shape, e.g. cola,sltrain.")] = "",
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (cuda when available).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (auto: cuda when available).")] = "auto",
     dtype: Annotated[str | None, typer.Option(help="float32|bfloat16|float16 (CPU fp32, CUDA bf16).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds allowed per configuration.")] = 1800.0,
 ) -> None:
     """Tokens/s and peak memory per backend, as ratios to the dense model of the same shape."""
-    import torch
-
-    from chtsl_infer.layers import METHODS
-    from chtsl_infer.presets import get_preset
     from chtsl_infer.runtime import BACKENDS
 
     if batch <= 0:
-        raise UserError(f"--batch must be positive, got {batch}")
+        raise ChtslError(f"--batch must be positive, got {batch}")
     for name, value in (("--seq", seq), ("--steps", steps)):
         if value is not None and value <= 0:
-            raise UserError(f"{name} must be positive, got {value}")
+            raise ChtslError(f"{name} must be positive, got {value}")
     if warmup is not None and warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {warmup}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {device!r}; valid: cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available")
-    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+        raise ChtslError(f"--warmup must be >= 0, got {warmup}")
+    device = resolve_device(device)
+    dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
     if dtype not in DTYPE_CHOICES:
-        raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_CHOICES)}")
+        raise ChtslError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_CHOICES)}")
     backends = _split(backend) or ["auto"]
     for b in backends:
         if b not in BACKENDS:
-            raise UserError(f"unknown backend {b!r}; valid: {', '.join(BACKENDS)}")
+            raise ChtslError(f"unknown backend {b!r}; valid: {', '.join(BACKENDS)}")
         if b == "onnx" and ckpt is None:
-            raise UserError("backend 'onnx' needs an export directory with model.onnx as CKPT")
+            raise ChtslError("backend 'onnx' needs an export directory with model.onnx as CKPT")
         if b == "sparse" and device == "cpu" and dtype != "float32":
-            raise UserError("backend 'sparse' on CPU computes in float32; use --dtype float32")
+            raise ChtslError("backend 'sparse' on CPU computes in float32; use --dtype float32")
     for m in _split(compare):
         if m not in METHODS:
-            raise UserError(f"unknown method {m!r} in --compare; valid: {', '.join(METHODS)}")
-        if ckpt is not None and m != "dense":
-            raise UserError("--compare builds preset models; use it without CKPT (the dense baseline is always shown)")
+            raise ChtslError(f"unknown method {m!r} in --compare; valid: {', '.join(METHODS)}")
+        if ckpt is not None and m != DENSE:
+            raise ChtslError("--compare builds preset models; use it without CKPT (the dense baseline is always shown)")
     if ckpt is not None and not ckpt.exists():
-        raise UserError(f"checkpoint not found: {ckpt}")
+        raise ChtslError(f"checkpoint not found: {ckpt}")
     if ckpt is None:
-        try:
-            get_preset(preset)
-            _config_for({"preset": preset, "method": method, "s_total": s_total})
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        _config_for({"preset": preset, "method": method, "s_total": s_total})  # ChtslError on a bad name
     cpu = device == "cpu"
     if cpu:  # build the sparse kernel once here (first use only), not in each worker
         from chtsl_infer import kernels
@@ -272,12 +263,12 @@ def bench_command(
         "preset": preset, "s_total": s_total, "ckpt": str(ckpt) if ckpt else None,
     }
     main_name = ckpt.name if ckpt else method
-    baseline = {"label": "dense (baseline)", "model": "dense (baseline)", "method": "dense", "backend": "dense"}
+    baseline = {"label": "dense (baseline)", "model": "dense (baseline)", "method": DENSE, "backend": "dense"}
     specs = [{**common, **baseline}]
     for b in backends:
         specs.append({**common, "label": f"{main_name} [{b}]", "model": main_name, "method": method, "backend": b})
     for m in _split(compare):
-        if m != "dense":
+        if m != DENSE:
             specs.append({**common, "label": f"{m} [auto]", "model": m, "method": m, "backend": "auto"})
     if ckpt is not None:  # the checkpoint's own method (the worker loads its weights)
         for s in specs[1:1 + len(backends)]:
@@ -331,7 +322,7 @@ def _worker_main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     try:
         report = run_worker(spec)
-    except UserError as e:
+    except ChtslError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(report))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chtsl_infer.layers import LAYER_TYPES, METHODS, layer_link_count
+from chtsl_infer.layers import LAYER_TYPES, layer_link_count
+from chtsl_infer.methods import get_method
 
 
 def linear_shapes(
@@ -39,12 +40,12 @@ def densities(
     shapes: dict[str, tuple[int, int]], method: str, sparsity: dict[str, float], rank: dict[str, int]
 ) -> tuple[float, float]:
     """(d_c, d_l) of `method` with per-layer-type `sparsity` and `rank` (Eq. 5–6)."""
-    has_sparse, has_lowrank, _ = METHODS[method]
+    m = get_method(method)
     total = sum(i * o for i, o in shapes.values())
-    if method == "dense":
+    if m.is_dense:
         return 1.0, 0.0
-    d_c = sum((1 - sparsity[t]) * i * o for t, (i, o) in shapes.items()) / total if has_sparse else 0.0
-    d_l = sum(rank[t] * (i + o) for t, (i, o) in shapes.items()) / total if has_lowrank else 0.0
+    d_c = sum((1 - sparsity[t]) * i * o for t, (i, o) in shapes.items()) / total if m.has_sparse else 0.0
+    d_l = sum(rank[t] * (i + o) for t, (i, o) in shapes.items()) / total if m.has_lowrank else 0.0
     return d_c, d_l
 
 
@@ -82,19 +83,19 @@ def layer_budgets(
     head_dim: int | None = None,
 ) -> list[LayerBudget]:
     """Per-layer-type exact counts, as the model holds them (links per topology group for q/k/v)."""
-    has_sparse, has_lowrank, _ = METHODS[method]
+    m = get_method(method)
     rows = []
     for t in LAYER_TYPES:
         i, o = shapes[t]
         group = head_dim if t in ("q_proj", "k_proj", "v_proj") else None
-        if method == "dense":
+        if m.is_dense:
             links = i * o
         else:
-            links = layer_link_count(o, i, sparsity[t], group) if has_sparse else 0
-        r = rank[t] if has_lowrank else 0
+            links = layer_link_count(o, i, sparsity[t], group) if m.has_sparse else 0
+        r = rank[t] if m.has_lowrank else 0
         rows.append(
             LayerBudget(
-                layer_type=t, in_features=i, out_features=o, sparsity=sparsity[t] if has_sparse else 0.0, rank=r,
+                layer_type=t, in_features=i, out_features=o, sparsity=sparsity[t] if m.has_sparse else 0.0, rank=r,
                 sparse_params=links * num_layers, a_params=r * i * num_layers, b_params=r * o * num_layers,
                 dense_params=i * o * num_layers,
             )

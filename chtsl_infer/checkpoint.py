@@ -9,24 +9,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from chtsl_infer.console import UserError
+from chtsl_infer.errors import ChtslError, first_line
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
 
 
 def check_checkpoint_dir(path: str | Path) -> Path:
-    """`path` as a Path if it holds a CHTsL `config.json` and `model.safetensors`; else UserError."""
+    """`path` as a Path if it holds a CHTsL `config.json` and `model.safetensors`; else ChtslError."""
     p = Path(path)
     if not p.is_dir():
-        raise UserError(f"checkpoint not found: {p} is not a directory")
+        raise ChtslError(f"checkpoint not found: {p} is not a directory")
     config = p / "config.json"
     if not config.is_file() or not (p / "model.safetensors").is_file():
-        raise UserError(f"{p} is not a chtsl checkpoint (expected config.json and model.safetensors)")
+        raise ChtslError(f"{p} is not a chtsl checkpoint (expected config.json and model.safetensors)")
     try:
         model_type = json.loads(config.read_text()).get("model_type")
     except (json.JSONDecodeError, OSError) as e:
-        raise UserError(f"{config} is not readable JSON: {e}") from None
+        raise ChtslError(f"{config} is not readable JSON: {e}") from None
     if model_type != "chtsl_llama":
-        raise UserError(f"{p} is not a chtsl checkpoint (model_type {model_type!r}, expected 'chtsl_llama')")
+        raise ChtslError(f"{p} is not a chtsl checkpoint (model_type {model_type!r}, expected 'chtsl_llama')")
     return p
 
 
@@ -44,15 +44,15 @@ def load_model(path: str | Path, device: str = "cpu") -> ChtslLlamaForCausalLM:
     try:
         model = ChtslLlamaForCausalLM.from_pretrained(p, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load {p}: {str(e).splitlines()[0]}") from None
+        raise ChtslError(f"cannot load {p}: {first_line(e)}") from None
     return model.to(device).eval()
 
 
 def load_tokenizer(path: str | Path):  # -> PreTrainedTokenizerBase
-    """The tokenizer saved beside a checkpoint (tokenizer.json); UserError when there is none."""
+    """The tokenizer saved beside a checkpoint (tokenizer.json); ChtslError when there is none."""
     from transformers import AutoTokenizer
 
     p = Path(path)
     if not (p / "tokenizer.json").is_file():
-        raise UserError(f"{p} has no tokenizer.json")
+        raise ChtslError(f"{p} has no tokenizer.json")
     return AutoTokenizer.from_pretrained(p, trust_remote_code=False)

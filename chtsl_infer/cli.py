@@ -11,8 +11,10 @@ import sys
 import typer
 
 from chtsl_infer.bench import bench_command
-from chtsl_infer.console import UserError, console, err_console, write_json
+from chtsl_infer.console import console, err_console, write_json
+from chtsl_infer.errors import ChtslError
 from chtsl_infer.generate import generate_command
+from chtsl_infer.methods import DEFAULT_METHOD, METHOD_CHOICES
 from evals.command import eval_command
 from export.command import export_command
 from train.command import plot_command, train_command
@@ -30,7 +32,7 @@ app = typer.Typer(
 def info_command(
     preset: str = typer.Option("llama60m-c4", help="Preset name, e.g. llama60m-c4, llama130m-owt, tiny."),
     s_total: float = typer.Option(0.9, "--s-total", help="Total sparsity of the linears (0.9, 0.8 or 0.7)."),
-    method: str = typer.Option("chtsl", help="dense|chts|cola|sltrain|naive|act|chtsl."),
+    method: str = typer.Option(DEFAULT_METHOD, help=f"{METHOD_CHOICES}."),
     sparsity: float | None = typer.Option(None, help="Override the preset's sparsity s of S."),
     rank: int | None = typer.Option(None, help="Override the preset's rank r of the low-rank branch."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
@@ -39,10 +41,7 @@ def info_command(
     from chtsl_infer.info import budget_report, budget_table
     from chtsl_infer.presets import build_config
 
-    try:
-        config = build_config(preset, method=method, s_total=s_total, sparsity=sparsity, rank=rank)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    config = build_config(preset, method=method, s_total=s_total, sparsity=sparsity, rank=rank)
     report = budget_report(config, preset)
     if json_out:
         write_json(report, "-")
@@ -59,10 +58,11 @@ app.command("eval")(eval_command)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `chtsl` script: runs the app, turning `UserError` into one line + exit 2."""
+    """Entry point of the `chtsl` script: runs the app, turning `ChtslError` (bad input, raised anywhere
+    in the library) into one line `error: ...` + exit 2."""
     try:
         app(args=argv, prog_name="chtsl")
-    except UserError as e:
+    except ChtslError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
 

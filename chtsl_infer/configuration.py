@@ -7,12 +7,14 @@ from typing import Any
 from transformers import LlamaConfig
 
 from chtsl_infer import budget
-from chtsl_infer.layers import ACTIVATIONS, LAYER_TYPES, METHODS
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.layers import ACTIVATIONS, LAYER_TYPES
+from chtsl_infer.methods import DEFAULT_METHOD, get_method
 
 ALIGN_CHOICES = ("all", "qk", "others")
 
 DEFAULT_BLOCK: dict[str, Any] = {
-    "method": "chtsl",
+    "method": DEFAULT_METHOD,
     "sparsity": 0.95,
     "rank": 16,
     "activation": None,  # None: the method's own (SiLU for chtsl/act/cola, identity otherwise)
@@ -29,28 +31,27 @@ def normalize_block(block: dict[str, Any] | None) -> dict[str, Any]:
     """
     out = {**DEFAULT_BLOCK, **(block or {})}
     method = out["method"]
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    spec = get_method(method)
     for key, cast in (("sparsity", float), ("rank", int)):
         value = out[key]
         per_type = dict(value) if isinstance(value, dict) else {t: value for t in LAYER_TYPES}
         if set(per_type) != set(LAYER_TYPES):
-            raise ValueError(f"chtsl.{key} must name every layer type: {', '.join(LAYER_TYPES)}")
+            raise ChtslError(f"chtsl.{key} must name every layer type: {', '.join(LAYER_TYPES)}")
         out[key] = {t: cast(per_type[t]) for t in LAYER_TYPES}
-    has_sparse, has_lowrank, default_act = METHODS[method]
+    has_sparse, has_lowrank = spec.has_sparse, spec.has_lowrank
     for t, s in out["sparsity"].items():
         if has_sparse and not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsity of {t} must be in [0, 1), got {s}")
+            raise ChtslError(f"sparsity of {t} must be in [0, 1), got {s}")
     for t, r in out["rank"].items():
         if r < 0 or (has_lowrank and r == 0):
-            raise ValueError(f"rank of {t} must be a positive integer for method {method!r}, got {r}")
-    out["activation"] = out["activation"] or default_act
+            raise ChtslError(f"rank of {t} must be a positive integer for method {method!r}, got {r}")
+    out["activation"] = out["activation"] or spec.activation
     if out["activation"] not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {out['activation']!r}; valid: {', '.join(ACTIVATIONS)}")
+        raise ChtslError(f"unknown activation {out['activation']!r}; valid: {', '.join(ACTIVATIONS)}")
     if out["align_layers"] not in ALIGN_CHOICES:
-        raise ValueError(f"unknown align layers {out['align_layers']!r}; valid: {', '.join(ALIGN_CHOICES)}")
+        raise ChtslError(f"unknown align layers {out['align_layers']!r}; valid: {', '.join(ALIGN_CHOICES)}")
     if float(out["align_lambda"]) < 0:
-        raise ValueError(f"alignment lambda must be >= 0, got {out['align_lambda']}")
+        raise ChtslError(f"alignment lambda must be >= 0, got {out['align_lambda']}")
     out["align_lambda"] = float(out["align_lambda"])
     return out
 
@@ -83,8 +84,8 @@ class ChtslConfig(LlamaConfig):
         return self.chtsl["method"]
 
     def align_layer_types(self) -> tuple[str, ...]:
-        """Layer types whose branches enter the alignment loss (none unless method is `chtsl`)."""
-        if self.method != "chtsl" or self.chtsl["align_lambda"] == 0:
+        """Layer types whose branches enter the alignment loss (none unless the method aligns)."""
+        if not get_method(self.method).aligns or self.chtsl["align_lambda"] == 0:
             return ()
         which = self.chtsl["align_layers"]
         if which == "qk":

@@ -1,4 +1,4 @@
-"""Shared terminal output and the one-line error convention of every `chtsl` command."""
+"""Shared terminal output of every `chtsl` command, and the JSON readers/writers they share."""
 
 from __future__ import annotations
 
@@ -10,17 +10,16 @@ from typing import Any
 
 from rich.console import Console
 
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.utils import atomic_write_text
+
 console = Console()
 err_console = Console(stderr=True)
 
 
-class UserError(Exception):
-    """Bad input: `chtsl` prints the message as one line and exits with code 2 (no traceback)."""
-
-
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) of each non-blank line of a JSONL file; a line that is not JSON
-    raises UserError naming `path:line`. OSError/UnicodeDecodeError propagate to the caller."""
+    raises ChtslError naming `path:line`. OSError/UnicodeDecodeError propagate to the caller."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -28,7 +27,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
+                raise ChtslError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
 
 
 def write_json(data: Any, path: str | Path | None) -> None:
@@ -39,11 +38,7 @@ def write_json(data: Any, path: str | Path | None) -> None:
     if str(path) == "-":
         sys.stdout.write(text + "\n")
         return
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
     try:
-        tmp.write_text(text + "\n")
-        tmp.replace(target)
+        atomic_write_text(path, text + "\n")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {target}: {e.strerror or e}") from None
+        raise ChtslError(f"cannot write {path}: {e.strerror or e}") from None

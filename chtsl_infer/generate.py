@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-from chtsl_infer.console import UserError, console
+from chtsl_infer.console import console
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.utils import resolve_device
 
 
 def generate_command(
@@ -17,7 +19,7 @@ def generate_command(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
     backend: Annotated[str, typer.Option(help="auto, dense, sparse or onnx.")] = "auto",
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (auto: cuda when available).")] = "cpu",
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
 ) -> None:
     """Streams generated text (KV cache via transformers' generate) and prints tokens/s."""
@@ -28,25 +30,22 @@ def generate_command(
     from chtsl_infer.runtime import BACKENDS, load_runtime
 
     if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        raise ChtslError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+        raise ChtslError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {temperature}")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {device!r}; valid: cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available")
+        raise ChtslError(f"--temperature must be >= 0, got {temperature}")
+    device = resolve_device(device)
     if not ckpt.is_dir():
-        raise UserError(f"checkpoint not found: {ckpt} is not a directory")
+        raise ChtslError(f"checkpoint not found: {ckpt} is not a directory")
     tokenizer = load_tokenizer(ckpt)
     rt = load_runtime(ckpt, backend, device)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
-        raise UserError("--prompt encodes to no tokens")
+        raise ChtslError("--prompt encodes to no tokens")
     limit = rt.config.max_position_embeddings
     if ids.shape[1] + max_new_tokens > limit:
-        raise UserError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
+        raise ChtslError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
                         f"model's {limit} positions")
     torch.manual_seed(seed)
     streamer = TextStreamer(tokenizer, skip_prompt=False)

@@ -6,7 +6,7 @@
 
 where `S` (out × in) is a dense weight times a boolean mask (the training form of an unstructured
 sparse matrix), `A` (r × in) and `B` (out × r) are dense low-rank factors and σ an activation.
-One class covers every method of the paper by configuration (see `METHODS`).
+One class covers every method of the paper by configuration (`chtsl_infer.methods`).
 """
 
 from __future__ import annotations
@@ -20,16 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: method -> (has sparse branch, has low-rank branch, default activation of the low-rank branch)
-METHODS: dict[str, tuple[bool, bool, str]] = {
-    "dense": (False, False, "identity"),  # plain Linear: `weight` is the full dense matrix
-    "chts": (True, False, "identity"),  # S only
-    "cola": (False, True, "silu"),  # B σ(A x) only
-    "sltrain": (True, True, "identity"),  # static S + (α/r) B A x
-    "naive": (True, True, "identity"),  # S + B A x
-    "act": (True, True, "silu"),  # S + B σ(A x)
-    "chtsl": (True, True, "silu"),  # act + alignment loss
-}
+from chtsl_infer.methods import DEFAULT_METHOD, get_method
+
 ACTIVATIONS = ("silu", "relu", "gelu", "identity")
 LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -98,7 +90,7 @@ class SparseLowRankLinear(nn.Module):
         in_features: int,
         out_features: int,
         *,
-        method: str = "chtsl",
+        method: str = DEFAULT_METHOD,
         sparsity: float = 0.0,
         rank: int = 0,
         activation: str | None = None,
@@ -106,14 +98,13 @@ class SparseLowRankLinear(nn.Module):
         group_rows: int | None = None,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-        has_sparse, has_lowrank, default_act = METHODS[method]
+        spec = get_method(method)
+        has_sparse, has_lowrank = spec.has_sparse, spec.has_lowrank
         if has_sparse and not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
         if has_lowrank and rank <= 0:
             raise ValueError(f"method {method!r} needs a positive rank, got {rank}")
-        activation = activation or default_act
+        activation = activation or spec.activation
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
         if group_rows is not None and out_features % group_rows:
@@ -124,13 +115,12 @@ class SparseLowRankLinear(nn.Module):
         self.rank = rank if has_lowrank else 0
         self.activation = activation if has_lowrank else "identity"
         self.group_rows = group_rows
-        # SLTrain scales its linear low-rank product by α/r; every other method by 1.
-        self.scale = (alpha or 32.0) / rank if method == "sltrain" else 1.0
+        self.scale = spec.lowrank_scale(alpha, rank)
         self.has_sparse, self.has_lowrank = has_sparse, has_lowrank
         self.recorder: BranchRecorder | None = None  # set by `record_branches`
 
         self.weight = (
-            nn.Parameter(torch.empty(out_features, in_features)) if method != "cola" else None
+            nn.Parameter(torch.empty(out_features, in_features)) if spec.has_weight else None
         )
         if has_sparse:
             self.register_buffer("mask", random_mask(out_features, in_features, sparsity, group_rows))

@@ -16,6 +16,7 @@ from transformers import initialization as init
 
 from chtsl_infer.configuration import ChtslConfig
 from chtsl_infer.layers import LAYER_TYPES, SparseLowRankLinear
+from chtsl_infer.methods import get_method
 
 
 class ChtslLlamaModel(LlamaModel):
@@ -54,8 +55,9 @@ class ChtslLlamaModel(LlamaModel):
         if not isinstance(module, SparseLowRankLinear):
             super()._init_weights(module)
             return
+        sltrain_init = get_method(module.method).init == "sltrain"
         if module.weight is not None:
-            if module.method == "sltrain":  # SLTrain: sparse values uniform(±1/√in)
+            if sltrain_init:  # SLTrain: sparse values uniform(±1/√in)
                 bound = 1.0 / math.sqrt(module.in_features)
                 init.uniform_(module.weight, -bound, bound)
             else:  # as Hugging Face Llama: N(0, initializer_range²), kept (not rescaled) on the mask
@@ -63,7 +65,7 @@ class ChtslLlamaModel(LlamaModel):
             if module.mask is not None and not getattr(module.weight, "_is_hf_initialized", False):
                 module.weight.mul_(module.mask)
         if module.has_lowrank:
-            if module.method == "sltrain":  # SLTrain: A kaiming-uniform, B = 0
+            if sltrain_init:  # SLTrain: A kaiming-uniform, B = 0
                 init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
                 init.zeros_(module.lora_B)
             else:  # CoLA: every entry N(0, σ0²), σ0 = (r·(in+out))^(-1/4)

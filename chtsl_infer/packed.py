@@ -20,8 +20,6 @@ from `train/` or `export/`, so the inference runtime can load exports on its own
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +27,10 @@ from pathlib import Path
 import torch
 
 from chtsl_infer.configuration import ChtslConfig
-from chtsl_infer.console import UserError
+from chtsl_infer.errors import ChtslError, first_line
 from chtsl_infer.layers import SparseLowRankLinear
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.utils import atomic_path
 
 FORMAT = "chtsl-packed"
 FORMAT_VERSION = "1"
@@ -221,21 +220,8 @@ def save_packed(packed: PackedModel, path: str | Path) -> None:
 
     target = Path(path)
     metadata = {**packed.metadata, **_metadata(packed.config, packed.dtype)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_path(target) as tmp:
         save_file(packed.tensors(), tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------- loading
@@ -257,55 +243,54 @@ def _expected_layout(config: ChtslConfig) -> tuple[dict[str, SparseLowRankLinear
 
 
 def _read_file(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a safetensors file; UserError when it is missing, corrupt or truncated."""
+    """(metadata, tensors) of a safetensors file; ChtslError when it is missing, corrupt or truncated."""
     from safetensors import safe_open
 
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise ChtslError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iter)
     except Exception as e:  # safetensors raises SafetensorError/OSError/RuntimeError for bad bytes
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: not a readable safetensors file ({first})") from None
+        raise ChtslError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     return metadata, tensors
 
 
 def _check_csr(path: Path, lin: PackedLinear, values_dtype: torch.dtype) -> None:
-    """Validates one CSR triple; UserError naming the file, the layer and the problem."""
+    """Validates one CSR triple; ChtslError naming the file, the layer and the problem."""
     where = f"{path}: {lin.name}"
     crow, col, vals = lin.crow_indices, lin.col_indices, lin.values
     assert crow is not None and col is not None and vals is not None
     if crow.dtype != torch.int32 or crow.shape != (lin.out_features + 1,):
-        raise UserError(f"{where}.crow_indices must be int32 of shape ({lin.out_features + 1},), "
+        raise ChtslError(f"{where}.crow_indices must be int32 of shape ({lin.out_features + 1},), "
                         f"got {crow.dtype} {tuple(crow.shape)}")
     want_col = col_index_dtype(lin.in_features)
     if col.dtype != want_col or col.dim() != 1:
-        raise UserError(f"{where}.col_indices must be a 1-D {want_col} tensor, got {col.dtype} {tuple(col.shape)}")
+        raise ChtslError(f"{where}.col_indices must be a 1-D {want_col} tensor, got {col.dtype} {tuple(col.shape)}")
     if vals.dtype != values_dtype or vals.shape != col.shape:
-        raise UserError(f"{where}.values must be {values_dtype} of shape {tuple(col.shape)}, "
+        raise ChtslError(f"{where}.values must be {values_dtype} of shape {tuple(col.shape)}, "
                         f"got {vals.dtype} {tuple(vals.shape)}")
     crow64 = crow.long()
     if crow64[0] != 0 or crow64[-1] != col.numel():
-        raise UserError(f"{where}.crow_indices must start at 0 and end at nnz={col.numel()}, "
+        raise ChtslError(f"{where}.crow_indices must start at 0 and end at nnz={col.numel()}, "
                         f"got {int(crow64[0])}..{int(crow64[-1])}")
     if bool((crow64[1:] < crow64[:-1]).any()):
-        raise UserError(f"{where}.crow_indices are not monotone")
+        raise ChtslError(f"{where}.crow_indices are not monotone")
     col64 = col.long()
     if col64.numel() and (int(col64.min()) < 0 or int(col64.max()) >= lin.in_features):
-        raise UserError(f"{where}.col_indices out of range [0, {lin.in_features}): "
+        raise ChtslError(f"{where}.col_indices out of range [0, {lin.in_features}): "
                         f"min {int(col64.min())}, max {int(col64.max())}")
     rows = lin.row_indices()
     same_row = rows[1:] == rows[:-1]
     if bool((same_row & (col64[1:] <= col64[:-1])).any()):
-        raise UserError(f"{where}.col_indices are not strictly increasing within a row")
+        raise ChtslError(f"{where}.col_indices are not strictly increasing within a row")
 
 
 def _check_shape(path: Path, key: str, tensor: torch.Tensor, shape: tuple[int, ...] | torch.Size,
                  dtype: torch.dtype) -> None:
     if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-        raise UserError(f"{path}: {key} should be {dtype} {tuple(shape)}, got {tensor.dtype} {tuple(tensor.shape)}")
+        raise ChtslError(f"{path}: {key} should be {dtype} {tuple(shape)}, got {tensor.dtype} {tuple(tensor.shape)}")
 
 
 def load_packed(path: str | Path) -> PackedModel:
@@ -313,7 +298,7 @@ def load_packed(path: str | Path) -> PackedModel:
 
     Checks the header (format, version, dtype, config), every expected tensor's presence, dtype
     and shape against the config, and every CSR triple (row pointers monotone from 0 to nnz,
-    columns in range and strictly increasing within rows). Any violation → UserError naming the
+    columns in range and strictly increasing within rows). Any violation → ChtslError naming the
     file and the problem; unexpected extra tensors are errors too.
     """
     p = Path(path)
@@ -321,25 +306,25 @@ def load_packed(path: str | Path) -> PackedModel:
         p = p / WEIGHTS_NAME
     metadata, tensors = _read_file(p)
     if metadata.get("format") != FORMAT:
-        raise UserError(f"{p}: not a chtsl packed export (metadata format {metadata.get('format')!r}, "
+        raise ChtslError(f"{p}: not a chtsl packed export (metadata format {metadata.get('format')!r}, "
                         f"expected {FORMAT!r})")
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{p}: unsupported format_version {metadata.get('format_version')!r} "
+        raise ChtslError(f"{p}: unsupported format_version {metadata.get('format_version')!r} "
                         f"(this chtsl reads {FORMAT_VERSION!r})")
     dtype = DTYPES.get(metadata.get("dtype", ""))
     if dtype is None:
-        raise UserError(f"{p}: unknown dtype {metadata.get('dtype')!r} in metadata; valid: {', '.join(DTYPES)}")
+        raise ChtslError(f"{p}: unknown dtype {metadata.get('dtype')!r} in metadata; valid: {', '.join(DTYPES)}")
     try:
         config = ChtslConfig.from_dict(json.loads(metadata["config"]))
     except (KeyError, json.JSONDecodeError, TypeError, ValueError) as e:
-        raise UserError(f"{p}: invalid config in metadata ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        raise ChtslError(f"{p}: invalid config in metadata ({first_line(e)})") from None
 
     layers, dense_shapes = _expected_layout(config)
     remaining = dict(tensors)
 
     def take(key: str) -> torch.Tensor:
         if key not in remaining:
-            raise UserError(f"{p}: missing tensor {key}")
+            raise ChtslError(f"{p}: missing tensor {key}")
         return remaining.pop(key)
 
     linears: dict[str, PackedLinear] = {}
@@ -367,7 +352,7 @@ def load_packed(path: str | Path) -> PackedModel:
         _check_shape(p, key, tensor, shape, dtype if tensor.is_floating_point() else tensor.dtype)
         dense[key] = tensor
     if remaining:
-        raise UserError(f"{p}: unexpected tensor {sorted(remaining)[0]} (and {len(remaining) - 1} more)"
+        raise ChtslError(f"{p}: unexpected tensor {sorted(remaining)[0]} (and {len(remaining) - 1} more)"
                         if len(remaining) > 1 else f"{p}: unexpected tensor {next(iter(remaining))}")
     return PackedModel(config=config, dtype=dtype, linears=linears, dense=dense, metadata=dict(metadata))
 
@@ -396,7 +381,7 @@ def unpack_model(packed: PackedModel, dtype: torch.dtype | None = None) -> Chtsl
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_keys(packed.config)]
     if missing or unexpected:
-        raise UserError(f"packed model does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ChtslError(f"packed model does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if packed.config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

@@ -10,7 +10,8 @@ from typing import Any
 
 from chtsl_infer import budget
 from chtsl_infer.configuration import ChtslConfig
-from chtsl_infer.layers import METHODS
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.methods import DEFAULT_METHOD, Method, get_method
 
 S_TOTALS = (0.9, 0.8, 0.7)
 
@@ -49,17 +50,19 @@ class Preset:
     def shapes(self) -> dict[str, tuple[int, int]]:
         return budget.linear_shapes(self.hidden_size, self.intermediate_size, self.num_heads)
 
-    def split(self, s_total: float, method: str = "chtsl") -> tuple[float, int]:
-        """(s, r) of `method` at `s_total`: the paper's table for CHTsL-like methods; the whole
-        budget in S for `chts` and in the rank for `cola`; (0, 0) for `dense`."""
+    def split(self, s_total: float, method: str | Method = DEFAULT_METHOD) -> tuple[float, int]:
+        """(s, r) of `method` at `s_total`: the paper's table for methods with both branches; the
+        whole budget in S for S-only methods (chts) and in the rank for low-rank-only ones (cola);
+        (0, 0) for a dense method."""
+        m = get_method(method)
         if s_total not in self.table:
             valid = ", ".join(str(s) for s in self.table)
-            raise ValueError(f"s_total {s_total} is not in the table of preset {self.name}; valid: {valid}")
-        if method == "dense":
+            raise ChtslError(f"s_total {s_total} is not in the table of preset {self.name}; valid: {valid}")
+        if m.is_dense:
             return 0.0, 0
-        if method == "chts":
+        if not m.has_lowrank:
             return s_total, 0
-        if method == "cola":
+        if not m.has_sparse:
             return 0.0, round((1.0 - s_total) / budget.rank_density(self.shapes()))
         return self.table[s_total]
 
@@ -109,14 +112,14 @@ PRESETS: dict[str, Preset] = _make_presets()
 def get_preset(name: str) -> Preset:
     """The preset called `name`; ValueError naming the valid ones otherwise."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+        raise ChtslError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
 def build_config(
     preset: str | Preset,
     *,
-    method: str = "chtsl",
+    method: str = DEFAULT_METHOD,
     s_total: float = 0.9,
     sparsity: float | None = None,
     rank: int | None = None,
@@ -128,15 +131,14 @@ def build_config(
 ) -> ChtslConfig:
     """The `ChtslConfig` of a preset at `s_total` (explicit `sparsity`/`rank` override the table)."""
     p = get_preset(preset) if isinstance(preset, str) else preset
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    s, r = p.split(s_total, method)
+    m = get_method(method)
+    s, r = p.split(s_total, m)
     block = {
         "method": method,
         "sparsity": s if sparsity is None else sparsity,
         "rank": r if rank is None else rank,
         "activation": activation,
-        "alpha": p.sltrain_alpha if method == "sltrain" else None,
+        "alpha": p.sltrain_alpha if m.scale == "alpha_over_rank" else None,
         "align_lambda": p.align_lambda if align_lambda is None else align_lambda,
         "align_layers": align_layers,
     }

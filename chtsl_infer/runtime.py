@@ -33,7 +33,7 @@ from torch import nn
 
 from chtsl_infer import feature_major, kernels
 from chtsl_infer.configuration import ChtslConfig
-from chtsl_infer.console import UserError
+from chtsl_infer.errors import ChtslError
 from chtsl_infer.layers import activation_fn, random_mask
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.packed import PackedLinear, PackedModel
@@ -165,9 +165,9 @@ class FusedMember(nn.Module):
 
 
 def resolve_backend(backend: str, packed: PackedModel | None, device: torch.device) -> str:
-    """The concrete backend for `backend` (`auto` resolved); UserError when unknown/unavailable."""
+    """The concrete backend for `backend` (`auto` resolved); ChtslError when unknown/unavailable."""
     if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        raise ChtslError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     if device.type != "cpu" or packed is None or not kernels.cpu_kernel_status()[0]:
@@ -205,14 +205,14 @@ def build_model(packed: PackedModel, backend: str = "dense", device: str | torch
         packed.dense.clear()
     _, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     if unexpected:
-        raise UserError(f"packed model does not match its config: unexpected {unexpected[:3]}")
+        raise ChtslError(f"packed model does not match its config: unexpected {unexpected[:3]}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     with torch.device(device):  # RoPE frequencies are non-persistent buffers: recompute them
         model.model.rotary_emb = type(model.model.rotary_emb)(config)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise UserError(f"packed model does not match its config: missing {left[:3]}")
+        raise ChtslError(f"packed model does not match its config: missing {left[:3]}")
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
@@ -356,10 +356,10 @@ def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.
     device = torch.device(device)
     backend = resolve_backend(backend, packed, device)
     if backend == "onnx":
-        raise UserError("backend 'onnx' needs an export directory with model.onnx "
+        raise ChtslError("backend 'onnx' needs an export directory with model.onnx "
                         "(run `chtsl export CKPT --format onnx`)")
     if backend == "sparse" and device.type == "cpu" and dtype != torch.float32:
-        raise UserError("backend 'sparse' on CPU computes in float32; use --dtype float32 or --backend dense")
+        raise ChtslError("backend 'sparse' on CPU computes in float32; use --dtype float32 or --backend dense")
     model = build_model(packed, backend, device, dtype, consume=consume)
     if device.type == "cpu":  # after the build: its freed packed tensors go back to the OS
         keep_freed_heap()
@@ -401,7 +401,7 @@ def load_packed_any(path: str | Path) -> PackedModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI shows its own progress; keep stderr to errors
-    model = load_model(path)  # validates the directory (UserError when it is not a checkpoint)
+    model = load_model(path)  # validates the directory (ChtslError when it is not a checkpoint)
     packed = pack_model(model, torch.float32)
     del model
     return packed
@@ -412,7 +412,7 @@ def load_runtime(path: str | Path, backend: str = "auto", device: str | torch.de
     """The `Runtime` of a checkpoint or export directory with `backend`."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"checkpoint not found: {p}")
+        raise ChtslError(f"checkpoint not found: {p}")
     device = torch.device(device)
     if backend == "onnx":
         return _onnx_runtime(p, device, dtype)
@@ -427,15 +427,15 @@ def _onnx_runtime(path: Path, device: torch.device, dtype: torch.dtype) -> Runti
     """onnxruntime on `<path>/model.onnx` (CUDA provider on a CUDA device)."""
     onnx_file = path / "model.onnx" if path.is_dir() else path
     if not onnx_file.is_file():
-        raise UserError(f"{path} has no model.onnx; run `chtsl export {path} --format onnx` first")
+        raise ChtslError(f"{path} has no model.onnx; run `chtsl export {path} --format onnx` first")
     try:
         import onnxruntime as ort
     except ImportError:
-        raise UserError("backend 'onnx' needs onnxruntime (pip install onnxruntime)") from None
+        raise ChtslError("backend 'onnx' needs onnxruntime (pip install onnxruntime)") from None
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise UserError("backend 'onnx' on cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
+            raise ChtslError("backend 'onnx' on cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
         providers.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()

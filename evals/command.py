@@ -15,20 +15,12 @@ from typing import Annotated, Any
 
 import typer
 
-from chtsl_infer.console import UserError, console, err_console, write_json
+from chtsl_infer.console import console, err_console, write_json
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.utils import resolve_device
 
 BACKENDS = ("dense", "sparse", "onnx", "auto")  # dense: the checkpoint's model; others: chtsl_infer.runtime
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _device(device: str | None) -> str:
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    return device
 
 
 def _progress():  # -> rich.progress.Progress
@@ -41,7 +33,7 @@ def _progress():  # -> rich.progress.Progress
 
 
 def check_model_dir(ckpt: Path) -> None:
-    """UserError unless `ckpt` is a training checkpoint or a packed export directory."""
+    """ChtslError unless `ckpt` is a training checkpoint or a packed export directory."""
     from chtsl_infer.checkpoint import check_checkpoint_dir
     from chtsl_infer.packed import is_packed_dir
 
@@ -76,7 +68,7 @@ def run_tasks(ckpt: Path, tasks: str, *, data_dir: Path | None, batch_size: int,
     """Runs lm-eval on `tasks` and prints the results table; returns lm-eval's results dict."""
     if data_dir is not None:
         if not data_dir.is_dir():
-            raise UserError(f"--data-dir {data_dir} is not a directory")
+            raise ChtslError(f"--data-dir {data_dir} is not a directory")
         from evals.harness import enable_offline
 
         enable_offline()  # before datasets / lm_eval are imported: they read it at import
@@ -86,7 +78,7 @@ def run_tasks(ckpt: Path, tasks: str, *, data_dir: Path | None, batch_size: int,
     check_model_dir(ckpt)
     if data_dir is not None:  # find and check every file before the (slow) model load and lm-eval run
         harness.task_configs(names, data_dir)
-    model, tokenizer = _load(ckpt, backend, _device(device), dtype)
+    model, tokenizer = _load(ckpt, backend, resolve_device(device), dtype)
     for note in notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     with harness.quiet_lm_eval(), _progress() as progress:
@@ -139,7 +131,7 @@ def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, devi
     from evals.perplexity import perplexity
     from train.data import validation_batches
 
-    device = _device(device)
+    device = resolve_device(device)
     check_model_dir(ckpt)
     model, tokenizer = _load(ckpt, backend, device, "float32")
     spec, eval_batch, last_val = validation_spec(ckpt, model.config, data=data, max_tokens=max_tokens)
@@ -210,23 +202,23 @@ def eval_command(
             console.print(f"{group}  (group: {', '.join(members)})", highlight=False, soft_wrap=True)
         return
     if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        raise ChtslError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        raise ChtslError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     if log_samples and (output is None or str(output) == "-"):
-        raise UserError("--log-samples needs --output FILE (the samples go beside it)")
+        raise ChtslError("--log-samples needs --output FILE (the samples go beside it)")
     if output is not None and str(output) != "-" and not output.parent.is_dir():
-        raise UserError(f"--output {output}: the directory {output.parent} does not exist")
+        raise ChtslError(f"--output {output}: the directory {output.parent} does not exist")
     if ppl == (tasks is not None):
-        raise UserError("pass either --tasks NAMES (lm-eval) or --perplexity (see --list-tasks for names)")
+        raise ChtslError("pass either --tasks NAMES (lm-eval) or --perplexity (see --list-tasks for names)")
     if ppl:
         if data_dir is not None or limit is not None or log_samples:
-            raise UserError("--data-dir, --limit and --log-samples are for --tasks; --perplexity uses --data")
+            raise ChtslError("--data-dir, --limit and --log-samples are for --tasks; --perplexity uses --data")
         if dtype != "float32":
-            raise UserError("--dtype is for --tasks; --perplexity computes as the trainer (fp32, CUDA: bf16 autocast)")
+            raise ChtslError("--dtype is for --tasks; --perplexity computes as the trainer (fp32, CUDA: bf16 autocast)")
         run_perplexity(ckpt, data=data, max_tokens=max_tokens, device=device, backend=backend, output=output)
         return
     if data is not None or max_tokens is not None:
-        raise UserError("--data and --max-tokens are for --perplexity; lm-eval tasks use --data-dir")
+        raise ChtslError("--data and --max-tokens are for --perplexity; lm-eval tasks use --data-dir")
     run_tasks(ckpt, tasks, data_dir=data_dir, batch_size=batch_size, limit=limit, device=device, dtype=dtype,
               backend=backend, output=output, log_samples=log_samples)

@@ -17,7 +17,7 @@ import functools
 import json
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, redirect_stdout
+from contextlib import ExitStack, contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import CausalLMOutput
 
-from chtsl_infer.console import UserError, iter_jsonl
+from chtsl_infer.console import iter_jsonl
+from chtsl_infer.errors import ChtslError, first_line
+from chtsl_infer.utils import atomic_path
 
 # name -> the built-in YAML defining it, relative to lm_eval/tasks
 TASK_YAMLS: dict[str, str] = {
@@ -107,16 +109,16 @@ def task_names() -> list[str]:
 def resolve_tasks(spec: str) -> tuple[list[str], list[str]]:
     """(tasks, notes): the comma-separated `spec` with groups expanded, in order, deduplicated.
 
-    Raises UserError naming the valid choices for an unknown name.
+    Raises ChtslError naming the valid choices for an unknown name.
     """
     tasks: list[str] = []
     notes: list[str] = []
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
-        raise UserError(f"no task given; valid: {', '.join(task_names())}")
+        raise ChtslError(f"no task given; valid: {', '.join(task_names())}")
     for name in names:
         if name in UNSUPPORTED:
-            raise UserError(f"task {name!r} is not supported: {UNSUPPORTED[name]}")
+            raise ChtslError(f"task {name!r} is not supported: {UNSUPPORTED[name]}")
         if name in GROUPS:
             expanded = GROUPS[name]
             if name == "super-glue-lm-eval-v1":
@@ -124,7 +126,7 @@ def resolve_tasks(spec: str) -> tuple[list[str], list[str]]:
         elif name in TASK_YAMLS:
             expanded = (name,)
         else:
-            raise UserError(f"unknown task {name!r}; valid: {', '.join(task_names())}")
+            raise ChtslError(f"unknown task {name!r}; valid: {', '.join(task_names())}")
         tasks.extend(t for t in expanded if t not in tasks)
     return tasks, notes
 
@@ -136,7 +138,7 @@ def builtin_config(task: str) -> dict[str, Any]:
 
     config = load_yaml(Path(lm_eval.tasks.__file__).parent / TASK_YAMLS[task], resolve_func=True)
     if config.get("task") != task:  # guards against a future lm-eval moving its YAML files
-        raise UserError(f"lm-eval's {TASK_YAMLS[task]} defines {config.get('task')!r}, expected {task!r}")
+        raise ChtslError(f"lm-eval's {TASK_YAMLS[task]} defines {config.get('task')!r}, expected {task!r}")
     config.pop("tag", None)
     return config
 
@@ -145,7 +147,7 @@ def data_file(config: dict[str, Any], data_dir: Path) -> Path:
     """The local evaluation split of a task: DIR/<dataset>/<config>/<split>.jsonl (or .parquet).
 
     <dataset> is glue, super_glue or hellaswag; <config> the hub config name ("default" when the
-    hub dataset has none). Raises UserError naming the exact path expected when it is missing.
+    hub dataset has none). Raises ChtslError naming the exact path expected when it is missing.
     """
     folder = DATASET_DIRS[config["dataset_path"]]
     split = config["validation_split"]
@@ -153,11 +155,11 @@ def data_file(config: dict[str, Any], data_dir: Path) -> Path:
     for suffix in DATA_SUFFIXES:
         if base.with_suffix(suffix).is_file():
             return base.with_suffix(suffix)
-    raise UserError(f"task {config['task']!r} needs {base.with_suffix('.jsonl')} (or .parquet) in --data-dir")
+    raise ChtslError(f"task {config['task']!r} needs {base.with_suffix('.jsonl')} (or .parquet) in --data-dir")
 
 
 def check_data_file(task: str, path: Path) -> int:
-    """Rows of a local split, after checking it parses and has `REQUIRED_COLUMNS[task]` (UserError
+    """Rows of a local split, after checking it parses and has `REQUIRED_COLUMNS[task]` (ChtslError
     naming the file, line and missing columns otherwise: lm-eval's own errors name neither)."""
     need = REQUIRED_COLUMNS[task]
     if path.suffix == ".parquet":
@@ -166,23 +168,23 @@ def check_data_file(task: str, path: Path) -> int:
         try:
             meta = pq.read_metadata(path)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+            raise ChtslError(f"cannot read {path}: {first_line(e)}") from None
         missing = [c for c in need if c not in meta.schema.names]
         if missing:
-            raise UserError(f"{path} lacks column(s) {', '.join(missing)} (task {task!r} reads {', '.join(need)})")
+            raise ChtslError(f"{path} lacks column(s) {', '.join(missing)} (task {task!r} reads {', '.join(need)})")
         return meta.num_rows
     rows = 0
     try:
         for lineno, record in iter_jsonl(path):
             missing = [c for c in need if not isinstance(record, dict) or c not in record]
             if missing:
-                raise UserError(f"{path}:{lineno} lacks {', '.join(missing)} "
+                raise ChtslError(f"{path}:{lineno} lacks {', '.join(missing)} "
                                 f"(task {task!r} reads {', '.join(need)})")
             rows += 1
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        raise ChtslError(f"cannot read {path}: {e}") from None
     if rows == 0:
-        raise UserError(f"{path} has no examples")
+        raise ChtslError(f"{path} has no examples")
     return rows
 
 
@@ -274,7 +276,7 @@ def evaluate(
     from lm_eval.tasks import TaskManager
 
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-        raise UserError("the checkpoint's tokenizer needs bos and eos tokens for lm-eval")
+        raise ChtslError("the checkpoint's tokenizer needs bos and eos tokens for lm-eval")
     configs = task_configs(tasks, data_dir)
     lm = progress_lm(model, tokenizer, batch_size, model.config.max_position_embeddings, progress)
     try:
@@ -289,17 +291,12 @@ def evaluate(
         )
     except (ConnectionError, DatasetNotFoundError) as e:  # the hub, without --data-dir
         hint = "" if data_dir is not None else "; pass --data-dir DIR to read local copies"
-        raise UserError(f"cannot load the task data: {_first_line(e)}{hint}") from None
+        raise ChtslError(f"cannot load the task data: {first_line(e)}{hint}") from None
     except (DatasetGenerationError, UndefinedError) as e:  # a malformed or mis-schemed data file
-        raise UserError(f"cannot use the task data: {_first_line(e.__cause__ or e)}") from None
+        raise ChtslError(f"cannot use the task data: {first_line(e.__cause__ or e)}") from None
     if results is None:  # only on non-zero ranks of a distributed run
-        raise UserError("lm-eval returned no results")
+        raise ChtslError("lm-eval returned no results")
     return results
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 @dataclass(frozen=True)
@@ -370,16 +367,12 @@ def write_results(results: dict[str, Any], output: str | Path, log_samples: bool
         samples = results.get("samples") or {}
         records = ({"task": task, **r} for task, rs in samples.items() for r in rs)
         files[samples_path(Path(output))] = "".join(json.dumps(_jsonable(r)) + "\n" for r in records)
-    tmps = {path: path.with_name(f".{path.name}.tmp") for path in files}
     try:
-        for path, text in files.items():
-            tmps[path].write_text(text)
-        for path, tmp in tmps.items():
-            tmp.replace(path)
+        with ExitStack() as stack:  # every file is renamed into place only once all are written
+            for path, text in files.items():
+                stack.enter_context(atomic_path(path)).write_text(text)
     except OSError as e:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {e.filename or output}: {e.strerror or e}") from None
+        raise ChtslError(f"cannot write {e.filename or output}: {e.strerror or e}") from None
     return list(files)
 
 

@@ -7,9 +7,7 @@ output behind; `--force` replaces an existing output the same way.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +15,9 @@ from pathlib import Path
 
 import typer
 
-from chtsl_infer.console import UserError, console, write_json
+from chtsl_infer.console import console, write_json
+from chtsl_infer.errors import ChtslError, first_line
+from chtsl_infer.utils import make_temp_dir, publish_dir
 
 FORMATS = ("safetensors", "onnx", "all")
 DTYPE_FLAGS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -34,45 +34,17 @@ def _human(n: int) -> str:
 
 
 def _check_output(ckpt: Path, out: Path, force: bool) -> None:
-    """UserError when `out` may not be (re)written: exists without --force, or would hit `ckpt`."""
+    """ChtslError when `out` may not be (re)written: exists without --force, or would hit `ckpt`."""
     c, o = ckpt.resolve(), out.resolve()
     if o == c or o in c.parents:
-        raise UserError(f"output {out} would overwrite the checkpoint {ckpt}; choose another --out")
+        raise ChtslError(f"output {out} would overwrite the checkpoint {ckpt}; choose another --out")
     if out.exists() or out.is_symlink():
         if not force:
-            raise UserError(f"output {out} already exists; pass --force to replace it")
+            raise ChtslError(f"output {out} already exists; pass --force to replace it")
         if not out.is_dir():
-            raise UserError(f"output {out} exists and is not a directory")
+            raise ChtslError(f"output {out} exists and is not a directory")
     if not out.parent.is_dir():
-        raise UserError(f"cannot write to {out}: {out.parent} is not a directory")
-
-
-def _make_temp_dir(out: Path) -> Path:
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        mask = os.umask(0)
-        os.umask(mask)
-        tmp.chmod(0o777 & ~mask)  # mkdtemp creates 0700; the export gets the usual directory mode
-        return tmp
-    except OSError as e:
-        raise UserError(f"cannot write to {out.parent}: {e.strerror or e}") from None
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Renames `tmp` to `out`, replacing an existing `out` directory only once `tmp` is complete."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rmdir(old)
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except OSError:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        raise ChtslError(f"cannot write to {out}: {out.parent} is not a directory")
 
 
 class _Stages:
@@ -110,13 +82,13 @@ def export_command(
     """Export a checkpoint as packed CSR + low-rank safetensors and/or a sparse ONNX graph."""
     ckpt = Path(ckpt_arg)
     if fmt not in FORMATS:
-        raise UserError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+        raise ChtslError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
     if dtype not in DTYPE_FLAGS:
-        raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_FLAGS)}")
+        raise ChtslError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_FLAGS)}")
     from export.onnx import MIN_OPSET
 
     if opset < MIN_OPSET:
-        raise UserError(f"opset must be >= {MIN_OPSET}, got {opset}")
+        raise ChtslError(f"opset must be >= {MIN_OPSET}, got {opset}")
     from chtsl_infer.checkpoint import check_checkpoint_dir
     from chtsl_infer.packed import is_packed_dir
 
@@ -129,15 +101,18 @@ def export_command(
     names = ["load checkpoint"] + ["pack safetensors"] * want_packed
     names += ["export ONNX graph", "sparsify ONNX weights", "check ONNX (full_check)"] * want_onnx
     names += ["copy config + tokenizer"] + ["verify vs PyTorch"] * verify
-    tmp = _make_temp_dir(out)
+    try:
+        tmp = make_temp_dir(out)
+    except OSError as e:
+        raise ChtslError(f"cannot write to {out.parent}: {e.strerror or e}") from None
     try:
         summary, checks = _run(ckpt, tmp, names, want_packed, want_onnx, dtype, opset, verify)
         failed = [c for c in checks if not c.ok]
         if not failed:
             try:
-                _move_into_place(tmp, out)
+                publish_dir(tmp, out)
             except OSError as e:
-                raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+                raise ChtslError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed into place
 
@@ -173,11 +148,10 @@ def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: 
         with stages.stage("load checkpoint"):
             try:
                 model = load_model(ckpt).float()
-            except UserError:
+            except ChtslError:
                 raise
             except Exception as e:  # corrupt/truncated weights surface as assorted library errors
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise UserError(f"cannot load {ckpt}: {first}") from None
+                raise ChtslError(f"cannot load {ckpt}: {first_line(e)}") from None
         if want_packed:
             with stages.stage("pack safetensors"):
                 stats = _writing(lambda: write_packed(model, tmp, DTYPES[DTYPE_FLAGS[dtype]]), tmp)
@@ -191,7 +165,7 @@ def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: 
                 try:
                     proto = onnx_export.export_graph(model, opset)
                 except ValueError as e:  # the requested opset could not be produced
-                    raise UserError(str(e)) from None
+                    raise ChtslError(str(e)) from None
             with stages.stage("sparsify ONNX weights"):
                 ostats = onnx_export.sparsify_initializers(proto, model)
                 if ostats.unmatched_layers:
@@ -222,11 +196,11 @@ def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: 
 
 
 def _writing(fn, tmp: Path):
-    """Runs a writing step; OS errors (disk full, permissions) become one-line UserErrors."""
+    """Runs a writing step; OS errors (disk full, permissions) become one-line ChtslErrors."""
     try:
         return fn()
     except OSError as e:
-        raise UserError(f"cannot write into {tmp.parent}: {e.strerror or e}") from None
+        raise ChtslError(f"cannot write into {tmp.parent}: {e.strerror or e}") from None
 
 
 def _row(name: str, size: int, dense: int) -> dict:

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import chtsl_infer  # noqa: E402  (registers the Auto classes)
-from chtsl_infer.layers import METHODS  # noqa: E402
+from chtsl_infer.methods import METHODS  # noqa: E402
 from chtsl_infer.modeling import ChtslLlamaForCausalLM  # noqa: E402
 from chtsl_infer.presets import build_config  # noqa: E402
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from chtsl_infer.console import UserError
+from chtsl_infer.errors import ChtslError
 from evals.perplexity import perplexity
 from tests.conftest import tiny_model
 from train import data as D
@@ -60,7 +60,7 @@ def test_local_source_errors(tmp_path, setup, match) -> None:
         target = next(tmp_path.iterdir())
     if match == "no .txt":
         target = tmp_path
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(ChtslError, match=match):
         D.local_documents(str(target))
 
 
@@ -96,9 +96,9 @@ def test_batches_shard_the_global_batch() -> None:
 
 def test_batch_size_check() -> None:
     assert D.check_batch_sizes(16, 4, 2) == 2
-    with pytest.raises(UserError, match="does not divide"):
+    with pytest.raises(ChtslError, match="does not divide"):
         D.check_batch_sizes(16, 3, 1)
-    with pytest.raises(UserError, match="does not divide"):
+    with pytest.raises(ChtslError, match="does not divide"):
         D.check_batch_sizes(4, 4, 2)
 
 
@@ -127,9 +127,9 @@ def test_bpe_cached_and_unknown_tokenizer(tmp_path, monkeypatch) -> None:
     assert len(list(tmp_path.glob("bpe-300-*/tokenizer.json"))) == 1
     b = D.resolve_tokenizer("bpe", texts, 300)
     assert a(texts[:3])["input_ids"] == b(texts[:3])["input_ids"]
-    with pytest.raises(UserError, match="cannot load tokenizer 'no-such-org/no-such-tokenizer'"):
+    with pytest.raises(ChtslError, match="cannot load tokenizer 'no-such-org/no-such-tokenizer'"):
         D.resolve_tokenizer("no-such-org/no-such-tokenizer", texts, 300)
-    with pytest.raises(UserError, match="cannot load dataset 'c4'"):
+    with pytest.raises(ChtslError, match="cannot load dataset 'c4'"):
         D._hub_split("c4", "train", 0, 1)
 
 

@@ -256,14 +256,14 @@ def test_list_tasks():
 
 
 def test_groups_expand_and_record_is_rejected():
-    from chtsl_infer.console import UserError
+    from chtsl_infer.errors import ChtslError
     from evals.harness import resolve_tasks
 
     tasks, notes = resolve_tasks("rte,glue")
     assert tasks[0] == "rte" and tasks.count("rte") == 1 and "mnli" in tasks and "cola" in tasks
     tasks, notes = resolve_tasks("super-glue-lm-eval-v1")
     assert "copa" in tasks and "record" not in tasks and "record" in notes[0]
-    with pytest.raises(UserError, match="record"):
+    with pytest.raises(ChtslError, match="record"):
         resolve_tasks("record")
 
 

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from chtsl_infer.layers import (
-    METHODS,
     SparseLowRankLinear,
     alignment_loss,
     branch_cosine,
@@ -18,6 +17,7 @@ from chtsl_infer.layers import (
     random_mask,
     record_branches,
 )
+from chtsl_infer.methods import METHODS
 
 
 def make_layer(method: str, seed: int = 0, **kw) -> SparseLowRankLinear:

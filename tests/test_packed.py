@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from chtsl_infer.checkpoint import load_model, load_tokenizer
-from chtsl_infer.console import UserError
+from chtsl_infer.errors import ChtslError
 from chtsl_infer.layers import SparseLowRankLinear
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.packed import (
@@ -218,7 +218,7 @@ CORRUPTIONS = {
 def test_loader_rejects_invalid_tensors(case: str, packed_file: Path, tmp_path: Path) -> None:
     edit, message = CORRUPTIONS[case]
     bad = rewrite(packed_file, tmp_path / "bad.safetensors", edit)
-    with pytest.raises(UserError, match=message) as e:
+    with pytest.raises(ChtslError, match=message) as e:
         load_packed(bad)
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
 
@@ -234,7 +234,7 @@ def test_loader_rejects_invalid_tensors(case: str, packed_file: Path, tmp_path: 
 )
 def test_loader_rejects_bad_metadata(edit, message: str, packed_file: Path, tmp_path: Path) -> None:
     bad = rewrite(packed_file, tmp_path / "bad.safetensors", lambda t: None, edit)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(ChtslError, match=message):
         load_packed(bad)
 
 
@@ -248,7 +248,7 @@ def test_loader_rejects_corrupt_files(damage: str, packed_file: Path, tmp_path: 
         bad.write_bytes(b"\x00\x01not a safetensors file" * 100)
     elif damage == "empty":
         bad.write_bytes(b"")
-    with pytest.raises(UserError) as e:
+    with pytest.raises(ChtslError) as e:
         load_packed(bad)
     assert str(bad) in str(e.value)
     assert not is_packed_dir(tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chtsl_infer.console import UserError
+from chtsl_infer.errors import ChtslError
 from chtsl_infer.layers import layer_link_count
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.packed import pack_model, save_packed
@@ -162,7 +162,7 @@ def test_resolve_backend_rules_and_errors() -> None:
     assert resolve_backend("auto", random_packed(tiny_config("dense")), cpu) == "dense"
     assert resolve_backend("auto", random_packed(tiny_config("cola")), cpu) == "dense"
     assert resolve_backend("dense", None, cpu) == "dense"
-    with pytest.raises(UserError, match="unknown backend 'fast'"):
+    with pytest.raises(ChtslError, match="unknown backend 'fast'"):
         resolve_backend("fast", None, cpu)
 
 
@@ -178,13 +178,13 @@ def test_load_runtime_from_checkpoint_and_packed_export(tiny_checkpoint: Path, t
 
 
 def test_bad_input_is_a_user_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="run `chtsl export"):
+    with pytest.raises(ChtslError, match="run `chtsl export"):
         load_runtime(tiny_checkpoint, "onnx")
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(ChtslError, match="not found"):
         load_runtime(tmp_path / "missing", "dense")
-    with pytest.raises(UserError, match="float32"):
+    with pytest.raises(ChtslError, match="float32"):
         from_packed(random_packed(tiny_config()), "sparse", dtype=torch.bfloat16)
-    with pytest.raises(UserError, match="needs an export directory"):
+    with pytest.raises(ChtslError, match="needs an export directory"):
         from_packed(random_packed(tiny_config()), "onnx")
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from chtsl_infer.cli import main
-from chtsl_infer.console import UserError
+from chtsl_infer.errors import ChtslError
 from train.trainer import TrainArgs, train
 
 STEPS = 20
@@ -213,5 +213,5 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys) -> None:
     err = _cli_error(capsys, [*base, "--data", str(corpus(tmp_path)), "--out", r.out])
     assert "already holds a checkpoint" in err
     assert (Path(r.out) / "model.safetensors").read_bytes() == before
-    with pytest.raises(UserError, match="cannot change on resume"):
+    with pytest.raises(ChtslError, match="cannot change on resume"):
         train(TrainArgs(resume=r.out, seq_len=64, progress=False))

@@ -19,7 +19,6 @@ complete checkpoint.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -30,7 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from chtsl_infer.console import UserError
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.utils import backup_path, make_temp_dir, publish_dir
 
 STATE_DIR = "trainer_state"
 FORMAT = "chtsl-trainer-state"
@@ -40,47 +40,11 @@ CARRIED = ("metrics.jsonl", "tensorboard")  # logs that live in ckpt/ and move w
 SLOW_SAVE_ENV = "CHTSL_TEST_SLOW_SAVE"
 
 
-# ----------------------------------------------------------------------------- atomic directory swap
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swaps two directories (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _backup(path: Path) -> Path:
-    return path.with_name(f"{path.name}.old")
-
-
-def publish_dir(tmp: Path, target: Path) -> None:
-    """Makes the complete directory `tmp` become `target`, replacing any previous one atomically."""
-    if not target.exists():
-        tmp.rename(target)
-    elif _exchange(tmp, target):
-        shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous checkpoint
-    else:
-        backup = _backup(target)
-        shutil.rmtree(backup, ignore_errors=True)
-        target.rename(backup)
-        tmp.rename(target)
-        shutil.rmtree(backup, ignore_errors=True)
-    backup = _backup(target)
-    if backup.exists():
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """`path`, or its `.old` backup when a save was interrupted between the two fallback renames."""
     p = Path(path)
-    if not (p / "config.json").is_file() and (_backup(p) / STATE_DIR / "state.json").is_file():
-        return _backup(p)
+    if not (p / "config.json").is_file() and (backup_path(p) / STATE_DIR / "state.json").is_file():
+        return backup_path(p)
     return p
 
 
@@ -127,8 +91,7 @@ def save_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # leftovers of a killed save
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    tmp = make_temp_dir(out)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -174,18 +137,18 @@ def save_checkpoint(
 
 
 def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state.json, args.json) of a training checkpoint; UserError if `path` is not one."""
+    """(state.json, args.json) of a training checkpoint; ChtslError if `path` is not one."""
     p = resolve_checkpoint(path)
     if not is_training_checkpoint(p):
-        raise UserError(f"{path} is not a chtsl training checkpoint (expected config.json, model.safetensors "
+        raise ChtslError(f"{path} is not a chtsl training checkpoint (expected config.json, model.safetensors "
                         f"and {STATE_DIR}/state.json)")
     try:
         state = json.loads((p / STATE_DIR / "state.json").read_text())
         args = json.loads((p / STATE_DIR / "args.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{p / STATE_DIR} is unreadable: {e}") from None
+        raise ChtslError(f"{p / STATE_DIR} is unreadable: {e}") from None
     if state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{p} has an unsupported trainer-state format {state.get('format_version')!r}")
+        raise ChtslError(f"{p} has an unsupported trainer-state format {state.get('format_version')!r}")
     return state, args
 
 
@@ -200,7 +163,7 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn
         ids = []
         for name in g["params"]:
             if name not in params:
-                raise UserError(f"optimizer state names an unknown parameter {name!r}")
+                raise ChtslError(f"optimizer state names an unknown parameter {name!r}")
             i = index[id(params[name])]
             ids.append(i)
             prefix = f"{name}."

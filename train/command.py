@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from chtsl_infer.console import UserError, write_json
+from chtsl_infer.console import write_json
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.methods import DEFAULT_METHOD, METHOD_CHOICES
 
 
 def train_command(
     preset: str = typer.Option("tiny", help="Recipe preset: tiny, llama60m-c4, llama130m-owt, ..."),
-    method: str = typer.Option("chtsl", help="dense|chts|cola|sltrain|naive|act|chtsl."),
+    method: str = typer.Option(DEFAULT_METHOD, help=f"{METHOD_CHOICES}."),
     s_total: float = typer.Option(0.9, "--s-total", help="Total sparsity of the linears (0.9, 0.8 or 0.7)."),
     align: str = typer.Option("all", help="Layers in the alignment loss: all|qk|others."),
     align_lambda: float | None = typer.Option(None, "--align-lambda", help="λ of the alignment loss."),
@@ -77,7 +79,7 @@ def plot_command(
 
     path = Path(checkpoint)
     if not (path / "metrics.jsonl").is_file():
-        raise UserError(f"{path} has no metrics.jsonl")
+        raise ChtslError(f"{path} has no metrics.jsonl")
     written = plot_run(path / "metrics.jsonl", Path(out) if out else path / "plots")
     for p in written:
         console.print(f"wrote {p}")

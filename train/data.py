@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from chtsl_infer.console import UserError, iter_jsonl
+from chtsl_infer.console import iter_jsonl
+from chtsl_infer.errors import ChtslError, first_line
 
 VAL_FRACTION_PER_MILLE = 50  # 5 % of documents go to validation
 EVAL_SHUFFLE_SEED = 42  # the paper's validation shuffle seed
@@ -115,9 +116,9 @@ def _expand_paths(spec: str) -> list[Path]:
     elif any(c in spec for c in "*?["):
         files = sorted(Path(f) for f in glob.glob(os.path.expanduser(spec), recursive=True) if Path(f).is_file())
     else:
-        raise UserError(f"data path not found: {spec}")
+        raise ChtslError(f"data path not found: {spec}")
     if not files:
-        raise UserError(f"no .txt, .jsonl or .parquet files in {spec}")
+        raise ChtslError(f"no .txt, .jsonl or .parquet files in {spec}")
     return files
 
 
@@ -127,7 +128,7 @@ def _read_file(path: Path) -> list[str]:
             docs = []
             for lineno, record in iter_jsonl(path):
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise UserError(f"{path}:{lineno} has no string `text` field")
+                    raise ChtslError(f"{path}:{lineno} has no string `text` field")
                 docs.append(record["text"])
             return docs
         if path.suffix == ".parquet":
@@ -135,20 +136,20 @@ def _read_file(path: Path) -> list[str]:
 
             table = pq.read_table(path)
             if "text" not in table.column_names:
-                raise UserError(f"{path} has no `text` column (columns: {', '.join(table.column_names)})")
+                raise ChtslError(f"{path} has no `text` column (columns: {', '.join(table.column_names)})")
             return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
         return [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
-    except UserError:
+    except ChtslError:
         raise
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ChtslError(f"cannot read {path}: {first_line(e)}") from None
 
 
 def local_documents(spec: str) -> list[str]:
     """Non-empty documents of the files named by `spec` (file, directory or glob), in path order."""
     docs = [d for f in _expand_paths(spec) for d in _read_file(f) if d and d.strip()]
     if not docs:
-        raise UserError(f"the corpus {spec} is empty (no non-blank documents)")
+        raise ChtslError(f"the corpus {spec} is empty (no non-blank documents)")
     return docs
 
 
@@ -158,7 +159,7 @@ def split_documents(docs: Sequence[str]) -> tuple[list[str], list[str]]:
     for d in docs:
         (val if zlib.crc32(d.encode("utf-8")) % 1000 < VAL_FRACTION_PER_MILLE else train).append(d)
     if not train or not val:
-        raise UserError(f"the corpus is too small to split into train and validation ({len(docs)} documents)")
+        raise ChtslError(f"the corpus is too small to split into train and validation ({len(docs)} documents)")
     return train, val
 
 
@@ -199,15 +200,14 @@ def resolve_tokenizer(name: str, train_texts: Sequence[str] | None, vocab_size: 
     """`bpe` (trained on `train_texts`) or a Hugging Face tokenizer name/path (offline-safe)."""
     if name == "bpe":
         if train_texts is None:
-            raise UserError("--tokenizer bpe needs a local or builtin corpus to train on; pass a tokenizer name")
+            raise ChtslError("--tokenizer bpe needs a local or builtin corpus to train on; pass a tokenizer name")
         return bpe_tokenizer(train_texts, vocab_size)
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types; the user needs one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load tokenizer {name!r} (offline or unknown): {first}") from None
+        raise ChtslError(f"cannot load tokenizer {name!r} (offline or unknown): {first_line(e)}") from None
 
 
 def pad_id(tokenizer) -> int:
@@ -330,11 +330,11 @@ class TrainBatches:
 
 
 def check_batch_sizes(global_batch: int, micro_batch: int, world: int) -> int:
-    """Gradient-accumulation steps = global ÷ (micro × world); UserError unless it divides."""
+    """Gradient-accumulation steps = global ÷ (micro × world); ChtslError unless it divides."""
     if global_batch < 1 or micro_batch < 1:
-        raise UserError("batch sizes must be >= 1")
+        raise ChtslError("batch sizes must be >= 1")
     if global_batch % (micro_batch * world):
-        raise UserError(
+        raise ChtslError(
             f"micro batch {micro_batch} × world size {world} does not divide the global batch {global_batch}"
         )
     return global_batch // (micro_batch * world)
@@ -369,7 +369,7 @@ def unigram_perplexity(train: Rows, batches: Sequence[Batch], vocab_size: int) -
 
 
 def _hub_split(name: str, split: str, rank: int, world: int):
-    """A `datasets` iterable of documents of c4/owt for this rank; UserError when unreachable."""
+    """A `datasets` iterable of documents of c4/owt for this rank; ChtslError when unreachable."""
     try:
         from datasets import load_dataset
         from datasets.distributed import split_dataset_by_node
@@ -384,8 +384,7 @@ def _hub_split(name: str, split: str, rank: int, world: int):
             ds = ds.shuffle(seed=EVAL_SHUFFLE_SEED, buffer_size=10_000)
         return split_dataset_by_node(ds, rank=rank, world_size=world) if world > 1 and split == "train" else ds
     except Exception as e:  # noqa: BLE001 - network/offline/format errors: one line for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load dataset {name!r} (needs the Hugging Face hub): {first}") from None
+        raise ChtslError(f"cannot load dataset {name!r} (needs the Hugging Face hub): {first_line(e)}") from None
 
 
 @dataclass
@@ -429,7 +428,7 @@ class StreamBatches:
         try:
             rows = [next(self._it) for _ in range(local)]
         except StopIteration:
-            raise UserError("the training stream ended before the last step") from None
+            raise ChtslError("the training stream ended before the last step") from None
         self._next_step += 1
         r = Rows(torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows]))
         return [Batch(r.ids[i], r.labels(i)) for i in torch.arange(local).split(self.micro_batch)]
@@ -488,7 +487,7 @@ def _texts(spec: DataSpec) -> tuple[list[str], list[str]] | None:
 def _build(spec: DataSpec, *, tokenizer=None, eval_batch: int, train: bool, global_batch: int = 1,
            micro_batch: int = 1, rank: int = 0, world: int = 1):
     if spec.seq_len < 2:
-        raise UserError(f"--seq-len must be >= 2, got {spec.seq_len}")
+        raise ChtslError(f"--seq-len must be >= 2, got {spec.seq_len}")
     texts = _texts(spec)
     if tokenizer is None:
         tokenizer = resolve_tokenizer(spec.tokenizer, texts[0] if texts else None, spec.vocab_size)
@@ -497,7 +496,7 @@ def _build(spec: DataSpec, *, tokenizer=None, eval_batch: int, train: bool, glob
     if texts is not None:
         val_rows = make_rows(encode_documents(tokenizer, texts[1], vocab), spec.seq_len, pad, spec.packing)
         if len(val_rows) == 0:
-            raise UserError("the validation split has no usable rows (too few tokens for --seq-len)")
+            raise ChtslError("the validation split has no usable rows (too few tokens for --seq-len)")
         val = eval_batches(val_rows, spec.eval_tokens, eval_batch)
     else:
         val_rows, val, n = None, [], 0
@@ -506,7 +505,7 @@ def _build(spec: DataSpec, *, tokenizer=None, eval_batch: int, train: bool, glob
         while n < spec.eval_tokens:
             try:
                 b = stream.step_batches(len(val))[0]
-            except UserError:
+            except ChtslError:
                 break
             val.append(b)
             n += int((b.labels != -100).sum())
@@ -533,7 +532,7 @@ def build_data(spec: DataSpec, *, global_batch: int, micro_batch: int, rank: int
     if texts is not None:
         rows = make_rows(encode_documents(tokenizer, texts[0], vocab), spec.seq_len, pad, spec.packing)
         if len(rows) == 0:
-            raise UserError("the training split has no usable rows (too few tokens for --seq-len)")
+            raise ChtslError("the training split has no usable rows (too few tokens for --seq-len)")
         stream: TrainBatches | StreamBatches = TrainBatches(rows, global_batch, micro_batch, spec.seed, rank, world)
         uni = unigram_perplexity(rows, val, vocab)
         n_rows, n_tok = len(rows), rows.n_tokens

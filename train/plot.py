@@ -10,7 +10,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from chtsl_infer.console import UserError, iter_jsonl
+from chtsl_infer.console import iter_jsonl
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.utils import atomic_path
 
 OCR_COLUMNS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -20,17 +22,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     try:
         records = [r for _, r in iter_jsonl(path) if "step" in r]
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise ChtslError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if not records:
-        raise UserError(f"{path} has no step records")
+        raise ChtslError(f"{path} has no step records")
     return records
 
 
 def _save(fig, path: Path) -> Path:
     """Atomic PNG write: temp file + rename."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     return path
 
 

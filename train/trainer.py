@@ -28,7 +28,10 @@ from typing import Any
 
 import torch
 
-from chtsl_infer.console import UserError, console, err_console
+from chtsl_infer.console import console, err_console
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.methods import DEFAULT_METHOD, get_method
+from chtsl_infer.utils import atomic_write_text, resolve_device
 from evals.perplexity import perplexity, token_nll_sum
 from train import checkpoint as ckpt_io
 from train import distributed as dist_utils
@@ -44,7 +47,7 @@ class TrainArgs:
     """Run arguments; None means "the preset's value" (resolved by `resolve_args`)."""
 
     preset: str = "tiny"
-    method: str = "chtsl"
+    method: str = DEFAULT_METHOD
     s_total: float = 0.9
     align: str = "all"
     align_lambda: float | None = None
@@ -81,14 +84,12 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
     """Fills every None recipe field from the preset (method.md §5); validates values."""
     from chtsl_infer.presets import get_preset
 
-    try:
-        p = get_preset(args.preset)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    p = get_preset(args.preset)
     # A preset's trained BPE needs a local corpus; hub data falls back to the paper's tokenizer.
     tokenizer = args.tokenizer or ("t5-base" if (args.data or p.data) in ("c4", "owt") and p.tokenizer == "bpe"
                                    else p.tokenizer)
-    lr = args.lr if args.lr is not None else (p.dense_lr if args.method == "dense" else p.lr)
+    m = get_method(args.method)
+    lr = args.lr if args.lr is not None else (p.dense_lr if m.uses_dense_lr else p.lr)
     r = TrainArgs(**{**asdict(args), **dict(
         steps=args.steps or p.steps, warmup=args.warmup if args.warmup is not None else p.warmup, lr=lr,
         min_lr_ratio=args.min_lr_ratio if args.min_lr_ratio is not None else p.min_lr_ratio,
@@ -99,27 +100,35 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
         eval_every=args.eval_every or p.eval_every, save_every=args.save_every or p.save_every,
         ocr_every=args.ocr_every or p.ocr_every, eval_tokens=args.eval_tokens or p.eval_tokens,
         data=args.data or p.data, tokenizer=tokenizer, vocab_size=args.vocab_size or p.vocab_size,
-        grad_clip=args.grad_clip if args.grad_clip is not None else (0.5 if args.method == "cola" else 0.0),
+        grad_clip=args.grad_clip if args.grad_clip is not None else m.grad_clip,
         align_lambda=args.align_lambda if args.align_lambda is not None else p.align_lambda,
     )})
     if r.steps < 1 or r.lr <= 0 or r.warmup < 0:
-        raise UserError("--steps and --lr must be positive and --warmup >= 0")
+        raise ChtslError("--steps and --lr must be positive and --warmup >= 0")
     if r.dtype not in ("auto", "fp32", "bf16"):
-        raise UserError(f"unknown --dtype {r.dtype!r}; valid: auto, fp32, bf16")
+        raise ChtslError(f"unknown --dtype {r.dtype!r}; valid: auto, fp32, bf16")
     if r.stop_at is not None and not 1 <= r.stop_at <= r.steps:
-        raise UserError(f"--stop-at must be in [1, {r.steps}]")
+        raise ChtslError(f"--stop-at must be in [1, {r.steps}]")
     return r
 
 
-def engine_settings(method: str) -> tuple[str, float] | None:
-    """(topology mode, BRF randomness) of a method; None when it has no sparse branch to manage."""
-    if method in ("chtsl", "act", "naive"):
-        return "chts", 0.0
-    if method == "chts":
-        return "chts", 0.25
-    if method == "sltrain":
-        return "static", 1.0
-    return None
+def build_engine(model, total_steps: int, update_interval: int, seed: int = 0, init_masks: bool = True):
+    """The topology engine of `model`'s method (`Method.topology`), or None when it has none.
+
+    With `init_masks`, a dynamic (CHTs) engine replaces the masks by BRF ones; the static (SLTrain)
+    support stays the model's own uniformly random mask, which holds exactly the per-group link
+    count `chtsl info` reports.
+    """
+    from train.topology import TopologyEngine
+
+    method = get_method(model.config.method)
+    if method.topology is None:
+        return None
+    engine = TopologyEngine(model.sparse_layers(), total_steps=total_steps, mode=method.topology,
+                            update_interval=update_interval, brf_randomness=method.brf_randomness, seed=seed)
+    if init_masks and method.topology != "static":
+        engine.init_masks()
+    return engine
 
 
 @dataclass
@@ -198,20 +207,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines() if line.strip()
             and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
-
-
-def _pick_device(device: str, info: dist_utils.DistInfo) -> str:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda requested but CUDA is not available")
-        if info.distributed:
-            device = f"cuda:{info.local_rank}"
-    return device
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 class _Progress:
@@ -252,17 +248,17 @@ def train(args: TrainArgs, after_step: Callable[[int, torch.nn.Module], None] | 
             if f.name in RESUME_MUTABLE:
                 merged[f.name] = new
             elif new != saved_args.get(f.name):
-                raise UserError(f"--{f.name.replace('_', '-')} {new!r} differs from the checkpoint being resumed "
+                raise ChtslError(f"--{f.name.replace('_', '-')} {new!r} differs from the checkpoint being resumed "
                                 f"({saved_args.get(f.name)!r}); it cannot change on resume")
         merged.update(resume=str(args.resume), stop_at=args.stop_at,
                       out=args.out if args.out != defaults.out else str(args.resume))
         args = TrainArgs(**{k: v for k, v in merged.items() if k in TrainArgs.__dataclass_fields__})
         if args.steps < saved_state["step"]:
-            raise UserError(f"--steps {args.steps} is below the checkpoint's step {saved_state['step']}")
+            raise ChtslError(f"--steps {args.steps} is below the checkpoint's step {saved_state['step']}")
     args = resolve_args(args)
     out = Path(args.out)
     if not args.resume and (ckpt_io.resolve_checkpoint(out) / "config.json").is_file():
-        raise UserError(f"{out} already holds a checkpoint; pass --resume {out} or choose another --out")
+        raise ChtslError(f"{out} already holds a checkpoint; pass --resume {out} or choose another --out")
 
     info = dist_utils.setup("cuda" if args.device.startswith("cuda") or (
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -286,12 +282,11 @@ def _run(
     from chtsl_infer.layers import record_branches
     from chtsl_infer.modeling import ChtslLlamaForCausalLM
     from chtsl_infer.presets import build_config
-    from train.topology import TopologyEngine
 
-    device = _pick_device(args.device, info)
+    device = resolve_device(args.device, info.local_rank if info.distributed else None)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.startswith("cuda"))
     if use_bf16 and not device.startswith("cuda"):
-        raise UserError("--dtype bf16 (autocast) is for CUDA; CPU trains in fp32")
+        raise ChtslError("--dtype bf16 (autocast) is for CUDA; CPU trains in fp32")
     out = Path(args.out)
     torch.manual_seed(args.seed)
 
@@ -313,28 +308,18 @@ def _run(
                                   align_lambda=args.align_lambda, align_layers=args.align, vocab_size=data.vocab_size,
                                   max_position_embeddings=max(args.seq_len, 256), **overrides)
         except ValueError as e:
-            raise UserError(str(e)) from None
+            raise ChtslError(str(e)) from None
     model = ChtslLlamaForCausalLM(config)
     if resume_dir:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(resume_dir / "model.safetensors"), strict=True)
     model.to(device).train()
-    settings = engine_settings(config.method)
-    engine = None
-    if settings is not None:
-        mode, randomness = settings
-        engine = TopologyEngine(model.sparse_layers(), total_steps=args.steps, mode=mode,
-                                update_interval=args.update_interval, brf_randomness=randomness, seed=args.seed)
-        if not resume_dir and mode != "static":
-            # BRF init. The static (SLTrain) support stays the model's own uniformly random mask,
-            # which holds exactly the per-group link count `chtsl info` reports.
-            engine.init_masks()
+    method = get_method(config.method)
+    engine = build_engine(model, args.steps, args.update_interval, seed=args.seed, init_masks=not resume_dir)
     params = [p for p in model.parameters() if p.requires_grad]
-    if config.method == "cola":
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    else:
-        optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=0.0)
+    optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[method.optimizer]
+    optimizer = optimizer_class(params, lr=args.lr, weight_decay=method.weight_decay)
     start_step, tokens_seen = 0, 0
     if resume_dir:
         ckpt_io.load_optimizer(resume_dir, optimizer, model, saved_state["optimizer"])

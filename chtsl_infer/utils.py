@@ -1,0 +1,109 @@
+"""Small shared helpers: atomic file and directory writes, and the device of a command.
+
+Every writer goes through `atomic_path` (files) or `publish_dir` (directories), so a crash or a
+full disk never leaves a half-written file under the final name. Torch is imported only inside
+`resolve_device`, so the CLI's `--help` stays free of it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from chtsl_infer.errors import ChtslError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `target` to write; renames it onto `target` when the block
+    ends normally and removes it otherwise. The temporary name keeps `target`'s suffix (writers
+    such as matplotlib pick the format from it) and the file gets the usual umask mode."""
+    target = Path(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(target: str | Path, text: str) -> None:
+    """Writes `text` (UTF-8) to `target` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def make_temp_dir(target: Path) -> Path:
+    """An empty directory beside `target` (same file system, so `publish_dir` is a rename), with the
+    usual umask mode; `publish_dir` or the caller's cleanup removes it."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp creates 0700
+    return tmp
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two directories (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def backup_path(path: Path) -> Path:
+    """Where `publish_dir` keeps the previous directory between its two fallback renames."""
+    return path.with_name(f"{path.name}.old")
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Makes the complete directory `tmp` become `target`, replacing any previous one atomically
+    (one RENAME_EXCHANGE; elsewhere two renames through `backup_path(target)`)."""
+    if not target.exists():
+        tmp.rename(target)
+    elif _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous directory
+    else:
+        backup = backup_path(target)
+        shutil.rmtree(backup, ignore_errors=True)
+        target.rename(backup)
+        tmp.rename(target)
+    backup = backup_path(target)
+    if backup.exists():
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def resolve_device(device: str | None = "auto", local_rank: int | None = None) -> str:
+    """The torch device string of a `--device` value: `auto`/None is `cuda` when available, else
+    `cpu`; `cuda` (or `cuda:N`) must be available. Under torchrun (`local_rank` given) a plain
+    `cuda` becomes this process's `cuda:<local_rank>`. ChtslError on anything else."""
+    import torch
+
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ChtslError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise ChtslError(f"--device {device}: no CUDA device is available")
+    if device == "cuda" and local_rank is not None:
+        device = f"cuda:{local_rank}"
+    return device

@@ -1,0 +1,59 @@
+"""The shared helpers: the library error, its one-line form, atomic writes, the device resolver."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chtsl_infer.cli import main
+from chtsl_infer.errors import ChtslError, first_line
+from chtsl_infer.utils import atomic_path, atomic_write_text, backup_path, make_temp_dir, publish_dir, resolve_device
+
+
+def test_chtsl_error_is_a_value_error_and_first_line() -> None:
+    assert issubclass(ChtslError, ValueError)
+    assert first_line(RuntimeError("\n  head line\nsecond\nthird")) == "head line"
+    assert first_line(KeyError()) == "KeyError"
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".json"
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_publish_dir_swaps_whole_directories(tmp_path: Path) -> None:
+    target = tmp_path / "ckpt"
+    for version in ("v1", "v2"):
+        tmp = make_temp_dir(target)
+        (tmp / "weights").write_text(version)
+        publish_dir(tmp, target)
+        assert (target / "weights").read_text() == version and not tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and not backup_path(target).exists()
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ChtslError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ChtslError, match="no CUDA device"):
+            resolve_device("cuda:0")
+    else:
+        assert resolve_device("cuda", local_rank=1) == "cuda:1"
+
+
+def test_cli_turns_library_errors_into_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--preset", "nope"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: unknown preset 'nope'") and err.count("\n") == 1
