@@ -33,6 +33,7 @@ import typer
 from chtsl_infer.console import console, write_json
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.methods import DEFAULT_METHOD, DENSE, METHOD_CHOICES, METHODS
+from chtsl_infer.model_dir import resolve_model_dir
 from chtsl_infer.utils import resolve_device
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -44,28 +45,13 @@ def _config_for(spec: dict[str, Any]):  # -> ChtslConfig
     from chtsl_infer.presets import build_config
 
     if spec.get("ckpt"):
-        config = _ckpt_config(Path(spec["ckpt"]))
+        config = resolve_model_dir(spec["ckpt"]).config()
         if spec["method"] == DENSE:  # the dense model of the checkpoint's shape
             fields = config.to_dict()
             fields["chtsl"] = {**config.chtsl, "method": DENSE}
             return ChtslConfig(**{k: v for k, v in fields.items() if k not in ("model_type", "transformers_version")})
         return config
     return build_config(spec["preset"], method=spec["method"], s_total=spec["s_total"])
-
-
-def _ckpt_config(path: Path):  # -> ChtslConfig
-    """The config of a checkpoint or packed export, read without loading any weight."""
-    from safetensors import safe_open
-
-    from chtsl_infer.configuration import ChtslConfig
-    from chtsl_infer.packed import WEIGHTS_NAME, is_packed_dir
-
-    if is_packed_dir(path):
-        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
-            return ChtslConfig.from_dict(json.loads((f.metadata() or {})["config"]))
-    if not (path / "config.json").is_file():
-        raise ChtslError(f"{path} has no config.json")
-    return ChtslConfig.from_json_file(str(path / "config.json"))
 
 
 def peak_tensor_bytes(forward: Callable[[], object], kept_bytes: int) -> int:
@@ -248,8 +234,12 @@ def bench_command(
             raise ChtslError(f"unknown method {m!r} in --compare; valid: {', '.join(METHODS)}")
         if ckpt is not None and m != DENSE:
             raise ChtslError("--compare builds preset models; use it without CKPT (the dense baseline is always shown)")
-    if ckpt is not None and not ckpt.exists():
-        raise ChtslError(f"checkpoint not found: {ckpt}")
+    if ckpt is not None:
+        model_dir = resolve_model_dir(ckpt)
+        if "onnx" in backends:
+            model_dir.require_onnx()
+        if any(b != "onnx" for b in backends):
+            model_dir.require_weights()
     if ckpt is None:
         _config_for({"preset": preset, "method": method, "s_total": s_total})  # ChtslError on a bad name
     cpu = device == "cpu"

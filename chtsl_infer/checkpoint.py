@@ -1,4 +1,4 @@
-"""Loading a model the toolkit made: a training checkpoint directory (HF style, formats.md).
+"""Loading a model the toolkit made: a training checkpoint or packed export directory (formats.md).
 
 Weights come only through safetensors (`from_pretrained` with `use_safetensors=True`); remote
 code is never trusted.
@@ -6,41 +6,25 @@ code is never trusted.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from chtsl_infer.errors import ChtslError, first_line
+from chtsl_infer.model_dir import TOKENIZER_NAME, ModelDir, resolve_model_dir
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
 
 
-def check_checkpoint_dir(path: str | Path) -> Path:
-    """`path` as a Path if it holds a CHTsL `config.json` and `model.safetensors`; else ChtslError."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ChtslError(f"checkpoint not found: {p} is not a directory")
-    config = p / "config.json"
-    if not config.is_file() or not (p / "model.safetensors").is_file():
-        raise ChtslError(f"{p} is not a chtsl checkpoint (expected config.json and model.safetensors)")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, OSError) as e:
-        raise ChtslError(f"{config} is not readable JSON: {e}") from None
-    if model_type != "chtsl_llama":
-        raise ChtslError(f"{p} is not a chtsl checkpoint (model_type {model_type!r}, expected 'chtsl_llama')")
-    return p
-
-
-def load_model(path: str | Path, device: str = "cpu") -> ChtslLlamaForCausalLM:
+def load_model(path: str | Path | ModelDir, device: str = "cpu") -> ChtslLlamaForCausalLM:
     """The `ChtslLlamaForCausalLM` of a training checkpoint or a packed export dir, in eval mode.
 
     A packed export (`chtsl export`, `model.safetensors` with `format=chtsl-packed`) is rebuilt in
-    fp32 through `chtsl_infer.packed`.
+    fp32 through `chtsl_infer.packed`. ChtslError for any other directory (`resolve_model_dir`).
     """
-    from chtsl_infer.packed import is_packed_dir, load_packed_model
+    model_dir = resolve_model_dir(path).require_weights()
+    if model_dir.kind == "packed":
+        from chtsl_infer.packed import load_packed_model
 
-    if is_packed_dir(path):
-        return load_packed_model(path).to(device).eval()
-    p = check_checkpoint_dir(path)
+        return load_packed_model(model_dir.weights).to(device).eval()
+    p = model_dir.path
     try:
         model = ChtslLlamaForCausalLM.from_pretrained(p, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as e:
@@ -48,11 +32,11 @@ def load_model(path: str | Path, device: str = "cpu") -> ChtslLlamaForCausalLM:
     return model.to(device).eval()
 
 
-def load_tokenizer(path: str | Path):  # -> PreTrainedTokenizerBase
+def load_tokenizer(path: str | Path | ModelDir):  # -> PreTrainedTokenizerBase
     """The tokenizer saved beside a checkpoint (tokenizer.json); ChtslError when there is none."""
     from transformers import AutoTokenizer
 
-    p = Path(path)
-    if not (p / "tokenizer.json").is_file():
+    p = path.path if isinstance(path, ModelDir) else Path(path)
+    if not (p / TOKENIZER_NAME).is_file():
         raise ChtslError(f"{p} has no tokenizer.json")
     return AutoTokenizer.from_pretrained(p, trust_remote_code=False)

@@ -10,6 +10,7 @@ import typer
 
 from chtsl_infer.console import console
 from chtsl_infer.errors import ChtslError
+from chtsl_infer.model_dir import resolve_model_dir
 from chtsl_infer.utils import resolve_device
 
 
@@ -36,10 +37,9 @@ def generate_command(
     if temperature < 0:
         raise ChtslError(f"--temperature must be >= 0, got {temperature}")
     device = resolve_device(device)
-    if not ckpt.is_dir():
-        raise ChtslError(f"checkpoint not found: {ckpt} is not a directory")
-    tokenizer = load_tokenizer(ckpt)
-    rt = load_runtime(ckpt, backend, device)
+    model_dir = resolve_model_dir(ckpt)
+    tokenizer = load_tokenizer(model_dir)
+    rt = load_runtime(model_dir, backend, device)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise ChtslError("--prompt encodes to no tokens")

@@ -29,12 +29,12 @@ import torch
 from chtsl_infer.configuration import ChtslConfig
 from chtsl_infer.errors import ChtslError, first_line
 from chtsl_infer.layers import SparseLowRankLinear
+from chtsl_infer.model_dir import PACKED_FORMAT as FORMAT
+from chtsl_infer.model_dir import WEIGHTS_NAME, packed_metadata
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.utils import atomic_path
 
-FORMAT = "chtsl-packed"
 FORMAT_VERSION = "1"
-WEIGHTS_NAME = "model.safetensors"
 INT16_MAX_COLUMNS = 32767  # int16 column indices address at most this many input features
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -389,16 +389,7 @@ def unpack_model(packed: PackedModel, dtype: torch.dtype | None = None) -> Chtsl
 
 def is_packed_dir(path: str | Path) -> bool:
     """True when `path` is a directory whose `model.safetensors` header says `format=chtsl-packed`."""
-    from safetensors import safe_open
-
-    f = Path(path) / WEIGHTS_NAME
-    if not f.is_file():
-        return False
-    try:
-        with safe_open(str(f), framework="pt") as handle:
-            return (handle.metadata() or {}).get("format") == FORMAT
-    except Exception:  # an unreadable file is not a packed export; the loader reports why
-        return False
+    return packed_metadata(Path(path) / WEIGHTS_NAME) is not None
 
 
 def load_packed_model(path: str | Path, dtype: torch.dtype | None = torch.float32) -> ChtslLlamaForCausalLM:

@@ -35,6 +35,7 @@ from chtsl_infer import feature_major, kernels
 from chtsl_infer.configuration import ChtslConfig
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.layers import activation_fn, random_mask
+from chtsl_infer.model_dir import ModelDir, resolve_model_dir
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.packed import PackedLinear, PackedModel
 
@@ -391,43 +392,40 @@ def keep_freed_heap() -> bool:
     return bool(libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_mmap_threshold, 32 << 20))
 
 
-def load_packed_any(path: str | Path) -> PackedModel:
+def load_packed_any(path: str | Path | ModelDir) -> PackedModel:
     """The packed form of a packed export dir or of a training checkpoint dir (packed in memory)."""
     from chtsl_infer.checkpoint import load_model
-    from chtsl_infer.packed import is_packed_dir, load_packed, pack_model
+    from chtsl_infer.packed import load_packed, pack_model
 
-    if is_packed_dir(path):
-        return load_packed(path)
+    model_dir = resolve_model_dir(path).require_weights()
+    if model_dir.kind == "packed":
+        return load_packed(model_dir.weights)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI shows its own progress; keep stderr to errors
-    model = load_model(path)  # validates the directory (ChtslError when it is not a checkpoint)
+    model = load_model(model_dir)
     packed = pack_model(model, torch.float32)
     del model
     return packed
 
 
-def load_runtime(path: str | Path, backend: str = "auto", device: str | torch.device = "cpu",
+def load_runtime(path: str | Path | ModelDir, backend: str = "auto", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> Runtime:
     """The `Runtime` of a checkpoint or export directory with `backend`."""
-    p = Path(path)
-    if not p.exists():
-        raise ChtslError(f"checkpoint not found: {p}")
+    model_dir = resolve_model_dir(path)
     device = torch.device(device)
     if backend == "onnx":
-        return _onnx_runtime(p, device, dtype)
-    packed = load_packed_any(p)
+        return _onnx_runtime(model_dir, device, dtype)
+    packed = load_packed_any(model_dir)
     if packed.dtype != torch.float32:  # fp16/bf16 exports compute in the requested dtype
         packed = PackedModel(config=packed.config, dtype=torch.float32, linears=packed.linears,
                              dense=packed.dense, metadata=packed.metadata)
     return from_packed(packed, backend, device, dtype, consume=True)
 
 
-def _onnx_runtime(path: Path, device: torch.device, dtype: torch.dtype) -> Runtime:
-    """onnxruntime on `<path>/model.onnx` (CUDA provider on a CUDA device)."""
-    onnx_file = path / "model.onnx" if path.is_dir() else path
-    if not onnx_file.is_file():
-        raise ChtslError(f"{path} has no model.onnx; run `chtsl export {path} --format onnx` first")
+def _onnx_runtime(model_dir: ModelDir, device: torch.device, dtype: torch.dtype) -> Runtime:
+    """onnxruntime on `<dir>/model.onnx` (CUDA provider on a CUDA device)."""
+    onnx_file = model_dir.require_onnx()
     try:
         import onnxruntime as ort
     except ImportError:
@@ -440,13 +438,7 @@ def _onnx_runtime(path: Path, device: torch.device, dtype: torch.dtype) -> Runti
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(onnx_file), options, providers=providers)
-    config_file = onnx_file.parent / "config.json"
-    if config_file.is_file():
-        config = ChtslConfig.from_json_file(str(config_file))
-    else:
-        from chtsl_infer.packed import load_packed
-        config = load_packed(onnx_file.parent).config
-    return Runtime(backend="onnx", device=device, dtype=dtype, config=config, session=session,
+    return Runtime(backend="onnx", device=device, dtype=dtype, config=model_dir.config(), session=session,
                    model_bytes=onnx_file.stat().st_size)
 
 

@@ -17,6 +17,7 @@ import typer
 
 from chtsl_infer.console import console, err_console, write_json
 from chtsl_infer.errors import ChtslError
+from chtsl_infer.model_dir import resolve_model_dir
 from chtsl_infer.utils import resolve_device
 
 BACKENDS = ("dense", "sparse", "onnx", "auto")  # dense: the checkpoint's model; others: chtsl_infer.runtime
@@ -32,17 +33,9 @@ def _progress():  # -> rich.progress.Progress
     )
 
 
-def check_model_dir(ckpt: Path) -> None:
-    """ChtslError unless `ckpt` is a training checkpoint or a packed export directory."""
-    from chtsl_infer.checkpoint import check_checkpoint_dir
-    from chtsl_infer.packed import is_packed_dir
-
-    if not is_packed_dir(ckpt):
-        check_checkpoint_dir(ckpt)
-
-
-def _load(ckpt: Path, backend: str, device: str, dtype: str):
-    """(causal LM module on `device`, eval mode; tokenizer) of a checkpoint or packed export.
+def _load(model_dir, backend: str, device: str, dtype: str):
+    """(causal LM module on `device`, eval mode; tokenizer) of a checkpoint or packed export
+    (`model_dir`, a `ModelDir`).
 
     `dense` is the checkpoint's own model (`load_model`: the trainer's computation, the reference);
     the other backends come from `chtsl_infer.runtime.load_runtime` and score through
@@ -53,13 +46,13 @@ def _load(ckpt: Path, backend: str, device: str, dtype: str):
 
     from chtsl_infer.checkpoint import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(ckpt)
+    tokenizer = load_tokenizer(model_dir)
     if backend == "dense":
-        return load_model(ckpt, device=device).to(getattr(torch, dtype)), tokenizer
+        return load_model(model_dir, device=device).to(getattr(torch, dtype)), tokenizer
     from chtsl_infer.runtime import load_runtime
     from evals.harness import RuntimeModule
 
-    runtime = load_runtime(ckpt, backend=backend, device=device, dtype=getattr(torch, dtype))
+    runtime = load_runtime(model_dir, backend=backend, device=device, dtype=getattr(torch, dtype))
     return RuntimeModule(runtime), tokenizer
 
 
@@ -75,10 +68,10 @@ def run_tasks(ckpt: Path, tasks: str, *, data_dir: Path | None, batch_size: int,
     from evals import harness
 
     names, notes = harness.resolve_tasks(tasks)
-    check_model_dir(ckpt)
+    model_dir = resolve_model_dir(ckpt).require_weights()
     if data_dir is not None:  # find and check every file before the (slow) model load and lm-eval run
         harness.task_configs(names, data_dir)
-    model, tokenizer = _load(ckpt, backend, resolve_device(device), dtype)
+    model, tokenizer = _load(model_dir, backend, resolve_device(device), dtype)
     for note in notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     with harness.quiet_lm_eval(), _progress() as progress:
@@ -93,21 +86,21 @@ def run_tasks(ckpt: Path, tasks: str, *, data_dir: Path | None, batch_size: int,
     return results
 
 
-def validation_spec(ckpt: Path, config, *, data: str | None, max_tokens: int | None):
-    """(DataSpec, eval batch size, trainer's last validation record or None) for `ckpt`.
+def validation_spec(model_dir, config, *, data: str | None, max_tokens: int | None):
+    """(DataSpec, eval batch size, trainer's last validation record or None) for `model_dir`.
 
     A training checkpoint's `trainer_state/args.json` gives the trainer's data, sequence length,
     packing, eval tokens and micro-batch, so the default reproduces its validation perplexity;
     `data` / `max_tokens` override. Other checkpoints use `DataSpec`'s defaults (builtin corpus),
     the sequence length capped at the model's positions.
     """
-    from train.checkpoint import is_training_checkpoint, load_state
+    from train.checkpoint import load_state
     from train.data import DataSpec
 
     spec = DataSpec()
     eval_batch, last_val = 16, None
-    if is_training_checkpoint(ckpt):
-        state, args = load_state(ckpt)
+    if model_dir.is_training_checkpoint:
+        state, args = load_state(model_dir.path)
         fields = {k: args[k] for k in ("data", "tokenizer", "vocab_size", "seq_len", "packing", "eval_tokens", "seed")
                   if args.get(k) is not None}
         spec = DataSpec(**fields)
@@ -132,9 +125,9 @@ def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, devi
     from train.data import validation_batches
 
     device = resolve_device(device)
-    check_model_dir(ckpt)
-    model, tokenizer = _load(ckpt, backend, device, "float32")
-    spec, eval_batch, last_val = validation_spec(ckpt, model.config, data=data, max_tokens=max_tokens)
+    model_dir = resolve_model_dir(ckpt).require_weights()
+    model, tokenizer = _load(model_dir, backend, device, "float32")
+    spec, eval_batch, last_val = validation_spec(model_dir, model.config, data=data, max_tokens=max_tokens)
     with err_console.status(f"tokenizing validation data ({spec.data})"):
         batches, _ = validation_batches(spec, tokenizer, eval_batch=eval_batch)
     with _progress() as progress:

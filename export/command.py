@@ -89,11 +89,9 @@ def export_command(
 
     if opset < MIN_OPSET:
         raise ChtslError(f"opset must be >= {MIN_OPSET}, got {opset}")
-    from chtsl_infer.checkpoint import check_checkpoint_dir
-    from chtsl_infer.packed import is_packed_dir
+    from chtsl_infer.model_dir import resolve_model_dir
 
-    if not is_packed_dir(ckpt):
-        check_checkpoint_dir(ckpt)
+    model_dir = resolve_model_dir(ckpt).require_weights()
     out = Path(out_arg) if out_arg is not None else ckpt / "export"
     _check_output(ckpt, out, force)
 
@@ -106,7 +104,7 @@ def export_command(
     except OSError as e:
         raise ChtslError(f"cannot write to {out.parent}: {e.strerror or e}") from None
     try:
-        summary, checks = _run(ckpt, tmp, names, want_packed, want_onnx, dtype, opset, verify)
+        summary, checks = _run(model_dir, tmp, names, want_packed, want_onnx, dtype, opset, verify)
         failed = [c for c in checks if not c.ok]
         if not failed:
             try:
@@ -130,9 +128,10 @@ def export_command(
     console.print(f"exported to [bold]{out}[/]")
 
 
-def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: bool, dtype: str, opset: int,
+def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: bool, dtype: str, opset: int,
          verify: bool) -> tuple[list[dict], list]:
-    """The export stages into `tmp`: returns (summary rows, verification checks)."""
+    """The export stages of `model_dir` (a `ModelDir`) into `tmp`: returns (summary rows, verification checks)."""
+    ckpt = model_dir.path
     from transformers.utils import logging as hf_logging
 
     from chtsl_infer.checkpoint import load_model
@@ -147,7 +146,7 @@ def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: 
     with stages.progress:
         with stages.stage("load checkpoint"):
             try:
-                model = load_model(ckpt).float()
+                model = load_model(model_dir).float()
             except ChtslError:
                 raise
             except Exception as e:  # corrupt/truncated weights surface as assorted library errors

@@ -30,9 +30,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chtsl_infer.errors import ChtslError
+from chtsl_infer.model_dir import TRAINER_STATE_DIR, resolve_model_dir
 from chtsl_infer.utils import backup_path, make_temp_dir, publish_dir
 
-STATE_DIR = "trainer_state"
+STATE_DIR = TRAINER_STATE_DIR
 FORMAT = "chtsl-trainer-state"
 FORMAT_VERSION = 1
 CARRIED = ("metrics.jsonl", "tensorboard")  # logs that live in ckpt/ and move with each save
@@ -46,12 +47,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not (p / "config.json").is_file() and (backup_path(p) / STATE_DIR / "state.json").is_file():
         return backup_path(p)
     return p
-
-
-def is_training_checkpoint(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / "config.json").is_file() and (p / "model.safetensors").is_file() and (
-        p / STATE_DIR / "state.json").is_file()
 
 
 # ----------------------------------------------------------------------------- save
@@ -139,7 +134,11 @@ def save_checkpoint(
 def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state.json, args.json) of a training checkpoint; ChtslError if `path` is not one."""
     p = resolve_checkpoint(path)
-    if not is_training_checkpoint(p):
+    try:
+        is_training = resolve_model_dir(p).is_training_checkpoint
+    except ChtslError:
+        is_training = False
+    if not is_training:
         raise ChtslError(f"{path} is not a chtsl training checkpoint (expected config.json, model.safetensors "
                         f"and {STATE_DIR}/state.json)")
     try:
