@@ -2,40 +2,92 @@
 
 Importing it registers `ChtslConfig` / `ChtslLlamaForCausalLM` with transformers' Auto classes,
 so `AutoModelForCausalLM.from_pretrained("ckpt/")` loads a CHTsL checkpoint without remote code.
+
+Nothing heavy is imported here: the public names below load on first access, and the Auto
+registration happens as soon as transformers is imported (at once when it already is). So the
+`chtsl` CLI, whose modules live in this package, answers `--help` without torch or transformers.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from __future__ import annotations
 
-from chtsl_infer.configuration import ChtslConfig
-from chtsl_infer.layers import (
-    LAYER_TYPES,
-    SparseLowRankLinear,
-    alignment_loss,
-    branch_cosine,
-    ocr,
-    record_branches,
-)
-from chtsl_infer.methods import METHODS, Method, get_method
-from chtsl_infer.modeling import ChtslLlamaForCausalLM
-from chtsl_infer.presets import PRESETS, build_config, get_preset
-
-AutoConfig.register(ChtslConfig.model_type, ChtslConfig, exist_ok=True)
-AutoModelForCausalLM.register(ChtslConfig, ChtslLlamaForCausalLM, exist_ok=True)
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+from types import ModuleType
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "LAYER_TYPES",
-    "METHODS",
-    "PRESETS",
-    "ChtslConfig",
-    "ChtslLlamaForCausalLM",
-    "Method",
-    "SparseLowRankLinear",
-    "alignment_loss",
-    "branch_cosine",
-    "build_config",
-    "get_method",
-    "get_preset",
-    "ocr",
-    "record_branches",
-]
+
+#: public name -> the submodule that defines it (imported on first access)
+_EXPORTS = {
+    "LAYER_TYPES": "layers",
+    "SparseLowRankLinear": "layers",
+    "alignment_loss": "layers",
+    "branch_cosine": "layers",
+    "ocr": "layers",
+    "record_branches": "layers",
+    "METHODS": "methods",
+    "Method": "methods",
+    "get_method": "methods",
+    "ChtslConfig": "configuration",
+    "ChtslLlamaForCausalLM": "modeling",
+    "PRESETS": "presets",
+    "build_config": "presets",
+    "get_preset": "presets",
+    "ChtslError": "errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+def register_auto_classes() -> None:
+    """Registers the config and model with transformers' AutoConfig / AutoModelForCausalLM
+    (idempotent; `chtsl_infer.modeling` does it on import)."""
+    importlib.import_module(f"{__name__}.modeling")
+
+
+class _RegisterAfterTransformers(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs `register_auto_classes` right after `transformers` finishes importing, so `import
+    chtsl_infer` followed by `from transformers import AutoModelForCausalLM` finds our classes."""
+
+    def find_spec(self, fullname: str, path: Any, target: ModuleType | None = None):
+        if fullname != "transformers":
+            return None
+        sys.meta_path.remove(self)  # one shot; the real finders locate the package
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        self._loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        # Not while one of our modules is half-imported (it is importing transformers itself, and
+        # registering would import it circularly): `chtsl_infer.configuration` and
+        # `chtsl_infer.modeling` register their class when their own import completes.
+        busy = any(getattr(getattr(m, "__spec__", None), "_initializing", False)
+                   for n, m in list(sys.modules.items()) if n.startswith(f"{__name__}."))
+        if not busy:
+            register_auto_classes()
+
+
+if "transformers" in sys.modules:
+    register_auto_classes()
+elif not any(isinstance(f, _RegisterAfterTransformers) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterTransformers())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import LlamaConfig
+from transformers import AutoConfig, LlamaConfig
 
 from chtsl_infer import budget
 from chtsl_infer.errors import ChtslError
@@ -93,3 +93,6 @@ class ChtslConfig(LlamaConfig):
         if which == "others":
             return tuple(t for t in LAYER_TYPES if t not in ("q_proj", "k_proj"))
         return LAYER_TYPES
+
+
+AutoConfig.register(ChtslConfig.model_type, ChtslConfig, exist_ok=True)  # see chtsl_infer/__init__.py

@@ -11,7 +11,7 @@ import math
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers import initialization as init
 
 from chtsl_infer.configuration import ChtslConfig
@@ -106,3 +106,7 @@ class ChtslLlamaForCausalLM(LlamaForCausalLM):
     def trainable_linear_params(self) -> int:
         """Exact trainable entries of the block linears (active links + low-rank factors)."""
         return sum(m.trainable_entries() for m in self.chtsl_layers().values())
+
+
+# `from_pretrained` through the Auto classes, without remote code (see chtsl_infer/__init__.py).
+AutoModelForCausalLM.register(ChtslConfig, ChtslLlamaForCausalLM, exist_ok=True)
