@@ -1,4 +1,4 @@
-"""Loading a model the toolkit made: a training checkpoint or packed export directory (formats.md).
+"""Loading a model the toolkit made: a training checkpoint or packed export (docs/formats.md §1, §2).
 
 Weights come only through safetensors (`from_pretrained` with `use_safetensors=True`); remote
 code is never trusted.

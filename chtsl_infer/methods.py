@@ -1,4 +1,4 @@
-"""The method registry: what each `--method` means, in one object per method (method.md §1, §3, §5).
+"""The method registry: what each `--method` means, in one object per method (docs/method.md §1, §3, §5).
 
 Every other module asks this registry (`get_method(name).has_lowrank`, `.topology`, ...) instead
 of comparing method names, so adding a method is one `Method(...)` entry here plus its tests.

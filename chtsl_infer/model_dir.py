@@ -1,4 +1,4 @@
-"""What kind of model directory a path is, decided once per command (formats.md).
+"""What kind of model directory a path is, decided once per command (docs/formats.md §1–§3).
 
 A directory the toolkit wrote is one of:
 

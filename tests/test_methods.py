@@ -25,7 +25,7 @@ def test_layer_follows_its_method(name: str) -> None:
 
 
 def test_paper_settings_of_the_baselines() -> None:
-    """The per-method choices of method.md §1, §3, §5, as the trainer used to spell them."""
+    """The per-method choices of docs/method.md §1, §3, §5, as the trainer used to spell them."""
     settings = {n: (m.topology, m.brf_randomness, m.optimizer, m.weight_decay, m.grad_clip, m.aligns)
                 for n, m in METHODS.items()}
     assert settings == {
