@@ -26,10 +26,10 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import torch  # noqa: E402
 
 from chtsl_infer.layers import record_branches  # noqa: E402
+from chtsl_infer.loss import token_nll_sum  # noqa: E402
 from chtsl_infer.methods import DEFAULT_METHOD, DENSE, METHODS  # noqa: E402
 from chtsl_infer.modeling import ChtslLlamaForCausalLM  # noqa: E402
 from chtsl_infer.presets import build_config, get_preset  # noqa: E402
-from evals.perplexity import token_nll_sum  # noqa: E402
 from train.trainer import build_engine  # noqa: E402
 
 # (micro batch, seq) per shape on CPU; the GPU uses the paper's batch 128 × 256 for llama60m.

@@ -34,9 +34,7 @@ from chtsl_infer.console import console, write_json
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.methods import DEFAULT_METHOD, DENSE, METHOD_CHOICES, METHODS
 from chtsl_infer.model_dir import resolve_model_dir
-from chtsl_infer.utils import resolve_device
-
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+from chtsl_infer.utils import DTYPES, parse_dtype, resolve_device, torch_dtype
 
 
 def _config_for(spec: dict[str, Any]):  # -> ChtslConfig
@@ -109,12 +107,11 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from chtsl_infer import kernels
-    from chtsl_infer.packed import DTYPES
     from chtsl_infer.runtime import from_packed, load_packed_any, load_runtime, random_packed
 
     torch.manual_seed(0)
     device = torch.device(spec["device"])
-    dtype = DTYPES[spec["dtype"]]
+    dtype = torch_dtype(spec["dtype"])
     if device.type == "cpu":  # every CPU worker loads the compiled kernel, whatever its backend: same base
         kernels.cpu_kernel_status()
     base_rss = peak_rss_bytes()
@@ -203,7 +200,7 @@ def bench_command(
     backend: Annotated[str, typer.Option(help="Backend(s), comma-separated: auto, dense, sparse, onnx.")] = "auto",
     compare: Annotated[str, typer.Option(help="Other methods of the shape, e.g. cola,sltrain.")] = "",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (auto: cuda when available).")] = "auto",
-    dtype: Annotated[str | None, typer.Option(help="float32|bfloat16|float16 (CPU fp32, CUDA bf16).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: CPU fp32, CUDA bf16).")] = "auto",
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds allowed per configuration.")] = 1800.0,
 ) -> None:
@@ -218,17 +215,17 @@ def bench_command(
     if warmup is not None and warmup < 0:
         raise ChtslError(f"--warmup must be >= 0, got {warmup}")
     device = resolve_device(device)
-    dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
-    if dtype not in DTYPE_CHOICES:
-        raise ChtslError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_CHOICES)}")
+    dtype = parse_dtype(dtype, ("auto", *DTYPES))
+    if dtype == "auto":
+        dtype = "fp32" if device == "cpu" else "bf16"
     backends = _split(backend) or ["auto"]
     for b in backends:
         if b not in BACKENDS:
             raise ChtslError(f"unknown backend {b!r}; valid: {', '.join(BACKENDS)}")
         if b == "onnx" and ckpt is None:
             raise ChtslError("backend 'onnx' needs an export directory with model.onnx as CKPT")
-        if b == "sparse" and device == "cpu" and dtype != "float32":
-            raise ChtslError("backend 'sparse' on CPU computes in float32; use --dtype float32")
+        if b == "sparse" and device == "cpu" and dtype != "fp32":
+            raise ChtslError("backend 'sparse' on CPU computes in float32; use --dtype fp32")
     for m in _split(compare):
         if m not in METHODS:
             raise ChtslError(f"unknown method {m!r} in --compare; valid: {', '.join(METHODS)}")

@@ -35,7 +35,7 @@ def info_command(
     method: str = typer.Option(DEFAULT_METHOD, help=f"{METHOD_CHOICES}."),
     sparsity: float | None = typer.Option(None, help="Override the preset's sparsity s of S."),
     rank: int | None = typer.Option(None, help="Override the preset's rank r of the low-rank branch."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+    json_path: str | None = typer.Option(None, "--json", help="Write the report as JSON here ('-': stdout, no table)."),
 ) -> None:
     """Per-layer-type shapes, (s, r), parameter counts and s_total of a preset."""
     from chtsl_infer.info import budget_report, budget_table
@@ -43,10 +43,9 @@ def info_command(
 
     config = build_config(preset, method=method, s_total=s_total, sparsity=sparsity, rank=rank)
     report = budget_report(config, preset)
-    if json_out:
-        write_json(report, "-")
-    else:
+    if json_path != "-":
         console.print(budget_table(report))
+    write_json(report, json_path)
 
 
 app.command("train")(train_command)

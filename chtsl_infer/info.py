@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 from chtsl_infer import budget
@@ -50,9 +51,10 @@ def budget_report(config: ChtslConfig, preset: str | None = None) -> dict[str, A
 def budget_table(report: dict[str, Any]) -> Table:
     """Rich table of `budget_report`: one row per layer type, totals in the caption."""
     title = f"{report['preset'] or 'config'} · {report['method']} · s_total {report['s_total']:.4f}"
-    table = Table(title=title)
-    for col in ("layer", "shape (out×in)", "s", "r", "S params", "A params", "B params", "dense params"):
-        table.add_column(col, justify="left" if col in ("layer", "shape (out×in)") else "right")
+    # Borderless, one space between columns: the largest preset (llama1b) fits 80 columns untruncated.
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False)
+    for col in ("layer", "shape\n(out×in)", "s", "r", "S\nparams", "A\nparams", "B\nparams", "dense\nparams"):
+        table.add_column(col, justify="left" if col in ("layer", "shape\n(out×in)") else "right", no_wrap=True)
     for r in report["layers"]:
         table.add_row(
             r["type"], f"{r['out_features']}×{r['in_features']}", f"{r['sparsity']:.3f}", str(r["rank"]),

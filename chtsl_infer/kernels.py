@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from chtsl_infer.utils import cache_dir
+
 SOURCE = Path(__file__).with_name("csrc") / "spmm.c"
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
 GATHER_BELOW = 3  # fewer tokens: per-token gather loop, else 16-token vectors (measured crossover: 2–4)
@@ -57,7 +59,7 @@ def _cpu_fingerprint() -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("CHTSL_CACHE_DIR") or Path.home() / ".cache" / "chtsl") / "kernels"
+    return cache_dir() / "kernels"
 
 
 def _compile() -> tuple[ctypes.CDLL | None, str]:

@@ -72,7 +72,7 @@ METHODS: dict[str, Method] = {
 }
 DEFAULT_METHOD = "chtsl"
 DENSE = "dense"  # the baseline every benchmark compares against
-METHOD_CHOICES = "|".join(METHODS)  # for --help texts
+METHOD_CHOICES = ", ".join(METHODS)  # for --help texts
 
 
 def get_method(name: str | Method) -> Method:

@@ -8,8 +8,10 @@ full disk never leaves a half-written file under the final name. Torch is import
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,6 +90,43 @@ def publish_dir(tmp: Path, target: Path) -> None:
     backup = backup_path(target)
     if backup.exists():
         shutil.rmtree(backup, ignore_errors=True)
+
+
+#: The one spelling of `--dtype` in every command; torch's long names are accepted too.
+DTYPES = ("fp32", "bf16", "fp16")
+_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_dtype(value: str, choices: tuple[str, ...] = DTYPES) -> str:
+    """The canonical name (`fp32`, `bf16`, `fp16`, or `auto` when in `choices`) of a `--dtype`
+    value; `float32`/`bfloat16`/`float16` are read as their short names. ChtslError otherwise."""
+    name = _DTYPE_ALIASES.get(value, value)
+    if name not in choices:
+        raise ChtslError(f"unknown dtype {value!r}; valid: {', '.join(choices)}")
+    return name
+
+
+def torch_dtype(name: str):  # -> torch.dtype
+    """The torch dtype of a canonical `--dtype` name (`parse_dtype`)."""
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[name])
+
+
+def cache_dir() -> Path:
+    """The root of chtsl's caches (trained tokenizers, the compiled kernel): `$CHTSL_CACHE_DIR`,
+    else `~/.cache/chtsl`. The old name `$CHTSL_CACHE` is still read, with a deprecation line."""
+    root = os.environ.get("CHTSL_CACHE_DIR")
+    if not root and os.environ.get("CHTSL_CACHE"):
+        root = os.environ["CHTSL_CACHE"]
+        _warn_once("CHTSL_CACHE is deprecated; set CHTSL_CACHE_DIR instead")
+    return Path(root) if root else Path.home() / ".cache" / "chtsl"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
 
 
 def resolve_device(device: str | None = "auto", local_rank: int | None = None) -> str:

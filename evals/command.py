@@ -1,6 +1,6 @@
 """`chtsl eval`: zero-shot GLUE/SuperGLUE through lm-eval, or the trainer's validation perplexity.
 
-    chtsl eval ckpt/ --tasks rte,copa [--data-dir DIR] [--output res.json --log-samples]
+    chtsl eval ckpt/ --tasks rte,copa [--data-dir DIR] [--json res.json --log-samples]
     chtsl eval ckpt/ --perplexity [--data builtin|c4|owt|PATH] [--max-tokens N]
     chtsl eval --list-tasks
 
@@ -18,10 +18,9 @@ import typer
 from chtsl_infer.console import console, err_console, write_json
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.model_dir import resolve_model_dir
-from chtsl_infer.utils import resolve_device
+from chtsl_infer.utils import DTYPES, parse_dtype, resolve_device, torch_dtype
 
 BACKENDS = ("dense", "sparse", "onnx", "auto")  # dense: the checkpoint's model; others: chtsl_infer.runtime
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _progress():  # -> rich.progress.Progress
@@ -42,17 +41,16 @@ def _load(model_dir, backend: str, device: str, dtype: str):
     `Runtime.logits` — the same forward as `chtsl bench` (feature-major for the torch backends,
     no transposes around the sparse kernel; matches transformers' forward within 1e-4).
     """
-    import torch
 
     from chtsl_infer.checkpoint import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     if backend == "dense":
-        return load_model(model_dir, device=device).to(getattr(torch, dtype)), tokenizer
+        return load_model(model_dir, device=device).to(torch_dtype(dtype)), tokenizer
     from chtsl_infer.runtime import load_runtime
     from evals.harness import RuntimeModule
 
-    runtime = load_runtime(model_dir, backend=backend, device=device, dtype=getattr(torch, dtype))
+    runtime = load_runtime(model_dir, backend=backend, device=device, dtype=torch_dtype(dtype))
     return RuntimeModule(runtime), tokenizer
 
 
@@ -79,7 +77,7 @@ def run_tasks(ckpt: Path, tasks: str, *, data_dir: Path | None, batch_size: int,
                                    log_samples=log_samples, progress=progress)
     rows = harness.metric_rows(results)
     table = harness.results_table(rows, f"{ckpt} · zero-shot · lm-eval {results.get('lm_eval_version', '')}")
-    (err_console if str(output) == "-" else console).print(table)  # stdout is the JSON's with --output -
+    (err_console if str(output) == "-" else console).print(table)  # stdout is the JSON's with --json -
     if output is not None:
         for path in harness.write_results(results, output, log_samples):
             err_console.print(f"wrote {path}", highlight=False)
@@ -95,15 +93,13 @@ def validation_spec(model_dir, config, *, data: str | None, max_tokens: int | No
     the sequence length capped at the model's positions.
     """
     from train.checkpoint import load_state
-    from train.data import DataSpec
+    from train.data import DataSpec, spec_from_args
 
     spec = DataSpec()
     eval_batch, last_val = 16, None
     if model_dir.is_training_checkpoint:
         state, args = load_state(model_dir.path)
-        fields = {k: args[k] for k in ("data", "tokenizer", "vocab_size", "seq_len", "packing", "eval_tokens", "seed")
-                  if args.get(k) is not None}
-        spec = DataSpec(**fields)
+        spec = spec_from_args(args)
         eval_batch = int(args.get("micro_batch_size") or eval_batch)
         last_val = state.get("last_val")
     else:  # the checkpoint's own tokenizer, its embedding size
@@ -121,7 +117,7 @@ def validation_spec(model_dir, config, *, data: str | None, max_tokens: int | No
 def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, device: str, backend: str,
                    output: Path | None) -> dict[str, Any]:
     """Validation perplexity as the trainer computes it (same data, tokenization, batches, function)."""
-    from evals.perplexity import perplexity
+    from chtsl_infer.loss import perplexity
     from train.data import validation_batches
 
     device = resolve_device(device)
@@ -152,7 +148,7 @@ def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, devi
     trainer_ppl = report["trainer_val_ppl"]
     table.add_row(spec.data, str(spec.seq_len), f"{result.tokens:,}", f"{result.nll:.4f}", f"{result.ppl:.4f}",
                   "—" if trainer_ppl is None else f"{trainer_ppl:.4f}")
-    (err_console if str(output) == "-" else console).print(table)  # stdout is the JSON's with --output -
+    (err_console if str(output) == "-" else console).print(table)  # stdout is the JSON's with --json -
     write_json(report, output)
     return report
 
@@ -170,11 +166,13 @@ def eval_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per lm-eval forward pass.")] = 8,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N examples per task.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda when available).")] = None,
-    dtype: Annotated[str, typer.Option(help=f"Model dtype for lm-eval: {', '.join(DTYPES)}.")] = "float32",
+    dtype: Annotated[str, typer.Option(help=f"Model dtype for lm-eval: {', '.join(DTYPES)}.")] = "fp32",
     backend: Annotated[str, typer.Option(help=f"Inference backend: {', '.join(BACKENDS)}.")] = "dense",
-    output: Annotated[Path | None, typer.Option("--output", help="Write the results JSON here.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--json", "--output", help="Write the results JSON here ('-': stdout).")
+    ] = None,
     log_samples: Annotated[
-        bool, typer.Option("--log-samples", help="Also write per-sample records (JSONL) beside --output.")
+        bool, typer.Option("--log-samples", help="Also write per-sample records (JSONL) beside --json.")
     ] = False,
     ppl: Annotated[bool, typer.Option("--perplexity", help="Validation perplexity instead of lm-eval tasks.")] = False,
     data: Annotated[
@@ -196,18 +194,17 @@ def eval_command(
         return
     if backend not in BACKENDS:
         raise ChtslError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if dtype not in DTYPES:
-        raise ChtslError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    dtype = parse_dtype(dtype)
     if log_samples and (output is None or str(output) == "-"):
-        raise ChtslError("--log-samples needs --output FILE (the samples go beside it)")
+        raise ChtslError("--log-samples needs --json FILE (the samples go beside it)")
     if output is not None and str(output) != "-" and not output.parent.is_dir():
-        raise ChtslError(f"--output {output}: the directory {output.parent} does not exist")
+        raise ChtslError(f"--json {output}: the directory {output.parent} does not exist")
     if ppl == (tasks is not None):
         raise ChtslError("pass either --tasks NAMES (lm-eval) or --perplexity (see --list-tasks for names)")
     if ppl:
         if data_dir is not None or limit is not None or log_samples:
             raise ChtslError("--data-dir, --limit and --log-samples are for --tasks; --perplexity uses --data")
-        if dtype != "float32":
+        if dtype != "fp32":
             raise ChtslError("--dtype is for --tasks; --perplexity computes as the trainer (fp32, CUDA: bf16 autocast)")
         run_perplexity(ckpt, data=data, max_tokens=max_tokens, device=device, backend=backend, output=output)
         return

@@ -17,10 +17,9 @@ import typer
 
 from chtsl_infer.console import console, write_json
 from chtsl_infer.errors import ChtslError, first_line
-from chtsl_infer.utils import make_temp_dir, publish_dir
+from chtsl_infer.utils import make_temp_dir, parse_dtype, publish_dir, torch_dtype
 
 FORMATS = ("safetensors", "onnx", "all")
-DTYPE_FLAGS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _human(n: int) -> str:
@@ -83,8 +82,7 @@ def export_command(
     ckpt = Path(ckpt_arg)
     if fmt not in FORMATS:
         raise ChtslError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-    if dtype not in DTYPE_FLAGS:
-        raise ChtslError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_FLAGS)}")
+    dtype = parse_dtype(dtype)
     from export.onnx import MIN_OPSET
 
     if opset < MIN_OPSET:
@@ -135,7 +133,7 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
     from transformers.utils import logging as hf_logging
 
     from chtsl_infer.checkpoint import load_model
-    from chtsl_infer.packed import DTYPES, WEIGHTS_NAME
+    from chtsl_infer.packed import WEIGHTS_NAME
     from export import onnx as onnx_export
     from export.packed import copy_support_files, write_packed
 
@@ -153,7 +151,7 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
                 raise ChtslError(f"cannot load {ckpt}: {first_line(e)}") from None
         if want_packed:
             with stages.stage("pack safetensors"):
-                stats = _writing(lambda: write_packed(model, tmp, DTYPES[DTYPE_FLAGS[dtype]]), tmp)
+                stats = _writing(lambda: write_packed(model, tmp, torch_dtype(dtype)), tmp)
             summary += [
                 _row(WEIGHTS_NAME, stats.file_bytes, stats.dense_equivalent_bytes),
                 _row("  └ CHTsL linears", stats.linear_bytes, stats.dense_linear_bytes),

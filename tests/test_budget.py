@@ -26,7 +26,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("preset,s_total", TABLE5)
 def test_info_json_matches_paper(capsys, preset: str, s_total: float) -> None:
-    code, out, _ = run_cli(capsys, "info", "--preset", preset, "--s-total", str(s_total), "--json")
+    code, out, _ = run_cli(capsys, "info", "--preset", preset, "--s-total", str(s_total), "--json", "-")
     assert code == 0
     report = json.loads(out)
     assert abs(report["s_total"] - s_total) <= 0.005
@@ -37,7 +37,7 @@ def test_info_json_matches_paper(capsys, preset: str, s_total: float) -> None:
 
 @pytest.mark.parametrize("method", ["chtsl", "chts", "cola", "sltrain", "dense"])
 def test_info_counts_equal_model_entries(capsys, method: str) -> None:
-    code, out, _ = run_cli(capsys, "info", "--preset", "llama60m-c4", "--method", method, "--json")
+    code, out, _ = run_cli(capsys, "info", "--preset", "llama60m-c4", "--method", method, "--json", "-")
     assert code == 0
     report = json.loads(out)
     model = ChtslLlamaForCausalLM(build_config("llama60m-c4", method=method))
@@ -51,6 +51,17 @@ def test_info_counts_equal_model_entries(capsys, method: str) -> None:
 def test_info_table_prints(capsys) -> None:
     code, out, _ = run_cli(capsys, "info", "--preset", "llama130m-owt", "--s-total", "0.8")
     assert code == 0 and "q_proj" in out and "s_total" in out
+
+
+def test_info_table_fits_80_columns_untruncated(capsys, monkeypatch) -> None:
+    from chtsl_infer.console import console
+    from chtsl_infer.presets import PRESETS
+
+    monkeypatch.setattr(console, "width", 80)
+    for preset in PRESETS:
+        code, out, _ = run_cli(capsys, "info", "--preset", preset, "--s-total", "0.7", "--method", "cola")
+        assert code == 0 and "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+        assert "down_proj" in out and "gate_proj" in out
 
 
 @pytest.mark.parametrize(

@@ -10,22 +10,31 @@ import pytest
 import torch
 
 from chtsl_infer.errors import ChtslError
-from evals.perplexity import perplexity
+from chtsl_infer.loss import perplexity
 from tests.conftest import tiny_model
-from train import data as D
+from train.batches import Batch, Rows, TrainBatches, check_batch_sizes, eval_batches, make_rows, unigram_perplexity
+from train.sources import (
+    _paragraph_documents,
+    builtin_documents,
+    builtin_documents_uncached,
+    local_documents,
+    split_documents,
+)
+from train.streaming import hub_documents
+from train.tokenizer import encode_documents, resolve_tokenizer
 
 
 def _docs(n: int = 60) -> list[str]:
     import pydoc_data.topics
 
     topics = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
-    return [p for t in topics for p in D._paragraph_documents(t, 300)][:n]
+    return [p for t in topics for p in _paragraph_documents(t, 300)][:n]
 
 
 def test_builtin_corpus_deterministic_and_split() -> None:
-    a, b = D.builtin_documents(), D.builtin_documents_uncached()
+    a, b = builtin_documents(), builtin_documents_uncached()
     assert a == b and len(a) > 1000
-    train, val = D.split_documents(a)
+    train, val = split_documents(a)
     assert len(train) + len(val) == len(a)
     assert 0.03 < len(val) / len(a) < 0.07
     assert not set(train) & set(val) or len(set(a)) < len(a)  # split by text: equal texts go together
@@ -39,9 +48,9 @@ def test_local_sources(tmp_path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": docs[7:]}), tmp_path / "c.parquet")
-    assert D.local_documents(str(tmp_path)) == docs
-    assert D.local_documents(str(tmp_path / "b.jsonl")) == docs[4:7]
-    assert D.local_documents(str(tmp_path / "*.parquet")) == docs[7:]
+    assert local_documents(str(tmp_path)) == docs
+    assert local_documents(str(tmp_path / "b.jsonl")) == docs[4:7]
+    assert local_documents(str(tmp_path / "*.parquet")) == docs[7:]
 
 
 @pytest.mark.parametrize(
@@ -61,24 +70,24 @@ def test_local_source_errors(tmp_path, setup, match) -> None:
     if match == "no .txt":
         target = tmp_path
     with pytest.raises(ChtslError, match=match):
-        D.local_documents(str(target))
+        local_documents(str(target))
 
 
 def test_rows_truncate_pad_and_packing() -> None:
     docs = [[5, 6, 7], [8] * 10, [9]]
-    rows = D.make_rows(docs, seq_len=4, pad=0, packing=False)
+    rows = make_rows(docs, seq_len=4, pad=0, packing=False)
     assert rows.ids.tolist() == [[5, 6, 7, 0], [8, 8, 8, 8]]  # [9] has no target: dropped
     assert rows.lengths.tolist() == [3, 4]
     assert rows.labels(torch.arange(2)).tolist() == [[5, 6, 7, -100], [8, 8, 8, 8]]
-    packed = D.make_rows(docs, seq_len=4, pad=0, packing=True)
+    packed = make_rows(docs, seq_len=4, pad=0, packing=True)
     assert packed.ids.flatten().tolist() == ([5, 6, 7] + [8] * 10 + [9])[:12]
     assert (packed.labels(torch.arange(3)) != -100).all()
 
 
 def test_batches_shard_the_global_batch() -> None:
-    rows = D.Rows(torch.arange(50).unsqueeze(1).repeat(1, 3), torch.full((50,), 3))
-    single = D.TrainBatches(rows, global_batch=8, micro_batch=2, seed=3)
-    ranks = [D.TrainBatches(rows, global_batch=8, micro_batch=2, seed=3, rank=r, world=2) for r in range(2)]
+    rows = Rows(torch.arange(50).unsqueeze(1).repeat(1, 3), torch.full((50,), 3))
+    single = TrainBatches(rows, global_batch=8, micro_batch=2, seed=3)
+    ranks = [TrainBatches(rows, global_batch=8, micro_batch=2, seed=3, rank=r, world=2) for r in range(2)]
     seen = []
     for step in range(20):  # crosses epochs (50 rows / 8 per step)
         whole = torch.cat([b.input_ids[:, 0] for b in single.step_batches(step)])
@@ -87,56 +96,56 @@ def test_batches_shard_the_global_batch() -> None:
         assert len(single.step_batches(step)) == 4
         seen += whole.tolist()
     assert sorted(seen[:50]) == list(range(50))  # one epoch is a permutation
-    fresh = D.TrainBatches(rows, global_batch=8, micro_batch=2, seed=3)
+    fresh = TrainBatches(rows, global_batch=8, micro_batch=2, seed=3)
     assert fresh.step_batches(13)[1].input_ids.tolist() == single.step_batches(13)[1].input_ids.tolist()
-    other = D.TrainBatches(rows, global_batch=8, micro_batch=2, seed=4)
+    other = TrainBatches(rows, global_batch=8, micro_batch=2, seed=4)
     assert other.step_batches(0)[0].input_ids.tolist() != single.step_batches(0)[0].input_ids.tolist() or \
         other.step_batches(1)[0].input_ids.tolist() != single.step_batches(1)[0].input_ids.tolist()
 
 
 def test_batch_size_check() -> None:
-    assert D.check_batch_sizes(16, 4, 2) == 2
+    assert check_batch_sizes(16, 4, 2) == 2
     with pytest.raises(ChtslError, match="does not divide"):
-        D.check_batch_sizes(16, 3, 1)
+        check_batch_sizes(16, 3, 1)
     with pytest.raises(ChtslError, match="does not divide"):
-        D.check_batch_sizes(4, 4, 2)
+        check_batch_sizes(4, 4, 2)
 
 
 def test_unigram_perplexity_by_hand() -> None:
-    train = D.Rows(torch.tensor([[1, 1, 2, 0]]), torch.tensor([3]))  # counts: 1 -> 2, 2 -> 1
-    val = [D.Batch(torch.tensor([[2, 1, 2]]), torch.tensor([[2, 1, 2]]))]  # targets 1, 2
+    train = Rows(torch.tensor([[1, 1, 2, 0]]), torch.tensor([3]))  # counts: 1 -> 2, 2 -> 1
+    val = [Batch(torch.tensor([[2, 1, 2]]), torch.tensor([[2, 1, 2]]))]  # targets 1, 2
     vocab = 4
     p1, p2 = (2 + 1) / (3 + 4), (1 + 1) / (3 + 4)
     expected = math.exp(-(math.log(p1) + math.log(p2)) / 2)
-    assert D.unigram_perplexity(train, val, vocab) == pytest.approx(expected, rel=1e-12)
+    assert unigram_perplexity(train, val, vocab) == pytest.approx(expected, rel=1e-12)
 
 
 def test_eval_batches_take_enough_tokens() -> None:
-    rows = D.Rows(torch.arange(40).view(10, 4), torch.tensor([4, 2] * 5))
-    batches = D.eval_batches(rows, eval_tokens=7, batch_size=2)
+    rows = Rows(torch.arange(40).view(10, 4), torch.tensor([4, 2] * 5))
+    batches = eval_batches(rows, eval_tokens=7, batch_size=2)
     n = sum(int((b.labels != -100).sum()) for b in batches)
     assert 7 <= n <= 7 + 4
-    assert D.eval_batches(rows, 7, 2)[0].input_ids.tolist() == batches[0].input_ids.tolist()
-    assert sum(b.input_ids.shape[0] for b in D.eval_batches(rows, 10**9, 3)) == 10
+    assert eval_batches(rows, 7, 2)[0].input_ids.tolist() == batches[0].input_ids.tolist()
+    assert sum(b.input_ids.shape[0] for b in eval_batches(rows, 10**9, 3)) == 10
 
 
 def test_bpe_cached_and_unknown_tokenizer(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("CHTSL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CHTSL_CACHE_DIR", str(tmp_path))
     texts = _docs(40)
-    a = D.resolve_tokenizer("bpe", texts, 300)
+    a = resolve_tokenizer("bpe", texts, 300)
     assert len(list(tmp_path.glob("bpe-300-*/tokenizer.json"))) == 1
-    b = D.resolve_tokenizer("bpe", texts, 300)
+    b = resolve_tokenizer("bpe", texts, 300)
     assert a(texts[:3])["input_ids"] == b(texts[:3])["input_ids"]
     with pytest.raises(ChtslError, match="cannot load tokenizer 'no-such-org/no-such-tokenizer'"):
-        D.resolve_tokenizer("no-such-org/no-such-tokenizer", texts, 300)
+        resolve_tokenizer("no-such-org/no-such-tokenizer", texts, 300)
     with pytest.raises(ChtslError, match="cannot load dataset 'c4'"):
-        D._hub_split("c4", "train", 0, 1)
+        hub_documents("c4", "train", 0, 1)
 
 
 def test_encode_appends_eos_and_maps_oov(bpe_tokenizer) -> None:
-    ids = D.encode_documents(bpe_tokenizer, ["def f(x): return x"], vocab_size=len(bpe_tokenizer))[0]
+    ids = encode_documents(bpe_tokenizer, ["def f(x): return x"], vocab_size=len(bpe_tokenizer))[0]
     assert ids[-1] == bpe_tokenizer.eos_token_id
-    small = D.encode_documents(bpe_tokenizer, ["def f(x): return x"], vocab_size=300)[0]
+    small = encode_documents(bpe_tokenizer, ["def f(x): return x"], vocab_size=300)[0]
     assert max(small) < 300 and bpe_tokenizer.unk_token_id in small
 
 
@@ -145,12 +154,12 @@ def test_perplexity_matches_hf_loss() -> None:
     ids = torch.randint(0, 512, (3, 9), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[1, 6:] = -100  # a padded row
-    r = perplexity(model, [D.Batch(ids, labels)])
+    r = perplexity(model, [Batch(ids, labels)])
     with torch.no_grad():
         hf = model(input_ids=ids, labels=labels).loss.item()
     assert r.tokens == 3 * 8 - 3
     assert r.nll == pytest.approx(hf, rel=1e-5)
     assert r.ppl == pytest.approx(math.exp(hf), rel=1e-5)
     # Two batches = the token-weighted mean, not the mean of batch means.
-    r2 = perplexity(model, [D.Batch(ids[:1], labels[:1]), D.Batch(ids[1:], labels[1:])])
+    r2 = perplexity(model, [Batch(ids[:1], labels[:1]), Batch(ids[1:], labels[1:])])
     assert r2.nll == pytest.approx(r.nll, rel=1e-6) and r2.tokens == r.tokens

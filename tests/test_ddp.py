@@ -50,7 +50,7 @@ def bpe_cache(tmp_path_factory) -> Path:
 
 def test_two_rank_gloo_matches_single_process(tmp_path, monkeypatch, bpe_cache) -> None:
     cache = bpe_cache
-    monkeypatch.setenv("CHTSL_CACHE", str(cache))
+    monkeypatch.setenv("CHTSL_CACHE_DIR", str(cache))
     corpus(tmp_path)
     common = dict(steps=12, update_interval=3, restart_warmup=1, warmup=2, eval_every=12, save_every=12, ocr_every=4)
     train(small_args(tmp_path, out=str(tmp_path / "single"), **common))  # 2 micro-batches of 4
@@ -59,7 +59,7 @@ def test_two_rank_gloo_matches_single_process(tmp_path, monkeypatch, bpe_cache) 
     ddp_out.mkdir()
     (tmp_path / "worker.py").write_text(WORKER)
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "CHTSL_CACHE": str(cache), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "CHTSL_CACHE_DIR": str(cache), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -305,7 +305,7 @@ def test_bad_input_one_line(eval_checkpoint, tmp_path):
     msg = _one_line_error(["eval", str(tmp_path), "--tasks", "rte"])
     assert "not a chtsl checkpoint" in msg
     msg = _one_line_error(["eval", str(eval_checkpoint), "--tasks", "rte", "--log-samples"])
-    assert "--output" in msg
+    assert "--json" in msg
 
 
 def test_more_tasks_local_layout(eval_checkpoint):
@@ -404,7 +404,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     topics = pydoc_data.topics.topics
     (root / "corpus.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)[:60]))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CHTSL_CACHE", str(root / "cache"))
+        mp.setenv("CHTSL_CACHE_DIR", str(root / "cache"))
         code, _, stderr = run_cli([
             "train", "--preset", "tiny", "--num-layers", "1", "--steps", "3", "--batch-size", "4",
             "--micro-batch-size", "2", "--seq-len", "64", "--vocab-size", "512", "--eval-tokens", "3000",

@@ -11,7 +11,8 @@ from chtsl_infer.layers import SparseLowRankLinear
 from chtsl_infer.methods import METHODS, Method, get_method
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.presets import build_config, get_preset
-from train.trainer import TrainArgs, build_engine, resolve_args
+from train.args import TrainArgs, resolve_args
+from train.trainer import build_engine
 
 
 @pytest.mark.parametrize("name", list(METHODS))

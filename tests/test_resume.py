@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_train import corpus, metrics, one_thread, small_args  # noqa: F401 (autouse fixture)
-from train.trainer import TrainArgs, train
+from train.args import TrainArgs
+from train.trainer import train
 
 STEPS = 12  # topology updates at 3, 6, 9 (T_end = 9) with restarted warm-ups
 
@@ -27,7 +28,7 @@ def bpe_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _cache(bpe_cache, monkeypatch):
-    monkeypatch.setenv("CHTSL_CACHE", str(bpe_cache))
+    monkeypatch.setenv("CHTSL_CACHE_DIR", str(bpe_cache))
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

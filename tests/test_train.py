@@ -12,7 +12,8 @@ import torch
 
 from chtsl_infer.cli import main
 from chtsl_infer.errors import ChtslError
-from train.trainer import TrainArgs, train
+from train.args import TrainArgs
+from train.trainer import train
 
 STEPS = 20
 
@@ -21,7 +22,7 @@ def corpus(tmp_path: Path) -> Path:
     """A small jsonl corpus (paragraphs of CPython's pydoc topics) shared by the trainer tests."""
     import pydoc_data.topics
 
-    from train.data import _paragraph_documents
+    from train.sources import _paragraph_documents
 
     path = tmp_path / "corpus.jsonl"
     if not path.exists():
@@ -54,7 +55,7 @@ def bpe_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _cache(bpe_cache, monkeypatch):
-    monkeypatch.setenv("CHTSL_CACHE", str(bpe_cache))
+    monkeypatch.setenv("CHTSL_CACHE_DIR", str(bpe_cache))
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +114,7 @@ def test_chtsl_run_end_to_end(tmp_path) -> None:
     args = json.loads((out / "trainer_state" / "args.json").read_text())
     assert state["step"] == STEPS and args["data"] == str(corpus(tmp_path)) and args["seq_len"] == 32
     # The validation perplexity is reproducible from the saved arguments (what `chtsl eval` does).
-    from evals.perplexity import perplexity
+    from chtsl_infer.loss import perplexity
     from train.data import spec_from_args, validation_batches
 
     val, _ = validation_batches(spec_from_args(args), tok, eval_batch=args["micro_batch_size"])

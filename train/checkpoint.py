@@ -3,7 +3,7 @@
 Layout of `ckpt/`: `config.json`, `model.safetensors`, tokenizer files, `metrics.jsonl` (and
 `tensorboard/`), and `trainer_state/`:
 
-    state.json             step, tokens seen, data position, world size, LR schedule, optimizer
+    state.json             step (= data position), tokens seen, world size, last validation, optimizer
                            param groups and parameter names, topology scalars, format version
     args.json              the resolved run arguments (data, seq_len, eval tokens, packing,
                            tokenizer, preset, method, seed, ...) — `chtsl eval --perplexity` reads it

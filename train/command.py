@@ -2,69 +2,51 @@
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import asdict, fields
+from typing import Any, get_type_hints
+
 import typer
 
 from chtsl_infer.console import write_json
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.methods import DEFAULT_METHOD, METHOD_CHOICES
+from train.args import TrainArgs
 
 
-def train_command(
-    preset: str = typer.Option("tiny", help="Recipe preset: tiny, llama60m-c4, llama130m-owt, ..."),
-    method: str = typer.Option(DEFAULT_METHOD, help=f"{METHOD_CHOICES}."),
-    s_total: float = typer.Option(0.9, "--s-total", help="Total sparsity of the linears (0.9, 0.8 or 0.7)."),
-    align: str = typer.Option("all", help="Layers in the alignment loss: all|qk|others."),
-    align_lambda: float | None = typer.Option(None, "--align-lambda", help="λ of the alignment loss."),
-    steps: int | None = typer.Option(None, help="Training iterations (preset's if omitted)."),
-    warmup: int | None = typer.Option(None, help="LR warm-up iterations."),
-    lr: float | None = typer.Option(None, help="Peak learning rate."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size in sequences."),
-    micro_batch_size: int | None = typer.Option(None, "--micro-batch-size", help="Sequences per forward per rank."),
-    seq_len: int | None = typer.Option(None, "--seq-len", help="Tokens per sequence."),
-    update_interval: int | None = typer.Option(None, "--update-interval", help="ΔT between topology updates."),
-    restart_warmup: int | None = typer.Option(None, "--restart-warmup", help="LR warm-up after each update."),
-    eval_every: int | None = typer.Option(None, "--eval-every", help="Validation perplexity every N steps."),
-    save_every: int | None = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
-    ocr_every: int | None = typer.Option(None, "--ocr-every", help="Log per-layer OCR/cosine every N steps."),
-    eval_tokens: int | None = typer.Option(None, "--eval-tokens", help="Validation tokens per evaluation."),
-    data: str | None = typer.Option(None, help="builtin | c4 | owt | PATH (file, dir or glob of txt/jsonl/parquet)."),
-    tokenizer: str | None = typer.Option(None, help="bpe (trained on the corpus, cached) or a HF name/path."),
-    vocab_size: int | None = typer.Option(None, "--vocab-size", help="Vocabulary of a trained BPE."),
-    packing: bool = typer.Option(False, "--packing", help="Concatenate documents instead of truncate/pad."),
-    grad_clip: float | None = typer.Option(None, "--grad-clip", help="Max grad norm (0: off; cola: 0.5)."),
-    num_layers: int | None = typer.Option(None, "--num-layers", help="Override the preset's number of blocks."),
-    dtype: str = typer.Option("auto", help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    seed: int = typer.Option(0, help="Seed of init, data order and topology."),
-    out: str = typer.Option("ckpt", help="Checkpoint directory (latest complete checkpoint)."),
-    resume: str | None = typer.Option(None, help="Continue exactly from this checkpoint directory."),
-    stop_at: int | None = typer.Option(None, "--stop-at", help="Save and stop after this step (resume later)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the Rich progress bar."),
-    json_out: str | None = typer.Option(None, "--json", help="Write the final summary as JSON here ('-': stdout)."),
-) -> None:
+def _options(cls: type) -> list[inspect.Parameter]:
+    """One Typer option per CLI field of the dataclass `cls` (default, help and flag from the field)."""
+    hints = get_type_hints(cls)
+    params = []
+    for f in fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        option = typer.Option(f.default, flag, help=f.metadata.get("help"))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=hints[f.name]))
+    return params
+
+
+def train_command(**options: Any) -> None:
     """Train a CHTsL (or baseline) LLaMA from scratch; `torchrun` runs it with DDP."""
-    from dataclasses import asdict
-
-    from train.trainer import TrainArgs, print_result, train
-
-    args = TrainArgs(
-        preset=preset, method=method, s_total=s_total, align=align, align_lambda=align_lambda, steps=steps,
-        warmup=warmup, lr=lr, batch_size=batch_size, micro_batch_size=micro_batch_size, seq_len=seq_len,
-        update_interval=update_interval, restart_warmup=restart_warmup, eval_every=eval_every,
-        save_every=save_every, ocr_every=ocr_every,
-        eval_tokens=eval_tokens, data=data, tokenizer=tokenizer, vocab_size=vocab_size, packing=packing,
-        grad_clip=grad_clip, num_layers=num_layers, dtype=dtype, device=device, seed=seed, out=out,
-        resume=resume, stop_at=stop_at, progress=progress,
-    )
-    result = train(args)
     import os
 
+    from train.trainer import print_result, train
+
+    json_out = options.pop("json_out")
+    result = train(TrainArgs(**options))
     if int(os.environ.get("RANK", "0")) == 0:
         print_result(result)
-        summary = {k: v for k, v in asdict(result).items() if k != "history"}
-        write_json(summary, json_out)
+        write_json(asdict(result), json_out)
     if result.stopped == "nan":
         raise typer.Exit(1)
+
+
+# The options of `chtsl train` are the fields of TrainArgs (train/args.py), plus where the summary goes.
+_JSON_OUT = inspect.Parameter("json_out", inspect.Parameter.KEYWORD_ONLY, annotation=str | None, default=typer.Option(
+    None, "--json", help="Write the final summary as JSON here ('-': stdout)."))
+train_command.__signature__ = inspect.Signature([*_options(TrainArgs), _JSON_OUT])  # type: ignore[attr-defined]
+train_command.__annotations__ = {p.name: p.annotation for p in train_command.__signature__.parameters.values()}
 
 
 def plot_command(

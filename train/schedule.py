@@ -15,8 +15,7 @@ The schedule is a pure function of the step, so its checkpoint state is just its
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,3 @@ class LRSchedule:
     def __call__(self, step: int) -> float:
         """The learning rate of iteration `step`."""
         return self.lr * self.factor(step)
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)

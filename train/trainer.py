@@ -22,7 +22,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,86 +30,14 @@ import torch
 
 from chtsl_infer.console import console, err_console
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.methods import DEFAULT_METHOD, get_method
+from chtsl_infer.loss import perplexity, token_nll_sum
+from chtsl_infer.methods import get_method
 from chtsl_infer.utils import atomic_write_text, resolve_device
-from evals.perplexity import perplexity, token_nll_sum
 from train import checkpoint as ckpt_io
 from train import distributed as dist_utils
+from train.args import RESUME_MUTABLE, TrainArgs, resolve_args
 from train.data import DataSpec, build_data
 from train.schedule import LRSchedule
-
-# Fields a `--resume` may change; every other recipe field must match the checkpoint.
-RESUME_MUTABLE = ("out", "stop_at", "eval_every", "save_every", "ocr_every", "device", "progress", "steps")
-
-
-@dataclass
-class TrainArgs:
-    """Run arguments; None means "the preset's value" (resolved by `resolve_args`)."""
-
-    preset: str = "tiny"
-    method: str = DEFAULT_METHOD
-    s_total: float = 0.9
-    align: str = "all"
-    align_lambda: float | None = None
-    activation: str | None = None
-    steps: int | None = None
-    warmup: int | None = None
-    lr: float | None = None
-    min_lr_ratio: float | None = None
-    batch_size: int | None = None
-    micro_batch_size: int | None = None
-    seq_len: int | None = None
-    update_interval: int | None = None
-    restart_warmup: int | None = None
-    eval_every: int | None = None
-    save_every: int | None = None
-    ocr_every: int | None = None
-    eval_tokens: int | None = None
-    data: str | None = None
-    tokenizer: str | None = None
-    vocab_size: int | None = None
-    packing: bool = False
-    grad_clip: float | None = None
-    num_layers: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    out: str = "ckpt"
-    resume: str | None = None
-    stop_at: int | None = None
-    progress: bool = True
-
-
-def resolve_args(args: TrainArgs) -> TrainArgs:
-    """Fills every None recipe field from the preset (docs/method.md §5); validates values."""
-    from chtsl_infer.presets import get_preset
-
-    p = get_preset(args.preset)
-    # A preset's trained BPE needs a local corpus; hub data falls back to the paper's tokenizer.
-    tokenizer = args.tokenizer or ("t5-base" if (args.data or p.data) in ("c4", "owt") and p.tokenizer == "bpe"
-                                   else p.tokenizer)
-    m = get_method(args.method)
-    lr = args.lr if args.lr is not None else (p.dense_lr if m.uses_dense_lr else p.lr)
-    r = TrainArgs(**{**asdict(args), **dict(
-        steps=args.steps or p.steps, warmup=args.warmup if args.warmup is not None else p.warmup, lr=lr,
-        min_lr_ratio=args.min_lr_ratio if args.min_lr_ratio is not None else p.min_lr_ratio,
-        batch_size=args.batch_size or p.batch_size,
-        micro_batch_size=args.micro_batch_size or min(p.micro_batch_size, args.batch_size or p.batch_size),
-        seq_len=args.seq_len or p.seq_len, update_interval=args.update_interval or p.update_interval,
-        restart_warmup=args.restart_warmup if args.restart_warmup is not None else p.restart_warmup,
-        eval_every=args.eval_every or p.eval_every, save_every=args.save_every or p.save_every,
-        ocr_every=args.ocr_every or p.ocr_every, eval_tokens=args.eval_tokens or p.eval_tokens,
-        data=args.data or p.data, tokenizer=tokenizer, vocab_size=args.vocab_size or p.vocab_size,
-        grad_clip=args.grad_clip if args.grad_clip is not None else m.grad_clip,
-        align_lambda=args.align_lambda if args.align_lambda is not None else p.align_lambda,
-    )})
-    if r.steps < 1 or r.lr <= 0 or r.warmup < 0:
-        raise ChtslError("--steps and --lr must be positive and --warmup >= 0")
-    if r.dtype not in ("auto", "fp32", "bf16"):
-        raise ChtslError(f"unknown --dtype {r.dtype!r}; valid: auto, fp32, bf16")
-    if r.stop_at is not None and not 1 <= r.stop_at <= r.steps:
-        raise ChtslError(f"--stop-at must be in [1, {r.steps}]")
-    return r
 
 
 def build_engine(model, total_steps: int, update_interval: int, seed: int = 0, init_masks: bool = True):
@@ -146,7 +74,6 @@ class TrainResult:
     updates_changed_masks: int
     out: str
     stopped: str | None = None  # "nan" when a non-finite loss stopped the run
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class MetricsLog:
@@ -234,27 +161,9 @@ class _Progress:
 
 def train(args: TrainArgs, after_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainResult:
     """Runs (or resumes) a training run; `after_step(step, model)` is a hook for tests."""
-    resume_dir = None
-    saved_state: dict[str, Any] = {}
+    resume_dir, saved_state = None, {}
     if args.resume:
-        resume_dir = ckpt_io.resolve_checkpoint(args.resume)
-        saved_state, saved_args = ckpt_io.load_state(args.resume)
-        merged = dict(saved_args)
-        defaults = TrainArgs()
-        for f in fields(TrainArgs):
-            new, default = getattr(args, f.name), getattr(defaults, f.name)
-            if f.name in ("resume", "stop_at", "out") or new is None or new == default:
-                continue  # not given on the command line
-            if f.name in RESUME_MUTABLE:
-                merged[f.name] = new
-            elif new != saved_args.get(f.name):
-                raise ChtslError(f"--{f.name.replace('_', '-')} {new!r} differs from the checkpoint being resumed "
-                                f"({saved_args.get(f.name)!r}); it cannot change on resume")
-        merged.update(resume=str(args.resume), stop_at=args.stop_at,
-                      out=args.out if args.out != defaults.out else str(args.resume))
-        args = TrainArgs(**{k: v for k, v in merged.items() if k in TrainArgs.__dataclass_fields__})
-        if args.steps < saved_state["step"]:
-            raise ChtslError(f"--steps {args.steps} is below the checkpoint's step {saved_state['step']}")
+        args, resume_dir, saved_state = _resume_args(args)
     args = resolve_args(args)
     out = Path(args.out)
     if not args.resume and (ckpt_io.resolve_checkpoint(out) / "config.json").is_file():
@@ -263,63 +172,83 @@ def train(args: TrainArgs, after_step: Callable[[int, torch.nn.Module], None] | 
     info = dist_utils.setup("cuda" if args.device.startswith("cuda") or (
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
-        return _run(args, info, resume_dir, saved_state, after_step)
+        run = build_run(args, info, resume_dir, saved_state)
+        return train_loop(run, after_step)
     finally:
         dist_utils.teardown(info)
 
 
-def _run(
-    args: TrainArgs,
-    info: dist_utils.DistInfo,
-    resume_dir: Path | None,
-    saved_state: dict[str, Any],
-    after_step: Callable[[int, torch.nn.Module], None] | None,
-) -> TrainResult:
-    """The loop of `train` once arguments are resolved (the process group is set up around it)."""
-    import chtsl_infer  # noqa: F401  (registers the Auto classes for from_pretrained)
-    from chtsl_infer.checkpoint import load_tokenizer
-    from chtsl_infer.configuration import ChtslConfig
-    from chtsl_infer.layers import record_branches
-    from chtsl_infer.modeling import ChtslLlamaForCausalLM
-    from chtsl_infer.presets import build_config
+def _resume_args(args: TrainArgs) -> tuple[TrainArgs, Path, dict[str, Any]]:
+    """(the checkpoint's arguments with this command line's changes, its directory, its state.json).
 
+    A field counts as given when it differs from the `TrainArgs` default; only `RESUME_MUTABLE`
+    fields may differ from the checkpoint's.
+    """
+    resume_dir = ckpt_io.resolve_checkpoint(args.resume)
+    saved_state, saved_args = ckpt_io.load_state(args.resume)
+    merged = dict(saved_args)
+    defaults = TrainArgs()
+    for f in fields(TrainArgs):
+        new, default = getattr(args, f.name), getattr(defaults, f.name)
+        if f.name in ("resume", "stop_at", "out") or new is None or new == default:
+            continue  # not given on the command line
+        if f.name in RESUME_MUTABLE:
+            merged[f.name] = new
+        elif new != saved_args.get(f.name):
+            raise ChtslError(f"--{f.name.replace('_', '-')} {new!r} differs from the checkpoint being resumed "
+                             f"({saved_args.get(f.name)!r}); it cannot change on resume")
+    merged.update(resume=str(args.resume), stop_at=args.stop_at,
+                  out=args.out if args.out != defaults.out else str(args.resume))
+    args = TrainArgs(**{k: v for k, v in merged.items() if k in TrainArgs.__dataclass_fields__})
+    if args.steps < saved_state["step"]:
+        raise ChtslError(f"--steps {args.steps} is below the checkpoint's step {saved_state['step']}")
+    return args, resume_dir, saved_state
+
+
+# ----------------------------------------------------------------------------- build
+
+
+@dataclass
+class Run:
+    """Everything a training run works with once built (`build_run`), and its running totals."""
+
+    args: TrainArgs
+    info: dist_utils.DistInfo
+    device: str
+    out: Path
+    data: Any  # train.data.Data
+    model: torch.nn.Module  # ChtslLlamaForCausalLM, unwrapped
+    ddp_model: torch.nn.Module  # `model`, or its DistributedDataParallel wrapper
+    engine: Any  # train.topology.TopologyEngine | None
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    log: MetricsLog
+    autocast: Any  # context manager of each forward
+    hybrid: dict[str, torch.nn.Module]  # layers with both branches (OCR, cosine, alignment)
+    align_names: set[str]  # layers in the alignment loss
+    lam: float  # alignment λ (0 when no layer aligns)
+    n_micro: int  # micro-batches per rank per step
+    step: int = 0  # last completed step
+    tokens_seen: int = 0
+    last_val: dict[str, Any] | None = None
+    topology_updates: int = 0
+    updates_changed_masks: int = 0
+
+
+def build_run(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | None,
+              saved_state: dict[str, Any]) -> Run:
+    """Data, model, topology engine, optimizer, LR schedule, DDP wrapper and logs of a run
+    (restored from `resume_dir` when resuming)."""
     device = resolve_device(args.device, info.local_rank if info.distributed else None)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.startswith("cuda"))
     if use_bf16 and not device.startswith("cuda"):
         raise ChtslError("--dtype bf16 (autocast) is for CUDA; CPU trains in fp32")
-    out = Path(args.out)
     torch.manual_seed(args.seed)
 
-    # ---- data (each rank builds its own shard of the train stream)
-    spec = DataSpec(data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
-                    packing=args.packing, eval_tokens=args.eval_tokens, seed=args.seed)
-    tokenizer = load_tokenizer(resume_dir) if resume_dir else None
-    data = build_data(spec, global_batch=args.batch_size, micro_batch=args.micro_batch_size, rank=info.rank,
-                      world=info.world, eval_batch=args.micro_batch_size, tokenizer=tokenizer)
-    n_micro = args.batch_size // (args.micro_batch_size * info.world)
-
-    # ---- model, topology engine, optimizer
-    if resume_dir:
-        config = ChtslConfig.from_pretrained(resume_dir)
-    else:
-        overrides = {"num_hidden_layers": args.num_layers} if args.num_layers else {}
-        try:
-            config = build_config(args.preset, method=args.method, s_total=args.s_total, activation=args.activation,
-                                  align_lambda=args.align_lambda, align_layers=args.align, vocab_size=data.vocab_size,
-                                  max_position_embeddings=max(args.seq_len, 256), **overrides)
-        except ValueError as e:
-            raise ChtslError(str(e)) from None
-    model = ChtslLlamaForCausalLM(config)
-    if resume_dir:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(resume_dir / "model.safetensors"), strict=True)
-    model.to(device).train()
-    method = get_method(config.method)
+    data = _build_data(args, info, resume_dir)
+    model = _build_model(args, data.vocab_size, resume_dir).to(device).train()
     engine = build_engine(model, args.steps, args.update_interval, seed=args.seed, init_masks=not resume_dir)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[method.optimizer]
-    optimizer = optimizer_class(params, lr=args.lr, weight_decay=method.weight_decay)
+    optimizer = build_optimizer(model, args.lr)
     start_step, tokens_seen = 0, 0
     if resume_dir:
         ckpt_io.load_optimizer(resume_dir, optimizer, model, saved_state["optimizer"])
@@ -332,20 +261,85 @@ def _run(
         update_interval=args.update_interval if engine is not None and engine.mode != "static" else None,
         t_end=engine.t_end if engine is not None else 0.0, restart_warmup=args.restart_warmup,
     )
-    ddp_model: torch.nn.Module = model
-    if info.distributed:
-        import inspect
+    out = Path(args.out)
+    log = _open_log(out, info, resume_dir, start_step)
+    hybrid = {n: m for n, m in model.chtsl_layers().items() if m.has_sparse and m.has_lowrank}
+    align_names = set(model.align_layers())
+    run = Run(args=args, info=info, device=device, out=out, data=data, model=model,
+              ddp_model=_wrap_ddp(model, info, device), engine=engine, optimizer=optimizer, schedule=schedule,
+              log=log, autocast=torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext(),
+              hybrid=hybrid, align_names=align_names,
+              lam=float(model.config.chtsl["align_lambda"]) if align_names else 0.0,
+              n_micro=args.batch_size // (args.micro_batch_size * info.world), step=start_step,
+              tokens_seen=tokens_seen, last_val=saved_state.get("last_val"))
+    if info.is_main and not resume_dir:
+        log.write({"event": "start", "unigram_ppl": data.unigram_ppl,
+                   "trainable_linear_params": model.trainable_linear_params(), "train_rows": data.train_rows,
+                   "train_tokens": data.train_tokens, "world_size": info.world, "args": asdict(args),
+                   "s_total": model.config.chtsl["s_total"]})
+    return run
 
-        from torch.nn.parallel import DistributedDataParallel
 
-        # Masks are identical on every rank (the engine broadcasts them): no buffer sync per forward.
-        no_sync_kw = ({"forward_sync_buffers": False}
-                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                      else {"broadcast_buffers": False})
-        ddp_model = DistributedDataParallel(model, device_ids=[info.local_rank] if device.startswith("cuda") else None,
-                                            **no_sync_kw)
+def _build_data(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | None):  # -> train.data.Data
+    """This rank's shard of the train stream and the validation batches (the checkpoint's
+    tokenizer when resuming)."""
+    from chtsl_infer.checkpoint import load_tokenizer
 
-    # ---- logs (rank 0): resume keeps the lines up to the checkpoint's step
+    spec = DataSpec(data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
+                    packing=args.packing, eval_tokens=args.eval_tokens, seed=args.seed)
+    tokenizer = load_tokenizer(resume_dir) if resume_dir else None
+    return build_data(spec, global_batch=args.batch_size, micro_batch=args.micro_batch_size, rank=info.rank,
+                      world=info.world, eval_batch=args.micro_batch_size, tokenizer=tokenizer)
+
+
+def _build_model(args: TrainArgs, vocab_size: int, resume_dir: Path | None) -> torch.nn.Module:
+    """The preset's model at `args` (or the checkpoint's config and weights when resuming)."""
+    from safetensors.torch import load_file
+
+    from chtsl_infer.configuration import ChtslConfig
+    from chtsl_infer.modeling import ChtslLlamaForCausalLM
+    from chtsl_infer.presets import build_config
+
+    if resume_dir:
+        model = ChtslLlamaForCausalLM(ChtslConfig.from_pretrained(resume_dir))
+        model.load_state_dict(load_file(resume_dir / "model.safetensors"), strict=True)
+        return model
+    overrides = {"num_hidden_layers": args.num_layers} if args.num_layers else {}
+    try:
+        config = build_config(args.preset, method=args.method, s_total=args.s_total, activation=args.activation,
+                              align_lambda=args.align_lambda, align_layers=args.align, vocab_size=vocab_size,
+                              max_position_embeddings=max(args.seq_len, 256), **overrides)
+    except ValueError as e:  # also transformers' own checks of the Llama fields
+        raise ChtslError(str(e)) from None
+    return ChtslLlamaForCausalLM(config)
+
+
+def build_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The optimizer of the model's method (`Method.optimizer`, `Method.weight_decay`)."""
+    method = get_method(model.config.method)
+    optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[method.optimizer]
+    params = [p for p in model.parameters() if p.requires_grad]
+    return optimizer_class(params, lr=lr, weight_decay=method.weight_decay)
+
+
+def _wrap_ddp(model: torch.nn.Module, info: dist_utils.DistInfo, device: str) -> torch.nn.Module:
+    """`model` wrapped in DistributedDataParallel under torchrun, else `model` itself."""
+    if not info.distributed:
+        return model
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Masks are identical on every rank (the engine broadcasts them): no buffer sync per forward.
+    no_sync_kw = ({"forward_sync_buffers": False}
+                  if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                  else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[info.local_rank] if device.startswith("cuda") else None,
+                                   **no_sync_kw)
+
+
+def _open_log(out: Path, info: dist_utils.DistInfo, resume_dir: Path | None, start_step: int) -> MetricsLog:
+    """The metrics log in `out` (rank 0); a resume keeps the lines up to the checkpoint's step."""
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if resume_dir:
@@ -355,129 +349,156 @@ def _run(
                     if src.is_file():
                         shutil.copy2(src, out / name)
             _truncate_metrics(out / "metrics.jsonl", start_step)
-    log = MetricsLog(out, info.is_main)
-    hybrid = {n: m for n, m in model.chtsl_layers().items() if m.has_sparse and m.has_lowrank}
-    align_names = set(model.align_layers())
-    lam = float(config.chtsl["align_lambda"]) if align_names else 0.0
-    run_args = asdict(args)
-    trainable = model.trainable_linear_params()
-    if info.is_main and not resume_dir:
-        log.write({"event": "start", "unigram_ppl": data.unigram_ppl, "trainable_linear_params": trainable,
-                   "train_rows": data.train_rows, "train_tokens": data.train_tokens, "world_size": info.world,
-                   "args": run_args, "s_total": config.chtsl["s_total"]})
+    return MetricsLog(out, info.is_main)
 
-    def save(step: int, last_val: dict | None) -> None:
-        if info.is_main:
-            state = {"step": step, "tokens_seen": tokens_seen, "data_position": {"step": step},
-                     "world_size": info.world, "schedule": schedule.state_dict(), "last_val": last_val}
-            log.close()
-            ckpt_io.save_checkpoint(out, model=model, tokenizer=data.tokenizer, optimizer=optimizer, engine=engine,
-                                    state=state, args={**run_args, "resume": None, "stop_at": None})
-            log.reopen()
-        dist_utils.barrier(info)
 
-    def evaluate() -> dict[str, Any] | None:
-        result = None
-        if info.is_main:
-            r = perplexity(model, data.val, device)
-            result = {"val_ppl": r.ppl, "val_nll": r.nll, "val_tokens": r.tokens, "unigram_ppl": data.unigram_ppl}
-        dist_utils.barrier(info)
-        return result
+# ----------------------------------------------------------------------------- one step
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    progress = _Progress(args.progress and info.is_main, args.steps, start_step)
+
+def train_step(run: Run, step: int) -> dict[str, Any]:
+    """One iteration (`step`, 1-based): forward/backward of this rank's micro-batches, then a
+    topology update or an optimizer step. Returns the step's metrics record; when its loss is not
+    finite, nothing is updated and the record holds only the losses."""
+    args = run.args
+    lr = run.schedule(step)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    diagnostics = bool(run.hybrid) and (step % args.ocr_every == 0 or step == 1 or step == args.steps)
+    task, align_mean, ocr_vals, cos_vals = _forward_backward(run, step, diagnostics)
+    total = task + run.lam * align_mean
+    record: dict[str, Any] = {"step": step, "loss": total, "task_loss": task, "align_loss": align_mean, "lr": lr}
+    if not math.isfinite(total):
+        return record
+    if run.engine is not None and run.engine.is_update_step(step):
+        stats = run.engine.update(step, run.optimizer)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.topology_updates += 1
+        run.updates_changed_masks += stats["frac_changed"] > 0
+        record["topology"] = stats
+        record["density"] = _density(run.model)
+    else:
+        if args.grad_clip and args.grad_clip > 0:
+            params = [p for g in run.optimizer.param_groups for p in g["params"]]
+            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
+        run.optimizer.step()
+        if run.engine is not None:
+            run.engine.apply_masks(run.optimizer)
+        run.optimizer.zero_grad(set_to_none=True)
+    if ocr_vals:
+        record.update(ocr=ocr_vals, cosine=cos_vals)
+        record.setdefault("density", _density(run.model))
+    return record
+
+
+def _forward_backward(run: Run, step: int, diagnostics: bool) -> tuple[float, float, dict, dict]:
+    """Accumulates the gradient of the step's loss over this rank's micro-batches.
+
+    Returns (task loss: Σ NLL / targets of the global batch, alignment: mean over all micro-batches
+    of Σ_l L_align^(l), OCR and cosine per layer of the first micro-batch when `diagnostics`).
+    """
+    from chtsl_infer.layers import record_branches
+
+    info = run.info
+    batches = run.data.train.step_batches(step - 1)
+    n_targets = torch.tensor([float(sum(b.n_targets for b in batches))], dtype=torch.float64)
+    n_targets = dist_utils.all_reduce_sum(n_targets, info).item()
+    sums = torch.zeros(2, dtype=torch.float64)  # task NLL sum, alignment sum
+    ocr_vals: dict[str, float] = {}
+    cos_vals: dict[str, float] = {}
+    for i, b in enumerate(batches):
+        sync = i == len(batches) - 1 or not info.distributed
+        ctx = nullcontext() if sync else run.ddp_model.no_sync()
+        with ctx, record_branches(run.hybrid, align=run.align_names,
+                                  diagnostics=diagnostics and i == 0 and info.is_main) as rec:
+            with run.autocast:
+                logits = run.ddp_model(input_ids=b.input_ids.to(run.device)).logits
+            nll, _ = token_nll_sum(logits, b.labels.to(run.device))
+            align = rec.alignment()
+            # Scaled so that DDP's gradient average gives exactly the gradient of the global loss.
+            loss = nll * (info.world / n_targets)
+            if align is not None and run.lam:
+                loss = loss + run.lam * align / run.n_micro
+            loss.backward()
+        sums[0] += float(nll.detach())
+        sums[1] += float(align.detach()) if align is not None else 0.0
+        if rec.ocr:
+            ocr_vals, cos_vals = dict(rec.ocr), dict(rec.cosine)
+    sums = dist_utils.all_reduce_sum(sums, info)
+    return sums[0].item() / n_targets, sums[1].item() / (run.n_micro * info.world), ocr_vals, cos_vals
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_loop(run: Run, after_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainResult:
+    """Steps from the run's last completed step to `stop_at` (or `steps`): metrics every step,
+    validation every `eval_every`, checkpoints every `save_every` and at the end."""
+    args = run.args
+    progress = _Progress(args.progress and run.info.is_main, args.steps, run.step)
     wall_start = time.perf_counter()
     compute_tokens = 0
-    last_loss, last_val, stopped = math.nan, saved_state.get("last_val"), None
-    n_updates = changed = 0
-    history: list[dict[str, Any]] = []
+    last_loss, stopped = math.nan, None
     end = args.stop_at or args.steps
     try:
-        for step in range(start_step + 1, end + 1):
+        for step in range(run.step + 1, end + 1):
             t0 = time.perf_counter()
-            lr = schedule(step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            batches = data.train.step_batches(step - 1)
-            n_targets = torch.tensor([float(sum(b.n_targets for b in batches))], dtype=torch.float64)
-            n_targets = dist_utils.all_reduce_sum(n_targets, info).item()
-            diagnostics = bool(hybrid) and (step % args.ocr_every == 0 or step == 1 or step == args.steps)
-            sums = torch.zeros(2, dtype=torch.float64)  # task NLL sum, alignment sum
-            ocr_vals: dict[str, float] = {}
-            cos_vals: dict[str, float] = {}
-            for i, b in enumerate(batches):
-                sync = i == len(batches) - 1 or not info.distributed
-                ctx = nullcontext() if sync else ddp_model.no_sync()
-                with ctx, record_branches(hybrid, align=align_names,
-                                          diagnostics=diagnostics and i == 0 and info.is_main) as rec:
-                    with autocast:
-                        logits = ddp_model(input_ids=b.input_ids.to(device)).logits
-                    nll, _ = token_nll_sum(logits, b.labels.to(device))
-                    align = rec.alignment()
-                    loss = nll * (info.world / n_targets)
-                    if align is not None and lam:
-                        loss = loss + lam * align / n_micro
-                    loss.backward()
-                sums[0] += float(nll.detach())
-                sums[1] += float(align.detach()) if align is not None else 0.0
-                if rec.ocr:
-                    ocr_vals, cos_vals = dict(rec.ocr), dict(rec.cosine)
-            sums = dist_utils.all_reduce_sum(sums, info)
-            task = sums[0].item() / n_targets
-            align_mean = sums[1].item() / (n_micro * info.world)
-            total = task + lam * align_mean
-            if not math.isfinite(total):
+            record = train_step(run, step)
+            if not math.isfinite(record["loss"]):
                 stopped = "nan"
-                err_console.print(f"[bold red]error:[/] non-finite loss ({total}) at step {step}; training stopped, "
-                                  f"the last good checkpoint in {out} is kept", highlight=False, soft_wrap=True)
+                err_console.print(f"[bold red]error:[/] non-finite loss ({record['loss']}) at step {step}; "
+                                  f"training stopped, "
+                                  f"the last good checkpoint in {run.out} is kept", highlight=False, soft_wrap=True)
                 break
-            record: dict[str, Any] = {"step": step, "loss": total, "task_loss": task, "align_loss": align_mean,
-                                      "lr": lr}
-            if engine is not None and engine.is_update_step(step):
-                stats = engine.update(step, optimizer)
-                optimizer.zero_grad(set_to_none=True)
-                n_updates += 1
-                changed += stats["frac_changed"] > 0
-                record["topology"] = stats
-                record["density"] = _density(model)
-            else:
-                if args.grad_clip and args.grad_clip > 0:
-                    record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
-                optimizer.step()
-                if engine is not None:
-                    engine.apply_masks(optimizer)
-                optimizer.zero_grad(set_to_none=True)
-            last_loss = total
+            run.step, last_loss = step, record["loss"]
             step_tokens = args.batch_size * args.seq_len
-            tokens_seen += step_tokens
+            run.tokens_seen += step_tokens
             compute_tokens += step_tokens
             dt = time.perf_counter() - t0
-            record.update(tokens=tokens_seen, tokens_per_s=step_tokens / dt, step_time_s=dt)
-            if ocr_vals:
-                record.update(ocr=ocr_vals, cosine=cos_vals)
-                record.setdefault("density", _density(model))
+            record.update(tokens=run.tokens_seen, tokens_per_s=step_tokens / dt, step_time_s=dt)
             if step % args.eval_every == 0 or step == args.steps:
-                last_val = evaluate()
-                if last_val:
-                    record.update(last_val)
+                run.last_val = evaluate(run)
+                if run.last_val:
+                    record.update(run.last_val)
             if after_step is not None:
-                after_step(step, model)
-            log.write(record)
-            history.append({k: v for k, v in record.items() if k in ("step", "loss", "task_loss", "align_loss", "lr")})
-            val_txt = f" · ppl {last_val['val_ppl']:.1f}" if last_val else ""
-            progress.update(step, f"loss {total:.3f}{val_txt} · {step_tokens / dt:,.0f} tok/s")
+                after_step(step, run.model)
+            run.log.write(record)
+            val_txt = f" · ppl {run.last_val['val_ppl']:.1f}" if run.last_val else ""
+            progress.update(step, f"loss {record['loss']:.3f}{val_txt} · {step_tokens / dt:,.0f} tok/s")
             if step % args.save_every == 0 or step == end:
-                save(step, last_val)
+                save(run)
     finally:
         progress.stop()
-        log.close()
+        run.log.close()
     wall = time.perf_counter() - wall_start
     return TrainResult(
-        step=step if stopped is None else step - 1, loss=last_loss,
-        val_ppl=last_val["val_ppl"] if last_val else None, unigram_ppl=data.unigram_ppl, tokens=tokens_seen,
-        wall_s=wall, tokens_per_s=compute_tokens / wall if wall > 0 else 0.0, topology_updates=n_updates,
-        updates_changed_masks=changed, out=str(out), stopped=stopped, history=history,
+        step=run.step, loss=last_loss, val_ppl=run.last_val["val_ppl"] if run.last_val else None,
+        unigram_ppl=run.data.unigram_ppl, tokens=run.tokens_seen, wall_s=wall,
+        tokens_per_s=compute_tokens / wall if wall > 0 else 0.0, topology_updates=run.topology_updates,
+        updates_changed_masks=run.updates_changed_masks, out=str(run.out), stopped=stopped,
     )
+
+
+def evaluate(run: Run) -> dict[str, Any] | None:
+    """Validation perplexity on rank 0 (None on the other ranks, which wait for it)."""
+    result = None
+    if run.info.is_main:
+        r = perplexity(run.model, run.data.val, run.device)
+        result = {"val_ppl": r.ppl, "val_nll": r.nll, "val_tokens": r.tokens, "unigram_ppl": run.data.unigram_ppl}
+    dist_utils.barrier(run.info)
+    return result
+
+
+def save(run: Run) -> None:
+    """Writes the checkpoint of the last completed step (rank 0; every rank waits for it)."""
+    if run.info.is_main:
+        state = {"step": run.step, "tokens_seen": run.tokens_seen, "world_size": run.info.world,
+                 "last_val": run.last_val}
+        run.log.close()
+        ckpt_io.save_checkpoint(run.out, model=run.model, tokenizer=run.data.tokenizer, optimizer=run.optimizer,
+                                engine=run.engine, state=state,
+                                args={**asdict(run.args), "resume": None, "stop_at": None})
+        run.log.reopen()
+    dist_utils.barrier(run.info)
 
 
 def _density(model: torch.nn.Module) -> float:

@@ -1,7 +1,10 @@
-"""Validation perplexity: exp(mean next-token NLL over the non-padding targets of some batches).
+"""The language-model loss (`token_nll_sum`) and validation perplexity built on it.
 
-Shared by `chtsl train` (every `--eval-every` steps) and `chtsl eval --perplexity`, which feed it
-the same `train.data` validation batches, so both report the same number for a checkpoint.
+The trainer optimises `token_nll_sum`; `perplexity` is exp(mean next-token NLL over the
+non-padding targets of some batches). Both `chtsl train` (every `--eval-every` steps) and
+`chtsl eval --perplexity` use them on the same `train.data` validation batches, so both report
+the same number for a checkpoint. They live here, in the library, so that `train/` and `evals/`
+share them without importing each other.
 """
 
 from __future__ import annotations
