@@ -19,6 +19,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
                           env={"HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PATH": "/usr/bin:/bin"})
 
 
+@pytest.mark.slow  # spawns one benchmark worker per configuration
 def test_bench_tiny_reports_ratios_to_dense(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = _run("bench", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1",
@@ -43,6 +44,7 @@ def test_bench_tiny_reports_ratios_to_dense(tmp_path: Path) -> None:
     assert saved >= 0.9 * (rows[0]["model_bytes"] - rows[1]["model_bytes"])
 
 
+@pytest.mark.slow  # spawns one benchmark worker per configuration
 def test_bench_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "ckpt.json"
     proc = _run("bench", str(tiny_checkpoint), "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0",

@@ -35,6 +35,7 @@ def test_info_json_matches_paper(capsys, preset: str, s_total: float) -> None:
     assert report["totals"]["trainable_linear_params"] == sum(r["trainable_params"] for r in report["layers"])
 
 
+@pytest.mark.slow  # builds the 60M model
 @pytest.mark.parametrize("method", ["chtsl", "chts", "cola", "sltrain", "dense"])
 def test_info_counts_equal_model_entries(capsys, method: str) -> None:
     code, out, _ = run_cli(capsys, "info", "--preset", "llama60m-c4", "--method", method, "--json", "-")

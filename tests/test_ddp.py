@@ -15,6 +15,8 @@ import pytest
 from tests.test_train import corpus, metrics, one_thread, small_args  # noqa: F401 (autouse fixture)
 from train.trainer import train
 
+pytestmark = pytest.mark.slow  # torchrun: two training processes
+
 WORKER = textwrap.dedent(
     """
     import hashlib, json, os, sys

@@ -355,6 +355,7 @@ def test_backends_match_reference(eval_checkpoint, export_dir, reference, tmp_pa
             assert [float(r[0]) for r in s["filtered_resps"]] == pytest.approx(lls, abs=1e-3, rel=1e-5)
 
 
+@pytest.mark.slow  # a fresh `chtsl eval` process on 277 real examples
 @pytest.mark.skipif(not (SHARED_DATA / "glue" / "rte" / "validation.jsonl").is_file(),
                     reason="the shared GLUE RTE validation split is absent")
 def test_real_rte_all_277(eval_checkpoint, tmp_path, reference_model_and_tokenizer):

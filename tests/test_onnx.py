@@ -123,6 +123,7 @@ def test_opset_below_18_is_refused(tmp_path: Path) -> None:
         export_onnx(tiny_model("chtsl"), tmp_path / "m.onnx", opset=16)
 
 
+@pytest.mark.slow  # 60M shapes
 def test_llama60m_shapes_onnx_linears_within_025_of_dense(tmp_path: Path) -> None:
     """llama60m-c4 shapes (s=0.95, r=16, random, fp32): CHTsL linears ≤ 0.25× the dense bytes.
 

@@ -289,6 +289,7 @@ def test_export_dir_loads_like_the_checkpoint(tiny_checkpoint: Path, tmp_path: P
 # ----------------------------------------------------------------------------- sizes (Done-when)
 
 
+@pytest.mark.slow  # 60M shapes
 def test_llama60m_packed_linears_within_015_of_dense(tmp_path: Path) -> None:
     """Random llama60m-c4 at s=0.95, r=16, fp32: CHTsL linears ≤ 0.15× the dense linear bytes."""
     config = build_config("llama60m-c4", s_total=0.9)

@@ -61,6 +61,7 @@ def test_resume_is_bit_identical(tmp_path, stop) -> None:
     assert second.val_ppl == full.val_ppl
 
 
+@pytest.mark.slow  # a training subprocess, killed mid-save
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path) -> None:
     out = tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "chtsl_infer.cli", "train", "--data", str(corpus(tmp_path)), "--vocab-size", "512",
