@@ -49,12 +49,6 @@ def densities(
     return d_c, d_l
 
 
-def s_total(shapes: dict[str, tuple[int, int]], method: str, sparsity: dict[str, float], rank: dict[str, int]) -> float:
-    """Total sparsity relative to the dense linears: 1 − d_c − d_l (Eq. 7)."""
-    d_c, d_l = densities(shapes, method, sparsity, rank)
-    return 1.0 - d_c - d_l
-
-
 @dataclass(frozen=True)
 class LayerBudget:
     """Exact trainable entries of one linear type summed over all blocks."""

@@ -2,8 +2,7 @@
 
 Shapes: S (out, in) as CSR — crow int32 (out+1,), col int16/int32 (nnz,), values fp32 (nnz,) —,
 X (in, T) and Y (out, T) with T = tokens. The inference runtime keeps activations feature-major
-(`chtsl_infer.feature_major`) so neither side needs a transpose; `csr_matmul_cpu` is the
-token-major convenience form, (T, in) -> (T, out), for callers holding token-major activations.
+(`chtsl_infer.feature_major`) so neither side needs a transpose.
 
 CPU (`spmm_cpu`): the C kernel in `csrc/spmm.c`, compiled on first use with the host C compiler
 (`$CC`, else `cc`; `-O3 -march=native`, OpenMP when available) into
@@ -190,25 +189,9 @@ def sort_rows(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> tu
     return new_crow, col[index].contiguous(), values[index].contiguous(), order.to(torch.int32)
 
 
-def csr_matmul_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """`X Sᵀ` on CPU, token-major: x (T, in) fp32 -> (T, out) fp32 (two transposes around `spmm_cpu`)."""
-    return spmm_cpu(x.t().contiguous(), crow, col, values).t().contiguous()
-
-
 def spmm_cuda(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
     """`S X` on CUDA with cuSPARSE: x (in, T), csr a (out, in) `torch.sparse_csr_tensor` -> (out, T)."""
     return csr @ x
-
-
-def spmm_reference(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-                   n_in: int) -> torch.Tensor:
-    """`S X` through a densified S (for tests): x (in, T) -> (out, T)."""
-    n_out = crow.numel() - 1
-    counts = (crow[1:] - crow[:-1]).long()
-    rows = torch.repeat_interleave(torch.arange(n_out), counts)
-    w = torch.zeros(n_out, n_in, dtype=values.dtype)
-    w[rows, col.long()] = values
-    return w @ x
 
 
 # --- Training kernels (token-major, differentiable through chtsl_infer.csr.csr_linear) ---------------

@@ -20,7 +20,6 @@ from `train/` or `export/`, so the inference runtime can load exports on its own
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,20 +86,6 @@ class PackedLinear:
         assert self.crow_indices is not None
         counts = (self.crow_indices[1:] - self.crow_indices[:-1]).long()
         return torch.repeat_interleave(torch.arange(self.out_features), counts)
-
-    def to_torch_csr(self) -> torch.Tensor:
-        """S as a `torch.sparse_csr_tensor` (out, in); indices widened to what torch accepts."""
-        assert self.crow_indices is not None and self.col_indices is not None and self.values is not None
-        index_dtype = torch.int32 if self.nnz < 2**31 else torch.int64
-        with warnings.catch_warnings():  # "sparse CSR support is in beta state"
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(
-                self.crow_indices.to(index_dtype),
-                self.col_indices.to(index_dtype),
-                self.values,
-                size=(self.out_features, self.in_features),
-                check_invariants=False,  # `load_packed` has validated the triple already
-            )
 
     def dense_sparse_weight(self) -> torch.Tensor:
         """S as a dense (out, in) tensor in the values' dtype, zero outside the support."""

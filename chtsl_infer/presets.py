@@ -5,7 +5,7 @@ Names are `<size>-<data>`, e.g. `llama60m-c4`, plus `tiny` for CPU runs and test
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from chtsl_infer import budget
@@ -45,7 +45,6 @@ class Preset:
     save_every: int = 1000
     ocr_every: int = 100
     eval_tokens: int = 10_000_000
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         return budget.linear_shapes(self.hidden_size, self.intermediate_size, self.num_heads)

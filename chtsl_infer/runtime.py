@@ -442,12 +442,5 @@ def _onnx_runtime(model_dir: ModelDir, device: torch.device, dtype: torch.dtype)
                    model_bytes=onnx_file.stat().st_size)
 
 
-def dense_flops_per_token(config: ChtslConfig) -> int:
-    """2 × (block linear + lm_head entries) of the dense model of this shape (attention excluded)."""
-    h, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (config.head_dim or h // config.num_attention_heads)
-    return 2 * (n * (2 * h * h + 2 * h * kv + 3 * h * f) + h * config.vocab_size)
-
-
 __all__ = ["BACKENDS", "FusedLinears", "Runtime", "build_model", "from_packed", "load_runtime",
            "random_packed", "resident_bytes", "resolve_backend", "load_packed_any"]

@@ -157,22 +157,11 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
                 _row("  └ CHTsL linears", stats.linear_bytes, stats.dense_linear_bytes),
             ]
         if want_onnx:
-            path = tmp / "model.onnx"
-            with stages.stage("export ONNX graph"):
-                try:
-                    proto = onnx_export.export_graph(model, opset)
-                except ValueError as e:  # the requested opset could not be produced
-                    raise ChtslError(str(e)) from None
-            with stages.stage("sparsify ONNX weights"):
-                ostats = onnx_export.sparsify_initializers(proto, model)
-                if ostats.unmatched_layers:
-                    raise RuntimeError(f"{len(ostats.unmatched_layers)} sparse weights not found in the ONNX graph "
-                                       f"(first: {ostats.unmatched_layers[0]})")
-                _writing(lambda: onnx_export.save_onnx(proto, path), tmp)
-                del proto
-            with stages.stage("check ONNX (full_check)"):
-                onnx_export.check_onnx(path, full_check=True)
-            ostats.file_bytes = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
+            try:
+                ostats = _writing(lambda: onnx_export.export_onnx(model, tmp / "model.onnx", opset,
+                                                                  stage=stages.stage), tmp)
+            except ValueError as e:  # the requested opset could not be produced
+                raise ChtslError(str(e)) from None
             summary += [
                 _row("model.onnx (float32)", ostats.file_bytes, ostats.dense_equivalent_bytes),
                 _row("  └ CHTsL linears", ostats.linear_bytes, ostats.dense_linear_bytes),

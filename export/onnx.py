@@ -25,8 +25,8 @@ import copy
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,26 +249,33 @@ def check_onnx(path: Path, full_check: bool = True) -> None:
 
 
 def export_onnx(
-    model: ChtslLlamaForCausalLM, path: str | Path, opset: int = DEFAULT_OPSET, sparse_as: str = "constant"
+    model: ChtslLlamaForCausalLM, path: str | Path, opset: int = DEFAULT_OPSET, sparse_as: str = "constant",
+    stage: Callable[[str], AbstractContextManager] = lambda name: nullcontext(),
 ) -> OnnxStats:
     """Exports `model` to `path` (.onnx) with sparse weights, checks it; returns byte stats.
 
     The checker runs with `full_check` for `sparse_as="constant"` and without it for
-    "initializer" (see the module docstring). Raises RuntimeError when a sparse branch could not
-    be located in the exported graph (the file would silently be dense).
+    "initializer" (see the module docstring). Raises ValueError for an opset below `MIN_OPSET` or
+    one the exporter cannot produce, RuntimeError when a sparse branch could not be located in the
+    exported graph (the file would silently be dense). `stage(name)` wraps each of the three
+    stages (`chtsl export` shows them as progress).
     """
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset}")
     path = Path(path)
-    proto = export_graph(model, opset)
-    stats = sparsify_initializers(proto, model, sparse_as)
-    if stats.unmatched_layers:
-        raise RuntimeError(
-            f"{len(stats.unmatched_layers)} sparse weights not found among the ONNX initializers "
-            f"(first: {stats.unmatched_layers[0]})"
-        )
-    save_onnx(proto, path)
-    check_onnx(path, full_check=sparse_as == "constant")
+    with stage("export ONNX graph"):
+        proto = export_graph(model, opset)
+    with stage("sparsify ONNX weights"):
+        stats = sparsify_initializers(proto, model, sparse_as)
+        if stats.unmatched_layers:
+            raise RuntimeError(
+                f"{len(stats.unmatched_layers)} sparse weights not found among the ONNX initializers "
+                f"(first: {stats.unmatched_layers[0]})"
+            )
+        save_onnx(proto, path)
+        del proto
+    with stage("check ONNX (full_check)"):
+        check_onnx(path, full_check=sparse_as == "constant")
     data = path.with_name(f"{path.name}.data")
     stats.file_bytes = os.path.getsize(path) + (os.path.getsize(data) if data.exists() else 0)
     return stats

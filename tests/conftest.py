@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 from pathlib import Path
 
@@ -52,3 +55,80 @@ def tiny_checkpoint(request, tmp_path_factory, bpe_tokenizer) -> Path:
     model.save_pretrained(path)
     bpe_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`):
+    these models are too small for intra-op threads to pay, and on a small shared CPU torch's
+    spinning OpenMP threads make a tiny model ~30x slower when the cores are oversubscribed
+    (measured: 0.96 s vs 0.03 s a forward)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def bpe_cache(tmp_path_factory) -> Path:
+    """One cache root for the session: the same corpus trains the same BPE once."""
+    return tmp_path_factory.mktemp("chtsl-cache")
+
+
+@pytest.fixture
+def cache_dir(bpe_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`$CHTSL_CACHE_DIR` pointed at the session's cache (tokenizers trained by earlier tests)."""
+    monkeypatch.setenv("CHTSL_CACHE_DIR", str(bpe_cache))
+    return bpe_cache
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `chtsl ARGV` run in this process (usable from module-scoped
+    fixtures, unlike capsys)."""
+    from chtsl_infer.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+# ----------------------------------------------------------------------------- training runs
+
+TRAIN_STEPS = 20
+
+
+def corpus(tmp_path: Path) -> Path:
+    """A small jsonl corpus (paragraphs of CPython's pydoc topics) shared by the trainer tests."""
+    import pydoc_data.topics
+
+    from train.sources import _paragraph_documents
+
+    path = tmp_path / "corpus.jsonl"
+    if not path.exists():
+        topics = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)][:40]
+        docs = [d for t in topics for d in _paragraph_documents(t, 200)]
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def small_args(tmp_path: Path, **overrides):  # -> train.args.TrainArgs
+    """2 blocks, seq 32, global batch 8 in micro-batches of 4, 20 steps, updates every 5 steps."""
+    from train.args import TrainArgs
+
+    fields = dict(
+        preset="tiny", data=str(corpus(tmp_path)), tokenizer="bpe", vocab_size=512, num_layers=2, seq_len=32,
+        batch_size=8, micro_batch_size=4, steps=TRAIN_STEPS, warmup=4, update_interval=5, restart_warmup=2,
+        eval_every=10, save_every=10, ocr_every=5, eval_tokens=2000, out=str(tmp_path / "ckpt"), progress=False,
+    )
+    fields.update(overrides)
+    return TrainArgs(**fields)
+
+
+def metrics(path: Path) -> list[dict]:
+    """The records of `path/metrics.jsonl`."""
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]

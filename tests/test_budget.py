@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from chtsl_infer.cli import main
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.presets import build_config
+from tests.conftest import run_cli
 
 # (preset, s_total) rows of Table 5, plus the 350M 0.9 row
 TABLE5 = [
@@ -17,16 +17,9 @@ TABLE5 = [
 TABLE5.append(("llama350m-c4", 0.9))
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
-
 @pytest.mark.parametrize("preset,s_total", TABLE5)
-def test_info_json_matches_paper(capsys, preset: str, s_total: float) -> None:
-    code, out, _ = run_cli(capsys, "info", "--preset", preset, "--s-total", str(s_total), "--json", "-")
+def test_info_json_matches_paper(preset: str, s_total: float) -> None:
+    code, out, _ = run_cli(["info", "--preset", preset, "--s-total", str(s_total), "--json", "-"])
     assert code == 0
     report = json.loads(out)
     assert abs(report["s_total"] - s_total) <= 0.005
@@ -37,8 +30,8 @@ def test_info_json_matches_paper(capsys, preset: str, s_total: float) -> None:
 
 @pytest.mark.slow  # builds the 60M model
 @pytest.mark.parametrize("method", ["chtsl", "chts", "cola", "sltrain", "dense"])
-def test_info_counts_equal_model_entries(capsys, method: str) -> None:
-    code, out, _ = run_cli(capsys, "info", "--preset", "llama60m-c4", "--method", method, "--json", "-")
+def test_info_counts_equal_model_entries(method: str) -> None:
+    code, out, _ = run_cli(["info", "--preset", "llama60m-c4", "--method", method, "--json", "-"])
     assert code == 0
     report = json.loads(out)
     model = ChtslLlamaForCausalLM(build_config("llama60m-c4", method=method))
@@ -49,18 +42,18 @@ def test_info_counts_equal_model_entries(capsys, method: str) -> None:
     assert report["totals"]["other_params"] == total
 
 
-def test_info_table_prints(capsys) -> None:
-    code, out, _ = run_cli(capsys, "info", "--preset", "llama130m-owt", "--s-total", "0.8")
+def test_info_table_prints() -> None:
+    code, out, _ = run_cli(["info", "--preset", "llama130m-owt", "--s-total", "0.8"])
     assert code == 0 and "q_proj" in out and "s_total" in out
 
 
-def test_info_table_fits_80_columns_untruncated(capsys, monkeypatch) -> None:
+def test_info_table_fits_80_columns_untruncated(monkeypatch) -> None:
     from chtsl_infer.console import console
     from chtsl_infer.presets import PRESETS
 
     monkeypatch.setattr(console, "width", 80)
     for preset in PRESETS:
-        code, out, _ = run_cli(capsys, "info", "--preset", preset, "--s-total", "0.7", "--method", "cola")
+        code, out, _ = run_cli(["info", "--preset", preset, "--s-total", "0.7", "--method", "cola"])
         assert code == 0 and "…" not in out and max(len(line) for line in out.splitlines()) <= 80
         assert "down_proj" in out and "gate_proj" in out
 
@@ -76,7 +69,7 @@ def test_info_table_fits_80_columns_untruncated(capsys, monkeypatch) -> None:
         (["--method", "lora"], "valid: dense"),
     ],
 )
-def test_info_bad_input_one_line_exit_2(capsys, args: list[str], needle: str) -> None:
-    code, out, err = run_cli(capsys, "info", *args)
+def test_info_bad_input_one_line_exit_2(args: list[str], needle: str) -> None:
+    code, out, err = run_cli(["info", *args])
     assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import corpus, metrics, one_thread, small_args  # noqa: F401 (autouse fixture)
+from tests.conftest import corpus, metrics, small_args
 from train.trainer import train
 
-pytestmark = pytest.mark.slow  # torchrun: two training processes
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # torchrun: two training processes
 
 WORKER = textwrap.dedent(
     """
     import hashlib, json, os, sys
     import torch
-    from tests.test_train import small_args
+    from tests.conftest import small_args
     from train.trainer import train
 
     tmp, out = sys.argv[1], sys.argv[2]
@@ -45,14 +45,8 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def bpe_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("chtsl-cache")
-
-
-def test_two_rank_gloo_matches_single_process(tmp_path, monkeypatch, bpe_cache) -> None:
-    cache = bpe_cache
-    monkeypatch.setenv("CHTSL_CACHE_DIR", str(cache))
+def test_two_rank_gloo_matches_single_process(tmp_path, cache_dir) -> None:
+    cache = cache_dir
     corpus(tmp_path)
     common = dict(steps=12, update_interval=3, restart_warmup=1, warmup=2, eval_every=12, save_every=12, ocr_every=4)
     train(small_args(tmp_path, out=str(tmp_path / "single"), **common))  # 2 micro-batches of 4

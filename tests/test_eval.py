@@ -9,8 +9,6 @@ runs offline on a tiny model; lm-eval is imported and run once per module (fixtu
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -23,8 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chtsl_infer.cli import main
-from tests.conftest import SHARED_DATA, tiny_model
+from tests.conftest import SHARED_DATA, run_cli, tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TASKS = ("rte", "copa", "cola", "mrpc")
@@ -112,14 +109,7 @@ def f1(preds: list[int], golds: list[int]) -> float:
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, torch's spinning OpenMP threads make a tiny
-    model ~30x slower when the cores are oversubscribed (measured: 0.96 s vs 0.03 s a forward)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -132,18 +122,6 @@ def eval_checkpoint(tmp_path_factory, bpe_tokenizer) -> Path:
     model.save_pretrained(path)
     bpe_tokenizer.save_pretrained(path)
     return path
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `chtsl ARGV` run in this process."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-        except SystemExit as e:
-            code = int(e.code or 0)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,10 @@ import pytest
 import torch
 
 from chtsl_infer.checkpoint import load_model, load_tokenizer
-from chtsl_infer.cli import main
 from chtsl_infer.packed import DTYPES, is_packed_dir, load_packed
+from tests.conftest import run_cli
 
 IDS = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(2))
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Runs `chtsl argv` in-process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    captured = capsys.readouterr()
-    return int(e.value.code or 0), captured.out, captured.err
 
 
 def one_line_error(err: str, *fragments: str) -> None:
@@ -50,9 +42,9 @@ def logits(path: Path) -> torch.Tensor:
     return load_model(path)(input_ids=IDS, use_cache=False).logits
 
 
-def test_export_all_to_default_dir(ckpt: Path, tmp_path: Path, capsys) -> None:
+def test_export_all_to_default_dir(ckpt: Path, tmp_path: Path) -> None:
     summary = tmp_path / "summary.json"
-    code, out, _ = run(["export", str(ckpt), "--json", str(summary)], capsys)
+    code, out, _ = run_cli(["export", str(ckpt), "--json", str(summary)])
     assert code == 0, out
     export = ckpt / "export"
     names = {p.name for p in export.iterdir()}
@@ -80,10 +72,10 @@ def test_export_all_to_default_dir(ckpt: Path, tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("flag", ["bf16"])  # fp16 is covered in test_packed.py
-def test_half_precision_export(flag: str, ckpt: Path, tmp_path: Path, capsys) -> None:
+def test_half_precision_export(flag: str, ckpt: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
-    code, out, _ = run(["export", str(ckpt), "--format", "safetensors", "--dtype", flag, "--out", str(out_dir),
-                        "--json", str(tmp_path / "s.json")], capsys)
+    code, out, _ = run_cli(["export", str(ckpt), "--format", "safetensors", "--dtype", flag, "--out", str(out_dir),
+                        "--json", str(tmp_path / "s.json")])
     assert code == 0, out
     assert load_packed(out_dir).dtype == DTYPES[{"fp16": "float16", "bf16": "bfloat16"}[flag]]
     assert not (out_dir / "model.onnx").exists()
@@ -94,17 +86,17 @@ def test_half_precision_export(flag: str, ckpt: Path, tmp_path: Path, capsys) ->
     assert 0 < rel.item() <= 1e-2
 
 
-def test_existing_output_needs_force(ckpt: Path, tmp_path: Path, capsys) -> None:
+def test_existing_output_needs_force(ckpt: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("mine")
-    code, _, err = run(["export", str(ckpt), "--format", "safetensors", "--out", str(out_dir)], capsys)
+    code, _, err = run_cli(["export", str(ckpt), "--format", "safetensors", "--out", str(out_dir)])
     assert code == 2
     one_line_error(err, str(out_dir), "--force")
     assert [p.name for p in out_dir.iterdir()] == ["keep.txt"]
 
-    code, out, _ = run(["export", str(ckpt), "--format", "safetensors", "--no-verify", "--out", str(out_dir),
-                        "--force"], capsys)
+    code, out, _ = run_cli(["export", str(ckpt), "--format", "safetensors", "--no-verify", "--out", str(out_dir),
+                        "--force"])
     assert code == 0, out
     assert not (out_dir / "keep.txt").exists() and (out_dir / "model.safetensors").is_file()
     assert leftovers(tmp_path) == []
@@ -118,56 +110,56 @@ def test_existing_output_needs_force(ckpt: Path, tmp_path: Path, capsys) -> None
         (["--opset", "17"], "opset must be >= 18"),
     ],
 )
-def test_bad_options(args: list[str], fragment: str, ckpt: Path, tmp_path: Path, capsys) -> None:
+def test_bad_options(args: list[str], fragment: str, ckpt: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
-    code, _, err = run(["export", str(ckpt), "--out", str(out_dir), *args], capsys)
+    code, _, err = run_cli(["export", str(ckpt), "--out", str(out_dir), *args])
     assert code == 2
     one_line_error(err, fragment)
     assert not out_dir.exists() and leftovers(tmp_path) == []
 
 
-def test_not_a_checkpoint(tmp_path: Path, capsys) -> None:
-    code, _, err = run(["export", str(tmp_path / "nowhere")], capsys)
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    code, _, err = run_cli(["export", str(tmp_path / "nowhere")])
     assert code == 2
     one_line_error(err, "not a directory")
     (tmp_path / "empty").mkdir()
-    code, _, err = run(["export", str(tmp_path / "empty")], capsys)
+    code, _, err = run_cli(["export", str(tmp_path / "empty")])
     assert code == 2
     one_line_error(err, "not a chtsl checkpoint")
     assert list((tmp_path / "empty").iterdir()) == []
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_corrupt_checkpoint(damage: str, ckpt: Path, capsys) -> None:
+def test_corrupt_checkpoint(damage: str, ckpt: Path) -> None:
     weights = ckpt / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"\x07junk" * 1000)
-    code, _, err = run(["export", str(ckpt), "--format", "safetensors"], capsys)
+    code, _, err = run_cli(["export", str(ckpt), "--format", "safetensors"])
     assert code == 2
     one_line_error(err, str(ckpt))
     assert not (ckpt / "export").exists() and leftovers(ckpt) == []
 
 
-def test_unwritable_output(ckpt: Path, tmp_path: Path, capsys) -> None:
+def test_unwritable_output(ckpt: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code, _, err = run(["export", str(ckpt), "--format", "safetensors", "--out", str(blocker / "out")], capsys)
+    code, _, err = run_cli(["export", str(ckpt), "--format", "safetensors", "--out", str(blocker / "out")])
     assert code == 2
     one_line_error(err, "cannot write")
 
-    code, _, err = run(["export", str(ckpt), "--out", str(ckpt), "--force"], capsys)
+    code, _, err = run_cli(["export", str(ckpt), "--out", str(ckpt), "--force"])
     assert code == 2
     one_line_error(err, "would overwrite the checkpoint")
     assert (ckpt / "model.safetensors").is_file()
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_directory(ckpt: Path, tmp_path: Path, capsys) -> None:
+def test_read_only_directory(ckpt: Path, tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        code, _, err = run(["export", str(ckpt), "--format", "safetensors", "--out", str(locked / "out")], capsys)
+        code, _, err = run_cli(["export", str(ckpt), "--format", "safetensors", "--out", str(locked / "out")])
     finally:
         locked.chmod(0o700)
     assert code == 2
@@ -175,12 +167,12 @@ def test_read_only_directory(ckpt: Path, tmp_path: Path, capsys) -> None:
     assert list(locked.iterdir()) == []
 
 
-def test_failed_verification_exits_1_and_writes_nothing(ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_failed_verification_exits_1_and_writes_nothing(ckpt: Path, tmp_path: Path, monkeypatch) -> None:
     import export.verify
 
     monkeypatch.setattr(export.verify, "TOL_PACKED_FP32", -1.0)  # no result can pass
     out_dir = tmp_path / "out"
-    code, out, _ = run(["export", str(ckpt), "--format", "safetensors", "--out", str(out_dir)], capsys)
+    code, out, _ = run_cli(["export", str(ckpt), "--format", "safetensors", "--out", str(out_dir)])
     assert code == 1
     assert "FAIL" in out and "verification failed" in out
     assert not out_dir.exists() and leftovers(tmp_path) == []

@@ -23,6 +23,22 @@ def _random_csr(out_f: int, in_f: int, density: float, gen: torch.Generator, emp
     return crow.to(torch.int32), cols.to(col_dtype), w[rows, cols].contiguous(), w
 
 
+def csr_matmul_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`X Sᵀ` token-major: x (T, in) fp32 -> (T, out) fp32 (two transposes around `spmm_cpu`)."""
+    return kernels.spmm_cpu(x.t().contiguous(), crow, col, values).t().contiguous()
+
+
+def spmm_reference(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                   n_in: int) -> torch.Tensor:
+    """`S X` through a densified S: x (in, T) -> (out, T)."""
+    n_out = crow.numel() - 1
+    counts = (crow[1:] - crow[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(n_out), counts)
+    w = torch.zeros(n_out, n_in, dtype=values.dtype)
+    w[rows, col.long()] = values
+    return w @ x
+
+
 def test_compiled_kernel_is_in_use() -> None:
     """CI machines have a C compiler: the fast path, not the torch fallback, is what the tests check."""
     ok, how = kernels.cpu_kernel_status()
@@ -57,13 +73,13 @@ def test_kernel_matches_dense_masked_matmul(tokens: int, out_f: int, in_f: int, 
     torch.set_num_threads(2)  # row chunking (few tokens) depends on the thread count
     try:
         y = kernels.spmm_cpu(x, crow, col, val)
-        y_tm = kernels.csr_matmul_cpu(x.t().contiguous(), crow, col, val)
+        y_tm = csr_matmul_cpu(x.t().contiguous(), crow, col, val)
     finally:
         torch.set_num_threads(saved)
     assert y.shape == (out_f, tokens) and y_tm.shape == (tokens, out_f)
     torch.testing.assert_close(y, w @ x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y_tm, x.t() @ w.t(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(kernels.spmm_reference(x, crow, col, val, in_f), w @ x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(spmm_reference(x, crow, col, val, in_f), w @ x, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -97,7 +113,7 @@ def test_sorted_rows_write_each_row_to_its_place(tokens: int) -> None:
     counts = s_crow[1:] - s_crow[:-1]
     assert bool((counts[1:] >= counts[:-1]).all())  # stored by increasing link count
     assert sorted(rows.tolist()) == list(range(90))
-    torch.testing.assert_close(kernels.spmm_reference(torch.eye(60), s_crow, s_col, s_val, 60), w[rows.long()])
+    torch.testing.assert_close(spmm_reference(torch.eye(60), s_crow, s_col, s_val, 60), w[rows.long()])
     x = torch.randn(60, tokens, generator=gen)
     torch.testing.assert_close(kernels.spmm_cpu(x, s_crow, s_col, s_val, rows=rows), w @ x, atol=1e-5, rtol=1e-5)
     with pytest.raises(TypeError, match="permutation"):
@@ -123,7 +139,7 @@ def test_kernel_rejects_wrong_dtypes() -> None:
         with pytest.raises(ValueError, match="out must be"):
             kernels.spmm_cpu(torch.randn(8, 2), crow, col, val, out=bad)
     x = torch.randn(8, 1).expand(8, 5)  # a broadcast view (stride 0 along tokens): copied, not misread
-    torch.testing.assert_close(kernels.spmm_cpu(x, crow, col, val), kernels.spmm_reference(x, crow, col, val, 8))
+    torch.testing.assert_close(kernels.spmm_cpu(x, crow, col, val), spmm_reference(x, crow, col, val, 8))
 
 
 def test_torch_fallback_without_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

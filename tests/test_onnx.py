@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import tiny_model
 
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.presets import build_config
@@ -25,6 +24,7 @@ from export.onnx import (
     sparsify_initializers,
 )
 from export.verify import TOL_ONNX, VERIFY_SHAPES, random_batches, reference_logits, verify_onnx
+from tests.conftest import tiny_model
 
 assert all(shape != EXPORT_SHAPE for shape in VERIFY_SHAPES)
 

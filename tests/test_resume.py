@@ -14,21 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train import corpus, metrics, one_thread, small_args  # noqa: F401 (autouse fixture)
+from tests.conftest import corpus, metrics, small_args
 from train.args import TrainArgs
 from train.trainer import train
 
 STEPS = 12  # topology updates at 3, 6, 9 (T_end = 9) with restarted warm-ups
 
 
-@pytest.fixture(scope="module")
-def bpe_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("chtsl-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache(bpe_cache, monkeypatch):
-    monkeypatch.setenv("CHTSL_CACHE_DIR", str(bpe_cache))
+pytestmark = pytest.mark.usefixtures("one_thread", "cache_dir")
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

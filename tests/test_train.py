@@ -12,60 +12,12 @@ import torch
 
 from chtsl_infer.cli import main
 from chtsl_infer.errors import ChtslError
+from tests.conftest import TRAIN_STEPS, corpus, metrics, small_args
 from train.args import TrainArgs
 from train.trainer import train
 
-STEPS = 20
-
-
-def corpus(tmp_path: Path) -> Path:
-    """A small jsonl corpus (paragraphs of CPython's pydoc topics) shared by the trainer tests."""
-    import pydoc_data.topics
-
-    from train.sources import _paragraph_documents
-
-    path = tmp_path / "corpus.jsonl"
-    if not path.exists():
-        topics = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)][:40]
-        docs = [d for t in topics for d in _paragraph_documents(t, 200)]
-        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return path
-
-
-def small_args(tmp_path: Path, **overrides) -> TrainArgs:
-    """2 blocks, seq 32, global batch 8 in micro-batches of 4, 20 steps, updates every 5 steps."""
-    fields = dict(
-        preset="tiny", data=str(corpus(tmp_path)), tokenizer="bpe", vocab_size=512, num_layers=2, seq_len=32,
-        batch_size=8, micro_batch_size=4, steps=STEPS, warmup=4, update_interval=5, restart_warmup=2, eval_every=10,
-        save_every=10, ocr_every=5, eval_tokens=2000, out=str(tmp_path / "ckpt"), progress=False,
-    )
-    fields.update(overrides)
-    return TrainArgs(**fields)
-
-
-def metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="session")
-def bpe_cache(tmp_path_factory) -> Path:
-    """One tokenizer cache for the session: the same corpus trains the same BPE once."""
-    return tmp_path_factory.mktemp("chtsl-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache(bpe_cache, monkeypatch):
-    monkeypatch.setenv("CHTSL_CACHE_DIR", str(bpe_cache))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are too small for intra-op threads to pay; one thread also keeps the tests from
-    spinning OpenMP workers on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+STEPS = TRAIN_STEPS
+pytestmark = pytest.mark.usefixtures("one_thread", "cache_dir")
 
 
 def test_chtsl_run_end_to_end(tmp_path) -> None:
