@@ -57,3 +57,30 @@ def test_cli_turns_library_errors_into_one_line(capsys: pytest.CaptureFixture[st
         main(["info", "--preset", "nope"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: unknown preset 'nope'") and err.count("\n") == 1
+
+
+def test_cache_dir_reads_the_new_name_and_the_old_one_with_a_warning(monkeypatch, tmp_path, capsys) -> None:
+    from chtsl_infer import utils
+
+    monkeypatch.delenv("CHTSL_CACHE", raising=False)
+    monkeypatch.setenv("CHTSL_CACHE_DIR", str(tmp_path / "new"))
+    assert utils.cache_dir() == tmp_path / "new" and capsys.readouterr().err == ""
+    monkeypatch.delenv("CHTSL_CACHE_DIR")
+    monkeypatch.setenv("CHTSL_CACHE", str(tmp_path / "old"))
+    utils._warn_once.cache_clear()
+    assert utils.cache_dir() == tmp_path / "old"
+    assert capsys.readouterr().err == "warning: CHTSL_CACHE is deprecated; set CHTSL_CACHE_DIR instead\n"
+    monkeypatch.delenv("CHTSL_CACHE")
+    assert utils.cache_dir() == Path.home() / ".cache" / "chtsl"
+
+
+def test_one_dtype_vocabulary() -> None:
+    from chtsl_infer.utils import parse_dtype, torch_dtype
+
+    assert [parse_dtype(v) for v in ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")] == [
+        "fp32", "bf16", "fp16", "fp32", "bf16", "fp16"]
+    assert parse_dtype("auto", ("auto", "fp32")) == "auto" and torch_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ChtslError, match="unknown dtype 'int8'; valid: fp32, bf16, fp16"):
+        parse_dtype("int8")
+    with pytest.raises(ChtslError, match="valid: auto, fp32, bf16"):
+        parse_dtype("fp16", ("auto", "fp32", "bf16"))
