@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
-import importlib.machinery
+import importlib.util
 import sys
 from types import ModuleType
 from typing import Any
@@ -65,8 +65,8 @@ class _RegisterAfterTransformers(importlib.abc.MetaPathFinder, importlib.abc.Loa
     def find_spec(self, fullname: str, path: Any, target: ModuleType | None = None):
         if fullname != "transformers":
             return None
-        sys.meta_path.remove(self)  # one shot; the real finders locate the package
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        sys.meta_path.remove(self)  # one shot; the other finders locate the package
+        spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
         self._loader = spec.loader
