@@ -243,7 +243,7 @@ def csr_sddmm_torch(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: 
     if nnz == 0 or dy.shape[0] == 0:
         return torch.zeros(nnz, dtype=dy.dtype, device=dy.device)
     pattern = _csr_tensor(crow, col, torch.zeros(nnz, dtype=dy.dtype, device=dy.device), n_cols)
-    return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
+    return torch.sparse.sampled_addmm(pattern, dy.t().contiguous(), x.contiguous(), beta=0.0).values()
 
 
 def train_tile(n_tok: int) -> int:
