@@ -36,9 +36,9 @@ import torch
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("spmm.c", "csr_train.c"))  # one library
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
-MM_TILE = 64  # tokens per tile of csr_mm_tm (training forward and dx)
-SDDMM_TILE = 64  # tokens per tile of csr_sddmm_tm
-SDDMM_BLOCK = 1024  # tokens transposed at once by csr_sddmm_tm (its buffers: (in + out) × this many floats)
+MM_TILE = 32  # tokens per tile of csr_mm_tm (training forward and dx): 4 × 2 AVX2 accumulators, measured best
+SDDMM_TILE = 64  # tokens per tile of csr_sddmm_tm, while its (in × tile) buffer fits SDDMM_TILE_BYTES, else 32
+SDDMM_TILE_BYTES = 256 << 10  # half of a 512 KiB L2
 GATHER_BELOW = 3  # fewer tokens: per-token gather loop, else 16-token vectors (measured crossover: 2–4)
 FLAG_SETS = (  # tried in order until one compiles
     ("-O3", "-march=native", "-fopenmp"),
@@ -100,7 +100,7 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
             fn.restype = i
         lib.csr_mm_tm.argtypes = [p, lng, i, i, p, p, p, i, p, lng, i, i, i]
         lib.csr_mm_tm.restype = i
-        lib.csr_sddmm_tm.argtypes = [p, lng, p, lng, i, i, i, p, p, p, i, i, i]
+        lib.csr_sddmm_tm.argtypes = [p, lng, p, lng, i, i, i, p, p, p, i, i]
         lib.csr_sddmm_tm.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
@@ -251,6 +251,16 @@ def train_tile(n_tok: int) -> int:
     return 16 if n_tok <= 16 else 32 if n_tok <= 32 else MM_TILE
 
 
+def sddmm_tile(n_tok: int, n_cols: int) -> int:
+    """Tokens per tile of csr_sddmm_tm: 16 or 32 for short inputs, SDDMM_TILE while (n_cols × tile) fp32 fits
+    SDDMM_TILE_BYTES, else 32."""
+    if n_tok <= 16:
+        return 16
+    if n_tok <= 32 or n_cols * SDDMM_TILE * 4 > SDDMM_TILE_BYTES:
+        return 32
+    return SDDMM_TILE
+
+
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     """`t` (2-D) itself if its rows are contiguous (what the C kernels read), else a contiguous copy."""
     return t if t.stride(1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
@@ -304,7 +314,7 @@ def csr_sddmm(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.
     dy, x = _rows_contiguous(dy), _rows_contiguous(x)
     crow, col = crow.contiguous(), col.contiguous()
     if lib.csr_sddmm_tm(dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), n_tok, n_rows, n_cols,
-                        crow.data_ptr(), col.data_ptr(), out.data_ptr(), SDDMM_TILE, SDDMM_BLOCK,
+                        crow.data_ptr(), col.data_ptr(), out.data_ptr(), sddmm_tile(n_tok, n_cols),
                         torch.get_num_threads()):
-        raise MemoryError("csr_sddmm: could not allocate the kernel's block buffers")
+        raise MemoryError("csr_sddmm: could not allocate the kernel's tile buffers")
     return out

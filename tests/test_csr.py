@@ -241,7 +241,7 @@ def test_compiled_training_kernels_are_in_use() -> None:
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(
-    ("tokens", "out_f", "in_f", "density", "block"),
+    ("tokens", "out_f", "in_f", "density", "tile_bytes"),
     [
         (1, 37, 29, 0.3, None),  # one token: tile 16, row chunks
         (5, 8, 8, 1.0, None),  # fully dense 8 × 8: one full transpose block
@@ -249,15 +249,16 @@ def test_compiled_training_kernels_are_in_use() -> None:
         (29, 61, 43, 0.2, None),  # one partial 32-token tile; rows and features not multiples of 8
         (64, 96, 80, 0.15, None),  # exactly one 64-token tile
         (131, 70, 120, 0.05, None),  # two full tiles and a 3-token tail
-        (200, 33, 19, 0.6, 64),  # SDDMM over 4 token blocks (the last partial), 8-link groups and tails
-        (300, 130, 41, 0.3, 128),  # blocks of two tiles; the last block a tail tile
+        (200, 33, 19, 0.6, None),  # SDDMM: 64-token tiles and an 8-token tail, 8-link groups and tails
+        (300, 130, 41, 0.3, 1),  # SDDMM forced to 32-token tiles; more rows per thread than a row chunk (64)
+        (100, 200, 1100, 0.02, None),  # wide input: SDDMM takes 32-token tiles by itself
         (70, 9, 300, 0.1, None),  # few rows, many columns: rows with ≥ 8 links on the transpose
     ],
 )
-def test_compiled_kernels_match_reference(tokens, out_f, in_f, density, block, threads, monkeypatch) -> None:
-    """csr_mm (forward and transposed) and csr_sddmm on every tile/tail/chunk/block path vs dense fp32."""
-    if block is not None:
-        monkeypatch.setattr(kernels, "SDDMM_BLOCK", block)
+def test_compiled_kernels_match_reference(tokens, out_f, in_f, density, tile_bytes, threads, monkeypatch) -> None:
+    """csr_mm (forward and transposed) and csr_sddmm on every tile/tail/chunk path vs dense fp32."""
+    if tile_bytes is not None:
+        monkeypatch.setattr(kernels, "SDDMM_TILE_BYTES", tile_bytes)
     gen = torch.Generator().manual_seed(tokens + out_f + in_f)
     mask = _mask(out_f, in_f, density, gen, empty_rows=out_f // 7, empty_cols=in_f // 9)
     st = CsrStructure.from_mask(mask)
