@@ -122,7 +122,7 @@ def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, devi
 
     device = resolve_device(device)
     model_dir = resolve_model_dir(ckpt).require_weights()
-    model, tokenizer = _load(model_dir, backend, device, "float32")
+    model, tokenizer = _load(model_dir, backend, device, "fp32")
     spec, eval_batch, last_val = validation_spec(model_dir, model.config, data=data, max_tokens=max_tokens)
     with err_console.status(f"tokenizing validation data ({spec.data})"):
         batches, _ = validation_batches(spec, tokenizer, eval_batch=eval_batch)

@@ -121,7 +121,7 @@ def test_csr_arrays_are_valid(method: str, tmp_path: Path) -> None:
         assert torch.equal(lin.mask(), layer.mask)
         assert torch.equal(lin.dense_sparse_weight(), layer.weight * layer.mask)
         csr = torch.sparse_csr_tensor(lin.crow_indices, lin.col_indices.int(), lin.values,
-                                      size=(lin.out_features, lin.in_features))
+                                      size=(lin.out_features, lin.in_features), check_invariants=True)
         assert torch.equal(csr.to_dense(), layer.weight * layer.mask)
         assert lin.lora_A is None or torch.equal(lin.lora_A, layer.lora_A)
         assert lin.scale == layer.scale and lin.activation == layer.activation
