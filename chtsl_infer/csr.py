@@ -72,13 +72,7 @@ class CsrStructure:
     @classmethod
     def _build(cls, crow: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int) -> CsrStructure:
         """Adds the transposed index to a valid (crow, col) of int32."""
-        rows = torch.repeat_interleave(torch.arange(n_rows, dtype=torch.int32, device=crow.device),
-                                       (crow[1:] - crow[:-1]).long())
-        # entries are sorted by (row, col); a stable sort by col gives (col, row) order
-        perm = torch.argsort(col, stable=True)
-        t_counts = torch.bincount(col.long(), minlength=n_cols)
-        return cls(n_rows, n_cols, crow, col, _counts_to_crow(t_counts), rows[perm].contiguous(),
-                   perm.to(torch.int32))
+        return cls(n_rows, n_cols, crow, col, *kernels.csr_transpose(crow, col, n_cols))
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> CsrStructure:

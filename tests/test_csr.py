@@ -350,3 +350,17 @@ def test_csr_linear_cuda_autocast_bf16() -> None:
     y.sum().backward()
     assert values.grad.dtype == torch.float32 and xs.grad.dtype == torch.float32
     _assert_close(y.detach().cpu(), y_ref)
+
+
+def test_transpose_counting_sort_matches_argsort(monkeypatch) -> None:
+    """The compiled counting-sort transpose equals the torch (stable argsort) one, also with empty rows/cols."""
+    gen = torch.Generator().manual_seed(12)
+    mask = _mask(37, 23, 0.2, gen, empty_rows=4, empty_cols=3)
+    st = CsrStructure.from_mask(mask)
+    compiled = kernels.csr_transpose(st.crow, st.col, 23)
+    monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler (test)"))
+    fallback = kernels.csr_transpose(st.crow, st.col, 23)
+    for a, b in zip(compiled, fallback, strict=True):
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b)
+    empty = CsrStructure.from_mask(torch.zeros(3, 4, dtype=torch.bool))
+    assert empty.nnz == 0 and torch.equal(empty.t_crow, torch.zeros(5, dtype=torch.int32))
