@@ -170,7 +170,7 @@ class _CsrLinear(torch.autograd.Function):
         dx = dvalues = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                t_values = values.to(dtype)[st.t_perm.long()]
+                t_values = values.to(dtype).index_select(0, st.t_perm)  # Sᵀ's values (nnz,)
                 dx = kernels.csr_mm(dy, st.t_crow, st.t_row, t_values, st.n_cols).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 dvalues = kernels.csr_sddmm(dy, x.to(dtype), st.crow, st.col, st.n_cols).to(values.dtype)

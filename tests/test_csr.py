@@ -364,3 +364,31 @@ def test_transpose_counting_sort_matches_argsort(monkeypatch) -> None:
         assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b)
     empty = CsrStructure.from_mask(torch.zeros(3, 4, dtype=torch.bool))
     assert empty.nnz == 0 and torch.equal(empty.t_crow, torch.zeros(5, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_no_dense_weight_sized_tensor_is_created(compiled, monkeypatch) -> None:
+    """Forward + backward create no strided float tensor as large as S (out × in): watched op by op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if not compiled:
+        monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler (test)"))
+    out_f, in_f, tokens = 64, 96, 3  # out × in = 6144 floats; activations ≤ 3 × 96, nnz ≈ 600
+    largest: list[int] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.is_floating_point():
+                    largest.append(t.numel())
+            return result
+
+    gen = torch.Generator().manual_seed(13)
+    st = CsrStructure.from_mask(_mask(out_f, in_f, 0.1, gen))
+    values = torch.randn(st.nnz, generator=gen, requires_grad=True)
+    x = torch.randn(tokens, in_f, generator=gen, requires_grad=True)
+    with Watch():
+        csr_linear(x, values, st).sum().backward()
+    assert largest and max(largest) < out_f * in_f // 4, max(largest)
+    assert values.grad is not None and x.grad is not None
