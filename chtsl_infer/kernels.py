@@ -297,7 +297,7 @@ def csr_mm(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch
         return csr_mm_torch(x, crow, col, values, n_rows)
     n_tok, n_cols = x.shape
     y = torch.empty(n_tok, n_rows, dtype=torch.float32)
-    if n_tok == 0 or n_rows == 0:
+    if n_tok == 0 or n_rows == 0 or col.numel() == 0:
         return y.zero_()
     x = _rows_contiguous(x)
     threads = torch.get_num_threads()
