@@ -97,7 +97,8 @@ BUDGET=${BUDGET:-$((450 * LIMIT_SCALE))}
 # if that is missing they fail fast with its error.
 define_steps() {
   step env 60 'py "$W/py/env.py" "$J/env.json"'
-  step pytest_cuda 180 'cd "$REPO" && py -m pytest -m cuda -q -rfEs -p no:cacheprovider "$REPO/tests"'
+  step pytest_cuda 180 'cd "$REPO" && py -m pytest -m cuda -o addopts= -q -rfEs -p no:cacheprovider \
+      --junitxml "$J/pytest_cuda.xml" "$REPO/tests"'
   step tiny_train 180 'chtsl train --preset tiny --device "$DEV" --dtype "$BF16" --no-progress --out "$W/tiny" \
       "${TINY[@]}" --json "$J/tiny_train_part1.json" \
     && chtsl train --resume "$W/tiny" --no-progress --json "$J/tiny_train.json" \
@@ -490,6 +491,15 @@ def numbers(name, log):
     elif name == "pytest_cuda":
         counts = re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)", log[-3000:])
         n = {k: int(v) for v, k in counts}
+        xml = J / "pytest_cuda.xml"
+        if xml.is_file():
+            import xml.etree.ElementTree as ET
+
+            suite = ET.parse(xml).getroot()
+            suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+            n["junit"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+            n["not_passed"] = [f"{c.get('classname')}::{c.get('name')}: {c[0].tag}" for c in suite.iter("testcase")
+                               if len(c) and c[0].tag in ("failure", "error")]
     elif name == "kernels":  # one table per run, each after a "device D, DTYPE, ..." line
         row = re.compile(r"^(\S+)\s+(\S+)\s+(\d+×\d+)\s+(\d+)\s+([\d.]+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
                          r"\s+([\d.]+)\s*$")
@@ -524,10 +534,29 @@ for line in (out / "steps.tsv").read_text().splitlines():
         nums = {"parse_error": f"{type(e).__name__}: {e}"}
     steps.append({"name": name, "status": status, "exit_code": int(rc), "seconds": int(secs), "limit_s": int(limit),
                   "last_error": last or None, "log": f"logs/{name}.log", "numbers": nums})
+def paper_comparison(steps):
+    """Ours next to the paper's Table 12, per model size: tokens/s of dense and of CHTsL per backend,
+    the CHTsL/dense ratios, peak memory (GB = 1e9 bytes)."""
+    table = {}
+    for s in steps:
+        paper, rows = s["numbers"].get("paper_a100"), s["numbers"].get("rows")
+        if not paper or not rows:
+            continue
+        ours = {"dense_tokens_per_s": rows[0]["tokens_per_s"], "dense_peak_gb": rows[0]["peak_gb"]}
+        for r in rows[1:]:
+            ours[f"chtsl_{r['backend']}_tokens_per_s"] = r["tokens_per_s"]
+            ours[f"chtsl_{r['backend']}_speedup"] = round(r["speedup_vs_dense"], 3)
+            ours[f"chtsl_{r['backend']}_peak_gb"] = r["peak_gb"]
+            ours[f"chtsl_{r['backend']}_peak_ratio"] = round(r["peak_ratio"], 3)
+        table[s["name"]] = {"ours": ours, "paper_a100": paper, "settings": s["numbers"].get("settings")}
+    return table
+
+
 summary = {"mode": mode, "budget_s": budget, "total_s": sum(s["seconds"] for s in steps),
            "ok": all(s["status"] in ("ok", "skipped") for s in steps),
            "failed": [s["name"] for s in steps if s["status"] in ("failed", "timeout")],
-           "skipped": [s["name"] for s in steps if s["status"] == "skipped"], "steps": steps}
+           "skipped": [s["name"] for s in steps if s["status"] == "skipped"],
+           "paper_comparison": paper_comparison(steps), "steps": steps}
 tmp = out / ".summary.json.tmp"
 tmp.write_text(json.dumps(summary, indent=1) + "\n")
 os.replace(tmp, out / "summary.json")
@@ -543,6 +572,8 @@ if [[ -n $ONLY ]]; then
   done
 fi
 write_summary
+awk -F'\t' '{printf "[gpu-check]   %-12s %-8s %5ss%s\n", $1, $2, $4, ($6 == "" ? "" : "  " substr($6, 1, 120))}' \
+  "$OUT/steps.tsv" >&2
 echo "[gpu-check] done in $((SECONDS - T0))s: $OUT/summary.json" >&2
 if cut -f2 "$OUT/steps.tsv" | grep -qE '^(failed|timeout)$'; then
   echo "[gpu-check] failed steps: $(awk -F'\t' '$2 == "failed" || $2 == "timeout" {printf "%s ", $1}' "$OUT/steps.tsv")" >&2
