@@ -65,9 +65,9 @@ if ((REHEARSE)); then
   TINY=(--steps 6 --stop-at 3 --num-layers 2 --seq-len 32 --batch-size 4 --eval-every 6 --save-every 3
         --update-interval 2 --restart-warmup 1 --ocr-every 2 --eval-tokens 2000)
   TINY_STEPS=6
-  M60=(--steps 2 --batch-size 2 --micro-batch-size 2 --seq-len 32 --num-layers 1 --update-interval 1
+  M60=(--steps 3 --batch-size 2 --micro-batch-size 2 --seq-len 32 --num-layers 1 --update-interval 2
        --restart-warmup 1 --eval-tokens 1000)
-  M60_STEPS=2
+  M60_STEPS=3
   PAPER=(--batch 2 --seq 16 --steps 2 --warmup 1)
   ONNX_BENCH=(--batch 2 --seq 16 --steps 2 --warmup 1)
   KERNELS=(--shapes llama60m --tokens 1,16 --repeats 2)
