@@ -14,8 +14,8 @@
 # Environment: OUT, GPU_CHECK_DATA_DIR (as --data-dir), GPU_CHECK_WORK (work directory, kept),
 # GPU_CHECK_LIMIT_SCALE (multiplies every step's limit; rehearsal default 6: a loaded CPU), CHTSL_PYTHON.
 # Options: --data-dir DIR (GLUE files for eval_rte, DIR/glue/rte/validation.jsonl; default
-# $GPU_CHECK_DATA_DIR, else tests/fixtures: 10 RTE examples), --budget SECONDS (default 450: steps
-# that no longer fit are skipped, so the run ends before 8 minutes), --keep (keep the work directory
+# $GPU_CHECK_DATA_DIR, else tests/fixtures: 10 RTE examples), --budget SECONDS (default 450, from the
+# script's start: a step that no longer fits is skipped and says so, so the run ends before 8 minutes), --keep (keep the work directory
 # with checkpoints and exports; default: deleted), --setup (no Python with a CUDA torch and chtsl's
 # dependencies found: create .venv-gpu from PyPI, default torch wheel = CUDA build; needs network).
 #
@@ -134,13 +134,14 @@ step() {  # step NAME LIMIT_S COMMAND
     printf '%-12s limit %4ss  %s\n' "$name" "$((limit * LIMIT_SCALE))" "$(printf '%s' "$cmd" | tr -s ' \n\\' ' ')"
     return 0
   fi
-  local used=$((SECONDS - T0)) left
-  left=$((BUDGET - used))
-  if ((left < 20)); then
-    record "$name" skipped 0 0 "$limit" "time budget of ${BUDGET}s spent"
+  # The budget counts from the script's start ($SECONDS), preconditions included. A step whose
+  # remaining time would be under a third of its limit is skipped rather than started to time out.
+  local left=$((BUDGET - SECONDS))
+  limit=$((limit * LIMIT_SCALE))
+  if ((left < 20 || 3 * left < limit)); then
+    record "$name" skipped 0 0 "$limit" "skipped: ${left}s of the ${BUDGET}s budget left (--budget, or --only $name)"
     return 0
   fi
-  limit=$((limit * LIMIT_SCALE))
   ((limit > left)) && limit=$left
   local log="$OUT/logs/$name.log" start=$SECONDS rc
   echo "[gpu-check $(date -u +%H:%M:%S)] $name (limit ${limit}s)" >&2
@@ -563,7 +564,6 @@ os.replace(tmp, out / "summary.json")
 EOF
 
 # ----------------------------------------------------------------------------- run
-T0=$SECONDS
 echo "[gpu-check] $MODE; python $PY; out $OUT; work $W; budget ${BUDGET}s" >&2
 define_steps
 if [[ -n $ONLY ]]; then
@@ -574,7 +574,7 @@ fi
 write_summary
 awk -F'\t' '{printf "[gpu-check]   %-12s %-8s %5ss%s\n", $1, $2, $4, ($6 == "" ? "" : "  " substr($6, 1, 120))}' \
   "$OUT/steps.tsv" >&2
-echo "[gpu-check] done in $((SECONDS - T0))s: $OUT/summary.json" >&2
+echo "[gpu-check] done in ${SECONDS}s: $OUT/summary.json" >&2
 if cut -f2 "$OUT/steps.tsv" | grep -qE '^(failed|timeout)$'; then
   echo "[gpu-check] failed steps: $(awk -F'\t' '$2 == "failed" || $2 == "timeout" {printf "%s ", $1}' "$OUT/steps.tsv")" >&2
   exit 1

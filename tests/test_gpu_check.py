@@ -69,3 +69,15 @@ def test_without_a_gpu_one_line_exit_2_before_anything(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no NVIDIA GPU"), proc.stderr
     assert proc.stdout == "" and not out.exists()
+
+
+def test_every_triton_kernel_has_an_interpreter_test() -> None:
+    """A Triton kernel (none exists today: CUDA uses torch's cuSPARSE ops) must come with a test that runs
+    it under TRITON_INTERPRET=1 on CPU tensors, so CI exercises it without a GPU (skipped without Triton)."""
+    root = SCRIPT.parents[1]
+    kernels = [p for d in ("chtsl_infer", "train", "export", "evals") for p in sorted((root / d).rglob("*.py"))
+               if "triton.jit" in p.read_text(encoding="utf-8")]
+    tests = [p.read_text(encoding="utf-8") for p in sorted((root / "tests").glob("test_*.py"))]
+    for path in kernels:
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        assert any(module in t and "TRITON_INTERPRET" in t for t in tests), f"{module}: no TRITON_INTERPRET test"
