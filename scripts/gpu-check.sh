@@ -200,24 +200,34 @@ write_summary() {  # summary.json: the Python summary (key numbers) or, if it fa
   } >"$tmp" && mv -f "$tmp" "$OUT/summary.json"
 }
 
-python_ok() {  # python_ok PY NEED_CUDA -> 0 when PY imports torch (+ CUDA if asked) and chtsl's dependencies
+python_ok() {  # python_ok PY NEED_CUDA ALL -> 0 when PY's torch (sees CUDA if asked) and chtsl's core
+  # dependencies import; ALL=1 also wants the optional ones of some steps (lm-eval, ONNX, datasets)
   [[ -x $1 ]] || return 1
-  timeout 120 "$1" - "$2" <<'EOF' >/dev/null 2>&1
+  timeout 120 "$1" - "$2" "$3" <<'EOF' >/dev/null 2>&1
+import importlib
 import sys
-import torch, transformers, safetensors, typer, rich, tokenizers, datasets, onnx, lm_eval  # noqa: F401
+
+core = ["torch", "transformers", "safetensors", "tokenizers", "typer", "rich", "numpy"]
+optional = ["datasets", "lm_eval", "onnx", "onnxscript", "onnxruntime"]
+for name in core + (optional if sys.argv[2] == "1" else []):
+    importlib.import_module(name)
+import torch  # noqa: E402
+
 sys.exit(0 if sys.argv[1] == "0" or torch.cuda.is_available() else 3)
 EOF
 }
 
-pick_python() {  # sets PY, or explains (stderr) why none fits
-  local need=$1 c tried=()
-  for c in "${CHTSL_PYTHON:-}" "$REPO/.venv/bin/python" "$REPO/.venv-gpu/bin/python" "$(command -v python3 || true)"; do
-    [[ -n $c ]] || continue
-    if python_ok "$c" "$need"; then PY=$c; return 0; fi
-    tried+=("$c")
+pick_python() {  # sets PY: the first candidate with every dependency, else the first with the core ones
+  local need=$1 c all candidates=("${CHTSL_PYTHON:-}" "$REPO/.venv/bin/python" "$REPO/.venv-gpu/bin/python"
+                                  "$(command -v python3 || true)")
+  for all in 1 0; do
+    for c in "${candidates[@]}"; do
+      [[ -n $c ]] || continue
+      if python_ok "$c" "$need" "$all"; then PY=$c; return 0; fi
+    done
   done
   PY=""
-  TRIED=${tried[*]:-none}
+  TRIED=$(printf '%s ' "${candidates[@]}")
   return 1
 }
 
@@ -308,7 +318,7 @@ if torch.cuda.is_available():
     info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 1e9, 1), capability=f"{p.major}.{p.minor}",
                 gpu_count=torch.cuda.device_count(), bf16_supported=torch.cuda.is_bf16_supported(),
                 cudnn=torch.backends.cudnn.version())
-for name in ("transformers", "onnxruntime", "triton", "lm_eval", "onnx"):
+for name in ("transformers", "onnxruntime", "triton", "lm_eval", "onnx", "onnxscript", "datasets"):
     try:
         mod = __import__(name)
         info[name] = getattr(mod, "__version__", "?")
