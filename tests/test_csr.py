@@ -229,3 +229,73 @@ def test_torch_kernels_match_reference() -> None:
     _assert_close(kernels.csr_mm_torch(x, st.crow, st.col, values, 30), x @ w.t())
     _assert_close(kernels.csr_mm_torch(dy, st.t_crow, st.t_row, values[st.t_perm.long()], 21), dy @ w)
     _assert_close(kernels.csr_sddmm_torch(dy, x, st.crow, st.col, 21), (dy.t() @ x)[mask])
+
+
+def test_compiled_training_kernels_are_in_use() -> None:
+    """CI machines have a C compiler: the float32 CPU path of csr_linear runs the C kernels."""
+    ok, how = kernels.cpu_kernel_status()
+    assert ok, how
+    assert kernels._use_compiled(torch.zeros(1), torch.zeros(1)) is not None
+    assert kernels._use_compiled(torch.zeros(1, dtype=torch.float64)) is None
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("tokens", "out_f", "in_f", "density", "block"),
+    [
+        (1, 37, 29, 0.3, None),  # one token: tile 16, row chunks
+        (5, 8, 8, 1.0, None),  # fully dense 8 × 8: one full transpose block
+        (16, 20, 24, 0.4, None),  # exactly one 16-token tile
+        (29, 61, 43, 0.2, None),  # one partial 32-token tile; rows and features not multiples of 8
+        (64, 96, 80, 0.15, None),  # exactly one 64-token tile
+        (131, 70, 120, 0.05, None),  # two full tiles and a 3-token tail
+        (200, 33, 19, 0.6, 64),  # SDDMM over 4 token blocks (the last partial), 8-link groups and tails
+        (300, 130, 41, 0.3, 128),  # blocks of two tiles; the last block a tail tile
+        (70, 9, 300, 0.1, None),  # few rows, many columns: rows with ≥ 8 links on the transpose
+    ],
+)
+def test_compiled_kernels_match_reference(tokens, out_f, in_f, density, block, threads, monkeypatch) -> None:
+    """csr_mm (forward and transposed) and csr_sddmm on every tile/tail/chunk/block path vs dense fp32."""
+    if block is not None:
+        monkeypatch.setattr(kernels, "SDDMM_BLOCK", block)
+    gen = torch.Generator().manual_seed(tokens + out_f + in_f)
+    mask = _mask(out_f, in_f, density, gen, empty_rows=out_f // 7, empty_cols=in_f // 9)
+    st = CsrStructure.from_mask(mask)
+    w = torch.randn(out_f, in_f, generator=gen) * mask
+    x, dy = torch.randn(tokens, in_f, generator=gen), torch.randn(tokens, out_f, generator=gen)
+    values = w[mask]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernels.csr_mm(x, st.crow, st.col, values, out_f)
+        dx = kernels.csr_mm(dy, st.t_crow, st.t_row, values[st.t_perm.long()], in_f)
+        dv = kernels.csr_sddmm(dy, x, st.crow, st.col, in_f)
+    finally:
+        torch.set_num_threads(saved)
+    x64, dy64, w64 = x.double(), dy.double(), w.double()
+    _assert_close(y.double(), x64 @ w64.t())
+    _assert_close(dx.double(), dy64 @ w64)
+    _assert_close(dv.double(), (dy64.t() @ x64)[mask])
+
+
+def test_compiled_kernels_read_strided_inputs() -> None:
+    """Row-strided views are read in place; column-strided (transposed) views are copied first."""
+    gen = torch.Generator().manual_seed(9)
+    mask = _mask(40, 30, 0.2, gen)
+    st = CsrStructure.from_mask(mask)
+    w = torch.randn(40, 30, generator=gen) * mask
+    wide_x, wide_dy = torch.randn(50, 45, generator=gen), torch.randn(50, 47, generator=gen)
+    x, dy = wide_x[::2, 5:35], wide_dy[1::2, 3:43]  # (25, 30) and (25, 40), rows at a stride
+    xt = torch.randn(30, 25, generator=gen).t()  # (25, 30), column-major
+    for xi in (x, xt):
+        _assert_close(kernels.csr_mm(xi, st.crow, st.col, w[mask], 40), xi @ w.t())
+        _assert_close(kernels.csr_sddmm(dy, xi, st.crow, st.col, 30), (dy.t() @ xi)[mask])
+    _assert_close(kernels.csr_mm(dy, st.t_crow, st.t_row, w[mask][st.t_perm.long()], 30), dy @ w)
+
+
+@pytest.mark.parametrize(("lead", "out_f", "in_f"), [((7,), 33, 50), ((2, 3), 24, 40), ((1,), 5, 3)])
+def test_csr_linear_without_compiler_uses_torch_ops(lead, out_f, in_f, monkeypatch) -> None:
+    """No C compiler: the same results through torch's sparse CSR ops (the CUDA code path, on CPU)."""
+    monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler (test)"))
+    assert kernels._use_compiled(torch.zeros(1)) is None
+    _check(lead, out_f, in_f, 0.3, seed=out_f, empty_rows=2, empty_cols=2)
