@@ -111,6 +111,8 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
         lib.csr_mm_tm.restype = i
         lib.csr_sddmm_tm.argtypes = [p, lng, p, lng, i, i, i, p, p, p, i, i]
         lib.csr_sddmm_tm.restype = i
+        lib.csr_transpose.argtypes = [p, p, i, i, p, p, p]
+        lib.csr_transpose.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
 
@@ -305,7 +307,7 @@ def csr_mm(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch
         return csr_mm_torch(x, crow, col, values, n_rows)
     n_tok, n_cols = x.shape
     y = torch.empty(n_tok, n_rows, dtype=torch.float32)
-    if n_tok == 0 or n_rows == 0:
+    if n_tok == 0 or n_rows == 0 or col.numel() == 0:
         return y.zero_()
     x = _rows_contiguous(x)
     threads = torch.get_num_threads()
@@ -337,3 +339,27 @@ def csr_sddmm(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.
                         torch.get_num_threads()):
         raise MemoryError("csr_sddmm: could not allocate the kernel's tile buffers")
     return out
+
+
+def csr_transpose(crow: torch.Tensor, col: torch.Tensor,
+                  n_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The transposed pattern of a valid int32 CSR (n_rows × n_cols): (t_crow (n_cols+1,), t_row, t_perm (nnz,)).
+
+    Column j's entries are t_crow[j] .. t_crow[j+1]-1 with rows t_row ascending; t_perm[e] is the value
+    index of transposed entry e. int32 throughout. CPU: the compiled counting sort; else a stable argsort.
+    """
+    n_rows, nnz = crow.numel() - 1, col.numel()
+    lib = _library()[0] if crow.device.type == "cpu" else None
+    if lib is not None and crow.dtype == torch.int32 and col.dtype == torch.int32:
+        crow, col = crow.contiguous(), col.contiguous()
+        t_crow = torch.empty(n_cols + 1, dtype=torch.int32)
+        t_row, t_perm = torch.empty(nnz, dtype=torch.int32), torch.empty(nnz, dtype=torch.int32)
+        if lib.csr_transpose(crow.data_ptr(), col.data_ptr(), n_rows, n_cols, t_crow.data_ptr(), t_row.data_ptr(),
+                             t_perm.data_ptr()) == 0:
+            return t_crow, t_row, t_perm
+    rows = torch.repeat_interleave(torch.arange(n_rows, dtype=torch.int32, device=crow.device),
+                                   (crow[1:] - crow[:-1]).long())
+    perm = torch.argsort(col, stable=True)  # entries are sorted by (row, col): a stable sort by col gives (col, row)
+    t_crow = torch.zeros(n_cols + 1, dtype=torch.int64, device=crow.device)
+    torch.cumsum(torch.bincount(col.long(), minlength=n_cols), 0, out=t_crow[1:])
+    return t_crow.to(torch.int32), rows[perm].contiguous(), perm.to(torch.int32)

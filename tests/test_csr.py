@@ -91,6 +91,18 @@ def test_no_links_and_no_tokens() -> None:
     assert not values.grad.any() and x.grad.shape == (0, 5)
 
 
+@pytest.mark.parametrize("shape", [(5, 0), (0, 4), (0, 0)])
+def test_degenerate_shapes(shape) -> None:
+    """No columns and/or no rows: a zero (…, out) output, zero-size gradients, no kernel errors."""
+    st = CsrStructure.from_mask(torch.zeros(*shape, dtype=torch.bool))
+    x = torch.randn(2, 3, shape[1], requires_grad=True)
+    values = torch.zeros(0, requires_grad=True)
+    y = csr_linear(x, values, st)
+    assert y.shape == (2, 3, shape[0]) and not y.any()
+    y.sum().backward()
+    assert x.grad.shape == x.shape and not x.grad.any() and values.grad.shape == (0,)
+
+
 def test_x_without_grad_and_values_without_grad() -> None:
     gen = torch.Generator().manual_seed(3)
     mask = _mask(20, 30, 0.2, gen)
@@ -350,3 +362,45 @@ def test_csr_linear_cuda_autocast_bf16() -> None:
     y.sum().backward()
     assert values.grad.dtype == torch.float32 and xs.grad.dtype == torch.float32
     _assert_close(y.detach().cpu(), y_ref)
+
+
+def test_transpose_counting_sort_matches_argsort(monkeypatch) -> None:
+    """The compiled counting-sort transpose equals the torch (stable argsort) one, also with empty rows/cols."""
+    gen = torch.Generator().manual_seed(12)
+    mask = _mask(37, 23, 0.2, gen, empty_rows=4, empty_cols=3)
+    st = CsrStructure.from_mask(mask)
+    compiled = kernels.csr_transpose(st.crow, st.col, 23)
+    monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler (test)"))
+    fallback = kernels.csr_transpose(st.crow, st.col, 23)
+    for a, b in zip(compiled, fallback, strict=True):
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b)
+    empty = CsrStructure.from_mask(torch.zeros(3, 4, dtype=torch.bool))
+    assert empty.nnz == 0 and torch.equal(empty.t_crow, torch.zeros(5, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_no_dense_weight_sized_tensor_is_created(compiled, monkeypatch) -> None:
+    """Forward + backward create no strided float tensor as large as S (out × in): watched op by op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if not compiled:
+        monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler (test)"))
+    out_f, in_f, tokens = 64, 96, 3  # out × in = 6144 floats; activations ≤ 3 × 96, nnz ≈ 600
+    largest: list[int] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.is_floating_point():
+                    largest.append(t.numel())
+            return result
+
+    gen = torch.Generator().manual_seed(13)
+    st = CsrStructure.from_mask(_mask(out_f, in_f, 0.1, gen))
+    values = torch.randn(st.nnz, generator=gen, requires_grad=True)
+    x = torch.randn(tokens, in_f, generator=gen, requires_grad=True)
+    with Watch():
+        csr_linear(x, values, st).sum().backward()
+    assert largest and max(largest) < out_f * in_f // 4, max(largest)
+    assert values.grad is not None and x.grad is not None
