@@ -142,7 +142,7 @@ def resolve_device(device: str | None = "auto", local_rank: int | None = None) -
     if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ChtslError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
     if not torch.cuda.is_available():
-        raise ChtslError(f"--device {device}: no CUDA device is available")
+        raise ChtslError(f"--device {device}: CUDA is not available on this machine (no CUDA device)")
     if device == "cuda" and local_rank is not None:
         device = f"cuda:{local_rank}"
     return device

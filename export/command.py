@@ -17,7 +17,7 @@ import typer
 
 from chtsl_infer.console import console, write_json
 from chtsl_infer.errors import ChtslError, first_line
-from chtsl_infer.utils import make_temp_dir, parse_dtype, publish_dir, torch_dtype
+from chtsl_infer.utils import make_temp_dir, parse_dtype, publish_dir, resolve_device, torch_dtype
 
 FORMATS = ("safetensors", "onnx", "all")
 
@@ -76,6 +76,8 @@ def export_command(
     opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 18; the exporter cannot go down to 17)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare exported logits with PyTorch."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    device: str | None = typer.Option(None, "--device", help="Also verify the packed file through the inference "
+                                      "runtime (dense and sparse backends) on this device: cpu, cuda, cuda:N."),
     json_path: str | None = typer.Option(None, "--json", help="Also write the summary as JSON ('-' = stdout)."),
 ) -> None:
     """Export a checkpoint as packed CSR + low-rank safetensors and/or a sparse ONNX graph."""
@@ -87,6 +89,11 @@ def export_command(
 
     if opset < MIN_OPSET:
         raise ChtslError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    if device is not None:
+        if not verify or fmt not in ("safetensors", "all"):
+            raise ChtslError("--device verifies the packed safetensors: use it with --verify and --format "
+                             "safetensors|all")
+        device = resolve_device(device)
     from chtsl_infer.model_dir import resolve_model_dir
 
     model_dir = resolve_model_dir(ckpt).require_weights()
@@ -102,7 +109,7 @@ def export_command(
     except OSError as e:
         raise ChtslError(f"cannot write to {out.parent}: {e.strerror or e}") from None
     try:
-        summary, checks = _run(model_dir, tmp, names, want_packed, want_onnx, dtype, opset, verify)
+        summary, checks = _run(model_dir, tmp, names, want_packed, want_onnx, dtype, opset, verify, device)
         failed = [c for c in checks if not c.ok]
         if not failed:
             try:
@@ -127,7 +134,7 @@ def export_command(
 
 
 def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: bool, dtype: str, opset: int,
-         verify: bool) -> tuple[list[dict], list]:
+         verify: bool, device: str | None = None) -> tuple[list[dict], list]:
     """The export stages of `model_dir` (a `ModelDir`) into `tmp`: returns (summary rows, verification checks)."""
     ckpt = model_dir.path
     from transformers.utils import logging as hf_logging
@@ -170,12 +177,14 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
             _writing(lambda: copy_support_files(ckpt, tmp), tmp)
         if verify:
             with stages.stage("verify vs PyTorch"):
-                from export.verify import random_batches, reference_logits, verify_onnx, verify_packed
+                from export.verify import random_batches, reference_logits, verify_onnx, verify_packed, verify_runtime
 
                 batches = random_batches(model.config.vocab_size)
                 refs = reference_logits(model, batches)
                 if want_packed:
                     checks += verify_packed(tmp / WEIGHTS_NAME, batches, refs)
+                    if device is not None:
+                        checks += verify_runtime(tmp, batches, refs, device)
                 if want_onnx:
                     checks += verify_onnx(tmp / "model.onnx", batches, refs)
     return summary, checks

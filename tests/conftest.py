@@ -132,3 +132,13 @@ def small_args(tmp_path: Path, **overrides):  # -> train.args.TrainArgs
 def metrics(path: Path) -> list[dict]:
     """The records of `path/metrics.jsonl`."""
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip, with the reason, on machines where torch sees no CUDA device (CI)."""
+    if torch.cuda.is_available():
+        return
+    why = f"needs CUDA: torch {torch.__version__} sees no CUDA device"
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.skip(reason=why))

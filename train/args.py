@@ -64,7 +64,7 @@ class TrainArgs:
     packing: bool = setting(False, "Concatenate documents instead of truncate/pad.", flag="--packing")
     grad_clip: float | None = setting(None, "Max grad norm (0: off; the method's default, cola: 0.5).")
     num_layers: int | None = setting(None, "Override the preset's number of blocks.")
-    dtype: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16.")
+    dtype: str = setting("auto", "auto (CUDA: bf16 autocast, CPU: fp32) | fp32 | bf16 (autocast; CPU too).")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N.")
     seed: int = setting(0, "Seed of init, data order and topology.")
     out: str = setting("ckpt", "Checkpoint directory (latest complete checkpoint).")
