@@ -389,3 +389,23 @@ def test_loss_figure_legend() -> None:
     total, task = fig.axes[0].get_lines()[:2]
     assert total.get_linestyle() != task.get_linestyle()
     plt.close(fig)
+
+
+def test_cpu60m_follows_the_60m_layers() -> None:
+    """cpu60m: the 60M block shapes and the paper's OWT 60M (s, r) — rank 16 at s_total 0.9 with
+    d_c : d_l = 1 : 1 — and the 60M preset's effective alignment weight λ/√(B·N)."""
+    from chtsl_infer import budget
+    from chtsl_infer.presets import get_preset
+
+    p, ref = get_preset("cpu60m"), get_preset("llama60m-c4")
+    assert p.shapes() == ref.shapes() and p.steps == 1000
+    assert p.table == get_preset("llama60m-owt").table
+    s, r = p.split(0.9)
+    assert (s, r) == (0.95, 16)
+    for st in (0.9, 0.8, 0.7):
+        s, r = p.split(st)
+        d_c = 1 - s
+        d_l = r * budget.rank_density(p.shapes())
+        assert d_c == pytest.approx(d_l, rel=0.02) and 1 - d_c - d_l == pytest.approx(st, abs=0.002)
+    weight = p.align_lambda / math.sqrt(p.micro_batch_size * p.seq_len)
+    assert weight == pytest.approx(ref.align_lambda / math.sqrt(ref.micro_batch_size * ref.seq_len), rel=1e-3)

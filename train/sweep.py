@@ -172,8 +172,20 @@ def build_grid(preset: str, methods: str, s_totals: str, seeds: str, extra: list
             raise UserError(str(e)) from None
     if any(k < 0 for k in grid.seeds):
         raise UserError("--seeds must be non-negative integers")
+    from chtsl_infer.presets import build_config
+
     for cell in grid.cells():
-        resolve_args(grid.train_args(cell, Path(".")))
+        args = resolve_args(grid.train_args(cell, Path(".")))
+        try:  # the model each cell will build (activation, alignment layers, ...)
+            build_config(preset, method=cell.method, s_total=cell.s_total, activation=args.activation,
+                         align_lambda=args.align_lambda, align_layers=args.align)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    data = grid.options.get("data")
+    if data and data not in ("builtin", "c4", "owt"):
+        from train.data import _expand_paths
+
+        _expand_paths(data)  # UserError when the path names no text files
     return grid
 
 

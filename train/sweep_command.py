@@ -46,6 +46,14 @@ def sweep_command(
         for cell in grid.cells():
             print(sweep.command_line(grid.argv(cell, out_dir)))
         return
-    runs = sweep.run_sweep(grid, out_dir)
+    try:
+        runs = sweep.run_sweep(grid, out_dir)
+    except KeyboardInterrupt:
+        from chtsl_infer.console import err_console
+
+        err_console.print(f"interrupted: rerun the same command to continue (finished cells are kept, the "
+                          f"interrupted one resumes from its last checkpoint in {out_dir})", highlight=False,
+                          soft_wrap=True)
+        raise typer.Exit(130) from None
     if all(r.status in ("done", "diverged") for r in runs.values()):
         sweep.write_report(out_dir, alternative=alternative, figures=figures)
