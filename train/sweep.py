@@ -509,6 +509,7 @@ def build_report(runs: list[RunState], alternative: str = "two-sided") -> dict[s
     """
     import warnings
 
+    from scipy import __version__ as scipy_version
     from scipy.stats import wilcoxon
 
     if alternative not in ALTERNATIVES:
@@ -579,8 +580,9 @@ def build_report(runs: list[RunState], alternative: str = "two-sided") -> dict[s
                  for r in sorted(runs, key=lambda r: (-r.cell.s_total, methods.index(r.cell.method), r.cell.seed))],
         "groups": groups, "pairs": pairs,
         "test": {"function": "scipy.stats.wilcoxon(a, b)", "alternative": alternative, "zero_method": ZERO_METHOD,
-                 "method": "scipy's 'auto': exact null distribution for up to 50 pairs without zero or tied "
-                           "differences, otherwise permutations (up to 13) or the normal approximation",
+                 "method": f"scipy {scipy_version}'s default ('auto'; in scipy 1.17: the exact null distribution "
+                           "for up to 50 pairs without zero or tied differences, otherwise permutations for up "
+                           "to 13 pairs or the normal approximation)",
                  "pairing": "the same (s_total, seed) of the two methods; pairs with a diverged or unfinished "
                             "run are excluded and listed"},
     }
