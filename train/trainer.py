@@ -273,11 +273,16 @@ def build_run(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | Non
               lam=float(model.config.chtsl["align_lambda"]) if align_names else 0.0,
               n_micro=args.batch_size // (args.micro_batch_size * info.world), step=start_step,
               tokens_seen=tokens_seen, last_val=saved_state.get("last_val"))
+    trainable = model.trainable_linear_params()
+    align_weights = effective_align_weights(run.lam, args.micro_batch_size, args.seq_len,
+                                            {n: hybrid[n].out_features for n in align_names})
+    if info.is_main:
+        print_header(args, model.config, trainable, hybrid, run.lam, align_weights,
+                     resumed_at=start_step if resume_dir else None)
     if info.is_main and not resume_dir:
-        log.write({"event": "start", "unigram_ppl": data.unigram_ppl,
-                   "trainable_linear_params": model.trainable_linear_params(), "train_rows": data.train_rows,
-                   "train_tokens": data.train_tokens, "world_size": info.world, "args": asdict(args),
-                   "s_total": model.config.chtsl["s_total"]})
+        log.write({"event": "start", "unigram_ppl": data.unigram_ppl, "trainable_linear_params": trainable,
+                   "train_rows": data.train_rows, "train_tokens": data.train_tokens, "world_size": info.world,
+                   "args": asdict(args), "s_total": model.config.chtsl["s_total"], "align_weight": align_weights})
     return run
 
 
@@ -350,6 +355,9 @@ def _open_log(out: Path, info: dist_utils.DistInfo, resume_dir: Path | None, sta
                     if src.is_file():
                         shutil.copy2(src, out / name)
             _truncate_metrics(out / "metrics.jsonl", start_step)
+        else:
+            # Lines of a run killed before its first checkpoint: no checkpoint backs them.
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     return MetricsLog(out, info.is_main)
 
 
@@ -365,7 +373,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     diagnostics = bool(run.hybrid) and (step % args.ocr_every == 0 or step == 1 or step == args.steps)
-    task, align_mean, ocr_vals, cos_vals = _forward_backward(run, step, diagnostics)
+    task, align_mean, ocr_vals, cos_vals, align_vals = _forward_backward(run, step, diagnostics)
     total = task + run.lam * align_mean
     record: dict[str, Any] = {"step": step, "loss": total, "task_loss": task, "align_loss": align_mean, "lr": lr}
     if not math.isfinite(total):
@@ -386,16 +394,19 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
             run.engine.apply_masks(run.optimizer)
         run.optimizer.zero_grad(set_to_none=True)
     if ocr_vals:
-        record.update(ocr=ocr_vals, cosine=cos_vals)
+        # align: L_align^(l) of every hybrid layer on the first micro-batch (optimised or not);
+        # align_value: their sum, comparable across methods (align_loss is what was optimised).
+        record.update(ocr=ocr_vals, cosine=cos_vals, align=align_vals, align_value=sum(align_vals.values()))
         record.setdefault("density", _density(run.model))
     return record
 
 
-def _forward_backward(run: Run, step: int, diagnostics: bool) -> tuple[float, float, dict, dict]:
+def _forward_backward(run: Run, step: int, diagnostics: bool) -> tuple[float, float, dict, dict, dict]:
     """Accumulates the gradient of the step's loss over this rank's micro-batches.
 
     Returns (task loss: Σ NLL / targets of the global batch, alignment: mean over all micro-batches
-    of Σ_l L_align^(l), OCR and cosine per layer of the first micro-batch when `diagnostics`).
+    of Σ_l L_align^(l), OCR, cosine and L_align^(l) per hybrid layer of the first micro-batch when
+    `diagnostics`).
     """
     from chtsl_infer.layers import record_branches
 
@@ -406,6 +417,7 @@ def _forward_backward(run: Run, step: int, diagnostics: bool) -> tuple[float, fl
     sums = torch.zeros(2, dtype=torch.float64)  # task NLL sum, alignment sum
     ocr_vals: dict[str, float] = {}
     cos_vals: dict[str, float] = {}
+    align_vals: dict[str, float] = {}
     for i, b in enumerate(batches):
         sync = i == len(batches) - 1 or not info.distributed
         ctx = nullcontext() if sync else run.ddp_model.no_sync()
@@ -423,9 +435,10 @@ def _forward_backward(run: Run, step: int, diagnostics: bool) -> tuple[float, fl
         sums[0] += float(nll.detach())
         sums[1] += float(align.detach()) if align is not None else 0.0
         if rec.ocr:
-            ocr_vals, cos_vals = dict(rec.ocr), dict(rec.cosine)
+            ocr_vals, cos_vals, align_vals = dict(rec.ocr), dict(rec.cosine), dict(rec.align)
     sums = dist_utils.all_reduce_sum(sums, info)
-    return sums[0].item() / n_targets, sums[1].item() / (run.n_micro * info.world), ocr_vals, cos_vals
+    return (sums[0].item() / n_targets, sums[1].item() / (run.n_micro * info.world), ocr_vals, cos_vals,
+            align_vals)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -446,6 +459,9 @@ def train_loop(run: Run, after_step: Callable[[int, torch.nn.Module], None] | No
             record = train_step(run, step)
             if not math.isfinite(record["loss"]):
                 stopped = "nan"
+                # Logged after the last checkpoint's step: a resume drops it, `chtsl sweep` reads it.
+                run.log.write({"event": "diverged", "step": step, "loss": None,
+                               "task_loss": _finite(record["task_loss"]), "align_loss": _finite(record["align_loss"])})
                 err_console.print(f"[bold red]error:[/] non-finite loss ({record['loss']}) at step {step}; "
                                   f"training stopped, "
                                   f"the last good checkpoint in {run.out} is kept", highlight=False, soft_wrap=True)
@@ -500,6 +516,46 @@ def save(run: Run) -> None:
                                 args={**asdict(run.args), "resume": None, "stop_at": None})
         run.log.reopen()
     dist_utils.barrier(run.info)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def effective_align_weights(lam: float, micro_batch: int, seq_len: int, outs: dict[str, int]) -> dict[str, float]:
+    """λ/√(B·N_l) per aligned layer type: the weight of RMS(S_l − L_l) in λ·L_align^(l).
+
+    `L_align^(l) = ||S_l − L_l||_F / (B·N_l)` with B = micro-batch (sequences per forward) and
+    N_l = seq_len · out_l equals RMS(S_l − L_l)/√(B·N_l): for a fixed λ its pull on the branches,
+    relative to the (mean) task loss, shrinks like 1/√(B·N) (docs/sweep.md). `outs`: layer name → out.
+    """
+    weights: dict[str, float] = {}
+    for name, out in sorted(outs.items()):
+        kind = name.rsplit(".", 1)[-1]
+        weights.setdefault(kind, lam / math.sqrt(micro_batch * seq_len * out))
+    return weights
+
+
+def print_header(args: TrainArgs, config: Any, trainable: int, hybrid: dict[str, Any], lam: float,
+                 align_weights: dict[str, float], resumed_at: int | None) -> None:
+    """The run header (stderr): recipe in one line, and how the alignment loss acts in this run."""
+    head = (f"chtsl train · {config.method} · preset {args.preset} · s_total {config.chtsl['s_total']:.4f} · "
+            f"{trainable:,} trainable linear params · {args.steps} steps · batch {args.batch_size} × seq "
+            f"{args.seq_len} (micro-batch {args.micro_batch_size}) · lr {args.lr:g} · seed {args.seed}")
+    if resumed_at is not None:
+        head += f" · resumed at step {resumed_at}"
+    err_console.print(head, highlight=False, soft_wrap=True)
+    if align_weights:
+        by_weight: dict[float, list[str]] = {}
+        for kind, w in align_weights.items():
+            by_weight.setdefault(w, []).append(kind.removesuffix("_proj"))
+        parts = ", ".join(f"{w:.3g} ({'/'.join(k)})" for w, k in by_weight.items())
+        err_console.print(f"alignment: λ = {lam:g} on Σ_l ||S_l − L_l||_F/(B·N_l), B = micro-batch "
+                          f"{args.micro_batch_size}, N_l = {args.seq_len}·out_l: effective weight λ/√(B·N_l) "
+                          f"on RMS(S_l − L_l) = {parts}", highlight=False, soft_wrap=True)
+    elif hybrid:
+        err_console.print(f"alignment: not optimised by {config.method}; its value is logged every "
+                          f"{args.ocr_every} steps with OCR and cosine", highlight=False, soft_wrap=True)
 
 
 def _density(model: torch.nn.Module) -> float:
