@@ -98,12 +98,13 @@ _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def parse_dtype(value: str, choices: tuple[str, ...] = DTYPES) -> str:
+def parse_dtype(value: str, choices: tuple[str, ...] = DTYPES, what: str = "dtype") -> str:
     """The canonical name (`fp32`, `bf16`, `fp16`, or `auto` when in `choices`) of a `--dtype`
-    value; `float32`/`bfloat16`/`float16` are read as their short names. ChtslError otherwise."""
+    value; `float32`/`bfloat16`/`float16` are read as their short names. ChtslError otherwise
+    ("unknown `what` ...")."""
     name = _DTYPE_ALIASES.get(value, value)
     if name not in choices:
-        raise ChtslError(f"unknown dtype {value!r}; valid: {', '.join(choices)}")
+        raise ChtslError(f"unknown {what} {value!r}; valid: {', '.join(choices)}")
     return name
 
 

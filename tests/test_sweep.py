@@ -360,7 +360,8 @@ def test_alignment_value_of_every_hybrid_layer() -> None:
 
 def test_effective_alignment_weight_in_header(capsys) -> None:
     from chtsl_infer.presets import build_config
-    from train.args import TrainArgs, effective_align_weights, print_header, resolve_args
+    from train.args import TrainArgs, resolve_args
+    from train.trainer import effective_align_weights, print_header
 
     w = effective_align_weights(0.3, 4, 32, {"model.layers.0.self_attn.q_proj": 128,
                                              "model.layers.0.mlp.up_proj": 344})

@@ -95,7 +95,7 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
     r = TrainArgs(**values)
     if r.steps < 1 or r.lr <= 0 or r.warmup < 0:
         raise ChtslError("--steps and --lr must be positive and --warmup >= 0")
-    r.dtype = parse_dtype(r.dtype, ("auto", "fp32", "bf16"))
+    r.dtype = parse_dtype(r.dtype, ("auto", "fp32", "bf16"), what="--dtype")
     if r.stop_at is not None and not 1 <= r.stop_at <= r.steps:
         raise ChtslError(f"--stop-at must be in [1, {r.steps}]")
     return r
