@@ -3,8 +3,10 @@
 Each decoder block's seven linears become four `FusedLinears` groups — (q, k, v), (o), (gate, up),
 (down) — because linears of one group read the same input: one call computes every member at once
 (one sparse kernel over the concatenated CSR rows, one GEMM with the concatenated A factors).
-`Runtime.logits` (scoring, bench, perplexity) runs the blocks feature-major (`feature_major.py`);
-`generate()` keeps transformers' modules and KV cache, where each member returns its slice.
+`Runtime.logits` (scoring, bench, perplexity) and `Runtime.generate` / `decode_step` (a
+preallocated KV cache) run the blocks feature-major (`feature_major.py`), calling each group
+directly; transformers' own forward (`runtime.model(...)`) still works, each member returning its
+slice of the group's output.
 
 Per group, `y = S x + scale · B σ(A x)`:
   S x        `dense`: S densified once at load, one GEMM (the reference); method `dense` always so;
@@ -312,39 +314,77 @@ class Runtime:
         assert self.model is not None
         return feature_major.logits(self.model, input_ids.to(self.device), out=out, workspace=self.workspace)
 
+    def new_cache(self, batch: int, capacity: int) -> Any:
+        """An empty KV cache for `batch` sequences of up to `capacity` tokens (see `decode_step`).
+
+        Torch backends: a preallocated `feature_major.KVCache`; `onnx`: an `OnnxCache` (the graph's
+        `past_key_values` tensors), or None for a graph exported without a cache.
+        """
+        if capacity > self.config.max_position_embeddings:
+            raise UserError(f"{capacity} positions exceed the model's {self.config.max_position_embeddings}")
+        if self.session is not None:
+            from export.onnx_cache import OnnxCache
+
+            return OnnxCache.empty(self.session, self.config, batch) if OnnxCache.has_cache(self.session) else None
+        assert self.model is not None
+        return feature_major.new_cache(self.model, batch, capacity)
+
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, cache: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Feeds input_ids (batch, seq) after the cached tokens: the last position's logits (batch, vocab).
+
+        seq is the prompt's length at prefill, 1 per decoded token. The cache advances by seq.
+        `cache` None (an ONNX graph without a cache): `input_ids` must be the whole sequence so far.
+        """
+        if self.session is not None:
+            if cache is None:
+                last = self.logits(input_ids)[:, -1]
+            else:
+                last = cache.step(self.session, input_ids.cpu())
+            return last if out is None else out.copy_(last)
+        assert self.model is not None
+        return feature_major.forward(self.model, input_ids.to(self.device), cache=cache, last_only=True, out=out,
+                                     workspace=self.workspace)
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  streamer: Any = None, eos_token_id: int | None = None) -> torch.Tensor:
-        """(1, prompt) -> (1, prompt + new) tokens; greedy when temperature is 0, else sampled.
+        """(batch, prompt) -> (batch, prompt + new) tokens; greedy when temperature is 0, else sampled.
 
-        Torch backends use transformers' `generate()` with its KV cache; `onnx` recomputes the
-        whole sequence per token (the exported graph has no cache inputs).
+        One prefill, then one `decode_step` per token with a KV cache (preallocated for the torch
+        backends; the graph's `past_key_values` for `onnx`). Greedy output is transformers'
+        `generate()`'s, token for token. With `eos_token_id`, a finished sequence continues with
+        eos (transformers' padding, pad = eos) and decoding stops once every sequence has finished.
         """
-        if self.model is not None:
-            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, streamer=streamer,
-                                          eos_token_id=eos_token_id, pad_token_id=eos_token_id)
-            if temperature > 0:
-                kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-            return self.model.generate(input_ids.to(self.device), **kwargs).cpu()
-        ids = input_ids.cpu()
+        ids = input_ids.to(self.device)
+        batch, prompt = ids.shape
         if streamer is not None:
-            streamer.put(ids)
+            streamer.put(ids.cpu())
+        cache = self.new_cache(batch, prompt + max_new_tokens)
+        out = torch.empty(batch, prompt + max_new_tokens, dtype=ids.dtype, device=self.device)
+        out[:, :prompt] = ids
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        feed = ids
+        length = prompt
         for _ in range(max_new_tokens):
-            last = self.logits(ids)[:, -1].float()
+            last = self.decode_step(feed if cache is not None else out[:, :length], cache).float().to(self.device)
             if temperature > 0:
                 nxt = torch.multinomial(F.softmax(last / temperature, dim=-1), 1)
             else:
                 nxt = last.argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill_(done[:, None], eos_token_id)
+                done |= nxt[:, 0] == eos_token_id
+            out[:, length:length + 1] = nxt
+            length += 1
+            feed = nxt
             if streamer is not None:
-                streamer.put(nxt)
-            if eos_token_id is not None and int(nxt) == eos_token_id:
+                streamer.put(nxt.cpu())
+            if eos_token_id is not None and bool(done.all()):
                 break
         if streamer is not None:
             streamer.end()
-        return ids
+        return out[:, :length].cpu()
 
 
 def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.device = "cpu",

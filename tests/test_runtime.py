@@ -131,15 +131,52 @@ def test_feature_major_forward_with_grouped_query_attention() -> None:
         torch.testing.assert_close(from_packed(pack_model(model), backend).logits(ids), reference, atol=ATOL, rtol=0)
 
 
-def test_generate_matches_training_model_greedy() -> None:
-    model = _model("chtsl")
-    prompt = _ids(1, 6, seed=5)
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_generate_matches_transformers_generate_greedy(method: str) -> None:
+    """The lean KV-cache path (prefill + one-token steps) decodes what transformers' generate() does."""
+    model = _model(method, num_key_value_heads=2)  # GQA: the cache holds fewer heads than the queries
+    prompt = _ids(2, 6, seed=5)
     with torch.no_grad():
-        want = model.generate(prompt, max_new_tokens=8, do_sample=False, temperature=None, top_p=None,
+        want = model.generate(prompt, max_new_tokens=12, do_sample=False, temperature=None, top_p=None,
                               top_k=None, pad_token_id=0)
     for backend in ("dense", "sparse"):
-        got = from_packed(pack_model(model), backend).generate(prompt, max_new_tokens=8)
+        got = from_packed(pack_model(model), backend).generate(prompt, max_new_tokens=12)
         assert torch.equal(got, want), backend
+
+
+def test_decode_steps_match_full_forward_logits() -> None:
+    """Prefill, a 3-token chunk after cached tokens, then single tokens: each position's logits are the
+    full forward's, and the cache is written in place (no re-allocation)."""
+    model = _model("chtsl")
+    ids = _ids(2, 14, seed=9)
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=False).logits
+    for backend in ("dense", "sparse"):
+        rt = from_packed(pack_model(model), backend)
+        cache = rt.new_cache(2, 16)
+        pointers = [t.data_ptr() for t in cache.key]
+        torch.testing.assert_close(rt.decode_step(ids[:, :8], cache), reference[:, 7], atol=ATOL, rtol=0)
+        torch.testing.assert_close(rt.decode_step(ids[:, 8:11], cache), reference[:, 10], atol=ATOL, rtol=0)
+        for t in range(11, 14):
+            out = torch.empty(2, rt.config.vocab_size)
+            assert rt.decode_step(ids[:, t:t + 1], cache, out=out).data_ptr() == out.data_ptr()
+            torch.testing.assert_close(out, reference[:, t], atol=ATOL, rtol=0)
+        assert cache.length == 14 and [t.data_ptr() for t in cache.key] == pointers
+        with pytest.raises(ValueError, match="do not fit"):
+            rt.decode_step(ids[:, :3], cache)  # 14 + 3 > 16
+
+
+def test_generate_stops_at_eos_and_pads_finished_sequences() -> None:
+    model = _model("chtsl")
+    rt = from_packed(pack_model(model), "sparse")
+    prompt = _ids(2, 5, seed=2)
+    free = rt.generate(prompt, max_new_tokens=10)
+    eos = int(free[0, 7])  # the first sequence's third new token
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=10, do_sample=False, temperature=None, top_p=None,
+                              top_k=None, eos_token_id=eos, pad_token_id=eos)
+    got = rt.generate(prompt, max_new_tokens=10, eos_token_id=eos)
+    assert torch.equal(got, want)
 
 
 def test_random_packed_has_the_configured_links_and_saves_memory() -> None:
