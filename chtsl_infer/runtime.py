@@ -309,7 +309,10 @@ class Runtime:
         into, e.g. one buffer reused by a serving or benchmark loop (saves re-faulting its pages).
         """
         if self.session is not None:
-            logits = torch.from_numpy(self.session.run(["logits"], {"input_ids": input_ids.cpu().numpy()})[0])
+            if OnnxCache.has_cache(self.session):  # a graph with past_key_values: start from an empty cache
+                logits = OnnxCache.empty(self.session, input_ids.shape[0]).run(self.session, input_ids.cpu())
+            else:
+                logits = torch.from_numpy(self.session.run(["logits"], {"input_ids": input_ids.cpu().numpy()})[0])
             return logits if out is None else out.copy_(logits)
         assert self.model is not None
         return feature_major.logits(self.model, input_ids.to(self.device), out=out, workspace=self.workspace)
@@ -323,9 +326,7 @@ class Runtime:
         if capacity > self.config.max_position_embeddings:
             raise UserError(f"{capacity} positions exceed the model's {self.config.max_position_embeddings}")
         if self.session is not None:
-            from export.onnx_cache import OnnxCache
-
-            return OnnxCache.empty(self.session, self.config, batch) if OnnxCache.has_cache(self.session) else None
+            return OnnxCache.empty(self.session, batch) if OnnxCache.has_cache(self.session) else None
         assert self.model is not None
         return feature_major.new_cache(self.model, batch, capacity)
 
@@ -340,7 +341,7 @@ class Runtime:
             if cache is None:
                 last = self.logits(input_ids)[:, -1]
             else:
-                last = cache.step(self.session, input_ids.cpu())
+                last = cache.run(self.session, input_ids.cpu())[:, -1]
             return last if out is None else out.copy_(last)
         assert self.model is not None
         return feature_major.forward(self.model, input_ids.to(self.device), cache=cache, last_only=True, out=out,
@@ -385,6 +386,55 @@ class Runtime:
         if streamer is not None:
             streamer.end()
         return out[:, :length].cpu()
+
+
+@dataclass
+class OnnxCache:
+    """The KV cache of an ONNX graph exported with `past_key_values` inputs (`export.onnx`).
+
+    `past`: the graph's `past_key_values.{i}.key/value` feeds, (batch, kv_heads, length, head_dim)
+    float32 arrays — the previous call's `present` outputs; onnxruntime allocates new ones each
+    call (the graph concatenates), as with any Optimum-exported decoder.
+    """
+
+    past: dict[str, Any]
+    batch: int
+    length: int = 0
+
+    @staticmethod
+    def has_cache(session: Any) -> bool:
+        """Whether the session's graph takes `past_key_values` (older exports take input_ids only)."""
+        return any(i.name.startswith("past_key_values.") for i in session.get_inputs())
+
+    @classmethod
+    def empty(cls, session: Any, batch: int) -> OnnxCache:
+        """Zero-length past tensors for `batch` sequences, shaped from the graph's input types."""
+        import numpy as np
+
+        past = {}
+        for i in session.get_inputs():
+            if i.name.startswith("past_key_values."):
+                _, kv_heads, _, head_dim = i.shape
+                past[i.name] = np.zeros((batch, kv_heads, 0, head_dim), dtype=np.float32)
+        return cls(past, batch)
+
+    def run(self, session: Any, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feeds input_ids (batch, seq) after the cached positions: logits (batch, seq, vocab); advances."""
+        import numpy as np
+
+        batch, seq = input_ids.shape
+        if batch != self.batch:
+            raise ValueError(f"a cache of {self.batch} sequences was fed {batch}")
+        positions = np.arange(self.length, self.length + seq, dtype=np.int64)
+        feeds = {"input_ids": input_ids.numpy().astype(np.int64, copy=False),
+                 "attention_mask": np.ones((batch, self.length + seq), dtype=np.int64),
+                 "position_ids": np.ascontiguousarray(np.broadcast_to(positions, (batch, seq))), **self.past}
+        names = [o.name for o in session.get_outputs()]
+        outputs = session.run(names, feeds)
+        self.past = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(names, outputs, strict=True)
+                     if n.startswith("present.")}
+        self.length += seq
+        return torch.from_numpy(outputs[names.index("logits")])
 
 
 def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.device = "cpu",

@@ -88,6 +88,33 @@ def test_onnx_backend_matches_dense_backend(method: str, tmp_path: Path) -> None
     torch.testing.assert_close(onnx_logits, dense, atol=ATOL, rtol=0)
 
 
+def test_onnx_backend_generates_with_the_graphs_kv_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`chtsl export`'s graph (past_key_values in, present out): greedy generation equals the torch
+    backends', feeding one token per step after the prefill (no quadratic recompute)."""
+    pytest.importorskip("onnxruntime")
+    from chtsl_infer.runtime import OnnxCache
+    from export.onnx import export_onnx
+
+    model = _model("chtsl", num_hidden_layers=1)
+    export_onnx(model, tmp_path / "model.onnx")
+    model.config.save_pretrained(tmp_path)
+    rt = load_runtime(tmp_path, "onnx")
+    fed: list[int] = []
+    original = OnnxCache.run
+
+    def spy(self: OnnxCache, session, input_ids: torch.Tensor) -> torch.Tensor:
+        fed.append(input_ids.shape[1])
+        return original(self, session, input_ids)
+
+    monkeypatch.setattr(OnnxCache, "run", spy)
+    prompt = _ids(2, 6, seed=5)
+    got = rt.generate(prompt, max_new_tokens=7)
+    assert fed == [6] + [1] * 6
+    assert torch.equal(got, from_packed(pack_model(model), "sparse").generate(prompt, max_new_tokens=7))
+    ids = _ids(3, 21)
+    torch.testing.assert_close(rt.logits(ids), from_packed(pack_model(model), "dense").logits(ids), atol=ATOL, rtol=0)
+
+
 def test_fused_group_computes_once_per_input(monkeypatch: pytest.MonkeyPatch) -> None:
     rt = from_packed(pack_model(_model("chtsl")), "sparse")
     calls: list[int] = []
