@@ -368,8 +368,10 @@ def bench_command(
             raise UserError(f"unknown backend {b!r}; valid: {', '.join(BACKENDS)}")
         if b == "onnx" and ckpt is None:
             raise UserError("backend 'onnx' needs an export directory with model.onnx as CKPT")
-        if b == "sparse" and device == "cpu" and dtype != "float32":
-            raise UserError("backend 'sparse' on CPU computes in float32; use --dtype float32")
+        if b in ("sparse", "auto") and device == "cpu" and dtype == "float16":
+            raise UserError("backend 'sparse' on CPU computes in float32 or bfloat16; use --dtype float32|bfloat16")
+        if b == "onnx" and dtype != "float32":
+            raise UserError("backend 'onnx' runs the exported float32 graph; use --dtype float32")
     for m in _split(compare):
         if m not in METHODS:
             raise UserError(f"unknown method {m!r} in --compare; valid: {', '.join(METHODS)}")

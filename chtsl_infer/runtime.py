@@ -79,8 +79,9 @@ class FusedLinears(nn.Module):
                 self.cuda_csr = torch.sparse_csr_tensor(
                     crow_t.to(torch.int32), col.to(torch.int32), values.to(dtype),
                     size=(self.offsets[-1], self.in_features), device=device)
-            else:  # the C kernel reads int32 row pointers, int16/int32 columns, fp32 values
-                crow_s, col_s, values_s, rows = kernels.sort_rows(crow_t.to(torch.int32), col, values.float())
+            else:  # the C kernel reads int32 row pointers, int16/int32 columns, fp32 or bf16 values
+                values = values.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+                crow_s, col_s, values_s, rows = kernels.sort_rows(crow_t.to(torch.int32), col, values)
                 self.register_buffer("crow", crow_s)  # rows stored by link count (see kernels.sort_rows)
                 self.register_buffer("col", col_s)
                 self.register_buffer("values", values_s)
@@ -112,7 +113,7 @@ class FusedLinears(nn.Module):
         if self.sparse:
             if self.cuda_csr is not None:
                 y = out.copy_(kernels.spmm_cuda(x, self.cuda_csr))
-            elif x.dtype == torch.float32:
+            elif x.dtype == self.values.dtype:  # fp32, or bf16 with fp32 accumulation
                 y = kernels.spmm_cpu(x, self.crow, self.col, self.values, out=out, rows=self.rows)
             else:
                 y = out.copy_(kernels.spmm_cpu(x.float(), self.crow, self.col, self.values, rows=self.rows))
@@ -448,8 +449,9 @@ def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.
     if backend == "onnx":
         raise UserError("backend 'onnx' needs an export directory with model.onnx "
                         "(run `chtsl export CKPT --format onnx`)")
-    if backend == "sparse" and device.type == "cpu" and dtype != torch.float32:
-        raise UserError("backend 'sparse' on CPU computes in float32; use --dtype float32 or --backend dense")
+    if backend == "sparse" and device.type == "cpu" and dtype not in (torch.float32, torch.bfloat16):
+        raise UserError("backend 'sparse' on CPU computes in float32 or bfloat16; use --dtype float32|bfloat16 "
+                        "or --backend dense")
     model = build_model(packed, backend, device, dtype, consume=consume)
     if device.type == "cpu":  # after the build: its freed packed tensors go back to the OS
         keep_freed_heap()

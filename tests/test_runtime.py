@@ -259,3 +259,26 @@ def test_tied_embeddings_share_storage() -> None:
     ids = _ids(1, 9)
     with torch.no_grad():
         torch.testing.assert_close(rt.logits(ids), model(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["chtsl", "chts", "dense"])
+def test_bfloat16_cpu_backends_within_1e2_of_fp32(method: str) -> None:
+    """--dtype bfloat16 on CPU: bf16 weights and activations (sparse: the bf16 kernel, fp32 sums);
+    ‖Δlogits‖/‖logits‖ ≤ 1e-2 vs fp32, for full forwards and for KV-cache decoding steps."""
+    model = _model(method)
+    ids = _ids(2, 21)
+    reference = from_packed(pack_model(model), "dense").logits(ids)
+    for backend in ("sparse", "dense"):
+        rt = from_packed(pack_model(model), backend, dtype=torch.bfloat16)
+        if backend == "sparse" and method != "dense":
+            group = rt.model.model.layers[0].self_attn.q_proj.group
+            assert group.values.dtype == torch.bfloat16 and rt.model.lm_head.weight.dtype == torch.bfloat16
+        got = rt.logits(ids)
+        assert got.dtype == torch.bfloat16
+        rel = torch.linalg.vector_norm(got.float() - reference) / torch.linalg.vector_norm(reference)
+        assert rel <= 1e-2, (backend, float(rel))
+        cache = rt.new_cache(2, 21)
+        steps = [rt.decode_step(ids[:, :18], cache)] + [rt.decode_step(ids[:, t:t + 1], cache) for t in range(18, 21)]
+        got = torch.stack(steps[:-1], dim=1).float()
+        want = reference[:, 17:20]
+        assert torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want) <= 1e-2, backend
