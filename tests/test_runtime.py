@@ -247,7 +247,7 @@ def test_bad_input_is_a_user_error(tiny_checkpoint: Path, tmp_path: Path) -> Non
     with pytest.raises(UserError, match="not found"):
         load_runtime(tmp_path / "missing", "dense")
     with pytest.raises(UserError, match="float32"):
-        from_packed(random_packed(tiny_config()), "sparse", dtype=torch.bfloat16)
+        from_packed(random_packed(tiny_config()), "sparse", dtype=torch.float16)
     with pytest.raises(UserError, match="needs an export directory"):
         from_packed(random_packed(tiny_config()), "onnx")
 
