@@ -25,6 +25,7 @@ the CPU fallback when no C compiler works.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -188,5 +189,5 @@ def csr_linear(x: torch.Tensor, values: torch.Tensor, structure: CsrStructure) -
     if values.shape != (structure.nnz,):
         raise ValueError(f"csr_linear: values must have shape ({structure.nnz},), got {tuple(values.shape)}")
     lead = x.shape[:-1]
-    y = _CsrLinear.apply(x.reshape(-1, structure.n_cols), values, structure)
+    y = _CsrLinear.apply(x.reshape(math.prod(lead), structure.n_cols), values, structure)
     return y.reshape(*lead, structure.n_rows)

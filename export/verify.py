@@ -11,6 +11,9 @@ Each export is run on batches of shapes not used at export time (the ONNX graph 
                     sequences (empty cache) and, with the KV cache, for a prefill of
                     `CACHED_PROMPT` tokens then `DECODE_STEPS` one-token steps each fed the previous
                     step's `present` tensors (every step's logits against the full forward's)
+  runtime (`--device`)  the packed file through the inference runtime's dense and sparse backends
+                    (fused groups, feature-major forward; cuSPARSE on CUDA) in fp32 on that device:
+                    max |Δlogits| ≤ 1e-4 for an fp32 file, else the packed fp16/bf16 bound
 """
 
 from __future__ import annotations
@@ -90,6 +93,27 @@ def verify_packed(path: str | Path, batches: list[torch.Tensor], refs: list[torc
         _compare("packed", runtime, ids, ref, model(input_ids=ids, use_cache=False).logits, metric, tol)
         for ids, ref in zip(batches, refs, strict=True)
     ]
+
+
+@torch.no_grad()
+def verify_runtime(directory: str | Path, batches: list[torch.Tensor], refs: list[torch.Tensor],
+                   device: str | torch.device) -> list[Check]:
+    """Loads the packed export in `directory` with the runtime's torch backends on `device` (fp32)
+    and compares their logits with the references (computed on CPU)."""
+    from chtsl_infer.packed import WEIGHTS_NAME, load_packed
+    from chtsl_infer.runtime import load_runtime
+
+    exact = load_packed(Path(directory) / WEIGHTS_NAME).dtype == torch.float32
+    metric, tol = ("max_abs", TOL_ONNX) if exact else ("rel", TOL_PACKED_REL)
+    device = torch.device(device)
+    checks = []
+    for backend in ("dense", "sparse"):
+        rt = load_runtime(directory, backend, device, torch.float32)
+        for ids, ref in zip(batches, refs, strict=True):
+            checks.append(_compare("packed", f"runtime {backend} {device.type}", ids, ref, rt.logits(ids).cpu(),
+                                   metric, tol))
+        del rt
+    return checks
 
 
 def verify_onnx(path: str | Path, batches: list[torch.Tensor], refs: list[torch.Tensor]) -> list[Check]:

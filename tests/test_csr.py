@@ -91,6 +91,18 @@ def test_no_links_and_no_tokens() -> None:
     assert not values.grad.any() and x.grad.shape == (0, 5)
 
 
+@pytest.mark.parametrize("shape", [(5, 0), (0, 4), (0, 0)])
+def test_degenerate_shapes(shape) -> None:
+    """No columns and/or no rows: a zero (…, out) output, zero-size gradients, no kernel errors."""
+    st = CsrStructure.from_mask(torch.zeros(*shape, dtype=torch.bool))
+    x = torch.randn(2, 3, shape[1], requires_grad=True)
+    values = torch.zeros(0, requires_grad=True)
+    y = csr_linear(x, values, st)
+    assert y.shape == (2, 3, shape[0]) and not y.any()
+    y.sum().backward()
+    assert x.grad.shape == x.shape and not x.grad.any() and values.grad.shape == (0,)
+
+
 def test_x_without_grad_and_values_without_grad() -> None:
     gen = torch.Generator().manual_seed(3)
     mask = _mask(20, 30, 0.2, gen)
