@@ -207,3 +207,49 @@ def spmm_reference(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, value
     w = torch.zeros(n_out, n_in, dtype=values.dtype)
     w[rows, col.long()] = values
     return w @ x
+
+
+# --- Training kernels (token-major, differentiable through chtsl_infer.csr.csr_linear) ---------------
+
+def _csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """A `torch.sparse_csr_tensor` view of a CSR triple (int32 indices are kept: cuSPARSE's own type)."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=(crow.numel() - 1, n_cols), check_invariants=False)
+
+
+def csr_mm_torch(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                 n_rows: int) -> torch.Tensor:
+    """`x Aᵀ` with torch's sparse CSR matmul (cuSPARSE on CUDA, MKL on CPU): x (N, K) -> (N, n_rows)."""
+    n_tok, n_cols = x.shape
+    if n_tok == 0 or n_rows == 0 or col.numel() == 0:
+        return torch.zeros(n_tok, n_rows, dtype=x.dtype, device=x.device)
+    a = _csr_tensor(crow, col, values, n_cols)
+    return (a @ x.t()).t().contiguous()
+
+
+def csr_sddmm_torch(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                    n_cols: int) -> torch.Tensor:
+    """`(dyᵀ x)` at the CSR's positions with `torch.sparse.sampled_addmm`: dy (N, R), x (N, K) -> (nnz,)."""
+    nnz = col.numel()
+    if nnz == 0 or dy.shape[0] == 0:
+        return torch.zeros(nnz, dtype=dy.dtype, device=dy.device)
+    pattern = _csr_tensor(crow, col, torch.zeros(nnz, dtype=dy.dtype, device=dy.device), n_cols)
+    return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
+
+
+def csr_mm(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+           n_rows: int) -> torch.Tensor:
+    """`y = x Aᵀ`, token-major: x (N, K), A (n_rows × K) a CSR triple (int32 indices) -> y (N, n_rows).
+
+    Used as `y = x Sᵀ` (forward) and, on the transposed structure, `dx = dy S` (backward).
+    """
+    return csr_mm_torch(x, crow, col, values, n_rows)
+
+
+def csr_sddmm(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """SDDMM, token-major: out[k] = Σ_n dy[n, row_k] · x[n, col_k] over the CSR's links -> (nnz,).
+
+    dy (N, n_rows), x (N, n_cols): the gradient of `x Sᵀ` with respect to S's values.
+    """
+    return csr_sddmm_torch(dy, x, crow, col, n_cols)
