@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except UserError as e:
         error_exit(escape(str(e)))
-    if isinstance(code, int) and code:
-        sys.exit(code)
+    sys.exit(code if isinstance(code, int) else 0)  # as Click's standalone mode: always SystemExit
 
 
 if __name__ == "__main__":

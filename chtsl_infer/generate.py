@@ -33,7 +33,7 @@ def generate_command(
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise UserError(f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+        raise UserError(f"--temperature must be >= 0 and finite (0: greedy), got {temperature}")
     if device not in ("cpu", "cuda"):
         raise UserError(f"unknown device {device!r}; valid: cpu, cuda")
     if device == "cuda" and not torch.cuda.is_available():
