@@ -17,6 +17,15 @@ Without a working compiler, `spmm_cpu` falls back to torch's CSR matmul (correct
 `cpu_kernel_status()` says why.
 
 CUDA (`spmm_cuda`): torch's CSR matmul (cuSPARSE).
+
+Training (`csr_mm`, `csr_sddmm`; used by `chtsl_infer.csr.csr_linear`): token-major activations
+(N, in), as the trainer holds them. `csr_mm` is `x Aᵀ` (the forward on S, dx on its transpose) and
+`csr_sddmm` the values' gradient at the links. CPU float32: the C kernels in `csrc/csr_train.c`,
+built into the same library as `spmm.c`; otherwise (CUDA, float64, no compiler) torch's sparse CSR
+ops — `@` (cuSPARSE SpMM on CUDA) and `torch.sparse.sampled_addmm` (cuSPARSE SDDMM). Measured on
+one loaded AMD EPYC (AVX2) core at 512 tokens and 5 % density (`benchmarks/train_kernels.py`):
+each of the three takes 0.05–0.06× the dense layer's forward + backward, the three together
+0.15–0.18×, where the torch ops take 0.6×.
 """
 
 from __future__ import annotations
@@ -34,8 +43,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "spmm.c"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("spmm.c", "csr_train.c"))  # one library
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
+MM_TILE = 32  # tokens per tile of csr_mm_tm (training forward and dx): 4 × 2 AVX2 accumulators, measured best
+SDDMM_TILE = 64  # tokens per tile of csr_sddmm_tm, while its (in × tile) buffer fits SDDMM_TILE_BYTES, else 32
+SDDMM_TILE_BYTES = 256 << 10  # half of a 512 KiB L2
 GATHER_BELOW = 3  # fewer tokens: per-token gather loop, else 16-token vectors (measured crossover: 2–4)
 FLAG_SETS = (  # tried in order until one compiles
     ("-O3", "-march=native", "-fopenmp"),
@@ -62,7 +74,7 @@ def _cache_dir() -> Path:
 
 def _compile() -> tuple[ctypes.CDLL | None, str]:
     """(library, how it was built) or (None, why not)."""
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         return None, f"no C compiler: {compiler!r} not found (set CC)"
@@ -76,7 +88,8 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename:
                     tmp_lib = Path(tmp) / target.name  # concurrent first uses never load a partial file
-                    run = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(tmp_lib), str(SOURCE)],
+                    run = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(tmp_lib),
+                                          *map(str, SOURCES)],
                                          capture_output=True, text=True, timeout=120)
                     if run.returncode != 0:
                         errors.append(f"{compiler} {' '.join(flags)}: {run.stderr.strip().splitlines()[-1:]}")
@@ -94,6 +107,12 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
         for fn in (lib.spmm_i16, lib.spmm_i32):
             fn.argtypes = [p, lng, i, i, p, p, p, p, p, lng, i, i, i, i]
             fn.restype = i
+        lib.csr_mm_tm.argtypes = [p, lng, i, i, p, p, p, i, p, lng, i, i, i]
+        lib.csr_mm_tm.restype = i
+        lib.csr_sddmm_tm.argtypes = [p, lng, p, lng, i, i, i, p, p, p, i, i]
+        lib.csr_sddmm_tm.restype = i
+        lib.csr_transpose.argtypes = [p, p, i, i, p, p, p]
+        lib.csr_transpose.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
 
@@ -235,7 +254,34 @@ def csr_sddmm_torch(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: 
     if nnz == 0 or dy.shape[0] == 0:
         return torch.zeros(nnz, dtype=dy.dtype, device=dy.device)
     pattern = _csr_tensor(crow, col, torch.zeros(nnz, dtype=dy.dtype, device=dy.device), n_cols)
-    return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
+    return torch.sparse.sampled_addmm(pattern, dy.t().contiguous(), x.contiguous(), beta=0.0).values()
+
+
+def train_tile(n_tok: int) -> int:
+    """Tokens per feature-major tile of the training kernels: 16, 32 or 64 (the smallest covering n_tok, at most 64)."""
+    return 16 if n_tok <= 16 else 32 if n_tok <= 32 else MM_TILE
+
+
+def sddmm_tile(n_tok: int, n_cols: int) -> int:
+    """Tokens per tile of csr_sddmm_tm: 16 or 32 for short inputs, SDDMM_TILE while (n_cols × tile) fp32 fits
+    SDDMM_TILE_BYTES, else 32."""
+    if n_tok <= 16:
+        return 16
+    if n_tok <= 32 or n_cols * SDDMM_TILE * 4 > SDDMM_TILE_BYTES:
+        return 32
+    return SDDMM_TILE
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t` (2-D) itself if its rows are contiguous (what the C kernels read), else a contiguous copy."""
+    return t if t.stride(1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
+
+
+def _use_compiled(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The compiled library if every operand is a CPU float32 tensor and it could be built, else None."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return None
+    return _library()[0]
 
 
 def csr_mm(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
@@ -243,13 +289,67 @@ def csr_mm(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch
     """`y = x Aᵀ`, token-major: x (N, K), A (n_rows × K) a CSR triple (int32 indices) -> y (N, n_rows).
 
     Used as `y = x Sᵀ` (forward) and, on the transposed structure, `dx = dy S` (backward).
+    CPU float32: the compiled `csr_mm_tm` (`csrc/csr_train.c`); otherwise (CUDA, float64, no
+    compiler) torch's sparse CSR matmul.
     """
-    return csr_mm_torch(x, crow, col, values, n_rows)
+    lib = _use_compiled(x, values)
+    if lib is None:
+        return csr_mm_torch(x, crow, col, values, n_rows)
+    n_tok, n_cols = x.shape
+    y = torch.empty(n_tok, n_rows, dtype=torch.float32)
+    if n_tok == 0 or n_rows == 0 or col.numel() == 0:
+        return y.zero_()
+    x = _rows_contiguous(x)
+    threads = torch.get_num_threads()
+    tile = train_tile(n_tok)
+    n_tiles = -(-n_tok // tile)
+    n_chunks = max(1, -(-2 * threads // n_tiles)) if n_tiles < threads else 1  # few tokens: split rows
+    crow, col, values = crow.contiguous(), col.contiguous(), values.contiguous()
+    if lib.csr_mm_tm(x.data_ptr(), x.stride(0), n_tok, n_cols, crow.data_ptr(), col.data_ptr(), values.data_ptr(),
+                     n_rows, y.data_ptr(), y.stride(0), tile, n_chunks, threads):
+        raise MemoryError("csr_mm: could not allocate the kernel's tile buffers")
+    return y
 
 
 def csr_sddmm(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, n_cols: int) -> torch.Tensor:
     """SDDMM, token-major: out[k] = Σ_n dy[n, row_k] · x[n, col_k] over the CSR's links -> (nnz,).
 
     dy (N, n_rows), x (N, n_cols): the gradient of `x Sᵀ` with respect to S's values.
+    CPU float32: the compiled `csr_sddmm_tm`; otherwise `torch.sparse.sampled_addmm`.
     """
-    return csr_sddmm_torch(dy, x, crow, col, n_cols)
+    lib = _use_compiled(dy, x)
+    if lib is None:
+        return csr_sddmm_torch(dy, x, crow, col, n_cols)
+    n_tok, n_rows = dy.shape
+    out = torch.empty(col.numel(), dtype=torch.float32)
+    dy, x = _rows_contiguous(dy), _rows_contiguous(x)
+    crow, col = crow.contiguous(), col.contiguous()
+    if lib.csr_sddmm_tm(dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), n_tok, n_rows, n_cols,
+                        crow.data_ptr(), col.data_ptr(), out.data_ptr(), sddmm_tile(n_tok, n_cols),
+                        torch.get_num_threads()):
+        raise MemoryError("csr_sddmm: could not allocate the kernel's tile buffers")
+    return out
+
+
+def csr_transpose(crow: torch.Tensor, col: torch.Tensor,
+                  n_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The transposed pattern of a valid int32 CSR (n_rows × n_cols): (t_crow (n_cols+1,), t_row, t_perm (nnz,)).
+
+    Column j's entries are t_crow[j] .. t_crow[j+1]-1 with rows t_row ascending; t_perm[e] is the value
+    index of transposed entry e. int32 throughout. CPU: the compiled counting sort; else a stable argsort.
+    """
+    n_rows, nnz = crow.numel() - 1, col.numel()
+    lib = _library()[0] if crow.device.type == "cpu" else None
+    if lib is not None and crow.dtype == torch.int32 and col.dtype == torch.int32:
+        crow, col = crow.contiguous(), col.contiguous()
+        t_crow = torch.empty(n_cols + 1, dtype=torch.int32)
+        t_row, t_perm = torch.empty(nnz, dtype=torch.int32), torch.empty(nnz, dtype=torch.int32)
+        if lib.csr_transpose(crow.data_ptr(), col.data_ptr(), n_rows, n_cols, t_crow.data_ptr(), t_row.data_ptr(),
+                             t_perm.data_ptr()) == 0:
+            return t_crow, t_row, t_perm
+    rows = torch.repeat_interleave(torch.arange(n_rows, dtype=torch.int32, device=crow.device),
+                                   (crow[1:] - crow[:-1]).long())
+    perm = torch.argsort(col, stable=True)  # entries are sorted by (row, col): a stable sort by col gives (col, row)
+    t_crow = torch.zeros(n_cols + 1, dtype=torch.int64, device=crow.device)
+    torch.cumsum(torch.bincount(col.long(), minlength=n_cols), 0, out=t_crow[1:])
+    return t_crow.to(torch.int32), rows[perm].contiguous(), perm.to(torch.int32)
