@@ -212,6 +212,16 @@ def csr_matmul_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, value
     return spmm_cpu(x.t().contiguous(), crow, col, values).t().contiguous()
 
 
+def torch_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int],
+              device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """S (out, in) as a `torch.sparse_csr_tensor` for `spmm_cuda`: crow (out+1,) and col (nnz,) of any
+    integer dtype become int32 (cuSPARSE takes int32 or int64 indices, both alike; packed columns
+    may be int16), values (nnz,) the compute dtype."""
+    if crow.numel() - 1 != size[0]:
+        raise ValueError(f"torch_csr: {crow.numel() - 1} row pointers for {size[0]} rows")
+    return _csr_tensor(crow.to(device, torch.int32), col.to(device, torch.int32), values.to(device, dtype), size[1])
+
+
 def spmm_cuda(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
     """`S X` on CUDA with cuSPARSE: x (in, T), csr a (out, in) `torch.sparse_csr_tensor` -> (out, T)."""
     return csr @ x

@@ -100,3 +100,13 @@ def cli_artifacts(tmp_path_factory) -> dict[str, Path]:
             else:
                 os.environ[k] = v
     return {"corpus": corpus, "run": root / "run", "export": root / "export", "cache": cache}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip, with the reason, on machines where torch sees no CUDA device (CI)."""
+    if torch.cuda.is_available():
+        return
+    why = f"needs CUDA: torch {torch.__version__} sees no CUDA device"
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.skip(reason=why))
