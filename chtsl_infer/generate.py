@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Annotated
@@ -23,7 +24,7 @@ def generate_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (auto: cuda when available).")] = "cpu",
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
 ) -> None:
-    """Streams generated text (KV cache via transformers' generate) and prints tokens/s."""
+    """Streams generated text (prefill, then one token per step with a KV cache) and prints tokens/s."""
     import torch
     from transformers import TextStreamer
 
@@ -34,8 +35,8 @@ def generate_command(
         raise ChtslError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if max_new_tokens <= 0:
         raise ChtslError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if temperature < 0:
-        raise ChtslError(f"--temperature must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ChtslError(f"--temperature must be >= 0 and finite (0: greedy), got {temperature}")
     device = resolve_device(device)
     model_dir = resolve_model_dir(ckpt)
     tokenizer = load_tokenizer(model_dir)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from chtsl_infer.errors import ChtslError
+from chtsl_infer.errors import ChtslError, first_line
 
 WEIGHTS_NAME = "model.safetensors"
 ONNX_NAME = "model.onnx"
@@ -65,11 +65,15 @@ class ModelDir:
     def config(self):  # -> ChtslConfig
         """The model's `ChtslConfig`, read without loading any weight (the packed header's config
         for packed exports, `config.json` otherwise)."""
-        from chtsl_infer.configuration import ChtslConfig
+        from chtsl_infer.checkpoint import config_from_dict, read_config
 
         if self.packed_metadata is not None and "config" in self.packed_metadata:
-            return ChtslConfig.from_dict(json.loads(self.packed_metadata["config"]))
-        return ChtslConfig.from_json_file(str(self.path / CONFIG_NAME))
+            try:
+                raw = json.loads(self.packed_metadata["config"])
+            except json.JSONDecodeError as e:
+                raise ChtslError(f"{self.weights}: invalid config in metadata ({first_line(e)})") from None
+            return config_from_dict(raw, f"{self.weights}: the config in its metadata")
+        return read_config(self.path / CONFIG_NAME)
 
     def require_weights(self) -> ModelDir:
         """`self` when it holds safetensors weights (a checkpoint or a packed export); ChtslError
@@ -106,9 +110,10 @@ def _check_checkpoint(p: Path) -> None:
     if not config.is_file() or not (p / WEIGHTS_NAME).is_file():
         raise ChtslError(f"{p} is not a chtsl checkpoint (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, OSError, AttributeError) as e:
-        raise ChtslError(f"{config} is not readable JSON: {e}") from None
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+        raise ChtslError(f"{config} is not readable JSON ({first_line(e)})") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type != MODEL_TYPE:
         raise ChtslError(f"{p} is not a chtsl checkpoint (model_type {model_type!r}, expected {MODEL_TYPE!r})")
 

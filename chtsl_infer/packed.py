@@ -299,10 +299,14 @@ def load_packed(path: str | Path) -> PackedModel:
     dtype = DTYPES.get(metadata.get("dtype", ""))
     if dtype is None:
         raise ChtslError(f"{p}: unknown dtype {metadata.get('dtype')!r} in metadata; valid: {', '.join(DTYPES)}")
+    from chtsl_infer.checkpoint import check_finite, config_from_dict
+
     try:
-        config = ChtslConfig.from_dict(json.loads(metadata["config"]))
-    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raw = json.loads(metadata["config"])
+    except (KeyError, json.JSONDecodeError, TypeError) as e:
         raise ChtslError(f"{p}: invalid config in metadata ({first_line(e)})") from None
+    config = config_from_dict(raw, f"{p}: the config in its metadata")
+    check_finite(tensors, p)
 
     layers, dense_shapes = _expected_layout(config)
     remaining = dict(tensors)

@@ -32,7 +32,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     ends normally and removes it otherwise. The temporary name keeps `target`'s suffix (writers
     such as matplotlib pick the format from it) and the file gets the usual umask mode."""
     target = Path(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    # `.NAME.tmp-PID-…`: the process id lets `console.stale_siblings` tell a killed writer's leftover.
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", suffix=target.suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -53,7 +54,8 @@ def atomic_write_text(target: str | Path, text: str) -> None:
 def make_temp_dir(target: Path) -> Path:
     """An empty directory beside `target` (same file system, so `publish_dir` is a rename), with the
     usual umask mode; `publish_dir` or the caller's cleanup removes it."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # `.NAME.tmp-PID-…`: the process id lets `console.stale_siblings` tell a killed writer's leftover.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp creates 0700
     return tmp
 

@@ -7,7 +7,9 @@ output behind; `--force` replaces an existing output the same way.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,11 +17,12 @@ from pathlib import Path
 
 import typer
 
-from chtsl_infer.console import console, write_json
+from chtsl_infer.console import check_output_file, console, err_console, stale_siblings, write_json
 from chtsl_infer.errors import ChtslError, first_line
-from chtsl_infer.utils import make_temp_dir, parse_dtype, publish_dir, resolve_device, torch_dtype
+from chtsl_infer.utils import make_temp_dir, parse_dtype, resolve_device, torch_dtype
 
 FORMATS = ("safetensors", "onnx", "all")
+KILL_BETWEEN_RENAMES_ENV = "CHTSL_TEST_KILL_BETWEEN_RENAMES"  # test hook (see _move_into_place)
 
 
 def _human(n: int) -> str:
@@ -32,18 +35,73 @@ def _human(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def is_export_dir(path: Path) -> bool:
+    """True when `path` is a directory `chtsl export` wrote: a packed model.safetensors or a
+    model.onnx, and no trainer state (a training checkpoint is never an export)."""
+    from chtsl_infer.packed import is_packed_dir
+
+    return path.is_dir() and not (path / "trainer_state").exists() and (
+        is_packed_dir(path) or (path / "model.onnx").is_file())
+
+
 def _check_output(ckpt: Path, out: Path, force: bool) -> None:
-    """ChtslError when `out` may not be (re)written: exists without --force, or would hit `ckpt`."""
+    """ChtslError when `out` may not be (re)written: exists without --force, is not a previous export
+    (only those may be replaced), or would hit `ckpt`."""
     c, o = ckpt.resolve(), out.resolve()
     if o == c or o in c.parents:
         raise ChtslError(f"output {out} would overwrite the checkpoint {ckpt}; choose another --out")
     if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise ChtslError(f"output {out} exists and is not a directory")
         if not force:
             raise ChtslError(f"output {out} already exists; pass --force to replace it")
-        if not out.is_dir():
-            raise ChtslError(f"output {out} exists and is not a directory")
+        if not is_export_dir(out):
+            raise ChtslError(f"output {out} is not a previous export (no packed model.safetensors or model.onnx, "
+                            f"or it holds a training state); --force only replaces an export")
     if not out.parent.is_dir():
         raise ChtslError(f"cannot write to {out}: {out.parent} is not a directory")
+
+
+def recover_output(out: Path) -> str | None:
+    """Repairs what a killed export left beside `out`: a previous export moved aside by `--force`
+    (`.OUT.old-*`, when the kill fell between the two renames and `out` is gone) is moved back,
+    and temporary directories of dead exports are removed. Returns a note when it restored one."""
+    note = None
+    if not out.exists() and not out.is_symlink():
+        olds = sorted(stale_siblings(out, "old"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            olds[-1].rename(out)
+            note = f"restored the previous export {out} (an interrupted --force had moved it aside)"
+    for p in stale_siblings(out, "tmp") + stale_siblings(out, "old"):
+        shutil.rmtree(p, ignore_errors=True)
+    return note
+
+
+def _make_temp_dir(out: Path) -> Path:
+    try:
+        return make_temp_dir(out)
+    except OSError as e:
+        raise ChtslError(f"cannot write to {out.parent}: {e.strerror or e}") from None
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Renames `tmp` to `out`, replacing an existing `out` directory only once `tmp` is complete.
+    A kill between the two renames leaves `.OUT.old-PID-*`, which `recover_output` moves back."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+        os.rmdir(old)
+        out.rename(old)
+        if os.environ.get(KILL_BETWEEN_RENAMES_ENV):  # test hook: the SIGKILL-between-renames test
+            os.kill(os.getpid(), 9)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class _Stages:
@@ -89,6 +147,12 @@ def export_command(
 
     if opset < MIN_OPSET:
         raise ChtslError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    if fmt != "safetensors":
+        import onnx.defs
+
+        if opset > onnx.defs.onnx_opset_version():
+            raise ChtslError(f"--opset {opset} does not exist: the installed onnx knows opsets up to "
+                            f"{onnx.defs.onnx_opset_version()}")
     if device is not None:
         if not verify or fmt not in ("safetensors", "all"):
             raise ChtslError("--device verifies the packed safetensors: use it with --verify and --format "
@@ -98,22 +162,24 @@ def export_command(
 
     model_dir = resolve_model_dir(ckpt).require_weights()
     out = Path(out_arg) if out_arg is not None else ckpt / "export"
+    if out.parent.is_dir():
+        note = recover_output(out)
+        if note:
+            err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     _check_output(ckpt, out, force)
+    check_output_file(json_path, force)
 
     want_packed, want_onnx = fmt in ("safetensors", "all"), fmt in ("onnx", "all")
     names = ["load checkpoint"] + ["pack safetensors"] * want_packed
     names += ["export ONNX graph", "sparsify ONNX weights", "check ONNX (full_check)"] * want_onnx
     names += ["copy config + tokenizer"] + ["verify vs PyTorch"] * verify
-    try:
-        tmp = make_temp_dir(out)
-    except OSError as e:
-        raise ChtslError(f"cannot write to {out.parent}: {e.strerror or e}") from None
+    tmp = _make_temp_dir(out)
     try:
         summary, checks = _run(model_dir, tmp, names, want_packed, want_onnx, dtype, opset, verify, device)
         failed = [c for c in checks if not c.ok]
         if not failed:
             try:
-                publish_dir(tmp, out)
+                _move_into_place(tmp, out)
             except OSError as e:
                 raise ChtslError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
@@ -125,7 +191,7 @@ def export_command(
 
         console.print(checks_table(checks))
     write_json({"out": str(out), "dtype": dtype, "files": summary, "verification": [c.to_dict() for c in checks],
-                "written": not failed}, json_path)
+                "written": not failed}, json_path, force)
     if failed:
         console.print(f"[bold red]verification failed[/] ({len(failed)} of {len(checks)} checks beyond tolerance); "
                       f"nothing written to {out}")
@@ -177,7 +243,15 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
             _writing(lambda: copy_support_files(ckpt, tmp), tmp)
         if verify:
             with stages.stage("verify vs PyTorch"):
-                from export.verify import random_batches, reference_logits, verify_onnx, verify_packed, verify_runtime
+                from export.verify import (
+                    cached_batch,
+                    random_batches,
+                    reference_logits,
+                    verify_onnx,
+                    verify_onnx_cached,
+                    verify_packed,
+                    verify_runtime,
+                )
 
                 batches = random_batches(model.config.vocab_size)
                 refs = reference_logits(model, batches)
@@ -187,6 +261,8 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
                         checks += verify_runtime(tmp, batches, refs, device)
                 if want_onnx:
                     checks += verify_onnx(tmp / "model.onnx", batches, refs)
+                    ids = cached_batch(model.config.vocab_size)
+                    checks += verify_onnx_cached(tmp / "model.onnx", ids, reference_logits(model, [ids])[0])
     return summary, checks
 
 

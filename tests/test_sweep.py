@@ -19,7 +19,7 @@ import torch
 from scipy.stats import wilcoxon
 
 from chtsl_infer.cli import main
-from tests.test_train import corpus
+from tests.conftest import corpus
 from train import sweep
 
 METHODS = ("naive", "chtsl")
@@ -76,7 +76,7 @@ def env(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CHTSL_CACHE", str(cache))
+        mp.setenv("CHTSL_CACHE_DIR", str(cache))
         mp.setenv("OMP_NUM_THREADS", "1")
         yield tmp_path_factory.mktemp("sweep")
     torch.set_num_threads(n)

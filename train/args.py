@@ -8,6 +8,7 @@ setting is added or changed here only. A field whose default is None takes the p
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,13 +20,11 @@ from chtsl_infer.utils import parse_dtype
 RESUME_MUTABLE = ("out", "stop_at", "eval_every", "save_every", "ocr_every", "device", "progress", "steps")
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, cli: bool = True, preset: str | None = None,
-            zero_is_unset: bool = False) -> Any:
+def setting(default: Any, help: str, *, flag: str | None = None, cli: bool = True, preset: str | None = None) -> Any:
     """A `TrainArgs` field. `flag`: the CLI spelling when it is not `--field-name`; `cli=False`:
-    Python-only; `preset`: the `Preset` attribute filling it when None; `zero_is_unset`: 0 also
-    takes the preset's value (counts and intervals, where 0 means "not given")."""
-    return field(default=default, metadata={"help": help, "flag": flag, "cli": cli, "preset": preset,
-                                            "zero_is_unset": zero_is_unset})
+    Python-only; `preset`: the `Preset` attribute filling it when None (0 is a value, which
+    `check_args` refuses where it is meaningless)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "cli": cli, "preset": preset})
 
 
 @dataclass
@@ -38,29 +37,23 @@ class TrainArgs:
     align: str = setting("all", "Layers in the alignment loss: all|qk|others.")
     align_lambda: float | None = setting(None, "λ of the alignment loss.", preset="align_lambda")
     activation: str | None = setting(None, "Low-rank activation (the method's own when None).", cli=False)
-    steps: int | None = setting(None, "Training iterations (preset's if omitted).", preset="steps",
-                                zero_is_unset=True)
+    steps: int | None = setting(None, "Training iterations (preset's if omitted).", preset="steps")
     warmup: int | None = setting(None, "LR warm-up iterations.", preset="warmup")
     lr: float | None = setting(None, "Peak learning rate.")  # the preset's lr or dense_lr: resolve_args
     min_lr_ratio: float | None = setting(None, "Final LR / peak LR of the cosine.", cli=False, preset="min_lr_ratio")
-    batch_size: int | None = setting(None, "Global batch size in sequences.", preset="batch_size",
-                                     zero_is_unset=True)
+    batch_size: int | None = setting(None, "Global batch size in sequences.", preset="batch_size")
     micro_batch_size: int | None = setting(None, "Sequences per forward per rank.")  # resolve_args
-    seq_len: int | None = setting(None, "Tokens per sequence.", preset="seq_len", zero_is_unset=True)
-    update_interval: int | None = setting(None, "ΔT between topology updates.", preset="update_interval",
-                                          zero_is_unset=True)
+    seq_len: int | None = setting(None, "Tokens per sequence.", preset="seq_len")
+    update_interval: int | None = setting(None, "ΔT between topology updates.", preset="update_interval")
     restart_warmup: int | None = setting(None, "LR warm-up after each update.", preset="restart_warmup")
-    eval_every: int | None = setting(None, "Validation perplexity every N steps.", preset="eval_every",
-                                     zero_is_unset=True)
-    save_every: int | None = setting(None, "Checkpoint every N steps.", preset="save_every", zero_is_unset=True)
-    ocr_every: int | None = setting(None, "Log per-layer OCR/cosine every N steps.", preset="ocr_every",
-                                    zero_is_unset=True)
-    eval_tokens: int | None = setting(None, "Validation tokens per evaluation.", preset="eval_tokens",
-                                      zero_is_unset=True)
+    eval_every: int | None = setting(None, "Validation perplexity every N steps.", preset="eval_every")
+    save_every: int | None = setting(None, "Checkpoint every N steps.", preset="save_every")
+    ocr_every: int | None = setting(None, "Log per-layer OCR/cosine every N steps.", preset="ocr_every")
+    eval_tokens: int | None = setting(None, "Validation tokens per evaluation.", preset="eval_tokens")
     data: str | None = setting(None, "builtin | c4 | owt | PATH (file, dir or glob of txt/jsonl/parquet).",
-                               preset="data", zero_is_unset=True)
+                               preset="data")
     tokenizer: str | None = setting(None, "bpe (trained on the corpus, cached) or a HF name/path.")  # resolve_args
-    vocab_size: int | None = setting(None, "Vocabulary of a trained BPE.", preset="vocab_size", zero_is_unset=True)
+    vocab_size: int | None = setting(None, "Vocabulary of a trained BPE.", preset="vocab_size")
     packing: bool = setting(False, "Concatenate documents instead of truncate/pad.", flag="--packing")
     grad_clip: float | None = setting(None, "Max grad norm (0: off; the method's default, cola: 0.5).")
     num_layers: int | None = setting(None, "Override the preset's number of blocks.")
@@ -73,6 +66,51 @@ class TrainArgs:
     progress: bool = setting(True, "Show the Rich progress bar.", flag="--progress/--no-progress")
 
 
+# The smallest trained BPE: 256 byte symbols + the 4 special tokens of `train.tokenizer.train_bpe`.
+MIN_BPE_VOCAB = 260
+# Integer settings that must be >= 1 when given (None: the preset's value; 0 is never "default").
+POSITIVE_INTS = ("steps", "batch_size", "micro_batch_size", "seq_len", "update_interval", "eval_every", "save_every",
+                 "ocr_every", "eval_tokens", "vocab_size", "num_layers", "stop_at")
+NON_NEGATIVE_INTS = ("warmup", "restart_warmup")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args: TrainArgs) -> None:
+    """Refuses values no run can use, before anything is built (ChtslError naming the option).
+
+    None means "the preset's value"; an explicit 0 or a negative count, a non-finite or
+    non-positive learning rate, a NaN clip or λ, an unknown device are errors, never defaults.
+    """
+    for name in POSITIVE_INTS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ChtslError(f"{_flag(name)} must be >= 1, got {value}")
+    for name in NON_NEGATIVE_INTS:
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ChtslError(f"{_flag(name)} must be >= 0, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ChtslError(f"--lr must be a positive finite number, got {args.lr}")
+    if args.grad_clip is not None and not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
+        raise ChtslError(f"--grad-clip must be a finite number >= 0 (0: off), got {args.grad_clip}")
+    if args.align_lambda is not None and not (math.isfinite(args.align_lambda) and args.align_lambda >= 0):
+        raise ChtslError(f"--align-lambda must be a finite number >= 0, got {args.align_lambda}")
+    if args.min_lr_ratio is not None and not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise ChtslError(f"min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}")
+    if not math.isfinite(args.s_total):
+        raise ChtslError(f"--s-total must be a finite number, got {args.s_total}")
+    if args.device not in DEVICES and not args.device.startswith("cuda:"):
+        raise ChtslError(f"unknown --device {args.device!r}; valid: {', '.join(DEVICES)}, cuda:N")
+    parse_dtype(args.dtype, ("auto", "fp32", "bf16"), what="--dtype")
+    if args.vocab_size is not None and args.vocab_size < MIN_BPE_VOCAB and args.tokenizer in (None, "bpe"):
+        raise ChtslError(f"--vocab-size must be >= {MIN_BPE_VOCAB} for a trained BPE (256 bytes + 4 special "
+                         f"tokens), got {args.vocab_size}")
+
+
 def resolve_args(args: TrainArgs) -> TrainArgs:
     """Fills every None recipe field from the preset (docs/method.md §5); validates values."""
     from chtsl_infer.presets import get_preset
@@ -83,19 +121,22 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
     for f in TrainArgs.__dataclass_fields__.values():
         attr = f.metadata.get("preset")
         value = values[f.name]
-        if attr and (value is None or (f.metadata["zero_is_unset"] and not value)):
+        if attr and value is None:
             values[f.name] = getattr(p, attr)
     # The settings whose preset value depends on other settings:
     # a preset's trained BPE needs a local corpus; hub data falls back to the paper's tokenizer.
     values["tokenizer"] = args.tokenizer or ("t5-base" if values["data"] in ("c4", "owt") and p.tokenizer == "bpe"
                                              else p.tokenizer)
     values["lr"] = args.lr if args.lr is not None else (p.dense_lr if m.uses_dense_lr else p.lr)
-    values["micro_batch_size"] = args.micro_batch_size or min(p.micro_batch_size, values["batch_size"])
+    if args.micro_batch_size is None:
+        values["micro_batch_size"] = min(p.micro_batch_size, values["batch_size"])
     values["grad_clip"] = args.grad_clip if args.grad_clip is not None else m.grad_clip
     r = TrainArgs(**values)
-    if r.steps < 1 or r.lr <= 0 or r.warmup < 0:
-        raise ChtslError("--steps and --lr must be positive and --warmup >= 0")
+    check_args(r)
     r.dtype = parse_dtype(r.dtype, ("auto", "fp32", "bf16"), what="--dtype")
+    if m.topology not in (None, "static") and r.restart_warmup >= r.update_interval:
+        raise ChtslError(f"--restart-warmup ({r.restart_warmup}) must be shorter than --update-interval "
+                         f"({r.update_interval})")
     if r.stop_at is not None and not 1 <= r.stop_at <= r.steps:
         raise ChtslError(f"--stop-at must be in [1, {r.steps}]")
     return r

@@ -8,7 +8,7 @@ from typing import Any, get_type_hints
 
 import typer
 
-from chtsl_infer.console import write_json
+from chtsl_infer.console import check_output_dir, check_output_file, write_json
 from chtsl_infer.errors import ChtslError
 from train.args import TrainArgs
 
@@ -33,11 +33,12 @@ def train_command(**options: Any) -> None:
 
     from train.trainer import print_result, train
 
-    json_out = options.pop("json_out")
+    json_out, force = options.pop("json_out"), options.pop("force")
+    check_output_file(json_out, force)  # before the run, not after it
     result = train(TrainArgs(**options))
     if int(os.environ.get("RANK", "0")) == 0:
         print_result(result)
-        write_json(asdict(result), json_out)
+        write_json(asdict(result), json_out, force)
     if result.stopped == "nan":
         raise typer.Exit(1)
 
@@ -45,7 +46,9 @@ def train_command(**options: Any) -> None:
 # The options of `chtsl train` are the fields of TrainArgs (train/args.py), plus where the summary goes.
 _JSON_OUT = inspect.Parameter("json_out", inspect.Parameter.KEYWORD_ONLY, annotation=str | None, default=typer.Option(
     None, "--json", help="Write the final summary as JSON here ('-': stdout)."))
-train_command.__signature__ = inspect.Signature([*_options(TrainArgs), _JSON_OUT])  # type: ignore[attr-defined]
+_FORCE = inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+    False, "--force", help="Let --json replace an existing file."))
+train_command.__signature__ = inspect.Signature([*_options(TrainArgs), _JSON_OUT, _FORCE])  # type: ignore[attr-defined]
 train_command.__annotations__ = {p.name: p.annotation for p in train_command.__signature__.parameters.values()}
 
 
@@ -62,6 +65,7 @@ def plot_command(
     path = Path(checkpoint)
     if not (path / "metrics.jsonl").is_file():
         raise ChtslError(f"{path} has no metrics.jsonl")
-    written = plot_run(path / "metrics.jsonl", Path(out) if out else path / "plots")
+    target = check_output_dir(Path(out) if out else path / "plots", "--out")
+    written = plot_run(path / "metrics.jsonl", target)
     for p in written:
         console.print(f"wrote {p}")

@@ -28,14 +28,14 @@ from typing import Any
 
 import torch
 
-from chtsl_infer.console import console, err_console
+from chtsl_infer.console import check_output_dir, console, err_console
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.loss import perplexity, token_nll_sum
 from chtsl_infer.methods import get_method
 from chtsl_infer.utils import atomic_write_text, resolve_device
 from train import checkpoint as ckpt_io
 from train import distributed as dist_utils
-from train.args import RESUME_MUTABLE, TrainArgs, resolve_args
+from train.args import RESUME_MUTABLE, TrainArgs, check_args, resolve_args
 from train.data import DataSpec, build_data
 from train.schedule import LRSchedule
 
@@ -161,13 +161,17 @@ class _Progress:
 
 def train(args: TrainArgs, after_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainResult:
     """Runs (or resumes) a training run; `after_step(step, model)` is a hook for tests."""
+    check_args(args)
     resume_dir, saved_state = None, {}
     if args.resume:
         args, resume_dir, saved_state = _resume_args(args)
     args = resolve_args(args)
     out = Path(args.out)
-    if not args.resume and (ckpt_io.resolve_checkpoint(out) / "config.json").is_file():
-        raise ChtslError(f"{out} already holds a checkpoint; pass --resume {out} or choose another --out")
+    same_dir = resume_dir is not None and out.resolve() in (resume_dir.resolve(), Path(args.resume).resolve())
+    if not same_dir and (ckpt_io.resolve_checkpoint(out) / "config.json").is_file():
+        hint = f"pass --resume {out}" if not args.resume else f"resume into {args.resume} itself"
+        raise ChtslError(f"{out} already holds a checkpoint; {hint} or choose another --out")
+    check_output_dir(out, "--out")
 
     info = dist_utils.setup("cuda" if args.device.startswith("cuda") or (
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -186,6 +190,7 @@ def _resume_args(args: TrainArgs) -> tuple[TrainArgs, Path, dict[str, Any]]:
     """
     resume_dir = ckpt_io.resolve_checkpoint(args.resume)
     saved_state, saved_args = ckpt_io.load_state(args.resume)
+    ckpt_io.check_resumable(resume_dir, saved_state)
     merged = dict(saved_args)
     defaults = TrainArgs()
     for f in fields(TrainArgs):
@@ -200,8 +205,12 @@ def _resume_args(args: TrainArgs) -> tuple[TrainArgs, Path, dict[str, Any]]:
     merged.update(resume=str(args.resume), stop_at=args.stop_at,
                   out=args.out if args.out != defaults.out else str(args.resume))
     args = TrainArgs(**{k: v for k, v in merged.items() if k in TrainArgs.__dataclass_fields__})
-    if args.steps < saved_state["step"]:
-        raise ChtslError(f"--steps {args.steps} is below the checkpoint's step {saved_state['step']}")
+    done = saved_state["step"]
+    if args.steps < done:
+        raise ChtslError(f"--steps {args.steps} is below the checkpoint's step {done}")
+    if args.steps == done:
+        raise ChtslError(f"{args.resume} already reached its last step ({done}); the run is done "
+                         f"(pass a larger --steps to train on)")
     return args, resume_dir, saved_state
 
 
@@ -300,15 +309,14 @@ def _build_data(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | N
 
 def _build_model(args: TrainArgs, vocab_size: int, resume_dir: Path | None) -> torch.nn.Module:
     """The preset's model at `args` (or the checkpoint's config and weights when resuming)."""
-    from safetensors.torch import load_file
-
-    from chtsl_infer.configuration import ChtslConfig
+    from chtsl_infer.checkpoint import load_checkpoint_weights
     from chtsl_infer.modeling import ChtslLlamaForCausalLM
     from chtsl_infer.presets import build_config
 
     if resume_dir:
-        model = ChtslLlamaForCausalLM(ChtslConfig.from_pretrained(resume_dir))
-        model.load_state_dict(load_file(resume_dir / "model.safetensors"), strict=True)
+        config, weights = load_checkpoint_weights(resume_dir)  # validated before the model is built
+        model = ChtslLlamaForCausalLM(config)
+        model.load_state_dict(weights, strict=True)
         return model
     overrides = {"num_hidden_layers": args.num_layers} if args.num_layers else {}
     try:
@@ -355,9 +363,10 @@ def _open_log(out: Path, info: dist_utils.DistInfo, resume_dir: Path | None, sta
                     if src.is_file():
                         shutil.copy2(src, out / name)
             _truncate_metrics(out / "metrics.jsonl", start_step)
-        else:
-            # Lines of a run killed before its first checkpoint: no checkpoint backs them.
+        else:  # `out` holds no checkpoint (checked): logs there are a killed run's, which this run replaces
             (out / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        ckpt_io.clean_stale(out)
     return MetricsLog(out, info.is_main)
 
 
@@ -462,9 +471,13 @@ def train_loop(run: Run, after_step: Callable[[int, torch.nn.Module], None] | No
                 # Logged after the last checkpoint's step: a resume drops it, `chtsl sweep` reads it.
                 run.log.write({"event": "diverged", "step": step, "loss": None,
                                "task_loss": _finite(record["task_loss"]), "align_loss": _finite(record["align_loss"])})
+                try:
+                    kept = (f"the last good checkpoint in {run.out} (step {ckpt_io.load_state(run.out)[0]['step']}) "
+                            f"is kept")
+                except ChtslError:
+                    kept = f"no checkpoint was written to {run.out}"
                 err_console.print(f"[bold red]error:[/] non-finite loss ({record['loss']}) at step {step}; "
-                                  f"training stopped, "
-                                  f"the last good checkpoint in {run.out} is kept", highlight=False, soft_wrap=True)
+                                  f"training stopped, {kept}", highlight=False, soft_wrap=True)
                 break
             run.step, last_loss = step, record["loss"]
             step_tokens = args.batch_size * args.seq_len
