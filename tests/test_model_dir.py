@@ -44,7 +44,7 @@ def test_kinds_and_files(tiny_checkpoint: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("setup,match", [
     (lambda d: None, "checkpoint not found: .* is not a directory"),
     (lambda d: d.mkdir(), "not a chtsl checkpoint \\(expected config.json and model.safetensors\\)"),
-    (lambda d: (d.mkdir(), (d / "config.json").write_text("[1]"), (d / "model.safetensors").write_bytes(b"x")),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text("{"), (d / "model.safetensors").write_bytes(b"x")),
      "is not readable JSON"),
     (lambda d: (d.mkdir(), (d / "config.json").write_text('{"model_type": "llama"}'),
                 (d / "model.safetensors").write_bytes(b"x")), "model_type 'llama', expected 'chtsl_llama'"),
