@@ -41,11 +41,34 @@ def load_model(path: str | Path, device: str = "cpu") -> ChtslLlamaForCausalLM:
     if is_packed_dir(path):
         return load_packed_model(path).to(device).eval()
     p = check_checkpoint_dir(path)
+    _check_csr(p)
     try:
         model = ChtslLlamaForCausalLM.from_pretrained(p, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load {p}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval()
+
+
+def _check_csr(p: Path) -> None:
+    """UserError naming the layer when a csr-storage checkpoint holds a corrupt CSR (checked before
+    loading: a wrong-length tensor would otherwise be re-initialised or fail without the layer)."""
+    import torch
+
+    from chtsl_infer.configuration import ChtslConfig
+    from chtsl_infer.storage import check_csr_checkpoint
+
+    try:
+        config = ChtslConfig.from_pretrained(p)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load {p}: {str(e).splitlines()[0]}") from None
+    if config.chtsl.get("storage", "masked") != "csr":
+        return
+    with torch.device("meta"):
+        skeleton = ChtslLlamaForCausalLM(config)
+    try:
+        check_csr_checkpoint(p, skeleton)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{p}: {str(e).splitlines()[0]}") from None
 
 
 def load_tokenizer(path: str | Path):  # -> PreTrainedTokenizerBase

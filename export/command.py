@@ -162,6 +162,7 @@ def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: 
 
     from chtsl_infer.checkpoint import load_model
     from chtsl_infer.packed import DTYPES, WEIGHTS_NAME
+    from chtsl_infer.storage import to_storage
     from export import onnx as onnx_export
     from export.packed import copy_support_files, write_packed
 
@@ -173,6 +174,8 @@ def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: 
         with stages.stage("load checkpoint"):
             try:
                 model = load_model(ckpt).float()
+                if want_onnx:  # the ONNX graph traces dense S (weight·mask) for a csr-storage checkpoint
+                    to_storage(model, "masked")
             except UserError:
                 raise
             except Exception as e:  # corrupt/truncated weights surface as assorted library errors
