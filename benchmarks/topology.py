@@ -27,7 +27,7 @@ from chtsl_infer.layers import SparseLowRankLinear
 from chtsl_infer.presets import get_preset
 from train.topology import TopologyEngine
 
-GLOBAL_BATCH_TOKENS = 512 * 256  # method.md §5: 512 sequences of 256 tokens
+GLOBAL_BATCH_TOKENS = 512 * 256  # docs/method.md §5: 512 sequences of 256 tokens
 PRESETS = {"llama60m": "llama60m-c4", "llama130m": "llama130m-c4", "llama1b": "llama1b-c4"}
 
 

@@ -1,4 +1,4 @@
-"""Parameter-budget accounting of method.md §4 (the paper's Eq. 5–7 and Appendix A).
+"""Parameter-budget accounting of docs/method.md §4 (the paper's Eq. 5–7 and Appendix A).
 
 Relative to the dense block linears, a method keeps connectivity density `d_c = 1 − s` and
 spectral density `d_l = Σ r·(in+out) / Σ in·out` (sums over the 7 linear types of a block);

@@ -1,4 +1,4 @@
-"""Loading a model the toolkit made: a training checkpoint directory (HF style, formats.md).
+"""Loading a model the toolkit made: a training checkpoint directory (HF style, docs/formats.md §1).
 
 Weights come only through safetensors (`from_pretrained` with `use_safetensors=True`); remote
 code is never trusted.

@@ -1,4 +1,4 @@
-"""`ChtslConfig`: a `LlamaConfig` with a `chtsl` block describing the block linears (formats.md)."""
+"""`ChtslConfig`: a `LlamaConfig` with a `chtsl` block describing the block linears (docs/formats.md §1)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def normalize_block(block: dict[str, Any] | None) -> dict[str, Any]:
 class ChtslConfig(LlamaConfig):
     """Llama fields plus `chtsl`: method, per-layer-type sparsity and rank, activation, alignment.
 
-    `chtsl["s_total"]` is recomputed from the architecture on every construction (method.md §4).
+    `chtsl["s_total"]` is recomputed from the architecture on every construction (docs/method.md §4).
     """
 
     model_type = "chtsl_llama"

@@ -1,4 +1,4 @@
-"""`chtsl info`: the per-layer-type parameter budget of a preset (method.md §4)."""
+"""`chtsl info`: the per-layer-type parameter budget of a preset (docs/method.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The CHTsL linear layer and the losses/diagnostics on its two branches (method.md §1–§2).
+"""The CHTsL linear layer and the losses/diagnostics on its two branches (docs/method.md §1–§2).
 
 `SparseLowRankLinear` maps `(..., in_features) -> (..., out_features)` as
 
@@ -322,7 +322,7 @@ class SparseLowRankLinear(nn.Module):
 
 
 def alignment_loss(sparse_out: torch.Tensor, lowrank_out: torch.Tensor) -> torch.Tensor:
-    """`||S − L||_F / (B·N)` of one layer (method.md §2; the Frobenius norm is not squared).
+    """`||S − L||_F / (B·N)` of one layer (docs/method.md §2; the Frobenius norm is not squared).
 
     `sparse_out`, `lowrank_out`: (B, seq, out) branch outputs; B·N is their element count.
     Computed in fp32 so a bf16 autocast forward does not lose the small differences.

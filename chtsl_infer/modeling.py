@@ -2,7 +2,7 @@
 
 Attention, RoPE, the KV cache and `generate()` are transformers' own; only the seven linears of
 every decoder block (q, k, v, o, gate, up, down) are swapped for `SparseLowRankLinear`.
-Embeddings, RMSNorms and `lm_head` stay dense (method.md §1).
+Embeddings, RMSNorms and `lm_head` stay dense (docs/method.md §1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The packed export format (formats.md): CSR sparse branch + low-rank factors in one safetensors.
+"""The packed export format (docs/formats.md §2): CSR sparse branch + low-rank factors in one safetensors.
 
 A training checkpoint stores each sparse `S` as a dense (out × in) weight plus a boolean mask.
 The packed form keeps only the active links of every CHTsL linear as a CSR triple

@@ -1,4 +1,4 @@
-"""Paper presets (method.md §4–§5): architecture, training recipe and the (s, r) table per s_total.
+"""Paper presets (docs/method.md §4–§5): architecture, training recipe and the (s, r) table per s_total.
 
 Names are `<size>-<data>`, e.g. `llama60m-c4`, plus `tiny` for CPU runs and tests.
 """
@@ -17,7 +17,7 @@ S_TOTALS = (0.9, 0.8, 0.7)
 
 @dataclass(frozen=True)
 class Preset:
-    """One row of the paper's recipe (method.md §5) for a model size and dataset."""
+    """One row of the paper's recipe (docs/method.md §5) for a model size and dataset."""
 
     name: str
     hidden_size: int

@@ -1,4 +1,4 @@
-"""Budget accounting (method.md §4) and `chtsl info`, against the paper's Table 5."""
+"""Budget accounting (docs/method.md §4) and `chtsl info`, against the paper's Table 5."""
 
 from __future__ import annotations
 

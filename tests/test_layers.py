@@ -1,4 +1,4 @@
-"""SparseLowRankLinear against hand-written forwards, and the branch losses of method.md §2."""
+"""SparseLowRankLinear against hand-written forwards, and the branch losses of docs/method.md §2."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def make_layer(method: str, seed: int = 0, **kw) -> SparseLowRankLinear:
 
 
 def reference_forward(layer: SparseLowRankLinear, x: torch.Tensor) -> torch.Tensor:
-    """The method's formula written out with explicit matrices (method.md §1)."""
+    """The method's formula written out with explicit matrices (docs/method.md §1)."""
     s = (layer.weight * layer.mask) if layer.mask is not None else layer.weight
     silu = lambda z: z * torch.sigmoid(z)  # noqa: E731
     if layer.method == "dense" or layer.method == "chts":

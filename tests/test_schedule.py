@@ -1,4 +1,4 @@
-"""LR schedule (method.md §5): linear warm-up, cosine to min_lr_ratio·lr, restarted warm-ups."""
+"""LR schedule (docs/method.md §5): linear warm-up, cosine to min_lr_ratio·lr, restarted warm-ups."""
 
 from __future__ import annotations
 

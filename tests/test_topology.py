@@ -1,4 +1,4 @@
-"""The CHTs topology engine (method.md §3, issue 3): BRF, CH2-L3n, removal, regrowth, engine, DDP."""
+"""The CHTs topology engine (docs/method.md §3, issue 3): BRF, CH2-L3n, removal, regrowth, engine, DDP."""
 
 from __future__ import annotations
 

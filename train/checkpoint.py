@@ -1,4 +1,4 @@
-"""Training checkpoints (formats.md): an HF model directory plus `trainer_state/`, written atomically.
+"""Training checkpoints (docs/formats.md §1): an HF model directory plus `trainer_state/`, written atomically.
 
 Layout of `ckpt/`: `config.json`, `model.safetensors`, tokenizer files, `metrics.jsonl` (and
 `tensorboard/`), and `trainer_state/`:

@@ -1,4 +1,4 @@
-"""Learning-rate schedule of the paper (method.md §5): warm-up, cosine to a floor, restarted warm-ups.
+"""Learning-rate schedule of the paper (docs/method.md §5): warm-up, cosine to a floor, restarted warm-ups.
 
 The LR of iteration `step` (1-based, as the topology engine counts) is `lr · factor(step)`:
 

@@ -1,4 +1,4 @@
-"""The CHTs topology engine (method.md §3): BRF mask init, soft magnitude removal, CH2-L3n regrowth.
+"""The CHTs topology engine (docs/method.md §3): BRF mask init, soft magnitude removal, CH2-L3n regrowth.
 
 A sparse layer holds its sparse matrix `S` (out × in) either as a dense `weight` times a boolean
 `mask` buffer (masked storage) or as CSR `values` (nnz,) over `crow_indices`/`col_indices` (csr
@@ -109,7 +109,7 @@ def brf_degrees(
 ) -> torch.Tensor:
     """Degrees (n_small,) int64 of the small-side nodes, summing to `n_links`, each in [1, n_big].
 
-    "Uniform" degree distribution (method.md §3): every node gets 1 and the remaining
+    "Uniform" degree distribution (docs/method.md §3): every node gets 1 and the remaining
     `n_links - n_small` go to uniformly random nodes. A node already at `n_big` cannot take more;
     its overflow is re-drawn among the nodes with room (it only matters for densities near 1).
 
@@ -145,7 +145,7 @@ def brf_mask(
 ) -> torch.Tensor:
     """Bipartite receptive field mask, bool (out_features × in_features), on the generator's device.
 
-    method.md §3: `K = round((1-s)·n_big·n_small)` links; small-side node i (rows if out <= in,
+    docs/method.md §3: `K = round((1-s)·n_big·n_small)` links; small-side node i (rows if out <= in,
     else columns) has degree k_i (`brf_degrees`) and centre `c_i = (i·stride) mod n_big`,
     `stride = max(1, n_big // n_small)`; with ring distance `d(j) = min(|j-c_i|, n_big-|j-c_i|)`
     it connects to its k_i nearest positions for `randomness` r = 0 (equal distances: the position
@@ -205,7 +205,7 @@ def _ch_weights(common: torch.Tensor, degree: torch.Tensor) -> torch.Tensor:
 def ch2_l3n_scores(mask: torch.Tensor) -> torch.Tensor:
     """CH2-L3n link-prediction scores of a bipartite mask, float32 (out × in), 0 on active positions.
 
-    method.md §3: `D = M Mᵀ`, `E = Mᵀ M`, `P = (D + 1[D≠0]) / (e_o + 1)`,
+    docs/method.md §3: `D = M Mᵀ`, `E = Mᵀ M`, `P = (D + 1[D≠0]) / (e_o + 1)`,
     `Q = (E + 1[E≠0]) / (e_i + 1)`, score `= P M + (Q Mᵀ)ᵀ`, computed with dense matrix products on
     the mask's device (~4·out·in·(out+in) flop; the sparse-times-dense alternatives were slower
     on CPU at 5 % density).

@@ -1,4 +1,4 @@
-"""The CHTsL training loop (method.md §2, §3, §5): task + alignment loss, topology updates, eval, checkpoints.
+"""The CHTsL training loop (docs/method.md §2, §3, §5): task + alignment loss, topology updates, eval, checkpoints.
 
 One iteration (`step`, 1-based, as the topology engine counts):
 
@@ -80,7 +80,7 @@ class TrainArgs:
 
 
 def resolve_args(args: TrainArgs) -> TrainArgs:
-    """Fills every None recipe field from the preset (method.md §5); validates values."""
+    """Fills every None recipe field from the preset (docs/method.md §5); validates values."""
     from chtsl_infer.presets import get_preset
 
     try:
