@@ -87,9 +87,11 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
         p = get_preset(args.preset)
     except ValueError as e:
         raise UserError(str(e)) from None
-    # A preset's trained BPE needs a local corpus; hub data falls back to the paper's tokenizer.
-    tokenizer = args.tokenizer or ("t5-base" if (args.data or p.data) in ("c4", "owt") and p.tokenizer == "bpe"
-                                   else p.tokenizer)
+    # A preset's trained BPE needs a local corpus; hub data falls back to the paper's tokenizer. A
+    # local or builtin corpus trains a BPE of the preset's vocabulary (the paper's t5-base needs the
+    # hub, which an offline machine does not reach; pass --tokenizer t5-base to use a cached one).
+    hub_data = (args.data or p.data) in ("c4", "owt")
+    tokenizer = args.tokenizer or (("t5-base" if p.tokenizer == "bpe" else p.tokenizer) if hub_data else "bpe")
     lr = args.lr if args.lr is not None else (p.dense_lr if args.method == "dense" else p.lr)
     r = TrainArgs(**{**asdict(args), **dict(
         steps=args.steps or p.steps, warmup=args.warmup if args.warmup is not None else p.warmup, lr=lr,
