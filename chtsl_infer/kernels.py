@@ -34,8 +34,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "spmm.c"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("spmm.c", "csr_train.c"))  # one library
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
+MM_TILE = 64  # tokens per tile of csr_mm_tm (training forward and dx)
+SDDMM_TILE = 64  # tokens per tile of csr_sddmm_tm
+SDDMM_BLOCK = 1024  # tokens transposed at once by csr_sddmm_tm (its buffers: (in + out) × this many floats)
 GATHER_BELOW = 3  # fewer tokens: per-token gather loop, else 16-token vectors (measured crossover: 2–4)
 FLAG_SETS = (  # tried in order until one compiles
     ("-O3", "-march=native", "-fopenmp"),
@@ -62,7 +65,7 @@ def _cache_dir() -> Path:
 
 def _compile() -> tuple[ctypes.CDLL | None, str]:
     """(library, how it was built) or (None, why not)."""
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         return None, f"no C compiler: {compiler!r} not found (set CC)"
@@ -76,7 +79,8 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename:
                     tmp_lib = Path(tmp) / target.name  # concurrent first uses never load a partial file
-                    run = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(tmp_lib), str(SOURCE)],
+                    run = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(tmp_lib),
+                                          *map(str, SOURCES)],
                                          capture_output=True, text=True, timeout=120)
                     if run.returncode != 0:
                         errors.append(f"{compiler} {' '.join(flags)}: {run.stderr.strip().splitlines()[-1:]}")
@@ -94,6 +98,10 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
         for fn in (lib.spmm_i16, lib.spmm_i32):
             fn.argtypes = [p, lng, i, i, p, p, p, p, p, lng, i, i, i, i]
             fn.restype = i
+        lib.csr_mm_tm.argtypes = [p, lng, i, i, p, p, p, i, p, lng, i, i, i]
+        lib.csr_mm_tm.restype = i
+        lib.csr_sddmm_tm.argtypes = [p, lng, p, lng, i, i, i, p, p, p, i, i, i]
+        lib.csr_sddmm_tm.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
 
@@ -207,3 +215,96 @@ def spmm_reference(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, value
     w = torch.zeros(n_out, n_in, dtype=values.dtype)
     w[rows, col.long()] = values
     return w @ x
+
+
+# --- Training kernels (token-major, differentiable through chtsl_infer.csr.csr_linear) ---------------
+
+def _csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """A `torch.sparse_csr_tensor` view of a CSR triple (int32 indices are kept: cuSPARSE's own type)."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=(crow.numel() - 1, n_cols), check_invariants=False)
+
+
+def csr_mm_torch(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                 n_rows: int) -> torch.Tensor:
+    """`x Aᵀ` with torch's sparse CSR matmul (cuSPARSE on CUDA, MKL on CPU): x (N, K) -> (N, n_rows)."""
+    n_tok, n_cols = x.shape
+    if n_tok == 0 or n_rows == 0 or col.numel() == 0:
+        return torch.zeros(n_tok, n_rows, dtype=x.dtype, device=x.device)
+    a = _csr_tensor(crow, col, values, n_cols)
+    return (a @ x.t()).t().contiguous()
+
+
+def csr_sddmm_torch(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                    n_cols: int) -> torch.Tensor:
+    """`(dyᵀ x)` at the CSR's positions with `torch.sparse.sampled_addmm`: dy (N, R), x (N, K) -> (nnz,)."""
+    nnz = col.numel()
+    if nnz == 0 or dy.shape[0] == 0:
+        return torch.zeros(nnz, dtype=dy.dtype, device=dy.device)
+    pattern = _csr_tensor(crow, col, torch.zeros(nnz, dtype=dy.dtype, device=dy.device), n_cols)
+    return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
+
+
+def train_tile(n_tok: int) -> int:
+    """Tokens per feature-major tile of the training kernels: 16, 32 or 64 (the smallest covering n_tok, at most 64)."""
+    return 16 if n_tok <= 16 else 32 if n_tok <= 32 else MM_TILE
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t` (2-D) itself if its rows are contiguous (what the C kernels read), else a contiguous copy."""
+    return t if t.stride(1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
+
+
+def _use_compiled(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The compiled library if every operand is a CPU float32 tensor and it could be built, else None."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return None
+    return _library()[0]
+
+
+def csr_mm(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+           n_rows: int) -> torch.Tensor:
+    """`y = x Aᵀ`, token-major: x (N, K), A (n_rows × K) a CSR triple (int32 indices) -> y (N, n_rows).
+
+    Used as `y = x Sᵀ` (forward) and, on the transposed structure, `dx = dy S` (backward).
+    CPU float32: the compiled `csr_mm_tm` (`csrc/csr_train.c`); otherwise (CUDA, float64, no
+    compiler) torch's sparse CSR matmul.
+    """
+    lib = _use_compiled(x, values)
+    if lib is None:
+        return csr_mm_torch(x, crow, col, values, n_rows)
+    n_tok, n_cols = x.shape
+    y = torch.empty(n_tok, n_rows, dtype=torch.float32)
+    if n_tok == 0 or n_rows == 0:
+        return y.zero_()
+    x = _rows_contiguous(x)
+    threads = torch.get_num_threads()
+    tile = train_tile(n_tok)
+    n_tiles = -(-n_tok // tile)
+    n_chunks = max(1, -(-2 * threads // n_tiles)) if n_tiles < threads else 1  # few tokens: split rows
+    crow, col, values = crow.contiguous(), col.contiguous(), values.contiguous()
+    if lib.csr_mm_tm(x.data_ptr(), x.stride(0), n_tok, n_cols, crow.data_ptr(), col.data_ptr(), values.data_ptr(),
+                     n_rows, y.data_ptr(), y.stride(0), tile, n_chunks, threads):
+        raise MemoryError("csr_mm: could not allocate the kernel's tile buffers")
+    return y
+
+
+def csr_sddmm(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """SDDMM, token-major: out[k] = Σ_n dy[n, row_k] · x[n, col_k] over the CSR's links -> (nnz,).
+
+    dy (N, n_rows), x (N, n_cols): the gradient of `x Sᵀ` with respect to S's values.
+    CPU float32: the compiled `csr_sddmm_tm`; otherwise `torch.sparse.sampled_addmm`.
+    """
+    lib = _use_compiled(dy, x)
+    if lib is None:
+        return csr_sddmm_torch(dy, x, crow, col, n_cols)
+    n_tok, n_rows = dy.shape
+    out = torch.empty(col.numel(), dtype=torch.float32)
+    dy, x = _rows_contiguous(dy), _rows_contiguous(x)
+    crow, col = crow.contiguous(), col.contiguous()
+    if lib.csr_sddmm_tm(dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), n_tok, n_rows, n_cols,
+                        crow.data_ptr(), col.data_ptr(), out.data_ptr(), SDDMM_TILE, SDDMM_BLOCK,
+                        torch.get_num_threads()):
+        raise MemoryError("csr_sddmm: could not allocate the kernel's block buffers")
+    return out
