@@ -204,7 +204,7 @@ def main() -> None:
         if args.memory:  # before this process holds the models: workers run alone
             for m, s in configs:
                 memory[(m, s)] = spawn({"shape": shape, "method": m, "storage": s, "device": args.device,
-                                        "batch": [b, seq], "steps": 2, "threads": args.threads})
+                                        "batch": [b, seq], "steps": 1, "threads": args.threads})
         runs = {c: setup(shape, *c, args.device) for c in configs}
         vocab = runs[configs[0]][1].config.vocab_size
         ids = torch.randint(0, vocab, (b, seq), generator=torch.Generator().manual_seed(0)).to(args.device)
