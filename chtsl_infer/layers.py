@@ -11,7 +11,7 @@ sparse `S` (out × in) is held in one of two storages (`STORAGES`):
   weight, gradient and Adam moments are all dense);
 - `csr`: the active links only, a `values` Parameter (nnz,) plus the CSR support as the buffers
   `crow_indices` int32 (out+1,) and `col_indices` int16/int32 (nnz,) — the packed export's layout
-  (formats.md), so a checkpoint of a csr layer is its packed form. Forward and backward run through
+  (docs/formats.md §2), so a checkpoint of a csr layer is its packed form. Forward and backward run through
   `chtsl_infer.csr.csr_linear`; no dense (out × in) float tensor of S exists (gradient, optimizer
   state and checkpoint are all ∝ nnz).
 
@@ -80,7 +80,7 @@ def check_storage(method: str, storage: str) -> None:
 
 
 def col_index_dtype(in_features: int) -> torch.dtype:
-    """int16 CSR column indices when they fit (in_features ≤ 32767), else int32 (formats.md)."""
+    """int16 CSR column indices when they fit (in_features ≤ 32767), else int32 (docs/formats.md §2)."""
     return torch.int16 if in_features <= 32767 else torch.int32
 
 

@@ -3,7 +3,7 @@ and optimizer state between the two.
 
 - `masked`: dense weight (out × in) × bool mask. Weight, gradient and both Adam moments are dense.
 - `csr`: values (nnz,) over a CSR support (`crow_indices`, `col_indices`, the packed layout of
-  formats.md); gradient and Adam moments are (nnz,) too.
+  docs/formats.md §2); gradient and Adam moments are (nnz,) too.
 
 `resolve_storage` turns `--sparse-storage auto|masked|csr` into one of the two, with the reason
 printed and logged by `chtsl train`. The converters let a checkpoint written in one storage resume
