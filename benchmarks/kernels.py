@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                              # CPU: C kernel + torch CSR vs dense
     python benchmarks/kernels.py --shapes llama60m --tokens 4096 --density 0.05
     python benchmarks/kernels.py --device cuda                # cuSPARSE (torch CSR) vs cuBLAS
+    python benchmarks/kernels.py --device cuda --dtype bfloat16  # as the runtime computes on CUDA
 
 For each shape (gate/up: ffn × hidden; down: hidden × ffn; q: hidden × hidden) and token count T,
 times the sparse branch `Y = S X` (feature-major, X (in, T), as the runtime computes it) with S at
@@ -64,14 +65,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch + kernel threads [default: torch's]")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="values and activations (half precision: CUDA only; the CPU kernel is fp32)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype)
+    if not cuda and dtype != torch.float32:
+        ap.error("--dtype bfloat16/float16 needs --device cuda (the CPU kernel and torch's CPU CSR matmul are fp32)")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     gen = torch.Generator().manual_seed(0)
-    print(f"device {device}, threads {torch.get_num_threads()}, density {args.density}, repeats {args.repeats}")
+    print(f"device {device}, {args.dtype}, threads {torch.get_num_threads()}, density {args.density}, "
+          f"repeats {args.repeats}")
     print(f"{'shape':<10}{'layer':<11}{'out×in':>12}{'T':>6}{'dense ms':>10}  "
           f"{'candidate':<10}{'median ms':>10}{'best ms':>9}{'× dense (median)':>18}{'× dense (best)':>16}")
     for size in args.shapes.split(","):
@@ -84,8 +91,8 @@ def main() -> None:
                 x = torch.randn(in_f, n_tok, generator=gen)  # feature-major, as the runtime keeps it
                 fns: dict[str, Callable[[], object]] = {}
                 if cuda:
-                    wd, xd = w.to(device), x.to(device)
-                    csr = torch.sparse_csr_tensor(crow, col.int(), val, size=(out_f, in_f)).to(device)
+                    wd, xd = w.to(device, dtype), x.to(device, dtype)
+                    csr = kernels.torch_csr(crow, col, val, (out_f, in_f), device, dtype)
                     fns["dense"] = lambda xd=xd, wd=wd: wd @ xd
                     fns["cusparse"] = lambda xd=xd, csr=csr: kernels.spmm_cuda(xd, csr)
                 else:

@@ -18,14 +18,20 @@ longer and the printed ratio is an upper bound of the update's share of training
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-import torch
+# Run as a script, this file's folder leads sys.path and the sibling benchmarks/kernels.py would
+# shadow the `kernels` package that transformers probes for at import: drop the folder first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from chtsl_infer.layers import SparseLowRankLinear
-from chtsl_infer.presets import get_preset
-from train.topology import TopologyEngine
+import torch  # noqa: E402
+
+from chtsl_infer.layers import SparseLowRankLinear  # noqa: E402
+from chtsl_infer.presets import get_preset  # noqa: E402
+from train.topology import TopologyEngine  # noqa: E402
 
 GLOBAL_BATCH_TOKENS = 512 * 256  # docs/method.md §5: 512 sequences of 256 tokens
 PRESETS = {"llama60m": "llama60m-c4", "llama130m": "llama130m-c4", "llama1b": "llama1b-c4"}

@@ -16,7 +16,7 @@ activations, as training holds them), times
     dense    F.linear(x, W) forward + backward (dx and dW): three GEMMs
 
 interleaved (`--repeats` rounds, the candidates in turn, so machine noise hits them alike). Prints
-median ms and ratio to the dense layer's forward + backward (< 1: cheaper), and the sums
+median (or min) ms and ratio to the dense layer's forward + backward (< 1: cheaper), and the sums
 fwd + dx + dvalues and sparse + low-rank (the whole CHTsL layer's linear work).
 """
 
@@ -43,16 +43,17 @@ from chtsl_infer.presets import get_preset  # noqa: E402
 SHAPES = {"llama60m": "llama60m-c4", "llama130m": "llama130m-c4", "llama1b": "llama1b-c4"}
 
 
-def _time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+def _time(fns: dict[str, Callable[[], object]], repeats: int,
+          clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of every fn, `repeats` rounds interleaved, after one warm-up call each."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[k].append(time.perf_counter() - start)
+            times[k].append(clock() - start)
     return times
 
 
@@ -69,15 +70,22 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=None, help="[default: the preset's at s_total 0.9]")
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: perf_counter; cpu: the process's CPU time (all threads; robust to a loaded "
+                         "machine's time slicing, but counts OpenMP spin-waits) [wall]")
+    ap.add_argument("--stat", choices=("median", "min"), default="median")
     ap.add_argument("--no-torch", action="store_true", help="skip the (slow) torch sparse-op path")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ok, how = kernels.cpu_kernel_status()
     gen = torch.Generator().manual_seed(0)
-    print(f"threads {torch.get_num_threads()}, repeats {args.repeats}, compiled kernels: {ok} ({how})")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    stat = statistics.median if args.stat == "median" else min
+    print(f"threads {torch.get_num_threads()}, repeats {args.repeats}, {args.clock} clock, {args.stat} of the "
+          f"repeats, compiled kernels: {ok} ({how})")
     cols = ("fwd", "dx", "dvalues", "sum", "csr_linear", "torch", "lowrank", "sparse+lr")
     print(f"{'shape':<10}{'layer':<10}{'out×in':>10}{'dens':>6}{'T':>6}{'dense ms':>10}  "
-          + "".join(f"{c:>14}" for c in cols) + "   (each: median ms, × dense fwd+bwd)")
+          + "".join(f"{c:>14}" for c in cols) + f"   (each: {args.stat} ms, × dense fwd+bwd)")
     for size in args.shapes.split(","):
         p = get_preset(SHAPES[size])
         s, rank = p.split(0.9, "chtsl")
@@ -114,7 +122,7 @@ def main() -> None:
                         finally:
                             kernels._use_compiled = saved
                     fns["torch"] = torch_path
-                times = {k: statistics.median(v) for k, v in _time(fns, args.repeats).items()}
+                times = {k: stat(v) for k, v in _time(fns, args.repeats, clock).items()}
                 times["sum"] = times["fwd"] + times["dx"] + times["dvalues"]
                 times["sparse+lr"] = times["csr_linear"] + times["lowrank"]
                 dense = times["dense"]

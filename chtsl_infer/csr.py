@@ -25,6 +25,7 @@ the CPU fallback when no C compiler works.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,13 +73,7 @@ class CsrStructure:
     @classmethod
     def _build(cls, crow: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int) -> CsrStructure:
         """Adds the transposed index to a valid (crow, col) of int32."""
-        rows = torch.repeat_interleave(torch.arange(n_rows, dtype=torch.int32, device=crow.device),
-                                       (crow[1:] - crow[:-1]).long())
-        # entries are sorted by (row, col); a stable sort by col gives (col, row) order
-        perm = torch.argsort(col, stable=True)
-        t_counts = torch.bincount(col.long(), minlength=n_cols)
-        return cls(n_rows, n_cols, crow, col, _counts_to_crow(t_counts), rows[perm].contiguous(),
-                   perm.to(torch.int32))
+        return cls(n_rows, n_cols, crow, col, *kernels.csr_transpose(crow, col, n_cols))
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> CsrStructure:
@@ -176,7 +171,7 @@ class _CsrLinear(torch.autograd.Function):
         dx = dvalues = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                t_values = values.to(dtype)[st.t_perm.long()]
+                t_values = values.to(dtype).index_select(0, st.t_perm)  # Sᵀ's values (nnz,)
                 dx = kernels.csr_mm(dy, st.t_crow, st.t_row, t_values, st.n_cols).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 dvalues = kernels.csr_sddmm(dy, x.to(dtype), st.crow, st.col, st.n_cols).to(values.dtype)
@@ -194,5 +189,5 @@ def csr_linear(x: torch.Tensor, values: torch.Tensor, structure: CsrStructure) -
     if values.shape != (structure.nnz,):
         raise ValueError(f"csr_linear: values must have shape ({structure.nnz},), got {tuple(values.shape)}")
     lead = x.shape[:-1]
-    y = _CsrLinear.apply(x.reshape(-1, structure.n_cols), values, structure)
+    y = _CsrLinear.apply(x.reshape(math.prod(lead), structure.n_cols), values, structure)
     return y.reshape(*lead, structure.n_rows)

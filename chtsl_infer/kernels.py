@@ -17,6 +17,15 @@ Without a working compiler, `spmm_cpu` falls back to torch's CSR matmul (correct
 `cpu_kernel_status()` says why.
 
 CUDA (`spmm_cuda`): torch's CSR matmul (cuSPARSE).
+
+Training (`csr_mm`, `csr_sddmm`; used by `chtsl_infer.csr.csr_linear`): token-major activations
+(N, in), as the trainer holds them. `csr_mm` is `x Aᵀ` (the forward on S, dx on its transpose) and
+`csr_sddmm` the values' gradient at the links. CPU float32: the C kernels in `csrc/csr_train.c`,
+built into the same library as `spmm.c`; otherwise (CUDA, float64, no compiler) torch's sparse CSR
+ops — `@` (cuSPARSE SpMM on CUDA) and `torch.sparse.sampled_addmm` (cuSPARSE SDDMM). Measured on
+one loaded AMD EPYC (AVX2) core at 512 tokens and 5 % density (`benchmarks/train_kernels.py`):
+each of the three takes 0.05–0.06× the dense layer's forward + backward, the three together
+0.15–0.18×, where the torch ops take 0.6×.
 """
 
 from __future__ import annotations
@@ -36,9 +45,9 @@ import torch
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("spmm.c", "csr_train.c"))  # one library
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
-MM_TILE = 64  # tokens per tile of csr_mm_tm (training forward and dx)
-SDDMM_TILE = 64  # tokens per tile of csr_sddmm_tm
-SDDMM_BLOCK = 1024  # tokens transposed at once by csr_sddmm_tm (its buffers: (in + out) × this many floats)
+MM_TILE = 32  # tokens per tile of csr_mm_tm (training forward and dx): 4 × 2 AVX2 accumulators, measured best
+SDDMM_TILE = 64  # tokens per tile of csr_sddmm_tm, while its (in × tile) buffer fits SDDMM_TILE_BYTES, else 32
+SDDMM_TILE_BYTES = 256 << 10  # half of a 512 KiB L2
 GATHER_BELOW = 3  # fewer tokens: per-token gather loop, else 16-token vectors (measured crossover: 2–4)
 FLAG_SETS = (  # tried in order until one compiles
     ("-O3", "-march=native", "-fopenmp"),
@@ -100,8 +109,10 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
             fn.restype = i
         lib.csr_mm_tm.argtypes = [p, lng, i, i, p, p, p, i, p, lng, i, i, i]
         lib.csr_mm_tm.restype = i
-        lib.csr_sddmm_tm.argtypes = [p, lng, p, lng, i, i, i, p, p, p, i, i, i]
+        lib.csr_sddmm_tm.argtypes = [p, lng, p, lng, i, i, i, p, p, p, i, i]
         lib.csr_sddmm_tm.restype = i
+        lib.csr_transpose.argtypes = [p, p, i, i, p, p, p]
+        lib.csr_transpose.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
 
@@ -201,6 +212,16 @@ def csr_matmul_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, value
     return spmm_cpu(x.t().contiguous(), crow, col, values).t().contiguous()
 
 
+def torch_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int],
+              device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """S (out, in) as a `torch.sparse_csr_tensor` for `spmm_cuda`: crow (out+1,) and col (nnz,) of any
+    integer dtype become int32 (cuSPARSE takes int32 or int64 indices, both alike; packed columns
+    may be int16), values (nnz,) the compute dtype."""
+    if crow.numel() - 1 != size[0]:
+        raise ValueError(f"torch_csr: {crow.numel() - 1} row pointers for {size[0]} rows")
+    return _csr_tensor(crow.to(device, torch.int32), col.to(device, torch.int32), values.to(device, dtype), size[1])
+
+
 def spmm_cuda(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
     """`S X` on CUDA with cuSPARSE: x (in, T), csr a (out, in) `torch.sparse_csr_tensor` -> (out, T)."""
     return csr @ x
@@ -243,12 +264,22 @@ def csr_sddmm_torch(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: 
     if nnz == 0 or dy.shape[0] == 0:
         return torch.zeros(nnz, dtype=dy.dtype, device=dy.device)
     pattern = _csr_tensor(crow, col, torch.zeros(nnz, dtype=dy.dtype, device=dy.device), n_cols)
-    return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
+    return torch.sparse.sampled_addmm(pattern, dy.t().contiguous(), x.contiguous(), beta=0.0).values()
 
 
 def train_tile(n_tok: int) -> int:
     """Tokens per feature-major tile of the training kernels: 16, 32 or 64 (the smallest covering n_tok, at most 64)."""
     return 16 if n_tok <= 16 else 32 if n_tok <= 32 else MM_TILE
+
+
+def sddmm_tile(n_tok: int, n_cols: int) -> int:
+    """Tokens per tile of csr_sddmm_tm: 16 or 32 for short inputs, SDDMM_TILE while (n_cols × tile) fp32 fits
+    SDDMM_TILE_BYTES, else 32."""
+    if n_tok <= 16:
+        return 16
+    if n_tok <= 32 or n_cols * SDDMM_TILE * 4 > SDDMM_TILE_BYTES:
+        return 32
+    return SDDMM_TILE
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -276,7 +307,7 @@ def csr_mm(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch
         return csr_mm_torch(x, crow, col, values, n_rows)
     n_tok, n_cols = x.shape
     y = torch.empty(n_tok, n_rows, dtype=torch.float32)
-    if n_tok == 0 or n_rows == 0:
+    if n_tok == 0 or n_rows == 0 or col.numel() == 0:
         return y.zero_()
     x = _rows_contiguous(x)
     threads = torch.get_num_threads()
@@ -304,7 +335,31 @@ def csr_sddmm(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.
     dy, x = _rows_contiguous(dy), _rows_contiguous(x)
     crow, col = crow.contiguous(), col.contiguous()
     if lib.csr_sddmm_tm(dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), n_tok, n_rows, n_cols,
-                        crow.data_ptr(), col.data_ptr(), out.data_ptr(), SDDMM_TILE, SDDMM_BLOCK,
+                        crow.data_ptr(), col.data_ptr(), out.data_ptr(), sddmm_tile(n_tok, n_cols),
                         torch.get_num_threads()):
-        raise MemoryError("csr_sddmm: could not allocate the kernel's block buffers")
+        raise MemoryError("csr_sddmm: could not allocate the kernel's tile buffers")
     return out
+
+
+def csr_transpose(crow: torch.Tensor, col: torch.Tensor,
+                  n_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The transposed pattern of a valid int32 CSR (n_rows × n_cols): (t_crow (n_cols+1,), t_row, t_perm (nnz,)).
+
+    Column j's entries are t_crow[j] .. t_crow[j+1]-1 with rows t_row ascending; t_perm[e] is the value
+    index of transposed entry e. int32 throughout. CPU: the compiled counting sort; else a stable argsort.
+    """
+    n_rows, nnz = crow.numel() - 1, col.numel()
+    lib = _library()[0] if crow.device.type == "cpu" else None
+    if lib is not None and crow.dtype == torch.int32 and col.dtype == torch.int32:
+        crow, col = crow.contiguous(), col.contiguous()
+        t_crow = torch.empty(n_cols + 1, dtype=torch.int32)
+        t_row, t_perm = torch.empty(nnz, dtype=torch.int32), torch.empty(nnz, dtype=torch.int32)
+        if lib.csr_transpose(crow.data_ptr(), col.data_ptr(), n_rows, n_cols, t_crow.data_ptr(), t_row.data_ptr(),
+                             t_perm.data_ptr()) == 0:
+            return t_crow, t_row, t_perm
+    rows = torch.repeat_interleave(torch.arange(n_rows, dtype=torch.int32, device=crow.device),
+                                   (crow[1:] - crow[:-1]).long())
+    perm = torch.argsort(col, stable=True)  # entries are sorted by (row, col): a stable sort by col gives (col, row)
+    t_crow = torch.zeros(n_cols + 1, dtype=torch.int64, device=crow.device)
+    torch.cumsum(torch.bincount(col.long(), minlength=n_cols), 0, out=t_crow[1:])
+    return t_crow.to(torch.int32), rows[perm].contiguous(), perm.to(torch.int32)

@@ -54,8 +54,13 @@ class FusedLinears(nn.Module):
     which computes the whole group once per distinct input tensor.
     """
 
-    def __init__(self, linears: list[PackedLinear], sparse: bool, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, linears: list[PackedLinear], sparse: bool, device: torch.device, dtype: torch.dtype,
+                 torch_csr: bool | None = None) -> None:
+        """`torch_csr`: keep S as a `torch.sparse_csr_tensor` computed by `kernels.spmm_cuda` (cuSPARSE
+        on CUDA) instead of the CPU kernel's buffers; None: on CUDA only. Tests set it on CPU, where
+        torch's CSR matmul (fp32 only) runs the same tensor code as the CUDA path."""
         super().__init__()
+        device = torch.device(device)
         first = linears[0]
         self.in_features = first.in_features
         self.outs = [lin.out_features for lin in linears]
@@ -73,10 +78,9 @@ class FusedLinears(nn.Module):
             crow_t = torch.cat(crow)
             col = torch.cat([lin.col_indices for lin in linears])
             values = torch.cat([lin.values for lin in linears])
-            if device.type == "cuda":  # cuSPARSE wants int32/int64 indices and the compute dtype
-                self.cuda_csr = torch.sparse_csr_tensor(
-                    crow_t.to(torch.int32), col.to(torch.int32), values.to(dtype),
-                    size=(self.offsets[-1], self.in_features), device=device)
+            if torch_csr if torch_csr is not None else device.type == "cuda":
+                self.cuda_csr = kernels.torch_csr(crow_t, col, values, (self.offsets[-1], self.in_features),
+                                                  device, dtype)
             else:  # the C kernel reads int32 row pointers, int16/int32 columns, fp32 values
                 crow_s, col_s, values_s, rows = kernels.sort_rows(crow_t.to(torch.int32), col, values.float())
                 self.register_buffer("crow", crow_s)  # rows stored by link count (see kernels.sort_rows)

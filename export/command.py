@@ -105,6 +105,8 @@ def export_command(
     opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 18; the exporter cannot go down to 17)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare exported logits with PyTorch."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    device: str | None = typer.Option(None, "--device", help="Also verify the packed file through the inference "
+                                      "runtime (dense and sparse backends) on this device: cpu, cuda, cuda:N."),
     json_path: str | None = typer.Option(None, "--json", help="Also write the summary as JSON ('-' = stdout)."),
 ) -> None:
     """Export a checkpoint as packed CSR + low-rank safetensors and/or a sparse ONNX graph."""
@@ -117,6 +119,8 @@ def export_command(
 
     if opset < MIN_OPSET:
         raise UserError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    if device is not None:
+        _check_device(device, verify, want_packed=fmt in ("safetensors", "all"))
     from chtsl_infer.checkpoint import check_checkpoint_dir
     from chtsl_infer.packed import is_packed_dir
 
@@ -131,7 +135,7 @@ def export_command(
     names += ["copy config + tokenizer"] + ["verify vs PyTorch"] * verify
     tmp = _make_temp_dir(out)
     try:
-        summary, checks = _run(ckpt, tmp, names, want_packed, want_onnx, dtype, opset, verify)
+        summary, checks = _run(ckpt, tmp, names, want_packed, want_onnx, dtype, opset, verify, device)
         failed = [c for c in checks if not c.ok]
         if not failed:
             try:
@@ -155,8 +159,24 @@ def export_command(
     console.print(f"exported to [bold]{out}[/]")
 
 
+def _check_device(device: str, verify: bool, want_packed: bool) -> None:
+    """`--device` names an available device and has a packed file to verify."""
+    import torch
+
+    if not verify or not want_packed:
+        raise UserError("--device verifies the packed safetensors: use it with --verify and --format safetensors|all")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+
+
 def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: bool, dtype: str, opset: int,
-         verify: bool) -> tuple[list[dict], list]:
+         verify: bool, device: str | None = None) -> tuple[list[dict], list]:
     """The export stages into `tmp`: returns (summary rows, verification checks)."""
     from transformers.utils import logging as hf_logging
 
@@ -213,12 +233,14 @@ def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: 
             _writing(lambda: copy_support_files(ckpt, tmp), tmp)
         if verify:
             with stages.stage("verify vs PyTorch"):
-                from export.verify import random_batches, reference_logits, verify_onnx, verify_packed
+                from export.verify import random_batches, reference_logits, verify_onnx, verify_packed, verify_runtime
 
                 batches = random_batches(model.config.vocab_size)
                 refs = reference_logits(model, batches)
                 if want_packed:
                     checks += verify_packed(tmp / WEIGHTS_NAME, batches, refs)
+                    if device is not None:
+                        checks += verify_runtime(tmp, batches, refs, device)
                 if want_onnx:
                     checks += verify_onnx(tmp / "model.onnx", batches, refs)
     return summary, checks

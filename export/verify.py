@@ -8,6 +8,9 @@ Each export is run on batches of shapes not used at export time (the ONNX graph 
                     computed in fp32; a max-abs bound would be dominated by single rounding
                     outliers in bf16's 8-bit mantissa)
   ONNX (fp32)       max |Δlogits| ≤ 1e-4 on every available execution provider
+  runtime (`--device`)  the packed file through the inference runtime's dense and sparse backends
+                    (fused groups, feature-major forward; cuSPARSE on CUDA) in fp32 on that device:
+                    max |Δlogits| ≤ 1e-4 for an fp32 file, else the packed fp16/bf16 bound
 """
 
 from __future__ import annotations
@@ -84,6 +87,27 @@ def verify_packed(path: str | Path, batches: list[torch.Tensor], refs: list[torc
         _compare("packed", runtime, ids, ref, model(input_ids=ids, use_cache=False).logits, metric, tol)
         for ids, ref in zip(batches, refs, strict=True)
     ]
+
+
+@torch.no_grad()
+def verify_runtime(directory: str | Path, batches: list[torch.Tensor], refs: list[torch.Tensor],
+                   device: str | torch.device) -> list[Check]:
+    """Loads the packed export in `directory` with the runtime's torch backends on `device` (fp32)
+    and compares their logits with the references (computed on CPU)."""
+    from chtsl_infer.packed import WEIGHTS_NAME, load_packed
+    from chtsl_infer.runtime import load_runtime
+
+    exact = load_packed(Path(directory) / WEIGHTS_NAME).dtype == torch.float32
+    metric, tol = ("max_abs", TOL_ONNX) if exact else ("rel", TOL_PACKED_REL)
+    device = torch.device(device)
+    checks = []
+    for backend in ("dense", "sparse"):
+        rt = load_runtime(directory, backend, device, torch.float32)
+        for ids, ref in zip(batches, refs, strict=True):
+            checks.append(_compare("packed", f"runtime {backend} {device.type}", ids, ref, rt.logits(ids).cpu(),
+                                   metric, tol))
+        del rt
+    return checks
 
 
 def verify_onnx(path: str | Path, batches: list[torch.Tensor], refs: list[torch.Tensor]) -> list[Check]:

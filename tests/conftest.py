@@ -52,3 +52,13 @@ def tiny_checkpoint(request, tmp_path_factory, bpe_tokenizer) -> Path:
     model.save_pretrained(path)
     bpe_tokenizer.save_pretrained(path)
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip, with the reason, on machines where torch sees no CUDA device (CI)."""
+    if torch.cuda.is_available():
+        return
+    why = f"needs CUDA: torch {torch.__version__} sees no CUDA device"
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.skip(reason=why))

@@ -91,6 +91,18 @@ def test_no_links_and_no_tokens() -> None:
     assert not values.grad.any() and x.grad.shape == (0, 5)
 
 
+@pytest.mark.parametrize("shape", [(5, 0), (0, 4), (0, 0)])
+def test_degenerate_shapes(shape) -> None:
+    """No columns and/or no rows: a zero (…, out) output, zero-size gradients, no kernel errors."""
+    st = CsrStructure.from_mask(torch.zeros(*shape, dtype=torch.bool))
+    x = torch.randn(2, 3, shape[1], requires_grad=True)
+    values = torch.zeros(0, requires_grad=True)
+    y = csr_linear(x, values, st)
+    assert y.shape == (2, 3, shape[0]) and not y.any()
+    y.sum().backward()
+    assert x.grad.shape == x.shape and not x.grad.any() and values.grad.shape == (0,)
+
+
 def test_x_without_grad_and_values_without_grad() -> None:
     gen = torch.Generator().manual_seed(3)
     mask = _mask(20, 30, 0.2, gen)
@@ -241,7 +253,7 @@ def test_compiled_training_kernels_are_in_use() -> None:
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(
-    ("tokens", "out_f", "in_f", "density", "block"),
+    ("tokens", "out_f", "in_f", "density", "tile_bytes"),
     [
         (1, 37, 29, 0.3, None),  # one token: tile 16, row chunks
         (5, 8, 8, 1.0, None),  # fully dense 8 × 8: one full transpose block
@@ -249,15 +261,16 @@ def test_compiled_training_kernels_are_in_use() -> None:
         (29, 61, 43, 0.2, None),  # one partial 32-token tile; rows and features not multiples of 8
         (64, 96, 80, 0.15, None),  # exactly one 64-token tile
         (131, 70, 120, 0.05, None),  # two full tiles and a 3-token tail
-        (200, 33, 19, 0.6, 64),  # SDDMM over 4 token blocks (the last partial), 8-link groups and tails
-        (300, 130, 41, 0.3, 128),  # blocks of two tiles; the last block a tail tile
+        (200, 33, 19, 0.6, None),  # SDDMM: 64-token tiles and an 8-token tail, 8-link groups and tails
+        (300, 130, 41, 0.3, 1),  # SDDMM forced to 32-token tiles; more rows per thread than a row chunk (64)
+        (100, 200, 1100, 0.02, None),  # wide input: SDDMM takes 32-token tiles by itself
         (70, 9, 300, 0.1, None),  # few rows, many columns: rows with ≥ 8 links on the transpose
     ],
 )
-def test_compiled_kernels_match_reference(tokens, out_f, in_f, density, block, threads, monkeypatch) -> None:
-    """csr_mm (forward and transposed) and csr_sddmm on every tile/tail/chunk/block path vs dense fp32."""
-    if block is not None:
-        monkeypatch.setattr(kernels, "SDDMM_BLOCK", block)
+def test_compiled_kernels_match_reference(tokens, out_f, in_f, density, tile_bytes, threads, monkeypatch) -> None:
+    """csr_mm (forward and transposed) and csr_sddmm on every tile/tail/chunk path vs dense fp32."""
+    if tile_bytes is not None:
+        monkeypatch.setattr(kernels, "SDDMM_TILE_BYTES", tile_bytes)
     gen = torch.Generator().manual_seed(tokens + out_f + in_f)
     mask = _mask(out_f, in_f, density, gen, empty_rows=out_f // 7, empty_cols=in_f // 9)
     st = CsrStructure.from_mask(mask)
@@ -299,3 +312,95 @@ def test_csr_linear_without_compiler_uses_torch_ops(lead, out_f, in_f, monkeypat
     monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler (test)"))
     assert kernels._use_compiled(torch.zeros(1)) is None
     _check(lead, out_f, in_f, 0.3, seed=out_f, empty_rows=2, empty_cols=2)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize(("lead", "out_f", "in_f", "density"), [((300,), 96, 130, 0.05), ((2, 7), 33, 50, 0.3),
+                                                                 ((1,), 8, 5, 0.5)])
+def test_csr_linear_cuda_matches_dense_masked(lead, out_f, in_f, density) -> None:
+    """On CUDA: cuSPARSE SpMM (forward, dx) and SDDMM (dvalues) vs the dense masked layer on the GPU."""
+    gen = torch.Generator().manual_seed(out_f)
+    mask = _mask(out_f, in_f, density, gen, empty_rows=2, empty_cols=2)
+    st = CsrStructure.from_mask(mask.cuda())
+    assert st.crow.is_cuda and torch.equal(st.to("cpu").to_mask(), mask)
+    w = torch.randn(out_f, in_f, generator=gen).cuda()
+    x = torch.randn(*lead, in_f, generator=gen).cuda()
+    dy = torch.randn(*lead, out_f, generator=gen).cuda()
+    values = w[mask.cuda()].clone().requires_grad_(True)
+    xs = x.clone().requires_grad_(True)
+    y = csr_linear(xs, values, st)
+    y.backward(dy)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference in full fp32
+    try:
+        y_ref, dx_ref, dv_ref = _reference(x, w, mask.cuda(), dy)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    _assert_close(y.detach(), y_ref)
+    _assert_close(xs.grad, dx_ref)
+    _assert_close(values.grad, dv_ref)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_csr_linear_cuda_autocast_bf16() -> None:
+    gen = torch.Generator().manual_seed(11)
+    mask = _mask(64, 48, 0.2, gen)
+    st = CsrStructure.from_mask(mask).to("cuda")
+    w = torch.randn(64, 48, generator=gen)
+    x = torch.randn(10, 48, generator=gen)
+    y_ref, _, _ = _reference(x, w, mask, torch.zeros(10, 64))
+    values = w[mask].cuda().requires_grad_(True)
+    xs = x.cuda().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = csr_linear(xs, values, st)
+    assert y.dtype == torch.float32  # an fp32 x stays fp32: csr_linear is not an autocast-cast op
+    y.sum().backward()
+    assert values.grad.dtype == torch.float32 and xs.grad.dtype == torch.float32
+    _assert_close(y.detach().cpu(), y_ref)
+
+
+def test_transpose_counting_sort_matches_argsort(monkeypatch) -> None:
+    """The compiled counting-sort transpose equals the torch (stable argsort) one, also with empty rows/cols."""
+    gen = torch.Generator().manual_seed(12)
+    mask = _mask(37, 23, 0.2, gen, empty_rows=4, empty_cols=3)
+    st = CsrStructure.from_mask(mask)
+    compiled = kernels.csr_transpose(st.crow, st.col, 23)
+    monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler (test)"))
+    fallback = kernels.csr_transpose(st.crow, st.col, 23)
+    for a, b in zip(compiled, fallback, strict=True):
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b)
+    empty = CsrStructure.from_mask(torch.zeros(3, 4, dtype=torch.bool))
+    assert empty.nnz == 0 and torch.equal(empty.t_crow, torch.zeros(5, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_no_dense_weight_sized_tensor_is_created(compiled, monkeypatch) -> None:
+    """Forward + backward create no strided float tensor as large as S (out × in): watched op by op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if not compiled:
+        monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler (test)"))
+    out_f, in_f, tokens = 64, 96, 3  # out × in = 6144 floats; activations ≤ 3 × 96, nnz ≈ 600
+    largest: list[int] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.is_floating_point():
+                    largest.append(t.numel())
+            return result
+
+    gen = torch.Generator().manual_seed(13)
+    st = CsrStructure.from_mask(_mask(out_f, in_f, 0.1, gen))
+    values = torch.randn(st.nnz, generator=gen, requires_grad=True)
+    x = torch.randn(tokens, in_f, generator=gen, requires_grad=True)
+    with Watch():
+        csr_linear(x, values, st).sum().backward()
+    assert largest and max(largest) < out_f * in_f // 4, max(largest)
+    assert values.grad is not None and x.grad is not None

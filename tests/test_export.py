@@ -94,6 +94,23 @@ def test_half_precision_export(flag: str, ckpt: Path, tmp_path: Path, capsys) ->
     assert 0 < rel.item() <= 1e-2
 
 
+@pytest.mark.parametrize("flag", ["fp32", "bf16"])
+def test_runtime_verification_on_a_device(flag: str, ckpt: Path, tmp_path: Path, capsys) -> None:
+    """`--device` adds the inference runtime's dense and sparse backends to the checks (CPU here;
+    the GPU check runs it with `--device cuda`)."""
+    code, out, _ = run(["export", str(ckpt), "--format", "safetensors", "--dtype", flag, "--device", "cpu",
+                        "--out", str(tmp_path / "out"), "--json", str(tmp_path / "s.json")], capsys)
+    assert code == 0, out
+    checks = json.loads((tmp_path / "s.json").read_text())["verification"]
+    runtime = [c for c in checks if c["runtime"].startswith("runtime")]
+    assert sorted({c["runtime"] for c in runtime}) == ["runtime dense cpu", "runtime sparse cpu"]
+    assert len(runtime) == 4 and all(c["ok"] for c in runtime)
+    if flag == "fp32":
+        assert all(c["metric"] == "max_abs" and c["max_abs"] <= 1e-4 for c in runtime)
+    else:  # bf16 values: the packed file's relative bound, and the rounding is visible
+        assert all(c["metric"] == "rel" and 0 < c["rel"] <= 1e-2 for c in runtime)
+
+
 def test_existing_output_needs_force(ckpt: Path, tmp_path: Path, capsys) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -116,6 +133,10 @@ def test_existing_output_needs_force(ckpt: Path, tmp_path: Path, capsys) -> None
         (["--format", "tflite"], "unknown format"),
         (["--dtype", "int8"], "unknown dtype"),
         (["--opset", "17"], "opset must be >= 18"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--device", "cpu", "--no-verify"], "--device verifies the packed safetensors"),
+        (["--device", "cpu", "--format", "onnx"], "--device verifies the packed safetensors"),
+        *([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []),
     ],
 )
 def test_bad_options(args: list[str], fragment: str, ckpt: Path, tmp_path: Path, capsys) -> None:

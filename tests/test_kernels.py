@@ -153,10 +153,37 @@ def test_kernel_builds_into_the_cache_dir_once(monkeypatch: pytest.MonkeyPatch, 
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built[0].name]  # no temp files left
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_csr_matches_dense() -> None:  # pragma: no cover - GPU machines only
+@pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32, torch.int64])
+def test_torch_csr_indices_and_matmul_on_cpu_tensors(col_dtype: torch.dtype) -> None:
+    """The CUDA path's tensor code (`torch_csr` + `spmm_cuda`) on CPU tensors, where torch's CSR
+    matmul runs in fp32: int32 indices whatever the packed dtype, values in the compute dtype."""
+    gen = torch.Generator().manual_seed(4)
+    crow, col, val, w = _random_csr(70, 50, 0.1, gen, empty_rows=6, col_dtype=col_dtype)
+    csr = kernels.torch_csr(crow.long(), col, val.double(), (70, 50), "cpu", torch.float32)
+    assert csr.layout == torch.sparse_csr and csr.shape == (70, 50)
+    assert csr.crow_indices().dtype == csr.col_indices().dtype == torch.int32
+    assert csr.values().dtype == torch.float32 and csr.values().numel() == val.numel()
+    x = torch.randn(50, 19, generator=gen)
+    torch.testing.assert_close(kernels.spmm_cuda(x, csr), w @ x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(csr.to_dense(), w, atol=0, rtol=0)
+    for dtype in (torch.bfloat16, torch.float16):  # half-precision storage (the matmul itself is CUDA-only)
+        half = kernels.torch_csr(crow, col, val, (70, 50), "cpu", dtype)
+        assert half.values().dtype == dtype and half.crow_indices().dtype == torch.int32
+        torch.testing.assert_close(half.to_dense().float(), w, atol=0, rtol=1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_csr_matches_dense(dtype: torch.dtype) -> None:  # pragma: no cover - GPU machines only
     gen = torch.Generator().manual_seed(5)
     crow, col, val, w = _random_csr(300, 200, 0.05, gen, empty_rows=9)
-    csr = torch.sparse_csr_tensor(crow, col.int(), val, size=(300, 200)).cuda()
+    csr = kernels.torch_csr(crow, col, val, (300, 200), "cuda", dtype)
     x = torch.randn(200, 77, generator=gen)
-    torch.testing.assert_close(kernels.spmm_cuda(x.cuda(), csr).cpu(), w @ x, atol=1e-4, rtol=1e-4)
+    y = kernels.spmm_cuda(x.to("cuda", dtype), csr)
+    assert y.dtype == dtype and y.is_cuda
+    ref = w @ x
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.cpu(), ref, atol=1e-4, rtol=1e-4)
+    else:  # inputs rounded to 8 (bf16) / 11 (fp16) mantissa bits: a relative bound on the whole output
+        rel = torch.linalg.vector_norm(y.float().cpu() - ref) / torch.linalg.vector_norm(ref)
+        assert rel <= 1e-2, rel

@@ -195,3 +195,27 @@ def test_tied_embeddings_share_storage() -> None:
     ids = _ids(1, 9)
     with torch.no_grad():
         torch.testing.assert_close(rt.logits(ids), model(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+def test_torch_csr_group_on_cpu_tensors() -> None:
+    """A fused group holding S as the CUDA path does (one int32 `torch.sparse_csr_tensor` over the
+    stacked members, `spmm_cuda`), built on CPU: same output as the dense group, memory counted."""
+    from chtsl_infer.runtime import resident_bytes
+
+    packed = pack_model(_model("chtsl"))
+    names = [f"model.layers.0.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj")]
+    linears = [packed.linears[n] for n in names]
+    cpu = torch.device("cpu")
+    group = FusedLinears(linears, sparse=True, device=cpu, dtype=torch.float32, torch_csr=True)
+    dense = FusedLinears(linears, sparse=False, device=cpu, dtype=torch.float32)
+    csr = group.cuda_csr
+    assert csr is not None and not hasattr(group, "crow")  # no CPU-kernel buffers
+    assert csr.crow_indices().dtype == csr.col_indices().dtype == torch.int32
+    assert csr.shape == (sum(group.outs), group.in_features) and csr.values().numel() == sum(lin.nnz for lin in linears)
+    x = torch.randn(group.in_features, 23, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(group.forward_fm(x), dense.forward_fm(x), atol=ATOL, rtol=0)
+    csr_bytes = sum(t.numel() * t.element_size() for t in (csr.crow_indices(), csr.col_indices(), csr.values()))
+    lowrank = sum(b.numel() * b.element_size() for b in group.buffers())
+    assert resident_bytes(group) == csr_bytes + lowrank
+    half = FusedLinears(linears, sparse=True, device=cpu, dtype=torch.bfloat16, torch_csr=True)
+    assert half.cuda_csr.values().dtype == half.lora_A.dtype == torch.bfloat16

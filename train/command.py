@@ -31,7 +31,7 @@ def train_command(
     packing: bool = typer.Option(False, "--packing", help="Concatenate documents instead of truncate/pad."),
     grad_clip: float | None = typer.Option(None, "--grad-clip", help="Max grad norm (0: off; cola: 0.5)."),
     num_layers: int | None = typer.Option(None, "--num-layers", help="Override the preset's number of blocks."),
-    dtype: str = typer.Option("auto", help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16."),
+    dtype: str = typer.Option("auto", help="auto (CUDA: bf16 autocast, CPU: fp32) | fp32 | bf16 (autocast; CPU too)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     seed: int = typer.Option(0, help="Seed of init, data order and topology."),
     sparse_storage: str = typer.Option(

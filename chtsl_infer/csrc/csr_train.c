@@ -11,19 +11,26 @@
  *
  * Training activations are token-major (N × K, a row per token), but a link (i, c) multiplies column c
  * of X across tokens, which token-major rows scatter K floats apart. Both kernels therefore work on
- * feature-major tiles of TILE tokens, transposed from X in 8 × 8 blocks (a few % of the arithmetic at
- * training densities — the transposes are K·N floats, the products nnz·N):
+ * feature-major tiles of TILE tokens, transposed from X in 8 × 8 blocks (at
+ * training densities the transposes — K·N floats moved vs 2·nnz·N flops — take 5–20 % of a kernel):
  *
  * csr_mm_tm: tasks = (token tile × row chunk). A task transposes X[t0:t0+TILE, :] into a (K × TILE)
  * buffer, then for each row i accumulates acc[0:TILE] += v · buf[c, 0:TILE] over its links (two
- * accumulator sets, even and odd links, so two loads are in flight) into an (8 × TILE) block, and
- * transposes each finished block of 8 rows into Y[t0:t0+TILE, i:i+8].
+ * accumulator sets, even and odd links, so two loads are in flight) into a (16 × TILE) block, and
+ * transposes each finished block of 16 rows into Y[t0:t0+TILE, i:i+16] (whole 64-byte lines of Y).
+ * TILE = 32 on AVX2 (64 needs 16 ymm accumulators and spills: measured 10–40 % slower).
  *
- * csr_sddmm_tm: token blocks of up to BLOCK tokens; per block, all threads transpose X and DY into
- * shared feature-major buffers (K × B and R × B, zero-padded to whole tiles), then each thread takes
- * a contiguous range of rows holding ~nnz/threads links (so it owns those outputs: no atomics), and
- * for each token tile and row i computes 8 links at a time: 8 accumulators acc_l += DYᵀ[i] · Xᵀ[c_l]
- * over the tile's vectors, reduced horizontally into 8 sums that are added to out[k:k+8].
+ * csr_sddmm_tm: each thread takes a contiguous range of rows holding ~nnz/threads links (so it owns
+ * those outputs: no atomics, no barriers) and walks all token tiles: it transposes the X tile
+ * (K × TILE, kept in L2) and, 64 rows at a time, its own rows of the DY tile (64 × TILE, in L1),
+ * then for each row i computes 8 links at a time — 8 accumulators acc_l += DYᵀ[i] · Xᵀ[c_l] over the
+ * tile's vectors, reduced horizontally into 8 sums added to out[k:k+8]. Every thread transposes the
+ * whole X tile (duplicate work, from cache); the first version shared one transposed block between
+ * threads and was 1.7× slower: its (K + R) × 1024-token buffers lived in L3, not L2.
+ *
+ * Measured on one AMD EPYC core (AVX2, loaded machine), 512 tokens, 5 % density, llama60m/130m
+ * shapes: 22–27 GFLOP/s for each kernel (dense MKL GEMM: ~60), i.e. each 0.05–0.06× the time of the
+ * dense layer's forward + backward (benchmarks/train_kernels.py).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,6 +47,8 @@ typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loads/stores */
 
 static inline long round_up(long n, long m) { return (n + m - 1) / m * m; }
+
+enum { SDDMM_ROW_CHUNK = 64 }; /* rows of DY transposed at once by csr_sddmm_tm (a tile of them stays in L1) */
 
 /* d[c * ldd + r] = s[r * lds + c] for r < nr, c < nc (nr, nc ≤ 8); full 8 × 8 blocks in registers. */
 static inline void transpose8(const float *s, long lds, float *d, long ldd, int nr, int nc) {
@@ -76,10 +85,24 @@ static inline void transpose8(const float *s, long lds, float *d, long ldd, int 
     for (int c = 0; c < nc; c++) d[(long)c * ldd + r] = s[(long)r * lds + c];
 }
 
-/* d (nc × nr, row stride ldd) = sᵀ for s (nr × nc, row stride lds), in 8 × 8 blocks. */
+/* d (nc × nr, row stride ldd) = sᵀ for s (nr × nc, row stride lds), in 8 × 8 blocks. Columns are
+ * taken 64 at a time, so each pass over 8 source rows reads whole cache lines and writes a
+ * destination slab (64 rows) that stays in L1. */
 static void transpose(const float *s, long lds, float *d, long ldd, int nr, int nc) {
-  for (int r = 0; r < nr; r += 8)
-    for (int c = 0; c < nc; c += 8)
+  for (int c0 = 0; c0 < nc; c0 += 64) {
+    int c1 = c0 + 64 < nc ? c0 + 64 : nc;
+    for (int r = 0; r < nr; r += 8)
+      for (int c = c0; c < c1; c += 8)
+        transpose8(s + (long)r * lds + c, lds, d + (long)c * ldd + r, ldd, nr - r < 8 ? nr - r : 8,
+                   c1 - c < 8 ? c1 - c : 8);
+  }
+}
+
+/* The same for a small source (in L1) and a wide destination: for each 8 columns of s, all of its
+ * rows, so destination lines (16 floats of one row) are completed one after another. */
+static void transpose_out(const float *s, long lds, float *d, long ldd, int nr, int nc) {
+  for (int c = 0; c < nc; c += 8)
+    for (int r = 0; r < nr; r += 8)
       transpose8(s + (long)r * lds + c, lds, d + (long)c * ldd + r, ldd, nr - r < 8 ? nr - r : 8,
                  nc - c < 8 ? nc - c : 8);
 }
@@ -89,9 +112,9 @@ static void transpose(const float *s, long lds, float *d, long ldd, int nr, int 
   static void mm_rows_##TILE(const float *buf, const int32_t *crow, const int32_t *col,              \
                              const float *val, float *y, long ldy, int i0, int i1, int nt) {         \
     enum { V = TILE / 8 };                                                                            \
-    float block[8 * TILE] __attribute__((aligned(32)));                                               \
-    for (int ib = i0; ib < i1; ib += 8) {                                                             \
-      int nr = i1 - ib < 8 ? i1 - ib : 8;                                                             \
+    float block[16 * TILE] __attribute__((aligned(32)));                                              \
+    for (int ib = i0; ib < i1; ib += 16) {                                                            \
+      int nr = i1 - ib < 16 ? i1 - ib : 16;                                                           \
       for (int r = 0; r < nr; r++) {                                                                  \
         int i = ib + r;                                                                               \
         v8 acc[V], acc2[V];                                                                           \
@@ -111,7 +134,7 @@ static void transpose(const float *s, long lds, float *d, long ldd, int nr, int 
         }                                                                                             \
         for (int v = 0; v < V; v++) ((v8 *)(block + r * TILE))[v] = acc[v] + acc2[v];                \
       }                                                                                               \
-      transpose(block, TILE, y + ib, ldy, nr, nt);                                                    \
+      transpose_out(block, TILE, y + ib, ldy, nr, nt);                                                \
     }                                                                                                 \
   }
 MM_ROWS(16)
@@ -123,7 +146,7 @@ int csr_mm_tm(const float *x, long ldx, int n_tok, int n_cols, const int32_t *cr
               const float *val, int n_rows, float *y, long ldy, int tile, int n_chunks, int n_threads) {
   int n_tiles = (n_tok + tile - 1) / tile;
   int rows_per_chunk = (n_rows + n_chunks - 1) / n_chunks;
-  rows_per_chunk = (int)round_up(rows_per_chunk, 8); /* whole 8-row output blocks */
+  rows_per_chunk = (int)round_up(rows_per_chunk, 16); /* whole 16-row output blocks: full lines of Y */
   int failed = 0;
   (void)n_threads;
 #pragma omp parallel num_threads(n_threads) reduction(| : failed)
@@ -179,13 +202,14 @@ static inline float hsum1(v8 a) {
 
 /* out[crow[i0] .. crow[i1]) += the links' dot products over one tile of TILE tokens. */
 #define SDDMM_ROWS(TILE)                                                                              \
-  static void sddmm_rows_##TILE(const float *dyt, const float *xt, long ld, const int32_t *crow,     \
+  static void sddmm_rows_##TILE(const float *dyt, int row0, const float *xt, const int32_t *crow,   \
                                 const int32_t *col, float *out, int i0, int i1) {                    \
+    enum { ld = TILE };                                                                               \
     enum { V = TILE / 8 };                                                                            \
     for (int i = i0; i < i1; i++) {                                                                   \
       int k = crow[i], end = crow[i + 1];                                                             \
       if (k == end) continue;                                                                         \
-      const v8 *d = (const v8 *)(dyt + (long)i * ld);                                                 \
+      const v8 *d = (const v8 *)(dyt + (long)(i - row0) * ld);                                        \
       for (; k + 7 < end; k += 8) {                                                                   \
         const v8 *p[8];                                                                               \
         v8 acc[8];                                                                                    \
@@ -221,23 +245,15 @@ static int row_at_link(const int32_t *crow, int n_rows, long target) {
   return lo;
 }
 
-/* out (nnz) is overwritten. Returns 0, or 1 when the block buffers could not be allocated. */
+/* out (nnz) is overwritten. Returns 0, or 1 when a tile buffer could not be allocated. */
 int csr_sddmm_tm(const float *dy, long lddy, const float *x, long ldx, int n_tok, int n_rows, int n_cols,
-                 const int32_t *crow, const int32_t *col, float *out, int tile, int block, int n_threads) {
+                 const int32_t *crow, const int32_t *col, float *out, int tile, int n_threads) {
   long nnz = crow[n_rows];
   memset(out, 0, sizeof(float) * (size_t)nnz);
   if (n_tok == 0 || nnz == 0) return 0;
-  block = (int)round_up(block < n_tok ? block : n_tok, tile);
-  float *xt = aligned_alloc(64, sizeof(float) * (size_t)n_cols * block);
-  float *dyt = aligned_alloc(64, sizeof(float) * (size_t)n_rows * block);
-  if (xt == NULL || dyt == NULL) {
-    free(xt);
-    free(dyt);
-    return 1;
-  }
-  int col_blocks = (n_cols + 7) / 8, row_blocks = (n_rows + 7) / 8;
+  int failed = 0;
   (void)n_threads;
-#pragma omp parallel num_threads(n_threads)
+#pragma omp parallel num_threads(n_threads) reduction(| : failed)
   {
     int n_thr = 1, tid = 0;
 #if defined(_OPENMP)
@@ -246,39 +262,52 @@ int csr_sddmm_tm(const float *dy, long lddy, const float *x, long ldx, int n_tok
 #endif
     int i0 = row_at_link(crow, n_rows, nnz * tid / n_thr);
     int i1 = tid == n_thr - 1 ? n_rows : row_at_link(crow, n_rows, nnz * (tid + 1) / n_thr);
-    for (int b0 = 0; b0 < n_tok; b0 += block) {
-      int nb = n_tok - b0 < block ? n_tok - b0 : block;
-      int nbp = (int)round_up(nb, tile);
-      /* feature-major copies of this block, tile by tile ([tile][feature][token]: a tile's slice is
-       * contiguous — rows of one tile at a stride of `block` floats would alias a few cache sets),
-       * 8 features per task; tokens nb..nbp are zeros */
-#pragma omp for schedule(static)
-      for (int task = 0; task < col_blocks + row_blocks; task++) {
-        int is_x = task < col_blocks, f0 = 8 * (is_x ? task : task - col_blocks);
-        int n_feat = is_x ? n_cols : n_rows, nf = n_feat - f0 < 8 ? n_feat - f0 : 8;
-        for (int t0 = 0; t0 < nbp; t0 += tile) {
-          int nt = nb - t0 < tile ? (nb - t0 > 0 ? nb - t0 : 0) : tile;
-          float *dst = (is_x ? xt : dyt) + (long)t0 * n_feat + (long)f0 * tile;
-          if (nt > 0)
-            transpose(is_x ? x + (long)(b0 + t0) * ldx + f0 : dy + (long)(b0 + t0) * lddy + f0,
-                      is_x ? ldx : lddy, dst, tile, nt, nf);
-          for (int f = 0; f < nf; f++) memset(dst + (long)f * tile + nt, 0, sizeof(float) * (tile - nt));
-        }
-      }
-      /* implicit barrier: the block is complete */
-      for (int t0 = 0; t0 < nbp; t0 += tile) {
-        const float *dyt0 = dyt + (long)t0 * n_rows, *xt0 = xt + (long)t0 * n_cols;
+    float *xt = aligned_alloc(64, sizeof(float) * round_up((long)n_cols * tile, 16));
+    float *dyt = aligned_alloc(64, sizeof(float) * SDDMM_ROW_CHUNK * tile);
+    failed = xt == NULL || dyt == NULL;
+    for (int t0 = 0; t0 < n_tok && !failed && i0 < i1; t0 += tile) {
+      int nt = n_tok - t0 < tile ? n_tok - t0 : tile;
+      transpose(x + (long)t0 * ldx, ldx, xt, tile, nt, n_cols);
+      if (nt < tile) /* a tail tile: zero tokens nt..tile (garbage there could be Inf · 0) */
+        for (int f = 0; f < n_cols; f++) memset(xt + (long)f * tile + nt, 0, sizeof(float) * (tile - nt));
+      for (int r0 = i0; r0 < i1; r0 += SDDMM_ROW_CHUNK) {
+        int r1 = r0 + SDDMM_ROW_CHUNK < i1 ? r0 + SDDMM_ROW_CHUNK : i1;
+        transpose(dy + (long)t0 * lddy + r0, lddy, dyt, tile, nt, r1 - r0);
+        if (nt < tile)
+          for (int f = 0; f < r1 - r0; f++) memset(dyt + (long)f * tile + nt, 0, sizeof(float) * (tile - nt));
         if (tile == 64)
-          sddmm_rows_64(dyt0, xt0, tile, crow, col, out, i0, i1);
+          sddmm_rows_64(dyt, r0, xt, crow, col, out, r0, r1);
         else if (tile == 32)
-          sddmm_rows_32(dyt0, xt0, tile, crow, col, out, i0, i1);
+          sddmm_rows_32(dyt, r0, xt, crow, col, out, r0, r1);
         else
-          sddmm_rows_16(dyt0, xt0, tile, crow, col, out, i0, i1);
+          sddmm_rows_16(dyt, r0, xt, crow, col, out, r0, r1);
       }
-#pragma omp barrier /* before the next block overwrites the buffers */
     }
+    free(xt);
+    free(dyt);
   }
-  free(xt);
-  free(dyt);
+  return failed;
+}
+
+/* The transpose of a CSR pattern (R × K) by a stable counting sort, O(nnz + K), single-threaded:
+ * t_crow (K + 1), t_row (nnz) the rows of each column ascending, t_perm (nnz) the value index of
+ * each transposed entry. Replaces torch's stable argsort (far slower at these sizes).
+ * Returns 0, or 1 when its (K) work array could not be allocated (outputs incomplete). */
+int csr_transpose(const int32_t *crow, const int32_t *col, int n_rows, int n_cols, int32_t *t_crow,
+                  int32_t *t_row, int32_t *t_perm) {
+  int32_t *next = malloc(sizeof(int32_t) * ((size_t)n_cols + 1));
+  if (next == NULL) return 1;
+  memset(t_crow, 0, sizeof(int32_t) * ((size_t)n_cols + 1));
+  int32_t nnz = crow[n_rows];
+  for (int32_t k = 0; k < nnz; k++) t_crow[col[k] + 1]++;
+  for (int c = 0; c < n_cols; c++) t_crow[c + 1] += t_crow[c];
+  memcpy(next, t_crow, sizeof(int32_t) * (size_t)n_cols);
+  for (int i = 0; i < n_rows; i++)
+    for (int32_t k = crow[i]; k < crow[i + 1]; k++) {
+      int32_t e = next[col[k]]++;
+      t_row[e] = i;
+      t_perm[e] = k;
+    }
+  free(next);
   return 0;
 }
