@@ -23,8 +23,9 @@ from chtsl_infer.layers import METHODS, STORAGES, SparseLowRankLinear, check_sto
 
 CHOICES = ("auto", *STORAGES)
 #: auto picks csr on CPU at or below this density of S (d_c = 1 − s) when the compiled kernels are
-#: available; measured with benchmarks/train_step.py (README, "Sparse storage in training").
-AUTO_CSR_MAX_DENSITY = 0.10
+#: available: the paper's CHTsL density (s = 0.95), where benchmarks/train_step.py compares the
+#: storages end to end (README, "Sparse storage in training"); denser S is not measured, so masked.
+AUTO_CSR_MAX_DENSITY = 0.05
 
 
 def check_choice(requested: str, method: str) -> None:
@@ -38,8 +39,8 @@ def check_choice(requested: str, method: str) -> None:
 def resolve_storage(requested: str, method: str, device: str, density: float) -> tuple[str, str]:
     """(storage, reason) for `--sparse-storage requested` of `method` on `device` at S density `density`.
 
-    auto: csr on CPU when the compiled CSR kernels load and density ≤ `AUTO_CSR_MAX_DENSITY` (where
-    csr was measured faster than masked); masked on CUDA (no GPU measurement yet says csr is faster
+    auto: csr on CPU when the compiled CSR kernels load and density ≤ `AUTO_CSR_MAX_DENSITY` (the
+    density where the storages were compared); masked on CUDA (no GPU measurement yet says csr is faster
     there), without the compiled kernels (the torch fallback is slower than dense GEMM), or above the
     threshold. Methods without a sparse branch are always `masked` (nothing to store).
     """
