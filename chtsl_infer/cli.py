@@ -16,6 +16,7 @@ from chtsl_infer.generate import generate_command
 from evals.command import eval_command
 from export.command import export_command
 from train.command import plot_command, train_command
+from train.sweep_command import sweep_command
 
 app = typer.Typer(
     name="chtsl",
@@ -52,6 +53,7 @@ def info_command(
 
 app.command("train")(train_command)
 app.command("plot")(plot_command)
+app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(sweep_command)
 app.command("export")(export_command)
 app.command("bench")(bench_command)
 app.command("generate")(generate_command)

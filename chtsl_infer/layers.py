@@ -361,14 +361,20 @@ class BranchRecorder:
     align_terms: list[torch.Tensor] = field(default_factory=list)
     ocr: dict[str, float] = field(default_factory=dict)
     cosine: dict[str, float] = field(default_factory=dict)
+    align: dict[str, float] = field(default_factory=dict)  # L_align^(l) of every hybrid layer (diagnostic)
 
     def record(self, layer: SparseLowRankLinear, sparse_out: torch.Tensor, lowrank_out: torch.Tensor) -> None:
         name = self.names[id(layer)]
+        term = None
         if name in self.align_names:
-            self.align_terms.append(alignment_loss(sparse_out, lowrank_out))
+            term = alignment_loss(sparse_out, lowrank_out)
+            self.align_terms.append(term)
         if self.diagnostics:
             self.ocr[name] = ocr(sparse_out, lowrank_out)
             self.cosine[name] = branch_cosine(sparse_out, lowrank_out)
+            # Measured for every hybrid layer, optimised or not, so methods can be compared.
+            with torch.no_grad():
+                self.align[name] = float(term if term is not None else alignment_loss(sparse_out, lowrank_out))
 
     def alignment(self) -> torch.Tensor | None:
         """Σ_l L_align^(l) over the recorded layers (None when no layer was aligned)."""

@@ -1,10 +1,12 @@
 """Paper presets (docs/method.md §4–§5): architecture, training recipe and the (s, r) table per s_total.
 
-Names are `<size>-<data>`, e.g. `llama60m-c4`, plus `tiny` for CPU runs and tests.
+Names are `<size>-<data>`, e.g. `llama60m-c4`, plus `tiny` for tests and `cpu60m` (the 60M
+model's layers, (s, r) and recipe on a 2-core CPU budget) for comparisons on a CPU.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +101,22 @@ def _make_presets() -> dict[str, Preset]:
         lr=3e-3, dense_lr=1e-3, sltrain_alpha=32.0, table=_one_to_one(128, 344, 4), align_lambda=0.3,
         data="builtin", tokenizer="bpe", vocab_size=4096, seq_len=128, batch_size=16, micro_batch_size=16,
         update_interval=20, restart_warmup=5, eval_every=100, save_every=100, ocr_every=25, eval_tokens=100_000,
+    )
+    # `cpu60m`: the 60M model's block shapes, so its per-layer (s, r) are the paper's OWT 60M ones
+    # (rank 16 at s_total 0.9, d_c : d_l = 1 : 1 at every s_total), in 1 block with 64-token
+    # sequences, a global batch of 6 and a 4096-token BPE: 1,000 steps fit in 10 minutes even on one
+    # CPU core (docs/sweep.md §4 gives the measured cost; a second block would not). λ keeps the
+    # 60M preset's effective alignment weight λ/√(B·N) (docs/method.md §2): its micro-batch × seq
+    # is 64 × 256, this one's 6 × 64.
+    ref = presets["llama60m-c4"]
+    seq, batch = 64, 6
+    presets["cpu60m"] = Preset(
+        name="cpu60m", hidden_size=ref.hidden_size, intermediate_size=ref.intermediate_size, num_layers=1,
+        num_heads=ref.num_heads, steps=1000, warmup=100, lr=ref.lr, dense_lr=ref.dense_lr,
+        sltrain_alpha=ref.sltrain_alpha, table=tables[("llama60m", "owt")],
+        align_lambda=round(ref.align_lambda * math.sqrt(batch * seq / (ref.micro_batch_size * ref.seq_len)), 4),
+        data="builtin", tokenizer="bpe", vocab_size=4096, seq_len=seq, batch_size=batch, micro_batch_size=batch,
+        update_interval=50, restart_warmup=10, eval_every=100, save_every=100, ocr_every=50, eval_tokens=10_000,
     )
     return presets
 

@@ -73,6 +73,10 @@ if ((REHEARSE)); then
   KERNELS=(--shapes llama60m --tokens 1,16 --repeats 2)
   TOPOLOGY=(--presets llama60m --blocks 1 --tokens 64 --repeats 1)
   RTE_LIMIT=(--limit 4)
+  CSR_TRAIN=(--steps 4 --num-layers 2 --seq-len 32 --batch-size 4 --eval-every 4 --save-every 4 --update-interval 2
+             --restart-warmup 1 --ocr-every 2 --eval-tokens 2000)
+  CSR_STEPS=4
+  DECODE=(--batch 1 --prompt-len 8 --new-tokens 4)
 else
   DEV=cuda BENCH_DTYPE=bfloat16 LIMIT_SCALE=${GPU_CHECK_LIMIT_SCALE:-1}
   # tiny preset as is (hidden 128, 4 blocks, batch 16 × 128 tokens), 100 steps, stopped at 50 and resumed
@@ -88,6 +92,9 @@ else
   KERNELS=()
   TOPOLOGY=(--repeats 2)
   RTE_LIMIT=()
+  CSR_TRAIN=(--steps 60)  # tiny preset, S trained as CSR values (issue 11), 3 topology updates
+  CSR_STEPS=60
+  DECODE=(--batch 1 --prompt-len 128 --new-tokens 64)  # generation with a KV cache (issue 14)
 fi
 BF16=bf16  # `chtsl train --dtype` spelling of bf16 autocast
 BUDGET=${BUDGET:-$((450 * LIMIT_SCALE))}
@@ -120,6 +127,14 @@ define_steps() {
   step kernels 120 'py "$REPO/benchmarks/kernels.py" --device "$DEV" "${KERNELS[@]}" \
     && if [[ $DEV == cuda ]]; then py "$REPO/benchmarks/kernels.py" --device cuda --dtype bfloat16; fi'
   step topology 150 'py "$REPO/benchmarks/topology.py" --device "$DEV" "${TOPOLOGY[@]}"'
+  # Features of other issues: skipped (77) until the checkout's CLI has them.
+  step csr_train 150 'chtsl train --help | grep -q -- --sparse-storage \
+      || { echo "skipped: no chtsl train --sparse-storage here"; exit 77; }; chtsl train --preset tiny --device "$DEV" --dtype "$BF16" \
+      --sparse-storage csr --no-progress --out "$W/tiny_csr" "${CSR_TRAIN[@]}" --json "$J/csr_train.json" \
+    && py "$W/py/check_run.py" "$W/tiny_csr" "$CSR_STEPS" "$J/csr_train.run.json"'
+  step bench_decode 150 'chtsl bench --help | grep -q -- --new-tokens \
+      || { echo "skipped: no chtsl bench --mode decode here"; exit 77; }; chtsl bench --mode decode --preset llama60m-c4 \
+      --backend dense,sparse --device "$DEV" --dtype "$BENCH_DTYPE" "${DECODE[@]}" --json "$J/bench_decode.json"'
 }
 
 # ----------------------------------------------------------------------------- machinery
@@ -237,7 +252,7 @@ if ((DRY)); then
   echo "gpu-check steps ($MODE; budget ${BUDGET}s; OUT=$OUT; eval data $DATA_DIR):"
   printf '  %s\n' "DEV=$DEV BENCH_DTYPE=$BENCH_DTYPE BF16=$BF16" "TINY=${TINY[*]}" "M60=${M60[*]}" \
     "PAPER=${PAPER[*]}" "ONNX_BENCH=${ONNX_BENCH[*]}" "KERNELS=${KERNELS[*]:-}" "TOPOLOGY=${TOPOLOGY[*]}" \
-    "RTE_LIMIT=${RTE_LIMIT[*]:-}"
+    "RTE_LIMIT=${RTE_LIMIT[*]:-}" "CSR_TRAIN=${CSR_TRAIN[*]}" "DECODE=${DECODE[*]}"
   define_steps
   [[ -z $ONLY ]] || for n in ${ONLY//,/ }; do
     [[ " ${STEP_NAMES[*]} " == *" $n "* ]] || { echo "error: unknown step $n; steps: ${STEP_NAMES[*]}" >&2; exit 2; }
@@ -295,9 +310,15 @@ chmod +x "$W/bin/chtsl" "$W/bin/py"
 export PATH="$W/bin:$PATH" PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export NO_COLOR=1 TERM=dumb COLUMNS=160 CHTSL_CACHE="$W/cache" CHTSL_CACHE_DIR="$W/cache"
-export W J DEV BF16 BENCH_DTYPE DATA_DIR REPO TINY_STEPS M60_STEPS
+# The dtype spelling each command takes (bf16 or bfloat16), read from its --help, so the script
+# follows a renaming of the CLI vocabulary; the defaults above stay if --help fails.
+dtype_name() { local h; h=$("$W/bin/chtsl" "$1" --help 2>/dev/null) || { echo "$2"; return; }
+  if grep -q bfloat16 <<<"$h"; then echo bfloat16; elif grep -q bf16 <<<"$h"; then echo bf16; else echo "$2"; fi; }
+BF16=$(dtype_name train "$BF16")
+[[ $BENCH_DTYPE == float32 ]] || BENCH_DTYPE=$(dtype_name bench "$BENCH_DTYPE")
+export W J DEV BF16 BENCH_DTYPE DATA_DIR REPO TINY_STEPS M60_STEPS CSR_STEPS
 # bash arrays cannot be exported: each step's shell gets them from this file
-declare -p TINY M60 PAPER ONNX_BENCH KERNELS TOPOLOGY RTE_LIMIT >"$W/arrays.sh"
+declare -p TINY M60 PAPER ONNX_BENCH KERNELS TOPOLOGY RTE_LIMIT CSR_TRAIN DECODE >"$W/arrays.sh"
 export BASH_ENV="$W/arrays.sh"
 
 # ----------------------------------------------------------------------------- Python helpers (stdlib + torch)
@@ -470,7 +491,7 @@ def bench(data):
                      "peak_gb": round(r.get("peak_memory_bytes", 0) / 1e9, 3),
                      "peak_ratio": r.get("peak_memory_ratio"), "model_mb": round(r.get("model_bytes", 0) / 1e6, 1),
                      **{k: r[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "latency_p50_ms",
-                                          "latency_p90_ms") if k in r}})
+                                          "latency_p90_ms", "latency_p50_s", "latency_p90_s") if k in r}})
     return {"settings": data.get("settings"), "rows": rows}
 
 

@@ -12,7 +12,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check.sh"
 STEPS = ("env", "pytest_cuda", "tiny_train", "eval_rte", "bench60", "bench130", "m60_train", "export", "bench_onnx",
-         "kernels", "topology")
+         "kernels", "topology", "csr_train", "bench_decode")
 NO_GPU = shutil.which("nvidia-smi") is None and not Path("/dev/nvidia0").exists()
 
 

@@ -206,6 +206,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path) -> None:
 
 
 def _cli_error(capsys, argv: list[str]) -> str:
+    capsys.readouterr()  # drop what earlier in-process runs printed (their run headers)
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2

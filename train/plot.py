@@ -34,6 +34,44 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def loss_figure(records: list[dict[str, Any]]):
+    """The loss figure: total (solid) and task (dashed) loss; the alignment value on a right axis,
+    in the legend (optimised: a line; diagnostic steps of every hybrid method: dots)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    losses = [r for r in records if r.get("loss") is not None]
+    steps = [r["step"] for r in losses]
+    # Total = task + λ·alignment: solid; task: dashed on top, so both stay visible when they coincide
+    # (λ = 0 or methods without the alignment loss).
+    aligned = any(r.get("align_loss") for r in losses)
+    ax.plot(steps, [r["loss"] for r in losses], color="tab:blue", lw=1.6,
+            label="total loss (task + λ·alignment)" if aligned else "total loss (= task loss: no alignment term)")
+    ax.plot(steps, [r["task_loss"] for r in losses], color="tab:orange", lw=1.0, ls="--", label="task loss")
+    handles, labels = ax.get_legend_handles_labels()
+    align_opt = [(r["step"], r["align_loss"]) for r in losses if r.get("align_loss")]
+    align_diag = [(r["step"], r["align_value"]) for r in records if r.get("align_value") is not None]
+    if align_opt or align_diag:
+        ax2 = ax.twinx()
+        if align_opt:
+            ax2.plot(*zip(*align_opt, strict=True), color="tab:green", lw=0.8,
+                     label="alignment Σ_l ||S−L||_F/(B·N) (optimised, right axis)")
+        if align_diag:
+            ax2.plot(*zip(*align_diag, strict=True), color="tab:green", lw=0, marker=".", ms=5,
+                     label="alignment, diagnostic steps" + ("" if align_opt else " (not optimised)") + " (right axis)")
+        ax2.set_ylabel("alignment value")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    for r in records:
+        if r.get("topology"):
+            ax.axvline(r["step"], color="grey", lw=0.5, alpha=0.4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend(handles, labels, loc="upper right", fontsize="small")
+    ax.set_title("training loss (grey: topology updates)")
+    return fig
+
+
 def plot_run(metrics: Path, out_dir: Path) -> list[Path]:
     """Writes loss.png, val_ppl.png (when evaluated) and ocr.png (when logged) into `out_dir`."""
     import matplotlib
@@ -45,22 +83,7 @@ def plot_run(metrics: Path, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    steps = [r["step"] for r in records if r.get("loss") is not None]
-    ax.plot(steps, [r["loss"] for r in records if r.get("loss") is not None], label="total loss", lw=1)
-    ax.plot(steps, [r["task_loss"] for r in records if r.get("loss") is not None], label="task loss", lw=1)
-    if any(r.get("align_loss") for r in records):
-        ax2 = ax.twinx()
-        ax2.plot(steps, [r.get("align_loss", 0.0) for r in records if r.get("loss") is not None],
-                 color="tab:green", lw=0.8, label="alignment loss")
-        ax2.set_ylabel("alignment loss")
-    for r in records:
-        if r.get("topology"):
-            ax.axvline(r["step"], color="grey", lw=0.5, alpha=0.4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend(loc="upper right")
-    ax.set_title("training loss (grey: topology updates)")
+    fig = loss_figure(records)
     written.append(_save(fig, out_dir / "loss.png"))
     plt.close(fig)
 

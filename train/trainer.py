@@ -395,17 +395,24 @@ def _run(
                     if src.is_file():
                         shutil.copy2(src, out / name)
             _truncate_metrics(out / "metrics.jsonl", start_step)
+        else:
+            # Lines of a run killed before its first checkpoint: no checkpoint backs them.
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     log = MetricsLog(out, info.is_main)
     hybrid = {n: m for n, m in model.chtsl_layers().items() if m.has_sparse and m.has_lowrank}
     align_names = set(model.align_layers())
     lam = float(config.chtsl["align_lambda"]) if align_names else 0.0
     run_args = asdict(args)
     trainable = model.trainable_linear_params()
+    align_weights = effective_align_weights(lam, args.micro_batch_size, args.seq_len,
+                                            {n: hybrid[n].out_features for n in align_names})
+    if info.is_main:
+        print_header(args, config, trainable, hybrid, lam, align_weights, resumed_at=start_step if resume_dir else None)
     if info.is_main and not resume_dir:
         log.write({"event": "start", "unigram_ppl": data.unigram_ppl, "trainable_linear_params": trainable,
                    "train_rows": data.train_rows, "train_tokens": data.train_tokens, "world_size": info.world,
-                   "args": run_args, "s_total": config.chtsl["s_total"], "sparse_storage": storage,
-                   "sparse_storage_reason": storage_why})
+                   "args": run_args, "s_total": config.chtsl["s_total"], "align_weight": align_weights,
+                   "sparse_storage": storage, "sparse_storage_reason": storage_why})
     elif info.is_main:
         log.write({"event": "resume", "from_step": start_step, "sparse_storage": storage,
                    "sparse_storage_reason": storage_why})
@@ -449,6 +456,7 @@ def _run(
             sums = torch.zeros(2, dtype=torch.float64)  # task NLL sum, alignment sum
             ocr_vals: dict[str, float] = {}
             cos_vals: dict[str, float] = {}
+            align_vals: dict[str, float] = {}
             for i, b in enumerate(batches):
                 sync = i == len(batches) - 1 or not info.distributed
                 ctx = nullcontext() if sync else ddp_model.no_sync()
@@ -465,13 +473,16 @@ def _run(
                 sums[0] += float(nll.detach())
                 sums[1] += float(align.detach()) if align is not None else 0.0
                 if rec.ocr:
-                    ocr_vals, cos_vals = dict(rec.ocr), dict(rec.cosine)
+                    ocr_vals, cos_vals, align_vals = dict(rec.ocr), dict(rec.cosine), dict(rec.align)
             sums = dist_utils.all_reduce_sum(sums, info)
             task = sums[0].item() / n_targets
             align_mean = sums[1].item() / (n_micro * info.world)
             total = task + lam * align_mean
             if not math.isfinite(total):
                 stopped = "nan"
+                # Logged after the last checkpoint's step: a resume drops it, `chtsl sweep` reads it.
+                log.write({"event": "diverged", "step": step, "loss": None, "task_loss": _finite(task),
+                           "align_loss": _finite(align_mean)})
                 err_console.print(f"[bold red]error:[/] non-finite loss ({total}) at step {step}; training stopped, "
                                   f"the last good checkpoint in {out} is kept", highlight=False, soft_wrap=True)
                 break
@@ -498,7 +509,9 @@ def _run(
             dt = time.perf_counter() - t0
             record.update(tokens=tokens_seen, tokens_per_s=step_tokens / dt, step_time_s=dt)
             if ocr_vals:
-                record.update(ocr=ocr_vals, cosine=cos_vals)
+                # align: L_align^(l) of every hybrid layer on the first micro-batch (optimised or not);
+                # align_value: their sum, comparable across methods (align_loss is what was optimised).
+                record.update(ocr=ocr_vals, cosine=cos_vals, align=align_vals, align_value=sum(align_vals.values()))
                 record.setdefault("density", _density(model))
             if step % args.eval_every == 0 or step == args.steps:
                 last_val = evaluate()
@@ -522,6 +535,46 @@ def _run(
         wall_s=wall, tokens_per_s=compute_tokens / wall if wall > 0 else 0.0, topology_updates=n_updates,
         updates_changed_masks=changed, out=str(out), stopped=stopped, history=history,
     )
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def effective_align_weights(lam: float, micro_batch: int, seq_len: int, outs: dict[str, int]) -> dict[str, float]:
+    """λ/√(B·N_l) per aligned layer type: the weight of RMS(S_l − L_l) in λ·L_align^(l).
+
+    `L_align^(l) = ||S_l − L_l||_F / (B·N_l)` with B = micro-batch (sequences per forward) and
+    N_l = seq_len · out_l equals RMS(S_l − L_l)/√(B·N_l): for a fixed λ its pull on the branches,
+    relative to the (mean) task loss, shrinks like 1/√(B·N) (docs/sweep.md). `outs`: layer name → out.
+    """
+    weights: dict[str, float] = {}
+    for name, out in sorted(outs.items()):
+        kind = name.rsplit(".", 1)[-1]
+        weights.setdefault(kind, lam / math.sqrt(micro_batch * seq_len * out))
+    return weights
+
+
+def print_header(args: TrainArgs, config: Any, trainable: int, hybrid: dict[str, Any], lam: float,
+                 align_weights: dict[str, float], resumed_at: int | None) -> None:
+    """The run header (stderr): recipe in one line, and how the alignment loss acts in this run."""
+    head = (f"chtsl train · {config.method} · preset {args.preset} · s_total {config.chtsl['s_total']:.4f} · "
+            f"{trainable:,} trainable linear params · {args.steps} steps · batch {args.batch_size} × seq "
+            f"{args.seq_len} (micro-batch {args.micro_batch_size}) · lr {args.lr:g} · seed {args.seed}")
+    if resumed_at is not None:
+        head += f" · resumed at step {resumed_at}"
+    err_console.print(head, highlight=False, soft_wrap=True)
+    if align_weights:
+        by_weight: dict[float, list[str]] = {}
+        for kind, w in align_weights.items():
+            by_weight.setdefault(w, []).append(kind.removesuffix("_proj"))
+        parts = ", ".join(f"{w:.3g} ({'/'.join(k)})" for w, k in by_weight.items())
+        err_console.print(f"alignment: λ = {lam:g} on Σ_l ||S_l − L_l||_F/(B·N_l), B = micro-batch "
+                          f"{args.micro_batch_size}, N_l = {args.seq_len}·out_l: effective weight λ/√(B·N_l) "
+                          f"on RMS(S_l − L_l) = {parts}", highlight=False, soft_wrap=True)
+    elif hybrid:
+        err_console.print(f"alignment: not optimised by {config.method}; its value is logged every "
+                          f"{args.ocr_every} steps with OCR and cosine", highlight=False, soft_wrap=True)
 
 
 def _density(model: torch.nn.Module) -> float:
