@@ -1,7 +1,8 @@
 """chtsl_infer: the CHTsL layer, the model and its config, presets, sparse formats and runtime.
 
 Importing it registers `ChtslConfig` / `ChtslLlamaForCausalLM` with transformers' Auto classes,
-so `AutoModelForCausalLM.from_pretrained("ckpt/")` loads a CHTsL checkpoint without remote code.
+so `AutoModelForCausalLM.from_pretrained("ckpt/", use_safetensors=True)` loads a CHTsL checkpoint
+without remote code (and never a pickle).
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM

@@ -20,6 +20,7 @@ steps after 1 warm-up (on CUDA seq 256, 20 after 5). The paper's protocol is `--
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from typing import Annotated, Any
 
 import typer
 
-from chtsl_infer.console import UserError, console, write_json
+from chtsl_infer.console import UserError, check_output_file, console, write_json
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -54,15 +55,20 @@ def _ckpt_config(path: Path):  # -> ChtslConfig
     """The config of a checkpoint or packed export, read without loading any weight."""
     from safetensors import safe_open
 
-    from chtsl_infer.configuration import ChtslConfig
+    from chtsl_infer.checkpoint import config_from_dict, read_config
     from chtsl_infer.packed import WEIGHTS_NAME, is_packed_dir
 
     if is_packed_dir(path):
         with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
-            return ChtslConfig.from_dict(json.loads((f.metadata() or {})["config"]))
+            text = (f.metadata() or {}).get("config")
+        try:
+            raw = json.loads(text or "")
+        except json.JSONDecodeError:
+            raise UserError(f"{path / WEIGHTS_NAME}: invalid config in metadata") from None
+        return config_from_dict(raw, f"{path / WEIGHTS_NAME}: the config in its metadata")
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json")
-    return ChtslConfig.from_json_file(str(path / "config.json"))
+    return read_config(path)
 
 
 def peak_tensor_bytes(forward: Callable[[], object], kept_bytes: int) -> int:
@@ -217,6 +223,7 @@ def bench_command(
     dtype: Annotated[str | None, typer.Option(help="float32|bfloat16|float16 (CPU fp32, CUDA bf16).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds allowed per configuration.")] = 1800.0,
+    force: Annotated[bool, typer.Option("--force", help="Let --json replace an existing file.")] = False,
 ) -> None:
     """Tokens/s and peak memory per backend, as ratios to the dense model of the same shape."""
     import torch
@@ -232,6 +239,9 @@ def bench_command(
             raise UserError(f"{name} must be positive, got {value}")
     if warmup is not None and warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {warmup}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise UserError(f"--timeout must be a positive number of seconds, got {timeout}")
+    check_output_file(json_path, force)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
         raise UserError(f"unknown device {device!r}; valid: cpu, cuda")
@@ -258,16 +268,21 @@ def bench_command(
     if ckpt is None:
         try:
             get_preset(preset)
-            _config_for({"preset": preset, "method": method, "s_total": s_total})
+            config = _config_for({"preset": preset, "method": method, "s_total": s_total})
         except ValueError as e:
             raise UserError(str(e)) from None
+    else:
+        config = _ckpt_config(ckpt)
     cpu = device == "cpu"
+    n_seq = seq or (32 if cpu else 256)
+    if n_seq > config.max_position_embeddings:
+        raise UserError(f"--seq {n_seq} exceeds the model's {config.max_position_embeddings} positions")
     if cpu:  # build the sparse kernel once here (first use only), not in each worker
         from chtsl_infer import kernels
 
         kernels.cpu_kernel_status()
     common = {
-        "batch": batch, "seq": seq or (32 if cpu else 256), "steps": steps or (3 if cpu else 20),
+        "batch": batch, "seq": n_seq, "steps": steps or (3 if cpu else 20),
         "warmup": (1 if cpu else 5) if warmup is None else warmup, "device": device, "dtype": dtype,
         "preset": preset, "s_total": s_total, "ckpt": str(ckpt) if ckpt else None,
     }
@@ -300,7 +315,7 @@ def bench_command(
         r["peak_tensor_ratio"] = r["peak_tensor_bytes"] / max(base["peak_tensor_bytes"], 1)
         r["model_memory_ratio"] = r["model_bytes"] / base["model_bytes"]
     _print_table(results, common)
-    write_json({"settings": common, "results": results}, json_path)
+    write_json({"settings": common, "results": results}, json_path, force)
 
 
 def _print_table(results: list[dict[str, Any]], settings: dict[str, Any]) -> None:

@@ -7,8 +7,10 @@ this module only wires them into one app, keeping heavy imports inside the comma
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import typer
+from rich.markup import escape
 
 from chtsl_infer.bench import bench_command
 from chtsl_infer.console import UserError, console, err_console, write_json
@@ -60,13 +62,34 @@ app.command("generate")(generate_command)
 app.command("eval")(eval_command)
 
 
+def _one_line(message: str) -> str:
+    """`message` folded onto one line (a multi-line library message would break the convention)."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def error_exit(message: str) -> NoReturn:
+    """Prints `error: MESSAGE` as one line on stderr and exits with code 2."""
+    err_console.print(f"[bold red]error:[/] {_one_line(message)}", highlight=False, soft_wrap=True, markup=True)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `chtsl` script: runs the app, turning `UserError` into one line + exit 2."""
+    """Entry point of the `chtsl` script: runs the app; bad input (a `UserError`, or a usage error
+    Click would print as a box) becomes one line `error: ...` and exit code 2."""
     try:
-        app(args=argv, prog_name="chtsl")
+        code = app(args=argv, prog_name="chtsl", standalone_mode=False)
+    except typer.TyperException as e:  # Click's usage errors: unknown option, bad value, missing argument
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `chtsl`: the help, as Click prints it
+            e.show()
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        error_exit(escape(e.format_message()) + where)
+    except typer.Abort:  # Ctrl-C at a prompt
+        sys.exit(130)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        error_exit(escape(str(e)))
+    sys.exit(code if isinstance(code, int) else 0)  # as Click's standalone mode: always SystemExit
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Annotated
@@ -31,8 +32,8 @@ def generate_command(
         raise UserError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature must be >= 0 and finite (0: greedy), got {temperature}")
     if device not in ("cpu", "cuda"):
         raise UserError(f"unknown device {device!r}; valid: cpu, cuda")
     if device == "cuda" and not torch.cuda.is_available():

@@ -333,10 +333,14 @@ def load_packed(path: str | Path) -> PackedModel:
     dtype = DTYPES.get(metadata.get("dtype", ""))
     if dtype is None:
         raise UserError(f"{p}: unknown dtype {metadata.get('dtype')!r} in metadata; valid: {', '.join(DTYPES)}")
+    from chtsl_infer.checkpoint import check_finite, config_from_dict
+
     try:
-        config = ChtslConfig.from_dict(json.loads(metadata["config"]))
-    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raw = json.loads(metadata["config"])
+    except (KeyError, json.JSONDecodeError, TypeError) as e:
         raise UserError(f"{p}: invalid config in metadata ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    config = config_from_dict(raw, f"{p}: the config in its metadata")
+    check_finite(tensors, p)
 
     layers, dense_shapes = _expected_layout(config)
     remaining = dict(tensors)

@@ -443,13 +443,20 @@ def _onnx_runtime(path: Path, device: torch.device, dtype: torch.dtype) -> Runti
         providers.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(onnx_file), options, providers=providers)
     config_file = onnx_file.parent / "config.json"
     if config_file.is_file():
-        config = ChtslConfig.from_json_file(str(config_file))
+        from chtsl_infer.checkpoint import read_config
+
+        config = read_config(config_file)
     else:
         from chtsl_infer.packed import load_packed
         config = load_packed(onnx_file.parent).config
+    ort.set_default_logger_severity(4)  # its own log lines would precede our one-line error
+    try:
+        session = ort.InferenceSession(str(onnx_file), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... for bad bytes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{onnx_file}: not a loadable ONNX model ({first})") from None
     return Runtime(backend="onnx", device=device, dtype=dtype, config=config, session=session,
                    model_bytes=onnx_file.stat().st_size)
 

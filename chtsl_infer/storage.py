@@ -14,7 +14,6 @@ are re-laid out through the support, which both storages hold exactly.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,29 +94,6 @@ def check_model_csr(model: torch.nn.Module) -> None:
         if layer.storage == "csr":
             check_csr(name, layer.crow_indices, layer.col_indices, layer.values, layer.out_features,
                       layer.in_features)
-
-
-def check_csr_checkpoint(path: str | Path, model: torch.nn.Module) -> None:
-    """ValueError naming the first csr layer of `model` (built from the checkpoint's config, e.g. on
-    the meta device) whose CSR in `path/model.safetensors` is missing, corrupt or of the wrong nnz.
-    Reads only the index and value tensors of csr layers (∝ nnz)."""
-    from safetensors import safe_open
-
-    layers = {n: m for n, m in model.chtsl_layers().items() if m.storage == "csr"}
-    if not layers:
-        return
-    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
-        keys = set(f.keys())
-        for name, layer in layers.items():
-            parts = [f"{name}.{k}" for k in ("crow_indices", "col_indices", "values")]
-            missing = [k for k in parts if k not in keys]
-            if missing:
-                raise ValueError(f"layer {name}: {missing[0]} is missing")
-            crow, col, values = (f.get_tensor(k) for k in parts)
-            check_csr(name, crow, col, values, layer.out_features, layer.in_features)
-            if col.numel() != layer.values.numel():
-                raise ValueError(f"layer {name}: {col.numel()} links, the config's csr layer has "
-                                 f"{layer.values.numel()}")
 
 
 # ----------------------------------------------------------------------------- conversions

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from chtsl_infer.console import UserError, console, err_console, write_json
+from chtsl_infer.console import UserError, check_output_file, console, err_console, write_json
 
 BACKENDS = ("dense", "sparse", "onnx", "auto")  # dense: the checkpoint's model; others: chtsl_infer.runtime
 DTYPES = ("float32", "bfloat16", "float16")
@@ -26,6 +26,8 @@ def _device(device: str | None) -> str:
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise UserError(f"unknown --device {device!r}; valid: cpu, cuda, cuda:N, auto")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
     return device
@@ -72,7 +74,8 @@ def _load(ckpt: Path, backend: str, device: str, dtype: str):
 
 
 def run_tasks(ckpt: Path, tasks: str, *, data_dir: Path | None, batch_size: int, limit: int | None, device: str,
-              dtype: str, backend: str, output: Path | None, log_samples: bool) -> dict[str, Any]:
+              dtype: str, backend: str, output: Path | None, log_samples: bool, force: bool = False
+              ) -> dict[str, Any]:
     """Runs lm-eval on `tasks` and prints the results table; returns lm-eval's results dict."""
     if data_dir is not None:
         if not data_dir.is_dir():
@@ -96,7 +99,7 @@ def run_tasks(ckpt: Path, tasks: str, *, data_dir: Path | None, batch_size: int,
     table = harness.results_table(rows, f"{ckpt} · zero-shot · lm-eval {results.get('lm_eval_version', '')}")
     (err_console if str(output) == "-" else console).print(table)  # stdout is the JSON's with --output -
     if output is not None:
-        for path in harness.write_results(results, output, log_samples):
+        for path in harness.write_results(results, output, log_samples, force):
             err_console.print(f"wrote {path}", highlight=False)
     return results
 
@@ -134,7 +137,7 @@ def validation_spec(ckpt: Path, config, *, data: str | None, max_tokens: int | N
 
 
 def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, device: str, backend: str,
-                   output: Path | None) -> dict[str, Any]:
+                   output: Path | None, force: bool = False) -> dict[str, Any]:
     """Validation perplexity as the trainer computes it (same data, tokenization, batches, function)."""
     from evals.perplexity import perplexity
     from train.data import validation_batches
@@ -168,7 +171,7 @@ def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, devi
     table.add_row(spec.data, str(spec.seq_len), f"{result.tokens:,}", f"{result.nll:.4f}", f"{result.ppl:.4f}",
                   "—" if trainer_ppl is None else f"{trainer_ppl:.4f}")
     (err_console if str(output) == "-" else console).print(table)  # stdout is the JSON's with --output -
-    write_json(report, output)
+    write_json(report, output, force, "--output")
     return report
 
 
@@ -191,6 +194,7 @@ def eval_command(
     log_samples: Annotated[
         bool, typer.Option("--log-samples", help="Also write per-sample records (JSONL) beside --output.")
     ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Let --output replace an existing file.")] = False,
     ppl: Annotated[bool, typer.Option("--perplexity", help="Validation perplexity instead of lm-eval tasks.")] = False,
     data: Annotated[
         str | None,
@@ -215,8 +219,11 @@ def eval_command(
         raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     if log_samples and (output is None or str(output) == "-"):
         raise UserError("--log-samples needs --output FILE (the samples go beside it)")
-    if output is not None and str(output) != "-" and not output.parent.is_dir():
-        raise UserError(f"--output {output}: the directory {output.parent} does not exist")
+    check_output_file(output, force, "--output")
+    if log_samples and output is not None:
+        from evals.harness import samples_path
+
+        check_output_file(samples_path(output), force, "--output")
     if ppl == (tasks is not None):
         raise UserError("pass either --tasks NAMES (lm-eval) or --perplexity (see --list-tasks for names)")
     if ppl:
@@ -224,9 +231,10 @@ def eval_command(
             raise UserError("--data-dir, --limit and --log-samples are for --tasks; --perplexity uses --data")
         if dtype != "float32":
             raise UserError("--dtype is for --tasks; --perplexity computes as the trainer (fp32, CUDA: bf16 autocast)")
-        run_perplexity(ckpt, data=data, max_tokens=max_tokens, device=device, backend=backend, output=output)
+        run_perplexity(ckpt, data=data, max_tokens=max_tokens, device=device, backend=backend, output=output,
+                       force=force)
         return
     if data is not None or max_tokens is not None:
         raise UserError("--data and --max-tokens are for --perplexity; lm-eval tasks use --data-dir")
     run_tasks(ckpt, tasks, data_dir=data_dir, batch_size=batch_size, limit=limit, device=device, dtype=dtype,
-              backend=backend, output=output, log_samples=log_samples)
+              backend=backend, output=output, log_samples=log_samples, force=force)

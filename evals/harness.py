@@ -78,6 +78,10 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "wsc": ("text", "span1_text", "span2_text", "span2_index", "label"),
     "hellaswag": ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
 }
+# classes of each task's integer `label` (hellaswag's hub labels are the strings "0".."3")
+N_LABELS: dict[str, int] = {"mnli": 3, "mnli_mismatch": 3, "cb": 3, "hellaswag": 4}
+INT_COLUMNS = frozenset({"start1", "end1", "span2_index"})
+LIST_COLUMNS = frozenset({"endings"})
 BOOTSTRAP_ITERS = 1000  # lm-eval's default 100000 takes over an hour for qqp's f1 stderr on 2 CPU cores
 
 
@@ -178,12 +182,40 @@ def check_data_file(task: str, path: Path) -> int:
             if missing:
                 raise UserError(f"{path}:{lineno} lacks {', '.join(missing)} "
                                 f"(task {task!r} reads {', '.join(need)})")
+            problem = _row_problem(task, record, need)
+            if problem:
+                raise UserError(f"{path}:{lineno}: {problem} (task {task!r})")
             rows += 1
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     if rows == 0:
         raise UserError(f"{path} has no examples")
     return rows
+
+
+def _row_problem(task: str, record: dict[str, Any], need: tuple[str, ...]) -> str | None:
+    """Why lm-eval could not score this row (a label outside the task's classes, a null or
+    non-text field), or None. lm-eval itself would crash (IndexError) or score it silently."""
+    n = N_LABELS.get(task, 2)
+    label = record["label"]
+    if task == "hellaswag" and isinstance(label, str) and label.isdigit():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n:
+        return f"label {record['label']!r} is not one of the task's classes 0..{n - 1}"
+    for column in need:
+        value = record[column]
+        if column == "label":
+            continue
+        if column in INT_COLUMNS:
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif column in LIST_COLUMNS:
+            ok = isinstance(value, list) and len(value) == n and all(isinstance(v, str) for v in value)
+            kind = f"a list of {n} strings"
+        else:
+            ok, kind = isinstance(value, str), "a string"
+        if not ok:
+            return f"{column} is {value!r}, not {kind}"
+    return None
 
 
 def task_configs(tasks: Iterable[str], data_dir: Path | None) -> list[dict[str, Any]]:
@@ -352,14 +384,14 @@ def samples_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}.samples.jsonl")
 
 
-def write_results(results: dict[str, Any], output: str | Path, log_samples: bool) -> list[Path]:
+def write_results(results: dict[str, Any], output: str | Path, log_samples: bool, force: bool = False) -> list[Path]:
     """Writes lm-eval's results JSON to `output` ("-": stdout) and, with `log_samples`, the
     per-sample records beside it (`samples_path`: one JSON object per line, with a `task` field).
 
     All or nothing: every file is written to a temporary name first, then renamed into place.
     Returns the paths written.
     """
-    from chtsl_infer.console import write_json
+    from chtsl_infer.console import check_output_file, write_json
 
     summary = _jsonable({k: v for k, v in results.items() if k != "samples"})
     if str(output) == "-":
@@ -370,6 +402,8 @@ def write_results(results: dict[str, Any], output: str | Path, log_samples: bool
         samples = results.get("samples") or {}
         records = ({"task": task, **r} for task, rs in samples.items() for r in rs)
         files[samples_path(Path(output))] = "".join(json.dumps(_jsonable(r)) + "\n" for r in records)
+    for path in files:
+        check_output_file(path, force, "--output")
     tmps = {path: path.with_name(f".{path.name}.tmp") for path in files}
     try:
         for path, text in files.items():

@@ -58,4 +58,12 @@ def perplexity(model: torch.nn.Module, batches: Iterable, device: str | torch.de
     if count == 0:
         raise ValueError("no target tokens to compute a perplexity on")
     nll = total / count
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count)
+    return PerplexityResult(ppl=exp_or_inf(nll), nll=nll, tokens=count)
+
+
+def exp_or_inf(x: float) -> float:
+    """exp(x), or inf where it overflows a float (a diverged model's NLL): a perplexity, never a crash."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import typer
 
-from chtsl_infer.console import UserError, console, write_json
+from chtsl_infer.console import UserError, check_output_file, console, err_console, stale_siblings, write_json
 
 FORMATS = ("safetensors", "onnx", "all")
 DTYPE_FLAGS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+KILL_BETWEEN_RENAMES_ENV = "CHTSL_TEST_KILL_BETWEEN_RENAMES"  # test hook (see _move_into_place)
 
 
 def _human(n: int) -> str:
@@ -33,23 +34,51 @@ def _human(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def is_export_dir(path: Path) -> bool:
+    """True when `path` is a directory `chtsl export` wrote: a packed model.safetensors or a
+    model.onnx, and no trainer state (a training checkpoint is never an export)."""
+    from chtsl_infer.packed import is_packed_dir
+
+    return path.is_dir() and not (path / "trainer_state").exists() and (
+        is_packed_dir(path) or (path / "model.onnx").is_file())
+
+
 def _check_output(ckpt: Path, out: Path, force: bool) -> None:
-    """UserError when `out` may not be (re)written: exists without --force, or would hit `ckpt`."""
+    """UserError when `out` may not be (re)written: exists without --force, is not a previous export
+    (only those may be replaced), or would hit `ckpt`."""
     c, o = ckpt.resolve(), out.resolve()
     if o == c or o in c.parents:
         raise UserError(f"output {out} would overwrite the checkpoint {ckpt}; choose another --out")
     if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise UserError(f"output {out} exists and is not a directory")
         if not force:
             raise UserError(f"output {out} already exists; pass --force to replace it")
-        if not out.is_dir():
-            raise UserError(f"output {out} exists and is not a directory")
+        if not is_export_dir(out):
+            raise UserError(f"output {out} is not a previous export (no packed model.safetensors or model.onnx, "
+                            f"or it holds a training state); --force only replaces an export")
     if not out.parent.is_dir():
         raise UserError(f"cannot write to {out}: {out.parent} is not a directory")
 
 
+def recover_output(out: Path) -> str | None:
+    """Repairs what a killed export left beside `out`: a previous export moved aside by `--force`
+    (`.OUT.old-*`, when the kill fell between the two renames and `out` is gone) is moved back,
+    and temporary directories of dead exports are removed. Returns a note when it restored one."""
+    note = None
+    if not out.exists() and not out.is_symlink():
+        olds = sorted(stale_siblings(out, "old"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            olds[-1].rename(out)
+            note = f"restored the previous export {out} (an interrupted --force had moved it aside)"
+    for p in stale_siblings(out, "tmp") + stale_siblings(out, "old"):
+        shutil.rmtree(p, ignore_errors=True)
+    return note
+
+
 def _make_temp_dir(out: Path) -> Path:
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         mask = os.umask(0)
         os.umask(mask)
         tmp.chmod(0o777 & ~mask)  # mkdtemp creates 0700; the export gets the usual directory mode
@@ -59,12 +88,15 @@ def _make_temp_dir(out: Path) -> Path:
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    """Renames `tmp` to `out`, replacing an existing `out` directory only once `tmp` is complete."""
+    """Renames `tmp` to `out`, replacing an existing `out` directory only once `tmp` is complete.
+    A kill between the two renames leaves `.OUT.old-PID-*`, which `recover_output` moves back."""
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
         os.rmdir(old)
         out.rename(old)
+        if os.environ.get(KILL_BETWEEN_RENAMES_ENV):  # test hook: the SIGKILL-between-renames test
+            os.kill(os.getpid(), 9)
     try:
         tmp.rename(out)
     except OSError:
@@ -119,6 +151,12 @@ def export_command(
 
     if opset < MIN_OPSET:
         raise UserError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    if fmt != "safetensors":
+        import onnx.defs
+
+        if opset > onnx.defs.onnx_opset_version():
+            raise UserError(f"--opset {opset} does not exist: the installed onnx knows opsets up to "
+                            f"{onnx.defs.onnx_opset_version()}")
     if device is not None:
         _check_device(device, verify, want_packed=fmt in ("safetensors", "all"))
     from chtsl_infer.checkpoint import check_checkpoint_dir
@@ -127,7 +165,12 @@ def export_command(
     if not is_packed_dir(ckpt):
         check_checkpoint_dir(ckpt)
     out = Path(out_arg) if out_arg is not None else ckpt / "export"
+    if out.parent.is_dir():
+        note = recover_output(out)
+        if note:
+            err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     _check_output(ckpt, out, force)
+    check_output_file(json_path, force)
 
     want_packed, want_onnx = fmt in ("safetensors", "all"), fmt in ("onnx", "all")
     names = ["load checkpoint"] + ["pack safetensors"] * want_packed
@@ -151,7 +194,7 @@ def export_command(
 
         console.print(checks_table(checks))
     write_json({"out": str(out), "dtype": dtype, "files": summary, "verification": [c.to_dict() for c in checks],
-                "written": not failed}, json_path)
+                "written": not failed}, json_path, force)
     if failed:
         console.print(f"[bold red]verification failed[/] ({len(failed)} of {len(checks)} checks beyond tolerance); "
                       f"nothing written to {out}")

@@ -132,11 +132,13 @@ def materialized_copy(model: ChtslLlamaForCausalLM) -> ChtslLlamaForCausalLM:
 
 @contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Silences the exporter's optional-dependency warnings (torchvision ops) for one export."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration")]
+    """Silences the exporter's optional-dependency warnings (torchvision ops) and onnxscript's
+    version-converter log (a traceback when an opset cannot be reached; we raise our own error)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
+                                              "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.ERROR if lg.name != "onnxscript" else logging.CRITICAL + 1)
     try:
         yield
     finally:

@@ -54,6 +54,54 @@ def tiny_checkpoint(request, tmp_path_factory, bpe_tokenizer) -> Path:
     return path
 
 
+def write_corpus(path: Path, topics: int = 40) -> Path:
+    """A small jsonl corpus (paragraphs of CPython's pydoc topics) at `path`, written once."""
+    import json
+    import pydoc_data.topics
+
+    from train.data import _paragraph_documents
+
+    if not path.exists():
+        texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)][:topics]
+        docs = [d for t in texts for d in _paragraph_documents(t, 200)]
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cli_artifacts(tmp_path_factory) -> dict[str, Path]:
+    """Built once per session for the CLI error tests: a corpus, a 2-step training checkpoint
+    (`run`: config, weights, tokenizer, trainer_state, metrics) and its export (`export`: packed
+    safetensors + ONNX). Tests copy them before touching anything."""
+    from chtsl_infer.cli import main
+    from train.trainer import TrainArgs, train
+
+    root = tmp_path_factory.mktemp("cli-artifacts")
+    cache = root / "cache"
+    corpus = write_corpus(root / "corpus.jsonl")
+    old = {k: os.environ.get(k) for k in ("CHTSL_CACHE", "CHTSL_CACHE_DIR")}
+    os.environ["CHTSL_CACHE"] = os.environ["CHTSL_CACHE_DIR"] = str(cache)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrainArgs(preset="tiny", data=str(corpus), tokenizer="bpe", vocab_size=512, num_layers=2, seq_len=32,
+                        batch_size=4, micro_batch_size=4, steps=2, warmup=1, update_interval=5, restart_warmup=1,
+                        eval_every=2, save_every=2, ocr_every=2, eval_tokens=500, out=str(root / "run"),
+                        progress=False))
+        try:
+            main(["export", str(root / "run"), "--out", str(root / "export"), "--format", "all"])
+        except SystemExit as e:
+            assert not e.code, f"export of the CLI fixture failed ({e.code})"
+    finally:
+        torch.set_num_threads(threads)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"corpus": corpus, "run": root / "run", "export": root / "export", "cache": cache}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `cuda` skip, with the reason, on machines where torch sees no CUDA device (CI)."""
     if torch.cuda.is_available():

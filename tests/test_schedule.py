@@ -20,7 +20,7 @@ def reference_factor(step: int, *, total: int, warmup: int, min_ratio: float, in
         return min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * p)) / 2
 
     if interval:
-        updates = [u for u in range(interval, int(t_end) + 1, interval) if u >= warmup]
+        updates = [u for u in range(interval, math.ceil(t_end), interval) if u >= warmup]  # u < T_end
         for u in updates:
             if u < step <= u + restart:
                 return (step - u) / restart * curve(u + restart)

@@ -412,7 +412,7 @@ def test_corrupt_csr_checkpoint_one_line_exit_2(csr_run: Path, tmp_path: Path, c
     sd[f"{name}.crow_indices"], sd[f"{name}.col_indices"] = crow, col
     save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
     before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
-    for argv in (["train", "--resume", str(ckpt), "--no-progress"],
+    for argv in (["train", "--resume", str(ckpt), "--steps", "10", "--no-progress"],
                  ["eval", str(ckpt), "--perplexity", "--device", "cpu"],
                  ["export", str(ckpt), "--out", str(tmp_path / "export")]):
         code, _, err = _cli(argv, capsys)

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from chtsl_infer.console import UserError
 
@@ -125,49 +126,96 @@ def save_checkpoint(
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # leftovers of a killed save
-        shutil.rmtree(stale, ignore_errors=True)
+    clean_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from a save that failed
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # our own progress bar is the one on screen
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        sd = tmp / STATE_DIR
-        sd.mkdir()
-        names = {id(p): n for n, p in model.named_parameters()}
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer, names)
-        save_file(opt_tensors, sd / "optimizer.safetensors")
-        topo_meta = None
-        if engine is not None:
-            topo = engine.state_dict()
-            save_file({k: v.contiguous() for k, v in topo.items() if isinstance(v, torch.Tensor)},
-                      sd / "topology.safetensors")
-            topo_meta = {k: v for k, v in topo.items() if not isinstance(v, torch.Tensor)}
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda.{i}"] = s
-        save_file(rng, sd / "rng.safetensors")
-        if os.environ.get(SLOW_SAVE_ENV):
-            time.sleep(float(os.environ[SLOW_SAVE_ENV]))
-        full_state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state, "optimizer": opt_meta,
-                      "topology": topo_meta}
-        (sd / "args.json").write_text(json.dumps(args, indent=2, default=str) + "\n")
-        (sd / "state.json").write_text(json.dumps(full_state, indent=2, default=str) + "\n")
-        for name in CARRIED:
-            src = out / name
-            if src.is_file():
-                shutil.copy2(src, tmp / name)
-            elif src.is_dir():
-                shutil.copytree(src, tmp / name)
+        tmp.mkdir()
+        _write_checkpoint(tmp, out, model=model, tokenizer=tokenizer, optimizer=optimizer, engine=engine,
+                          state=state, args=args)
         publish_dir(tmp, out)
+    except (OSError, SafetensorError) as e:  # disk full, permissions: the previous checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, SafetensorError) and "IoError" not in str(e):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        kept = ("the previous checkpoint there is intact" if (out / STATE_DIR / "state.json").is_file()
+                else "no checkpoint was written")
+        raise UserError(f"cannot write the checkpoint to {out}: {reason}; {kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def clean_stale(out: Path) -> None:
+    """Removes `.OUT.tmp-PID` directories of saves whose process died (a SIGKILL mid-write)."""
+    from chtsl_infer.console import stale_siblings
+
+    for stale in stale_siblings(out, "tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_checkpoint(tmp: Path, out: Path, *, model: torch.nn.Module, tokenizer: Any,
+                      optimizer: torch.optim.Optimizer, engine: Any | None, state: dict[str, Any],
+                      args: dict[str, Any]) -> None:
+    """Writes every file of a checkpoint into the empty directory `tmp` (see `save_checkpoint`)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one on screen
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    sd = tmp / STATE_DIR
+    sd.mkdir()
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer, names)
+    save_file(opt_tensors, sd / "optimizer.safetensors")
+    topo_meta = None
+    if engine is not None:
+        topo = engine.state_dict()
+        save_file({k: v.contiguous() for k, v in topo.items() if isinstance(v, torch.Tensor)},
+                  sd / "topology.safetensors")
+        topo_meta = {k: v for k, v in topo.items() if not isinstance(v, torch.Tensor)}
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda.{i}"] = s
+    save_file(rng, sd / "rng.safetensors")
+    if os.environ.get(SLOW_SAVE_ENV):
+        time.sleep(float(os.environ[SLOW_SAVE_ENV]))
+    full_state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state, "optimizer": opt_meta,
+                  "topology": topo_meta}
+    (sd / "args.json").write_text(json.dumps(args, indent=2, default=str) + "\n")
+    (sd / "state.json").write_text(json.dumps(full_state, indent=2, default=str) + "\n")
+    for name in CARRIED:
+        src = out / name
+        if src.is_file():
+            shutil.copy2(src, tmp / name)
+        elif src.is_dir():
+            shutil.copytree(src, tmp / name)
+    _carry_extras(out, tmp)
+
+
+def _carry_extras(out: Path, tmp: Path) -> None:
+    """Carries everything else the user keeps in `out` (e.g. `chtsl export`'s default `out/export`,
+    `chtsl plot`'s `out/plots`) into the new checkpoint `tmp` as hard links (no copy of the bytes;
+    a copy where links are impossible): the swap would otherwise delete it with the old checkpoint."""
+    if not out.is_dir():
+        return
+    for src in out.iterdir():
+        if (tmp / src.name).exists() or src.is_symlink() and not src.exists():
+            continue  # written by this save (model, tokenizer, trainer state, carried logs)
+        if src.is_dir():
+            shutil.copytree(src, tmp / src.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(src), str(tmp / src.name))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 # ----------------------------------------------------------------------------- load
@@ -179,14 +227,45 @@ def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not is_training_checkpoint(p):
         raise UserError(f"{path} is not a chtsl training checkpoint (expected config.json, model.safetensors "
                         f"and {STATE_DIR}/state.json)")
-    try:
-        state = json.loads((p / STATE_DIR / "state.json").read_text())
-        args = json.loads((p / STATE_DIR / "args.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{p / STATE_DIR} is unreadable: {e}") from None
+    loaded = []
+    for name in ("state.json", "args.json"):
+        file = p / STATE_DIR / name
+        try:
+            loaded.append(json.loads(file.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{file} is unreadable: {e.strerror if isinstance(e, OSError) else e}") from None
+    state, args = loaded
+    sd = p / STATE_DIR
+    if not isinstance(state, dict) or not isinstance(args, dict):
+        raise UserError(f"{sd}: state.json and args.json must hold JSON objects")
     if state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{p} has an unsupported trainer-state format {state.get('format_version')!r}")
+    for key in ("step", "tokens_seen"):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"{sd / 'state.json'}: {key} must be a non-negative integer, got {value!r}")
+    groups = (state.get("optimizer") or {}).get("param_groups") if isinstance(state.get("optimizer"), dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise UserError(f"{sd / 'state.json'}: optimizer.param_groups is missing or malformed")
+    if state.get("topology") is not None and not isinstance(state["topology"], dict):
+        raise UserError(f"{sd / 'state.json'}: topology must be an object or null")
     return state, args
+
+
+def check_resumable(path: Path, state: dict[str, Any]) -> None:
+    """Every file a resume reads is present and a readable safetensors of the right names and shapes
+    (headers only, nothing loaded): config.json, model.safetensors, the optimizer, topology (when
+    the run has an engine) and RNG states. UserError naming the first bad file."""
+    from chtsl_infer.checkpoint import check_weights_header, read_config, safetensors_shapes
+
+    config = read_config(path)
+    check_weights_header(config, path / "model.safetensors", path / "config.json")
+    safetensors_shapes(path / STATE_DIR / "optimizer.safetensors")
+    if state.get("topology") is not None:
+        safetensors_shapes(path / STATE_DIR / "topology.safetensors")
+    if "torch" not in safetensors_shapes(path / STATE_DIR / "rng.safetensors"):
+        raise UserError(f"{path / STATE_DIR / 'rng.safetensors'}: no torch RNG state")
 
 
 def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
@@ -194,9 +273,10 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn
     """Restores `optimizer` (built over `model`'s parameters in the same groups) from a checkpoint.
 
     Moments saved in the other sparse storage (masked ↔ csr) are re-laid out for `model`'s."""
+    from chtsl_infer.checkpoint import load_tensors
     from chtsl_infer.storage import convert_optimizer_state
 
-    tensors = load_file(Path(path) / STATE_DIR / "optimizer.safetensors")
+    tensors = load_tensors(Path(path) / STATE_DIR / "optimizer.safetensors")
     tensors, meta = convert_optimizer_state(tensors, meta, model)
     params = dict(model.named_parameters())
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
@@ -218,17 +298,34 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn
         for k, v in g.items():
             if isinstance(v, list) and k != "params":
                 g[k] = tuple(v)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise UserError(f"{Path(path) / STATE_DIR / 'optimizer.safetensors'} does not match the model: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
 
 
 def load_topology(path: Path, engine: Any, meta: dict[str, Any]) -> None:
-    tensors = load_file(Path(path) / STATE_DIR / "topology.safetensors")
-    engine.load_state_dict({**tensors, **meta})
+    from chtsl_infer.checkpoint import load_tensors
+
+    file = Path(path) / STATE_DIR / "topology.safetensors"
+    tensors = load_tensors(file)
+    try:
+        engine.load_state_dict({**tensors, **meta})
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise UserError(f"{file} does not match the model: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}"
+                        ) from None
 
 
 def load_rng(path: Path) -> None:
-    rng = load_file(Path(path) / STATE_DIR / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
+    from chtsl_infer.checkpoint import load_tensors
+
+    file = Path(path) / STATE_DIR / "rng.safetensors"
+    rng = load_tensors(file)
+    try:
+        torch.set_rng_state(rng["torch"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise UserError(f"{file}: not a torch RNG state ({e})") from None
     if torch.cuda.is_available():
         states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
         if len(states) == torch.cuda.device_count():

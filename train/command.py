@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from chtsl_infer.console import UserError, write_json
+from chtsl_infer.console import UserError, check_output_dir, check_output_file, write_json
 
 
 def train_command(
@@ -43,12 +43,14 @@ def train_command(
     stop_at: int | None = typer.Option(None, "--stop-at", help="Save and stop after this step (resume later)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the Rich progress bar."),
     json_out: str | None = typer.Option(None, "--json", help="Write the final summary as JSON here ('-': stdout)."),
+    force: bool = typer.Option(False, "--force", help="Let --json replace an existing file."),
 ) -> None:
     """Train a CHTsL (or baseline) LLaMA from scratch; `torchrun` runs it with DDP."""
     from dataclasses import asdict
 
     from train.trainer import TrainArgs, print_result, train
 
+    check_output_file(json_out, force)  # before the run, not after it
     args = TrainArgs(
         preset=preset, method=method, s_total=s_total, align=align, align_lambda=align_lambda, steps=steps,
         warmup=warmup, lr=lr, batch_size=batch_size, micro_batch_size=micro_batch_size, seq_len=seq_len,
@@ -65,7 +67,7 @@ def train_command(
     if int(os.environ.get("RANK", "0")) == 0:
         print_result(result)
         summary = {k: v for k, v in asdict(result).items() if k != "history"}
-        write_json(summary, json_out)
+        write_json(summary, json_out, force)
     if result.stopped == "nan":
         raise typer.Exit(1)
 
@@ -83,6 +85,7 @@ def plot_command(
     path = Path(checkpoint)
     if not (path / "metrics.jsonl").is_file():
         raise UserError(f"{path} has no metrics.jsonl")
-    written = plot_run(path / "metrics.jsonl", Path(out) if out else path / "plots")
+    target = check_output_dir(Path(out) if out else path / "plots", "--out")
+    written = plot_run(path / "metrics.jsonl", target)
     for p in written:
         console.print(f"wrote {p}")

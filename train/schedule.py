@@ -4,7 +4,7 @@ The LR of iteration `step` (1-based, as the topology engine counts) is `lr · fa
 
 - linear warm-up over the first `warmup` iterations (factor step / warmup);
 - then cosine decay from 1 to `min_lr_ratio` at `total_steps`;
-- after every topology update (iterations `u = k·update_interval <= t_end`) a restarted linear
+- after every topology update (iterations `u = k·update_interval < t_end`) a restarted linear
   warm-up of `restart_warmup` iterations climbs from 0 back to the cosine value at `u + restart_warmup`
   (GaLore's "cosine with multiple warm-ups", cycle = ΔT), so regrown links (w = 0) and the zeroed
   Adam moments are not hit by a full-size step.
@@ -28,7 +28,7 @@ class LRSchedule:
     warmup: int
     min_lr_ratio: float = 0.1
     update_interval: int | None = None
-    t_end: float = 0.0  # last iteration that may be a topology update
+    t_end: float = 0.0  # topology updates happen at iterations strictly before it
     restart_warmup: int = 0
 
     def __post_init__(self) -> None:
@@ -51,7 +51,8 @@ class LRSchedule:
         if self.update_interval is None or self.restart_warmup == 0:
             return None
         u = ((step - 1) // self.update_interval) * self.update_interval
-        u = min(u, int(self.t_end // self.update_interval) * self.update_interval)
+        # the last update is the last multiple of ΔT strictly before T_end (ζ_t = 0 at T_end itself)
+        u = min(u, (math.ceil(self.t_end / self.update_interval) - 1) * self.update_interval)
         return u if u >= 1 else None
 
     def factor(self, step: int) -> float:

@@ -437,8 +437,11 @@ class TopologyEngine:
     # ------------------------------------------------------------------ schedules
 
     def is_update_step(self, step: int) -> bool:
-        """Whether iteration `step` (1-based) is a topology update (its optimizer step is skipped)."""
-        return self.mode != "static" and step >= 1 and step % self.update_interval == 0 and step <= self.t_end
+        """Whether iteration `step` (1-based) is a topology update (its optimizer step is skipped).
+
+        Only while ζ_t > 0, i.e. step < T_end: at T_end ζ_t = 0 removes (and regrows) nothing, and
+        an update would still skip an optimizer step and restart the LR warm-up for no change."""
+        return self.mode != "static" and step >= 1 and step % self.update_interval == 0 and step < self.t_end
 
     def zeta_at(self, step: int) -> float:
         """Removal fraction ζ_t = ζ/2·(1 + cos(π t/T_end)), t = min(step, T_end)."""
@@ -574,8 +577,8 @@ class TopologyEngine:
         """
         if self.mode == "static":
             raise RuntimeError("a static topology is never updated")
-        if not 1 <= step <= self.t_end:
-            raise ValueError(f"topology updates happen for 1 <= step <= T_end = {self.t_end}, got {step}")
+        if not 1 <= step < self.t_end:
+            raise ValueError(f"topology updates happen for 1 <= step < T_end = {self.t_end}, got {step}")
         start = time.perf_counter()
         zeta_t, temp = self.zeta_at(step), self.temperature_at(step)
         distributed = _distributed()

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from chtsl_infer.console import UserError, console, err_console
+from chtsl_infer.console import UserError, check_output_dir, console, err_console
 from evals.perplexity import perplexity, token_nll_sum
 from train import checkpoint as ckpt_io
 from train import distributed as dist_utils
@@ -79,6 +79,52 @@ class TrainArgs:
     progress: bool = True
 
 
+# The smallest trained BPE: 256 byte symbols + the 4 special tokens of `train.tokenizer.train_bpe`.
+MIN_BPE_VOCAB = 260
+# Integer settings that must be >= 1 when given (None: the preset's value; 0 is never "default").
+POSITIVE_INTS = ("steps", "batch_size", "micro_batch_size", "seq_len", "update_interval", "eval_every", "save_every",
+                 "ocr_every", "eval_tokens", "vocab_size", "num_layers", "stop_at")
+NON_NEGATIVE_INTS = ("warmup", "restart_warmup")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args: TrainArgs) -> None:
+    """Refuses values no run can use, before anything is built (UserError naming the option).
+
+    None means "the preset's value"; an explicit 0 or a negative count, a non-finite or
+    non-positive learning rate, a NaN clip or λ, an unknown device are errors, never defaults.
+    """
+    for name in POSITIVE_INTS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"{_flag(name)} must be >= 1, got {value}")
+    for name in NON_NEGATIVE_INTS:
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UserError(f"{_flag(name)} must be >= 0, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a positive finite number, got {args.lr}")
+    if args.grad_clip is not None and not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
+        raise UserError(f"--grad-clip must be a finite number >= 0 (0: off), got {args.grad_clip}")
+    if args.align_lambda is not None and not (math.isfinite(args.align_lambda) and args.align_lambda >= 0):
+        raise UserError(f"--align-lambda must be a finite number >= 0, got {args.align_lambda}")
+    if args.min_lr_ratio is not None and not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise UserError(f"min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}")
+    if not math.isfinite(args.s_total):
+        raise UserError(f"--s-total must be a finite number, got {args.s_total}")
+    if args.device not in DEVICES and not args.device.startswith("cuda:"):
+        raise UserError(f"unknown --device {args.device!r}; valid: {', '.join(DEVICES)}, cuda:N")
+    if args.dtype not in ("auto", "fp32", "bf16"):
+        raise UserError(f"unknown --dtype {args.dtype!r}; valid: auto, fp32, bf16")
+    if args.vocab_size is not None and args.vocab_size < MIN_BPE_VOCAB and args.tokenizer in (None, "bpe"):
+        raise UserError(f"--vocab-size must be >= {MIN_BPE_VOCAB} for a trained BPE (256 bytes + 4 special "
+                        f"tokens), got {args.vocab_size}")
+
+
 def resolve_args(args: TrainArgs) -> TrainArgs:
     """Fills every None recipe field from the preset (docs/method.md §5); validates values."""
     from chtsl_infer.presets import get_preset
@@ -94,22 +140,23 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
     tokenizer = args.tokenizer or (("t5-base" if p.tokenizer == "bpe" else p.tokenizer) if hub_data else "bpe")
     lr = args.lr if args.lr is not None else (p.dense_lr if args.method == "dense" else p.lr)
     r = TrainArgs(**{**asdict(args), **dict(
-        steps=args.steps or p.steps, warmup=args.warmup if args.warmup is not None else p.warmup, lr=lr,
+        steps=_given(args.steps, p.steps), warmup=args.warmup if args.warmup is not None else p.warmup, lr=lr,
         min_lr_ratio=args.min_lr_ratio if args.min_lr_ratio is not None else p.min_lr_ratio,
-        batch_size=args.batch_size or p.batch_size,
-        micro_batch_size=args.micro_batch_size or min(p.micro_batch_size, args.batch_size or p.batch_size),
-        seq_len=args.seq_len or p.seq_len, update_interval=args.update_interval or p.update_interval,
+        batch_size=_given(args.batch_size, p.batch_size),
+        micro_batch_size=_given(args.micro_batch_size, min(p.micro_batch_size, _given(args.batch_size, p.batch_size))),
+        seq_len=_given(args.seq_len, p.seq_len), update_interval=_given(args.update_interval, p.update_interval),
         restart_warmup=args.restart_warmup if args.restart_warmup is not None else p.restart_warmup,
-        eval_every=args.eval_every or p.eval_every, save_every=args.save_every or p.save_every,
-        ocr_every=args.ocr_every or p.ocr_every, eval_tokens=args.eval_tokens or p.eval_tokens,
-        data=args.data or p.data, tokenizer=tokenizer, vocab_size=args.vocab_size or p.vocab_size,
+        eval_every=_given(args.eval_every, p.eval_every), save_every=_given(args.save_every, p.save_every),
+        ocr_every=_given(args.ocr_every, p.ocr_every), eval_tokens=_given(args.eval_tokens, p.eval_tokens),
+        data=args.data or p.data, tokenizer=tokenizer, vocab_size=_given(args.vocab_size, p.vocab_size),
         grad_clip=args.grad_clip if args.grad_clip is not None else (0.5 if args.method == "cola" else 0.0),
         align_lambda=args.align_lambda if args.align_lambda is not None else p.align_lambda,
     )})
-    if r.steps < 1 or r.lr <= 0 or r.warmup < 0:
-        raise UserError("--steps and --lr must be positive and --warmup >= 0")
-    if r.dtype not in ("auto", "fp32", "bf16"):
-        raise UserError(f"unknown --dtype {r.dtype!r}; valid: auto, fp32, bf16")
+    check_args(r)
+    settings = engine_settings(r.method)
+    if settings is not None and settings[0] != "static" and r.restart_warmup >= r.update_interval:
+        raise UserError(f"--restart-warmup ({r.restart_warmup}) must be shorter than --update-interval "
+                        f"({r.update_interval})")
     if r.stop_at is not None and not 1 <= r.stop_at <= r.steps:
         raise UserError(f"--stop-at must be in [1, {r.steps}]")
     from chtsl_infer.storage import check_choice
@@ -119,6 +166,11 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
     except ValueError as e:
         raise UserError(f"--sparse-storage {r.sparse_storage}: {e}") from None
     return r
+
+
+def _given(value: Any, default: Any) -> Any:
+    """`value` unless it is None (0 is a value: `check_args` refuses it where it is meaningless)."""
+    return default if value is None else value
 
 
 def engine_settings(method: str) -> tuple[str, float] | None:
@@ -248,11 +300,13 @@ class _Progress:
 
 def train(args: TrainArgs, after_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainResult:
     """Runs (or resumes) a training run; `after_step(step, model)` is a hook for tests."""
+    check_args(args)
     resume_dir = None
     saved_state: dict[str, Any] = {}
     if args.resume:
         resume_dir = ckpt_io.resolve_checkpoint(args.resume)
         saved_state, saved_args = ckpt_io.load_state(args.resume)
+        ckpt_io.check_resumable(resume_dir, saved_state)
         merged = dict(saved_args)
         defaults = TrainArgs()
         for f in fields(TrainArgs):
@@ -267,12 +321,19 @@ def train(args: TrainArgs, after_step: Callable[[int, torch.nn.Module], None] | 
         merged.update(resume=str(args.resume), stop_at=args.stop_at,
                       out=args.out if args.out != defaults.out else str(args.resume))
         args = TrainArgs(**{k: v for k, v in merged.items() if k in TrainArgs.__dataclass_fields__})
-        if args.steps < saved_state["step"]:
-            raise UserError(f"--steps {args.steps} is below the checkpoint's step {saved_state['step']}")
+        done = saved_state["step"]
+        if args.steps < done:
+            raise UserError(f"--steps {args.steps} is below the checkpoint's step {done}")
+        if args.steps == done:
+            raise UserError(f"{args.resume} already reached its last step ({done}); the run is done "
+                            f"(pass a larger --steps to train on)")
     args = resolve_args(args)
     out = Path(args.out)
-    if not args.resume and (ckpt_io.resolve_checkpoint(out) / "config.json").is_file():
-        raise UserError(f"{out} already holds a checkpoint; pass --resume {out} or choose another --out")
+    same_dir = resume_dir is not None and out.resolve() in (resume_dir.resolve(), Path(args.resume).resolve())
+    if not same_dir and (ckpt_io.resolve_checkpoint(out) / "config.json").is_file():
+        hint = f"pass --resume {out}" if not args.resume else f"resume into {args.resume} itself"
+        raise UserError(f"{out} already holds a checkpoint; {hint} or choose another --out")
+    check_output_dir(out, "--out")
 
     info = dist_utils.setup("cuda" if args.device.startswith("cuda") or (
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -291,8 +352,7 @@ def _run(
 ) -> TrainResult:
     """The loop of `train` once arguments are resolved (the process group is set up around it)."""
     import chtsl_infer  # noqa: F401  (registers the Auto classes for from_pretrained)
-    from chtsl_infer.checkpoint import load_tokenizer
-    from chtsl_infer.configuration import ChtslConfig
+    from chtsl_infer.checkpoint import load_checkpoint_weights, load_tokenizer
     from chtsl_infer.layers import record_branches
     from chtsl_infer.modeling import ChtslLlamaForCausalLM
     from chtsl_infer.presets import build_config
@@ -315,8 +375,9 @@ def _run(
     n_micro = args.batch_size // (args.micro_batch_size * info.world)
 
     # ---- model, topology engine, optimizer
+    resume_weights = None
     if resume_dir:
-        config = ChtslConfig.from_pretrained(resume_dir)
+        config, resume_weights = load_checkpoint_weights(resume_dir)
     else:
         overrides = {"num_hidden_layers": args.num_layers} if args.num_layers else {}
         try:
@@ -330,15 +391,13 @@ def _run(
     if info.is_main:
         console.print(f"sparse storage: {storage} ({storage_why})", highlight=False)
     model = ChtslLlamaForCausalLM(config)
-    if resume_dir:
-        from safetensors.torch import load_file
-
+    if resume_weights is not None:
         try:  # a checkpoint of the other storage is converted; a corrupt CSR is named, nothing written
-            state_dict = convert_state_dict(load_file(resume_dir / "model.safetensors"), model)
+            resume_weights = convert_state_dict(resume_weights, model)
         except ValueError as e:
             raise UserError(f"{resume_dir}: {e}") from None
-        model.load_state_dict(state_dict, strict=True)
-        del state_dict
+        model.load_state_dict(resume_weights, strict=True)
+        del resume_weights
     model.to(device).train()
     settings = engine_settings(config.method)
     engine = None
@@ -395,9 +454,10 @@ def _run(
                     if src.is_file():
                         shutil.copy2(src, out / name)
             _truncate_metrics(out / "metrics.jsonl", start_step)
-        else:
-            # Lines of a run killed before its first checkpoint: no checkpoint backs them.
+        else:  # `out` holds no checkpoint (checked): logs there are a killed run's, which this run replaces
             (out / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        ckpt_io.clean_stale(out)
     log = MetricsLog(out, info.is_main)
     hybrid = {n: m for n, m in model.chtsl_layers().items() if m.has_sparse and m.has_lowrank}
     align_names = set(model.align_layers())
@@ -483,8 +543,11 @@ def _run(
                 # Logged after the last checkpoint's step: a resume drops it, `chtsl sweep` reads it.
                 log.write({"event": "diverged", "step": step, "loss": None, "task_loss": _finite(task),
                            "align_loss": _finite(align_mean)})
+                saved = ckpt_io.resolve_checkpoint(out)
+                kept = (f"the last good checkpoint in {out} (step {ckpt_io.load_state(out)[0]['step']}) is kept"
+                        if ckpt_io.is_training_checkpoint(saved) else f"no checkpoint was written to {out}")
                 err_console.print(f"[bold red]error:[/] non-finite loss ({total}) at step {step}; training stopped, "
-                                  f"the last good checkpoint in {out} is kept", highlight=False, soft_wrap=True)
+                                  f"{kept}", highlight=False, soft_wrap=True)
                 break
             record: dict[str, Any] = {"step": step, "loss": total, "task_loss": task, "align_loss": align_mean,
                                       "lr": lr}

@@ -1,0 +1,436 @@
+"""Every malformed input through the `chtsl` CLI: exit 2, one `error:` line, no traceback, no data lost.
+
+One table (`CASES`) of malformed command lines over every command (train, plot, export, bench,
+generate, eval, info). Each case runs in-process through `chtsl_infer.cli.main` in a fresh
+workspace holding copies of the session's artifacts (a training checkpoint `run`, a second one
+`run2`, an export `exp`, a corpus, lm-eval data), optionally damaged by the case's `setup`.
+Asserted for each: exit code 2, exactly one non-empty line of output (stdout and stderr at the
+file-descriptor level, so library loggers and progress bars count) starting with `error:`, no
+`Traceback`, and every file that existed before the command still there with the same sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import resource
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from chtsl_infer.cli import main
+
+FIXTURE_DATA = Path(__file__).parent / "fixtures"
+
+# Arguments that keep an accidental training run tiny (a case that is not refused trains 2 steps).
+TRAIN = ("train --data {corpus} --tokenizer bpe --vocab-size 512 --num-layers 2 --seq-len 32 --batch-size 4 "
+         "--micro-batch-size 4 --steps 2 --warmup 1 --eval-tokens 500 --no-progress --out {ws}/new")
+RESUME = "train --resume {run} --no-progress"
+PPL = "eval {run} --perplexity --max-tokens 200 --device cpu"
+TASKS = "eval {run} --tasks rte --data-dir {data} --limit 2 --device cpu"
+
+
+# ----------------------------------------------------------------------------- damage helpers
+
+
+def _flip_header(rel: str) -> Callable[[Path], None]:
+    """Overwrites the first byte of a safetensors JSON header (its `{`): the header is no JSON."""
+    def setup(ws: Path) -> None:
+        p = ws / rel
+        data = bytearray(p.read_bytes())
+        data[8] = 0xFF
+        p.write_bytes(bytes(data))
+    return setup
+
+
+def _truncate(rel: str, keep: float = 0.5) -> Callable[[Path], None]:
+    def setup(ws: Path) -> None:
+        p = ws / rel
+        data = p.read_bytes()
+        p.write_bytes(data[: int(len(data) * keep)])
+    return setup
+
+
+def _pickle(rel: str) -> Callable[[Path], None]:
+    """Replaces a file by a pickle (what a planted `.bin` renamed `.safetensors` would be)."""
+    def setup(ws: Path) -> None:
+        (ws / rel).write_bytes(pickle.dumps({"weight": [1.0, 2.0]}))
+    return setup
+
+
+def _remove(rel: str) -> Callable[[Path], None]:
+    def setup(ws: Path) -> None:
+        p = ws / rel
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return setup
+
+
+def _write(rel: str, text: str | bytes) -> Callable[[Path], None]:
+    def setup(ws: Path) -> None:
+        p = ws / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return setup
+
+
+def _edit_tensors(rel: str, edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    """Rewrites a safetensors file after `edit(tensors)` (metadata kept)."""
+    def setup(ws: Path) -> None:
+        p = ws / rel
+        with safe_open(str(p), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(p)
+        edit(tensors)
+        save_file(tensors, p, metadata=metadata)
+    return setup
+
+
+def _drop(key: str) -> Callable[[dict[str, torch.Tensor]], None]:
+    return lambda t: t.pop(key)
+
+
+def _add_extra(t: dict[str, torch.Tensor]) -> None:
+    t["model.layers.0.extra.weight"] = torch.zeros(3)
+
+
+def _nan(key: str) -> Callable[[dict[str, torch.Tensor]], None]:
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        t[key] = t[key].clone()
+        t[key].view(-1)[0] = float("nan")
+    return edit
+
+
+def _config(rel: str, replace: dict | None = None, **fields) -> Callable[[Path], None]:
+    """Replaces `rel` (a config.json) by `replace`, or updates some of its fields."""
+    def setup(ws: Path) -> None:
+        p = ws / rel
+        config = replace if replace is not None else {**json.loads(p.read_text()), **fields}
+        p.write_text(json.dumps(config))
+    return setup
+
+
+def _packed_config(**fields) -> Callable[[Path], None]:
+    """Changes fields of the config stored in the packed export's safetensors metadata."""
+    def setup(ws: Path) -> None:
+        p = ws / "exp" / "model.safetensors"
+        with safe_open(str(p), framework="pt") as f:
+            metadata = dict(f.metadata())
+        tensors = load_file(p)
+        metadata["config"] = json.dumps({**json.loads(metadata["config"]), **fields})
+        save_file(tensors, p, metadata=metadata)
+    return setup
+
+
+def _state(**fields) -> Callable[[Path], None]:
+    return _config("run/trainer_state/state.json", **fields)
+
+
+def _task_rows(rows: list[dict]) -> Callable[[Path], None]:
+    """An RTE validation split of `rows` in the workspace's lm-eval data directory."""
+    return _write("data/glue/rte/validation.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _read_only_dir(ws: Path) -> None:
+    d = ws / "ro"
+    d.mkdir()
+    d.chmod(stat.S_IRUSR | stat.S_IXUSR)
+
+
+# A directory nobody may create entries in: `ro/` (read-only) for a normal user; root ignores
+# permissions, so for root the unwritable place is /proc.
+READ_ONLY = "{ws}/ro" if os.geteuid() != 0 else "/proc"
+
+
+def _file(rel: str) -> Callable[[Path], None]:
+    return _write(rel, "not a directory\n")
+
+
+def _both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
+    def setup(ws: Path) -> None:
+        for s in setups:
+            s(ws)
+    return setup
+
+
+RTE = {"sentence1": "The road was closed.", "sentence2": "The road was open.", "idx": 0}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One malformed command line: `argv` is formatted with the workspace's paths ({ws}, {run},
+    {run2}, {exp}, {corpus}, {data}); `setup(ws)` damages the copies first; `expect`: a fragment
+    the error line must contain (lower case)."""
+
+    id: str
+    argv: str
+    setup: Callable[[Path], None] | None = None
+    expect: str = ""
+    memory_cap: bool = False  # run under an address-space cap (a regression would allocate a 7B model)
+
+
+CASES: list[Case] = [
+    # ---- train: numbers and choices, refused before anything is built
+    Case("train-steps-0", TRAIN + " --steps 0", expect="--steps"),
+    Case("train-steps-negative", TRAIN + " --steps -5", expect="--steps"),
+    Case("train-steps-not-int", TRAIN + " --steps abc", expect="--steps"),
+    Case("train-unknown-option", TRAIN + " --stepz 3", expect="--stepz"),
+    Case("train-batch-size-0", TRAIN + " --batch-size 0", expect="--batch-size"),
+    Case("train-micro-batch-0", TRAIN + " --micro-batch-size 0", expect="--micro-batch-size"),
+    Case("train-seq-len-0", TRAIN + " --seq-len 0", expect="--seq-len"),
+    Case("train-eval-every-0", TRAIN + " --eval-every 0", expect="--eval-every"),
+    Case("train-save-every-negative", TRAIN + " --save-every -1", expect="--save-every"),
+    Case("train-ocr-every-negative", TRAIN + " --ocr-every -1", expect="--ocr-every"),
+    Case("train-eval-tokens-negative", TRAIN + " --eval-tokens -5", expect="--eval-tokens"),
+    Case("train-vocab-size-0", TRAIN + " --vocab-size 0", expect="--vocab-size"),
+    Case("train-vocab-size-10", TRAIN + " --vocab-size 10", expect="--vocab-size"),
+    Case("train-num-layers-0", TRAIN + " --num-layers 0", expect="--num-layers"),
+    Case("train-num-layers-negative", TRAIN + " --num-layers -1", expect="--num-layers"),
+    Case("train-update-interval-negative", TRAIN + " --update-interval -1", expect="--update-interval"),
+    Case("train-restart-warmup-negative", TRAIN + " --restart-warmup -3", expect="--restart-warmup"),
+    Case("train-warmup-negative", TRAIN + " --warmup -1", expect="--warmup"),
+    Case("train-lr-nan", TRAIN + " --lr nan", expect="--lr"),
+    Case("train-lr-inf", TRAIN + " --lr inf", expect="--lr"),
+    Case("train-lr-negative", TRAIN + " --lr -0.1", expect="--lr"),
+    Case("train-grad-clip-nan", TRAIN + " --grad-clip nan", expect="--grad-clip"),
+    Case("train-align-lambda-nan", TRAIN + " --align-lambda nan", expect="--align-lambda"),
+    Case("train-align-lambda-inf", TRAIN + " --align-lambda inf", expect="--align-lambda"),
+    Case("train-s-total-2", TRAIN + " --s-total 2"),
+    Case("train-device-tpu", TRAIN + " --device tpu", expect="tpu"),
+    Case("train-dtype-fp64", TRAIN + " --dtype fp64", expect="fp64"),
+    Case("train-preset-unknown", TRAIN + " --preset nope", expect="nope"),
+    Case("train-method-unknown", TRAIN + " --method nope", expect="nope"),
+    Case("train-stop-at-0", TRAIN + " --stop-at 0", expect="--stop-at"),
+    Case("train-data-missing", TRAIN + " --data {ws}/nothing.jsonl", expect="nothing.jsonl"),
+    # ---- train: outputs
+    Case("train-out-is-file", TRAIN + " --out {ws}/afile", _file("afile"), expect="afile"),
+    Case("train-out-read-only", TRAIN + f" --out {READ_ONLY}/sub", _read_only_dir, expect="--out"),
+    Case("train-out-holds-checkpoint", TRAIN + " --out {run2}", expect="already holds a checkpoint"),
+    Case("train-json-is-dir", TRAIN + " --json {ws}", expect="--json"),
+    Case("train-json-onto-checkpoint-file", TRAIN + " --json {run2}/config.json", expect="--json"),
+    Case("train-json-existing-file", TRAIN + " --json {ws}/afile", _file("afile"), expect="--force"),
+    # ---- train --resume: other outputs and damaged checkpoints
+    Case("resume-out-holds-other-checkpoint", RESUME + " --steps 3 --out {run2}", expect="already holds"),
+    Case("resume-already-done", RESUME, expect="already"),
+    Case("resume-model-header-flipped", RESUME + " --steps 3", _flip_header("run/model.safetensors"),
+         expect="model.safetensors"),
+    Case("resume-model-truncated", RESUME + " --steps 3", _truncate("run/model.safetensors"),
+         expect="model.safetensors"),
+    Case("resume-model-pickle", RESUME + " --steps 3", _pickle("run/model.safetensors"), expect="model.safetensors"),
+    Case("resume-model-missing-tensor", RESUME + " --steps 3",
+         _edit_tensors("run/model.safetensors", _drop("lm_head.weight")), expect="lm_head.weight"),
+    Case("resume-optimizer-pickle", RESUME + " --steps 3", _pickle("run/trainer_state/optimizer.safetensors"),
+         expect="optimizer.safetensors"),
+    Case("resume-optimizer-truncated", RESUME + " --steps 3", _truncate("run/trainer_state/optimizer.safetensors"),
+         expect="optimizer.safetensors"),
+    Case("resume-topology-missing", RESUME + " --steps 3", _remove("run/trainer_state/topology.safetensors"),
+         expect="topology.safetensors"),
+    Case("resume-topology-header-flipped", RESUME + " --steps 3",
+         _flip_header("run/trainer_state/topology.safetensors"), expect="topology.safetensors"),
+    Case("resume-rng-truncated", RESUME + " --steps 3", _truncate("run/trainer_state/rng.safetensors"),
+         expect="rng.safetensors"),
+    Case("resume-rng-missing", RESUME + " --steps 3", _remove("run/trainer_state/rng.safetensors"),
+         expect="rng.safetensors"),
+    Case("resume-state-step-string", RESUME + " --steps 3", _state(step="x"), expect="step"),
+    Case("resume-state-json-garbage", RESUME + " --steps 3", _write("run/trainer_state/state.json", "{oops"),
+         expect="state.json"),
+    Case("resume-args-missing", RESUME + " --steps 3", _remove("run/trainer_state/args.json"), expect="args.json"),
+    Case("resume-config-garbage", RESUME + " --steps 3", _write("run/config.json", "{oops"), expect="config.json"),
+    Case("resume-not-a-checkpoint", "train --resume {ws}/nothing --no-progress", expect="nothing"),
+    # ---- plot
+    Case("plot-no-metrics", "plot {ws}/nothing", expect="nothing"),
+    Case("plot-out-is-file", "plot {run} --out {ws}/afile", _file("afile"), expect="afile"),
+    Case("plot-out-read-only", "plot {run} --out " + READ_ONLY + "/sub", _read_only_dir, expect="--out"),
+    Case("plot-metrics-garbage", "plot {run}", _write("run/metrics.jsonl", "{oops\n"), expect="metrics.jsonl"),
+    # ---- export
+    Case("export-out-into-trainer-state", "export {run} --out {run}/trainer_state --force", expect="--force"),
+    Case("export-force-onto-checkpoint", "export {run} --out {run2} --force", expect="--force"),
+    Case("export-force-onto-other-dir", "export {run} --out {ws}/other --force",
+         _write("other/notes.txt", "mine\n"), expect="--force"),
+    Case("export-out-exists", "export {run} --out {exp}", expect="--force"),
+    Case("export-out-is-file", "export {run} --out {ws}/afile --force", _file("afile"), expect="afile"),
+    Case("export-json-onto-config", "export {run} --out {ws}/e2 --json {run}/config.json", expect="--json"),
+    Case("export-opset-99", "export {run} --out {ws}/e2 --format onnx --opset 99 --no-verify", expect="opset"),
+    Case("export-opset-low", "export {run} --out {ws}/e2 --opset 7", expect="opset"),
+    Case("export-format-unknown", "export {run} --out {ws}/e2 --format gguf", expect="gguf"),
+    Case("export-dtype-unknown", "export {run} --out {ws}/e2 --dtype int4", expect="int4"),
+    Case("export-config-only-model-type", "export {run} --out {ws}/e2 --format safetensors",
+         _config("run/config.json", replace={"model_type": "chtsl_llama"}), expect="config.json", memory_cap=True),
+    Case("export-config-heads-0", "export {run} --out {ws}/e2 --format safetensors",
+         _config("run/config.json", num_attention_heads=0), expect="num_attention_heads"),
+    Case("export-config-hidden-negative", "export {run} --out {ws}/e2 --format safetensors",
+         _config("run/config.json", hidden_size=-128), expect="hidden_size"),
+    Case("export-config-vs-weights", "export {run} --out {ws}/e2 --format safetensors",
+         _config("run/config.json", vocab_size=100000), expect="implies (100000, 128)"),
+    Case("export-config-layers-vs-weights", "export {run} --out {ws}/e2 --format safetensors",
+         _config("run/config.json", num_hidden_layers=6), expect="model.layers.2"),
+    Case("export-missing-lm-head", "export {run} --out {ws}/e2 --format safetensors",
+         _edit_tensors("run/model.safetensors", _drop("lm_head.weight")), expect="lm_head.weight"),
+    Case("export-unexpected-tensor", "export {run} --out {ws}/e2 --format safetensors",
+         _edit_tensors("run/model.safetensors", _add_extra), expect="model.layers.0.extra.weight"),
+    Case("export-nan-weight", "export {run} --out {ws}/e2 --format safetensors",
+         _edit_tensors("run/model.safetensors", _nan("model.embed_tokens.weight")), expect="non-finite"),
+    Case("export-header-flipped", "export {run} --out {ws}/e2", _flip_header("run/model.safetensors"),
+         expect="model.safetensors"),
+    Case("export-weights-pickle", "export {run} --out {ws}/e2", _pickle("run/model.safetensors"),
+         expect="model.safetensors"),
+    # ---- generate
+    Case("generate-temperature-nan", "generate {run} --prompt hi --temperature nan", expect="--temperature"),
+    Case("generate-temperature-inf", "generate {run} --prompt hi --temperature inf", expect="--temperature"),
+    Case("generate-temperature-negative", "generate {run} --prompt hi --temperature -1", expect="--temperature"),
+    Case("generate-max-new-0", "generate {run} --prompt hi --max-new-tokens 0", expect="--max-new-tokens"),
+    Case("generate-device-tpu", "generate {run} --prompt hi --device tpu", expect="tpu"),
+    Case("generate-no-prompt", "generate {run}", expect="--prompt"),
+    Case("generate-header-flipped", "generate {run} --prompt hi --max-new-tokens 2",
+         _flip_header("run/model.safetensors"), expect="model.safetensors"),
+    Case("generate-truncated", "generate {run} --prompt hi --max-new-tokens 2 --backend dense",
+         _truncate("run/model.safetensors"), expect="model.safetensors"),
+    Case("generate-pickle", "generate {run} --prompt hi --max-new-tokens 2 --backend dense",
+         _pickle("run/model.safetensors"), expect="model.safetensors"),
+    Case("generate-missing-lm-head", "generate {run} --prompt hi --max-new-tokens 2 --backend dense",
+         _edit_tensors("run/model.safetensors", _drop("lm_head.weight")), expect="lm_head.weight"),
+    Case("generate-nan-weight", "generate {run} --prompt hi --max-new-tokens 2 --backend dense",
+         _edit_tensors("run/model.safetensors", _nan("lm_head.weight")), expect="non-finite"),
+    Case("generate-config-only-model-type", "generate {run} --prompt hi --max-new-tokens 2 --backend dense",
+         _config("run/config.json", replace={"model_type": "chtsl_llama"}), expect="config.json", memory_cap=True),
+    Case("generate-onnx-truncated", "generate {exp} --prompt hi --max-new-tokens 2 --backend onnx",
+         _truncate("exp/model.onnx"), expect="model.onnx"),
+    Case("generate-onnx-empty", "generate {exp} --prompt hi --max-new-tokens 2 --backend onnx",
+         _write("exp/model.onnx", b""), expect="model.onnx"),
+    Case("generate-onnx-garbage", "generate {exp} --prompt hi --max-new-tokens 2 --backend onnx",
+         _write("exp/model.onnx", b"\x00garbage" * 50), expect="model.onnx"),
+    Case("generate-onnx-bad-config", "generate {exp} --prompt hi --max-new-tokens 2 --backend onnx",
+         _write("exp/config.json", "{oops"), expect="config.json"),
+    Case("generate-packed-heads-0", "generate {exp} --prompt hi --max-new-tokens 2 --backend sparse",
+         _packed_config(num_attention_heads=0), expect="num_attention_heads"),
+    Case("generate-packed-hidden-negative", "generate {exp} --prompt hi --max-new-tokens 2 --backend dense",
+         _packed_config(hidden_size=-128), expect="hidden_size"),
+    Case("generate-packed-nan", "generate {exp} --prompt hi --max-new-tokens 2 --backend dense",
+         _edit_tensors("exp/model.safetensors", _nan("lm_head.weight")), expect="non-finite"),
+    # ---- eval
+    Case("eval-output-onto-config", PPL + " --output {run}/config.json", expect="config.json"),
+    Case("eval-output-onto-weights", PPL + " --output {exp}/model.safetensors", expect="model.safetensors"),
+    Case("eval-output-existing-file", PPL + " --output {ws}/afile", _file("afile"), expect="--force"),
+    Case("eval-output-is-dir", PPL + " --output {ws}", expect="directory"),
+    Case("eval-device-tpu", PPL.replace("--device cpu", "--device tpu"), expect="tpu"),
+    Case("eval-ppl-header-flipped", PPL, _flip_header("run/model.safetensors"), expect="model.safetensors"),
+    Case("eval-ppl-truncated", PPL, _truncate("run/model.safetensors"), expect="model.safetensors"),
+    Case("eval-ppl-onnx-truncated", "eval {exp} --perplexity --max-tokens 200 --backend onnx --device cpu",
+         _truncate("exp/model.onnx"), expect="model.onnx"),
+    Case("eval-ppl-onnx-garbage", "eval {exp} --perplexity --max-tokens 200 --backend onnx --device cpu",
+         _write("exp/model.onnx", b"\x00garbage" * 50), expect="model.onnx"),
+    Case("eval-ppl-onnx-bad-config", "eval {exp} --perplexity --max-tokens 200 --backend onnx --device cpu",
+         _write("exp/config.json", "{oops"), expect="config.json"),
+    Case("eval-task-unknown", "eval {run} --tasks nope --device cpu", expect="nope"),
+    Case("eval-batch-size-0", TASKS + " --batch-size 0", expect="--batch-size"),
+    Case("eval-label-out-of-range", TASKS, _task_rows([{**RTE, "label": 7}]), expect="label"),
+    Case("eval-label-string", TASKS, _task_rows([{**RTE, "label": "yes"}]), expect="label"),
+    Case("eval-sentence-null", TASKS, _task_rows([{**RTE, "label": 0, "sentence1": None}]), expect="sentence1"),
+    Case("eval-neither-mode", "eval {run}", expect="--tasks"),
+    # ---- bench (refused before any worker is spawned)
+    Case("bench-timeout-nan", "bench --preset tiny --timeout nan", expect="--timeout"),
+    Case("bench-timeout-negative", "bench --preset tiny --timeout -1", expect="--timeout"),
+    Case("bench-batch-0", "bench --preset tiny --batch 0", expect="--batch"),
+    Case("bench-seq-beyond-positions", "bench {run} --seq 100000 --device cpu", expect="--seq"),
+    Case("bench-json-onto-config", "bench --preset tiny --json {run}/config.json", expect="--json"),
+    Case("bench-device-tpu", "bench --preset tiny --device tpu", expect="tpu"),
+    Case("bench-backend-unknown", "bench --preset tiny --backend gpu9", expect="gpu9"),
+    Case("bench-config-only-model-type", "bench {run} --device cpu",
+         _config("run/config.json", replace={"model_type": "chtsl_llama"}), expect="config.json", memory_cap=True),
+    # ---- info
+    Case("info-preset-unknown", "info --preset nope", expect="nope"),
+    Case("info-method-unknown", "info --method nope", expect="nope"),
+    Case("info-rank-negative", "info --rank -1", expect="rank"),
+    Case("info-sparsity-1", "info --sparsity 1.5", expect="sparsity"),
+    Case("info-s-total-nan", "info --s-total nan", expect="s_total"),
+    Case("no-such-command", "trian --steps 3", expect="trian"),
+]
+
+
+def _sha256_tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+@pytest.fixture
+def workspace(tmp_path, cli_artifacts, monkeypatch) -> Path:
+    """A directory with copies of the artifacts (`run`, `run2`, `exp`, corpus, lm-eval data)."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copytree(cli_artifacts["run"], ws / "run")
+    shutil.copytree(cli_artifacts["run"], ws / "run2")
+    shutil.copytree(cli_artifacts["export"], ws / "exp")
+    shutil.copy(cli_artifacts["corpus"], ws / "corpus.jsonl")
+    shutil.copytree(FIXTURE_DATA, ws / "data")
+    monkeypatch.setenv("CHTSL_CACHE", str(cli_artifacts["cache"]))
+    monkeypatch.setenv("CHTSL_CACHE_DIR", str(cli_artifacts["cache"]))
+    monkeypatch.chdir(ws)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield ws
+    torch.set_num_threads(n)
+    for p in ws.rglob("*"):  # let pytest clean up read-only directories
+        if p.is_dir() and not p.is_symlink():
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+@contextmanager
+def address_space_cap(extra_bytes: int = 4 << 30) -> Iterator[None]:
+    """Caps this process's (and its children's) address space at its current size + `extra_bytes`,
+    so a regression that builds a 7B model fails with MemoryError instead of waking the OOM killer."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    size = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+    cap = size + extra_bytes if hard == resource.RLIM_INFINITY else min(size + extra_bytes, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def run_cli(argv: list[str], capfd) -> tuple[int, str]:
+    """(exit code, stdout + stderr) of `chtsl ARGV` in this process, captured at the fd level."""
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capfd.readouterr()
+    return code, out + err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_malformed_input(case: Case, workspace: Path, capfd) -> None:
+    ws = workspace
+    paths = {"ws": ws, "run": ws / "run", "run2": ws / "run2", "exp": ws / "exp", "corpus": ws / "corpus.jsonl",
+             "data": ws / "data"}
+    if case.setup is not None:
+        case.setup(ws)
+    before = _sha256_tree(ws)
+    capfd.readouterr()
+    with address_space_cap() if case.memory_cap else nullcontext():
+        code, output = run_cli(case.argv.format(**paths).split(), capfd)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert "Traceback" not in output, output
+    assert code == 2, output
+    assert len(lines) == 1 and lines[0].startswith("error:"), output
+    assert case.expect.lower() in lines[0].lower(), lines[0]
+    after = _sha256_tree(ws)
+    changed = [k for k, v in before.items() if after.get(k) != v]
+    assert not changed, f"files changed or removed: {changed}"
+
+
+def test_table_size() -> None:
+    """The issue asks for at least 60 malformed inputs, over every command."""
+    assert len(CASES) >= 60
+    commands = {c.argv.split()[0] for c in CASES}
+    assert {"train", "plot", "export", "bench", "generate", "eval", "info"} <= commands
