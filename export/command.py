@@ -276,7 +276,15 @@ def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: 
             _writing(lambda: copy_support_files(ckpt, tmp), tmp)
         if verify:
             with stages.stage("verify vs PyTorch"):
-                from export.verify import random_batches, reference_logits, verify_onnx, verify_packed, verify_runtime
+                from export.verify import (
+                    cached_batch,
+                    random_batches,
+                    reference_logits,
+                    verify_onnx,
+                    verify_onnx_cached,
+                    verify_packed,
+                    verify_runtime,
+                )
 
                 batches = random_batches(model.config.vocab_size)
                 refs = reference_logits(model, batches)
@@ -286,6 +294,8 @@ def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: 
                         checks += verify_runtime(tmp, batches, refs, device)
                 if want_onnx:
                     checks += verify_onnx(tmp / "model.onnx", batches, refs)
+                    ids = cached_batch(model.config.vocab_size)
+                    checks += verify_onnx_cached(tmp / "model.onnx", ids, reference_logits(model, [ids])[0])
     return summary, checks
 
 
