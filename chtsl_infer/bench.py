@@ -12,6 +12,14 @@ on a shared VM); CUDA — `torch.cuda.max_memory_allocated` after a reset at the
 Timings are the median over `--steps` timed full forwards (logits over every position, no KV
 cache, as the paper's Table 12) after `--warmup` untimed ones.
 
+`--mode decode` measures generation as users run it: per repetition, a prefill of `--batch`
+prompts of `--prompt-len` random tokens into a preallocated KV cache, then `--new-tokens` greedy
+decoding steps of one token per sequence (no early stop). Reported: prefill tokens/s (median over
+repetitions), decode tokens/s (batch × new tokens over the decode steps' total time, median over
+repetitions), per-token latency p50/p90 over every timed decode step, and peak memory as above
+(`peak_tensor_bytes` over a prefill and two decode steps). `--steps` counts repetitions (CPU 1,
+CUDA 3); the warm-up is a prefill and up to 4 decode steps.
+
 Defaults keep `chtsl bench --batch 128` within 3 minutes on 2 CPU cores: on CPU seq 32, 3 timed
 steps after 1 warm-up (on CUDA seq 256, 20 after 5). The paper's protocol is `--seq 256
 --steps 5000` and only runs when asked.
@@ -34,6 +42,7 @@ import typer
 from chtsl_infer.console import UserError, check_output_file, console, write_json
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+MODES = ("forward", "decode")
 
 
 def _config_for(spec: dict[str, Any]):  # -> ChtslConfig
@@ -45,7 +54,7 @@ def _config_for(spec: dict[str, Any]):  # -> ChtslConfig
         config = _ckpt_config(Path(spec["ckpt"]))
         if spec["method"] == "dense":  # the dense model of the checkpoint's shape
             fields = config.to_dict()
-            fields["chtsl"] = {**config.chtsl, "method": "dense"}
+            fields["chtsl"] = {**config.chtsl, "method": "dense", "storage": "masked"}
             return ChtslConfig(**{k: v for k, v in fields.items() if k not in ("model_type", "transformers_version")})
         return config
     return build_config(spec["preset"], method=spec["method"], s_total=spec["s_total"])
@@ -146,48 +155,153 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         rt = from_packed(packed, spec["backend"], device, dtype, consume=True)
         del packed
     build_s = time.perf_counter() - t0
-    ids = torch.randint(0, rt.config.vocab_size, (spec["batch"], spec["seq"]), device=device)
-    # One logits buffer for every step, as a serving loop would keep (the (batch, seq, vocab)
-    # logits are the largest activation; allocating them afresh re-faults their pages each step).
-    logits = torch.empty(spec["batch"], spec["seq"], rt.config.vocab_size, device=device, dtype=dtype)
+    if spec.get("mode", "forward") == "decode":
+        report = _decode_report(rt, spec, device)
+    else:
+        report = _forward_report(rt, spec, device)
+    return {**report, "backend": rt.backend, "model_bytes": rt.model_bytes, "build_s": build_s,
+            "base_rss_bytes": int(base_rss) if device.type == "cpu" else 0}  # after imports + kernel load
 
-    def step() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        rt.logits(ids, out=logits)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+
+def _reset_peak(device) -> tuple[int, str]:  # device: torch.device
+    """(peak so far: the build's, what the next peak covers) and resets the peak counter."""
+    import torch
 
     build_peak = peak_rss_bytes() if device.type == "cpu" else torch.cuda.max_memory_allocated()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        scope = "forwards"
-    else:
-        scope = "forwards" if reset_peak_rss() else "process"
+        return build_peak, "forwards"
+    return build_peak, "forwards" if reset_peak_rss() else "process"
+
+
+def _peak(device) -> int:  # device: torch.device
+    import torch
+
+    return int(torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes())
+
+
+def _forward_report(rt, spec: dict[str, Any], device) -> dict[str, Any]:  # rt: Runtime
+    """Full forwards (logits over every position, no cache): the paper's Table 12 protocol."""
+    import torch
+
+    ids = torch.randint(0, rt.config.vocab_size, (spec["batch"], spec["seq"]), device=device)
+    # One logits buffer for every step, as a serving loop would keep (the (batch, seq, vocab)
+    # logits are the largest activation; allocating them afresh re-faults their pages each step).
+    logits = torch.empty(spec["batch"], spec["seq"], rt.config.vocab_size, device=device, dtype=rt.dtype)
+
+    def step() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        rt.logits(ids, out=logits)
+        _sync(device)
+        return time.perf_counter() - start
+
+    build_peak, scope = _reset_peak(device)
     for _ in range(spec["warmup"]):
         step()
     times = [step() for _ in range(spec["steps"])]
     tokens = spec["batch"] * spec["seq"]
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
+    peak = _peak(device)
     if device.type == "cpu" and rt.model is not None:  # after the timed steps: the profiler costs time
         tensors = peak_tensor_bytes(lambda: rt.logits(ids, out=logits),
                                     rt.model_bytes + sum(t.nbytes for t in (ids, logits, *rt.workspace.values())))
     else:
-        tensors = int(peak) if device.type == "cuda" else 0
+        tensors = peak if device.type == "cuda" else 0
     return {
-        "backend": rt.backend,
         "tokens_per_s": tokens / statistics.median(times),
         "step_s": times,
-        "peak_memory_bytes": int(peak),
+        "peak_memory_bytes": peak,
         "peak_tensor_bytes": int(tensors),  # CPU: see peak_tensor_bytes(); CUDA: = peak_memory_bytes
         "peak_scope": scope,
         "build_peak_bytes": int(build_peak),
-        "base_rss_bytes": int(base_rss) if device.type == "cpu" else 0,  # after imports + kernel load
-        "model_bytes": rt.model_bytes,
-        "build_s": build_s,
     }
+
+
+def _sync(device) -> None:  # device: torch.device
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def decode_run(rt, ids, new_tokens: int, device) -> tuple[float, list[float], Any]:  # rt: Runtime, ids: Tensor
+    """One generation: prefill `ids` (batch, prompt) into a fresh cache, then `new_tokens` greedy decode steps.
+
+    Each step feeds the token chosen from the previous logits (the prefill's for the first) and
+    yields the next logits, so the cache ends at prompt + new_tokens positions. Returns (prefill
+    seconds, seconds of each decode step, the fed tokens (batch, new_tokens)). No early stop.
+    """
+    import torch
+
+    batch, prompt = ids.shape
+    cache = rt.new_cache(batch, prompt + new_tokens)
+    last = torch.empty(batch, rt.config.vocab_size, device=rt.device, dtype=rt.dtype)
+    tokens = torch.empty(batch, new_tokens, dtype=torch.long, device=rt.device)
+    _sync(device)
+    start = time.perf_counter()
+    last = rt.decode_step(ids, cache, out=last)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    steps = []
+    for i in range(new_tokens):
+        start = time.perf_counter()
+        nxt = last.argmax(-1, keepdim=True)
+        tokens[:, i:i + 1] = nxt
+        # a cache-less ONNX graph (an old export) gets the whole text each step
+        feed = nxt if cache is not None else torch.cat([ids, tokens[:, :i + 1]], dim=1)
+        last = rt.decode_step(feed, cache, out=last)
+        _sync(device)
+        steps.append(time.perf_counter() - start)
+    return prefill, steps, tokens
+
+
+def _decode_report(rt, spec: dict[str, Any], device) -> dict[str, Any]:  # rt: Runtime
+    """Generation: prefill then greedy decoding with the KV cache (module docstring)."""
+    import torch
+
+    batch, prompt, new = spec["batch"], spec["prompt_len"], spec["new_tokens"]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, rt.config.vocab_size, (batch, prompt), generator=gen).to(device)
+    build_peak, scope = _reset_peak(device)
+    for _ in range(spec["warmup"]):
+        decode_run(rt, ids, min(new, 5), device)
+    prefills, totals, latencies = [], [], []
+    for _ in range(spec["steps"]):
+        prefill, steps, _ = decode_run(rt, ids, new, device)
+        prefills.append(prefill)
+        totals.append(sum(steps))
+        latencies += steps
+    peak = _peak(device)
+    if device.type == "cpu" and rt.model is not None:
+        cache_bytes = rt.new_cache(batch, prompt + new).nbytes()  # allocated inside the profiled run
+        tensors = peak_tensor_bytes(lambda: decode_run(rt, ids, 3, device),
+                                    rt.model_bytes + ids.nbytes + sum(t.nbytes for t in rt.workspace.values()))
+        tensors = max(tensors, rt.model_bytes + cache_bytes)
+    else:
+        tensors = peak if device.type == "cuda" else 0
+    lat = sorted(latencies)
+    return {
+        "tokens_per_s": batch * new / statistics.median(totals),  # decode tokens/s
+        "prefill_tokens_per_s": batch * prompt / statistics.median(prefills),
+        "prefill_s": prefills,
+        "decode_s": totals,
+        "latency_p50_s": _quantile(lat, 0.5),
+        "latency_p90_s": _quantile(lat, 0.9),
+        "peak_memory_bytes": peak,
+        "peak_tensor_bytes": int(tensors),
+        "peak_scope": scope,
+        "build_peak_bytes": int(build_peak),
+    }
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """The q-quantile of sorted values, linearly interpolated (numpy's default); 0 when empty."""
+    if not sorted_values:
+        return 0.0
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def _spawn(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
@@ -210,12 +324,17 @@ def _split(text: str) -> list[str]:
 
 def bench_command(
     ckpt: Annotated[Path | None, typer.Argument(help="Checkpoint or export dir (omitted: random preset).")] = None,
+    mode: Annotated[str, typer.Option(help="forward (full-sequence logits) or decode (prefill + KV-cache "
+                                           "generation).")] = "forward",
     preset: Annotated[str, typer.Option(help="Preset when no CKPT is given.")] = "llama60m-c4",
     s_total: Annotated[float, typer.Option("--s-total", help="Total sparsity of the preset's linears.")] = 0.9,
     method: Annotated[str, typer.Option(help="Method of the preset model (without CKPT).")] = "chtsl",
     batch: Annotated[int, typer.Option(help="Sequences per forward.")] = 128,
-    seq: Annotated[int | None, typer.Option(help="Tokens per sequence (CPU 32, CUDA 256).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Timed steps (CPU 3, CUDA 20; paper 5000).")] = None,
+    seq: Annotated[int | None, typer.Option(help="Tokens per sequence (CPU 32, CUDA 256); forward mode.")] = None,
+    prompt_len: Annotated[int, typer.Option("--prompt-len", help="Prompt tokens per sequence; decode mode.")] = 128,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Decoded tokens per sequence; decode mode.")] = 64,
+    steps: Annotated[int | None, typer.Option(help="Timed steps (CPU 3, CUDA 20; paper 5000); decode: "
+                                                   "repetitions (CPU 1, CUDA 3).")] = None,
     warmup: Annotated[int | None, typer.Option(help="Warm-up steps (CPU 1, CUDA 5).")] = None,
     backend: Annotated[str, typer.Option(help="Backend(s), comma-separated: auto, dense, sparse, onnx.")] = "auto",
     compare: Annotated[str, typer.Option(help="Other methods of the shape, e.g. cola,sltrain.")] = "",
@@ -232,9 +351,12 @@ def bench_command(
     from chtsl_infer.presets import get_preset
     from chtsl_infer.runtime import BACKENDS
 
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     if batch <= 0:
         raise UserError(f"--batch must be positive, got {batch}")
-    for name, value in (("--seq", seq), ("--steps", steps)):
+    for name, value in (("--seq", seq), ("--steps", steps), ("--prompt-len", prompt_len),
+                        ("--new-tokens", new_tokens)):
         if value is not None and value <= 0:
             raise UserError(f"{name} must be positive, got {value}")
     if warmup is not None and warmup < 0:
@@ -256,8 +378,10 @@ def bench_command(
             raise UserError(f"unknown backend {b!r}; valid: {', '.join(BACKENDS)}")
         if b == "onnx" and ckpt is None:
             raise UserError("backend 'onnx' needs an export directory with model.onnx as CKPT")
-        if b == "sparse" and device == "cpu" and dtype != "float32":
-            raise UserError("backend 'sparse' on CPU computes in float32; use --dtype float32")
+        if b in ("sparse", "auto") and device == "cpu" and dtype == "float16":
+            raise UserError("backend 'sparse' on CPU computes in float32 or bfloat16; use --dtype float32|bfloat16")
+        if b == "onnx" and dtype != "float32":
+            raise UserError("backend 'onnx' runs the exported float32 graph; use --dtype float32")
     for m in _split(compare):
         if m not in METHODS:
             raise UserError(f"unknown method {m!r} in --compare; valid: {', '.join(METHODS)}")
@@ -273,6 +397,10 @@ def bench_command(
             raise UserError(str(e)) from None
     else:
         config = _ckpt_config(ckpt)
+    positions = config.max_position_embeddings
+    if mode == "decode" and prompt_len + new_tokens > positions:
+        raise UserError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceeds the model's {positions} "
+                        "positions")
     cpu = device == "cpu"
     n_seq = seq or (32 if cpu else 256)
     if n_seq > config.max_position_embeddings:
@@ -281,8 +409,10 @@ def bench_command(
         from chtsl_infer import kernels
 
         kernels.cpu_kernel_status()
+    decode = mode == "decode"
     common = {
-        "batch": batch, "seq": n_seq, "steps": steps or (3 if cpu else 20),
+        "mode": mode, "batch": batch, "seq": n_seq, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "steps": steps or ((1 if cpu else 3) if decode else (3 if cpu else 20)),
         "warmup": (1 if cpu else 5) if warmup is None else warmup, "device": device, "dtype": dtype,
         "preset": preset, "s_total": s_total, "ckpt": str(ckpt) if ckpt else None,
     }
@@ -311,10 +441,12 @@ def bench_command(
     base = results[0]
     for r in results:
         r["speedup_vs_dense"] = r["tokens_per_s"] / base["tokens_per_s"]
+        if decode:
+            r["prefill_speedup_vs_dense"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
         r["peak_memory_ratio"] = r["peak_memory_bytes"] / base["peak_memory_bytes"]
         r["peak_tensor_ratio"] = r["peak_tensor_bytes"] / max(base["peak_tensor_bytes"], 1)
         r["model_memory_ratio"] = r["model_bytes"] / base["model_bytes"]
-    _print_table(results, common)
+    (_print_decode_table if decode else _print_table)(results, common)
     write_json({"settings": common, "results": results}, json_path, force)
 
 
@@ -335,6 +467,29 @@ def _print_table(results: list[dict[str, Any]], settings: dict[str, Any]) -> Non
         table.add_row(r["model"], r["backend"], f"{r['tokens_per_s']:,.0f}", f"{r['speedup_vs_dense']:.2f}",
                       f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['peak_memory_ratio']:.3f}",
                       f"{r['model_bytes'] / 2**20:,.1f}", f"{r['model_memory_ratio']:.3f}")
+    console.print(table)
+
+
+def _print_decode_table(results: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    from rich import box
+    from rich.table import Table
+
+    mem = "peak RSS" if settings["device"] == "cpu" else "peak allocated"
+    what = Path(settings["ckpt"]).name if settings["ckpt"] else f"{settings['preset']} s_total={settings['s_total']}"
+    table = Table(title=f"chtsl bench --mode decode {what} — batch {settings['batch']}, prompt "
+                        f"{settings['prompt_len']} + {settings['new_tokens']} new tokens, {settings['device']} "
+                        f"{settings['dtype']}, median of {settings['steps']}",
+                  caption=f"×: ratio to the dense baseline · latency: per decoded token · peak: {mem}",
+                  box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+    for col in ("model", "backend", "prefill tok/s", "×", "decode tok/s", "×", "p50 ms", "p90 ms", "peak MiB", "×"):
+        table.add_column(col, justify="left" if col in ("model", "backend") else "right", no_wrap=True,
+                         min_width=5 if col == "×" else None)
+    for r in results:
+        table.add_row(r["model"], r["backend"], f"{r['prefill_tokens_per_s']:,.0f}",
+                      f"{r['prefill_speedup_vs_dense']:.2f}", f"{r['tokens_per_s']:,.1f}",
+                      f"{r['speedup_vs_dense']:.2f}", f"{r['latency_p50_s'] * 1e3:,.1f}",
+                      f"{r['latency_p90_s'] * 1e3:,.1f}", f"{r['peak_memory_bytes'] / 2**20:,.0f}",
+                      f"{r['peak_memory_ratio']:.3f}")
     console.print(table)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from transformers import LlamaConfig
 
 from chtsl_infer import budget
-from chtsl_infer.layers import ACTIVATIONS, LAYER_TYPES, METHODS
+from chtsl_infer.layers import ACTIVATIONS, LAYER_TYPES, METHODS, check_storage
 
 ALIGN_CHOICES = ("all", "qk", "others")
 
@@ -19,6 +19,7 @@ DEFAULT_BLOCK: dict[str, Any] = {
     "alpha": None,  # SLTrain's α (scale α/r of its low-rank product)
     "align_lambda": 0.3,
     "align_layers": "all",
+    "storage": "masked",  # how the sparse branch holds S in training: masked | csr (layers.STORAGES)
 }
 
 
@@ -52,6 +53,7 @@ def normalize_block(block: dict[str, Any] | None) -> dict[str, Any]:
     if float(out["align_lambda"]) < 0:
         raise ValueError(f"alignment lambda must be >= 0, got {out['align_lambda']}")
     out["align_lambda"] = float(out["align_lambda"])
+    check_storage(method, out["storage"])
     return out
 
 

@@ -1,20 +1,30 @@
-"""Full-sequence forward of a runtime model with activations kept feature-major.
+"""Forward of a runtime model with activations kept feature-major: full sequences and KV-cache decoding.
 
-`Runtime.logits` (scoring, perplexity, `chtsl bench`) runs the decoder here instead of through
-transformers' modules. Activations are (features, tokens) — hidden states (H, T) with T = batch ×
-seq — because the sparse kernel computes `S X` with X's rows contiguous: in this layout neither
-its input nor its output needs a transpose (token-major, torch's two transposes take 4–11× as
-long as the kernel itself: 4096 tokens, 60M shapes). Dense GEMMs, RMSNorm, RoPE and SiLU·mul do
-not care about the layout; attention gets (batch, heads, seq, head_dim) copies of q/k/v and its
-output is copied back once per block. Both torch backends use this path, so the `dense`
-reference and `sparse` differ only in how `S X` is computed.
+`Runtime.logits` (scoring, perplexity, `chtsl bench`) and `Runtime.generate` / `chtsl bench --mode
+decode` run the decoder here instead of through transformers' modules. Activations are (features,
+tokens) — hidden states (H, T) with T = batch × seq — because the sparse kernel computes `S X`
+with X's rows contiguous: in this layout neither its input nor its output needs a transpose
+(token-major, torch's two transposes take 4–11× as long as the kernel itself: 4096 tokens, 60M
+shapes). Dense GEMMs, RMSNorm, RoPE and SiLU·mul do not care about the layout; attention gets
+(batch, heads, seq, head_dim) copies of q/k/v and its output is copied back once per block. Both
+torch backends use this path, so the `dense` reference and `sparse` differ only in how `S X` is
+computed.
+
+Decoding (`KVCache`, `forward(..., cache=...)`) is the same block loop with a preallocated cache:
+each call writes its keys/values at the cache's current length (no per-token re-allocation,
+unlike a cache grown by concatenation), attends to the cache's first `length + seq` positions, and
+computes logits for the last position of each sequence only (a (batch, vocab) GEMV per token
+instead of (batch × seq, vocab) at prefill). One decoded token is a (H, batch) activation, so the
+sparse kernel takes its per-token gather path (`kernels.token_tile`).
 
 Same arithmetic as transformers' Llama (`LlamaRMSNorm`, `apply_rotary_pos_emb`, SDPA with
-`head_dim**-0.5`, causal, GQA, `act(gate) * up`); tests compare the logits within 1e-4.
-The KV-cache path (`generate`) stays transformers' own.
+`head_dim**-0.5`, causal, GQA, `act(gate) * up`); tests compare the logits within 1e-4 and greedy
+decoding token-for-token with transformers' `generate()`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +47,69 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
+def _head_dims(cfg) -> tuple[int, int, int]:  # cfg: ChtslConfig
+    """(attention heads, key/value heads, head_dim) of a config."""
+    n_heads = cfg.num_attention_heads
+    return n_heads, cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+
+
+def rope_tables(model: ChtslLlamaForCausalLM, positions: torch.Tensor,
+                like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (head_dim, 1, len(positions)) of the model's RoPE, in `like`'s dtype.
+
+    Per position the values are those transformers computes (an outer product, so one position's
+    entries do not depend on which other positions are in the table).
+    """
+    cos, sin = model.model.rotary_emb(like, positions[None])  # (1, n, head_dim) each
+    return cos[0].t().contiguous()[:, None], sin[0].t().contiguous()[:, None]
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values of every block: `key[i]`, `value[i]` (batch, kv_heads, capacity, head_dim).
+
+    The layout of transformers' and Optimum's Llama caches. Positions `[0, length)` are filled;
+    `forward` writes the next ones in place. `cos`/`sin` (head_dim, 1, capacity): the RoPE tables of
+    every position the cache can hold, computed once.
+    """
+
+    key: list[torch.Tensor]
+    value: list[torch.Tensor]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.key[0].shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.key[0].shape[0]
+
+    def reset(self) -> None:
+        """Empties the cache (keeps its memory) for a new batch of prompts of the same size."""
+        self.length = 0
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.key, *self.value))
+
+
+@torch.no_grad()
+def new_cache(model: ChtslLlamaForCausalLM, batch: int, capacity: int) -> KVCache:
+    """An empty `KVCache` for `batch` sequences of up to `capacity` tokens, on the model's device/dtype."""
+    cfg = model.config
+    _, n_kv, head_dim = _head_dims(cfg)
+    if capacity > cfg.max_position_embeddings:
+        raise ValueError(f"cache of {capacity} positions exceeds the model's {cfg.max_position_embeddings}")
+    like = model.model.embed_tokens.weight
+    shape = (batch, n_kv, capacity, head_dim)
+    keys = [like.new_empty(shape) for _ in range(cfg.num_hidden_layers)]
+    values = [like.new_empty(shape) for _ in range(cfg.num_hidden_layers)]
+    cos, sin = rope_tables(model, torch.arange(capacity, device=like.device), like)
+    return KVCache(keys, values, cos, sin)
+
+
 @torch.no_grad()
 def logits(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, out: torch.Tensor | None = None,
            workspace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -47,19 +120,40 @@ def logits(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, out: torch.Ten
     above glibc's mmap threshold (32 MiB), which are unmapped when freed and fault in again, page
     by page, on the next call (about 0.2 ms per MiB here: 100 ms for 4096 × 32000 logits).
     """
+    return forward(model, input_ids, out=out, workspace=workspace)
+
+
+@torch.no_grad()
+def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCache | None = None,
+            last_only: bool = False, out: torch.Tensor | None = None,
+            workspace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """input_ids (batch, seq) -> logits (batch, seq, vocab), or (batch, vocab) with `last_only`.
+
+    `cache`: the sequences' `KVCache`; the tokens are positions `cache.length …` of each sequence,
+    their keys/values are written there and `cache.length` advances by seq. Without one, positions
+    start at 0 and nothing is kept. `out`, `workspace`: see `logits`.
+    """
     cfg = model.config
     inner = model.model
     batch, seq = input_ids.shape
     n_tok = batch * seq
-    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    n_heads, n_kv, head_dim = _head_dims(cfg)
     q_rows, kv_rows = n_heads * head_dim, n_kv * head_dim
+    start = 0 if cache is None else cache.length
+    end = start + seq
+    if cache is not None and (end > cache.capacity or batch != cache.batch):
+        raise ValueError(f"{batch}×{seq} tokens at position {start} do not fit a cache of "
+                         f"{cache.batch}×{cache.capacity}")
 
     h = inner.embed_tokens(input_ids).view(n_tok, -1).t().contiguous()  # (H, T)
-    positions = torch.arange(seq, device=input_ids.device)[None]
-    cos, sin = inner.rotary_emb(h, positions)  # (1, seq, head_dim) each
-    cos, sin = cos[0].t().contiguous()[:, None], sin[0].t().contiguous()[:, None]  # (head_dim, 1, seq)
-    for layer in inner.layers:
+    if cache is None:
+        cos, sin = rope_tables(model, torch.arange(seq, device=input_ids.device), h)
+    else:
+        cos, sin = cache.cos[:, :, start:end], cache.sin[:, :, start:end]
+    mask = None
+    if cache is not None and start > 0 and seq > 1:  # a chunk after cached tokens: causal with an offset
+        mask = torch.ones(seq, end, dtype=torch.bool, device=h.device).tril_(start)
+    for i, layer in enumerate(inner.layers):
         attn, mlp = layer.self_attn, layer.mlp
         x = rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         qkv = attn.q_proj.group.forward_fm(x)  # (q_rows + 2 kv_rows, T)
@@ -67,11 +161,20 @@ def logits(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, out: torch.Ten
         # (batch, heads, seq, head_dim) copies: SDPA's fused CPU kernel needs contiguous head rows
         # (on strided views it falls back to the unfused math path, ≈ 1.6× slower here).
         q = rotate(qkv[:q_rows].view(n_heads, head_dim, batch, seq), cos, sin).permute(2, 0, 3, 1).contiguous()
-        k = rotate(qkv[q_rows:q_rows + kv_rows].view(n_kv, head_dim, batch, seq), cos, sin)
-        k = k.permute(2, 0, 3, 1).contiguous()
-        v = qkv[q_rows + kv_rows:].view(n_kv, head_dim, batch, seq).permute(2, 0, 3, 1).contiguous()
+        k = rotate(qkv[q_rows:q_rows + kv_rows].view(n_kv, head_dim, batch, seq), cos, sin).permute(2, 0, 3, 1)
+        v = qkv[q_rows + kv_rows:].view(n_kv, head_dim, batch, seq).permute(2, 0, 3, 1)
+        if cache is None:
+            k, v = k.contiguous(), v.contiguous()
+        else:  # into the preallocated cache; attend to everything cached so far
+            cache.key[i][:, :, start:end] = k
+            cache.value[i][:, :, start:end] = v
+            if start > 0:
+                k, v = cache.key[i][:, :, :end], cache.value[i][:, :, :end]
+            else:
+                k, v = k.contiguous(), v.contiguous()
         del qkv
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=n_kv != n_heads)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+                                           scale=attn.scaling, enable_gqa=n_kv != n_heads)
         del q, k, v
         o = o.permute(1, 3, 0, 2).reshape(q_rows, n_tok)  # back to (heads·head_dim, T)
         h += attn.o_proj.group.forward_fm(o)
@@ -87,10 +190,19 @@ def logits(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, out: torch.Ten
             act = mlp.act_fn(gate_up[:ffn]).mul_(gate_up[ffn:])
         h += mlp.down_proj.group.forward_fm(act)
         del act
+    if cache is not None:
+        cache.length = end
+    weight = model.lm_head.weight
+    if last_only:  # logits of each sequence's last position only: (H, batch)
+        h = h.view(-1, batch, seq)[:, :, -1]
+        h = rms_norm(h, inner.norm.weight, inner.norm.variance_epsilon)
+        if out is None:
+            out = h.new_empty(batch, weight.shape[0])
+        return torch.mm(h.t(), weight.t(), out=out)
     h = rms_norm(h, inner.norm.weight, inner.norm.variance_epsilon)
     if out is None:
-        out = h.new_empty(batch, seq, model.lm_head.weight.shape[0])
-    torch.mm(h.t(), model.lm_head.weight.t(), out=out.view(n_tok, -1))  # reads h transposed: no copy
+        out = h.new_empty(batch, seq, weight.shape[0])
+    torch.mm(h.t(), weight.t(), out=out.view(n_tok, -1))  # reads h transposed: no copy
     return out
 
 

@@ -21,7 +21,7 @@ def generate_command(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
 ) -> None:
-    """Streams generated text (KV cache via transformers' generate) and prints tokens/s."""
+    """Streams generated text (prefill, then one token per step with a KV cache) and prints tokens/s."""
     import torch
     from transformers import TextStreamer
 

@@ -43,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("spmm.c", "csr_train.c"))  # one library
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("spmm.c", "csr_train.c", "spmm_bf16.c"))  # one library
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
 MM_TILE = 32  # tokens per tile of csr_mm_tm (training forward and dx): 4 × 2 AVX2 accumulators, measured best
 SDDMM_TILE = 64  # tokens per tile of csr_sddmm_tm, while its (in × tile) buffer fits SDDMM_TILE_BYTES, else 32
@@ -104,9 +105,10 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
             errors.append(f"loading {target}: {exc}")
             continue
         p, i, lng = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-        for fn in (lib.spmm_i16, lib.spmm_i32):
+        for fn in (lib.spmm_i16, lib.spmm_i32, lib.spmm_bf16_i16, lib.spmm_bf16_i32):
             fn.argtypes = [p, lng, i, i, p, p, p, p, p, lng, i, i, i, i]
             fn.restype = i
+        lib.spmm_bf16_path.argtypes, lib.spmm_bf16_path.restype = [], i
         lib.csr_mm_tm.argtypes = [p, lng, i, i, p, p, p, i, p, lng, i, i, i]
         lib.csr_mm_tm.restype = i
         lib.csr_sddmm_tm.argtypes = [p, lng, p, lng, i, i, i, p, p, p, i, i]
@@ -145,34 +147,47 @@ def cpu_kernel_status() -> tuple[bool, str]:
     return lib is not None, how
 
 
+def bf16_path() -> str:
+    """Which bf16 gather loop the compiled kernel has: "avx512-bf16" (vdpbf16ps), "portable" or "none"."""
+    lib, _ = _library()
+    if lib is None:
+        return "none"
+    return "avx512-bf16" if lib.spmm_bf16_path() else "portable"
+
+
 def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
              out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """`S X` on CPU: x (in, T) fp32 with contiguous rows -> (out, T) fp32; S a CSR triple (out rows).
+    """`S X` on CPU: x (in, T) with contiguous rows -> (out, T); S a CSR triple (out rows).
 
-    `out`, if given, is a (out, T) fp32 tensor with contiguous rows the result is written into.
+    float32 x and values: fp32 throughout (`csrc/spmm.c`). bfloat16 x and values: bf16 in memory,
+    fp32 accumulation, the result rounded to bf16 (`csrc/spmm_bf16.c`).
+    `out`, if given, is a (out, T) tensor of x's dtype with contiguous rows the result is written into.
     `rows` (int32, out): stored CSR row r is output row rows[r] (see `sort_rows`); None: identity.
     """
-    if x.dtype != torch.float32 or values.dtype != torch.float32:
-        raise TypeError(f"spmm_cpu computes in float32, got x {x.dtype} and values {values.dtype}")
+    dtype = x.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or values.dtype != dtype:
+        raise TypeError(f"spmm_cpu computes float32 or bfloat16 (x and values alike), got x {x.dtype} and "
+                        f"values {values.dtype}")
     n_in, n_tok = x.shape
-    if x.stride(1) != 1 or x.stride(0) < n_tok:  # the kernel reads rows of n_tok contiguous floats
+    if x.stride(1) != 1 or x.stride(0) < n_tok:  # the kernel reads rows of n_tok contiguous values
         x = x.contiguous()
     n_out = crow.numel() - 1
-    if out is not None and (out.shape != (n_out, n_tok) or out.dtype != torch.float32 or out.device.type != "cpu"
+    if out is not None and (out.shape != (n_out, n_tok) or out.dtype != dtype or out.device.type != "cpu"
                             or out.stride(1) != 1 or out.stride(0) < n_tok):
-        raise ValueError(f"spmm_cpu: out must be a CPU float32 ({n_out}, {n_tok}) tensor with contiguous rows")
-    y = torch.empty(n_out, n_tok, dtype=torch.float32) if out is None else out
+        raise ValueError(f"spmm_cpu: out must be a CPU {dtype} ({n_out}, {n_tok}) tensor with contiguous rows")
+    y = torch.empty(n_out, n_tok, dtype=dtype) if out is None else out
     if n_tok == 0 or n_out == 0:
         return y.zero_()
     lib, _ = _library()
     if lib is None:
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
-            csr = torch.sparse_csr_tensor(crow.long(), col.long(), values, size=(n_out, n_in), check_invariants=False)
-            result = csr @ x
+            csr = torch.sparse_csr_tensor(crow.long(), col.long(), values.float(), size=(n_out, n_in),
+                                          check_invariants=False)
+            result = csr @ x.float()
         if rows is None:
             return y.copy_(result)
-        y[rows.long()] = result
+        y[rows.long()] = result.to(dtype)
         return y
     threads = torch.get_num_threads()
     tile = token_tile(n_in, n_tok)
@@ -180,12 +195,15 @@ def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: tor
     n_chunks = max(1, -(-2 * threads // n_tiles)) if n_tiles < threads else 1  # few tokens: split rows
     if col.dtype not in (torch.int16, torch.int32) or crow.dtype != torch.int32:
         raise TypeError(f"spmm_cpu reads int32 row pointers and int16/int32 columns, got {crow.dtype}/{col.dtype}")
-    fn = lib.spmm_i16 if col.dtype == torch.int16 else lib.spmm_i32
+    if dtype == torch.float32:
+        fn = lib.spmm_i16 if col.dtype == torch.int16 else lib.spmm_i32
+    else:
+        fn = lib.spmm_bf16_i16 if col.dtype == torch.int16 else lib.spmm_bf16_i32
     if rows is not None and (rows.dtype != torch.int32 or rows.numel() != n_out or not rows.is_contiguous()):
         raise TypeError(f"spmm_cpu: rows must be a contiguous int32 permutation of {n_out} rows")
     if fn(x.data_ptr(), x.stride(0), n_in, n_tok, crow.data_ptr(), col.data_ptr(), values.data_ptr(),
           None if rows is None else rows.data_ptr(), y.data_ptr(), y.stride(0), n_out, tile, n_chunks, threads):
-        raise MemoryError("spmm_cpu: could not allocate the kernel's tile buffers")
+        raise MemoryError("spmm_cpu: could not allocate the kernel's buffers")
     return y
 
 

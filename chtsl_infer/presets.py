@@ -142,6 +142,7 @@ def build_config(
     align_lambda: float | None = None,
     align_layers: str = "all",
     vocab_size: int | None = None,
+    storage: str = "masked",
     **llama_overrides: Any,
 ) -> ChtslConfig:
     """The `ChtslConfig` of a preset at `s_total` (explicit `sparsity`/`rank` override the table)."""
@@ -157,6 +158,7 @@ def build_config(
         "alpha": p.sltrain_alpha if method == "sltrain" else None,
         "align_lambda": p.align_lambda if align_lambda is None else align_lambda,
         "align_layers": align_layers,
+        "storage": storage,
     }
     fields = dict(
         vocab_size=vocab_size or p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,

@@ -3,8 +3,10 @@
 Each decoder block's seven linears become four `FusedLinears` groups — (q, k, v), (o), (gate, up),
 (down) — because linears of one group read the same input: one call computes every member at once
 (one sparse kernel over the concatenated CSR rows, one GEMM with the concatenated A factors).
-`Runtime.logits` (scoring, bench, perplexity) runs the blocks feature-major (`feature_major.py`);
-`generate()` keeps transformers' modules and KV cache, where each member returns its slice.
+`Runtime.logits` (scoring, bench, perplexity) and `Runtime.generate` / `decode_step` (a
+preallocated KV cache) run the blocks feature-major (`feature_major.py`), calling each group
+directly; transformers' own forward (`runtime.model(...)`) still works, each member returning its
+slice of the group's output.
 
 Per group, `y = S x + scale · B σ(A x)`:
   S x        `dense`: S densified once at load, one GEMM (the reference); method `dense` always so;
@@ -81,8 +83,9 @@ class FusedLinears(nn.Module):
             if torch_csr if torch_csr is not None else device.type == "cuda":
                 self.cuda_csr = kernels.torch_csr(crow_t, col, values, (self.offsets[-1], self.in_features),
                                                   device, dtype)
-            else:  # the C kernel reads int32 row pointers, int16/int32 columns, fp32 values
-                crow_s, col_s, values_s, rows = kernels.sort_rows(crow_t.to(torch.int32), col, values.float())
+            else:  # the C kernel reads int32 row pointers, int16/int32 columns, fp32 or bf16 values
+                values = values.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+                crow_s, col_s, values_s, rows = kernels.sort_rows(crow_t.to(torch.int32), col, values)
                 self.register_buffer("crow", crow_s)  # rows stored by link count (see kernels.sort_rows)
                 self.register_buffer("col", col_s)
                 self.register_buffer("values", values_s)
@@ -114,7 +117,7 @@ class FusedLinears(nn.Module):
         if self.sparse:
             if self.cuda_csr is not None:
                 y = out.copy_(kernels.spmm_cuda(x, self.cuda_csr))
-            elif x.dtype == torch.float32:
+            elif x.dtype == self.values.dtype:  # fp32, or bf16 with fp32 accumulation
                 y = kernels.spmm_cpu(x, self.crow, self.col, self.values, out=out, rows=self.rows)
             else:
                 y = out.copy_(kernels.spmm_cpu(x.float(), self.crow, self.col, self.values, rows=self.rows))
@@ -311,44 +314,132 @@ class Runtime:
         into, e.g. one buffer reused by a serving or benchmark loop (saves re-faulting its pages).
         """
         if self.session is not None:
-            logits = torch.from_numpy(self.session.run(["logits"], {"input_ids": input_ids.cpu().numpy()})[0])
+            if OnnxCache.has_cache(self.session):  # a graph with past_key_values: start from an empty cache
+                logits = OnnxCache.empty(self.session, input_ids.shape[0]).run(self.session, input_ids.cpu())
+            else:
+                logits = torch.from_numpy(self.session.run(["logits"], {"input_ids": input_ids.cpu().numpy()})[0])
             return logits if out is None else out.copy_(logits)
         assert self.model is not None
         return feature_major.logits(self.model, input_ids.to(self.device), out=out, workspace=self.workspace)
 
+    def new_cache(self, batch: int, capacity: int) -> Any:
+        """An empty KV cache for `batch` sequences of up to `capacity` tokens (see `decode_step`).
+
+        Torch backends: a preallocated `feature_major.KVCache`; `onnx`: an `OnnxCache` (the graph's
+        `past_key_values` tensors), or None for a graph exported without a cache.
+        """
+        if capacity > self.config.max_position_embeddings:
+            raise UserError(f"{capacity} positions exceed the model's {self.config.max_position_embeddings}")
+        if self.session is not None:
+            return OnnxCache.empty(self.session, batch) if OnnxCache.has_cache(self.session) else None
+        assert self.model is not None
+        return feature_major.new_cache(self.model, batch, capacity)
+
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, cache: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Feeds input_ids (batch, seq) after the cached tokens: the last position's logits (batch, vocab).
+
+        seq is the prompt's length at prefill, 1 per decoded token. The cache advances by seq.
+        `cache` None (an ONNX graph without a cache): `input_ids` must be the whole sequence so far.
+        """
+        if self.session is not None:
+            if cache is None:
+                last = self.logits(input_ids)[:, -1]
+            else:
+                last = cache.run(self.session, input_ids.cpu())[:, -1]
+            return last if out is None else out.copy_(last)
+        assert self.model is not None
+        return feature_major.forward(self.model, input_ids.to(self.device), cache=cache, last_only=True, out=out,
+                                     workspace=self.workspace)
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  streamer: Any = None, eos_token_id: int | None = None) -> torch.Tensor:
-        """(1, prompt) -> (1, prompt + new) tokens; greedy when temperature is 0, else sampled.
+        """(batch, prompt) -> (batch, prompt + new) tokens; greedy when temperature is 0, else sampled.
 
-        Torch backends use transformers' `generate()` with its KV cache; `onnx` recomputes the
-        whole sequence per token (the exported graph has no cache inputs).
+        One prefill, then one `decode_step` per token with a KV cache (preallocated for the torch
+        backends; the graph's `past_key_values` for `onnx`). Greedy output is transformers'
+        `generate()`'s, token for token. With `eos_token_id`, a finished sequence continues with
+        eos (transformers' padding, pad = eos) and decoding stops once every sequence has finished.
         """
-        if self.model is not None:
-            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, streamer=streamer,
-                                          eos_token_id=eos_token_id, pad_token_id=eos_token_id)
-            if temperature > 0:
-                kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-            return self.model.generate(input_ids.to(self.device), **kwargs).cpu()
-        ids = input_ids.cpu()
+        ids = input_ids.to(self.device)
+        batch, prompt = ids.shape
         if streamer is not None:
-            streamer.put(ids)
+            streamer.put(ids.cpu())
+        cache = self.new_cache(batch, prompt + max_new_tokens)
+        out = torch.empty(batch, prompt + max_new_tokens, dtype=ids.dtype, device=self.device)
+        out[:, :prompt] = ids
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        feed = ids
+        length = prompt
         for _ in range(max_new_tokens):
-            last = self.logits(ids)[:, -1].float()
+            last = self.decode_step(feed if cache is not None else out[:, :length], cache).float().to(self.device)
             if temperature > 0:
                 nxt = torch.multinomial(F.softmax(last / temperature, dim=-1), 1)
             else:
                 nxt = last.argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill_(done[:, None], eos_token_id)
+                done |= nxt[:, 0] == eos_token_id
+            out[:, length:length + 1] = nxt
+            length += 1
+            feed = nxt
             if streamer is not None:
-                streamer.put(nxt)
-            if eos_token_id is not None and int(nxt) == eos_token_id:
+                streamer.put(nxt.cpu())
+            if eos_token_id is not None and bool(done.all()):
                 break
         if streamer is not None:
             streamer.end()
-        return ids
+        return out[:, :length].cpu()
+
+
+@dataclass
+class OnnxCache:
+    """The KV cache of an ONNX graph exported with `past_key_values` inputs (`export.onnx`).
+
+    `past`: the graph's `past_key_values.{i}.key/value` feeds, (batch, kv_heads, length, head_dim)
+    float32 arrays — the previous call's `present` outputs; onnxruntime allocates new ones each
+    call (the graph concatenates), as with any Optimum-exported decoder.
+    """
+
+    past: dict[str, Any]
+    batch: int
+    length: int = 0
+
+    @staticmethod
+    def has_cache(session: Any) -> bool:
+        """Whether the session's graph takes `past_key_values` (older exports take input_ids only)."""
+        return any(i.name.startswith("past_key_values.") for i in session.get_inputs())
+
+    @classmethod
+    def empty(cls, session: Any, batch: int) -> OnnxCache:
+        """Zero-length past tensors for `batch` sequences, shaped from the graph's input types."""
+        import numpy as np
+
+        past = {}
+        for i in session.get_inputs():
+            if i.name.startswith("past_key_values."):
+                _, kv_heads, _, head_dim = i.shape
+                past[i.name] = np.zeros((batch, kv_heads, 0, head_dim), dtype=np.float32)
+        return cls(past, batch)
+
+    def run(self, session: Any, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feeds input_ids (batch, seq) after the cached positions: logits (batch, seq, vocab); advances."""
+        import numpy as np
+
+        batch, seq = input_ids.shape
+        if batch != self.batch:
+            raise ValueError(f"a cache of {self.batch} sequences was fed {batch}")
+        positions = np.arange(self.length, self.length + seq, dtype=np.int64)
+        feeds = {"input_ids": input_ids.numpy().astype(np.int64, copy=False),
+                 "attention_mask": np.ones((batch, self.length + seq), dtype=np.int64),
+                 "position_ids": np.ascontiguousarray(np.broadcast_to(positions, (batch, seq))), **self.past}
+        names = [o.name for o in session.get_outputs()]
+        outputs = session.run(names, feeds)
+        self.past = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(names, outputs, strict=True)
+                     if n.startswith("present.")}
+        self.length += seq
+        return torch.from_numpy(outputs[names.index("logits")])
 
 
 def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.device = "cpu",
@@ -362,8 +453,9 @@ def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.
     if backend == "onnx":
         raise UserError("backend 'onnx' needs an export directory with model.onnx "
                         "(run `chtsl export CKPT --format onnx`)")
-    if backend == "sparse" and device.type == "cpu" and dtype != torch.float32:
-        raise UserError("backend 'sparse' on CPU computes in float32; use --dtype float32 or --backend dense")
+    if backend == "sparse" and device.type == "cpu" and dtype not in (torch.float32, torch.bfloat16):
+        raise UserError("backend 'sparse' on CPU computes in float32 or bfloat16; use --dtype float32|bfloat16 "
+                        "or --backend dense")
     model = build_model(packed, backend, device, dtype, consume=consume)
     if device.type == "cpu":  # after the build: its freed packed tensors go back to the OS
         keep_freed_heap()

@@ -225,6 +225,7 @@ def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: 
 
     from chtsl_infer.checkpoint import load_model
     from chtsl_infer.packed import DTYPES, WEIGHTS_NAME
+    from chtsl_infer.storage import to_storage
     from export import onnx as onnx_export
     from export.packed import copy_support_files, write_packed
 
@@ -236,6 +237,8 @@ def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: 
         with stages.stage("load checkpoint"):
             try:
                 model = load_model(ckpt).float()
+                if want_onnx:  # the ONNX graph traces dense S (weight·mask) for a csr-storage checkpoint
+                    to_storage(model, "masked")
             except UserError:
                 raise
             except Exception as e:  # corrupt/truncated weights surface as assorted library errors
@@ -273,7 +276,15 @@ def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: 
             _writing(lambda: copy_support_files(ckpt, tmp), tmp)
         if verify:
             with stages.stage("verify vs PyTorch"):
-                from export.verify import random_batches, reference_logits, verify_onnx, verify_packed, verify_runtime
+                from export.verify import (
+                    cached_batch,
+                    random_batches,
+                    reference_logits,
+                    verify_onnx,
+                    verify_onnx_cached,
+                    verify_packed,
+                    verify_runtime,
+                )
 
                 batches = random_batches(model.config.vocab_size)
                 refs = reference_logits(model, batches)
@@ -283,6 +294,8 @@ def _run(ckpt: Path, tmp: Path, names: list[str], want_packed: bool, want_onnx: 
                         checks += verify_runtime(tmp, batches, refs, device)
                 if want_onnx:
                     checks += verify_onnx(tmp / "model.onnx", batches, refs)
+                    ids = cached_batch(model.config.vocab_size)
+                    checks += verify_onnx_cached(tmp / "model.onnx", ids, reference_logits(model, [ids])[0])
     return summary, checks
 
 

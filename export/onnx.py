@@ -1,7 +1,23 @@
-"""ONNX export: `input_ids` [batch, seq] (int64) → `logits` [batch, seq, vocab], float32.
+"""ONNX export: a Llama decoder graph with a KV cache, in the names and layout Optimum uses, float32.
 
-The graph comes from `torch.onnx.export` (the dynamo exporter; the TorchScript one cannot export
-transformers 5 Llama's mask code) of the model with `use_cache=False`. Before export each sparse
+Inputs (i = 0 … layers-1)
+  input_ids                       int64   [batch, seq]
+  attention_mask                  int64   [batch, past_seq + seq]
+  position_ids                    int64   [batch, seq]
+  past_key_values.{i}.key/value   float32 [batch, kv_heads, past_seq, head_dim]
+Outputs
+  logits                          float32 [batch, seq, vocab]
+  present.{i}.key/value           float32 [batch, kv_heads, past_seq + seq, head_dim]
+
+So onnxruntime users drive it like any exported Llama: the first call passes past tensors with
+past_seq = 0 (and the prompt), every later call the previous call's `present` tensors as `past`,
+the new token(s), a mask of ones over past + new positions (0 on left padding) and their
+positions. Keys are stored after RoPE, as transformers does. Causality is over cache index:
+query i (at cache index past_seq + i) sees keys 0 … past_seq + i that the mask allows.
+
+The graph comes from `torch.onnx.export` (the dynamo exporter) of `CachedDecoder`: the model's
+own embedding, RMSNorms, linears and lm_head with the attention written out in plain ops (the
+cache as tensors in and out, not a transformers `Cache` object). Before export each sparse
 branch is materialised as one plain weight `S = weight · mask`, so it becomes a single MatMul
 initializer (the exporter folds the transpose: the initializer holds Sᵀ). Afterwards the `onnx`
 API finds those initializers by content — the exporter renames them — and replaces each by an
@@ -42,19 +58,83 @@ from chtsl_infer.modeling import ChtslLlamaForCausalLM
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
 EXPORT_SHAPE = (2, 8)  # (batch, seq) of the example input; verification uses other shapes
+EXPORT_PAST = 5  # past_seq of the example input (not 0 or 1, which the exporter would specialise on)
 PROTOBUF_LIMIT = 2**31 - 1  # bytes; larger models are saved with external data
 SPARSE_AS = ("constant", "initializer")
 
 
-class LogitsOnly(nn.Module):
-    """`input_ids` (batch, seq) int64 → `logits` (batch, seq, vocab): the graph's signature."""
+def past_names(n_layers: int) -> list[str]:
+    """`past_key_values.{i}.key`, `….value` for every block, in the graph's input order."""
+    return [f"past_key_values.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def present_names(n_layers: int) -> list[str]:
+    """`present.{i}.key`, `….value` for every block, in the graph's output order."""
+    return [f"present.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+class CachedDecoder(nn.Module):
+    """The exported signature (module docstring): (input_ids, attention_mask, position_ids, *past)
+    → (logits, *present), with past/present interleaved key, value per block.
+
+    Same arithmetic as transformers' Llama (RMSNorm, RoPE by `position_ids`, softmax attention with
+    `head_dim**-0.5`, GQA by repeating kv heads); masked scores get the dtype's lowest value rather
+    than -inf, so a fully masked (left-padding) row gives finite garbage, not NaN.
+    """
 
     def __init__(self, model: ChtslLlamaForCausalLM) -> None:
         super().__init__()
         self.model = model
+        cfg = model.config
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        inner = self.model.model
+        batch, seq = input_ids.shape
+        past_len = past[0].shape[2]
+        h = inner.embed_tokens(input_ids)  # (batch, seq, hidden)
+        cos, sin = inner.rotary_emb(h, position_ids)
+        key_index = torch.arange(past_len + seq, device=h.device)
+        query_index = torch.arange(seq, device=h.device) + past_len
+        allowed = (key_index[None, :] <= query_index[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+        bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(
+            ~allowed, torch.finfo(h.dtype).min)  # (batch, 1, seq, past_seq + seq)
+        presents: list[torch.Tensor] = []
+        groups = self.n_heads // self.n_kv
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, seq, self.n_kv, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, seq, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = torch.cat([past[2 * i], k], dim=2)
+            v = torch.cat([past[2 * i + 1], v], dim=2)
+            presents += [k, v]
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + bias
+            o = torch.matmul(torch.softmax(scores, dim=-1), v)  # (batch, heads, seq, head_dim)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = self.model.lm_head(inner.norm(h))
+        return (logits, *presents)
+
+
+def example_inputs(config, batch: int = EXPORT_SHAPE[0], seq: int = EXPORT_SHAPE[1],
+                   past: int = EXPORT_PAST) -> tuple[torch.Tensor, ...]:  # config: ChtslConfig
+    """(input_ids, attention_mask, position_ids, *past) of the given sizes (zeros, ones, positions)."""
+    n_kv = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    cache = [torch.zeros(batch, n_kv, past, head_dim) for _ in range(2 * config.num_hidden_layers)]
+    return (ids, mask, positions, *cache)
 
 
 @dataclass
@@ -147,22 +227,27 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_graph(model: ChtslLlamaForCausalLM, opset: int = DEFAULT_OPSET):  # -> onnx.ModelProto
-    """The dense ONNX graph of `model` (float32, dynamic batch/seq axes, no KV cache)."""
+    """The dense ONNX graph of `model` (float32, dynamic batch/seq/past axes, KV cache in and out)."""
     import warnings
 
     export = materialized_copy(model)
-    example = torch.zeros(EXPORT_SHAPE, dtype=torch.long)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    n_layers = export.config.num_hidden_layers
+    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past_seq")
+    cache_dims = {0: batch, 2: past}
+    dynamic = (
+        {0: batch, 1: seq}, {0: batch, 1: torch.export.Dim.AUTO}, {0: batch, 1: seq},
+        tuple([cache_dims] * (2 * n_layers)),  # *past: one entry for the varargs
+    )
     with _quiet_exporter(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            LogitsOnly(export),
-            (example,),
-            input_names=["input_ids"],
-            output_names=["logits"],
+            CachedDecoder(export),
+            example_inputs(export.config),
+            input_names=["input_ids", "attention_mask", "position_ids", *past_names(n_layers)],
+            output_names=["logits", *present_names(n_layers)],
             opset_version=opset,
             dynamo=True,
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}},
+            dynamic_shapes=dynamic,
             verbose=False,
             optimize=True,
         )
@@ -170,7 +255,26 @@ def export_graph(model: ChtslLlamaForCausalLM, opset: int = DEFAULT_OPSET):  # -
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if got != opset:
         raise ValueError(f"the exporter produced opset {got}, not the requested {opset}")
+    _name_dims(proto)
     return proto
+
+
+def _name_dims(proto) -> None:
+    """Names the graph's symbolic dims as Optimum does (batch_size, sequence_length, past_sequence_length,
+    past_sequence_length + sequence_length) instead of the exporter's s0, s1 …"""
+    names = {"input_ids": ("batch_size", "sequence_length"), "position_ids": ("batch_size", "sequence_length"),
+             "attention_mask": ("batch_size", "past_sequence_length + sequence_length"),
+             "logits": ("batch_size", "sequence_length", None)}
+    for value in [*proto.graph.input, *proto.graph.output]:
+        if value.name.startswith("past_key_values."):
+            want = ("batch_size", None, "past_sequence_length", None)
+        elif value.name.startswith("present."):
+            want = ("batch_size", None, "past_sequence_length + sequence_length", None)
+        else:
+            want = names.get(value.name, ())
+        for dim, name in zip(value.type.tensor_type.shape.dim, want, strict=False):
+            if name is not None and dim.HasField("dim_param"):
+                dim.dim_param = name
 
 
 def sparsify_initializers(proto, model: ChtslLlamaForCausalLM, sparse_as: str = "constant") -> OnnxStats:

@@ -7,7 +7,10 @@ Each export is run on batches of shapes not used at export time (the ONNX graph 
   packed fp16/bf16  ‖Δlogits‖_F / ‖logits‖_F ≤ 1e-2   (weights rounded to the packed dtype,
                     computed in fp32; a max-abs bound would be dominated by single rounding
                     outliers in bf16's 8-bit mantissa)
-  ONNX (fp32)       max |Δlogits| ≤ 1e-4 on every available execution provider
+  ONNX (fp32)       max |Δlogits| ≤ 1e-4 on every available execution provider, for full
+                    sequences (empty cache) and, with the KV cache, for a prefill of
+                    `CACHED_PROMPT` tokens then `DECODE_STEPS` one-token steps each fed the previous
+                    step's `present` tensors (every step's logits against the full forward's)
   runtime (`--device`)  the packed file through the inference runtime's dense and sparse backends
                     (fused groups, feature-major forward; cuSPARSE on CUDA) in fp32 on that device:
                     max |Δlogits| ≤ 1e-4 for an fp32 file, else the packed fp16/bf16 bound
@@ -28,6 +31,8 @@ TOL_PACKED_FP32 = 1e-6
 TOL_PACKED_REL = 1e-2
 TOL_ONNX = 1e-4
 DTYPE_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+CACHED_PROMPT = (2, 7)  # (batch, prompt tokens) of the KV-cache check
+DECODE_STEPS = 8
 
 
 @dataclass
@@ -41,6 +46,7 @@ class Check:
     rel: float  # ‖Δlogits‖_F / ‖logits‖_F
     metric: str  # "max_abs" or "rel": which of the two is held to `tol`
     tol: float
+    phase: str = "full"  # "full" (whole sequences), "prefill" or "N cached steps" (KV cache)
 
     @property
     def ok(self) -> bool:
@@ -67,10 +73,10 @@ def reference_logits(model: ChtslLlamaForCausalLM, batches: list[torch.Tensor]) 
 
 
 def _compare(file: str, runtime: str, ids: torch.Tensor, ref: torch.Tensor, out: torch.Tensor,
-             metric: str, tol: float) -> Check:
+             metric: str, tol: float, phase: str = "full") -> Check:
     diff = (out.float() - ref).abs()
     rel = float(torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
-    return Check(file, runtime, (ids.shape[0], ids.shape[1]), float(diff.max()), rel, metric, tol)
+    return Check(file, runtime, (ids.shape[0], ids.shape[1]), float(diff.max()), rel, metric, tol, phase)
 
 
 @torch.no_grad()
@@ -111,28 +117,70 @@ def verify_runtime(directory: str | Path, batches: list[torch.Tensor], refs: lis
 
 
 def verify_onnx(path: str | Path, batches: list[torch.Tensor], refs: list[torch.Tensor]) -> list[Check]:
-    """Runs the ONNX file in ONNX Runtime on every available provider (CPU, CUDA), compares logits."""
+    """Runs the ONNX file in ONNX Runtime on every available provider (CPU, CUDA), compares logits.
+
+    Whole sequences: a graph with `past_key_values` inputs gets an empty cache (past_seq = 0).
+    """
+    from chtsl_infer.runtime import OnnxCache
     from export.onnx import providers, session
 
     checks = []
     for provider in providers():
         sess = session(path, provider)
+        cached = OnnxCache.has_cache(sess)
         for ids, ref in zip(batches, refs, strict=True):
-            (logits,) = sess.run(["logits"], {"input_ids": ids.numpy()})
+            if cached:
+                logits = OnnxCache.empty(sess, ids.shape[0]).run(sess, ids)
+            else:
+                logits = torch.from_numpy(sess.run(["logits"], {"input_ids": ids.numpy()})[0])
             name = provider.removesuffix("ExecutionProvider")
-            checks.append(_compare("onnx", f"ORT {name}", ids, ref, torch.from_numpy(logits),
-                                   "max_abs", TOL_ONNX))
+            checks.append(_compare("onnx", f"ORT {name}", ids, ref, logits, "max_abs", TOL_ONNX))
+    return checks
+
+
+def cached_batch(vocab_size: int, seed: int = 1) -> torch.Tensor:
+    """Random ids (batch, prompt + DECODE_STEPS) for `verify_onnx_cached`."""
+    batch, prompt = CACHED_PROMPT
+    return random_batches(vocab_size, ((batch, prompt + DECODE_STEPS),), seed)[0]
+
+
+def verify_onnx_cached(path: str | Path, ids: torch.Tensor, ref: torch.Tensor,
+                       prompt: int = CACHED_PROMPT[1]) -> list[Check]:
+    """The KV cache of the ONNX graph against the full forward's logits `ref` (batch, seq, vocab).
+
+    Per provider: a prefill of ids[:, :prompt] from an empty cache (all its positions' logits), then
+    one token per step, each fed the previous step's `present` tensors as `past_key_values`; the
+    steps' logits are checked together. One `Check` for the prefill, one for the steps.
+    """
+    from chtsl_infer.runtime import OnnxCache
+    from export.onnx import providers, session
+
+    checks = []
+    for provider in providers():
+        sess = session(path, provider)
+        name = f"ORT {provider.removesuffix('ExecutionProvider')}"
+        if not OnnxCache.has_cache(sess):
+            raise ValueError(f"{path} has no past_key_values inputs")
+        cache = OnnxCache.empty(sess, ids.shape[0])
+        prefill = cache.run(sess, ids[:, :prompt])
+        checks.append(_compare("onnx", name, ids[:, :prompt], ref[:, :prompt], prefill, "max_abs", TOL_ONNX,
+                               "prefill"))
+        steps = torch.cat([cache.run(sess, ids[:, t:t + 1]) for t in range(prompt, ids.shape[1])], dim=1)
+        n = ids.shape[1] - prompt
+        checks.append(_compare("onnx", name, ids[:, prompt:], ref[:, prompt:], steps, "max_abs", TOL_ONNX,
+                               f"{n} cached steps"))
     return checks
 
 
 def checks_table(checks: list[Check]) -> Table:
     """Rich table: file, runtime, shape, max |Δlogits|, relative error, tolerance, verdict."""
     table = Table(title="Verification vs PyTorch (fp32 logits)")
-    for col in ("export", "runtime", "shape", "max |Δ|", "rel ‖Δ‖", "tolerance", "ok"):
-        table.add_column(col, justify="left" if col in ("export", "runtime") else "right", no_wrap=True)
+    phases = any(c.phase != "full" for c in checks)  # the column only when the KV cache was checked
+    for col in ("export", "runtime", *["phase"] * phases, "shape", "max |Δ|", "rel ‖Δ‖", "tolerance", "ok"):
+        table.add_column(col, justify="left" if col in ("export", "runtime", "phase") else "right", no_wrap=True)
     for c in checks:
         tol = f"{'max' if c.metric == 'max_abs' else 'rel'} ≤ {c.tol:.0e}"
         verdict = "[green]yes[/]" if c.ok else "[bold red]FAIL[/]"
-        table.add_row(c.file, c.runtime, f"{c.shape[0]}×{c.shape[1]}", f"{c.max_abs:.2e}", f"{c.rel:.2e}", tol,
-                      verdict)
+        table.add_row(c.file, c.runtime, *[c.phase] * phases, f"{c.shape[0]}×{c.shape[1]}", f"{c.max_abs:.2e}",
+                      f"{c.rel:.2e}", tol, verdict)
     return table

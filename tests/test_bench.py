@@ -43,6 +43,41 @@ def test_bench_tiny_reports_ratios_to_dense(tmp_path: Path) -> None:
     assert saved >= 0.9 * (rows[0]["model_bytes"] - rows[1]["model_bytes"])
 
 
+def test_bench_decode_reports_prefill_decode_and_latency(tmp_path: Path) -> None:
+    out = tmp_path / "decode.json"
+    proc = _run("bench", "--mode", "decode", "--preset", "tiny", "--batch", "2", "--prompt-len", "12",
+                "--new-tokens", "5", "--steps", "2", "--backend", "sparse", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "decode tok/s" in proc.stdout and "p90 ms" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["settings"]["mode"] == "decode" and report["settings"]["prompt_len"] == 12
+    rows = report["results"]
+    assert [(r["model"], r["backend"]) for r in rows] == [("dense (baseline)", "dense"), ("chtsl", "sparse")]
+    base = rows[0]
+    for r in rows:
+        assert len(r["prefill_s"]) == 2 and len(r["decode_s"]) == 2
+        assert r["tokens_per_s"] == pytest.approx(2 * 5 / (sum(r["decode_s"]) / 2))  # median of two = mean
+        assert r["prefill_tokens_per_s"] == pytest.approx(2 * 12 / (sum(r["prefill_s"]) / 2))
+        assert 0 < r["latency_p50_s"] <= r["latency_p90_s"]
+        assert r["speedup_vs_dense"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"])
+        assert r["prefill_speedup_vs_dense"] == pytest.approx(r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"])
+        assert r["peak_tensor_bytes"] > r["model_bytes"]
+    assert rows[1]["model_memory_ratio"] < 0.75
+
+
+def test_decode_run_feeds_greedy_tokens() -> None:
+    """The benchmark decodes what `Runtime.generate` decodes (greedy, one token per step)."""
+    from chtsl_infer.bench import decode_run
+    from chtsl_infer.runtime import from_packed, random_packed
+    from tests.conftest import tiny_config
+
+    rt = from_packed(random_packed(tiny_config("chtsl")), "sparse")
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(1))
+    prefill, steps, tokens = decode_run(rt, ids, 6, torch.device("cpu"))
+    assert prefill > 0 and len(steps) == 6
+    assert torch.equal(tokens, rt.generate(ids, 6)[:, 7:])
+
+
 def test_bench_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "ckpt.json"
     proc = _run("bench", str(tiny_checkpoint), "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0",
@@ -60,8 +95,15 @@ def test_bench_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
         (["bench", "/no/such/ckpt"], "checkpoint not found"),
         (["bench", "--preset", "huge"], "unknown preset"),
         (["bench", "--preset", "tiny", "--backend", "onnx"], "needs an export directory"),
-        (["bench", "--preset", "tiny", "--dtype", "bfloat16", "--backend", "sparse", "--device", "cpu"], "float32"),
+        (["bench", "--preset", "tiny", "--dtype", "float16", "--backend", "sparse", "--device", "cpu"], "bfloat16"),
+        (["bench", "x", "--dtype", "bfloat16", "--mode", "decode", "--backend", "onnx"], "float32 graph"),
         (["bench", "--preset", "tiny", "--compare", "dense,magic"], "unknown method 'magic'"),
+        (["bench", "--preset", "tiny", "--mode", "stream"], "unknown mode 'stream'"),
+        (["bench", "--preset", "tiny", "--mode", "decode", "--new-tokens", "0"], "--new-tokens must be positive"),
+        (["bench", "--preset", "tiny", "--mode", "decode", "--prompt-len", "-3"], "--prompt-len must be positive"),
+        (["bench", "--preset", "tiny", "--mode", "decode", "--prompt-len", "1000", "--new-tokens", "100"],
+         "exceeds the model's"),
+        (["bench", "--preset", "tiny", "--seq", "100000"], "exceeds the model's"),
         (["generate", "/no/such/ckpt", "--prompt", "hi"], "checkpoint not found"),
     ],
 )

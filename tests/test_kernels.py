@@ -187,3 +187,55 @@ def test_cuda_csr_matches_dense(dtype: torch.dtype) -> None:  # pragma: no cover
     else:  # inputs rounded to 8 (bf16) / 11 (fp16) mantissa bits: a relative bound on the whole output
         rel = torch.linalg.vector_norm(y.float().cpu() - ref) / torch.linalg.vector_norm(ref)
         assert rel <= 1e-2, rel
+
+
+@pytest.mark.parametrize("n_tok", [1, 2, 5, 40, 130])
+@pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32])
+def test_spmm_cpu_bfloat16_accumulates_in_fp32(n_tok: int, col_dtype: torch.dtype) -> None:
+    """bf16 values and activations, fp32 sums: equal to the fp32 product of the same bf16 numbers up to
+    the final rounding to bf16 (one bf16 ulp, 2**-8 relative), on the gather (1–2 tokens) and tile paths."""
+    from chtsl_infer.kernels import sort_rows, spmm_cpu, spmm_reference
+
+    gen = torch.Generator().manual_seed(n_tok)
+    n_out, n_in = 96, 300
+    mask = torch.rand(n_out, n_in, generator=gen) < 0.2
+    mask[5] = False  # an empty row
+    crow = torch.zeros(n_out + 1, dtype=torch.int32)
+    crow[1:] = mask.sum(1).cumsum(0)
+    col = mask.nonzero()[:, 1].to(col_dtype)
+    values = torch.randn(int(mask.sum()), generator=gen).to(torch.bfloat16)
+    x = torch.randn(n_in, n_tok, generator=gen).to(torch.bfloat16)
+    want = spmm_reference(x.float(), crow, col, values.float(), n_in)
+    crow_s, col_s, values_s, rows = sort_rows(crow, col, values)
+    got = spmm_cpu(x, crow_s, col_s, values_s, rows=rows)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=1e-6, rtol=2**-8)
+    assert torch.equal(got, want.to(torch.bfloat16)) or (got.float() - want).abs().max() <= 2**-8 * want.abs().max()
+    out = torch.empty(n_out, n_tok, dtype=torch.bfloat16)
+    assert spmm_cpu(x, crow_s, col_s, values_s, out=out, rows=rows).data_ptr() == out.data_ptr()
+    with pytest.raises(TypeError, match="bfloat16"):
+        spmm_cpu(x, crow_s, col_s, values_s.float(), rows=rows)
+
+
+def test_bf16_kernel_path_is_selected_at_compile_time() -> None:
+    """The AVX512-BF16 loop (vdpbf16ps) is compiled where the compiler targets it, else the portable one:
+    what the built library reports matches the host's cpuinfo flag, and the AVX512-BF16 source compiles."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from chtsl_infer.kernels import SOURCES, bf16_path, cpu_kernel_status
+
+    if not cpu_kernel_status()[0]:
+        pytest.skip("no C compiler")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    has = " avx512_bf16" in flags
+    assert bf16_path() == ("avx512-bf16" if has else "portable")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    source = next(s for s in SOURCES if s.name == "spmm_bf16.c")
+    run = subprocess.run([cc, "-O2", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-S", "-o", "-", str(source)],
+                         capture_output=True, text=True, timeout=120)
+    if run.returncode != 0 and "avx512bf16" in run.stderr:
+        pytest.skip("the compiler does not know -mavx512bf16")
+    assert run.returncode == 0, run.stderr
+    assert "vdpbf16ps" in run.stdout

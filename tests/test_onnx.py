@@ -14,6 +14,7 @@ from conftest import tiny_model
 
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.presets import build_config
+from chtsl_infer.runtime import OnnxCache
 from export.onnx import (
     EXPORT_SHAPE,
     check_onnx,
@@ -24,7 +25,16 @@ from export.onnx import (
     session,
     sparsify_initializers,
 )
-from export.verify import TOL_ONNX, VERIFY_SHAPES, random_batches, reference_logits, verify_onnx
+from export.verify import (
+    DECODE_STEPS,
+    TOL_ONNX,
+    VERIFY_SHAPES,
+    cached_batch,
+    random_batches,
+    reference_logits,
+    verify_onnx,
+    verify_onnx_cached,
+)
 
 assert all(shape != EXPORT_SHAPE for shape in VERIFY_SHAPES)
 
@@ -37,7 +47,9 @@ def sparse_tensors(proto: onnx.ModelProto) -> list[onnx.SparseTensorProto]:
 
 
 def ort_logits(path: Path, ids: torch.Tensor, provider: str = "CPUExecutionProvider") -> np.ndarray:
-    return session(path, provider).run(["logits"], {"input_ids": ids.numpy()})[0]
+    """Full-sequence logits from the cached graph: an empty past (past_seq = 0), as Optimum's first call."""
+    sess = session(path, provider)
+    return OnnxCache.empty(sess, ids.shape[0]).run(sess, ids).numpy()
 
 
 @functools.cache
@@ -63,12 +75,23 @@ def test_onnx_matches_pytorch_on_unseen_shapes(method: str, tmp_path: Path) -> N
 
     proto = onnx.load(str(path))
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
-    (inp,) = proto.graph.input
-    assert inp.name == "input_ids" and inp.type.tensor_type.elem_type == onnx.TensorProto.INT64
-    assert [d.dim_param for d in inp.type.tensor_type.shape.dim] == ["batch", "seq"]
-    assert [o.name for o in proto.graph.output] == ["logits"]
-    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
-    assert out_dims[0].dim_param and out_dims[1].dim_param and out_dims[2].dim_value == model.config.vocab_size
+    # Optimum's Llama decoder signature: names, dtypes and (batch, kv_heads, past_seq, head_dim) caches.
+    cfg = model.config
+    layers_n, head_dim = cfg.num_hidden_layers, cfg.hidden_size // cfg.num_attention_heads
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers_n) for kv in ("key", "value")]
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask", "position_ids", *past]
+    assert [o.name for o in proto.graph.output] == ["logits", *[p.replace("past_key_values", "present") for p in past]]
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*proto.graph.input, *proto.graph.output]}
+    types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]}
+    assert types["input_ids"] == types["attention_mask"] == types["position_ids"] == onnx.TensorProto.INT64
+    assert types["past_key_values.0.key"] == types["present.0.key"] == onnx.TensorProto.FLOAT
+    assert dims["input_ids"] == ["batch_size", "sequence_length"]
+    assert dims["attention_mask"] == ["batch_size", "past_sequence_length + sequence_length"]
+    assert dims["past_key_values.0.key"] == ["batch_size", cfg.num_key_value_heads, "past_sequence_length", head_dim]
+    assert dims["present.1.value"] == ["batch_size", cfg.num_key_value_heads, "past_sequence_length + sequence_length",
+                                       head_dim]
+    assert dims["logits"] == ["batch_size", "sequence_length", cfg.vocab_size]
 
     # One COO sparse tensor (int64 indices) per sparse branch, holding exactly the mask's links.
     sparse = sparse_tensors(proto)
@@ -90,6 +113,39 @@ def test_onnx_matches_pytorch_on_unseen_shapes(method: str, tmp_path: Path) -> N
     checks = verify_onnx(path, batches, refs)  # every available provider (CUDA when present)
     assert checks and all(c.ok for c in checks)
     assert {c.runtime for c in checks} == {f"ORT {p.removesuffix('ExecutionProvider')}" for p in providers()}
+    ids = cached_batch(model.config.vocab_size)
+    cached = verify_onnx_cached(path, ids, reference_logits(model, [ids])[0])
+    assert [c.phase for c in cached] == ["prefill", f"{DECODE_STEPS} cached steps"] * len(providers())
+    assert all(c.ok for c in cached), cached
+
+
+def test_onnx_cache_with_left_padding_and_grouped_query_attention(tmp_path: Path) -> None:
+    """GQA (2 kv heads for 4 query heads) and a left-padded prompt driven as onnxruntime users do:
+    attention_mask 0 on the padding, positions counted from the first real token."""
+    from export.onnx import past_names
+
+    model = tiny_model("chtsl", num_key_value_heads=2)
+    path = tmp_path / "model.onnx"
+    export_onnx(model, path)
+    sess = session(path)
+    ids = random_batches(model.config.vocab_size, ((1, 9),), seed=8)[0]
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits[0, -1].numpy()
+    pad = 3
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids[:, :6]], dim=1)
+    mask = np.array([[0] * pad + [1] * 6], dtype=np.int64)
+    positions = np.array([[0] * pad + list(range(6))], dtype=np.int64)
+    kv, hd = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    past = {n: np.zeros((1, kv, 0, hd), np.float32) for n in past_names(model.config.num_hidden_layers)}
+    names = [o.name for o in sess.get_outputs()]
+    outs = sess.run(names, {"input_ids": padded.numpy(), "attention_mask": mask, "position_ids": positions, **past})
+    for t in range(6, 9):
+        past = {n.replace("present", "past_key_values"): v for n, v in zip(names, outs, strict=True) if n != "logits"}
+        mask = np.concatenate([mask, [[1]]], axis=1)
+        outs = sess.run(names, {"input_ids": ids[:, t:t + 1].numpy(), "attention_mask": mask,
+                                "position_ids": np.array([[t]]), **past})
+    assert outs[names.index("present.0.key")].shape == (1, kv, pad + 9, hd)
+    assert np.abs(outs[0][0, -1] - ref).max() <= TOL_ONNX
 
 
 def test_sparse_initializer_layout_runs_in_onnxruntime(tmp_path: Path) -> None:

@@ -88,6 +88,33 @@ def test_onnx_backend_matches_dense_backend(method: str, tmp_path: Path) -> None
     torch.testing.assert_close(onnx_logits, dense, atol=ATOL, rtol=0)
 
 
+def test_onnx_backend_generates_with_the_graphs_kv_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`chtsl export`'s graph (past_key_values in, present out): greedy generation equals the torch
+    backends', feeding one token per step after the prefill (no quadratic recompute)."""
+    pytest.importorskip("onnxruntime")
+    from chtsl_infer.runtime import OnnxCache
+    from export.onnx import export_onnx
+
+    model = _model("chtsl", num_hidden_layers=1)
+    export_onnx(model, tmp_path / "model.onnx")
+    model.config.save_pretrained(tmp_path)
+    rt = load_runtime(tmp_path, "onnx")
+    fed: list[int] = []
+    original = OnnxCache.run
+
+    def spy(self: OnnxCache, session, input_ids: torch.Tensor) -> torch.Tensor:
+        fed.append(input_ids.shape[1])
+        return original(self, session, input_ids)
+
+    monkeypatch.setattr(OnnxCache, "run", spy)
+    prompt = _ids(2, 6, seed=5)
+    got = rt.generate(prompt, max_new_tokens=7)
+    assert fed == [6] + [1] * 6
+    assert torch.equal(got, from_packed(pack_model(model), "sparse").generate(prompt, max_new_tokens=7))
+    ids = _ids(3, 21)
+    torch.testing.assert_close(rt.logits(ids), from_packed(pack_model(model), "dense").logits(ids), atol=ATOL, rtol=0)
+
+
 def test_fused_group_computes_once_per_input(monkeypatch: pytest.MonkeyPatch) -> None:
     rt = from_packed(pack_model(_model("chtsl")), "sparse")
     calls: list[int] = []
@@ -131,15 +158,52 @@ def test_feature_major_forward_with_grouped_query_attention() -> None:
         torch.testing.assert_close(from_packed(pack_model(model), backend).logits(ids), reference, atol=ATOL, rtol=0)
 
 
-def test_generate_matches_training_model_greedy() -> None:
-    model = _model("chtsl")
-    prompt = _ids(1, 6, seed=5)
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_generate_matches_transformers_generate_greedy(method: str) -> None:
+    """The lean KV-cache path (prefill + one-token steps) decodes what transformers' generate() does."""
+    model = _model(method, num_key_value_heads=2)  # GQA: the cache holds fewer heads than the queries
+    prompt = _ids(2, 6, seed=5)
     with torch.no_grad():
-        want = model.generate(prompt, max_new_tokens=8, do_sample=False, temperature=None, top_p=None,
+        want = model.generate(prompt, max_new_tokens=12, do_sample=False, temperature=None, top_p=None,
                               top_k=None, pad_token_id=0)
     for backend in ("dense", "sparse"):
-        got = from_packed(pack_model(model), backend).generate(prompt, max_new_tokens=8)
+        got = from_packed(pack_model(model), backend).generate(prompt, max_new_tokens=12)
         assert torch.equal(got, want), backend
+
+
+def test_decode_steps_match_full_forward_logits() -> None:
+    """Prefill, a 3-token chunk after cached tokens, then single tokens: each position's logits are the
+    full forward's, and the cache is written in place (no re-allocation)."""
+    model = _model("chtsl")
+    ids = _ids(2, 14, seed=9)
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=False).logits
+    for backend in ("dense", "sparse"):
+        rt = from_packed(pack_model(model), backend)
+        cache = rt.new_cache(2, 16)
+        pointers = [t.data_ptr() for t in cache.key]
+        torch.testing.assert_close(rt.decode_step(ids[:, :8], cache), reference[:, 7], atol=ATOL, rtol=0)
+        torch.testing.assert_close(rt.decode_step(ids[:, 8:11], cache), reference[:, 10], atol=ATOL, rtol=0)
+        for t in range(11, 14):
+            out = torch.empty(2, rt.config.vocab_size)
+            assert rt.decode_step(ids[:, t:t + 1], cache, out=out).data_ptr() == out.data_ptr()
+            torch.testing.assert_close(out, reference[:, t], atol=ATOL, rtol=0)
+        assert cache.length == 14 and [t.data_ptr() for t in cache.key] == pointers
+        with pytest.raises(ValueError, match="do not fit"):
+            rt.decode_step(ids[:, :3], cache)  # 14 + 3 > 16
+
+
+def test_generate_stops_at_eos_and_pads_finished_sequences() -> None:
+    model = _model("chtsl")
+    rt = from_packed(pack_model(model), "sparse")
+    prompt = _ids(2, 5, seed=2)
+    free = rt.generate(prompt, max_new_tokens=10)
+    eos = int(free[0, 7])  # the first sequence's third new token
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=10, do_sample=False, temperature=None, top_p=None,
+                              top_k=None, eos_token_id=eos, pad_token_id=eos)
+    got = rt.generate(prompt, max_new_tokens=10, eos_token_id=eos)
+    assert torch.equal(got, want)
 
 
 def test_random_packed_has_the_configured_links_and_saves_memory() -> None:
@@ -183,7 +247,7 @@ def test_bad_input_is_a_user_error(tiny_checkpoint: Path, tmp_path: Path) -> Non
     with pytest.raises(UserError, match="not found"):
         load_runtime(tmp_path / "missing", "dense")
     with pytest.raises(UserError, match="float32"):
-        from_packed(random_packed(tiny_config()), "sparse", dtype=torch.bfloat16)
+        from_packed(random_packed(tiny_config()), "sparse", dtype=torch.float16)
     with pytest.raises(UserError, match="needs an export directory"):
         from_packed(random_packed(tiny_config()), "onnx")
 
@@ -219,3 +283,26 @@ def test_torch_csr_group_on_cpu_tensors() -> None:
     assert resident_bytes(group) == csr_bytes + lowrank
     half = FusedLinears(linears, sparse=True, device=cpu, dtype=torch.bfloat16, torch_csr=True)
     assert half.cuda_csr.values().dtype == half.lora_A.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method", ["chtsl", "chts", "dense"])
+def test_bfloat16_cpu_backends_within_1e2_of_fp32(method: str) -> None:
+    """--dtype bfloat16 on CPU: bf16 weights and activations (sparse: the bf16 kernel, fp32 sums);
+    ‖Δlogits‖/‖logits‖ ≤ 1e-2 vs fp32, for full forwards and for KV-cache decoding steps."""
+    model = _model(method)
+    ids = _ids(2, 21)
+    reference = from_packed(pack_model(model), "dense").logits(ids)
+    for backend in ("sparse", "dense"):
+        rt = from_packed(pack_model(model), backend, dtype=torch.bfloat16)
+        if backend == "sparse" and method != "dense":
+            group = rt.model.model.layers[0].self_attn.q_proj.group
+            assert group.values.dtype == torch.bfloat16 and rt.model.lm_head.weight.dtype == torch.bfloat16
+        got = rt.logits(ids)
+        assert got.dtype == torch.bfloat16
+        rel = torch.linalg.vector_norm(got.float() - reference) / torch.linalg.vector_norm(reference)
+        assert rel <= 1e-2, (backend, float(rel))
+        cache = rt.new_cache(2, 21)
+        steps = [rt.decode_step(ids[:, :18], cache)] + [rt.decode_step(ids[:, t:t + 1], cache) for t in range(18, 21)]
+        got = torch.stack(steps[:-1], dim=1).float()
+        want = reference[:, 17:20]
+        assert torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want) <= 1e-2, backend

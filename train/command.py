@@ -34,6 +34,10 @@ def train_command(
     dtype: str = typer.Option("auto", help="auto (CUDA: bf16 autocast, CPU: fp32) | fp32 | bf16 (autocast; CPU too)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     seed: int = typer.Option(0, help="Seed of init, data order and topology."),
+    sparse_storage: str = typer.Option(
+        "auto", "--sparse-storage",
+        help="How S is held in training: csr (values + CSR indices, state ∝ nnz) | masked (dense weight × mask) "
+             "| auto (csr on CPU with the compiled kernels at low density, else masked)."),
     out: str = typer.Option("ckpt", help="Checkpoint directory (latest complete checkpoint)."),
     resume: str | None = typer.Option(None, help="Continue exactly from this checkpoint directory."),
     stop_at: int | None = typer.Option(None, "--stop-at", help="Save and stop after this step (resume later)."),
@@ -54,6 +58,7 @@ def train_command(
         save_every=save_every, ocr_every=ocr_every,
         eval_tokens=eval_tokens, data=data, tokenizer=tokenizer, vocab_size=vocab_size, packing=packing,
         grad_clip=grad_clip, num_layers=num_layers, dtype=dtype, device=device, seed=seed, out=out,
+        sparse_storage=sparse_storage,
         resume=resume, stop_at=stop_at, progress=progress,
     )
     result = train(args)

@@ -36,7 +36,8 @@ from train.data import DataSpec, build_data
 from train.schedule import LRSchedule
 
 # Fields a `--resume` may change; every other recipe field must match the checkpoint.
-RESUME_MUTABLE = ("out", "stop_at", "eval_every", "save_every", "ocr_every", "device", "progress", "steps")
+RESUME_MUTABLE = ("out", "stop_at", "eval_every", "save_every", "ocr_every", "device", "progress", "steps",
+                  "sparse_storage")
 
 
 @dataclass
@@ -71,6 +72,7 @@ class TrainArgs:
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
+    sparse_storage: str = "auto"  # auto | masked | csr (chtsl_infer.storage)
     out: str = "ckpt"
     resume: str | None = None
     stop_at: int | None = None
@@ -131,9 +133,11 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
         p = get_preset(args.preset)
     except ValueError as e:
         raise UserError(str(e)) from None
-    # A preset's trained BPE needs a local corpus; hub data falls back to the paper's tokenizer.
-    tokenizer = args.tokenizer or ("t5-base" if (args.data or p.data) in ("c4", "owt") and p.tokenizer == "bpe"
-                                   else p.tokenizer)
+    # A preset's trained BPE needs a local corpus; hub data falls back to the paper's tokenizer. A
+    # local or builtin corpus trains a BPE of the preset's vocabulary (the paper's t5-base needs the
+    # hub, which an offline machine does not reach; pass --tokenizer t5-base to use a cached one).
+    hub_data = (args.data or p.data) in ("c4", "owt")
+    tokenizer = args.tokenizer or (("t5-base" if p.tokenizer == "bpe" else p.tokenizer) if hub_data else "bpe")
     lr = args.lr if args.lr is not None else (p.dense_lr if args.method == "dense" else p.lr)
     r = TrainArgs(**{**asdict(args), **dict(
         steps=_given(args.steps, p.steps), warmup=args.warmup if args.warmup is not None else p.warmup, lr=lr,
@@ -155,6 +159,12 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
                         f"({r.update_interval})")
     if r.stop_at is not None and not 1 <= r.stop_at <= r.steps:
         raise UserError(f"--stop-at must be in [1, {r.steps}]")
+    from chtsl_infer.storage import check_choice
+
+    try:
+        check_choice(r.sparse_storage, r.method)
+    except ValueError as e:
+        raise UserError(f"--sparse-storage {r.sparse_storage}: {e}") from None
     return r
 
 
@@ -346,6 +356,7 @@ def _run(
     from chtsl_infer.layers import record_branches
     from chtsl_infer.modeling import ChtslLlamaForCausalLM
     from chtsl_infer.presets import build_config
+    from chtsl_infer.storage import convert_state_dict, resolve_storage
     from train.topology import TopologyEngine
 
     device = _pick_device(args.device, info)
@@ -375,8 +386,16 @@ def _run(
                                   max_position_embeddings=max(args.seq_len, 256), **overrides)
         except ValueError as e:
             raise UserError(str(e)) from None
+    storage, storage_why = resolve_storage(args.sparse_storage, config.method, device, config.chtsl["d_c"])
+    config.chtsl["storage"] = storage
+    if info.is_main:
+        console.print(f"sparse storage: {storage} ({storage_why})", highlight=False)
     model = ChtslLlamaForCausalLM(config)
     if resume_weights is not None:
+        try:  # a checkpoint of the other storage is converted; a corrupt CSR is named, nothing written
+            resume_weights = convert_state_dict(resume_weights, model)
+        except ValueError as e:
+            raise UserError(f"{resume_dir}: {e}") from None
         model.load_state_dict(resume_weights, strict=True)
         del resume_weights
     model.to(device).train()
@@ -417,6 +436,11 @@ def _run(
         no_sync_kw = ({"forward_sync_buffers": False}
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                       else {"broadcast_buffers": False})
+        # The CSR index buffers of csr layers are identical on every rank (same init, the engine
+        # broadcasts every update) and gloo cannot broadcast their int16 columns: DDP leaves them out.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [f"{n}.{b}" for n, m in model.sparse_layers().items() if m.storage == "csr"
+                    for b in ("crow_indices", "col_indices")])
         ddp_model = DistributedDataParallel(model, device_ids=[info.local_rank] if device.startswith("cuda") else None,
                                             **no_sync_kw)
 
@@ -447,7 +471,11 @@ def _run(
     if info.is_main and not resume_dir:
         log.write({"event": "start", "unigram_ppl": data.unigram_ppl, "trainable_linear_params": trainable,
                    "train_rows": data.train_rows, "train_tokens": data.train_tokens, "world_size": info.world,
-                   "args": run_args, "s_total": config.chtsl["s_total"], "align_weight": align_weights})
+                   "args": run_args, "s_total": config.chtsl["s_total"], "align_weight": align_weights,
+                   "sparse_storage": storage, "sparse_storage_reason": storage_why})
+    elif info.is_main:
+        log.write({"event": "resume", "from_step": start_step, "sparse_storage": storage,
+                   "sparse_storage_reason": storage_why})
 
     def save(step: int, last_val: dict | None) -> None:
         if info.is_main:
@@ -615,8 +643,9 @@ def print_header(args: TrainArgs, config: Any, trainable: int, hybrid: dict[str,
 def _density(model: torch.nn.Module) -> float:
     """Active links / positions over all sparse layers."""
     layers = model.sparse_layers().values()
-    total = sum(m.mask.numel() for m in layers)
-    return sum(int(m.mask.sum()) for m in layers) / total if total else 1.0
+    total = sum(m.out_features * m.in_features for m in layers)
+    links = sum(m.values.numel() if m.storage == "csr" else int(m.mask.sum()) for m in layers)
+    return links / total if total else 1.0
 
 
 def print_result(r: TrainResult) -> None:

@@ -1,0 +1,164 @@
+/* CPU sparse branch in bf16, feature-major: Y = S X with S's values, X and Y in bfloat16 (uint16 bit
+ * patterns) and every sum accumulated in fp32; Y rounded to bf16 to nearest-even (as torch does).
+ * Same CSR conventions, tiles and tasks as spmm.c (stored row r is output row rows[r]).
+ *
+ * Tiles (tile 16/32/64: prefill, scoring): a task widens its token tile of X to an fp32 buffer, then
+ * accumulates 16-float vectors per row, widening each link's value (a shift).
+ * Gather (tile 0: one or two tokens, decoding): X is widened once per call to an fp32 (n_tok × n_in)
+ * array; each row sums value · x over its links. Where the compiler targets AVX512-BF16
+ * (-march=native on a CPU with the avx512_bf16 flag), 32 links at a time go through one
+ * `vdpbf16ps` (pairs of bf16 products accumulated into 16 fp32 lanes) on the row's values as loaded
+ * and the gathered x values narrowed back to bf16 (exact: they were bf16); elsewhere a portable loop
+ * with four fp32 chains. `spmm_bf16_path()` says which was compiled (1 = AVX512-BF16).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define BF16_DP 1
+#else
+#define BF16_DP 0
+#endif
+
+typedef float bv16 __attribute__((vector_size(64)));
+
+int spmm_bf16_path(void) { return BF16_DP; }
+
+static inline float bf2f(uint16_t b) {
+  uint32_t u = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint16_t f2bf(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+#define BROWS(NAME, COL_T, TILE)                                                                      \
+  static void NAME(const float *buf, const int32_t *crow, const COL_T *col, const uint16_t *val,      \
+                   const int32_t *rows, uint16_t *y, long ldy, int i0, int i1, int nt) {              \
+    enum { V = TILE / 16 };                                                                           \
+    for (int i = i0; i < i1; i++) {                                                                   \
+      bv16 acc[V], acc2[V];                                                                           \
+      for (int v = 0; v < V; v++) acc[v] = acc2[v] = (bv16){0};                                       \
+      int k = crow[i], end = crow[i + 1];                                                             \
+      for (; k + 1 < end; k += 2) {                                                                   \
+        const bv16 *p = (const bv16 *)(buf + (long)col[k] * TILE);                                    \
+        const bv16 *q = (const bv16 *)(buf + (long)col[k + 1] * TILE);                                \
+        float a = bf2f(val[k]), b = bf2f(val[k + 1]);                                                 \
+        for (int v = 0; v < V; v++) acc[v] += a * p[v];                                               \
+        for (int v = 0; v < V; v++) acc2[v] += b * q[v];                                              \
+      }                                                                                               \
+      if (k < end) {                                                                                  \
+        const bv16 *p = (const bv16 *)(buf + (long)col[k] * TILE);                                    \
+        float a = bf2f(val[k]);                                                                       \
+        for (int v = 0; v < V; v++) acc[v] += a * p[v];                                               \
+      }                                                                                               \
+      float sums[TILE] __attribute__((aligned(64)));                                                  \
+      for (int v = 0; v < V; v++) *(bv16 *)(sums + 16 * v) = acc[v] + acc2[v];                        \
+      uint16_t *out = y + (long)(rows ? rows[i] : i) * ldy;                                           \
+      for (int t = 0; t < nt; t++) out[t] = f2bf(sums[t]);                                            \
+    }                                                                                                 \
+  }
+
+#if BF16_DP
+#define GATHER_ROW(COL_T)                                                                             \
+  {                                                                                                   \
+    __m512 acc = _mm512_setzero_ps();                                                                 \
+    for (; k + 31 < end; k += 32) {                                                                   \
+      __m512i lo = COL_T == 2 ? _mm512_cvtepi16_epi32(_mm256_loadu_si256((const void *)(col + k)))    \
+                              : _mm512_loadu_si512((const void *)(col + k));                          \
+      __m512i hi = COL_T == 2 ? _mm512_cvtepi16_epi32(_mm256_loadu_si256((const void *)(col + k + 16))) \
+                              : _mm512_loadu_si512((const void *)(col + k + 16));                     \
+      __m512 xl = _mm512_i32gather_ps(lo, xt, 4), xh = _mm512_i32gather_ps(hi, xt, 4);                \
+      __m512bh xs = _mm512_cvtne2ps_pbh(xh, xl); /* links k … k+31 in order */                        \
+      __m512bh vs = (__m512bh)_mm512_loadu_si512((const void *)(val + k));                            \
+      acc = _mm512_dpbf16_ps(acc, vs, xs);                                                            \
+    }                                                                                                 \
+    s0 += _mm512_reduce_add_ps(acc);                                                                  \
+  }
+#else
+#define GATHER_ROW(COL_T) (void)0
+#endif
+
+#define BKERNEL(SUFFIX, COL_T)                                                                        \
+  BROWS(brows16_##SUFFIX, COL_T, 16)                                                                  \
+  BROWS(brows32_##SUFFIX, COL_T, 32)                                                                  \
+  BROWS(brows64_##SUFFIX, COL_T, 64)                                                                  \
+  static void bgather_##SUFFIX(const float *xf, int n_in, const int32_t *crow, const COL_T *col,      \
+                               const uint16_t *val, const int32_t *rows, uint16_t *y, long ldy,       \
+                               int i0, int i1, int n_tok) {                                           \
+    for (int i = i0; i < i1; i++) {                                                                   \
+      for (int t = 0; t < n_tok; t++) {                                                               \
+        const float *xt = xf + (long)t * n_in;                                                        \
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;                                             \
+        int k = crow[i], end = crow[i + 1];                                                           \
+        GATHER_ROW(sizeof(COL_T));                                                                    \
+        for (; k + 3 < end; k += 4) {                                                                 \
+          s0 += bf2f(val[k]) * xt[col[k]];                                                            \
+          s1 += bf2f(val[k + 1]) * xt[col[k + 1]];                                                    \
+          s2 += bf2f(val[k + 2]) * xt[col[k + 2]];                                                    \
+          s3 += bf2f(val[k + 3]) * xt[col[k + 3]];                                                    \
+        }                                                                                             \
+        for (; k < end; k++) s0 += bf2f(val[k]) * xt[col[k]];                                         \
+        y[(long)(rows ? rows[i] : i) * ldy + t] = f2bf((s0 + s1) + (s2 + s3));                        \
+      }                                                                                               \
+    }                                                                                                 \
+  }                                                                                                   \
+  /* Returns 0, or 1 when a buffer could not be allocated (Y is then incomplete). */                 \
+  int spmm_bf16_##SUFFIX(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow,       \
+                         const COL_T *col, const uint16_t *val, const int32_t *rows, uint16_t *y,     \
+                         long ldy, int n_out, int tile, int n_chunks, int n_threads) {                \
+    int small = tile == 0;                                                                            \
+    int n_tiles = small ? 1 : (n_tok + tile - 1) / tile;                                              \
+    int rows_per_chunk = (n_out + n_chunks - 1) / n_chunks;                                           \
+    int failed = 0;                                                                                   \
+    float *xf = NULL;                                                                                 \
+    if (small) { /* widen X once: (n_tok × n_in) fp32, token-major so a token's x is contiguous */   \
+      xf = malloc(sizeof(float) * (size_t)n_in * n_tok);                                              \
+      if (!xf) return 1;                                                                              \
+      for (int j = 0; j < n_in; j++)                                                                  \
+        for (int t = 0; t < n_tok; t++) xf[(long)t * n_in + j] = bf2f(x[(long)j * ldx + t]);         \
+    }                                                                                                 \
+    (void)n_threads;                                                                                  \
+    _Pragma("omp parallel num_threads(n_threads) reduction(| : failed)") {                            \
+      float *buf = small ? NULL : aligned_alloc(64, sizeof(float) * (size_t)n_in * tile);             \
+      int ok = small || buf != NULL;                                                                  \
+      failed = !ok;                                                                                   \
+      _Pragma("omp for schedule(static)") for (int task = 0; task < n_tiles * n_chunks; task++) {     \
+        int t0 = (task / n_chunks) * tile, chunk = task % n_chunks;                                   \
+        int i0 = chunk * rows_per_chunk, i1 = i0 + rows_per_chunk < n_out ? i0 + rows_per_chunk : n_out; \
+        if (!ok || i0 >= i1) continue;                                                                \
+        if (small) {                                                                                  \
+          bgather_##SUFFIX(xf, n_in, crow, col, val, rows, y, ldy, i0, i1, n_tok);                    \
+          continue;                                                                                   \
+        }                                                                                             \
+        int nt = n_tok - t0 < tile ? n_tok - t0 : tile;                                               \
+        for (int j = 0; j < n_in; j++) {                                                              \
+          const uint16_t *src = x + (long)j * ldx + t0;                                               \
+          float *dst = buf + (long)j * tile;                                                          \
+          for (int t = 0; t < nt; t++) dst[t] = bf2f(src[t]);                                         \
+          for (int t = nt; t < tile; t++) dst[t] = 0.0f;                                              \
+        }                                                                                             \
+        if (tile == 64)                                                                               \
+          brows64_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                       \
+        else if (tile == 32)                                                                          \
+          brows32_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                       \
+        else                                                                                          \
+          brows16_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                       \
+      }                                                                                               \
+      free(buf);                                                                                      \
+    }                                                                                                 \
+    free(xf);                                                                                         \
+    return failed;                                                                                    \
+  }
+
+BKERNEL(i16, int16_t)
+BKERNEL(i32, int32_t)
