@@ -57,7 +57,7 @@ def _config_for(spec: dict[str, Any]):  # -> ChtslConfig
         config = resolve_model_dir(spec["ckpt"]).config()
         if spec["method"] == DENSE:  # the dense model of the checkpoint's shape
             fields = config.to_dict()
-            fields["chtsl"] = {**config.chtsl, "method": DENSE}
+            fields["chtsl"] = {**config.chtsl, "method": DENSE, "storage": "masked"}
             return ChtslConfig(**{k: v for k, v in fields.items() if k not in ("model_type", "transformers_version")})
         return config
     return build_config(spec["preset"], method=spec["method"], s_total=spec["s_total"])

@@ -165,6 +165,12 @@ def load_model(path: str | Path | ModelDir, device: str = "cpu") -> ChtslLlamaFo
     config, tensors = load_checkpoint_weights(p)
     with torch.random.fork_rng(devices=[]):  # building draws random weights and masks: leave the RNG alone
         model = ChtslLlamaForCausalLM(config)
+    try:  # validates every CSR triple of a csr-storage checkpoint (one line naming the layer)
+        from chtsl_infer.storage import convert_state_dict
+
+        tensors = convert_state_dict(tensors, model)
+    except ValueError as e:
+        raise ChtslError(f"{p}: {first_line(e)}") from None
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:  # unreachable after check_weights_header; kept as the strict check

@@ -9,7 +9,7 @@ from transformers import AutoConfig, LlamaConfig
 from chtsl_infer import budget
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.layers import ACTIVATIONS, LAYER_TYPES
-from chtsl_infer.methods import DEFAULT_METHOD, get_method
+from chtsl_infer.methods import DEFAULT_METHOD, check_storage, get_method
 
 ALIGN_CHOICES = ("all", "qk", "others")
 
@@ -21,6 +21,7 @@ DEFAULT_BLOCK: dict[str, Any] = {
     "alpha": None,  # SLTrain's α (scale α/r of its low-rank product)
     "align_lambda": 0.3,
     "align_layers": "all",
+    "storage": "masked",  # how the sparse branch holds S in training: masked | csr (methods.STORAGES)
 }
 
 
@@ -53,6 +54,7 @@ def normalize_block(block: dict[str, Any] | None) -> dict[str, Any]:
     if float(out["align_lambda"]) < 0:
         raise ChtslError(f"alignment lambda must be >= 0, got {out['align_lambda']}")
     out["align_lambda"] = float(out["align_lambda"])
+    check_storage(method, out["storage"])
     return out
 
 

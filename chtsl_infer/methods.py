@@ -75,6 +75,21 @@ DENSE = "dense"  # the baseline every benchmark compares against
 METHOD_CHOICES = ", ".join(METHODS)  # for --help texts
 
 
+#: How a sparse branch S is held in training (`--sparse-storage`): `masked` (dense weight × mask)
+#: or `csr` (the active links only); see `chtsl_infer.layers`.
+STORAGES = ("masked", "csr")
+
+
+def check_storage(method: str | Method, storage: str) -> None:
+    """ChtslError (one line) unless `storage` is valid for `method`: csr needs a sparse branch."""
+    if storage not in STORAGES:
+        raise ChtslError(f"unknown sparse storage {storage!r}; valid: {', '.join(STORAGES)}")
+    m = get_method(method)
+    if storage == "csr" and not m.has_sparse:
+        with_sparse = ", ".join(n for n, spec in METHODS.items() if spec.has_sparse)
+        raise ChtslError(f"method {m.name!r} has no sparse branch: sparse storage 'csr' is for {with_sparse}")
+
+
 def get_method(name: str | Method) -> Method:
     """The registry entry of `name` (a `Method` passes through); ChtslError naming the valid ones."""
     if isinstance(name, Method):

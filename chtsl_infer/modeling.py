@@ -46,6 +46,7 @@ class ChtslLlamaModel(LlamaModel):
                             activation=block["activation"],
                             alpha=block["alpha"],
                             group_rows=config.head_dim if t in ("q_proj", "k_proj", "v_proj") else None,
+                            storage=block.get("storage", "masked"),
                         ),
                     )
         self.post_init()  # initialises the new modules only (the rest are flagged as initialised)
@@ -56,7 +57,9 @@ class ChtslLlamaModel(LlamaModel):
             super()._init_weights(module)
             return
         sltrain_init = get_method(module.method).init == "sltrain"
-        if module.weight is not None:
+        if module.storage == "csr":
+            _init_csr_values(module, self.config.initializer_range)
+        elif module.weight is not None:
             if sltrain_init:  # SLTrain: sparse values uniform(±1/√in)
                 bound = 1.0 / math.sqrt(module.in_features)
                 init.uniform_(module.weight, -bound, bound)
@@ -73,6 +76,25 @@ class ChtslLlamaModel(LlamaModel):
                 init.normal_(module.lora_A, mean=0.0, std=sigma)
                 init.normal_(module.lora_B, mean=0.0, std=sigma)
 
+
+def _init_csr_values(module: SparseLowRankLinear, std: float) -> None:
+    """A csr layer's values exactly as the masked storage initialises `weight` on the same support.
+
+    The masked form draws a dense (out × in) matrix from the global RNG and keeps it on its mask;
+    drawing the same matrix (transiently, one layer at a time, at construction only) and gathering
+    the support keeps both storages on the same random stream, so equal seeds give equal models.
+    """
+    values = module.values
+    if values.device.type == "meta" or getattr(values, "_is_hf_initialized", False):
+        return
+    dense = torch.empty(module.out_features, module.in_features, device=values.device, dtype=values.dtype)
+    if get_method(module.method).init == "sltrain":
+        bound = 1.0 / math.sqrt(module.in_features)
+        torch.nn.init.uniform_(dense, -bound, bound)
+    else:
+        torch.nn.init.normal_(dense, mean=0.0, std=std)
+    st = module.structure()
+    values.copy_(dense[st.row_indices(), st.col.long()])
 
 
 class ChtslLlamaForCausalLM(LlamaForCausalLM):
@@ -95,8 +117,8 @@ class ChtslLlamaForCausalLM(LlamaForCausalLM):
         return {n: m for n, m in self.named_modules() if isinstance(m, SparseLowRankLinear)}
 
     def sparse_layers(self) -> dict[str, SparseLowRankLinear]:
-        """The block linears with a sparse branch (a mask) — what the topology engine manages."""
-        return {n: m for n, m in self.chtsl_layers().items() if m.mask is not None}
+        """The block linears with a sparse branch (either storage) — what the topology engine manages."""
+        return {n: m for n, m in self.chtsl_layers().items() if m.has_sparse}
 
     def align_layers(self) -> dict[str, SparseLowRankLinear]:
         """The layers whose branches enter the alignment loss (`config.chtsl.align_layers`)."""

@@ -151,7 +151,11 @@ def pack_linear(name: str, layer: SparseLowRankLinear, dtype: torch.dtype = torc
         scale=float(layer.scale),
         activation=layer.activation,
     )
-    if layer.mask is not None:
+    if layer.storage == "csr":  # already CSR, in the same (row-major) order
+        packed.crow_indices = layer.crow_indices.detach().cpu().to(torch.int32).contiguous()
+        packed.col_indices = layer.col_indices.detach().cpu().to(col_index_dtype(layer.in_features)).contiguous()
+        packed.values = layer.values.detach().cpu().to(dtype).contiguous()
+    elif layer.mask is not None:
         mask = layer.mask.detach().cpu().bool()
         # The support is the mask, not the non-zeros of the weight: an active link whose value is
         # exactly 0 (e.g. just regrown) stays an explicit entry, so nnz == mask count.
@@ -348,7 +352,8 @@ def load_packed(path: str | Path) -> PackedModel:
 
 @torch.no_grad()
 def unpack_model(packed: PackedModel, dtype: torch.dtype | None = None) -> ChtslLlamaForCausalLM:
-    """The training-form model of `packed` (weight = S densified, mask = CSR pattern), in eval mode.
+    """The training-form model of `packed` (weight = S densified, mask = CSR pattern; or, for a model
+    whose config says csr storage, the CSR triple itself), in eval mode.
 
     `dtype`: parameters' dtype, default the packed dtype (pass torch.float32 to compute in fp32).
     The global RNG is left untouched (building the model draws random masks, then overwritten).
@@ -357,8 +362,13 @@ def unpack_model(packed: PackedModel, dtype: torch.dtype | None = None) -> Chtsl
     with torch.random.fork_rng(devices=[]):
         model = ChtslLlamaForCausalLM(packed.config)
     state: dict[str, torch.Tensor] = dict(packed.dense)
+    csr = packed.config.chtsl.get("storage", "masked") == "csr"
     for name, lin in packed.linears.items():
-        if lin.has_sparse:
+        if lin.has_sparse and csr:  # a csr-storage model holds exactly the packed triple
+            state[f"{name}.crow_indices"] = lin.crow_indices
+            state[f"{name}.col_indices"] = lin.col_indices
+            state[f"{name}.values"] = lin.values
+        elif lin.has_sparse:
             state[f"{name}.weight"] = lin.dense_sparse_weight()
             state[f"{name}.mask"] = lin.mask()
         elif lin.weight is not None:

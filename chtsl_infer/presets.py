@@ -144,6 +144,7 @@ def build_config(
     align_lambda: float | None = None,
     align_layers: str = "all",
     vocab_size: int | None = None,
+    storage: str = "masked",
     **llama_overrides: Any,
 ) -> ChtslConfig:
     """The `ChtslConfig` of a preset at `s_total` (explicit `sparsity`/`rank` override the table)."""
@@ -158,6 +159,7 @@ def build_config(
         "alpha": p.sltrain_alpha if m.scale == "alpha_over_rank" else None,
         "align_lambda": p.align_lambda if align_lambda is None else align_lambda,
         "align_layers": align_layers,
+        "storage": storage,
     }
     fields = dict(
         vocab_size=vocab_size or p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,

@@ -207,6 +207,7 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
 
     from chtsl_infer.checkpoint import load_model
     from chtsl_infer.packed import WEIGHTS_NAME
+    from chtsl_infer.storage import to_storage
     from export import onnx as onnx_export
     from export.packed import copy_support_files, write_packed
 
@@ -218,6 +219,8 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
         with stages.stage("load checkpoint"):
             try:
                 model = load_model(model_dir).float()
+                if want_onnx:  # the ONNX graph traces dense S (weight·mask) for a csr-storage checkpoint
+                    to_storage(model, "masked")
             except ChtslError:
                 raise
             except Exception as e:  # corrupt/truncated weights surface as assorted library errors

@@ -32,7 +32,7 @@ WORKER = textwrap.dedent(
             return
         h = hashlib.sha256()
         for name, layer in sorted(model.sparse_layers().items()):
-            h.update(name.encode()); h.update(layer.mask.numpy().tobytes())
+            h.update(name.encode()); h.update(layer.support_mask().numpy().tobytes())
         w = hashlib.sha256()
         for name, p in sorted(model.named_parameters()):
             w.update(p.detach().numpy().tobytes())

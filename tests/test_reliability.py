@@ -105,7 +105,9 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, 
             "--out", str(out)]
     code, output = _run_cli(argv, capfd)
     lines = [ln for ln in output.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: cannot write the checkpoint"), output
+    errors = [ln for ln in lines if ln.startswith("error:")]  # the run's own header lines come first
+    assert code == 2 and "Traceback" not in output, output
+    assert len(errors) == 1 and lines[-1] == errors[0] and "cannot write the checkpoint" in errors[0], output
 
 
 def test_restart_after_kill_before_first_checkpoint(tmp_path) -> None:

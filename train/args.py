@@ -17,7 +17,8 @@ from chtsl_infer.methods import DEFAULT_METHOD, METHOD_CHOICES, get_method
 from chtsl_infer.utils import parse_dtype
 
 # Fields a `--resume` may change; every other recipe field must match the checkpoint.
-RESUME_MUTABLE = ("out", "stop_at", "eval_every", "save_every", "ocr_every", "device", "progress", "steps")
+RESUME_MUTABLE = ("out", "stop_at", "eval_every", "save_every", "ocr_every", "device", "progress", "steps",
+                  "sparse_storage")
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, cli: bool = True, preset: str | None = None) -> Any:
@@ -60,6 +61,9 @@ class TrainArgs:
     dtype: str = setting("auto", "auto (CUDA: bf16 autocast, CPU: fp32) | fp32 | bf16 (autocast; CPU too).")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N.")
     seed: int = setting(0, "Seed of init, data order and topology.")
+    sparse_storage: str = setting(
+        "auto", "How S is held in training: csr (values + CSR indices, state ∝ nnz) | masked (dense weight × mask) "
+                "| auto (csr on CPU with the compiled kernels at low density, else masked).", flag="--sparse-storage")
     out: str = setting("ckpt", "Checkpoint directory (latest complete checkpoint).")
     resume: str | None = setting(None, "Continue exactly from this checkpoint directory.")
     stop_at: int | None = setting(None, "Save and stop after this step (resume later).")
@@ -125,8 +129,11 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
             values[f.name] = getattr(p, attr)
     # The settings whose preset value depends on other settings:
     # a preset's trained BPE needs a local corpus; hub data falls back to the paper's tokenizer.
-    values["tokenizer"] = args.tokenizer or ("t5-base" if values["data"] in ("c4", "owt") and p.tokenizer == "bpe"
-                                             else p.tokenizer)
+    # A local or builtin corpus trains a BPE of the preset's vocabulary (the paper's t5-base needs the
+    # hub, which an offline machine does not reach; pass --tokenizer t5-base to use a cached one).
+    hub_data = values["data"] in ("c4", "owt")
+    values["tokenizer"] = args.tokenizer or (("t5-base" if p.tokenizer == "bpe" else p.tokenizer) if hub_data
+                                             else "bpe")
     values["lr"] = args.lr if args.lr is not None else (p.dense_lr if m.uses_dense_lr else p.lr)
     if args.micro_batch_size is None:
         values["micro_batch_size"] = min(p.micro_batch_size, values["batch_size"])
@@ -134,6 +141,12 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
     r = TrainArgs(**values)
     check_args(r)
     r.dtype = parse_dtype(r.dtype, ("auto", "fp32", "bf16"), what="--dtype")
+    from chtsl_infer.storage import check_choice
+
+    try:
+        check_choice(r.sparse_storage, r.method)
+    except ValueError as e:
+        raise ChtslError(f"--sparse-storage {r.sparse_storage}: {e}") from None
     if m.topology not in (None, "static") and r.restart_warmup >= r.update_interval:
         raise ChtslError(f"--restart-warmup ({r.restart_warmup}) must be shorter than --update-interval "
                          f"({r.update_interval})")

@@ -233,10 +233,14 @@ def check_resumable(path: Path, state: dict[str, Any]) -> None:
 
 def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
                    meta: dict[str, Any]) -> None:
-    """Restores `optimizer` (built over `model`'s parameters in the same groups) from a checkpoint."""
+    """Restores `optimizer` (built over `model`'s parameters in the same groups) from a checkpoint.
+
+    Moments saved in the other sparse storage (masked ↔ csr) are re-laid out for `model`'s."""
     from chtsl_infer.checkpoint import load_tensors
+    from chtsl_infer.storage import convert_optimizer_state
 
     tensors = load_tensors(Path(path) / STATE_DIR / "optimizer.safetensors")
+    tensors, meta = convert_optimizer_state(tensors, meta, model)
     params = dict(model.named_parameters())
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     groups, state = [], {}

@@ -1,7 +1,8 @@
 """The CHTs topology engine (docs/method.md §3): BRF mask init, soft magnitude removal, CH2-L3n regrowth.
 
-A sparse layer holds its sparse matrix `S` (out × in) as a dense `weight` times a boolean `mask`
-buffer. `TopologyEngine` owns the masks of all sparse layers of a model:
+A sparse layer holds its sparse matrix `S` (out × in) either as a dense `weight` times a boolean
+`mask` buffer (masked storage) or as CSR `values` (nnz,) over `crow_indices`/`col_indices` (csr
+storage, `chtsl_infer.layers`). `TopologyEngine` owns the supports of all sparse layers of a model:
 
 - `init_masks()` draws every mask with the bipartite receptive field (BRF) rule;
 - `apply_masks(optimizer)`, called after every optimizer step, re-zeroes the weights and the Adam
@@ -16,6 +17,17 @@ building blocks; each takes an explicit `torch.Generator` for its randomness. Th
 generator per layer and update from its own seeded CPU generator, so its decisions depend only on its
 seed, the weights and the masks, and `state_dict()` (masks, schedule position, RNG state) is enough
 to resume with identical decisions.
+
+Csr storage: the engine makes the same decisions from the same random draws (so equal seeds give
+equal masks in both storages). Per layer, one at a time, it builds transient dense tensors: the
+bool support (out × in) and |values| scattered into a float32 (out × in) for removal, the CH2-L3n
+scores (float64 (out × in) plus the (out × out) and (in × in) float64 CH matrices, as in masked
+mode), and the new mask; then it rebuilds the CSR support and moves values, gradient and Adam
+moments of kept links to their new positions in place (regrown links start at 0 with zero
+moments), so nnz, parameter identity and optimizer state size never change. The transient peak of
+one update is therefore that of the largest layer, about `(out·in)·(1 + 4 + 8 + 1) + 8·(out² + in²)`
+bytes plus the index arrays (∝ nnz), e.g. ~45 MB for llama130m's down_proj (768 × 2048) and
+~0.5 GB for llama1b's (2048 × 5461); it is freed before the next layer.
 
 Steps: `step` is the 1-based index of the training iteration (the trainer's global step counter
 after it is incremented, i.e. 1 for the first batch), counting the update iterations whose optimizer
@@ -33,7 +45,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from chtsl_infer.layers import SparseLowRankLinear, link_count
+from chtsl_infer.layers import SparseLowRankLinear, link_count, mask_to_csr
 
 Mode = Literal["chts", "set", "static"]
 RegrowRule = Literal["topk", "sample"]
@@ -306,6 +318,55 @@ def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
+def _device(layer: SparseLowRankLinear) -> torch.device:
+    """Where the layer's sparse branch lives."""
+    return layer.values.device if layer.storage == "csr" else layer.mask.device
+
+
+def _dense_abs(layer: SparseLowRankLinear, values: torch.Tensor) -> torch.Tensor:
+    """|S| as float32 (out × in), transient: csr `values` (nnz,) scattered onto the support."""
+    st = layer.structure()
+    out = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float32, device=values.device)
+    return out.index_put_((st.row_indices(), st.col.long()), values.abs())
+
+
+@torch.no_grad()
+def remap_csr(
+    layer: SparseLowRankLinear, kept: torch.Tensor, new: torch.Tensor, optimizer: torch.optim.Optimizer | None
+) -> None:
+    """Moves a csr layer onto the support `new` (bool out × in, same nnz): links in `kept` (a subset of
+    the old and the new support) keep their value, gradient and Adam moments at their new CSR
+    position; every other link of `new` starts at 0 with zero moments. All in place (∝ nnz)."""
+    st = layer.structure()
+    nnz = layer.values.numel()
+    rows_old, cols_old = st.row_indices(), st.col.long()
+    keep_old = kept[rows_old, cols_old]  # (nnz,) bool: old links that survive
+    crow, col = mask_to_csr(new)
+    if col.numel() != nnz:
+        raise RuntimeError(f"csr storage keeps nnz constant: the new support has {col.numel()} links, not {nnz}")
+    counts = (crow[1:] - crow[:-1]).long()
+    rows_new = torch.repeat_interleave(torch.arange(layer.out_features, device=crow.device), counts)
+    n_in = layer.in_features
+    new_keys = rows_new * n_in + col.long()  # ascending (row-major order)
+    src = keep_old.nonzero().squeeze(1)
+    dest = torch.searchsorted(new_keys, rows_old[src] * n_in + cols_old[src])
+
+    def move(t: torch.Tensor) -> None:
+        moved = torch.zeros_like(t)
+        moved[dest] = t[src]
+        t.copy_(moved)
+
+    move(layer.values.data)
+    if layer.values.grad is not None:
+        move(layer.values.grad)
+    state = optimizer.state.get(layer.values) if optimizer is not None else None
+    for key in _MOMENT_KEYS:
+        moment = state.get(key) if state else None
+        if isinstance(moment, torch.Tensor) and moment.shape == layer.values.shape:
+            move(moment)
+    layer.set_support(crow, col)
+
+
 class TopologyEngine:
     """Owns the masks of `layers` and evolves them by CHTs (or SET; or keeps them: static).
 
@@ -351,8 +412,8 @@ class TopologyEngine:
         if not 0.0 <= brf_randomness <= 1.0:
             raise ValueError(f"brf_randomness must be in [0, 1], got {brf_randomness}")
         for name, layer in layers.items():
-            if getattr(layer, "mask", None) is None or layer.weight is None:
-                raise ValueError(f"layer {name!r} has no sparse branch (mask) for the topology engine")
+            if not getattr(layer, "has_sparse", False):
+                raise ValueError(f"layer {name!r} has no sparse branch for the topology engine")
             rows = layer.group_rows
             if rows is not None and layer.out_features % rows:
                 raise ValueError(f"layer {name!r}: group_rows {rows} does not divide {layer.out_features}")
@@ -366,6 +427,12 @@ class TopologyEngine:
         self.generator = torch.Generator().manual_seed(seed)
         self.n_updates = 0  # updates done so far (the schedule position, with last_update_step)
         self.last_update_step = 0
+        for name, layer in self.layers.items():
+            if layer.storage == "csr":
+                n_groups = layer.out_features // self.group_rows(layer)
+                if self.target_links(layer) * n_groups != layer.values.numel():
+                    raise ValueError(f"layer {name!r}: csr storage holds {layer.values.numel()} links, the engine's "
+                                     f"groups need {self.target_links(layer) * n_groups} (per_head must match)")
 
     # ------------------------------------------------------------------ schedules
 
@@ -410,15 +477,18 @@ class TopologyEngine:
         """Draws every layer's mask by BRF (static: randomness 1) and zeroes the weight outside it."""
         randomness = 1.0 if self.mode == "static" else self.brf_randomness
         for layer in self.layers.values():
-            gen = self._layer_generator(layer.mask.device)
+            gen = self._layer_generator(_device(layer))
             mask = brf_mask(layer.out_features, layer.in_features, layer.sparsity, randomness, gen)
             mask = self._fit_groups_to_target(mask, layer, gen)
             if _distributed():  # identical by construction; the broadcast makes sure of it
                 code = mask.to(torch.uint8)
                 dist.broadcast(code, src=0)
                 mask = code.bool()
-            layer.mask.copy_(mask)
-            layer.weight.mul_(layer.mask)
+            if layer.storage == "csr":  # as masked: values outside the new support are dropped
+                remap_csr(layer, layer.support_mask() & mask, mask, None)
+            else:
+                layer.mask.copy_(mask)
+                layer.weight.mul_(layer.mask)
 
     def _fit_groups_to_target(
         self, mask: torch.Tensor, layer: SparseLowRankLinear, generator: torch.Generator
@@ -452,21 +522,26 @@ class TopologyEngine:
 
     @torch.no_grad()
     def apply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """After an optimizer step: weight *= mask and Adam `exp_avg`/`exp_avg_sq` *= mask."""
+        """After an optimizer step: weight *= mask and Adam `exp_avg`/`exp_avg_sq` *= mask.
+
+        Csr layers have nothing outside their support, so they are skipped."""
         for layer in self.layers.values():
+            if layer.storage == "csr":
+                continue
             layer.weight.mul_(layer.mask)
             self._mask_optimizer_state(optimizer, layer.weight, layer.mask)
 
     # ------------------------------------------------------------------ update
 
     def _decide(
-        self, layer: SparseLowRankLinear, weight_abs: torch.Tensor, zeta_t: float, temp: float,
+        self, layer: SparseLowRankLinear, old: torch.Tensor, weight_abs: torch.Tensor, zeta_t: float, temp: float,
         gen: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(kept, new mask, stats (len(_STAT_FIELDS),) float64) of one layer; rank 0 only."""
+        """(kept, new mask, stats (len(_STAT_FIELDS),) float64) of one layer from its support `old`
+        (bool out × in) and |S| (float out × in); rank 0 only."""
         rows = self.group_rows(layer)
         n_groups = layer.out_features // rows
-        old = layer.mask.to(torch.bool)
+        old = old.to(torch.bool)
         kept = soft_removal(
             weight_abs, old, group_rows=rows, zeta_t=zeta_t,
             temperature=temp if self.mode == "chts" else None, generator=gen,
@@ -511,23 +586,32 @@ class TopologyEngine:
         rank0 = _rank() == 0
         rows: list[torch.Tensor] = []
         for layer in self.layers.values():
-            gen = self._layer_generator(layer.mask.device)
-            weight = layer.weight.detach().to(torch.float32)
+            device = _device(layer)
+            csr = layer.storage == "csr"
+            gen = self._layer_generator(device)
+            # csr: the values (nnz,) are reduced, not a dense matrix
+            weight = (layer.values if csr else layer.weight).detach().to(torch.float32)
             if distributed:
                 weight = weight.clone()  # .to() aliases a float32 weight; reduce works in place
                 dist.reduce(weight, dst=0, op=dist.ReduceOp.SUM)
                 weight /= world
             if rank0:
-                kept, new, stats = self._decide(layer, weight.abs(), zeta_t, temp, gen)
+                weight_abs = _dense_abs(layer, weight) if csr else weight.abs()
+                kept, new, stats = self._decide(layer, layer.support_mask(), weight_abs, zeta_t, temp, gen)
+                del weight_abs
             else:
-                stats = torch.zeros(len(_STAT_FIELDS), dtype=torch.float64, device=layer.mask.device)
+                stats = torch.zeros(len(_STAT_FIELDS), dtype=torch.float64, device=device)
             if distributed:  # one uint8 broadcast carries both masks: bit 0 kept, bit 1 new
                 if rank0:
                     code = kept.to(torch.uint8) + 2 * new.to(torch.uint8)
                 else:
-                    code = torch.empty(layer.mask.shape, dtype=torch.uint8, device=layer.mask.device)
+                    code = torch.empty((layer.out_features, layer.in_features), dtype=torch.uint8, device=device)
                 dist.broadcast(code, src=0)
                 kept, new = (code & 1).bool(), (code >> 1).bool()
+            if csr:
+                remap_csr(layer, kept, new, optimizer)
+                rows.append(stats.to(device))
+                continue
             # Removed and regrown links both restart from w = 0 with zero moments: multiplying by
             # the removal survivors (not the new mask) zeroes both, including a link that was
             # removed and regrown in the same update.
@@ -536,7 +620,7 @@ class TopologyEngine:
                 layer.weight.grad.mul_(kept)
             self._mask_optimizer_state(optimizer, layer.weight, kept)
             layer.mask.copy_(new)
-            rows.append(stats.to(layer.mask.device))
+            rows.append(stats.to(device))
         table = torch.stack(rows) if rows else torch.zeros(0, len(_STAT_FIELDS), dtype=torch.float64)
         if distributed and rows:
             dist.broadcast(table, src=0)
@@ -578,10 +662,12 @@ class TopologyEngine:
     def state_dict(self) -> dict[str, Any]:
         """Plain state: CPU tensors under "mask.<layer>" and "rng_state" (uint8), the rest ints/str.
 
-        Save the tensors with safetensors and the other entries as JSON; no pickling needed.
+        Save the tensors with safetensors and the other entries as JSON; no pickling needed. Csr
+        layers have no "mask.<layer>" entry: their support is the model's own CSR (a dense bool copy
+        would be larger than the whole sparse layer).
         """
         state: dict[str, Any] = {f"mask.{name}": layer.mask.detach().to("cpu", torch.bool).clone()
-                                 for name, layer in self.layers.items()}
+                                 for name, layer in self.layers.items() if layer.storage != "csr"}
         state["rng_state"] = self.generator.get_state().clone()
         state.update(
             n_updates=self.n_updates, last_update_step=self.last_update_step, seed=self.seed,
@@ -591,15 +677,24 @@ class TopologyEngine:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores masks (in place, weights re-masked), the schedule position and the RNG state."""
+        """Restores masks (in place, weights re-masked), the schedule position and the RNG state.
+
+        A layer without a "mask.<layer>" entry keeps the support its model state brought (always the
+        case for csr layers, whose support is the model's CSR; and for a masked layer resumed from a
+        csr-storage checkpoint, whose mask was converted with the model state). A masked layer
+        needs a mask entry when the state has any."""
         names = {k.removeprefix("mask.") for k in state if k.startswith("mask.")}
-        if names != set(self.layers):
-            missing, extra = set(self.layers) - names, names - set(self.layers)
+        masked = {n for n, layer in self.layers.items() if layer.storage != "csr"}
+        extra = names - set(self.layers)
+        missing = (masked - names) if names else set()
+        if extra or missing:
             raise ValueError(f"topology state does not match the layers: missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(extra)[:3]}")
         if state.get("mode", self.mode) != self.mode:
             raise ValueError(f"topology state is for mode {state['mode']!r}, engine is {self.mode!r}")
         for name, layer in self.layers.items():
+            if layer.storage == "csr" or name not in names:
+                continue
             layer.mask.copy_(torch.as_tensor(state[f"mask.{name}"]).to(layer.mask.device, torch.bool))
             layer.weight.mul_(layer.mask)
         self.generator.set_state(torch.as_tensor(state["rng_state"]).to("cpu", torch.uint8))

@@ -255,7 +255,8 @@ def build_run(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | Non
     torch.manual_seed(args.seed)
 
     data = _build_data(args, info, resume_dir)
-    model = _build_model(args, data.vocab_size, resume_dir).to(device).train()
+    model, storage, storage_why = _build_model(args, data.vocab_size, resume_dir, device, info)
+    model.to(device).train()
     engine = build_engine(model, args.steps, args.update_interval, seed=args.seed, init_masks=not resume_dir)
     optimizer = build_optimizer(model, args.lr)
     start_step, tokens_seen = 0, 0
@@ -291,7 +292,11 @@ def build_run(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | Non
     if info.is_main and not resume_dir:
         log.write({"event": "start", "unigram_ppl": data.unigram_ppl, "trainable_linear_params": trainable,
                    "train_rows": data.train_rows, "train_tokens": data.train_tokens, "world_size": info.world,
-                   "args": asdict(args), "s_total": model.config.chtsl["s_total"], "align_weight": align_weights})
+                   "args": asdict(args), "s_total": model.config.chtsl["s_total"], "align_weight": align_weights,
+                   "sparse_storage": storage, "sparse_storage_reason": storage_why})
+    elif info.is_main:
+        log.write({"event": "resume", "from_step": start_step, "sparse_storage": storage,
+                   "sparse_storage_reason": storage_why})
     return run
 
 
@@ -307,25 +312,39 @@ def _build_data(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | N
                       world=info.world, eval_batch=args.micro_batch_size, tokenizer=tokenizer)
 
 
-def _build_model(args: TrainArgs, vocab_size: int, resume_dir: Path | None) -> torch.nn.Module:
-    """The preset's model at `args` (or the checkpoint's config and weights when resuming)."""
+def _build_model(args: TrainArgs, vocab_size: int, resume_dir: Path | None, device: str,
+                 info: dist_utils.DistInfo) -> tuple[torch.nn.Module, str, str]:
+    """(model, sparse storage, why that storage): the preset's model at `args`, or the checkpoint's
+    config and weights when resuming (converted when the storage differs)."""
     from chtsl_infer.checkpoint import load_checkpoint_weights
     from chtsl_infer.modeling import ChtslLlamaForCausalLM
     from chtsl_infer.presets import build_config
+    from chtsl_infer.storage import convert_state_dict, resolve_storage
 
+    weights = None
     if resume_dir:
         config, weights = load_checkpoint_weights(resume_dir)  # validated before the model is built
-        model = ChtslLlamaForCausalLM(config)
+    else:
+        overrides = {"num_hidden_layers": args.num_layers} if args.num_layers else {}
+        try:
+            config = build_config(args.preset, method=args.method, s_total=args.s_total, activation=args.activation,
+                                  align_lambda=args.align_lambda, align_layers=args.align, vocab_size=vocab_size,
+                                  max_position_embeddings=max(args.seq_len, 256), **overrides)
+        except ValueError as e:  # also transformers' own checks of the Llama fields
+            raise ChtslError(str(e)) from None
+    storage, storage_why = resolve_storage(args.sparse_storage, config.method, device, config.chtsl["d_c"])
+    config.chtsl["storage"] = storage
+    if info.is_main:
+        console.print(f"sparse storage: {storage} ({storage_why})", highlight=False)
+    model = ChtslLlamaForCausalLM(config)
+    if weights is not None:
+        try:  # a checkpoint of the other storage is converted; a corrupt CSR is named, nothing written
+            weights = convert_state_dict(weights, model)
+        except ValueError as e:
+            raise ChtslError(f"{resume_dir}: {e}") from None
         model.load_state_dict(weights, strict=True)
-        return model
-    overrides = {"num_hidden_layers": args.num_layers} if args.num_layers else {}
-    try:
-        config = build_config(args.preset, method=args.method, s_total=args.s_total, activation=args.activation,
-                              align_lambda=args.align_lambda, align_layers=args.align, vocab_size=vocab_size,
-                              max_position_embeddings=max(args.seq_len, 256), **overrides)
-    except ValueError as e:  # also transformers' own checks of the Llama fields
-        raise ChtslError(str(e)) from None
-    return ChtslLlamaForCausalLM(config)
+        del weights
+    return model, storage, storage_why
 
 
 def build_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -344,6 +363,11 @@ def _wrap_ddp(model: torch.nn.Module, info: dist_utils.DistInfo, device: str) ->
 
     from torch.nn.parallel import DistributedDataParallel
 
+    # The CSR index buffers of csr layers are identical on every rank (same init, the engine
+    # broadcasts every update) and gloo cannot broadcast their int16 columns: DDP leaves them out.
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, [f"{n}.{b}" for n, m in model.sparse_layers().items() if m.storage == "csr"
+                for b in ("crow_indices", "col_indices")])
     # Masks are identical on every rank (the engine broadcasts them): no buffer sync per forward.
     no_sync_kw = ({"forward_sync_buffers": False}
                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
@@ -574,8 +598,9 @@ def print_header(args: TrainArgs, config: Any, trainable: int, hybrid: dict[str,
 def _density(model: torch.nn.Module) -> float:
     """Active links / positions over all sparse layers."""
     layers = model.sparse_layers().values()
-    total = sum(m.mask.numel() for m in layers)
-    return sum(int(m.mask.sum()) for m in layers) / total if total else 1.0
+    total = sum(m.out_features * m.in_features for m in layers)
+    links = sum(m.values.numel() if m.storage == "csr" else int(m.mask.sum()) for m in layers)
+    return links / total if total else 1.0
 
 
 def print_result(r: TrainResult) -> None:
