@@ -114,10 +114,17 @@ def test_existing_output_needs_force(ckpt: Path, tmp_path: Path) -> None:
     one_line_error(err, str(out_dir), "--force")
     assert [p.name for p in out_dir.iterdir()] == ["keep.txt"]
 
-    code, out, _ = run_cli(["export", str(ckpt), "--format", "safetensors", "--no-verify", "--out", str(out_dir),
-                        "--force"])
-    assert code == 0, out
-    assert not (out_dir / "keep.txt").exists() and (out_dir / "model.safetensors").is_file()
+    # --force replaces only a previous export, never a directory of other files.
+    code, _, err = run_cli(["export", str(ckpt), "--format", "safetensors", "--no-verify", "--out", str(out_dir),
+                            "--force"])
+    assert code == 2 and (out_dir / "keep.txt").read_text() == "mine"
+
+    export_dir = tmp_path / "export"
+    for force in ([], ["--force"]):
+        code, out, _ = run_cli(["export", str(ckpt), "--format", "safetensors", "--no-verify",
+                                "--out", str(export_dir), *force])
+        assert code == 0, out
+    assert (export_dir / "model.safetensors").is_file()
     assert leftovers(tmp_path) == []
 
 

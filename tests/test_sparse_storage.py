@@ -167,7 +167,7 @@ def test_engine_same_masks_and_losses_in_both_storages(method: str) -> None:
     def run(storage: str) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
         model = tiny_model(method, storage=storage).train()
         mode, randomness = get_method(method).topology, get_method(method).brf_randomness
-        engine = TopologyEngine(model.sparse_layers(), total_steps=12, mode=mode, update_interval=3,
+        engine = TopologyEngine(model.sparse_layers(), total_steps=16, mode=mode, update_interval=3,
                                 brf_randomness=randomness, seed=1)
         engine.init_masks()
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
