@@ -210,7 +210,7 @@ def test_cuda_csr_matches_dense(dtype: torch.dtype) -> None:  # pragma: no cover
 def test_spmm_cpu_bfloat16_accumulates_in_fp32(n_tok: int, col_dtype: torch.dtype) -> None:
     """bf16 values and activations, fp32 sums: equal to the fp32 product of the same bf16 numbers up to
     the final rounding to bf16 (one bf16 ulp, 2**-8 relative), on the gather (1–2 tokens) and tile paths."""
-    from chtsl_infer.kernels import sort_rows, spmm_cpu, spmm_reference
+    from chtsl_infer.kernels import sort_rows, spmm_cpu
 
     gen = torch.Generator().manual_seed(n_tok)
     n_out, n_in = 96, 300
