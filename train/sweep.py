@@ -426,7 +426,8 @@ def _write_manifest(grid: Grid, out: Path) -> None:
 
     write_json({"preset": grid.preset, "methods": grid.methods, "s_totals": grid.s_totals, "seeds": grid.seeds,
                 "train_options": grid.extra,
-                "commands": [command_line(grid.argv(c, out)) for c in grid.cells()]}, out / "sweep.json")
+                "commands": [command_line(grid.argv(c, out)) for c in grid.cells()]},
+               out / "sweep.json", force=True)  # the sweep's own file: a mismatched recipe is refused before this
 
 
 # ----------------------------------------------------------------------------- report
@@ -706,7 +707,7 @@ def write_report(out: Path, alternative: str = "two-sided", figures: bool = True
 
         written = plot_sweep(runs, out / "figures")
     report["figures"] = [f"figures/{p.name}" for p in written]
-    write_json(report, out / "report.json")
+    write_json(report, out / "report.json", force=True)  # the sweep's own report, rewritten on every --report
     md = out / "report.md"
     tmp = md.with_name(f".{md.name}.tmp")
     tmp.write_text(report_markdown(report, written))
