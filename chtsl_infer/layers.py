@@ -21,7 +21,7 @@ One class covers every method of the paper by configuration (`chtsl_infer.method
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -326,6 +326,25 @@ def branch_cosine(sparse_out: torch.Tensor, lowrank_out: torch.Tensor) -> float:
     return float(F.cosine_similarity(sparse_out.float().flatten(), lowrank_out.float().flatten(), dim=0))
 
 
+@torch.no_grad()
+def rms(x: torch.Tensor) -> float:
+    """Root mean square of all elements (a branch output's scale, independent of its shape)."""
+    return float(torch.linalg.vector_norm(x.float()) / math.sqrt(max(x.numel(), 1)))
+
+
+@torch.no_grad()
+def branch_grad_norms(layers: Iterable[SparseLowRankLinear]) -> dict[str, float]:
+    """L2 norms of the current gradients of S (values; masked storage: on its mask), of A and of B,
+    each over all `layers` together; a kind with no gradient is left out."""
+    sums: dict[str, float] = {}
+    for layer in layers:
+        s = layer.values if layer.storage == "csr" else (layer.weight if layer.has_sparse else None)
+        for kind, p in (("S", s), ("A", layer.lora_A), ("B", layer.lora_B)):
+            if p is not None and p.grad is not None:
+                sums[kind] = sums.get(kind, 0.0) + float(p.grad.float().pow(2).sum())
+    return {k: math.sqrt(v) for k, v in sums.items()}
+
+
 @dataclass
 class BranchRecorder:
     """Collects, during one forward, what the trainer needs from the two branches of each layer.
@@ -342,6 +361,8 @@ class BranchRecorder:
     ocr: dict[str, float] = field(default_factory=dict)
     cosine: dict[str, float] = field(default_factory=dict)
     align: dict[str, float] = field(default_factory=dict)  # L_align^(l) of every hybrid layer (diagnostic)
+    sparse_rms: dict[str, float] = field(default_factory=dict)  # RMS of S x per layer (diagnostic)
+    lowrank_rms: dict[str, float] = field(default_factory=dict)  # RMS of scale·B σ(A x) per layer
 
     def record(self, layer: SparseLowRankLinear, sparse_out: torch.Tensor, lowrank_out: torch.Tensor) -> None:
         name = self.names[id(layer)]
@@ -352,6 +373,8 @@ class BranchRecorder:
         if self.diagnostics:
             self.ocr[name] = ocr(sparse_out, lowrank_out)
             self.cosine[name] = branch_cosine(sparse_out, lowrank_out)
+            self.sparse_rms[name] = rms(sparse_out)
+            self.lowrank_rms[name] = rms(lowrank_out)
             # Measured for every hybrid layer, optimised or not, so methods can be compared.
             with torch.no_grad():
                 self.align[name] = float(term if term is not None else alignment_loss(sparse_out, lowrank_out))

@@ -57,16 +57,8 @@ class ChtslLlamaModel(LlamaModel):
             super()._init_weights(module)
             return
         sltrain_init = get_method(module.method).init == "sltrain"
-        if module.storage == "csr":
-            _init_csr_values(module, self.config.initializer_range)
-        elif module.weight is not None:
-            if sltrain_init:  # SLTrain: sparse values uniform(±1/√in)
-                bound = 1.0 / math.sqrt(module.in_features)
-                init.uniform_(module.weight, -bound, bound)
-            else:  # as Hugging Face Llama: N(0, initializer_range²), kept (not rescaled) on the mask
-                init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if module.mask is not None and not getattr(module.weight, "_is_hf_initialized", False):
-                module.weight.mul_(module.mask)
+        if not getattr(module.values if module.storage == "csr" else module.weight, "_is_hf_initialized", False):
+            init_sparse_values(module, self.config.initializer_range)
         if module.has_lowrank:
             if sltrain_init:  # SLTrain: A kaiming-uniform, B = 0
                 init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
@@ -77,24 +69,31 @@ class ChtslLlamaModel(LlamaModel):
                 init.normal_(module.lora_B, mean=0.0, std=sigma)
 
 
-def _init_csr_values(module: SparseLowRankLinear, std: float) -> None:
-    """A csr layer's values exactly as the masked storage initialises `weight` on the same support.
+@torch.no_grad()
+def init_sparse_values(layer: SparseLowRankLinear, std: float, generator: torch.Generator | None = None) -> None:
+    """Draws S's initial values on the layer's current support (docs/method.md §1, init).
 
-    The masked form draws a dense (out × in) matrix from the global RNG and keeps it on its mask;
-    drawing the same matrix (transiently, one layer at a time, at construction only) and gathering
-    the support keeps both storages on the same random stream, so equal seeds give equal models.
+    As Hugging Face Llama: N(0, std²) (`std` = `initializer_range`), kept on the support, not
+    rescaled; SLTrain: uniform(±1/√in). One dense (out × in) draw — transient, one layer at a time,
+    at initialisation only — gathered on the support, so the masked and csr storages consume the
+    same random numbers and equal seeds give equal models. Called at construction and again by the
+    topology engine after it replaces the support by the BRF one: without the second call a new
+    support would keep only the links it shares with the old one (≈ density of them) non-zero.
     """
-    values = module.values
-    if values.device.type == "meta" or getattr(values, "_is_hf_initialized", False):
+    target = layer.values if layer.storage == "csr" else layer.weight
+    if target is None or target.device.type == "meta":
         return
-    dense = torch.empty(module.out_features, module.in_features, device=values.device, dtype=values.dtype)
-    if get_method(module.method).init == "sltrain":
-        bound = 1.0 / math.sqrt(module.in_features)
-        torch.nn.init.uniform_(dense, -bound, bound)
+    dense = torch.empty(layer.out_features, layer.in_features, device=target.device, dtype=target.dtype)
+    if get_method(layer.method).init == "sltrain":
+        bound = 1.0 / math.sqrt(layer.in_features)
+        dense.uniform_(-bound, bound, generator=generator)
     else:
-        torch.nn.init.normal_(dense, mean=0.0, std=std)
-    st = module.structure()
-    values.copy_(dense[st.row_indices(), st.col.long()])
+        dense.normal_(mean=0.0, std=std, generator=generator)
+    if layer.storage == "csr":
+        st = layer.structure()
+        target.copy_(dense[st.row_indices(), st.col.long()])
+    else:
+        target.copy_(dense * layer.mask if layer.mask is not None else dense)
 
 
 class ChtslLlamaForCausalLM(LlamaForCausalLM):

@@ -193,8 +193,13 @@ def test_engine_same_masks_and_losses_in_both_storages(method: str) -> None:
 
     (la, ma), (lb, mb) = run("masked"), run("csr")
     assert len(ma) == 3
-    for a, b in zip(ma, mb, strict=True):
-        assert all(torch.equal(a[n], b[n]) for n in a)
+    # Identical after the first update; later, the storages' float summation orders (GEMM vs SDDMM,
+    # ~1e-7 relative, amplified by Adam on near-zero gradients) may flip a near-tie of two removal
+    # keys (measured on chtsl: 0, 2 and 10 links of 19,740 after the three updates).
+    for i, (a, b) in enumerate(zip(ma, mb, strict=True)):
+        links = sum(int(m.sum()) for m in a.values())
+        swapped = sum(int((a[n] & ~b[n]).sum()) for n in a)
+        assert swapped == 0 if i == 0 else swapped <= 1e-3 * links, (i, swapped)
     assert max(abs(x - y) / abs(x) for x, y in zip(la, lb, strict=True)) < 1e-4
 
 

@@ -623,3 +623,24 @@ def test_two_process_gloo_ranks_end_with_identical_masks(tmp_path: Path) -> None
         engine.update(step)
     for name, layer in layers.items():
         assert torch.equal(layer.mask.to(torch.uint8), rank0[name]), name
+
+
+@pytest.mark.parametrize("method", ["chtsl", "chts"])
+def test_training_starts_with_s_drawn_on_the_brf_support(method: str) -> None:
+    """docs/method.md §1: S keeps N(0, initializer_range²) values on its (BRF) mask. Replacing the
+    construction mask by the BRF one used to keep only the shared links, so ≈ 95 % of S started at 0."""
+    from tests.conftest import tiny_model
+    from train.trainer import build_engine
+
+    models = {}
+    for storage in ("masked", "csr"):
+        model = tiny_model(method, storage=storage)
+        build_engine(model, total_steps=100, update_interval=10, seed=3)
+        models[storage] = model
+        layers = model.sparse_layers().values()
+        values = torch.cat([layer.sparse_weight().detach()[layer.support_mask()] for layer in layers])
+        assert bool((values != 0).all()), f"{storage}: {(values == 0).float().mean():.1%} of S is zero"
+        std = model.config.initializer_range
+        assert abs(float(values.std()) - std) < 0.1 * std
+    for name, layer in models["masked"].sparse_layers().items():  # both storages draw the same values
+        assert torch.equal(layer.sparse_weight(), models["csr"].sparse_layers()[name].sparse_weight())

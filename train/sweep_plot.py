@@ -9,6 +9,9 @@
   hybrid method, optimised only by chtsl).
 - `val_ppl.png`: validation perplexity over steps per method (mean over seeds, band: min–max),
   one panel per s_total.
+- `branches.png`: per s_total, the two branch outputs' RMS (S x solid, B σ(A x) dashed; mean over
+  all hybrid layers) and the gradient norms of the S values, A and B over training, per method
+  (mean over seeds).
 """
 
 from __future__ import annotations
@@ -154,6 +157,49 @@ def _val_figure(runs: list, methods: list[str], s_totals: list[float], colors: d
     return written
 
 
+def _layer_mean(records: list[dict[str, Any]], key: str) -> dict[int, float]:
+    """{step: mean over all layers} of a per-layer diagnostic."""
+    return {int(r["step"]): sum(r[key].values()) / len(r[key]) for r in records
+            if isinstance(r.get(key), dict) and r[key]}
+
+
+def _branch_figure(runs: list, methods: list[str], s_totals: list[float], colors: dict[str, Any],
+                   path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    panels = {  # panel: [(series of one run, line style, label suffix)]
+        "branch output RMS": [(lambda rec: _layer_mean(rec, "sparse_rms"), "-", "S x"),
+                              (lambda rec: _layer_mean(rec, "lowrank_rms"), "--", "B σ(A x)")],
+        "gradient norm": [(lambda rec, k=k: {int(r["step"]): float(r["grad_norms"][k]) for r in rec
+                                             if k in r.get("grad_norms", {})}, style, k)
+                          for k, style in (("S", "-"), ("A", "--"), ("B", ":"))],
+    }
+    rows = [s for s in s_totals if any(r.cell.s_total == s and any("grad_norms" in x for x in r.records) for r in runs)]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(6 * len(panels), 3.8 * len(rows)), squeeze=False)
+    for i, s in enumerate(rows):
+        for j, (title, lines) in enumerate(panels.items()):
+            ax = axes[i][j]
+            for m in methods:
+                for series_of, style, suffix in lines:
+                    seeds = [series_of(r.records) for r in runs if r.cell.s_total == s and r.cell.method == m]
+                    seeds = [x for x in seeds if x]
+                    if seeds:
+                        steps, mean, _, _ = seed_band(seeds)
+                        ax.plot(steps, mean, color=colors[m], ls=style, lw=1.3, label=f"{m}: {suffix}")
+            ax.set_yscale("log")
+            ax.set_title(f"s_total {s:g}: {title}")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7, ncol=2)
+    fig.suptitle("branch scales and gradient norms (mean over layers and seeds)")
+    fig.tight_layout()
+    written = _save(fig, path)
+    plt.close(fig)
+    return written
+
+
 def plot_sweep(runs: list, out_dir: Path) -> list[Path]:
     """Writes the sweep figures (see the module docstring) into `out_dir`; returns the paths written."""
     import matplotlib
@@ -167,6 +213,9 @@ def plot_sweep(runs: list, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     p = _val_figure(runs, methods, s_totals, colors, out_dir / "val_ppl.png")
+    if p:
+        written.append(p)
+    p = _branch_figure(runs, methods, s_totals, colors, out_dir / "branches.png")
     if p:
         written.append(p)
     for key in DIAGNOSTICS:

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from chtsl_infer.layers import SparseLowRankLinear, link_count, mask_to_csr
+from chtsl_infer.modeling import init_sparse_values
 
 Mode = Literal["chts", "set", "static"]
 RegrowRule = Literal["topk", "sample"]
@@ -473,8 +474,13 @@ class TopologyEngine:
         return torch.Generator(device=device).manual_seed(seed)
 
     @torch.no_grad()
-    def init_masks(self) -> None:
-        """Draws every layer's mask by BRF (static: randomness 1) and zeroes the weight outside it."""
+    def init_masks(self, init_std: float = 0.02) -> None:
+        """Draws every layer's mask by BRF (static: randomness 1) and S's initial values on it.
+
+        The values are drawn afresh (N(0, `init_std`²), the model's `initializer_range`; see
+        `init_sparse_values`) from this engine's generator: keeping the construction-time values
+        would leave the ≈ (1 − density) share of BRF links outside the construction mask at zero.
+        """
         randomness = 1.0 if self.mode == "static" else self.brf_randomness
         for layer in self.layers.values():
             gen = self._layer_generator(_device(layer))
@@ -484,11 +490,11 @@ class TopologyEngine:
                 code = mask.to(torch.uint8)
                 dist.broadcast(code, src=0)
                 mask = code.bool()
-            if layer.storage == "csr":  # as masked: values outside the new support are dropped
+            if layer.storage == "csr":
                 remap_csr(layer, layer.support_mask() & mask, mask, None)
             else:
                 layer.mask.copy_(mask)
-                layer.weight.mul_(layer.mask)
+            init_sparse_values(layer, init_std, gen)
 
     def _fit_groups_to_target(
         self, mask: torch.Tensor, layer: SparseLowRankLinear, generator: torch.Generator

@@ -30,6 +30,7 @@ import torch
 
 from chtsl_infer.console import check_output_dir, console, err_console
 from chtsl_infer.errors import ChtslError
+from chtsl_infer.layers import branch_grad_norms, record_branches
 from chtsl_infer.loss import perplexity, token_nll_sum
 from chtsl_infer.methods import get_method
 from chtsl_infer.utils import atomic_write_text, resolve_device
@@ -55,7 +56,7 @@ def build_engine(model, total_steps: int, update_interval: int, seed: int = 0, i
     engine = TopologyEngine(model.sparse_layers(), total_steps=total_steps, mode=method.topology,
                             update_interval=update_interval, brf_randomness=method.brf_randomness, seed=seed)
     if init_masks and method.topology != "static":
-        engine.init_masks()
+        engine.init_masks(init_std=model.config.initializer_range)
     return engine
 
 
@@ -109,7 +110,7 @@ class MetricsLog:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(k, v, record["step"])
-                elif isinstance(v, dict) and k in ("ocr", "cosine"):
+                elif isinstance(v, dict) and k in ("ocr", "cosine", "sparse_rms", "lowrank_rms", "grad_norms"):
                     for name, x in v.items():
                         self.tb.add_scalar(f"{k}/{name}", x, record["step"])
 
@@ -405,12 +406,14 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     lr = run.schedule(step)
     for g in run.optimizer.param_groups:
         g["lr"] = lr
-    diagnostics = bool(run.hybrid) and (step % args.ocr_every == 0 or step == 1 or step == args.steps)
-    task, align_mean, ocr_vals, cos_vals, align_vals = _forward_backward(run, step, diagnostics)
+    diagnostic_step = step % args.ocr_every == 0 or step == 1 or step == args.steps
+    task, align_mean, branches = _forward_backward(run, step, bool(run.hybrid) and diagnostic_step)
     total = task + run.lam * align_mean
     record: dict[str, Any] = {"step": step, "loss": total, "task_loss": task, "align_loss": align_mean, "lr": lr}
     if not math.isfinite(total):
         return record
+    if diagnostic_step:  # of the whole step's gradient (all micro-batches, all ranks), before clipping
+        record["grad_norms"] = branch_grad_norms(run.model.chtsl_layers().values())
     if run.engine is not None and run.engine.is_update_step(step):
         stats = run.engine.update(step, run.optimizer)
         run.optimizer.zero_grad(set_to_none=True)
@@ -426,31 +429,28 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         if run.engine is not None:
             run.engine.apply_masks(run.optimizer)
         run.optimizer.zero_grad(set_to_none=True)
-    if ocr_vals:
-        # align: L_align^(l) of every hybrid layer on the first micro-batch (optimised or not);
-        # align_value: their sum, comparable across methods (align_loss is what was optimised).
-        record.update(ocr=ocr_vals, cosine=cos_vals, align=align_vals, align_value=sum(align_vals.values()))
+    if branches:
+        # Per hybrid layer, on the first micro-batch: ocr, cosine, align (L_align^(l), optimised or
+        # not), sparse_rms / lowrank_rms (the two branch outputs' scales); align_value: Σ align,
+        # comparable across methods (align_loss is what was optimised).
+        record.update(branches, align_value=sum(branches["align"].values()))
         record.setdefault("density", _density(run.model))
     return record
 
 
-def _forward_backward(run: Run, step: int, diagnostics: bool) -> tuple[float, float, dict, dict, dict]:
+def _forward_backward(run: Run, step: int, diagnostics: bool) -> tuple[float, float, dict[str, dict[str, float]]]:
     """Accumulates the gradient of the step's loss over this rank's micro-batches.
 
     Returns (task loss: Σ NLL / targets of the global batch, alignment: mean over all micro-batches
-    of Σ_l L_align^(l), OCR, cosine and L_align^(l) per hybrid layer of the first micro-batch when
-    `diagnostics`).
+    of Σ_l L_align^(l), and when `diagnostics` the branch diagnostics of the first micro-batch:
+    {"ocr" | "cosine" | "align" | "sparse_rms" | "lowrank_rms": {hybrid layer: value}}, else {}).
     """
-    from chtsl_infer.layers import record_branches
-
     info = run.info
     batches = run.data.train.step_batches(step - 1)
     n_targets = torch.tensor([float(sum(b.n_targets for b in batches))], dtype=torch.float64)
     n_targets = dist_utils.all_reduce_sum(n_targets, info).item()
     sums = torch.zeros(2, dtype=torch.float64)  # task NLL sum, alignment sum
-    ocr_vals: dict[str, float] = {}
-    cos_vals: dict[str, float] = {}
-    align_vals: dict[str, float] = {}
+    branches: dict[str, dict[str, float]] = {}
     for i, b in enumerate(batches):
         sync = i == len(batches) - 1 or not info.distributed
         ctx = nullcontext() if sync else run.ddp_model.no_sync()
@@ -468,10 +468,10 @@ def _forward_backward(run: Run, step: int, diagnostics: bool) -> tuple[float, fl
         sums[0] += float(nll.detach())
         sums[1] += float(align.detach()) if align is not None else 0.0
         if rec.ocr:
-            ocr_vals, cos_vals, align_vals = dict(rec.ocr), dict(rec.cosine), dict(rec.align)
+            branches = {"ocr": dict(rec.ocr), "cosine": dict(rec.cosine), "align": dict(rec.align),
+                        "sparse_rms": dict(rec.sparse_rms), "lowrank_rms": dict(rec.lowrank_rms)}
     sums = dist_utils.all_reduce_sum(sums, info)
-    return (sums[0].item() / n_targets, sums[1].item() / (run.n_micro * info.world), ocr_vals, cos_vals,
-            align_vals)
+    return sums[0].item() / n_targets, sums[1].item() / (run.n_micro * info.world), branches
 
 
 # ----------------------------------------------------------------------------- the loop
