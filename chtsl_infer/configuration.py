@@ -22,6 +22,7 @@ DEFAULT_BLOCK: dict[str, Any] = {
     "align_lambda": 0.3,
     "align_layers": "all",
     "storage": "masked",  # how the sparse branch holds S in training: masked | csr (methods.STORAGES)
+    "lowrank_init_scale": 1.0,  # multiplier of the low-rank factors' init std (an ablation knob)
 }
 
 
@@ -54,6 +55,8 @@ def normalize_block(block: dict[str, Any] | None) -> dict[str, Any]:
     if float(out["align_lambda"]) < 0:
         raise ChtslError(f"alignment lambda must be >= 0, got {out['align_lambda']}")
     out["align_lambda"] = float(out["align_lambda"])
+    if not float(out["lowrank_init_scale"]) > 0:
+        raise ChtslError(f"lowrank_init_scale must be > 0, got {out['lowrank_init_scale']}")
     check_storage(method, out["storage"])
     return out
 

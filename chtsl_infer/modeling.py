@@ -60,11 +60,14 @@ class ChtslLlamaModel(LlamaModel):
         if not getattr(module.values if module.storage == "csr" else module.weight, "_is_hf_initialized", False):
             init_sparse_values(module, self.config.initializer_range)
         if module.has_lowrank:
+            scale = float(self.config.chtsl.get("lowrank_init_scale", 1.0))
             if sltrain_init:  # SLTrain: A kaiming-uniform, B = 0
                 init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
+                if scale != 1.0:
+                    module.lora_A.mul_(scale)
                 init.zeros_(module.lora_B)
             else:  # CoLA: every entry N(0, σ0²), σ0 = (r·(in+out))^(-1/4)
-                sigma = (module.rank * (module.in_features + module.out_features)) ** -0.25
+                sigma = scale * (module.rank * (module.in_features + module.out_features)) ** -0.25
                 init.normal_(module.lora_A, mean=0.0, std=sigma)
                 init.normal_(module.lora_B, mean=0.0, std=sigma)
 

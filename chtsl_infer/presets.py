@@ -145,6 +145,7 @@ def build_config(
     align_layers: str = "all",
     vocab_size: int | None = None,
     storage: str = "masked",
+    lowrank_init_scale: float = 1.0,
     **llama_overrides: Any,
 ) -> ChtslConfig:
     """The `ChtslConfig` of a preset at `s_total` (explicit `sparsity`/`rank` override the table)."""
@@ -160,6 +161,7 @@ def build_config(
         "align_lambda": p.align_lambda if align_lambda is None else align_lambda,
         "align_layers": align_layers,
         "storage": storage,
+        "lowrank_init_scale": lowrank_init_scale,
     }
     fields = dict(
         vocab_size=vocab_size or p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,

@@ -69,3 +69,51 @@ def test_method_objects_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         METHODS["chtsl"].aligns = False  # type: ignore[misc]
     assert isinstance(get_method(METHODS["cola"]), Method)
+
+
+def test_ablation_options_reach_the_model_engine_and_optimizer() -> None:
+    """`--sparsity/--rank`, `--activation`, `--lowrank-init-scale`, `--brf-randomness` and
+    `--lowrank-lr-scale` (the method-fidelity ablations, docs/fidelity.md) each change what they name."""
+    import torch
+
+    from train.args import build_model_config
+    from train.trainer import build_optimizer
+
+    base = resolve_args(TrainArgs(method="chtsl"))
+    args = resolve_args(TrainArgs(method="chtsl", sparsity=0.5, rank=3, activation="relu", lowrank_init_scale=2.0,
+                                  brf_randomness=1.0, lowrank_lr_scale=0.25))
+    config = build_model_config(args, vocab_size=64)
+    assert set(config.chtsl["sparsity"].values()) == {0.5} and set(config.chtsl["rank"].values()) == {3}
+    assert config.chtsl["activation"] == "relu"
+    stds = {}
+    for a, scale in ((base, 1.0), (args, 2.0)):
+        torch.manual_seed(0)
+        cfg = build_model_config(a, vocab_size=64, num_hidden_layers=1, hidden_size=256, intermediate_size=512,
+                                 num_attention_heads=4, num_key_value_heads=4)
+        layer = ChtslLlamaForCausalLM(cfg).model.layers[0].mlp.up_proj
+        sigma0 = (layer.rank * (layer.in_features + layer.out_features)) ** -0.25
+        stds[scale] = float(layer.lora_A.detach().std()) / sigma0
+    assert stds[1.0] == pytest.approx(1.0, rel=0.1) and stds[2.0] == pytest.approx(2.0, rel=0.1)
+    model = ChtslLlamaForCausalLM(config)
+    assert build_engine(model, total_steps=10, update_interval=5, brf_randomness=args.brf_randomness
+                        ).brf_randomness == 1.0
+    assert build_engine(model, total_steps=10, update_interval=5).brf_randomness == 0.0
+    optimizer = build_optimizer(model, 1e-3, lowrank_lr_scale=0.25)
+    lowrank = {id(p) for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    (rest, low) = optimizer.param_groups
+    assert {id(p) for p in low["params"]} == lowrank and not lowrank & {id(p) for p in rest["params"]}
+    assert low["lr_scale"] == 0.25 and len(build_optimizer(model, 1e-3).param_groups) == 1
+
+
+def test_lowrank_lr_scale_scales_the_scheduled_lr_of_a_and_b(tmp_path) -> None:
+    from tests.conftest import small_args
+    from train.args import resolve_args
+    from train.distributed import DistInfo
+    from train.trainer import build_run, train_step
+
+    run = build_run(resolve_args(small_args(tmp_path, steps=4, lowrank_lr_scale=0.5)), DistInfo(), None, {})
+    record = train_step(run, 1)
+    rest, low = run.optimizer.param_groups
+    assert rest["lr"] == record["lr"] > 0 and low["lr"] == pytest.approx(0.5 * record["lr"])
+    assert set(record["grad_norms"]) == {"S", "A", "B"} and all(v > 0 for v in record["grad_norms"].values())
+    assert set(record["sparse_rms"]) == set(record["ocr"]) and all(v > 0 for v in record["lowrank_rms"].values())

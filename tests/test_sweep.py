@@ -142,7 +142,7 @@ def test_report_equals_the_runs_metrics(sweep_dir) -> None:
     assert f"{statistics.mean(x):.2f} ± {statistics.stdev(x):.2f}" in md and "zero_method `wilcox`" in md
     figures = {p.name for p in (sweep_dir / "figures").iterdir()}
     assert figures == {"val_ppl.png", "ocr_attn.png", "ocr_mlp.png", "cosine_attn.png", "cosine_mlp.png",
-                       "align_attn.png", "align_mlp.png"}
+                       "align_attn.png", "align_mlp.png", "branches.png"}
     # The alignment value is logged on diagnostic steps for both hybrids; only chtsl optimises it.
     for m in METHODS:
         recs = step_records(sweep_dir / f"{m}-s0.9-seed0")

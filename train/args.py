@@ -37,7 +37,13 @@ class TrainArgs:
     s_total: float = setting(0.9, "Total sparsity of the linears (0.9, 0.8 or 0.7).")
     align: str = setting("all", "Layers in the alignment loss: all|qk|others.")
     align_lambda: float | None = setting(None, "λ of the alignment loss.", preset="align_lambda")
-    activation: str | None = setting(None, "Low-rank activation (the method's own when None).", cli=False)
+    activation: str | None = setting(None, "Low-rank activation silu|relu|gelu|identity (method's own if omitted).")
+    sparsity: float | None = setting(None, "Sparsity s of S, overriding the preset's (s, r) split of --s-total.")
+    rank: int | None = setting(None, "Rank r of the low-rank branch, overriding the preset's (s, r) split.")
+    brf_randomness: float | None = setting(None, "BRF randomness of the initial masks, in [0, 1] (method's own "
+                                           "if omitted: chtsl 0, chts 0.25).")
+    lowrank_lr_scale: float = setting(1.0, "Learning-rate multiplier of the low-rank factors A, B.")
+    lowrank_init_scale: float = setting(1.0, "Multiplier of the low-rank factors' init std (CoLA's σ0).")
     steps: int | None = setting(None, "Training iterations (preset's if omitted).", preset="steps")
     warmup: int | None = setting(None, "LR warm-up iterations.", preset="warmup")
     lr: float | None = setting(None, "Peak learning rate.")  # the preset's lr or dense_lr: resolve_args
@@ -74,7 +80,7 @@ class TrainArgs:
 MIN_BPE_VOCAB = 260
 # Integer settings that must be >= 1 when given (None: the preset's value; 0 is never "default").
 POSITIVE_INTS = ("steps", "batch_size", "micro_batch_size", "seq_len", "update_interval", "eval_every", "save_every",
-                 "ocr_every", "eval_tokens", "vocab_size", "num_layers", "stop_at")
+                 "ocr_every", "eval_tokens", "vocab_size", "num_layers", "stop_at", "rank")
 NON_NEGATIVE_INTS = ("warmup", "restart_warmup")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -103,6 +109,14 @@ def check_args(args: TrainArgs) -> None:
         raise ChtslError(f"--grad-clip must be a finite number >= 0 (0: off), got {args.grad_clip}")
     if args.align_lambda is not None and not (math.isfinite(args.align_lambda) and args.align_lambda >= 0):
         raise ChtslError(f"--align-lambda must be a finite number >= 0, got {args.align_lambda}")
+    for name in ("lowrank_lr_scale", "lowrank_init_scale"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ChtslError(f"{_flag(name)} must be a positive finite number, got {value}")
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise ChtslError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.brf_randomness is not None and not 0.0 <= args.brf_randomness <= 1.0:
+        raise ChtslError(f"--brf-randomness must be in [0, 1], got {args.brf_randomness}")
     if args.min_lr_ratio is not None and not 0.0 <= args.min_lr_ratio <= 1.0:
         raise ChtslError(f"min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}")
     if not math.isfinite(args.s_total):
@@ -153,3 +167,18 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
     if r.stop_at is not None and not 1 <= r.stop_at <= r.steps:
         raise ChtslError(f"--stop-at must be in [1, {r.steps}]")
     return r
+
+
+def build_model_config(args: TrainArgs, vocab_size: int | None = None, **llama_overrides: Any):
+    """The `ChtslConfig` a fresh run of `args` builds (preset, method, split, activation, alignment)."""
+    from chtsl_infer.presets import build_config
+
+    if args.num_layers:
+        llama_overrides.setdefault("num_hidden_layers", args.num_layers)
+    try:
+        return build_config(args.preset, method=args.method, s_total=args.s_total, sparsity=args.sparsity,
+                            rank=args.rank, activation=args.activation, align_lambda=args.align_lambda,
+                            align_layers=args.align, lowrank_init_scale=args.lowrank_init_scale,
+                            vocab_size=vocab_size, **llama_overrides)
+    except ValueError as e:  # ChtslError included; also transformers' own checks of the Llama fields
+        raise ChtslError(str(e)) from None

@@ -152,7 +152,7 @@ def build_grid(preset: str, methods: str, s_totals: str, seeds: str, extra: list
     before anything is written.
     """
     from chtsl_infer.presets import get_preset
-    from train.args import resolve_args
+    from train.args import build_model_config, resolve_args
 
     grid = Grid(preset=preset, methods=parse_list(methods, str, "--methods"),
                 s_totals=parse_list(s_totals, float, "--s-total"), seeds=parse_list(seeds, int, "--seeds"),
@@ -172,15 +172,8 @@ def build_grid(preset: str, methods: str, s_totals: str, seeds: str, extra: list
             raise ChtslError(str(e)) from None
     if any(k < 0 for k in grid.seeds):
         raise ChtslError("--seeds must be non-negative integers")
-    from chtsl_infer.presets import build_config
-
-    for cell in grid.cells():
-        args = resolve_args(grid.train_args(cell, Path(".")))
-        try:  # the model each cell will build (activation, alignment layers, ...)
-            build_config(preset, method=cell.method, s_total=cell.s_total, activation=args.activation,
-                         align_lambda=args.align_lambda, align_layers=args.align)
-        except ValueError as e:
-            raise ChtslError(str(e)) from None
+    for cell in grid.cells():  # the model each cell will build (split, activation, alignment layers, ...)
+        build_model_config(resolve_args(grid.train_args(cell, Path("."))))
     data = grid.options.get("data")
     if data and data not in ("builtin", "c4", "owt"):
         from train.sources import _expand_paths

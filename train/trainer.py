@@ -36,17 +36,19 @@ from chtsl_infer.methods import get_method
 from chtsl_infer.utils import atomic_write_text, resolve_device
 from train import checkpoint as ckpt_io
 from train import distributed as dist_utils
-from train.args import RESUME_MUTABLE, TrainArgs, check_args, resolve_args
+from train.args import RESUME_MUTABLE, TrainArgs, build_model_config, check_args, resolve_args
 from train.data import DataSpec, build_data
 from train.schedule import LRSchedule
 
 
-def build_engine(model, total_steps: int, update_interval: int, seed: int = 0, init_masks: bool = True):
+def build_engine(model, total_steps: int, update_interval: int, seed: int = 0, init_masks: bool = True,
+                 brf_randomness: float | None = None):
     """The topology engine of `model`'s method (`Method.topology`), or None when it has none.
 
     With `init_masks`, a dynamic (CHTs) engine replaces the masks by BRF ones; the static (SLTrain)
     support stays the model's own uniformly random mask, which holds exactly the per-group link
-    count `chtsl info` reports.
+    count `chtsl info` reports. `brf_randomness`: the initial masks' BRF randomness (None: the
+    method's own).
     """
     from train.topology import TopologyEngine
 
@@ -54,7 +56,8 @@ def build_engine(model, total_steps: int, update_interval: int, seed: int = 0, i
     if method.topology is None:
         return None
     engine = TopologyEngine(model.sparse_layers(), total_steps=total_steps, mode=method.topology,
-                            update_interval=update_interval, brf_randomness=method.brf_randomness, seed=seed)
+                            update_interval=update_interval, seed=seed,
+                            brf_randomness=method.brf_randomness if brf_randomness is None else brf_randomness)
     if init_masks and method.topology != "static":
         engine.init_masks(init_std=model.config.initializer_range)
     return engine
@@ -258,8 +261,9 @@ def build_run(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | Non
     data = _build_data(args, info, resume_dir)
     model, storage, storage_why = _build_model(args, data.vocab_size, resume_dir, device, info)
     model.to(device).train()
-    engine = build_engine(model, args.steps, args.update_interval, seed=args.seed, init_masks=not resume_dir)
-    optimizer = build_optimizer(model, args.lr)
+    engine = build_engine(model, args.steps, args.update_interval, seed=args.seed, init_masks=not resume_dir,
+                          brf_randomness=args.brf_randomness)
+    optimizer = build_optimizer(model, args.lr, lowrank_lr_scale=args.lowrank_lr_scale)
     start_step, tokens_seen = 0, 0
     if resume_dir:
         ckpt_io.load_optimizer(resume_dir, optimizer, model, saved_state["optimizer"])
@@ -319,20 +323,13 @@ def _build_model(args: TrainArgs, vocab_size: int, resume_dir: Path | None, devi
     config and weights when resuming (converted when the storage differs)."""
     from chtsl_infer.checkpoint import load_checkpoint_weights
     from chtsl_infer.modeling import ChtslLlamaForCausalLM
-    from chtsl_infer.presets import build_config
     from chtsl_infer.storage import convert_state_dict, resolve_storage
 
     weights = None
     if resume_dir:
         config, weights = load_checkpoint_weights(resume_dir)  # validated before the model is built
     else:
-        overrides = {"num_hidden_layers": args.num_layers} if args.num_layers else {}
-        try:
-            config = build_config(args.preset, method=args.method, s_total=args.s_total, activation=args.activation,
-                                  align_lambda=args.align_lambda, align_layers=args.align, vocab_size=vocab_size,
-                                  max_position_embeddings=max(args.seq_len, 256), **overrides)
-        except ValueError as e:  # also transformers' own checks of the Llama fields
-            raise ChtslError(str(e)) from None
+        config = build_model_config(args, vocab_size, max_position_embeddings=max(args.seq_len, 256))
     storage, storage_why = resolve_storage(args.sparse_storage, config.method, device, config.chtsl["d_c"])
     config.chtsl["storage"] = storage
     if info.is_main:
@@ -348,12 +345,22 @@ def _build_model(args: TrainArgs, vocab_size: int, resume_dir: Path | None, devi
     return model, storage, storage_why
 
 
-def build_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The optimizer of the model's method (`Method.optimizer`, `Method.weight_decay`)."""
+def build_optimizer(model: torch.nn.Module, lr: float, lowrank_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """The optimizer of the model's method (`Method.optimizer`, `Method.weight_decay`).
+
+    With `lowrank_lr_scale` ≠ 1 the low-rank factors A, B form a second parameter group whose
+    `lr_scale` multiplies the scheduled learning rate (`train_step`)."""
     method = get_method(model.config.method)
     optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[method.optimizer]
-    params = [p for p in model.parameters() if p.requires_grad]
-    return optimizer_class(params, lr=lr, weight_decay=method.weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if lowrank_lr_scale == 1.0:
+        groups = [{"params": [p for _, p in named]}]
+    else:
+        is_lowrank = [n.endswith(("lora_A", "lora_B")) for n, _ in named]
+        groups = [{"params": [p for (_, p), low in zip(named, is_lowrank, strict=True) if not low]},
+                  {"params": [p for (_, p), low in zip(named, is_lowrank, strict=True) if low],
+                   "lr_scale": lowrank_lr_scale}]
+    return optimizer_class(groups, lr=lr, weight_decay=method.weight_decay)
 
 
 def _wrap_ddp(model: torch.nn.Module, info: dist_utils.DistInfo, device: str) -> torch.nn.Module:
@@ -405,7 +412,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     args = run.args
     lr = run.schedule(step)
     for g in run.optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     diagnostic_step = step % args.ocr_every == 0 or step == 1 or step == args.steps
     task, align_mean, branches = _forward_backward(run, step, bool(run.hybrid) and diagnostic_step)
     total = task + run.lam * align_mean
