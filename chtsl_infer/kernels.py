@@ -6,7 +6,8 @@ X (in, T) and Y (out, T) with T = tokens. The inference runtime keeps activation
 
 CPU (`spmm_cpu`): the C kernel in `csrc/spmm.c`, compiled on first use with the host C compiler
 (`$CC`, else `cc`; `-O3 -march=native`, OpenMP when available) into
-`$CHTSL_CACHE_DIR/kernels` (default `~/.cache/chtsl/kernels`), keyed by the source, the flags and
+`$CHTSL_CACHE_DIR/kernels` (default `~/.cache/chtsl/kernels`), keyed by the sources (the .c files
+and the header they share, `csrc/csr_tiles.h`), the flags and
 the host CPU's feature flags (so a shared home on a mixed cluster never loads code built for
 another CPU), and called through ctypes (which releases the GIL). It shares torch's OpenMP
 runtime (`libgomp.so.1` is already loaded by torch) and uses torch's intra-op thread count.
@@ -46,6 +47,7 @@ from chtsl_infer.utils import cache_dir
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("spmm.c", "csr_train.c", "spmm_bf16.c"))  # one library
+HEADERS = (Path(__file__).with_name("csrc") / "csr_tiles.h",)  # included by SOURCES: part of the cache key
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
 MM_TILE = 32  # tokens per tile of csr_mm_tm (training forward and dx): 4 × 2 AVX2 accumulators, measured best
 SDDMM_TILE = 64  # tokens per tile of csr_sddmm_tm, while its (in × tile) buffer fits SDDMM_TILE_BYTES, else 32
@@ -74,17 +76,21 @@ def _cache_dir() -> Path:
     return cache_dir() / "kernels"
 
 
+def _cache_key(compiler: str, flags: tuple[str, ...]) -> str:
+    """16 hex digits naming a built library: its sources and headers, compiler, flags and the host CPU."""
+    source = b"\0".join(path.read_bytes() for path in SOURCES + HEADERS)
+    return hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
+                                      _cpu_fingerprint().encode()])).hexdigest()[:16]
+
+
 def _compile() -> tuple[ctypes.CDLL | None, str]:
     """(library, how it was built) or (None, why not)."""
-    source = b"\0".join(path.read_bytes() for path in SOURCES)
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         return None, f"no C compiler: {compiler!r} not found (set CC)"
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
-                                         _cpu_fingerprint().encode()])).hexdigest()[:16]
-        target = _cache_dir() / f"spmm-{key}.so"
+        target = _cache_dir() / f"spmm-{_cache_key(compiler, flags)}.so"
         if not target.exists():
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -169,6 +169,21 @@ def test_kernel_builds_into_the_cache_dir_once(monkeypatch: pytest.MonkeyPatch, 
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built[0].name]  # no temp files left
 
 
+def test_cache_key_covers_the_shared_header(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An edit to the header the kernels include names a new library: a stale build is never loaded."""
+    included = {line.split('"')[1] for source in kernels.SOURCES for line in source.read_text().splitlines()
+                if line.startswith('#include "')}
+    assert included == {h.name for h in kernels.HEADERS} == {"csr_tiles.h"}
+    key = kernels._cache_key("cc", kernels.FLAG_SETS[0])
+    edited = []
+    for header in kernels.HEADERS:
+        copy = tmp_path / header.name
+        copy.write_bytes(header.read_bytes() + b"/* edited */\n")
+        edited.append(copy)
+    monkeypatch.setattr(kernels, "HEADERS", tuple(edited))
+    assert kernels._cache_key("cc", kernels.FLAG_SETS[0]) != key
+
+
 @pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32, torch.int64])
 def test_torch_csr_indices_and_matmul_on_cpu_tensors(col_dtype: torch.dtype) -> None:
     """The CUDA path's tensor code (`torch_csr` + `spmm_cuda`) on CPU tensors, where torch's CSR

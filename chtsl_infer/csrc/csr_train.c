@@ -36,6 +36,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "csr_tiles.h"
+
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -117,22 +119,8 @@ static void transpose_out(const float *s, long lds, float *d, long ldd, int nr, 
       int nr = i1 - ib < 16 ? i1 - ib : 16;                                                           \
       for (int r = 0; r < nr; r++) {                                                                  \
         int i = ib + r;                                                                               \
-        v8 acc[V], acc2[V];                                                                           \
-        for (int v = 0; v < V; v++) acc[v] = acc2[v] = (v8){0};                                       \
-        int k = crow[i], end = crow[i + 1];                                                           \
-        for (; k + 1 < end; k += 2) {                                                                 \
-          const v8 *p = (const v8 *)(buf + (long)col[k] * TILE);                                      \
-          const v8 *q = (const v8 *)(buf + (long)col[k + 1] * TILE);                                  \
-          float a = val[k], b = val[k + 1];                                                           \
-          for (int v = 0; v < V; v++) acc[v] += a * p[v];                                             \
-          for (int v = 0; v < V; v++) acc2[v] += b * q[v];                                            \
-        }                                                                                             \
-        if (k < end) {                                                                                \
-          const v8 *p = (const v8 *)(buf + (long)col[k] * TILE);                                      \
-          float a = val[k];                                                                           \
-          for (int v = 0; v < V; v++) acc[v] += a * p[v];                                             \
-        }                                                                                             \
-        for (int v = 0; v < V; v++) ((v8 *)(block + r * TILE))[v] = acc[v] + acc2[v];                \
+        CSR_ROW_SUM(v8, V, TILE, buf, crow, col, val, (float), i, acc);                               \
+        for (int v = 0; v < V; v++) ((v8 *)(block + r * TILE))[v] = acc[v];                          \
       }                                                                                               \
       transpose_out(block, TILE, y + ib, ldy, nr, nt);                                                \
     }                                                                                                 \

@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "csr_tiles.h"
+
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4))); /* unaligned store into Y */
 
@@ -42,27 +44,13 @@ typedef float v16u __attribute__((vector_size(64), aligned(4))); /* unaligned st
 #define STREAM_FENCE() (void)0
 #endif
 
+/* Rows i0..i1 of Y[:, t0:t0+nt] (y points at column t0) from the (n_in × TILE) tile `buf`. */
 #define ROWS(NAME, COL_T, TILE)                                                                       \
   static void NAME(const float *buf, const int32_t *crow, const COL_T *col, const float *val,         \
                    const int32_t *rows, float *y, long ldy, int i0, int i1, int nt) {                 \
     enum { V = TILE / 16 };                                                                           \
     for (int i = i0; i < i1; i++) {                                                                   \
-      v16 acc[V], acc2[V];                                                                            \
-      for (int v = 0; v < V; v++) acc[v] = acc2[v] = (v16){0};                                        \
-      int k = crow[i], end = crow[i + 1];                                                             \
-      for (; k + 1 < end; k += 2) {                                                                   \
-        const v16 *p = (const v16 *)(buf + (long)col[k] * TILE);                                      \
-        const v16 *q = (const v16 *)(buf + (long)col[k + 1] * TILE);                                  \
-        float a = val[k], b = val[k + 1];                                                             \
-        for (int v = 0; v < V; v++) acc[v] += a * p[v];                                               \
-        for (int v = 0; v < V; v++) acc2[v] += b * q[v];                                              \
-      }                                                                                               \
-      if (k < end) {                                                                                  \
-        const v16 *p = (const v16 *)(buf + (long)col[k] * TILE);                                      \
-        float a = val[k];                                                                             \
-        for (int v = 0; v < V; v++) acc[v] += a * p[v];                                               \
-      }                                                                                               \
-      for (int v = 0; v < V; v++) acc[v] += acc2[v];                                                  \
+      CSR_ROW_SUM(v16, V, TILE, buf, crow, col, val, (float), i, acc);                                \
       float *out = y + (long)(rows ? rows[i] : i) * ldy;                                              \
       if (nt == TILE && STREAM_OK(out)) {                                                             \
         for (int v = 0; v < V; v++) STREAM(out + 16 * v, acc[v]);                                     \
@@ -73,6 +61,12 @@ typedef float v16u __attribute__((vector_size(64), aligned(4))); /* unaligned st
       }                                                                                               \
     }                                                                                                 \
   }
+
+/* dst[0:nt] = src[0:nt], dst[nt:tile] = 0: one feature's row of a token tile. */
+static inline void fill_tile(float *dst, const float *src, int nt, int tile) {
+  memcpy(dst, src, sizeof(float) * nt);
+  if (nt < tile) memset(dst + nt, 0, sizeof(float) * (tile - nt));
+}
 
 #define KERNEL(SUFFIX, COL_T)                                                                         \
   ROWS(rows16_##SUFFIX, COL_T, 16)                                                                    \
@@ -99,40 +93,10 @@ typedef float v16u __attribute__((vector_size(64), aligned(4))); /* unaligned st
   /* Returns 0, or 1 when a tile buffer could not be allocated (Y is then incomplete). */            \
   int spmm_##SUFFIX(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow,               \
                     const COL_T *col, const float *val, const int32_t *rows, float *y, long ldy,      \
-                    int n_out, int tile,                                                              \
-                    int n_chunks, int n_threads) {                                                     \
-    int small = tile == 0; /* gather path */                                                          \
-    int n_tiles = small ? 1 : (n_tok + tile - 1) / tile;                                              \
-    int rows_per_chunk = (n_out + n_chunks - 1) / n_chunks;                                           \
+                    int n_out, int tile, int n_chunks, int n_threads) {                               \
     int failed = 0;                                                                                   \
-    (void)n_threads;                                                                                  \
-    _Pragma("omp parallel num_threads(n_threads) reduction(| : failed)") {                            \
-      float *buf = small ? NULL : aligned_alloc(64, sizeof(float) * (size_t)n_in * tile);             \
-      int ok = small || buf != NULL;                                                                  \
-      failed = !ok;                                                                                   \
-      _Pragma("omp for schedule(static)") for (int task = 0; task < n_tiles * n_chunks; task++) {     \
-        int t0 = (task / n_chunks) * tile, chunk = task % n_chunks;                                   \
-        int i0 = chunk * rows_per_chunk, i1 = i0 + rows_per_chunk < n_out ? i0 + rows_per_chunk : n_out; \
-        if (!ok || i0 >= i1) continue;                                                                \
-        if (small) {                                                                                  \
-          gather_##SUFFIX(x, ldx, crow, col, val, rows, y, ldy, i0, i1, n_tok);                             \
-          continue;                                                                                   \
-        }                                                                                             \
-        int nt = n_tok - t0 < tile ? n_tok - t0 : tile;                                               \
-        for (int j = 0; j < n_in; j++) {                                                              \
-          memcpy(buf + (long)j * tile, x + (long)j * ldx + t0, sizeof(float) * nt);                   \
-          if (nt < tile) memset(buf + (long)j * tile + nt, 0, sizeof(float) * (tile - nt));           \
-        }                                                                                             \
-        if (tile == 64)                                                                               \
-          rows64_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                        \
-        else if (tile == 32)                                                                          \
-          rows32_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                        \
-        else                                                                                          \
-          rows16_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                        \
-      }                                                                                               \
-      free(buf);                                                                                      \
-      STREAM_FENCE(); /* order the streamed stores before the threads join */                        \
-    }                                                                                                 \
+    SPMM_TASKS(rows16_##SUFFIX, rows32_##SUFFIX, rows64_##SUFFIX, fill_tile, gather_##SUFFIX, x, ldx, \
+               STREAM_FENCE()); /* order the streamed stores before the threads join */              \
     return failed;                                                                                    \
   }
 

@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "csr_tiles.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define BF16_DP 1
@@ -41,32 +43,25 @@ static inline uint16_t f2bf(float f) {
   return (uint16_t)(u >> 16);
 }
 
+/* Rows i0..i1 of Y[:, t0:t0+nt] (y points at column t0) from the (n_in × TILE) fp32 tile `buf`. */
 #define BROWS(NAME, COL_T, TILE)                                                                      \
   static void NAME(const float *buf, const int32_t *crow, const COL_T *col, const uint16_t *val,      \
                    const int32_t *rows, uint16_t *y, long ldy, int i0, int i1, int nt) {              \
     enum { V = TILE / 16 };                                                                           \
     for (int i = i0; i < i1; i++) {                                                                   \
-      bv16 acc[V], acc2[V];                                                                           \
-      for (int v = 0; v < V; v++) acc[v] = acc2[v] = (bv16){0};                                       \
-      int k = crow[i], end = crow[i + 1];                                                             \
-      for (; k + 1 < end; k += 2) {                                                                   \
-        const bv16 *p = (const bv16 *)(buf + (long)col[k] * TILE);                                    \
-        const bv16 *q = (const bv16 *)(buf + (long)col[k + 1] * TILE);                                \
-        float a = bf2f(val[k]), b = bf2f(val[k + 1]);                                                 \
-        for (int v = 0; v < V; v++) acc[v] += a * p[v];                                               \
-        for (int v = 0; v < V; v++) acc2[v] += b * q[v];                                              \
-      }                                                                                               \
-      if (k < end) {                                                                                  \
-        const bv16 *p = (const bv16 *)(buf + (long)col[k] * TILE);                                    \
-        float a = bf2f(val[k]);                                                                       \
-        for (int v = 0; v < V; v++) acc[v] += a * p[v];                                               \
-      }                                                                                               \
+      CSR_ROW_SUM(bv16, V, TILE, buf, crow, col, val, bf2f, i, acc);                                  \
       float sums[TILE] __attribute__((aligned(64)));                                                  \
-      for (int v = 0; v < V; v++) *(bv16 *)(sums + 16 * v) = acc[v] + acc2[v];                        \
+      for (int v = 0; v < V; v++) *(bv16 *)(sums + 16 * v) = acc[v];                                 \
       uint16_t *out = y + (long)(rows ? rows[i] : i) * ldy;                                           \
       for (int t = 0; t < nt; t++) out[t] = f2bf(sums[t]);                                            \
     }                                                                                                 \
   }
+
+/* dst[0:nt] = src[0:nt] widened to fp32, dst[nt:tile] = 0: one feature's row of a token tile. */
+static inline void bfill_tile(float *dst, const uint16_t *src, int nt, int tile) {
+  for (int t = 0; t < nt; t++) dst[t] = bf2f(src[t]);
+  for (int t = nt; t < tile; t++) dst[t] = 0.0f;
+}
 
 #if BF16_DP
 #define GATHER_ROW(COL_T)                                                                             \
@@ -116,46 +111,16 @@ static inline uint16_t f2bf(float f) {
   int spmm_bf16_##SUFFIX(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow,       \
                          const COL_T *col, const uint16_t *val, const int32_t *rows, uint16_t *y,     \
                          long ldy, int n_out, int tile, int n_chunks, int n_threads) {                \
-    int small = tile == 0;                                                                            \
-    int n_tiles = small ? 1 : (n_tok + tile - 1) / tile;                                              \
-    int rows_per_chunk = (n_out + n_chunks - 1) / n_chunks;                                           \
-    int failed = 0;                                                                                   \
     float *xf = NULL;                                                                                 \
-    if (small) { /* widen X once: (n_tok × n_in) fp32, token-major so a token's x is contiguous */   \
+    if (tile == 0) { /* widen X once: (n_tok × n_in) fp32, token-major so a token's x is contiguous */ \
       xf = malloc(sizeof(float) * (size_t)n_in * n_tok);                                              \
       if (!xf) return 1;                                                                              \
       for (int j = 0; j < n_in; j++)                                                                  \
         for (int t = 0; t < n_tok; t++) xf[(long)t * n_in + j] = bf2f(x[(long)j * ldx + t]);         \
     }                                                                                                 \
-    (void)n_threads;                                                                                  \
-    _Pragma("omp parallel num_threads(n_threads) reduction(| : failed)") {                            \
-      float *buf = small ? NULL : aligned_alloc(64, sizeof(float) * (size_t)n_in * tile);             \
-      int ok = small || buf != NULL;                                                                  \
-      failed = !ok;                                                                                   \
-      _Pragma("omp for schedule(static)") for (int task = 0; task < n_tiles * n_chunks; task++) {     \
-        int t0 = (task / n_chunks) * tile, chunk = task % n_chunks;                                   \
-        int i0 = chunk * rows_per_chunk, i1 = i0 + rows_per_chunk < n_out ? i0 + rows_per_chunk : n_out; \
-        if (!ok || i0 >= i1) continue;                                                                \
-        if (small) {                                                                                  \
-          bgather_##SUFFIX(xf, n_in, crow, col, val, rows, y, ldy, i0, i1, n_tok);                    \
-          continue;                                                                                   \
-        }                                                                                             \
-        int nt = n_tok - t0 < tile ? n_tok - t0 : tile;                                               \
-        for (int j = 0; j < n_in; j++) {                                                              \
-          const uint16_t *src = x + (long)j * ldx + t0;                                               \
-          float *dst = buf + (long)j * tile;                                                          \
-          for (int t = 0; t < nt; t++) dst[t] = bf2f(src[t]);                                         \
-          for (int t = nt; t < tile; t++) dst[t] = 0.0f;                                              \
-        }                                                                                             \
-        if (tile == 64)                                                                               \
-          brows64_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                       \
-        else if (tile == 32)                                                                          \
-          brows32_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                       \
-        else                                                                                          \
-          brows16_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                       \
-      }                                                                                               \
-      free(buf);                                                                                      \
-    }                                                                                                 \
+    int failed = 0;                                                                                   \
+    SPMM_TASKS(brows16_##SUFFIX, brows32_##SUFFIX, brows64_##SUFFIX, bfill_tile, bgather_##SUFFIX, xf, \
+               n_in, (void)0);                                                                        \
     free(xf);                                                                                         \
     return failed;                                                                                    \
   }

@@ -1,0 +1,82 @@
+/* Loops shared by the CPU sparse kernels (spmm.c, spmm_bf16.c, csr_train.c):
+ *
+ *   CSR_ROW_SUM  one CSR row times a feature-major token tile, in vector accumulators (all three)
+ *   SPMM_TASKS   the (token tile × row chunk) task loop of spmm.c and spmm_bf16.c
+ *
+ * Macros, not functions: each expands inside a kernel specialised for one compile-time TILE and
+ * vector type, so the accumulators stay in registers and the compiler emits the code it emitted when
+ * every kernel spelled these loops out. chtsl_infer/kernels.py compiles the .c files with this header
+ * next to them and hashes it into the kernel cache key (HEADERS).
+ */
+#ifndef CHTSL_CSR_TILES_H
+#define CHTSL_CSR_TILES_H
+
+/* Declares VEC acc[V] = Σ over row i's links k (crow[i] ≤ k < crow[i + 1]) of WIDEN(val[k]) ·
+ * buf[col[k], 0:TILE], where buf is a feature-major (n_in × TILE) fp32 tile aligned for VEC and
+ * V = TILE / (floats per VEC). WIDEN turns a stored value into a float: `(float)` for fp32 values,
+ * `bf2f` for bf16 bit patterns. Two accumulator sets, even and odd links, keep two loads in flight;
+ * acc is their sum. */
+#define CSR_ROW_SUM(VEC, V, TILE, buf, crow, col, val, WIDEN, i, acc)                             \
+  VEC acc[V];                                                                                       \
+  {                                                                                                 \
+    VEC acc_odd_[V];                                                                                \
+    for (int v = 0; v < V; v++) acc[v] = acc_odd_[v] = (VEC){0};                                    \
+    int k = crow[i], end = crow[i + 1];                                                             \
+    for (; k + 1 < end; k += 2) {                                                                   \
+      const VEC *p = (const VEC *)(buf + (long)col[k] * TILE);                                      \
+      const VEC *q = (const VEC *)(buf + (long)col[k + 1] * TILE);                                  \
+      float a = WIDEN(val[k]), b = WIDEN(val[k + 1]);                                               \
+      for (int v = 0; v < V; v++) acc[v] += a * p[v];                                               \
+      for (int v = 0; v < V; v++) acc_odd_[v] += b * q[v];                                          \
+    }                                                                                               \
+    if (k < end) {                                                                                  \
+      const VEC *p = (const VEC *)(buf + (long)col[k] * TILE);                                      \
+      float a = WIDEN(val[k]);                                                                      \
+      for (int v = 0; v < V; v++) acc[v] += a * p[v];                                               \
+    }                                                                                               \
+    for (int v = 0; v < V; v++) acc[v] += acc_odd_[v];                                              \
+  }
+
+/* The body of spmm_<suffix> and spmm_bf16_<suffix>: it reads their parameters by name (x, ldx, n_in,
+ * n_tok, crow, col, val, rows, y, ldy, n_out, tile, n_chunks, n_threads) and ORs 1 into the caller's
+ * `int failed` when a thread could not allocate its tile buffer.
+ *
+ * Tasks are (token tile × row chunk), statically scheduled over the threads. Tile 0 (one or two
+ * tokens: decoding) has one task per row chunk, which calls GATHER(GX, GLD, crow, col, val, rows, y,
+ * ldy, i0, i1, n_tok). Otherwise a task fills its thread's (n_in × tile) fp32 buffer row by row with
+ * FILL(dst, src, nt, tile) — nt tokens of X's row from column t0, zeros up to tile — and calls
+ * ROWS16, ROWS32 or ROWS64 (buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt) by tile. Each thread
+ * runs FENCE after its last task (the fp32 kernel orders its streamed stores there). */
+#define SPMM_TASKS(ROWS16, ROWS32, ROWS64, FILL, GATHER, GX, GLD, FENCE)                            \
+  {                                                                                                 \
+    int small = tile == 0; /* gather path */                                                        \
+    int n_tiles = small ? 1 : (n_tok + tile - 1) / tile;                                            \
+    int rows_per_chunk = (n_out + n_chunks - 1) / n_chunks;                                         \
+    (void)n_threads;                                                                                \
+    _Pragma("omp parallel num_threads(n_threads) reduction(| : failed)") {                          \
+      float *buf = small ? NULL : aligned_alloc(64, sizeof(float) * (size_t)n_in * tile);           \
+      int ok = small || buf != NULL;                                                                \
+      failed = !ok;                                                                                 \
+      _Pragma("omp for schedule(static)") for (int task = 0; task < n_tiles * n_chunks; task++) {   \
+        int t0 = (task / n_chunks) * tile, chunk = task % n_chunks;                                 \
+        int i0 = chunk * rows_per_chunk, i1 = i0 + rows_per_chunk < n_out ? i0 + rows_per_chunk : n_out; \
+        if (!ok || i0 >= i1) continue;                                                              \
+        if (small) {                                                                                \
+          GATHER(GX, GLD, crow, col, val, rows, y, ldy, i0, i1, n_tok);                             \
+          continue;                                                                                 \
+        }                                                                                           \
+        int nt = n_tok - t0 < tile ? n_tok - t0 : tile;                                             \
+        for (int j = 0; j < n_in; j++) FILL(buf + (long)j * tile, x + (long)j * ldx + t0, nt, tile); \
+        if (tile == 64)                                                                             \
+          ROWS64(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                               \
+        else if (tile == 32)                                                                        \
+          ROWS32(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                               \
+        else                                                                                        \
+          ROWS16(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                               \
+      }                                                                                             \
+      free(buf);                                                                                    \
+      FENCE;                                                                                        \
+    }                                                                                               \
+  }
+
+#endif
