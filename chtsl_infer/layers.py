@@ -276,16 +276,6 @@ class SparseLowRankLinear(nn.Module):
         return sparse + low
 
     @torch.no_grad()
-    def effective_weight(self) -> torch.Tensor:
-        """The dense (out × in) matrix of the layer when it is linear (no activation); for tests."""
-        w = (self.sparse_weight() if self.weight is not None or self.values is not None
-             else torch.zeros(self.out_features, self.in_features))
-        if self.has_lowrank:
-            if self.activation != "identity":
-                raise ValueError("a layer with a non-linear low-rank branch has no single weight matrix")
-            w = w + self.scale * self.lora_B @ self.lora_A
-        return w
-
     def trainable_entries(self) -> int:
         """Number of trainable entries: active links of S plus the entries of A and B."""
         n = 0

@@ -6,6 +6,9 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,22 @@ def tiny_config(method: str = "chtsl", vocab_size: int = 512, **overrides) -> ch
 def tiny_model(method: str = "chtsl", seed: int = 0, **overrides) -> ChtslLlamaForCausalLM:
     torch.manual_seed(seed)
     return ChtslLlamaForCausalLM(tiny_config(method, **overrides)).eval()
+
+
+def tiny_model_nonzero_b(method: str = "chtsl", **overrides) -> ChtslLlamaForCausalLM:
+    """`tiny_model` whose low-rank B is non-zero (SLTrain initialises B = 0, which would hide bugs)."""
+    model = tiny_model(method, **overrides)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in model.chtsl_layers().values():
+            if layer.lora_B is not None:
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
+    return model
+
+
+def random_ids(batch: int = 2, seq: int = 37, vocab: int = 512, seed: int = 0) -> torch.Tensor:
+    """(batch, seq) int64 token ids drawn uniformly from the vocabulary, reproducible by `seed`."""
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="session")
@@ -137,6 +156,49 @@ def small_args(tmp_path: Path, **overrides):  # -> train.args.TrainArgs
 def metrics(path: Path) -> list[dict]:
     """The records of `path/metrics.jsonl`."""
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# The worker `train_two_ranks` runs on each rank: argv = tmp_path, output directory, overrides (JSON);
+# the caller's `summary(model) -> dict` is inserted before `after_step`.
+_RANK_WORKER_HEAD = """
+import hashlib, json, os, sys
+from pathlib import Path
+from tests.conftest import small_args
+from train.trainer import train
+
+tmp, out, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+"""
+_RANK_WORKER_TAIL = """
+def after_step(step, model):
+    if step == overrides["steps"]:
+        Path(out, f"rank{os.environ['RANK']}.json").write_text(json.dumps(summary(model)))
+
+train(small_args(Path(tmp), out=str(Path(out) / "ckpt"), **overrides), after_step=after_step)
+"""
+
+
+def train_two_ranks(tmp_path: Path, cache: Path, summary: str, **overrides) -> tuple[list[dict], Path]:
+    """Trains `small_args(tmp_path, **overrides)` (`steps` among them) under torchrun: DDP over gloo
+    on two single-threaded CPU processes, offline, `$CHTSL_CACHE_DIR` = `cache`.
+
+    `summary` is the source of a function `summary(model) -> dict` (JSON; `hashlib`, `json`, `os`,
+    `Path` are imported) each rank runs after the last step. Returns (the two ranks' summaries, the
+    run's output directory `tmp_path/ddp/ckpt`); fails the test if torchrun fails.
+    """
+    out = tmp_path / "ddp"
+    out.mkdir()
+    worker = tmp_path / "worker.py"
+    worker.write_text(_RANK_WORKER_HEAD + textwrap.dedent(summary) + _RANK_WORKER_TAIL)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CHTSL_CACHE_DIR": str(cache), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(worker), str(tmp_path), str(out), json.dumps(overrides)],
+        env=env, cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)], out / "ckpt"
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,15 @@ FIXTURE_DATA = Path(__file__).parent / "fixtures"
 TRAIN = ("train --data {corpus} --tokenizer bpe --vocab-size 512 --num-layers 2 --seq-len 32 --batch-size 4 "
          "--micro-batch-size 4 --steps 2 --warmup 1 --eval-tokens 500 --no-progress --out {ws}/new")
 RESUME = "train --resume {run} --no-progress"
+RESUME_3 = RESUME + " --steps 3"
 PPL = "eval {run} --perplexity --max-tokens 200 --device cpu"
+PPL_ONNX = "eval {exp} --perplexity --max-tokens 200 --backend onnx --device cpu"
+EXPORT = "export {run} --out {ws}/e2"
+EXPORT_ST = EXPORT + " --format safetensors"
+GENERATE = "generate {run} --prompt hi --max-new-tokens 2"
+GENERATE_DENSE = GENERATE + " --backend dense"
+GENERATE_EXP = "generate {exp} --prompt hi --max-new-tokens 2"
+GENERATE_ONNX = GENERATE_EXP + " --backend onnx"
 TASKS = "eval {run} --tasks rte --data-dir {data} --limit 2 --device cpu"
 
 
@@ -178,6 +186,13 @@ class Case:
     memory_cap: bool = False  # run under an address-space cap (a regression would allocate a 7B model)
 
 
+def _under(commands: dict[str, str], damage: str, setup: Callable[[Path], None], expect: str,
+           memory_cap: bool = False) -> list[Case]:
+    """One damage under several commands: a case `<prefix>-<damage>` for each `prefix: argv` of `commands`."""
+    return [Case(f"{prefix}-{damage}", argv, setup, expect=expect, memory_cap=memory_cap)
+            for prefix, argv in commands.items()]
+
+
 CASES: list[Case] = [
     # ---- train: numbers and choices, refused before anything is built
     Case("train-steps-0", TRAIN + " --steps 0", expect="--steps"),
@@ -227,30 +242,25 @@ CASES: list[Case] = [
     # ---- train --resume: other outputs and damaged checkpoints
     Case("resume-out-holds-other-checkpoint", RESUME + " --steps 3 --out {run2}", expect="already holds"),
     Case("resume-already-done", RESUME, expect="already"),
-    Case("resume-model-header-flipped", RESUME + " --steps 3", _flip_header("run/model.safetensors"),
-         expect="model.safetensors"),
-    Case("resume-model-truncated", RESUME + " --steps 3", _truncate("run/model.safetensors"),
-         expect="model.safetensors"),
-    Case("resume-model-pickle", RESUME + " --steps 3", _pickle("run/model.safetensors"), expect="model.safetensors"),
-    Case("resume-model-missing-tensor", RESUME + " --steps 3",
+    Case("resume-model-missing-tensor", RESUME_3,
          _edit_tensors("run/model.safetensors", _drop("lm_head.weight")), expect="lm_head.weight"),
-    Case("resume-optimizer-pickle", RESUME + " --steps 3", _pickle("run/trainer_state/optimizer.safetensors"),
+    Case("resume-optimizer-pickle", RESUME_3, _pickle("run/trainer_state/optimizer.safetensors"),
          expect="optimizer.safetensors"),
-    Case("resume-optimizer-truncated", RESUME + " --steps 3", _truncate("run/trainer_state/optimizer.safetensors"),
+    Case("resume-optimizer-truncated", RESUME_3, _truncate("run/trainer_state/optimizer.safetensors"),
          expect="optimizer.safetensors"),
-    Case("resume-topology-missing", RESUME + " --steps 3", _remove("run/trainer_state/topology.safetensors"),
+    Case("resume-topology-missing", RESUME_3, _remove("run/trainer_state/topology.safetensors"),
          expect="topology.safetensors"),
-    Case("resume-topology-header-flipped", RESUME + " --steps 3",
+    Case("resume-topology-header-flipped", RESUME_3,
          _flip_header("run/trainer_state/topology.safetensors"), expect="topology.safetensors"),
-    Case("resume-rng-truncated", RESUME + " --steps 3", _truncate("run/trainer_state/rng.safetensors"),
+    Case("resume-rng-truncated", RESUME_3, _truncate("run/trainer_state/rng.safetensors"),
          expect="rng.safetensors"),
-    Case("resume-rng-missing", RESUME + " --steps 3", _remove("run/trainer_state/rng.safetensors"),
+    Case("resume-rng-missing", RESUME_3, _remove("run/trainer_state/rng.safetensors"),
          expect="rng.safetensors"),
-    Case("resume-state-step-string", RESUME + " --steps 3", _state(step="x"), expect="step"),
-    Case("resume-state-json-garbage", RESUME + " --steps 3", _write("run/trainer_state/state.json", "{oops"),
+    Case("resume-state-step-string", RESUME_3, _state(step="x"), expect="step"),
+    Case("resume-state-json-garbage", RESUME_3, _write("run/trainer_state/state.json", "{oops"),
          expect="state.json"),
-    Case("resume-args-missing", RESUME + " --steps 3", _remove("run/trainer_state/args.json"), expect="args.json"),
-    Case("resume-config-garbage", RESUME + " --steps 3", _write("run/config.json", "{oops"), expect="config.json"),
+    Case("resume-args-missing", RESUME_3, _remove("run/trainer_state/args.json"), expect="args.json"),
+    Case("resume-config-garbage", RESUME_3, _write("run/config.json", "{oops"), expect="config.json"),
     Case("resume-not-a-checkpoint", "train --resume {ws}/nothing --no-progress", expect="nothing"),
     # ---- plot
     Case("plot-no-metrics", "plot {ws}/nothing", expect="nothing"),
@@ -264,31 +274,23 @@ CASES: list[Case] = [
          _write("other/notes.txt", "mine\n"), expect="--force"),
     Case("export-out-exists", "export {run} --out {exp}", expect="--force"),
     Case("export-out-is-file", "export {run} --out {ws}/afile --force", _file("afile"), expect="afile"),
-    Case("export-json-onto-config", "export {run} --out {ws}/e2 --json {run}/config.json", expect="--json"),
-    Case("export-opset-99", "export {run} --out {ws}/e2 --format onnx --opset 99 --no-verify", expect="opset"),
-    Case("export-opset-low", "export {run} --out {ws}/e2 --opset 7", expect="opset"),
-    Case("export-format-unknown", "export {run} --out {ws}/e2 --format gguf", expect="gguf"),
-    Case("export-dtype-unknown", "export {run} --out {ws}/e2 --dtype int4", expect="int4"),
-    Case("export-config-only-model-type", "export {run} --out {ws}/e2 --format safetensors",
-         _config("run/config.json", replace={"model_type": "chtsl_llama"}), expect="config.json", memory_cap=True),
-    Case("export-config-heads-0", "export {run} --out {ws}/e2 --format safetensors",
+    Case("export-json-onto-config", EXPORT + " --json {run}/config.json", expect="--json"),
+    Case("export-opset-99", EXPORT + " --format onnx --opset 99 --no-verify", expect="opset"),
+    Case("export-opset-low", EXPORT + " --opset 7", expect="opset"),
+    Case("export-format-unknown", EXPORT + " --format gguf", expect="gguf"),
+    Case("export-dtype-unknown", EXPORT + " --dtype int4", expect="int4"),
+    Case("export-config-heads-0", EXPORT_ST,
          _config("run/config.json", num_attention_heads=0), expect="num_attention_heads"),
-    Case("export-config-hidden-negative", "export {run} --out {ws}/e2 --format safetensors",
+    Case("export-config-hidden-negative", EXPORT_ST,
          _config("run/config.json", hidden_size=-128), expect="hidden_size"),
-    Case("export-config-vs-weights", "export {run} --out {ws}/e2 --format safetensors",
+    Case("export-config-vs-weights", EXPORT_ST,
          _config("run/config.json", vocab_size=100000), expect="implies (100000, 128)"),
-    Case("export-config-layers-vs-weights", "export {run} --out {ws}/e2 --format safetensors",
+    Case("export-config-layers-vs-weights", EXPORT_ST,
          _config("run/config.json", num_hidden_layers=6), expect="model.layers.2"),
-    Case("export-missing-lm-head", "export {run} --out {ws}/e2 --format safetensors",
-         _edit_tensors("run/model.safetensors", _drop("lm_head.weight")), expect="lm_head.weight"),
-    Case("export-unexpected-tensor", "export {run} --out {ws}/e2 --format safetensors",
+    Case("export-unexpected-tensor", EXPORT_ST,
          _edit_tensors("run/model.safetensors", _add_extra), expect="model.layers.0.extra.weight"),
-    Case("export-nan-weight", "export {run} --out {ws}/e2 --format safetensors",
+    Case("export-nan-weight", EXPORT_ST,
          _edit_tensors("run/model.safetensors", _nan("model.embed_tokens.weight")), expect="non-finite"),
-    Case("export-header-flipped", "export {run} --out {ws}/e2", _flip_header("run/model.safetensors"),
-         expect="model.safetensors"),
-    Case("export-weights-pickle", "export {run} --out {ws}/e2", _pickle("run/model.safetensors"),
-         expect="model.safetensors"),
     # ---- generate
     Case("generate-temperature-nan", "generate {run} --prompt hi --temperature nan", expect="--temperature"),
     Case("generate-temperature-inf", "generate {run} --prompt hi --temperature inf", expect="--temperature"),
@@ -296,31 +298,14 @@ CASES: list[Case] = [
     Case("generate-max-new-0", "generate {run} --prompt hi --max-new-tokens 0", expect="--max-new-tokens"),
     Case("generate-device-tpu", "generate {run} --prompt hi --device tpu", expect="tpu"),
     Case("generate-no-prompt", "generate {run}", expect="--prompt"),
-    Case("generate-header-flipped", "generate {run} --prompt hi --max-new-tokens 2",
-         _flip_header("run/model.safetensors"), expect="model.safetensors"),
-    Case("generate-truncated", "generate {run} --prompt hi --max-new-tokens 2 --backend dense",
-         _truncate("run/model.safetensors"), expect="model.safetensors"),
-    Case("generate-pickle", "generate {run} --prompt hi --max-new-tokens 2 --backend dense",
-         _pickle("run/model.safetensors"), expect="model.safetensors"),
-    Case("generate-missing-lm-head", "generate {run} --prompt hi --max-new-tokens 2 --backend dense",
-         _edit_tensors("run/model.safetensors", _drop("lm_head.weight")), expect="lm_head.weight"),
-    Case("generate-nan-weight", "generate {run} --prompt hi --max-new-tokens 2 --backend dense",
+    Case("generate-nan-weight", GENERATE_DENSE,
          _edit_tensors("run/model.safetensors", _nan("lm_head.weight")), expect="non-finite"),
-    Case("generate-config-only-model-type", "generate {run} --prompt hi --max-new-tokens 2 --backend dense",
-         _config("run/config.json", replace={"model_type": "chtsl_llama"}), expect="config.json", memory_cap=True),
-    Case("generate-onnx-truncated", "generate {exp} --prompt hi --max-new-tokens 2 --backend onnx",
-         _truncate("exp/model.onnx"), expect="model.onnx"),
-    Case("generate-onnx-empty", "generate {exp} --prompt hi --max-new-tokens 2 --backend onnx",
-         _write("exp/model.onnx", b""), expect="model.onnx"),
-    Case("generate-onnx-garbage", "generate {exp} --prompt hi --max-new-tokens 2 --backend onnx",
-         _write("exp/model.onnx", b"\x00garbage" * 50), expect="model.onnx"),
-    Case("generate-onnx-bad-config", "generate {exp} --prompt hi --max-new-tokens 2 --backend onnx",
-         _write("exp/config.json", "{oops"), expect="config.json"),
-    Case("generate-packed-heads-0", "generate {exp} --prompt hi --max-new-tokens 2 --backend sparse",
+    Case("generate-onnx-empty", GENERATE_ONNX, _write("exp/model.onnx", b""), expect="model.onnx"),
+    Case("generate-packed-heads-0", GENERATE_EXP + " --backend sparse",
          _packed_config(num_attention_heads=0), expect="num_attention_heads"),
-    Case("generate-packed-hidden-negative", "generate {exp} --prompt hi --max-new-tokens 2 --backend dense",
+    Case("generate-packed-hidden-negative", GENERATE_EXP + " --backend dense",
          _packed_config(hidden_size=-128), expect="hidden_size"),
-    Case("generate-packed-nan", "generate {exp} --prompt hi --max-new-tokens 2 --backend dense",
+    Case("generate-packed-nan", GENERATE_EXP + " --backend dense",
          _edit_tensors("exp/model.safetensors", _nan("lm_head.weight")), expect="non-finite"),
     # ---- eval
     Case("eval-output-onto-config", PPL + " --output {run}/config.json", expect="config.json"),
@@ -328,14 +313,6 @@ CASES: list[Case] = [
     Case("eval-output-existing-file", PPL + " --output {ws}/afile", _file("afile"), expect="--force"),
     Case("eval-output-is-dir", PPL + " --output {ws}", expect="directory"),
     Case("eval-device-tpu", PPL.replace("--device cpu", "--device tpu"), expect="tpu"),
-    Case("eval-ppl-header-flipped", PPL, _flip_header("run/model.safetensors"), expect="model.safetensors"),
-    Case("eval-ppl-truncated", PPL, _truncate("run/model.safetensors"), expect="model.safetensors"),
-    Case("eval-ppl-onnx-truncated", "eval {exp} --perplexity --max-tokens 200 --backend onnx --device cpu",
-         _truncate("exp/model.onnx"), expect="model.onnx"),
-    Case("eval-ppl-onnx-garbage", "eval {exp} --perplexity --max-tokens 200 --backend onnx --device cpu",
-         _write("exp/model.onnx", b"\x00garbage" * 50), expect="model.onnx"),
-    Case("eval-ppl-onnx-bad-config", "eval {exp} --perplexity --max-tokens 200 --backend onnx --device cpu",
-         _write("exp/config.json", "{oops"), expect="config.json"),
     Case("eval-task-unknown", "eval {run} --tasks nope --device cpu", expect="nope"),
     Case("eval-batch-size-0", TASKS + " --batch-size 0", expect="--batch-size"),
     Case("eval-label-out-of-range", TASKS, _task_rows([{**RTE, "label": 7}]), expect="label"),
@@ -350,8 +327,6 @@ CASES: list[Case] = [
     Case("bench-json-onto-config", "bench --preset tiny --json {run}/config.json", expect="--json"),
     Case("bench-device-tpu", "bench --preset tiny --device tpu", expect="tpu"),
     Case("bench-backend-unknown", "bench --preset tiny --backend gpu9", expect="gpu9"),
-    Case("bench-config-only-model-type", "bench {run} --device cpu",
-         _config("run/config.json", replace={"model_type": "chtsl_llama"}), expect="config.json", memory_cap=True),
     # ---- info
     Case("info-preset-unknown", "info --preset nope", expect="nope"),
     Case("info-method-unknown", "info --method nope", expect="nope"),
@@ -359,6 +334,24 @@ CASES: list[Case] = [
     Case("info-sparsity-1", "info --sparsity 1.5", expect="sparsity"),
     Case("info-s-total-nan", "info --s-total nan", expect="s_total"),
     Case("no-such-command", "trian --steps 3", expect="trian"),
+    # ---- the same damage under several commands
+    *_under({"resume-model": RESUME_3, "export": EXPORT, "generate": GENERATE, "eval-ppl": PPL},
+            "header-flipped", _flip_header("run/model.safetensors"), "model.safetensors"),
+    *_under({"resume-model": RESUME_3, "generate": GENERATE_DENSE, "eval-ppl": PPL},
+            "truncated", _truncate("run/model.safetensors"), "model.safetensors"),
+    *_under({"resume-model": RESUME_3, "export-weights": EXPORT, "generate": GENERATE_DENSE},
+            "pickle", _pickle("run/model.safetensors"), "model.safetensors"),
+    *_under({"export": EXPORT_ST, "generate": GENERATE_DENSE},
+            "missing-lm-head", _edit_tensors("run/model.safetensors", _drop("lm_head.weight")), "lm_head.weight"),
+    *_under({"export": EXPORT_ST, "generate": GENERATE_DENSE, "bench": "bench {run} --device cpu"},
+            "config-only-model-type", _config("run/config.json", replace={"model_type": "chtsl_llama"}),
+            "config.json", memory_cap=True),
+    *_under({"generate-onnx": GENERATE_ONNX, "eval-ppl-onnx": PPL_ONNX},
+            "truncated", _truncate("exp/model.onnx"), "model.onnx"),
+    *_under({"generate-onnx": GENERATE_ONNX, "eval-ppl-onnx": PPL_ONNX},
+            "garbage", _write("exp/model.onnx", b"\x00garbage" * 50), "model.onnx"),
+    *_under({"generate-onnx": GENERATE_ONNX, "eval-ppl-onnx": PPL_ONNX},
+            "bad-config", _write("exp/config.json", "{oops"), "config.json"),
 ]
 
 
@@ -377,7 +370,6 @@ def workspace(tmp_path, cli_artifacts, monkeypatch) -> Path:
     shutil.copytree(cli_artifacts["export"], ws / "exp")
     shutil.copy(cli_artifacts["corpus"], ws / "corpus.jsonl")
     shutil.copytree(FIXTURE_DATA, ws / "data")
-    monkeypatch.setenv("CHTSL_CACHE_DIR", str(cli_artifacts["cache"]))
     monkeypatch.setenv("CHTSL_CACHE_DIR", str(cli_artifacts["cache"]))
     monkeypatch.chdir(ws)
     n = torch.get_num_threads()

@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chtsl_infer.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.packed import load_packed, pack_model, save_packed, unpack_model
 from chtsl_infer.runtime import from_packed, load_runtime, random_packed, resolve_backend
-from tests.conftest import ALL_METHODS, tiny_config, tiny_model
+from tests.conftest import ALL_METHODS, random_ids, tiny_config, tiny_model_nonzero_b
 
 pytestmark = pytest.mark.cuda
 
@@ -33,21 +32,6 @@ REL_BF16_WEIGHTS = 1e-2
 REL_BF16_COMPUTE = 2e-2
 
 
-def _model(method: str) -> ChtslLlamaForCausalLM:
-    """A tiny model whose low-rank B is non-zero (SLTrain initialises B = 0, which would hide bugs)."""
-    model = tiny_model(method)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for layer in model.chtsl_layers().values():
-            if layer.lora_B is not None:
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
-    return model
-
-
-def _ids(batch: int, seq: int, vocab: int = 512, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.float().cpu(), ref.float().cpu()
     return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
@@ -55,8 +39,8 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_runtime_backends_on_cuda_match_cpu_dense(method: str) -> None:
-    packed = pack_model(_model(method))
-    ids = _ids(2, 37)
+    packed = pack_model(tiny_model_nonzero_b(method))
+    ids = random_ids(2, 37)
     ref = from_packed(packed, "dense").logits(ids)  # CPU fp32: the reference backend
     assert resolve_backend("auto", packed, CUDA) == "dense"
     for backend in ("dense", "sparse"):
@@ -67,7 +51,7 @@ def test_runtime_backends_on_cuda_match_cpu_dense(method: str) -> None:
         with torch.no_grad():  # the token-major transformers path (generate's)
             token_major = rt.model(input_ids=ids.to(CUDA), use_cache=False).logits
         torch.testing.assert_close(token_major.cpu(), ref, atol=ATOL, rtol=0)
-        one = _ids(1, 1, seed=3)  # decoding shape: one token
+        one = random_ids(1, 1, seed=3)  # decoding shape: one token
         torch.testing.assert_close(rt.logits(one).cpu(), from_packed(packed, "dense").logits(one), atol=ATOL, rtol=0)
         half = from_packed(packed, backend, CUDA, torch.bfloat16)
         out = half.logits(ids)
@@ -81,19 +65,19 @@ def test_runtime_backends_on_cuda_match_cpu_dense(method: str) -> None:
 
 
 def test_generate_on_cuda_matches_cpu_greedy() -> None:
-    packed = pack_model(_model("chtsl"))
-    prompt = _ids(1, 6, seed=5)
+    packed = pack_model(tiny_model_nonzero_b("chtsl"))
+    prompt = random_ids(1, 6, seed=5)
     want = from_packed(packed, "dense").generate(prompt, max_new_tokens=8)
     for backend in ("dense", "sparse"):
         assert torch.equal(from_packed(packed, backend, CUDA).generate(prompt, max_new_tokens=8), want), backend
 
 
 def test_bf16_packed_round_trip_on_cuda(tmp_path: Path) -> None:
-    model = _model("chtsl")
+    model = tiny_model_nonzero_b("chtsl")
     save_packed(pack_model(model, torch.bfloat16), tmp_path / "model.safetensors")
     packed = load_packed(tmp_path)
     assert packed.dtype == torch.bfloat16
-    ids = _ids(2, 23)
+    ids = random_ids(2, 23)
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits
         # The training-form model of the bf16 file, on CUDA, in bf16 (as the CPU test does natively).
@@ -184,7 +168,7 @@ def test_onnx_cuda_provider(tiny_checkpoint: Path, tmp_path: Path) -> None:
     runtimes = {c["runtime"] for c in checks}
     assert {"ORT CUDA", "ORT CPU", "runtime dense cuda", "runtime sparse cuda"} <= runtimes
     assert all(c["ok"] for c in checks)
-    ids = _ids(2, 13, vocab=load_packed(out).config.vocab_size)
+    ids = random_ids(2, 13, vocab=load_packed(out).config.vocab_size)
     ref = load_runtime(out, "dense").logits(ids)
     torch.testing.assert_close(load_runtime(out, "onnx", CUDA).logits(ids), ref, atol=ATOL, rtol=0)
 

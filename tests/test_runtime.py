@@ -19,30 +19,15 @@ from chtsl_infer.runtime import (
     random_packed,
     resolve_backend,
 )
-from tests.conftest import ALL_METHODS, tiny_config, tiny_model
+from tests.conftest import ALL_METHODS, random_ids, tiny_config, tiny_model_nonzero_b
 
 ATOL = 1e-4
 
 
-def _model(method: str, **overrides) -> ChtslLlamaForCausalLM:
-    """A tiny model whose low-rank B is non-zero (SLTrain initialises B = 0, which would hide bugs)."""
-    model = tiny_model(method, **overrides)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for layer in model.chtsl_layers().values():
-            if layer.lora_B is not None:
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
-    return model
-
-
-def _ids(batch: int = 2, seq: int = 37, vocab: int = 512, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_torch_backends_match_dense_backend_and_training_model(method: str) -> None:
-    model = _model(method)
-    ids = _ids()  # 74 tokens: a full kernel tile plus a tail
+    model = tiny_model_nonzero_b(method)
+    ids = random_ids()  # 74 tokens: a full kernel tile plus a tail
     with torch.no_grad():
         reference = model(input_ids=ids, use_cache=False).logits
     packed = pack_model(model)
@@ -53,7 +38,7 @@ def test_torch_backends_match_dense_backend_and_training_model(method: str) -> N
     with torch.no_grad():  # the token-major transformers path of the runtime model (generate's)
         sparse_tm = from_packed(packed, "sparse").model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(sparse_tm, dense, atol=ATOL, rtol=0)
-    one = _ids(batch=1, seq=1, seed=3)  # decoding shape: one token
+    one = random_ids(batch=1, seq=1, seed=3)  # decoding shape: one token
     torch.testing.assert_close(from_packed(packed, "sparse").logits(one), from_packed(packed, "dense").logits(one),
                                atol=ATOL, rtol=0)
 
@@ -71,7 +56,7 @@ def _export_onnx(model: ChtslLlamaForCausalLM, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=128)}
-    torch.onnx.export(Logits(model).eval(), (_ids(2, 9),), str(out / "model.onnx"), input_names=["input_ids"],
+    torch.onnx.export(Logits(model).eval(), (random_ids(2, 9),), str(out / "model.onnx"), input_names=["input_ids"],
                       output_names=["logits"], dynamic_shapes={"input_ids": dims}, dynamo=True, verbose=False)
     model.config.save_pretrained(out)
 
@@ -80,9 +65,9 @@ def _export_onnx(model: ChtslLlamaForCausalLM, out: Path) -> None:
 def test_onnx_backend_matches_dense_backend(method: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    model = _model(method, num_hidden_layers=1)
+    model = tiny_model_nonzero_b(method, num_hidden_layers=1)
     _export_onnx(model, tmp_path)
-    ids = _ids(3, 21)
+    ids = random_ids(3, 21)
     onnx_logits = load_runtime(tmp_path, "onnx").logits(ids)
     dense = from_packed(pack_model(model), "dense").logits(ids)
     torch.testing.assert_close(onnx_logits, dense, atol=ATOL, rtol=0)
@@ -95,7 +80,7 @@ def test_onnx_backend_generates_with_the_graphs_kv_cache(tmp_path: Path, monkeyp
     from chtsl_infer.runtime import OnnxCache
     from export.onnx import export_onnx
 
-    model = _model("chtsl", num_hidden_layers=1)
+    model = tiny_model_nonzero_b("chtsl", num_hidden_layers=1)
     export_onnx(model, tmp_path / "model.onnx")
     model.config.save_pretrained(tmp_path)
     rt = load_runtime(tmp_path, "onnx")
@@ -107,16 +92,16 @@ def test_onnx_backend_generates_with_the_graphs_kv_cache(tmp_path: Path, monkeyp
         return original(self, session, input_ids)
 
     monkeypatch.setattr(OnnxCache, "run", spy)
-    prompt = _ids(2, 6, seed=5)
+    prompt = random_ids(2, 6, seed=5)
     got = rt.generate(prompt, max_new_tokens=7)
     assert fed == [6] + [1] * 6
     assert torch.equal(got, from_packed(pack_model(model), "sparse").generate(prompt, max_new_tokens=7))
-    ids = _ids(3, 21)
+    ids = random_ids(3, 21)
     torch.testing.assert_close(rt.logits(ids), from_packed(pack_model(model), "dense").logits(ids), atol=ATOL, rtol=0)
 
 
 def test_fused_group_computes_once_per_input(monkeypatch: pytest.MonkeyPatch) -> None:
-    rt = from_packed(pack_model(_model("chtsl")), "sparse")
+    rt = from_packed(pack_model(tiny_model_nonzero_b("chtsl")), "sparse")
     calls: list[int] = []
     original = FusedLinears.forward_fm
 
@@ -126,8 +111,8 @@ def test_fused_group_computes_once_per_input(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(FusedLinears, "forward_fm", counting)
     layers = rt.config.num_hidden_layers
-    for run in (lambda: rt.logits(_ids(1, 5)),  # feature-major path
-                lambda: rt.model(input_ids=_ids(1, 5), use_cache=False)):  # transformers path (members)
+    for run in (lambda: rt.logits(random_ids(1, 5)),  # feature-major path
+                lambda: rt.model(input_ids=random_ids(1, 5), use_cache=False)):  # transformers path (members)
         calls.clear()
         run()
         assert sorted(calls) == sorted([3, 1, 2, 1] * layers)  # (q,k,v), o, (gate,up), down per block
@@ -136,8 +121,8 @@ def test_fused_group_computes_once_per_input(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_logits_out_buffer_and_workspace_reuse() -> None:
-    rt = from_packed(pack_model(_model("chtsl")), "sparse")
-    ids = _ids(2, 19)
+    rt = from_packed(pack_model(tiny_model_nonzero_b("chtsl")), "sparse")
+    ids = random_ids(2, 19)
     want = rt.logits(ids)
     buf = rt.workspace["gate_up"]
     out = torch.full_like(want, float("nan"))
@@ -149,9 +134,9 @@ def test_logits_out_buffer_and_workspace_reuse() -> None:
 
 
 def test_feature_major_forward_with_grouped_query_attention() -> None:
-    model = _model("chtsl", num_key_value_heads=2)
+    model = tiny_model_nonzero_b("chtsl", num_key_value_heads=2)
     assert model.config.num_attention_heads > 2
-    ids = _ids(3, 11)
+    ids = random_ids(3, 11)
     with torch.no_grad():
         reference = model(input_ids=ids, use_cache=False).logits
     for backend in ("dense", "sparse"):
@@ -161,8 +146,8 @@ def test_feature_major_forward_with_grouped_query_attention() -> None:
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_generate_matches_transformers_generate_greedy(method: str) -> None:
     """The lean KV-cache path (prefill + one-token steps) decodes what transformers' generate() does."""
-    model = _model(method, num_key_value_heads=2)  # GQA: the cache holds fewer heads than the queries
-    prompt = _ids(2, 6, seed=5)
+    model = tiny_model_nonzero_b(method, num_key_value_heads=2)  # GQA: the cache holds fewer heads than the queries
+    prompt = random_ids(2, 6, seed=5)
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=12, do_sample=False, temperature=None, top_p=None,
                               top_k=None, pad_token_id=0)
@@ -174,8 +159,8 @@ def test_generate_matches_transformers_generate_greedy(method: str) -> None:
 def test_decode_steps_match_full_forward_logits() -> None:
     """Prefill, a 3-token chunk after cached tokens, then single tokens: each position's logits are the
     full forward's, and the cache is written in place (no re-allocation)."""
-    model = _model("chtsl")
-    ids = _ids(2, 14, seed=9)
+    model = tiny_model_nonzero_b("chtsl")
+    ids = random_ids(2, 14, seed=9)
     with torch.no_grad():
         reference = model(input_ids=ids, use_cache=False).logits
     for backend in ("dense", "sparse"):
@@ -194,9 +179,9 @@ def test_decode_steps_match_full_forward_logits() -> None:
 
 
 def test_generate_stops_at_eos_and_pads_finished_sequences() -> None:
-    model = _model("chtsl")
+    model = tiny_model_nonzero_b("chtsl")
     rt = from_packed(pack_model(model), "sparse")
-    prompt = _ids(2, 5, seed=2)
+    prompt = random_ids(2, 5, seed=2)
     free = rt.generate(prompt, max_new_tokens=10)
     eos = int(free[0, 7])  # the first sequence's third new token
     with torch.no_grad():
@@ -217,7 +202,7 @@ def test_random_packed_has_the_configured_links_and_saves_memory() -> None:
     sparse = from_packed(packed, "sparse")
     dense_model = from_packed(random_packed(tiny_config("dense")), "dense")
     assert sparse.model_bytes < 0.75 * dense_model.model_bytes
-    assert torch.isfinite(sparse.logits(_ids(1, 8))).all()
+    assert torch.isfinite(sparse.logits(random_ids(1, 8))).all()
 
 
 def test_resolve_backend_rules_and_errors() -> None:
@@ -232,7 +217,7 @@ def test_resolve_backend_rules_and_errors() -> None:
 
 def test_load_runtime_from_checkpoint_and_packed_export(tiny_checkpoint: Path, tmp_path: Path) -> None:
     model = ChtslLlamaForCausalLM.from_pretrained(tiny_checkpoint).eval()
-    ids = _ids(2, 11, vocab=model.config.vocab_size)
+    ids = random_ids(2, 11, vocab=model.config.vocab_size)
     with torch.no_grad():
         want = model(input_ids=ids).logits
     save_packed(pack_model(model), tmp_path / "model.safetensors")
@@ -253,10 +238,10 @@ def test_bad_input_is_a_user_error(tiny_checkpoint: Path, tmp_path: Path) -> Non
 
 
 def test_tied_embeddings_share_storage() -> None:
-    model = _model("chtsl", tie_word_embeddings=True)
+    model = tiny_model_nonzero_b("chtsl", tie_word_embeddings=True)
     rt = from_packed(pack_model(model), "sparse")
     assert rt.model.lm_head.weight.data_ptr() == rt.model.model.embed_tokens.weight.data_ptr()
-    ids = _ids(1, 9)
+    ids = random_ids(1, 9)
     with torch.no_grad():
         torch.testing.assert_close(rt.logits(ids), model(input_ids=ids).logits, atol=ATOL, rtol=0)
 
@@ -266,7 +251,7 @@ def test_torch_csr_group_on_cpu_tensors() -> None:
     stacked members, `spmm_cuda`), built on CPU: same output as the dense group, memory counted."""
     from chtsl_infer.runtime import resident_bytes
 
-    packed = pack_model(_model("chtsl"))
+    packed = pack_model(tiny_model_nonzero_b("chtsl"))
     names = [f"model.layers.0.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj")]
     linears = [packed.linears[n] for n in names]
     cpu = torch.device("cpu")
@@ -289,8 +274,8 @@ def test_torch_csr_group_on_cpu_tensors() -> None:
 def test_bfloat16_cpu_backends_within_1e2_of_fp32(method: str) -> None:
     """--dtype bfloat16 on CPU: bf16 weights and activations (sparse: the bf16 kernel, fp32 sums);
     ‖Δlogits‖/‖logits‖ ≤ 1e-2 vs fp32, for full forwards and for KV-cache decoding steps."""
-    model = _model(method)
-    ids = _ids(2, 21)
+    model = tiny_model_nonzero_b(method)
+    ids = random_ids(2, 21)
     reference = from_packed(pack_model(model), "dense").logits(ids)
     for backend in ("sparse", "dense"):
         rt = from_packed(pack_model(model), backend, dtype=torch.bfloat16)

@@ -5,10 +5,6 @@ resume, DDP, export/eval/bench on csr checkpoints, and bad input."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -25,7 +21,7 @@ from chtsl_infer.storage import (
     resolve_storage,
     to_storage,
 )
-from tests.conftest import corpus, metrics, small_args, tiny_model
+from tests.conftest import corpus, metrics, small_args, tiny_model, train_two_ranks
 from train.args import TrainArgs
 from train.topology import TopologyEngine, remap_csr
 from train.trainer import train
@@ -311,28 +307,14 @@ def test_resume_across_storages(tmp_path, first: str, second: str) -> None:
     assert resumed and resumed[0]["sparse_storage"] == second
 
 
-WORKER = textwrap.dedent(
-    """
-    import hashlib, json, os, sys
-    from pathlib import Path
-    from tests.conftest import small_args
-    from train.trainer import train
-
-    tmp, out = sys.argv[1], sys.argv[2]
-
-    def dump(step, model):
-        if step != 6:
-            return
-        h = hashlib.sha256()
-        for name, layer in sorted(model.sparse_layers().items()):
-            assert layer.storage == "csr"
-            h.update(layer.crow_indices.numpy().tobytes()); h.update(layer.col_indices.numpy().tobytes())
-        Path(out, f"rank{os.environ['RANK']}.json").write_text(json.dumps({"masks": h.hexdigest()}))
-
-    train(small_args(Path(tmp), out=str(Path(out) / "ckpt"), steps=6, update_interval=3, restart_warmup=1,
-                     warmup=2, eval_every=100, save_every=6, ocr_every=4, sparse_storage="csr"), after_step=dump)
-    """
-)
+SUMMARY = """
+def summary(model):
+    h = hashlib.sha256()
+    for name, layer in sorted(model.sparse_layers().items()):
+        assert layer.storage == "csr"
+        h.update(layer.crow_indices.numpy().tobytes()); h.update(layer.col_indices.numpy().tobytes())
+    return {"masks": h.hexdigest()}
+"""
 
 
 @pytest.mark.slow  # torchrun: two training processes
@@ -341,22 +323,10 @@ def test_ddp_two_ranks_csr(tmp_path, bpe_cache) -> None:
     common = dict(steps=6, update_interval=3, restart_warmup=1, warmup=2, eval_every=100, save_every=6, ocr_every=4,
                   sparse_storage="csr")
     train(small_args(tmp_path, out=str(tmp_path / "single"), **common))
-    ddp_out = tmp_path / "ddp"
-    ddp_out.mkdir()
-    (tmp_path / "worker.py").write_text(WORKER)
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "CHTSL_CACHE_DIR": str(bpe_cache), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(tmp_path / "worker.py"), str(tmp_path), str(ddp_out)],
-        env=env, cwd=root, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((ddp_out / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks, ddp_ckpt = train_two_ranks(tmp_path, bpe_cache, SUMMARY, **common)
     assert ranks[0] == ranks[1]
     a = [m for m in metrics(tmp_path / "single") if "step" in m]
-    b = [m for m in metrics(ddp_out / "ckpt") if "step" in m]
+    b = [m for m in metrics(ddp_ckpt) if "step" in m]
     for x, y in zip(a, b, strict=True):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-4), x["step"]
 
