@@ -45,9 +45,9 @@ import torch
 
 from chtsl_infer.utils import cache_dir
 
+HEADERS = (Path(__file__).with_name("csrc") / "csr_tiles.h",)  # included by SOURCES: part of the cache key
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("spmm.c", "csr_train.c", "spmm_bf16.c"))  # one library
-HEADERS = (Path(__file__).with_name("csrc") / "csr_tiles.h",)  # included by SOURCES: part of the cache key
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
 MM_TILE = 32  # tokens per tile of csr_mm_tm (training forward and dx): 4 × 2 AVX2 accumulators, measured best
 SDDMM_TILE = 64  # tokens per tile of csr_sddmm_tm, while its (in × tile) buffer fits SDDMM_TILE_BYTES, else 32
