@@ -47,7 +47,7 @@ from chtsl_infer.utils import cache_dir
 
 HEADERS = (Path(__file__).with_name("csrc") / "csr_tiles.h",)  # included by SOURCES: part of the cache key
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("spmm.c", "csr_train.c", "spmm_bf16.c"))  # one library
+                for name in ("spmm.c", "csr_train.c", "spmm_bf16.c", "ch_scores.c"))  # one library
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
 MM_TILE = 32  # tokens per tile of csr_mm_tm (training forward and dx): 4 × 2 AVX2 accumulators, measured best
 SDDMM_TILE = 64  # tokens per tile of csr_sddmm_tm, while its (in × tile) buffer fits SDDMM_TILE_BYTES, else 32
@@ -122,6 +122,8 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
         lib.csr_sddmm_tm.restype = i
         lib.csr_transpose.argtypes = [p, p, i, i, p, p, p]
         lib.csr_transpose.restype = i
+        lib.ch2_l3n_half.argtypes = [p, p, p, p, i, i, p, i]
+        lib.ch2_l3n_half.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
 
@@ -212,6 +214,29 @@ def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: tor
           None if rows is None else rows.data_ptr(), y.data_ptr(), y.stride(0), n_out, tile, n_chunks, threads):
         raise MemoryError("spmm_cpu: could not allocate the kernel's buffers")
     return y
+
+
+def ch2_l3n_half(mask: torch.Tensor) -> torch.Tensor | None:
+    """One half of the CH2-L3n scores of a bool CPU mask M (n_rows, n_cols), float64 (n_rows, n_cols):
+    `Σ_v P[u, v] M[v, j]` with P from D = M Mᵀ and M's row degrees (`csrc/ch_scores.c`); the scores
+    are `half(M) + half(Mᵀ)ᵀ`. None when the compiled kernels are not available."""
+    lib, _ = _library()
+    if lib is None or mask.device.type != "cpu":
+        return None
+    n_rows, n_cols = mask.shape
+
+    def structure(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        crow = torch.zeros(m.shape[0] + 1, dtype=torch.int32)
+        torch.cumsum(m.sum(1, dtype=torch.int32), 0, out=crow[1:])
+        return crow, m.nonzero(as_tuple=True)[1].to(torch.int32)
+
+    crow, col = structure(mask)
+    tcrow, tcol = structure(mask.T)
+    out = torch.zeros(n_rows, n_cols, dtype=torch.float64)
+    if lib.ch2_l3n_half(crow.data_ptr(), col.data_ptr(), tcrow.data_ptr(), tcol.data_ptr(), n_rows, n_cols,
+                        out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("ch2_l3n_half: could not allocate the kernel's buffers")
+    return out
 
 
 def sort_rows(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:

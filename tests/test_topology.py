@@ -184,6 +184,25 @@ def test_ch2_l3n_equals_brute_force() -> None:
         assert torch.all(got[mask] == 0)
 
 
+def test_ch2_l3n_structure_kernel_equals_dense_products() -> None:
+    """The CPU structure kernel (`csrc/ch_scores.c`) against the dense float64 products, on random
+    and BRF masks, including empty rows/columns and a full mask."""
+    from chtsl_infer import kernels
+    from train.topology import ch2_l3n_scores_dense
+
+    if not kernels.cpu_kernel_status()[0]:
+        pytest.skip("no C compiler: ch2_l3n_scores uses the dense products")
+    g = gen(7)
+    masks = [torch.rand(s, generator=g) < d for s, d in (((96, 40), 0.05), ((40, 96), 0.1), ((64, 64), 0.3))]
+    masks += [brf_mask(48, 128, 0.9, r, g) for r in (0.0, 0.25)] + [torch.ones(5, 7, dtype=torch.bool)]
+    masks[0][3] = False
+    masks[0][:, 5] = False
+    for mask in masks:
+        dense = ch2_l3n_scores_dense(mask)
+        assert kernels.ch2_l3n_half(mask) is not None
+        torch.testing.assert_close(ch2_l3n_scores(mask), dense, rtol=1e-6, atol=0.0)
+
+
 def test_ch2_l3n_is_symmetric_in_the_two_sides() -> None:
     mask = torch.rand(9, 13, generator=gen(5)) < 0.3
     torch.testing.assert_close(ch2_l3n_scores(mask.T), ch2_l3n_scores(mask).T, rtol=1e-6, atol=0.0)
