@@ -66,14 +66,14 @@ def configurations(methods: list[str], storages: list[str]) -> list[tuple[str, s
     for m in methods:
         if m == "dense":
             continue
-        for s in storages if METHODS[m][0] else ["masked"]:
+        for s in storages if METHODS[m].has_sparse else ["masked"]:
             if (m, s) not in out:
                 out.append((m, s))
     return out
 
 
 def label(method: str, storage: str) -> str:
-    return f"{method} [{storage}]" if METHODS[method][0] else method
+    return f"{method} [{storage}]" if METHODS[method].has_sparse else method
 
 
 def setup(shape: str, method: str, storage: str, device: str):
