@@ -1,4 +1,4 @@
-"""Validation-perplexity curves and a table of final numbers for a set of `chtsl train` runs.
+"""Validation-perplexity and branch-scale curves, and a table of final numbers, for `chtsl train` runs.
 
     python scripts/fidelity_figures.py chtsl=runs/chtsl chts=runs/chts "lr×0.33=runs/lr0.33" \
         --out docs/fidelity/ablations.png --json ablations.json
@@ -27,9 +27,12 @@ def run_summary(run: Path) -> dict:
     records = read_metrics(run / "metrics.jsonl")
     start = next((r for _, r in iter_jsonl(run / "metrics.jsonl") if r.get("event") == "start"), {})
     curve = {int(r["step"]): float(r["val_ppl"]) for r in records if r.get("val_ppl") is not None}
+    branches = {key: {int(r["step"]): sum(r[key].values()) / len(r[key]) for r in records if r.get(key)}
+                for key in ("sparse_rms", "lowrank_rms")}
     args = start.get("args", {})
     rows_seen = records[-1]["step"] * args.get("batch_size", 0)
-    return {"run": str(run), "curve": curve, "final": curve[max(curve)] if curve else float("nan"),
+    return {"run": str(run), "curve": curve, "branches": branches,
+            "final": curve[max(curve)] if curve else float("nan"),
             "epochs": rows_seen / start["train_rows"] if start.get("train_rows") else None,
             "steps": records[-1]["step"]}
 
@@ -43,8 +46,8 @@ def main() -> None:
     args = parser.parse_args()
     groups: dict[str, list[dict]] = {}
     for item in args.runs:
-        label, _, path = item.partition("=")
-        if not path:
+        label, _, path = item.rpartition("=")  # labels may hold "=", paths rarely do
+        if not label or not path:
             parser.error(f"expected LABEL=RUN_DIR, got {item!r}")
         groups.setdefault(label, []).append(run_summary(Path(path)))
 
@@ -53,19 +56,30 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    cmap = matplotlib.colormaps["tab20"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    cmap = matplotlib.colormaps["tab10" if len(groups) <= 10 else "tab20"]
     for i, (label, runs) in enumerate(groups.items()):
+        color = cmap(i % 20)
         steps, mean, lo, hi = seed_band([r["curve"] for r in runs])
-        ax.plot(steps, mean, color=cmap(i % 20), lw=1.4, marker="o", ms=2.5, label=label)
+        ax.plot(steps, mean, color=color, lw=1.4, marker="o", ms=2.5, label=label)
         if len(runs) > 1:
-            ax.fill_between(steps, lo, hi, color=cmap(i % 20), alpha=0.15, lw=0)
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.15, lw=0)
+        for key, style in (("sparse_rms", "-"), ("lowrank_rms", "--")):
+            series = [r["branches"][key] for r in runs if r["branches"][key]]
+            if series:
+                steps, mean, _, _ = seed_band(series)
+                bx.plot(steps, mean, color=color, ls=style, lw=1.2)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("validation perplexity")
     ax.set_title(args.title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    bx.set_yscale("log")
+    bx.set_xlabel("step")
+    bx.set_ylabel("RMS per layer output (mean over layers)")
+    bx.set_title("branch scales: S x solid, B σ(A x) dashed")
+    bx.grid(alpha=0.3, which="both")
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
