@@ -80,6 +80,7 @@ def test_decode_run_feeds_greedy_tokens() -> None:
     assert torch.equal(tokens, rt.generate(ids, 6)[:, 7:])
 
 
+@pytest.mark.slow  # CLI bench of a trained checkpoint, worker processes
 def test_bench_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "ckpt.json"
     proc = _run("bench", str(tiny_checkpoint), "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0",
@@ -124,6 +125,7 @@ def test_bench_cuda_unavailable_exits_2(capsys: pytest.CaptureFixture[str]) -> N
     assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains and generates through the CLI
 def test_generate_streams_text_and_reports_speed(tiny_checkpoint: Path) -> None:
     proc = _run("generate", str(tiny_checkpoint), "--prompt", "The def statement", "--max-new-tokens", "6",
                 "--backend", "sparse")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 COMMANDS = ("info", "train", "plot", "export", "bench", "generate", "eval")
 HEAVY = ("torch", "transformers", "datasets", "lm_eval", "onnx", "onnxruntime", "numpy")
 
@@ -31,6 +33,7 @@ print(json.dumps({{"codes": codes, "heavy": heavy}}))
     assert result == {"codes": [0] * (len(COMMANDS) + 1), "heavy": []}
 
 
+@pytest.mark.slow  # fresh interpreter per method
 def test_import_chtsl_infer_registers_auto_classes(tiny_checkpoint: Path) -> None:
     for first in ("import chtsl_infer", "import transformers, chtsl_infer"):
         out = _fresh(f"""

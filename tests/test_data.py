@@ -31,6 +31,7 @@ def _docs(n: int = 60) -> list[str]:
     return [p for t in topics for p in _paragraph_documents(t, 300)][:n]
 
 
+@pytest.mark.slow  # builds the built-in corpus twice, uncached
 def test_builtin_corpus_deterministic_and_split() -> None:
     a, b = builtin_documents(), builtin_documents_uncached()
     assert a == b and len(a) > 1000

@@ -286,6 +286,7 @@ def test_bad_input_one_line(eval_checkpoint, tmp_path):
     assert "--json" in msg
 
 
+@pytest.mark.slow  # lm-eval over several local tasks
 def test_more_tasks_local_layout(eval_checkpoint):
     """mnli reads `glue/mnli/validation_matched`; hellaswag (no hub config) `hellaswag/default/`."""
     code, stdout, stderr = run_cli(["eval", str(eval_checkpoint), "--tasks", "mnli,hellaswag,cola", "--data-dir",

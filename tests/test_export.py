@@ -42,6 +42,7 @@ def logits(path: Path) -> torch.Tensor:
     return load_model(path)(input_ids=IDS, use_cache=False).logits
 
 
+@pytest.mark.slow  # every export format with verification
 def test_export_all_to_default_dir(ckpt: Path, tmp_path: Path) -> None:
     summary = tmp_path / "summary.json"
     code, out, _ = run_cli(["export", str(ckpt), "--json", str(summary)])
@@ -208,6 +209,7 @@ def test_failed_verification_exits_1_and_writes_nothing(ckpt: Path, tmp_path: Pa
     assert not out_dir.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_cli_subprocess_reports_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "chtsl_infer.cli", "export", str(tmp_path / "missing")],

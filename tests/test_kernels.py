@@ -158,6 +158,7 @@ def test_torch_fallback_without_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp_
     torch.testing.assert_close(kernels.spmm_cpu(x, s_crow, s_col, s_val, rows=rows), w @ x, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # compiles the C kernels into a fresh cache
 def test_kernel_builds_into_the_cache_dir_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CHTSL_CACHE_DIR", str(tmp_path))
     lib, how = kernels._compile()

@@ -64,6 +64,7 @@ def exported(method: str) -> tuple[ChtslLlamaForCausalLM, onnx.ModelProto]:
     return model, export_graph(model)
 
 
+@pytest.mark.slow  # ONNX export per method
 @pytest.mark.parametrize("method", ["chtsl", "sltrain", "cola", "dense"])
 def test_onnx_matches_pytorch_on_unseen_shapes(method: str, tmp_path: Path) -> None:
     model, dense = exported(method)
@@ -119,6 +120,7 @@ def test_onnx_matches_pytorch_on_unseen_shapes(method: str, tmp_path: Path) -> N
     assert all(c.ok for c in cached), cached
 
 
+@pytest.mark.slow  # ONNX export with a KV cache
 def test_onnx_cache_with_left_padding_and_grouped_query_attention(tmp_path: Path) -> None:
     """GQA (2 kv heads for 4 query heads) and a left-padded prompt driven as onnxruntime users do:
     attention_mask 0 on the padding, positions counted from the first real token."""

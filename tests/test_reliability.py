@@ -154,6 +154,7 @@ def test_nan_stop_without_checkpoint_says_so(tmp_path, capfd) -> None:
 # ----------------------------------------------------------------------------- export --force
 
 
+@pytest.mark.slow  # an export subprocess, killed
 def test_export_recovers_from_kill_between_renames(cli_artifacts, tmp_path, capfd) -> None:
     """SIGKILL after `export --force` moved the old export aside and before the new one took its
     place: the next export restores the previous one first (and removes the dead temp dirs)."""

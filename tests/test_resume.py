@@ -35,6 +35,7 @@ def _losses(path: Path) -> list[tuple[int, float, float]]:
     return [(m["step"], m["loss"], m["lr"]) for m in metrics(path) if "step" in m]
 
 
+@pytest.mark.slow  # interrupted and resumed training runs
 @pytest.mark.parametrize("stop", [6])  # an update iteration; the resumed run starts in a restarted warm-up
 def test_resume_is_bit_identical(tmp_path, stop) -> None:
     common = dict(steps=STEPS, update_interval=3, restart_warmup=1, warmup=2, save_every=100, eval_every=100,

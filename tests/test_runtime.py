@@ -61,6 +61,7 @@ def _export_onnx(model: ChtslLlamaForCausalLM, out: Path) -> None:
     model.config.save_pretrained(out)
 
 
+@pytest.mark.slow  # ONNX export per method
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_onnx_backend_matches_dense_backend(method: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
@@ -73,6 +74,7 @@ def test_onnx_backend_matches_dense_backend(method: str, tmp_path: Path) -> None
     torch.testing.assert_close(onnx_logits, dense, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow  # ONNX export with a KV cache
 def test_onnx_backend_generates_with_the_graphs_kv_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`chtsl export`'s graph (past_key_values in, present out): greedy generation equals the torch
     backends', feeding one token per step after the prefill (no quadratic recompute)."""

@@ -206,6 +206,7 @@ def _support_hash(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.support_mask().clone() for n, m in model.sparse_layers().items()}
 
 
+@pytest.mark.slow  # two 60-step training runs
 def test_trainer_csr_equals_masked_over_60_steps(tmp_path) -> None:
     """60 tiny steps, topology updates at 10, 20, 30, 40: same masks after each, losses within 1 %."""
     common = dict(steps=60, update_interval=10, restart_warmup=2, warmup=5, eval_every=1000, save_every=1000,
@@ -280,6 +281,7 @@ def test_csr_checkpoint_is_packed_and_loads(csr_run: Path) -> None:
     assert sparse_bytes < 0.1 * 4 * positions
 
 
+@pytest.mark.slow  # training runs resumed in the other storage
 @pytest.mark.parametrize(("first", "second"), [("csr", "csr"), ("masked", "csr"), ("csr", "masked")])
 def test_resume_across_storages(tmp_path, first: str, second: str) -> None:
     common = dict(steps=9, update_interval=3, restart_warmup=1, warmup=2, save_every=100, eval_every=100,
@@ -341,6 +343,7 @@ def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return int(e.value.code or 0), captured.out, captured.err
 
 
+@pytest.mark.slow  # export, eval and bench of a trained checkpoint
 def test_export_eval_bench_on_csr_checkpoint(csr_run: Path, tmp_path: Path, capsys) -> None:
     from chtsl_infer.checkpoint import load_model
     from chtsl_infer.packed import load_packed_model

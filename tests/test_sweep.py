@@ -157,6 +157,7 @@ def test_report_equals_the_runs_metrics(sweep_dir) -> None:
     assert rerun["groups"] == report["groups"] and rerun["pairs"] == report["pairs"]
 
 
+@pytest.mark.slow  # a sweep interrupted and rerun
 def test_restart_skips_finished_and_resumes_interrupted(sweep_dir, data, tmp_path) -> None:
     out = tmp_path / "grid"
     shutil.copytree(sweep_dir, out)
@@ -191,6 +192,7 @@ def test_restart_skips_finished_and_resumes_interrupted(sweep_dir, data, tmp_pat
     assert report["pairs"] == json.loads((sweep_dir / "report.json").read_text())["pairs"]
 
 
+@pytest.mark.slow  # runs the printed train commands
 def test_print_commands_run_as_printed(sweep_dir, data, tmp_path, capsys) -> None:
     out = tmp_path / "jobs"
     capsys.readouterr()

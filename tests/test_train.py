@@ -20,6 +20,7 @@ STEPS = TRAIN_STEPS
 pytestmark = pytest.mark.usefixtures("one_thread", "cache_dir")
 
 
+@pytest.mark.slow  # a full training run through the CLI
 def test_chtsl_run_end_to_end(tmp_path) -> None:
     r = train(small_args(tmp_path))
     out = Path(r.out)
