@@ -109,7 +109,8 @@ def f1(preds: list[int], golds: list[int]) -> float:
 # ----------------------------------------------------------------------------- fixtures
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# slow: its fixtures train and export a checkpoint, then every test runs lm-eval on it
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -150,6 +150,7 @@ def test_onnx_cache_with_left_padding_and_grouped_query_attention(tmp_path: Path
     assert np.abs(outs[0][0, -1] - ref).max() <= TOL_ONNX
 
 
+@pytest.mark.slow  # exports and runs an ONNX graph
 def test_sparse_initializer_layout_runs_in_onnxruntime(tmp_path: Path) -> None:
     """`graph.sparse_initializer` form: the basic checker passes and ORT densifies it correctly;
     onnx's strict shape inference (full_check) types it as a sparse tensor, which MatMul rejects."""
@@ -169,6 +170,7 @@ def test_sparse_initializer_layout_runs_in_onnxruntime(tmp_path: Path) -> None:
     assert np.abs(ort_logits(path, ids) - ref).max() <= TOL_ONNX
 
 
+@pytest.mark.slow  # traces the model with the ONNX exporter before the error
 def test_unmatched_sparse_weights_are_an_error() -> None:
     model, dense = exported("chtsl")
     other = tiny_model("chtsl", seed=6)  # different weights: nothing in `dense` belongs to it

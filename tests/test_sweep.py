@@ -119,6 +119,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow  # uses the module's sweep of `chtsl train` cells
 def test_report_equals_the_runs_metrics(sweep_dir) -> None:
     report = json.loads((sweep_dir / "report.json").read_text())
     assert report["methods"] == ["naive", "chtsl"]  # registry order: baselines first
@@ -214,6 +215,7 @@ def test_print_commands_run_as_printed(sweep_dir, data, tmp_path, capsys) -> Non
     assert report["counts"] == {"done": 2} and report["pairs"][0]["n"] == 1
 
 
+@pytest.mark.slow  # uses the module's sweep of `chtsl train` cells
 def test_diverged_runs_are_shown_and_counted(sweep_dir, data, tmp_path) -> None:
     out = tmp_path / "grid"
     shutil.copytree(sweep_dir, out)
@@ -275,6 +277,7 @@ def test_statistics_on_a_larger_table() -> None:
             assert p["ties"] == (1 if (p["a"], p["b"]) == ("act", "chtsl") else 0)
 
 
+@pytest.mark.slow  # uses the module's sweep of `chtsl train` cells
 def test_one_recipe_allows_each_methods_own_defaults(sweep_dir, tmp_path) -> None:
     args = json.loads((sweep_dir / "chtsl-s0.9-seed0" / "trainer_state" / "args.json").read_text())
 
@@ -298,6 +301,7 @@ def _error(capsys, argv: list[str]) -> str:
     return err
 
 
+@pytest.mark.slow  # uses the module's sweep of `chtsl train` cells
 def test_bad_input_one_line_exit_2_nothing_overwritten(sweep_dir, data, tmp_path, capsys) -> None:
     before = snapshot(sweep_dir)
     new = tmp_path / "new"
