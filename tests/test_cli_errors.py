@@ -212,6 +212,8 @@ CASES: list[Case] = [
     Case("train-num-layers-negative", TRAIN + " --num-layers -1", expect="--num-layers"),
     Case("train-update-interval-negative", TRAIN + " --update-interval -1", expect="--update-interval"),
     Case("train-restart-warmup-negative", TRAIN + " --restart-warmup -3", expect="--restart-warmup"),
+    Case("train-restart-warmup-not-shorter", TRAIN + " --restart-warmup 5 --update-interval 5",
+         expect="--restart-warmup (5) must be shorter than --update-interval (5)"),
     Case("train-warmup-negative", TRAIN + " --warmup -1", expect="--warmup"),
     Case("train-lr-nan", TRAIN + " --lr nan", expect="--lr"),
     Case("train-lr-inf", TRAIN + " --lr inf", expect="--lr"),

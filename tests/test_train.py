@@ -84,6 +84,7 @@ def test_chtsl_run_end_to_end(tmp_path) -> None:
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"loss.png", "val_ppl.png", "ocr.png"}
 
 
+@pytest.mark.slow  # a short training run per method
 @pytest.mark.parametrize("method", ["dense", "chts", "cola", "sltrain", "naive", "act"])
 def test_every_method_trains(tmp_path, method) -> None:
     # Updates at 3 only (T_end = 6): after it every group holds its target link count.
