@@ -216,22 +216,17 @@ def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: tor
     return y
 
 
-def ch2_l3n_half(mask: torch.Tensor) -> torch.Tensor | None:
-    """One half of the CH2-L3n scores of a bool CPU mask M (n_rows, n_cols), float64 (n_rows, n_cols):
+def ch2_l3n_half(crow: torch.Tensor, col: torch.Tensor, tcrow: torch.Tensor, tcol: torch.Tensor,
+                 shape: tuple[int, int]) -> torch.Tensor:
+    """One half of the CH2-L3n scores of a 0/1 CPU matrix M (n_rows, n_cols), float64 (n_rows, n_cols):
     `Σ_v P[u, v] M[v, j]` with P from D = M Mᵀ and M's row degrees (`csrc/ch_scores.c`); the scores
-    are `half(M) + half(Mᵀ)ᵀ`. None when the compiled kernels are not available."""
-    lib, _ = _library()
-    if lib is None or mask.device.type != "cpu":
-        return None
-    n_rows, n_cols = mask.shape
-
-    def structure(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        crow = torch.zeros(m.shape[0] + 1, dtype=torch.int32)
-        torch.cumsum(m.sum(1, dtype=torch.int32), 0, out=crow[1:])
-        return crow, m.nonzero(as_tuple=True)[1].to(torch.int32)
-
-    crow, col = structure(mask)
-    tcrow, tcol = structure(mask.T)
+    are `half(M) + half(Mᵀ)ᵀ`. M is given as CSR (crow, col) and its transpose as (tcrow, tcol), any
+    integer dtypes (`layers.mask_to_csr`). Needs the compiled kernels (`cpu_kernel_status`)."""
+    lib, how = _library()
+    if lib is None:
+        raise RuntimeError(f"ch2_l3n_half needs the compiled CPU kernels: {how}")
+    n_rows, n_cols = shape
+    crow, col, tcrow, tcol = (t.to(torch.int32).contiguous() for t in (crow, col, tcrow, tcol))
     out = torch.zeros(n_rows, n_cols, dtype=torch.float64)
     if lib.ch2_l3n_half(crow.data_ptr(), col.data_ptr(), tcrow.data_ptr(), tcol.data_ptr(), n_rows, n_cols,
                         out.data_ptr(), torch.get_num_threads()):

@@ -105,6 +105,20 @@ def _top_per_row(keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return out.scatter_(1, idx, take)
 
 
+def _top_per_run(keys: torch.Tensor, runs: torch.Tensor, counts: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Bool (n,): True at the `k[r]` largest `keys` of each run r of consecutive entries.
+
+    keys: (n,); runs: (n,) int64 run index of each entry, non-decreasing; counts: (R,) run lengths
+    (zeros allowed); k: (R,) int64 with k <= counts. The runs are padded into one (R, max count)
+    matrix, so `_top_per_row` selects in all of them at once.
+    """
+    slot = torch.arange(keys.numel(), device=keys.device) - (torch.cumsum(counts, 0) - counts)[runs]
+    lowest = torch.finfo(keys.dtype).min if keys.is_floating_point() else torch.iinfo(keys.dtype).min
+    padded = torch.full((counts.numel(), int(counts.max())), lowest, dtype=keys.dtype, device=keys.device)
+    padded[runs, slot] = keys
+    return _top_per_row(padded, k)[runs, slot]
+
+
 # ----------------------------------------------------------------------------- BRF initialisation
 
 
@@ -223,10 +237,12 @@ def ch2_l3n_scores(mask: torch.Tensor) -> torch.Tensor:
     if mask.dim() != 2:
         raise ValueError(f"expected a 2-D mask, got shape {tuple(mask.shape)}")
     active = mask.to(torch.bool)
-    half = kernels.ch2_l3n_half(active) if active.device.type == "cpu" else None
-    if half is None:
+    if active.device.type != "cpu" or not kernels.cpu_kernel_status()[0]:
         return ch2_l3n_scores_dense(active)
-    return half.add_(kernels.ch2_l3n_half(active.T).T).masked_fill_(active, 0.0).to(torch.float32)
+    rows, cols = mask_to_csr(active), mask_to_csr(active.T)
+    half = kernels.ch2_l3n_half(*rows, *cols, active.shape)
+    return half.add_(kernels.ch2_l3n_half(*cols, *rows, active.T.shape).T).masked_fill_(active, 0.0).to(
+        torch.float32)
 
 
 @torch.no_grad()
@@ -296,11 +312,7 @@ def soft_removal(
         g = _gumbel(tuple(w.shape), generator)
         keys = torch.where(w > 0, temperature * torch.log(w) + g, _ZERO_KEY + g)
     group = torch.repeat_interleave(torch.arange(n_groups, device=links.device), counts)
-    slot = torch.arange(links.numel(), device=links.device) - (torch.cumsum(counts, 0) - counts)[group]
-    padded = torch.full((n_groups, int(counts.max())), torch.finfo(torch.float32).max if keys.is_floating_point()
-                        else torch.iinfo(torch.int64).max, dtype=keys.dtype, device=keys.device)
-    padded[group, slot] = keys
-    removed = _top_per_row(-padded, n_remove)[group, slot]  # the n_remove smallest keys of each group
+    removed = _top_per_run(-keys, group, counts, n_remove)  # the n_remove smallest keys of each group
     kept.view(-1)[links[removed]] = False
     return kept
 
@@ -363,10 +375,7 @@ def _top_with_random_ties(values: torch.Tensor, valid: torch.Tensor, counts: tor
         return out
     n_tied = torch.bincount(tied[:, 0], minlength=values.shape[0])
     noise = torch.rand(tied.shape[0], generator=generator, device=generator.device)
-    slot = torch.arange(tied.shape[0], device=values.device) - (torch.cumsum(n_tied, 0) - n_tied)[tied[:, 0]]
-    padded = torch.full((values.shape[0], int(n_tied.max())), -1.0, device=values.device)
-    padded[tied[:, 0], slot] = noise
-    chosen = _top_per_row(padded, need)[tied[:, 0], slot]
+    chosen = _top_per_run(noise, tied[:, 0], n_tied, need)
     out[tied[chosen, 0], tied[chosen, 1]] = True
     return out
 
