@@ -12,6 +12,7 @@ from chtsl_infer.layers import (
     SparseLowRankLinear,
     alignment_loss,
     branch_cosine,
+    layer_alignment,
     layer_link_count,
     ocr,
     random_mask,
@@ -94,6 +95,34 @@ def test_alignment_ocr_cosine_by_hand() -> None:
     assert ocr(s, low) == pytest.approx(1.0 / 3.0)
     sf, lf = s.flatten(), low.flatten()
     assert branch_cosine(s, low) == pytest.approx(float(sf @ lf / (sf.norm() * lf.norm())), rel=1e-6)
+
+
+@pytest.mark.parametrize("storage", ["masked", "csr"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recomputed_alignment_matches_autograd_of_the_norm(storage: str, autocast: bool) -> None:
+    """The training form (difference recomputed in backward) has the reference's value and gradients."""
+    grads = []
+    for form in ("reference", "recomputed"):
+        layer = make_layer("chtsl", 3, storage=storage)
+        x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            h = layer.lowrank_hidden(x)
+            s, low = layer.sparse_branch(x), layer.lowrank_up(h)
+            term = alignment_loss(s, low) if form == "reference" else layer_alignment(layer, x, h, s, low)
+            (term * 3.0 + (s + low).float().square().mean()).backward()
+        grads.append((term.detach(), x.grad, *(p.grad for p in layer.parameters())))
+    for ref, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_recomputed_alignment_of_equal_branches_has_zero_gradient() -> None:
+    layer = make_layer("chtsl", 0)
+    x = torch.randn(3, 24)
+    s = layer.lowrank_branch(x).detach().requires_grad_()
+    low = s.detach().clone().requires_grad_()
+    layer.sparse_branch = lambda _x: layer.lowrank_branch(_x)  # recompute gives the same equal branches
+    layer_alignment(layer, x, layer.lowrank_hidden(x), s, low).backward()
+    assert s.grad is not None and not s.grad.any() and not low.grad.any()
 
 
 def test_recorder_collects_only_when_asked() -> None:

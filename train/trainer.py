@@ -360,7 +360,10 @@ def build_optimizer(model: torch.nn.Module, lr: float, lowrank_lr_scale: float =
         groups = [{"params": [p for (_, p), low in zip(named, is_lowrank, strict=True) if not low]},
                   {"params": [p for (_, p), low in zip(named, is_lowrank, strict=True) if low],
                    "lr_scale": lowrank_lr_scale}]
-    return optimizer_class(groups, lr=lr, weight_decay=method.weight_decay)
+    # The fused (one kernel per parameter) update is ~10-15 % faster per step on CPU and makes no
+    # parameter-sized temporaries: without it the embedding's alone add ~0.2 GB to peak RSS at 130M.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for _, p in named)
+    return optimizer_class(groups, lr=lr, weight_decay=method.weight_decay, fused=fused or None)
 
 
 def _wrap_ddp(model: torch.nn.Module, info: dist_utils.DistInfo, device: str) -> torch.nn.Module:
