@@ -43,7 +43,7 @@ from chtsl_infer.console import check_output_file, console, write_json
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.methods import DEFAULT_METHOD, DENSE, METHOD_CHOICES, METHODS
 from chtsl_infer.model_dir import resolve_model_dir
-from chtsl_infer.utils import DTYPES, parse_dtype, resolve_device, torch_dtype
+from chtsl_infer.utils import inference_dtype, resolve_device, torch_dtype
 
 MODES = ("forward", "decode")
 
@@ -327,7 +327,7 @@ def bench_command(
     force: Annotated[bool, typer.Option("--force", help="Let --json replace an existing file.")] = False,
 ) -> None:
     """Tokens/s and peak memory per backend, as ratios to the dense model of the same shape."""
-    from chtsl_infer.runtime import BACKENDS
+    from chtsl_infer.runtime import BACKENDS, check_backend_dtype
 
     if mode not in MODES:
         raise ChtslError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
@@ -343,19 +343,14 @@ def bench_command(
         raise ChtslError(f"--timeout must be a positive number of seconds, got {timeout}")
     check_output_file(json_path, force)
     device = resolve_device(device)
-    dtype = parse_dtype(dtype, ("auto", *DTYPES))
-    if dtype == "auto":
-        dtype = "fp32" if device == "cpu" else "bf16"
+    dtype = inference_dtype(dtype, device)
     backends = _split(backend) or ["auto"]
     for b in backends:
         if b not in BACKENDS:
             raise ChtslError(f"unknown backend {b!r}; valid: {', '.join(BACKENDS)}")
         if b == "onnx" and ckpt is None:
             raise ChtslError("backend 'onnx' needs an export directory with model.onnx as CKPT")
-        if b in ("sparse", "auto") and device == "cpu" and dtype == "fp16":
-            raise ChtslError("backend 'sparse' on CPU computes in float32 or bfloat16; use --dtype fp32|bf16")
-        if b == "onnx" and dtype != "fp32":
-            raise ChtslError("backend 'onnx' runs the exported float32 graph; use --dtype fp32")
+        check_backend_dtype(b, device, dtype)
     for m in _split(compare):
         if m not in METHODS:
             raise ChtslError(f"unknown method {m!r} in --compare; valid: {', '.join(METHODS)}")

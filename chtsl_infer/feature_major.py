@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chtsl_infer import kernels
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
 
 
@@ -198,6 +199,9 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
         h = rms_norm(h, inner.norm.weight, inner.norm.variance_epsilon)
         if out is None:
             out = h.new_empty(batch, weight.shape[0])
+        # One row per sequence: a memory-bound GEMV, ~2.5x torch's on CPU (kernels.dense_gemv).
+        if kernels.dense_gemv(weight, h.t(), out):
+            return out
         return torch.mm(h.t(), weight.t(), out=out)
     h = rms_norm(h, inner.norm.weight, inner.norm.variance_epsilon)
     if out is None:

@@ -12,7 +12,7 @@ import typer
 from chtsl_infer.console import console
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.model_dir import resolve_model_dir
-from chtsl_infer.utils import resolve_device
+from chtsl_infer.utils import inference_dtype, resolve_device, torch_dtype
 
 
 def generate_command(
@@ -22,6 +22,7 @@ def generate_command(
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
     backend: Annotated[str, typer.Option(help="auto, dense, sparse or onnx.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (auto: cuda when available).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: CPU fp32, CUDA bf16).")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
 ) -> None:
     """Streams generated text (prefill, then one token per step with a KV cache) and prints tokens/s."""
@@ -29,7 +30,7 @@ def generate_command(
     from transformers import TextStreamer
 
     from chtsl_infer.checkpoint import load_tokenizer
-    from chtsl_infer.runtime import BACKENDS, load_runtime
+    from chtsl_infer.runtime import BACKENDS, check_backend_dtype, load_runtime
 
     if backend not in BACKENDS:
         raise ChtslError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -38,9 +39,11 @@ def generate_command(
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ChtslError(f"--temperature must be >= 0 and finite (0: greedy), got {temperature}")
     device = resolve_device(device)
+    dtype = inference_dtype(dtype, device)
+    check_backend_dtype(backend, device, dtype)
     model_dir = resolve_model_dir(ckpt)
     tokenizer = load_tokenizer(model_dir)
-    rt = load_runtime(model_dir, backend, device)
+    rt = load_runtime(model_dir, backend, device, torch_dtype(dtype))
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise ChtslError("--prompt encodes to no tokens")
@@ -55,5 +58,5 @@ def generate_command(
     seconds = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]
     console.print()
-    console.print(f"{new} tokens in {seconds:.2f} s: {new / seconds:.1f} tokens/s (backend {rt.backend})",
+    console.print(f"{new} tokens in {seconds:.2f} s: {new / seconds:.1f} tokens/s (backend {rt.backend}, {dtype})",
                       highlight=False)

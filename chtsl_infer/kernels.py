@@ -47,11 +47,12 @@ from chtsl_infer.utils import cache_dir
 
 HEADERS = (Path(__file__).with_name("csrc") / "csr_tiles.h",)  # included by SOURCES: part of the cache key
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("spmm.c", "csr_train.c", "spmm_bf16.c", "ch_scores.c"))  # one library
+                for name in ("spmm.c", "csr_train.c", "spmm_bf16.c", "ch_scores.c", "gemv.c"))  # one library
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
 MM_TILE = 32  # tokens per tile of csr_mm_tm (training forward and dx): 4 × 2 AVX2 accumulators, measured best
 SDDMM_TILE = 64  # tokens per tile of csr_sddmm_tm, while its (in × tile) buffer fits SDDMM_TILE_BYTES, else 32
 SDDMM_TILE_BYTES = 256 << 10  # half of a 512 KiB L2
+GEMV_MAX_TOKENS = 4  # dense_gemv serves 1..4 tokens (decoding); more go to torch's GEMM
 GATHER_BELOW = 3  # fewer tokens: per-token gather loop, else 16-token vectors (measured crossover: 2–4)
 FLAG_SETS = (  # tried in order until one compiles
     ("-O3", "-march=native", "-fopenmp"),
@@ -97,7 +98,7 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
                 with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename:
                     tmp_lib = Path(tmp) / target.name  # concurrent first uses never load a partial file
                     run = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(tmp_lib),
-                                          *map(str, SOURCES)],
+                                          *map(str, SOURCES), "-lm"],
                                          capture_output=True, text=True, timeout=120)
                     if run.returncode != 0:
                         errors.append(f"{compiler} {' '.join(flags)}: {run.stderr.strip().splitlines()[-1:]}")
@@ -124,6 +125,11 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
         lib.csr_transpose.restype = i
         lib.ch2_l3n_half.argtypes = [p, p, p, p, i, i, p, i]
         lib.ch2_l3n_half.restype = i
+        for fn in (lib.gemv_f32, lib.gemv_bf16):
+            fn.argtypes = [p, i, i, p, lng, i, p, lng, i]
+            fn.restype = i
+        lib.lowrank_fm.argtypes = [p, i, i, p, lng, lng, i, p, p, p, i, ctypes.c_float, i, p, lng, p]
+        lib.lowrank_fm.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
 
@@ -265,6 +271,60 @@ def torch_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size:
 def spmm_cuda(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
     """`S X` on CUDA with cuSPARSE: x (in, T), csr a (out, in) `torch.sparse_csr_tensor` -> (out, T)."""
     return csr @ x
+
+
+def dense_gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> bool:
+    """out (T, n_out) = x (T, n_in) · weightᵀ for 1 ≤ T ≤ `GEMV_MAX_TOKENS` on CPU (`csrc/gemv.c`).
+
+    weight: (n_out, n_in) contiguous fp32 or bf16; x: fp32 or bf16 (read as fp32); out: fp32 or bf16
+    with contiguous rows. Sums in fp32. Returns False (nothing written) where the compiled kernel
+    does not apply: another device, more tokens, other dtypes, no compiler; callers then use torch.
+    """
+    n_tok = x.shape[0]
+    if not (1 <= n_tok <= GEMV_MAX_TOKENS and weight.device.type == x.device.type == out.device.type == "cpu"
+            and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
+            and x.dtype in (torch.float32, torch.bfloat16) and out.dtype in (torch.float32, torch.bfloat16)
+            and out.shape == (n_tok, weight.shape[0]) and out.stride(1) == 1):
+        return False
+    lib, _ = _library()
+    if lib is None:
+        return False
+    x = x.float().contiguous()
+    y = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
+    fn = lib.gemv_f32 if weight.dtype == torch.float32 else lib.gemv_bf16
+    if fn(weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(), x.stride(0), n_tok, y.data_ptr(),
+          y.stride(0), torch.get_num_threads()):
+        return False
+    if y is not out:
+        out.copy_(y)
+    return True
+
+
+LOWRANK_ACTIVATIONS = {"silu": 0, "relu": 1, "gelu": 2, "identity": 3}  # csrc/gemv.c's `act` codes
+
+
+def lowrank_fm(lora_a: torch.Tensor, x: torch.Tensor, lora_bt: torch.Tensor, shapes: torch.Tensor, scale: float,
+               activation: str, y: torch.Tensor) -> bool:
+    """y (Σ out_m, T) += scale · B_m act(A_m x) for every member m of a fused group, T ≤ `GEMV_MAX_TOKENS`.
+
+    lora_a: (Σ r_m, in) the members' A stacked; x: (in, T) feature-major, any strides; lora_bt:
+    (Σ r_m·out_m,) the members' Bᵀ blocks (r_m × out_m) flattened one after the other; shapes: int32
+    (2, members) of out_m and r_m; y: (Σ out_m, T) with contiguous rows. CPU float32 only
+    (`csrc/gemv.c`); returns False, nothing written, where it does not apply (the caller uses torch).
+    """
+    n_tok = x.shape[1]
+    if not (1 <= n_tok <= GEMV_MAX_TOKENS and x.dtype == lora_a.dtype == y.dtype == torch.float32
+            and x.device.type == "cpu" and y.stride(1) == 1 and activation in LOWRANK_ACTIVATIONS):
+        return False
+    lib, _ = _library()
+    if lib is None:
+        return False
+    n_rank, n_in = lora_a.shape
+    scratch = torch.empty(n_tok * (n_in + n_rank) + y.shape[0], dtype=torch.float32)  # y.shape[0] ≥ any out_m
+    return not lib.lowrank_fm(lora_a.data_ptr(), n_rank, n_in, x.data_ptr(), x.stride(0), x.stride(1), n_tok,
+                              lora_bt.data_ptr(), shapes[0].data_ptr(), shapes[1].data_ptr(), shapes.shape[1],
+                              scale, LOWRANK_ACTIVATIONS[activation], y.data_ptr(), y.stride(0),
+                              scratch.data_ptr())
 
 
 # --- Training kernels (token-major, differentiable through chtsl_infer.csr.csr_linear) ---------------

@@ -53,7 +53,8 @@ class FusedLinears(nn.Module):
     Buffers (present parts only): `weight` (Σout, in) dense S or dense-method weight; `crow`,
     `col`, `values`, `rows` the CSR of S with the members' rows stacked, stored by link count
     (`rows`: stored row -> output row; CPU sparse backend); `lora_A`
-    (Σr, in); `lora_B_<m>` (out_m, r_m). Members fetch their slice through `member(i, x)`,
+    (Σr, in); `lora_Bt` the members' Bᵀ (r_m, out_m) blocks flattened back to back, `lowrank_shapes`
+    int32 (2, members) their out_m and r_m. Members fetch their slice through `member(i, x)`,
     which computes the whole group once per distinct input tensor.
     """
 
@@ -101,10 +102,12 @@ class FusedLinears(nn.Module):
         if first.has_lowrank:
             self.ranks = [lin.lora_A.shape[0] for lin in linears]
             self.register_buffer("lora_A", torch.cat([lin.lora_A for lin in linears]).to(device, dtype))
-            for i, lin in enumerate(linears):
-                self.register_buffer(f"lora_B_{i}", lin.lora_B.to(device, dtype).contiguous())
+            # The members' Bᵀ (r_m × out_m) flattened back to back: the decode kernel's layout.
+            bt = torch.cat([lin.lora_B.t().reshape(-1) for lin in linears])
+            self.register_buffer("lora_Bt", bt.to(device, dtype))
+            self.register_buffer("lowrank_shapes", torch.tensor([self.outs, self.ranks], dtype=torch.int32))
         else:
-            self.lora_A = None
+            self.lora_A = self.lora_Bt = None
         self._x: torch.Tensor | None = None
         self._parts: list[torch.Tensor | None] = []
 
@@ -126,14 +129,16 @@ class FusedLinears(nn.Module):
             y = torch.mm(self.weight, x, out=out)
         else:
             y = out.zero_()
-        if self.lora_A is not None:
+        if self.lora_A is not None and not kernels.lowrank_fm(self.lora_A, x, self.lora_Bt, self.lowrank_shapes,
+                                                               self.scale, self.activation, y):
             h = self.lora_A @ x  # (Σr, T)
             h = F.silu(h, inplace=True) if self.activation == "silu" else activation_fn(self.activation, h)
-            r0 = 0
+            r0 = b0 = 0
             for i, r in enumerate(self.ranks):
-                y[self.offsets[i]:self.offsets[i + 1]].addmm_(getattr(self, f"lora_B_{i}"), h[r0:r0 + r],
-                                                              alpha=self.scale)
-                r0 += r
+                n_out = self.outs[i]
+                bt = self.lora_Bt[b0:b0 + n_out * r].view(r, n_out)
+                y[self.offsets[i]:self.offsets[i + 1]].addmm_(bt.t(), h[r0:r0 + r], alpha=self.scale)
+                r0, b0 = r0 + r, b0 + n_out * r
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +175,14 @@ class FusedMember(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.member(self.index, x)
+
+
+def check_backend_dtype(backend: str, device: str, dtype: str) -> None:
+    """Raises ChtslError where `backend` cannot compute in `dtype` ("fp32", "bf16", "fp16") on `device`."""
+    if backend in ("sparse", "auto") and device == "cpu" and dtype == "fp16":
+        raise ChtslError("backend 'sparse' on CPU computes in float32 or bfloat16; use --dtype fp32|bf16")
+    if backend == "onnx" and dtype != "fp32":
+        raise ChtslError("backend 'onnx' runs the exported float32 graph; use --dtype fp32")
 
 
 def resolve_backend(backend: str, packed: PackedModel | None, device: torch.device) -> str:
@@ -542,5 +555,5 @@ def _onnx_runtime(model_dir: ModelDir, device: torch.device, dtype: torch.dtype)
                    model_bytes=onnx_file.stat().st_size)
 
 
-__all__ = ["BACKENDS", "FusedLinears", "Runtime", "build_model", "from_packed", "load_runtime",
+__all__ = ["BACKENDS", "FusedLinears", "Runtime", "build_model", "check_backend_dtype", "from_packed", "load_runtime",
            "random_packed", "resident_bytes", "resolve_backend", "load_packed_any"]

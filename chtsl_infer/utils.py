@@ -110,6 +110,12 @@ def parse_dtype(value: str, choices: tuple[str, ...] = DTYPES, what: str = "dtyp
     return name
 
 
+def inference_dtype(value: str, device: str) -> str:
+    """The canonical `--dtype` of an inference command: `value` parsed, `auto` = fp32 on CPU, bf16 on CUDA."""
+    name = parse_dtype(value, ("auto", *DTYPES))
+    return ("fp32" if device == "cpu" else "bf16") if name == "auto" else name
+
+
 def torch_dtype(name: str):  # -> torch.dtype
     """The torch dtype of a canonical `--dtype` name (`parse_dtype`)."""
     import torch

@@ -131,7 +131,11 @@ def test_generate_streams_text_and_reports_speed(tiny_checkpoint: Path) -> None:
                 "--backend", "sparse")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("The def statement")
-    assert "tokens/s (backend sparse)" in proc.stdout
+    assert "tokens/s (backend sparse, fp32)" in proc.stdout
+    proc = _run("generate", str(tiny_checkpoint), "--prompt", "The def statement", "--max-new-tokens", "6",
+                "--backend", "sparse", "--dtype", "bf16")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The def statement") and "tokens/s (backend sparse, bf16)" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -142,6 +146,9 @@ def test_generate_streams_text_and_reports_speed(tiny_checkpoint: Path) -> None:
         (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
         (["--max-new-tokens", "100000"], "exceeds the model's"),
         (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--dtype", "int8"], "unknown dtype 'int8'"),
+        (["--dtype", "fp16", "--backend", "sparse"], "computes in float32 or bfloat16"),
+        (["--dtype", "bf16", "--backend", "onnx"], "use --dtype fp32"),
     ],
 )
 def test_generate_bad_input(tiny_checkpoint: Path, extra: list[str], message: str,

@@ -271,3 +271,56 @@ def test_bf16_kernel_path_is_selected_at_compile_time() -> None:
         pytest.skip("the compiler does not know -mavx512bf16")
     assert run.returncode == 0, run.stderr
     assert "vdpbf16ps" in run.stdout
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_tok", [1, 2, 3, 4])
+@pytest.mark.parametrize("n_in", [512, 77, 16])  # whole 64-blocks, 16-blocks and a scalar tail, 16 only
+def test_dense_gemv_matches_matmul(w_dtype: torch.dtype, n_tok: int, n_in: int) -> None:
+    """The decoding GEMV (lm_head) equals x Wᵀ computed in fp32 from the same (bf16-exact) values."""
+    g = torch.Generator().manual_seed(n_tok * n_in)
+    w = torch.randn(301, n_in, generator=g).to(w_dtype)
+    x = torch.randn(n_tok, n_in, generator=g)
+    out = torch.full((n_tok, 301), float("nan"))
+    assert kernels.dense_gemv(w, x, out)
+    ref = x.double() @ w.double().t()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    out_bf16 = torch.empty(n_tok, 301, dtype=torch.bfloat16)  # bf16 logits: the fp32 sums rounded once
+    assert kernels.dense_gemv(w, x.bfloat16(), out_bf16)
+    torch.testing.assert_close(out_bf16, (x.bfloat16().double() @ w.double().t()).bfloat16(), rtol=8e-3, atol=1e-2)
+
+
+def test_dense_gemv_declines_what_it_does_not_serve() -> None:
+    """False and nothing written: the caller then uses torch's matmul."""
+    w = torch.randn(8, 32)
+    cases = [(w, torch.randn(5, 32), torch.full((5, 8), float("nan"))),  # more than GEMV_MAX_TOKENS
+             (w.half(), torch.randn(1, 32), torch.full((1, 8), float("nan"))),  # fp16 weights
+             (w.t(), torch.randn(1, 8), torch.full((1, 32), float("nan"))),  # non-contiguous weight
+             (w, torch.randn(1, 32), torch.full((1, 7), float("nan")))]  # wrong out shape
+    for weight, x, out in cases:
+        assert not kernels.dense_gemv(weight, x, out)
+        assert out.isnan().all()
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu", "gelu", "identity"])
+@pytest.mark.parametrize("n_tok", [1, 2, 4])
+def test_lowrank_decode_kernel_matches_torch(activation: str, n_tok: int) -> None:
+    """y += scale · B_m act(A_m x) per member (the decode path of a fused group) equals torch's products."""
+    from chtsl_infer.layers import activation_fn
+
+    g = torch.Generator().manual_seed(n_tok)
+    outs, ranks, n_in = [40, 24, 19], [5, 3, 7], 70  # output tails, odd ranks, a scalar input tail
+    a = torch.randn(sum(ranks), n_in, generator=g)
+    bs = [torch.randn(o, r, generator=g) for o, r in zip(outs, ranks, strict=True)]
+    x = torch.randn(n_tok, n_in, generator=g).t()  # feature-major view with strided tokens
+    y0 = torch.randn(sum(outs), n_tok, generator=g)
+    y = y0.clone()
+    shapes = torch.tensor([outs, ranks], dtype=torch.int32)
+    assert kernels.lowrank_fm(a, x, torch.cat([b.t().reshape(-1) for b in bs]), shapes, 0.5, activation, y)
+    h, ref, r0, o0 = activation_fn(activation, a @ x), y0.clone(), 0, 0
+    for o, r, b in zip(outs, ranks, bs, strict=True):
+        ref[o0:o0 + o] += 0.5 * b @ h[r0:r0 + r]
+        r0, o0 = r0 + r, o0 + o
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert not kernels.lowrank_fm(a, torch.randn(n_in, 5), a.new_empty(0), shapes, 0.5, activation,
+                                  torch.empty(sum(outs), 5))  # prefill widths go to torch

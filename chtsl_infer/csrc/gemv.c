@@ -1,0 +1,159 @@
+/* Dense matrix times a few vectors, for decoding: Y[t, o] = Σ_i W[o, i] · X[t, i], t < n_tok ≤ 4.
+ * W (n_out × n_in) row-major, fp32 (gemv_f32) or bf16 bit patterns (gemv_bf16); X (n_tok × n_in)
+ * fp32 with contiguous rows; Y fp32 at y[t * ldy + o]. Sums in fp32.
+ *
+ * Decoding one token reads every weight once: the lm_head alone is 65 MB (llama60m) to 262 MB
+ * (llama1b) per token, so this is a memory-bound loop. torch's fp32 GEMV (MKL) reads 5.3 GB/s on 2
+ * AMD EPYC cores where a plain sum reads 13.4 GB/s, and its bf16 matmul with one row 2.3 GB/s; this
+ * kernel streams W once, rows split over the OpenMP threads, with n_tok × 4 vector accumulators
+ * of 8 floats per row.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float g8 __attribute__((vector_size(32)));
+typedef float g8u __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t h8u __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t u8v __attribute__((vector_size(32)));
+
+static inline g8 load8_f32(const float *p) { return *(const g8u *)p; }
+
+static inline g8 load8_bf16(const uint16_t *p) {
+  u8v wide = __builtin_convertvector(*(const h8u *)p, u8v) << 16;
+  g8 f;
+  memcpy(&f, &wide, sizeof f);
+  return f;
+}
+
+static inline float hsum8(g8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+static inline float bf_scalar(uint16_t b) {
+  uint32_t u = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+/* One output row for NT tokens, 8-float vectors (one ymm; small enough that the NT × 4 accumulators
+ * stay in registers: 16-float ones spilled to the stack with AVX2 and ran 5× slower). */
+#define ROW(NAME, W_T, LOAD, SCALAR, NT)                                                              \
+  static void NAME(const W_T *w, const float *x, long ldx, int n_in, float *y, long ldy) {           \
+    g8 a[NT], b[NT], c[NT], d[NT];                                                                    \
+    for (int t = 0; t < NT; t++) a[t] = b[t] = c[t] = d[t] = (g8){0};                                 \
+    int i = 0;                                                                                        \
+    for (; i + 32 <= n_in; i += 32) {                                                                 \
+      g8 w0 = LOAD(w + i), w1 = LOAD(w + i + 8), w2 = LOAD(w + i + 16), w3 = LOAD(w + i + 24);        \
+      for (int t = 0; t < NT; t++) {                                                                  \
+        const float *xt = x + t * ldx + i;                                                            \
+        a[t] += w0 * load8_f32(xt);                                                                   \
+        b[t] += w1 * load8_f32(xt + 8);                                                               \
+        c[t] += w2 * load8_f32(xt + 16);                                                              \
+        d[t] += w3 * load8_f32(xt + 24);                                                              \
+      }                                                                                               \
+    }                                                                                                 \
+    for (; i + 8 <= n_in; i += 8) {                                                                   \
+      g8 w0 = LOAD(w + i);                                                                            \
+      for (int t = 0; t < NT; t++) a[t] += w0 * load8_f32(x + t * ldx + i);                           \
+    }                                                                                                 \
+    for (int t = 0; t < NT; t++) {                                                                    \
+      float s = hsum8((a[t] + b[t]) + (c[t] + d[t]));                                                 \
+      for (int j = i; j < n_in; j++) s += SCALAR(w[j]) * x[t * ldx + j];                              \
+      y[t * ldy] = s;                                                                                 \
+    }                                                                                                 \
+  }
+
+#define AS_FLOAT(v) (v)
+#define KERNELS(SUFFIX, W_T, LOAD, SCALAR)                                                            \
+  ROW(row1_##SUFFIX, W_T, LOAD, SCALAR, 1)                                                            \
+  ROW(row2_##SUFFIX, W_T, LOAD, SCALAR, 2)                                                            \
+  ROW(row3_##SUFFIX, W_T, LOAD, SCALAR, 3)                                                            \
+  ROW(row4_##SUFFIX, W_T, LOAD, SCALAR, 4)                                                            \
+  int gemv_##SUFFIX(const W_T *w, int n_out, int n_in, const float *x, long ldx, int n_tok, float *y,  \
+                    long ldy, int threads) {                                                          \
+    if (n_tok < 1 || n_tok > 4) return 1;                                                             \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                 \
+    for (int o = 0; o < n_out; o++) {                                                                 \
+      const W_T *row = w + (long)o * n_in;                                                            \
+      switch (n_tok) {                                                                                \
+        case 1: row1_##SUFFIX(row, x, ldx, n_in, y + o, ldy); break;                                  \
+        case 2: row2_##SUFFIX(row, x, ldx, n_in, y + o, ldy); break;                                  \
+        case 3: row3_##SUFFIX(row, x, ldx, n_in, y + o, ldy); break;                                  \
+        default: row4_##SUFFIX(row, x, ldx, n_in, y + o, ldy); break;                                 \
+      }                                                                                               \
+    }                                                                                                 \
+    return 0;                                                                                         \
+  }
+
+KERNELS(f32, float, load8_f32, AS_FLOAT)
+KERNELS(bf16, uint16_t, load8_bf16, bf_scalar)
+
+/* The low-rank branch of a fused group for a few tokens (decoding), added into the group's output:
+ *
+ *     Y[o, t] += scale · Σ_j Bt_m[j, o - off_m] · act(Σ_i A[r0_m + j, i] · X[i, t])
+ *
+ * A (R × n_in) row-major, the members' A stacked (R = Σ r_m); Bt the members' Bᵀ blocks (r_m × out_m,
+ * row-major) one after the other, so the second product is r_m vector updates of contiguous
+ * outputs (no horizontal sums over a short rank); X element (i, t) at x[i * sx_in + t * sx_tok];
+ * Y (Σ out_m × n_tok) feature-major, element (o, t) at y[o * ldy + t]. One thread: a group is
+ * 10⁴–10⁶ multiply-adds here, less than an OpenMP fork/join costs; the point is replacing the 4–6
+ * small torch calls (~15 µs each) the same work takes from Python. `scratch`: n_tok × (n_in + R)
+ * + max(out_m) floats. act: 0 silu, 1 relu, 2 gelu (erf), 3 identity. Returns 1 for n_tok outside 1..4.
+ */
+static inline float activate(float v, int act) {
+  switch (act) {
+    case 0: return v / (1.0f + expf(-v));
+    case 1: return v > 0.0f ? v : 0.0f;
+    case 2: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    default: return v;
+  }
+}
+
+int lowrank_fm(const float *a, int n_rank, int n_in, const float *x, long sx_in, long sx_tok, int n_tok,
+               const float *bt, const int32_t *outs, const int32_t *ranks, int n_members, float scale, int act,
+               float *y, long ldy, float *scratch) {
+  if (n_tok < 1 || n_tok > 4) return 1;
+  float *xt = scratch, *h = xt + (long)n_tok * n_in, *acc = h + (long)n_tok * n_rank;
+  for (int t = 0; t < n_tok; t++) /* X token-major (n_tok × n_in), h token-major (n_tok × R) */
+    for (int i = 0; i < n_in; i++) xt[(long)t * n_in + i] = x[i * sx_in + t * sx_tok];
+  float tmp[4];
+  for (int j = 0; j < n_rank; j++) {
+    const float *row = a + (long)j * n_in;
+    switch (n_tok) {
+      case 1: row1_f32(row, xt, n_in, n_in, tmp, 1); break;
+      case 2: row2_f32(row, xt, n_in, n_in, tmp, 1); break;
+      case 3: row3_f32(row, xt, n_in, n_in, tmp, 1); break;
+      default: row4_f32(row, xt, n_in, n_in, tmp, 1); break;
+    }
+    for (int t = 0; t < n_tok; t++) h[(long)t * n_rank + j] = scale * activate(tmp[t], act);
+  }
+  long o0 = 0, r0 = 0;
+  for (int m = 0; m < n_members; m++) {
+    int n_out = outs[m], r = ranks[m];
+    for (int t = 0; t < n_tok; t++) {
+      const float *ht = h + (long)t * n_rank + r0;
+      int o = 0;
+      for (; o + 16 <= n_out; o += 16) {
+        g8 s0 = (g8){0}, s1 = (g8){0};
+        for (int j = 0; j < r; j++) {
+          const float *row = bt + (long)j * n_out + o;
+          s0 += ht[j] * load8_f32(row);
+          s1 += ht[j] * load8_f32(row + 8);
+        }
+        memcpy(acc + o, &s0, sizeof s0);
+        memcpy(acc + o + 8, &s1, sizeof s1);
+      }
+      for (; o < n_out; o++) {
+        float s = 0.0f;
+        for (int j = 0; j < r; j++) s += ht[j] * bt[(long)j * n_out + o];
+        acc[o] = s;
+      }
+      float *out = y + o0 * ldy + t;
+      for (o = 0; o < n_out; o++) out[o * ldy] += acc[o];
+    }
+    bt += (long)n_out * r;
+    o0 += n_out;
+    r0 += r;
+  }
+  return 0;
+}
