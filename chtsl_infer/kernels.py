@@ -128,7 +128,7 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
         for fn in (lib.gemv_f32, lib.gemv_bf16):
             fn.argtypes = [p, i, i, p, lng, i, p, lng, i]
             fn.restype = i
-        lib.lowrank_fm.argtypes = [p, i, i, p, lng, lng, i, p, p, p, i, ctypes.c_float, i, p, lng, p]
+        lib.lowrank_fm.argtypes = [p, i, i, p, lng, lng, i, p, p, p, i, ctypes.c_float, i, p, lng, p, i]
         lib.lowrank_fm.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
@@ -320,11 +320,11 @@ def lowrank_fm(lora_a: torch.Tensor, x: torch.Tensor, lora_bt: torch.Tensor, sha
     if lib is None:
         return False
     n_rank, n_in = lora_a.shape
-    scratch = torch.empty(n_tok * (n_in + n_rank) + y.shape[0], dtype=torch.float32)  # y.shape[0] ≥ any out_m
+    scratch = torch.empty(n_tok * (n_in + n_rank), dtype=torch.float32)
     return not lib.lowrank_fm(lora_a.data_ptr(), n_rank, n_in, x.data_ptr(), x.stride(0), x.stride(1), n_tok,
                               lora_bt.data_ptr(), shapes[0].data_ptr(), shapes[1].data_ptr(), shapes.shape[1],
                               scale, LOWRANK_ACTIVATIONS[activation], y.data_ptr(), y.stride(0),
-                              scratch.data_ptr())
+                              scratch.data_ptr(), torch.get_num_threads())
 
 
 # --- Training kernels (token-major, differentiable through chtsl_infer.csr.csr_linear) ---------------

@@ -95,10 +95,11 @@ KERNELS(bf16, uint16_t, load8_bf16, bf_scalar)
  * A (R × n_in) row-major, the members' A stacked (R = Σ r_m); Bt the members' Bᵀ blocks (r_m × out_m,
  * row-major) one after the other, so the second product is r_m vector updates of contiguous
  * outputs (no horizontal sums over a short rank); X element (i, t) at x[i * sx_in + t * sx_tok];
- * Y (Σ out_m × n_tok) feature-major, element (o, t) at y[o * ldy + t]. One thread: a group is
- * 10⁴–10⁶ multiply-adds here, less than an OpenMP fork/join costs; the point is replacing the 4–6
- * small torch calls (~15 µs each) the same work takes from Python. `scratch`: n_tok × (n_in + R)
- * + max(out_m) floats. act: 0 silu, 1 relu, 2 gelu (erf), 3 identity. Returns 1 for n_tok outside 1..4.
+ * Y (Σ out_m × n_tok) feature-major, element (o, t) at y[o * ldy + t]. It replaces the 4–6 small
+ * torch calls (~15 µs each) the same work takes from Python; groups under 2¹⁸ multiply-adds
+ * (llama60m) run on one thread, where an OpenMP fork/join would cost more than the work, larger
+ * ones (llama1b: 8·10⁵) split A's rows, then B's 16-row blocks, over `threads`. `scratch`:
+ * n_tok × (n_in + R) floats. act: 0 silu, 1 relu, 2 gelu (erf), 3 identity. Returns 1 for n_tok outside 1..4.
  */
 static inline float activate(float v, int act) {
   switch (act) {
@@ -109,51 +110,76 @@ static inline float activate(float v, int act) {
   }
 }
 
+/* Y rows o0 + o .. o0 + o + width of one member for every token, from its Bᵀ columns o.. (width ≤ 16). */
+static inline void lowrank_block(const float *bt, int n_out, int r, const float *h, long ldh, int n_tok, int o,
+                                 int width, float *y, long ldy) {
+  float acc[4][16];
+  if (width == 16) {
+    g8 s0[4], s1[4];
+    for (int t = 0; t < n_tok; t++) s0[t] = s1[t] = (g8){0};
+    for (int j = 0; j < r; j++) {
+      const float *row = bt + (long)j * n_out + o;
+      g8 w0 = load8_f32(row), w1 = load8_f32(row + 8);
+      for (int t = 0; t < n_tok; t++) {
+        float hj = h[t * ldh + j];
+        s0[t] += hj * w0;
+        s1[t] += hj * w1;
+      }
+    }
+    for (int t = 0; t < n_tok; t++) {
+      memcpy(acc[t], &s0[t], sizeof s0[t]);
+      memcpy(acc[t] + 8, &s1[t], sizeof s1[t]);
+    }
+  } else {
+    for (int t = 0; t < n_tok; t++)
+      for (int k = 0; k < width; k++) {
+        float s = 0.0f;
+        for (int j = 0; j < r; j++) s += h[t * ldh + j] * bt[(long)j * n_out + o + k];
+        acc[t][k] = s;
+      }
+  }
+  for (int k = 0; k < width; k++)
+    for (int t = 0; t < n_tok; t++) y[(long)(o + k) * ldy + t] += acc[t][k];
+}
+
 int lowrank_fm(const float *a, int n_rank, int n_in, const float *x, long sx_in, long sx_tok, int n_tok,
                const float *bt, const int32_t *outs, const int32_t *ranks, int n_members, float scale, int act,
-               float *y, long ldy, float *scratch) {
+               float *y, long ldy, float *scratch, int threads) {
   if (n_tok < 1 || n_tok > 4) return 1;
-  float *xt = scratch, *h = xt + (long)n_tok * n_in, *acc = h + (long)n_tok * n_rank;
-  for (int t = 0; t < n_tok; t++) /* X token-major (n_tok × n_in), h token-major (n_tok × R) */
+  float *xt = scratch, *h = xt + (long)n_tok * n_in; /* X token-major (n_tok × n_in), h token-major (n_tok × R) */
+  for (int t = 0; t < n_tok; t++)
     for (int i = 0; i < n_in; i++) xt[(long)t * n_in + i] = x[i * sx_in + t * sx_tok];
-  float tmp[4];
-  for (int j = 0; j < n_rank; j++) {
-    const float *row = a + (long)j * n_in;
-    switch (n_tok) {
-      case 1: row1_f32(row, xt, n_in, n_in, tmp, 1); break;
-      case 2: row2_f32(row, xt, n_in, n_in, tmp, 1); break;
-      case 3: row3_f32(row, xt, n_in, n_in, tmp, 1); break;
-      default: row4_f32(row, xt, n_in, n_in, tmp, 1); break;
-    }
-    for (int t = 0; t < n_tok; t++) h[(long)t * n_rank + j] = scale * activate(tmp[t], act);
-  }
-  long o0 = 0, r0 = 0;
-  for (int m = 0; m < n_members; m++) {
-    int n_out = outs[m], r = ranks[m];
-    for (int t = 0; t < n_tok; t++) {
-      const float *ht = h + (long)t * n_rank + r0;
-      int o = 0;
-      for (; o + 16 <= n_out; o += 16) {
-        g8 s0 = (g8){0}, s1 = (g8){0};
-        for (int j = 0; j < r; j++) {
-          const float *row = bt + (long)j * n_out + o;
-          s0 += ht[j] * load8_f32(row);
-          s1 += ht[j] * load8_f32(row + 8);
-        }
-        memcpy(acc + o, &s0, sizeof s0);
-        memcpy(acc + o + 8, &s1, sizeof s1);
+  long work = (long)n_rank * n_in;
+  for (int m = 0; m < n_members; m++) work += (long)outs[m] * ranks[m];
+  int n_threads = work >= (1L << 18) ? threads : 1; /* small groups (llama60m): a fork/join costs more */
+  (void)n_threads;
+#pragma omp parallel num_threads(n_threads)
+  {
+    float tmp[4];
+#pragma omp for schedule(static)
+    for (int j = 0; j < n_rank; j++) {
+      const float *row = a + (long)j * n_in;
+      switch (n_tok) {
+        case 1: row1_f32(row, xt, n_in, n_in, tmp, 1); break;
+        case 2: row2_f32(row, xt, n_in, n_in, tmp, 1); break;
+        case 3: row3_f32(row, xt, n_in, n_in, tmp, 1); break;
+        default: row4_f32(row, xt, n_in, n_in, tmp, 1); break;
       }
-      for (; o < n_out; o++) {
-        float s = 0.0f;
-        for (int j = 0; j < r; j++) s += ht[j] * bt[(long)j * n_out + o];
-        acc[o] = s;
+      for (int t = 0; t < n_tok; t++) h[(long)t * n_rank + j] = scale * activate(tmp[t], act);
+    } /* implicit barrier: h is complete */
+    const float *b = bt;
+    long o0 = 0, r0 = 0;
+    for (int m = 0; m < n_members; m++) { /* members write disjoint rows of Y: no barrier between them */
+      int n_out = outs[m], r = ranks[m];
+#pragma omp for schedule(static) nowait
+      for (int blk = 0; blk < (n_out + 15) / 16; blk++) {
+        int o = blk * 16;
+        lowrank_block(b, n_out, r, h + r0, n_rank, n_tok, o, n_out - o < 16 ? n_out - o : 16, y + o0 * ldy, ldy);
       }
-      float *out = y + o0 * ldy + t;
-      for (o = 0; o < n_out; o++) out[o * ldy] += acc[o];
+      b += (long)n_out * r;
+      o0 += n_out;
+      r0 += r;
     }
-    bt += (long)n_out * r;
-    o0 += n_out;
-    r0 += r;
   }
   return 0;
 }
