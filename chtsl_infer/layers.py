@@ -318,7 +318,7 @@ class _RecomputedAlignment(torch.autograd.Function):
     Autograd's norm keeps the (B, seq, out) fp32 difference of every aligned layer from forward to
     backward: ~0.2 GB at llama130m with micro-batch 2 × 256, the largest extra activation of CHTsL
     over act. Recomputing S x and B h in backward (from x and h = σ(A x), which the branches' own
-    backward keeps anyway) costs one sparse product and one rank-r GEMM per layer: measured +7-10 %
+    backward keeps anyway) costs one sparse product and one rank-r GEMM per layer: measured +7-13 %
     of a llama130m csr step on 2 cores, for 0.74× instead of ~0.82× dense's peak RSS.
     """
 
