@@ -139,7 +139,7 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
     batch, seq = input_ids.shape
     n_tok = batch * seq
     n_heads, n_kv, head_dim = _head_dims(cfg)
-    q_rows, kv_rows = n_heads * head_dim, n_kv * head_dim
+    q_rows = n_heads * head_dim
     start = 0 if cache is None else cache.length
     end = start + seq
     if cache is not None and (end > cache.capacity or batch != cache.batch):
@@ -154,38 +154,31 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
     mask = None
     if cache is not None and start > 0 and seq > 1:  # a chunk after cached tokens: causal with an offset
         mask = torch.ones(seq, end, dtype=torch.bool, device=h.device).tril_(start)
+    # A few tokens with a cache (decoding): the glue between the linears in C, one call each (csrc/decode.c).
+    lib = kernels.decode_kernels(h, cache.key[0]) if cache is not None and n_tok <= kernels.GEMV_MAX_TOKENS else None
     for i, layer in enumerate(inner.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        x = rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        x = _norm(lib, h, layer.input_layernorm)
         qkv = attn.q_proj.group.forward_fm(x)  # (q_rows + 2 kv_rows, T)
         del x
-        # (batch, heads, seq, head_dim) copies: SDPA's fused CPU kernel needs contiguous head rows
-        # (on strided views it falls back to the unfused math path, ≈ 1.6× slower here).
-        q = rotate(qkv[:q_rows].view(n_heads, head_dim, batch, seq), cos, sin).permute(2, 0, 3, 1).contiguous()
-        k = rotate(qkv[q_rows:q_rows + kv_rows].view(n_kv, head_dim, batch, seq), cos, sin).permute(2, 0, 3, 1)
-        v = qkv[q_rows + kv_rows:].view(n_kv, head_dim, batch, seq).permute(2, 0, 3, 1)
-        if cache is None:
-            k, v = k.contiguous(), v.contiguous()
-        else:  # into the preallocated cache; attend to everything cached so far
-            cache.key[i][:, :, start:end] = k
-            cache.value[i][:, :, start:end] = v
-            if start > 0:
-                k, v = cache.key[i][:, :, :end], cache.value[i][:, :, :end]
-            else:
-                k, v = k.contiguous(), v.contiguous()
+        if lib is not None:
+            assert cache is not None
+            o = kernels.attention_decode(lib, qkv, cache.key[i], cache.value[i], cache.cos, cache.sin, start, seq,
+                                         n_heads, attn.scaling, h.new_empty(q_rows, n_tok))
+        else:
+            o = _attention(qkv, cos, sin, cache, i, start, end, mask, batch, seq, (n_heads, n_kv, head_dim),
+                           attn.scaling)
         del qkv
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
-                                           scale=attn.scaling, enable_gqa=n_kv != n_heads)
-        del q, k, v
-        o = o.permute(1, 3, 0, 2).reshape(q_rows, n_tok)  # back to (heads·head_dim, T)
         h += attn.o_proj.group.forward_fm(o)
         del o
-        x = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        x = _norm(lib, h, layer.post_attention_layernorm)
         group = mlp.gate_proj.group
         gate_up = group.forward_fm(x, out=_buffer(workspace, "gate_up", (group.offsets[-1], n_tok), h))  # (2·ffn, T)
         del x
         ffn = gate_up.shape[0] // 2
-        if isinstance(mlp.act_fn, nn.SiLU):  # in place: no (ffn, T) allocation
+        if lib is not None and isinstance(mlp.act_fn, nn.SiLU):
+            act = kernels.silu_mul_fm(lib, gate_up)
+        elif isinstance(mlp.act_fn, nn.SiLU):  # in place: no (ffn, T) allocation
             act = F.silu(gate_up[:ffn], inplace=True).mul_(gate_up[ffn:])
         else:
             act = mlp.act_fn(gate_up[:ffn]).mul_(gate_up[ffn:])
@@ -195,8 +188,7 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
         cache.length = end
     weight = model.lm_head.weight
     if last_only:  # logits of each sequence's last position only: (H, batch)
-        h = h.view(-1, batch, seq)[:, :, -1]
-        h = rms_norm(h, inner.norm.weight, inner.norm.variance_epsilon)
+        h = _norm(lib, h.view(-1, batch, seq)[:, :, -1], inner.norm)
         if out is None:
             out = h.new_empty(batch, weight.shape[0])
         # One row per sequence: a memory-bound GEMV, ~2.5x torch's on CPU (kernels.dense_gemv).
@@ -208,6 +200,39 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
         out = h.new_empty(batch, seq, weight.shape[0])
     torch.mm(h.t(), weight.t(), out=out.view(n_tok, -1))  # reads h transposed: no copy
     return out
+
+
+def _norm(lib, h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """A LlamaRMSNorm module applied to feature-major h (H, T): the C kernel where `lib` (decoding), else torch."""
+    if lib is None:
+        return rms_norm(h, norm.weight, norm.variance_epsilon)
+    return kernels.rms_norm_fm(lib, h, norm.weight, norm.variance_epsilon, torch.empty_like(h))
+
+
+def _attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, i: int, start: int,
+               end: int, mask: torch.Tensor | None, batch: int, seq: int, heads: tuple[int, int, int],
+               scale: float) -> torch.Tensor:
+    """Block i's attention with torch: qkv (q_rows + 2 kv_rows, T) -> (q_rows, T), RoPE applied, the
+    new keys/values written into `cache` at [start, end) when there is one. heads: (heads, kv heads, head_dim)."""
+    n_heads, n_kv, head_dim = heads
+    q_rows, kv_rows = n_heads * head_dim, n_kv * head_dim
+    # (batch, heads, seq, head_dim) copies: SDPA's fused CPU kernel needs contiguous head rows
+    # (on strided views it falls back to the unfused math path, ≈ 1.6× slower here).
+    q = rotate(qkv[:q_rows].view(n_heads, head_dim, batch, seq), cos, sin).permute(2, 0, 3, 1).contiguous()
+    k = rotate(qkv[q_rows:q_rows + kv_rows].view(n_kv, head_dim, batch, seq), cos, sin).permute(2, 0, 3, 1)
+    v = qkv[q_rows + kv_rows:].view(n_kv, head_dim, batch, seq).permute(2, 0, 3, 1)
+    if cache is None:
+        k, v = k.contiguous(), v.contiguous()
+    else:  # into the preallocated cache; attend to everything cached so far
+        cache.key[i][:, :, start:end] = k
+        cache.value[i][:, :, start:end] = v
+        if start > 0:
+            k, v = cache.key[i][:, :, :end], cache.value[i][:, :, :end]
+        else:
+            k, v = k.contiguous(), v.contiguous()
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+                                       scale=scale, enable_gqa=n_kv != n_heads)
+    return o.permute(1, 3, 0, 2).reshape(q_rows, batch * seq)  # back to (heads·head_dim, T)
 
 
 def _buffer(workspace: dict[str, torch.Tensor] | None, name: str, shape: tuple[int, ...],

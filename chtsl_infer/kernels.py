@@ -45,9 +45,10 @@ import torch
 
 from chtsl_infer.utils import cache_dir
 
-HEADERS = (Path(__file__).with_name("csrc") / "csr_tiles.h",)  # included by SOURCES: part of the cache key
-SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("spmm.c", "csr_train.c", "spmm_bf16.c", "ch_scores.c", "gemv.c"))  # one library
+HEADERS = tuple(Path(__file__).with_name("csrc") / name  # included by SOURCES: part of the cache key
+                for name in ("csr_tiles.h", "activation.h"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / name  # built into one library
+                for name in ("spmm.c", "csr_train.c", "spmm_bf16.c", "ch_scores.c", "gemv.c", "decode.c"))
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
 MM_TILE = 32  # tokens per tile of csr_mm_tm (training forward and dx): 4 × 2 AVX2 accumulators, measured best
 SDDMM_TILE = 64  # tokens per tile of csr_sddmm_tm, while its (in × tile) buffer fits SDDMM_TILE_BYTES, else 32
@@ -130,6 +131,11 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
             fn.restype = i
         lib.lowrank_fm.argtypes = [p, i, i, p, lng, lng, i, p, p, p, i, ctypes.c_float, i, p, lng, p, i]
         lib.lowrank_fm.restype = i
+        f = ctypes.c_float
+        lib.rms_norm_fm.argtypes, lib.rms_norm_fm.restype = [p, lng, i, i, p, f, p, lng], None
+        lib.silu_mul_fm.argtypes, lib.silu_mul_fm.restype = [p, lng, i, i, i], None
+        lib.attn_decode.argtypes = [p, lng, i, i, i, i, i, p, p, p, p, i, i, f, p, lng, i]
+        lib.attn_decode.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
 
@@ -325,6 +331,89 @@ def lowrank_fm(lora_a: torch.Tensor, x: torch.Tensor, lora_bt: torch.Tensor, sha
                               lora_bt.data_ptr(), shapes[0].data_ptr(), shapes[1].data_ptr(), shapes.shape[1],
                               scale, LOWRANK_ACTIVATIONS[activation], y.data_ptr(), y.stride(0),
                               scratch.data_ptr(), torch.get_num_threads())
+
+
+class GroupDecoder:
+    """A fused group's `S x + scale · B act(A x)` for 1 … `GEMV_MAX_TOKENS` fp32 CPU tokens (decoding),
+    the C calls' constant arguments bound once.
+
+    At one token the kernels take ~50 µs per group at llama60m; the checks, pointer look-ups and
+    tensor indexing of `spmm_cpu` / `lowrank_fm` added ~40 µs more. Same kernels, same results.
+    crow/col/values/rows: the group's sorted CSR (None: no sparse kernel, the caller computes the
+    base part); lora_a/lora_bt/shapes: as `lowrank_fm` takes them (None: no low-rank branch).
+    """
+
+    def __init__(self, lib: ctypes.CDLL, n_in: int, n_out: int, csr: tuple[torch.Tensor, ...] | None,
+                 lowrank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, scale: float,
+                 activation: str) -> None:
+        self.lib, self.n_in, self.n_out = lib, n_in, n_out
+        self.csr = csr  # kept: the pointers below must stay valid
+        if csr is not None:
+            crow, col, values, rows = csr
+            self.spmm = lib.spmm_i16 if col.dtype == torch.int16 else lib.spmm_i32
+            self.csr_ptrs = (crow.data_ptr(), col.data_ptr(), values.data_ptr(), rows.data_ptr())
+        self.lowrank = lowrank
+        if lowrank is not None:
+            lora_a, lora_bt, shapes = lowrank
+            self.n_rank = lora_a.shape[0]
+            shapes = shapes.contiguous()
+            self.lowrank = (lora_a, lora_bt, shapes)
+            self.scratch = torch.empty(GEMV_MAX_TOKENS * (n_in + self.n_rank), dtype=torch.float32)
+            self.lowrank_args = (lora_a.data_ptr(), self.n_rank, n_in)
+            self.lowrank_tail = (lora_bt.data_ptr(), shapes.data_ptr(), shapes.data_ptr() + 4 * shapes.shape[1],
+                                 shapes.shape[1], scale, LOWRANK_ACTIVATIONS[activation])
+
+    def sparse(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y (out, T) = S x (in, T); both with contiguous rows."""
+        threads, n_tok = torch.get_num_threads(), x.shape[1]
+        tile = token_tile(self.n_in, n_tok)  # 0 (gather) below GATHER_BELOW tokens, else one 16-token tile
+        if self.spmm(x.data_ptr(), x.stride(0), self.n_in, n_tok, *self.csr_ptrs,
+                     y.data_ptr(), y.stride(0), self.n_out, tile, 2 * threads, threads):
+            raise MemoryError("GroupDecoder: could not allocate the kernel's buffers")
+
+    def add_lowrank(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y (out, T) += scale · B act(A x) for every member; x (in, T), y with contiguous rows."""
+        self.lib.lowrank_fm(*self.lowrank_args, x.data_ptr(), x.stride(0), x.stride(1), x.shape[1],
+                            *self.lowrank_tail, y.data_ptr(),
+                            y.stride(0), self.scratch.data_ptr(), torch.get_num_threads())
+
+
+def decode_kernels(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The compiled library for the decode-step kernels below if every tensor is on CPU in float32 and
+    it could be built, else None (the caller uses torch)."""
+    return _use_compiled(*tensors)
+
+
+def rms_norm_fm(lib: ctypes.CDLL, h: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm, feature-major: h (H, T) -> out (H, T) with contiguous rows; weight (H,) contiguous."""
+    h = _rows_contiguous(h)
+    lib.rms_norm_fm(h.data_ptr(), h.stride(0), h.shape[0], h.shape[1], weight.data_ptr(), eps, out.data_ptr(),
+                    out.stride(0))
+    return out
+
+
+def silu_mul_fm(lib: ctypes.CDLL, gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """gate_up (2·ffn, T), contiguous rows: rows [0, ffn) become act(gate) · up in place; returns that view."""
+    ffn = gate_up.shape[0] // 2
+    lib.silu_mul_fm(gate_up.data_ptr(), gate_up.stride(0), ffn, gate_up.shape[1], LOWRANK_ACTIVATIONS[activation])
+    return gate_up[:ffn]
+
+
+def attention_decode(lib: ctypes.CDLL, qkv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, start: int, seq: int, n_heads: int, scale: float,
+                     out: torch.Tensor) -> torch.Tensor:
+    """RoPE, KV-cache write and attention for batch × seq new tokens at positions start … (`csrc/decode.c`).
+
+    qkv: (q_rows + 2·kv_rows, batch·seq) feature-major with contiguous rows; key/value: one block's
+    contiguous (batch, kv_heads, capacity, head_dim) cache, written at [start, start + seq); cos/sin:
+    (head_dim, 1, capacity) contiguous; out: (n_heads·head_dim, batch·seq), contiguous rows.
+    """
+    batch, n_kv, capacity, head_dim = key.shape
+    if lib.attn_decode(qkv.data_ptr(), qkv.stride(0), batch, seq, n_heads, n_kv, head_dim, cos.data_ptr(),
+                       sin.data_ptr(), key.data_ptr(), value.data_ptr(), capacity, start, scale, out.data_ptr(),
+                       out.stride(0), torch.get_num_threads()):
+        raise MemoryError("attention_decode: could not allocate the score buffers")
+    return out
 
 
 # --- Training kernels (token-major, differentiable through chtsl_infer.csr.csr_linear) ---------------

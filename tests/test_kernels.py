@@ -174,7 +174,7 @@ def test_cache_key_covers_the_shared_header(monkeypatch: pytest.MonkeyPatch, tmp
     """An edit to the header the kernels include names a new library: a stale build is never loaded."""
     included = {line.split('"')[1] for source in kernels.SOURCES for line in source.read_text().splitlines()
                 if line.startswith('#include "')}
-    assert included == {h.name for h in kernels.HEADERS} == {"csr_tiles.h"}
+    assert included == {h.name for h in kernels.HEADERS} == {"csr_tiles.h", "activation.h"}
     key = kernels._cache_key("cc", kernels.FLAG_SETS[0])
     edited = []
     for header in kernels.HEADERS:
@@ -312,7 +312,7 @@ def test_lowrank_decode_kernel_matches_torch(activation: str, n_tok: int, big: b
     g = torch.Generator().manual_seed(n_tok)
     outs, ranks, n_in = [40, 24, 19], [5, 3, 7], 70  # output tails, odd ranks, a scalar input tail
     if big:
-        outs, ranks, n_in = [600, 333], [130, 71], 1000
+        outs, ranks, n_in = [600, 333, 2100], [130, 71, 9], 1000  # 2100: several 1024-wide chunks per thread
     a = torch.randn(sum(ranks), n_in, generator=g)
     bs = [torch.randn(o, r, generator=g) for o, r in zip(outs, ranks, strict=True)]
     x = torch.randn(n_tok, n_in, generator=g).t()  # feature-major view with strided tokens
@@ -327,3 +327,55 @@ def test_lowrank_decode_kernel_matches_torch(activation: str, n_tok: int, big: b
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))  # fp32 sums
     assert not kernels.lowrank_fm(a, torch.randn(n_in, 5), a.new_empty(0), shapes, 0.5, activation,
                                   torch.empty(sum(outs), 5))  # prefill widths go to torch
+
+
+def _decode_lib():
+    lib = kernels.decode_kernels(torch.zeros(1))
+    if lib is None:
+        pytest.skip(f"no compiled kernels: {kernels.cpu_kernel_status()[1]}")
+    return lib
+
+
+@pytest.mark.parametrize("n_tok", [1, 2, 4])
+def test_rms_norm_decode_kernel_matches_torch(n_tok: int) -> None:
+    from chtsl_infer.feature_major import rms_norm
+
+    lib, g = _decode_lib(), torch.Generator().manual_seed(n_tok)
+    h, weight = torch.randn(67, n_tok, generator=g) * 3, torch.randn(67, generator=g)
+    torch.testing.assert_close(kernels.rms_norm_fm(lib, h, weight, 1e-6, torch.empty(67, n_tok)),
+                               rms_norm(h, weight, 1e-6), rtol=1e-6, atol=1e-6)
+    last = torch.randn(67, 2, 3, generator=g).view(67, 6)[:, 2::3]  # each sequence's last token: strided columns
+    torch.testing.assert_close(kernels.rms_norm_fm(lib, last, weight, 1e-5, torch.empty(67, 2)),
+                               rms_norm(last, weight, 1e-5), rtol=1e-6, atol=1e-6)
+
+
+def test_silu_mul_decode_kernel_matches_torch() -> None:
+    lib, g = _decode_lib(), torch.Generator().manual_seed(3)
+    gate_up = torch.randn(2 * 45, 3, generator=g) * 4
+    want = torch.nn.functional.silu(gate_up[:45]) * gate_up[45:]
+    got = kernels.silu_mul_fm(lib, gate_up)
+    assert got.data_ptr() == gate_up.data_ptr()  # in place, the gate rows
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("batch", "seq", "start"), [(1, 1, 0), (2, 1, 5), (1, 3, 4), (2, 2, 0), (1, 4, 9)])
+@pytest.mark.parametrize("n_kv", [4, 2])  # 2: grouped-query attention
+def test_attention_decode_kernel_matches_torch_attention(batch: int, seq: int, start: int, n_kv: int) -> None:
+    """RoPE, cache write and causal attention over the cache equal the torch path (SDPA) of feature_major."""
+    from chtsl_infer.feature_major import KVCache, _attention
+
+    lib, g = _decode_lib(), torch.Generator().manual_seed(batch * 10 + seq + start)
+    n_heads, head_dim, capacity, end = 4, 16, 13, start + seq
+    qkv = torch.randn((n_heads + 2 * n_kv) * head_dim, batch * seq, generator=g)
+    cos, sin = torch.randn(head_dim, 1, capacity, generator=g), torch.randn(head_dim, 1, capacity, generator=g)
+    key, value = torch.randn(batch, n_kv, capacity, head_dim, generator=g), torch.randn(batch, n_kv, capacity, head_dim,
+                                                                                       generator=g)
+    ref = KVCache([key.clone()], [value.clone()], cos, sin, length=start)
+    mask = torch.ones(seq, end, dtype=torch.bool).tril_(start) if start > 0 and seq > 1 else None
+    want = _attention(qkv, cos[:, :, start:end], sin[:, :, start:end], ref, 0, start, end, mask, batch, seq,
+                      (n_heads, n_kv, head_dim), 0.3)
+    got = kernels.attention_decode(lib, qkv, key, value, cos, sin, start, seq, n_heads, 0.3,
+                                   torch.full((n_heads * head_dim, batch * seq), float("nan")))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(key, ref.key[0], rtol=1e-6, atol=1e-6)  # the same keys written, the rest untouched
+    assert torch.equal(value, ref.value[0])

@@ -180,6 +180,33 @@ def test_decode_steps_match_full_forward_logits() -> None:
             rt.decode_step(ids[:, :3], cache)  # 14 + 3 > 16
 
 
+def test_decode_steps_of_up_to_four_tokens_take_the_c_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of ≤ 4 tokens after a prefill (two sequences × 2, one × 3) run the C decode glue and the
+    groups' bound kernels, and still give the full forward's logits."""
+    from chtsl_infer import kernels
+
+    calls = []
+    real = kernels.attention_decode
+    monkeypatch.setattr(kernels, "attention_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_model_nonzero_b("chtsl", num_key_value_heads=2)
+    ids = random_ids(2, 12, seed=4)
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=False).logits
+    for backend in ("dense", "sparse"):
+        rt = from_packed(pack_model(model), backend)
+        cache = rt.new_cache(2, 12)
+        rt.decode_step(ids[:, :7], cache)  # 14 tokens: the torch path
+        assert not calls
+        torch.testing.assert_close(rt.decode_step(ids[:, 7:9], cache), reference[:, 8], atol=ATOL, rtol=0)
+        assert len(calls) == rt.config.num_hidden_layers
+        single = rt.new_cache(1, 12)
+        rt.decode_step(ids[:1, :5], single)
+        torch.testing.assert_close(rt.decode_step(ids[:1, 5:8], single), reference[:1, 7], atol=ATOL, rtol=0)
+        groups = [m for m in rt.model.modules() if isinstance(m, FusedLinears)]
+        assert all(g.decoder() is not None for g in groups)
+        calls.clear()
+
+
 def test_generate_stops_at_eos_and_pads_finished_sequences() -> None:
     model = tiny_model_nonzero_b("chtsl")
     rt = from_packed(pack_model(model), "sparse")

@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "activation.h"
+
 typedef float g8 __attribute__((vector_size(32)));
 typedef float g8u __attribute__((vector_size(32), aligned(4)));
 typedef uint16_t h8u __attribute__((vector_size(16), aligned(2)));
@@ -98,45 +100,37 @@ KERNELS(bf16, uint16_t, load8_bf16, bf_scalar)
  * Y (Σ out_m × n_tok) feature-major, element (o, t) at y[o * ldy + t]. It replaces the 4–6 small
  * torch calls (~15 µs each) the same work takes from Python; groups under 2¹⁸ multiply-adds
  * (llama60m) run on one thread, where an OpenMP fork/join would cost more than the work, larger
- * ones (llama1b: 8·10⁵) split A's rows, then B's 16-row blocks, over `threads`. `scratch`:
- * n_tok × (n_in + R) floats. act: 0 silu, 1 relu, 2 gelu (erf), 3 identity. Returns 1 for n_tok outside 1..4.
+ * ones (llama1b: 8·10⁵) split A's rows, then B's output chunks, over `threads`. `scratch`:
+ * n_tok × (n_in + R) floats. act: the codes of activation.h. Returns 1 for n_tok outside 1..4.
  */
-static inline float activate(float v, int act) {
-  switch (act) {
-    case 0: return v / (1.0f + expf(-v));
-    case 1: return v > 0.0f ? v : 0.0f;
-    case 2: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    default: return v;
-  }
-}
 
-/* Y rows o0 + o .. o0 + o + width of one member for every token, from its Bᵀ columns o.. (width ≤ 16). */
-static inline void lowrank_block(const float *bt, int n_out, int r, const float *h, long ldh, int n_tok, int o,
-                                 int width, float *y, long ldy) {
-  float acc[4][16];
-  if (width == 16) {
-    g8 s0[4], s1[4];
-    for (int t = 0; t < n_tok; t++) s0[t] = s1[t] = (g8){0};
-    for (int j = 0; j < r; j++) {
-      const float *row = bt + (long)j * n_out + o;
-      g8 w0 = load8_f32(row), w1 = load8_f32(row + 8);
-      for (int t = 0; t < n_tok; t++) {
-        float hj = h[t * ldh + j];
-        s0[t] += hj * w0;
-        s1[t] += hj * w1;
-      }
-    }
+/* Y rows o .. o + width of one member (width ≤ LR_CHUNK) for every token: Σ_j h[t, j] · Bt[j, o:o+width].
+ * Walks Bᵀ a row segment at a time (contiguous: the hardware prefetcher streams it; reading 16-column
+ * blocks down all r rows instead touched r lines per block and read 6 GB/s at llama1b), two rows per
+ * pass so the accumulators are read and written once per pair. */
+enum { LR_CHUNK = 1024 };
+static void lowrank_chunk(const float *bt, int n_out, int r, const float *h, long ldh, int n_tok, int o, int width,
+                          float *y, long ldy) {
+  float acc[4][LR_CHUNK] __attribute__((aligned(32)));
+  for (int t = 0; t < n_tok; t++) memset(acc[t], 0, sizeof(float) * width);
+  int vec = width & ~7, j = 0;
+  for (; j + 1 < r; j += 2) {
+    const float *w0 = bt + (long)j * n_out + o, *w1 = w0 + n_out;
     for (int t = 0; t < n_tok; t++) {
-      memcpy(acc[t], &s0[t], sizeof s0[t]);
-      memcpy(acc[t] + 8, &s1[t], sizeof s1[t]);
+      float h0 = h[t * ldh + j], h1 = h[t * ldh + j + 1];
+      float *a = acc[t];
+      for (int k = 0; k < vec; k += 8) *(g8 *)(a + k) += h0 * load8_f32(w0 + k) + h1 * load8_f32(w1 + k);
+      for (int k = vec; k < width; k++) a[k] += h0 * w0[k] + h1 * w1[k];
     }
-  } else {
-    for (int t = 0; t < n_tok; t++)
-      for (int k = 0; k < width; k++) {
-        float s = 0.0f;
-        for (int j = 0; j < r; j++) s += h[t * ldh + j] * bt[(long)j * n_out + o + k];
-        acc[t][k] = s;
-      }
+  }
+  for (; j < r; j++) {
+    const float *w0 = bt + (long)j * n_out + o;
+    for (int t = 0; t < n_tok; t++) {
+      float h0 = h[t * ldh + j];
+      float *a = acc[t];
+      for (int k = 0; k < vec; k += 8) *(g8 *)(a + k) += h0 * load8_f32(w0 + k);
+      for (int k = vec; k < width; k++) a[k] += h0 * w0[k];
+    }
   }
   for (int k = 0; k < width; k++)
     for (int t = 0; t < n_tok; t++) y[(long)(o + k) * ldy + t] += acc[t][k];
@@ -152,7 +146,6 @@ int lowrank_fm(const float *a, int n_rank, int n_in, const float *x, long sx_in,
   long work = (long)n_rank * n_in;
   for (int m = 0; m < n_members; m++) work += (long)outs[m] * ranks[m];
   int n_threads = work >= (1L << 18) ? threads : 1; /* small groups (llama60m): a fork/join costs more */
-  (void)n_threads;
 #pragma omp parallel num_threads(n_threads)
   {
     float tmp[4];
@@ -171,10 +164,13 @@ int lowrank_fm(const float *a, int n_rank, int n_in, const float *x, long sx_in,
     long o0 = 0, r0 = 0;
     for (int m = 0; m < n_members; m++) { /* members write disjoint rows of Y: no barrier between them */
       int n_out = outs[m], r = ranks[m];
+      /* chunks of whole 8-float vectors, at most LR_CHUNK wide, as many as threads where it can */
+      int width = (n_out + n_threads - 1) / n_threads;
+      width = width > LR_CHUNK ? LR_CHUNK : (width + 7) & ~7;
 #pragma omp for schedule(static) nowait
-      for (int blk = 0; blk < (n_out + 15) / 16; blk++) {
-        int o = blk * 16;
-        lowrank_block(b, n_out, r, h + r0, n_rank, n_tok, o, n_out - o < 16 ? n_out - o : 16, y + o0 * ldy, ldy);
+      for (int c = 0; c < (n_out + width - 1) / width; c++) {
+        int o = c * width;
+        lowrank_chunk(b, n_out, r, h + r0, n_rank, n_tok, o, n_out - o < width ? n_out - o : width, y + o0 * ldy, ldy);
       }
       b += (long)n_out * r;
       o0 += n_out;
