@@ -155,7 +155,10 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
     if cache is not None and start > 0 and seq > 1:  # a chunk after cached tokens: causal with an offset
         mask = torch.ones(seq, end, dtype=torch.bool, device=h.device).tril_(start)
     # A few tokens with a cache (decoding): the glue between the linears in C, one call each (csrc/decode.c).
-    lib = kernels.decode_kernels(h, cache.key[0]) if cache is not None and n_tok <= kernels.GEMV_MAX_TOKENS else None
+    lib = None
+    if cache is not None and n_tok <= kernels.GEMV_MAX_TOKENS:
+        lib = kernels.decode_kernels(h, cache.key[0], cache.cos, inner.norm.weight,
+                                     dtypes=(torch.float32, torch.bfloat16))
     for i, layer in enumerate(inner.layers):
         attn, mlp = layer.self_attn, layer.mlp
         x = _norm(lib, h, layer.input_layernorm)

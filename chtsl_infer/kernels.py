@@ -46,7 +46,7 @@ import torch
 from chtsl_infer.utils import cache_dir
 
 HEADERS = tuple(Path(__file__).with_name("csrc") / name  # included by SOURCES: part of the cache key
-                for name in ("csr_tiles.h", "activation.h"))
+                for name in ("csr_tiles.h", "activation.h", "bf16.h"))
 SOURCES = tuple(Path(__file__).with_name("csrc") / name  # built into one library
                 for name in ("spmm.c", "csr_train.c", "spmm_bf16.c", "ch_scores.c", "gemv.c", "decode.c"))
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
@@ -129,13 +129,15 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
         for fn in (lib.gemv_f32, lib.gemv_bf16):
             fn.argtypes = [p, i, i, p, lng, i, p, lng, i]
             fn.restype = i
-        lib.lowrank_fm.argtypes = [p, i, i, p, lng, lng, i, p, p, p, i, ctypes.c_float, i, p, lng, p, i]
-        lib.lowrank_fm.restype = i
+        for fn in (lib.lowrank_fm, lib.lowrank_fm_bf16):
+            fn.argtypes = [p, i, i, p, lng, lng, i, p, p, p, i, ctypes.c_float, i, p, lng, p, i]
+            fn.restype = i
         f = ctypes.c_float
-        lib.rms_norm_fm.argtypes, lib.rms_norm_fm.restype = [p, lng, i, i, p, f, p, lng], None
-        lib.silu_mul_fm.argtypes, lib.silu_mul_fm.restype = [p, lng, i, i, i], None
-        lib.attn_decode.argtypes = [p, lng, i, i, i, i, i, p, p, p, p, i, i, f, p, lng, i]
-        lib.attn_decode.restype = i
+        for suffix in ("", "_bf16"):  # csrc/decode.c: fp32 and bf16 variants
+            rms, silu, attn = (getattr(lib, name + suffix) for name in ("rms_norm_fm", "silu_mul_fm", "attn_decode"))
+            rms.argtypes, rms.restype = [p, lng, i, i, p, f, p, lng], None
+            silu.argtypes, silu.restype = [p, lng, i, i, i], None
+            attn.argtypes, attn.restype = [p, lng, i, i, i, i, i, p, p, p, p, i, i, f, p, lng, i], i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
 
@@ -315,27 +317,30 @@ def lowrank_fm(lora_a: torch.Tensor, x: torch.Tensor, lora_bt: torch.Tensor, sha
 
     lora_a: (Σ r_m, in) the members' A stacked; x: (in, T) feature-major, any strides; lora_bt:
     (Σ r_m·out_m,) the members' Bᵀ blocks (r_m × out_m) flattened one after the other; shapes: int32
-    (2, members) of out_m and r_m; y: (Σ out_m, T) with contiguous rows. CPU float32 only
-    (`csrc/gemv.c`); returns False, nothing written, where it does not apply (the caller uses torch).
+    (2, members) of out_m and r_m; y: (Σ out_m, T) with contiguous rows. CPU, all four float32 or all
+    bfloat16 (sums and the hidden activations in fp32) (`csrc/gemv.c`); returns False, nothing
+    written, where it does not apply (the caller uses torch).
     """
     n_tok = x.shape[1]
-    if not (1 <= n_tok <= GEMV_MAX_TOKENS and x.dtype == lora_a.dtype == y.dtype == torch.float32
-            and x.device.type == "cpu" and y.stride(1) == 1 and activation in LOWRANK_ACTIVATIONS):
+    if not (1 <= n_tok <= GEMV_MAX_TOKENS and x.dtype == lora_a.dtype == lora_bt.dtype == y.dtype
+            and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu" and y.stride(1) == 1
+            and activation in LOWRANK_ACTIVATIONS):
         return False
     lib, _ = _library()
     if lib is None:
         return False
     n_rank, n_in = lora_a.shape
     scratch = torch.empty(n_tok * (n_in + n_rank), dtype=torch.float32)
-    return not lib.lowrank_fm(lora_a.data_ptr(), n_rank, n_in, x.data_ptr(), x.stride(0), x.stride(1), n_tok,
-                              lora_bt.data_ptr(), shapes[0].data_ptr(), shapes[1].data_ptr(), shapes.shape[1],
-                              scale, LOWRANK_ACTIVATIONS[activation], y.data_ptr(), y.stride(0),
-                              scratch.data_ptr(), torch.get_num_threads())
+    fn = lib.lowrank_fm if x.dtype == torch.float32 else lib.lowrank_fm_bf16
+    return not fn(lora_a.data_ptr(), n_rank, n_in, x.data_ptr(), x.stride(0), x.stride(1), n_tok,
+                  lora_bt.data_ptr(), shapes[0].data_ptr(), shapes[1].data_ptr(), shapes.shape[1],
+                  scale, LOWRANK_ACTIVATIONS[activation], y.data_ptr(), y.stride(0),
+                  scratch.data_ptr(), torch.get_num_threads())
 
 
 class GroupDecoder:
-    """A fused group's `S x + scale · B act(A x)` for 1 … `GEMV_MAX_TOKENS` fp32 CPU tokens (decoding),
-    the C calls' constant arguments bound once.
+    """A fused group's `S x + scale · B act(A x)` for 1 … `GEMV_MAX_TOKENS` CPU tokens (decoding), fp32
+    or bf16 (the group's dtype), the C calls' constant arguments bound once.
 
     At one token the kernels take ~50 µs per group at llama60m; the checks, pointer look-ups and
     tensor indexing of `spmm_cpu` / `lowrank_fm` added ~40 µs more. Same kernels, same results.
@@ -350,11 +355,15 @@ class GroupDecoder:
         self.csr = csr  # kept: the pointers below must stay valid
         if csr is not None:
             crow, col, values, rows = csr
-            self.spmm = lib.spmm_i16 if col.dtype == torch.int16 else lib.spmm_i32
+            if values.dtype == torch.float32:
+                self.spmm = lib.spmm_i16 if col.dtype == torch.int16 else lib.spmm_i32
+            else:
+                self.spmm = lib.spmm_bf16_i16 if col.dtype == torch.int16 else lib.spmm_bf16_i32
             self.csr_ptrs = (crow.data_ptr(), col.data_ptr(), values.data_ptr(), rows.data_ptr())
         self.lowrank = lowrank
         if lowrank is not None:
             lora_a, lora_bt, shapes = lowrank
+            self.lowrank_fn = lib.lowrank_fm if lora_a.dtype == torch.float32 else lib.lowrank_fm_bf16
             self.n_rank = lora_a.shape[0]
             shapes = shapes.contiguous()
             self.lowrank = (lora_a, lora_bt, shapes)
@@ -373,29 +382,38 @@ class GroupDecoder:
 
     def add_lowrank(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y (out, T) += scale · B act(A x) for every member; x (in, T), y with contiguous rows."""
-        self.lib.lowrank_fm(*self.lowrank_args, x.data_ptr(), x.stride(0), x.stride(1), x.shape[1],
+        self.lowrank_fn(*self.lowrank_args, x.data_ptr(), x.stride(0), x.stride(1), x.shape[1],
                             *self.lowrank_tail, y.data_ptr(),
                             y.stride(0), self.scratch.data_ptr(), torch.get_num_threads())
 
 
-def decode_kernels(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The compiled library for the decode-step kernels below if every tensor is on CPU in float32 and
-    it could be built, else None (the caller uses torch)."""
-    return _use_compiled(*tensors)
+def decode_kernels(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> ctypes.CDLL | None:
+    """The compiled library for the decode-step kernels if the tensors are on CPU, all of one dtype
+    among `dtypes`, and it could be built, else None (the caller uses torch)."""
+    if len({t.dtype for t in tensors}) != 1:
+        return None
+    return _use_compiled(*tensors, dtypes=dtypes)
+
+
+def _suffix(t: torch.Tensor) -> str:
+    """The name suffix of a kernel's variant for t's dtype: "" (float32) or "_bf16"."""
+    return "" if t.dtype == torch.float32 else "_bf16"
 
 
 def rms_norm_fm(lib: ctypes.CDLL, h: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
-    """LlamaRMSNorm, feature-major: h (H, T) -> out (H, T) with contiguous rows; weight (H,) contiguous."""
+    """LlamaRMSNorm, feature-major: h (H, T) -> out (H, T) with contiguous rows; weight (H,) contiguous.
+    All three float32 or all bfloat16 (fp32 arithmetic)."""
     h = _rows_contiguous(h)
-    lib.rms_norm_fm(h.data_ptr(), h.stride(0), h.shape[0], h.shape[1], weight.data_ptr(), eps, out.data_ptr(),
+    getattr(lib, "rms_norm_fm" + _suffix(h))(h.data_ptr(), h.stride(0), h.shape[0], h.shape[1], weight.data_ptr(), eps, out.data_ptr(),
                     out.stride(0))
     return out
 
 
 def silu_mul_fm(lib: ctypes.CDLL, gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-    """gate_up (2·ffn, T), contiguous rows: rows [0, ffn) become act(gate) · up in place; returns that view."""
+    """gate_up (2·ffn, T) float32 or bfloat16, contiguous rows: rows [0, ffn) become act(gate) · up in
+    place; returns that view."""
     ffn = gate_up.shape[0] // 2
-    lib.silu_mul_fm(gate_up.data_ptr(), gate_up.stride(0), ffn, gate_up.shape[1], LOWRANK_ACTIVATIONS[activation])
+    getattr(lib, "silu_mul_fm" + _suffix(gate_up))(gate_up.data_ptr(), gate_up.stride(0), ffn, gate_up.shape[1], LOWRANK_ACTIVATIONS[activation])
     return gate_up[:ffn]
 
 
@@ -406,10 +424,11 @@ def attention_decode(lib: ctypes.CDLL, qkv: torch.Tensor, key: torch.Tensor, val
 
     qkv: (q_rows + 2·kv_rows, batch·seq) feature-major with contiguous rows; key/value: one block's
     contiguous (batch, kv_heads, capacity, head_dim) cache, written at [start, start + seq); cos/sin:
-    (head_dim, 1, capacity) contiguous; out: (n_heads·head_dim, batch·seq), contiguous rows.
+    (head_dim, 1, capacity) contiguous; out: (n_heads·head_dim, batch·seq), contiguous rows. All float32
+    or all bfloat16 (fp32 arithmetic).
     """
     batch, n_kv, capacity, head_dim = key.shape
-    if lib.attn_decode(qkv.data_ptr(), qkv.stride(0), batch, seq, n_heads, n_kv, head_dim, cos.data_ptr(),
+    if getattr(lib, "attn_decode" + _suffix(qkv))(qkv.data_ptr(), qkv.stride(0), batch, seq, n_heads, n_kv, head_dim, cos.data_ptr(),
                        sin.data_ptr(), key.data_ptr(), value.data_ptr(), capacity, start, scale, out.data_ptr(),
                        out.stride(0), torch.get_num_threads()):
         raise MemoryError("attention_decode: could not allocate the score buffers")
@@ -465,9 +484,10 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
 
 
-def _use_compiled(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The compiled library if every operand is a CPU float32 tensor and it could be built, else None."""
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+def _use_compiled(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> ctypes.CDLL | None:
+    """The compiled library if every operand is a CPU tensor of one of `dtypes` (float32) and it could be
+    built, else None."""
+    if not all(t.device.type == "cpu" and t.dtype in dtypes for t in tensors):
         return None
     return _library()[0]
 

@@ -111,21 +111,25 @@ class FusedLinears(nn.Module):
         self._x: torch.Tensor | None = None
         self._parts: list[torch.Tensor | None] = []
         self._decoder: kernels.GroupDecoder | None | bool = None  # built on first decode; False: does not apply
+        self._decoder_dtype: torch.dtype | None = None
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), …: the buffers are replaced, rebuild the decoder
         self._decoder = None
         return super()._apply(fn, recurse)
 
     def decoder(self) -> kernels.GroupDecoder | None:
-        """The group's `kernels.GroupDecoder` where its tensors are CPU fp32 and the kernels built, else None."""
+        """The group's `kernels.GroupDecoder` where its tensors are CPU fp32 or bf16 (one dtype) and the
+        kernels built, else None."""
         if self._decoder is None:
-            tensors = [t for t in (self.values, self.lora_A, self.weight) if t is not None] if self.sparse else \
-                [t for t in (self.lora_A, self.weight) if t is not None]
-            lib = kernels.decode_kernels(*tensors) if tensors and self.cuda_csr is None else None
+            tensors = [t for t in (self.values if self.sparse and self.cuda_csr is None else None, self.lora_A,
+                                   self.weight) if t is not None]
+            lib = kernels.decode_kernels(*tensors, dtypes=(torch.float32, torch.bfloat16)) \
+                if tensors and self.cuda_csr is None else None
             csr = (self.crow, self.col, self.values, self.rows) if self.sparse and lib is not None else None
             lowrank = (self.lora_A, self.lora_Bt, self.lowrank_shapes) if self.lora_A is not None else None
             self._decoder = False if lib is None else kernels.GroupDecoder(
                 lib, self.in_features, self.offsets[-1], csr, lowrank, self.scale, self.activation)
+            self._decoder_dtype = tensors[0].dtype if lib is not None else None
         return self._decoder or None
 
     def forward_fm(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,8 +139,9 @@ class FusedLinears(nn.Module):
         """
         if out is None:
             out = x.new_empty(self.offsets[-1], x.shape[1])
-        decoder = self.decoder() if x.shape[1] <= kernels.GEMV_MAX_TOKENS and x.dtype == torch.float32 else None
-        if decoder is not None and x.device.type == "cpu" and x.stride(1) == 1 and out.stride(1) == 1:
+        decoder = self.decoder() if x.shape[1] <= kernels.GEMV_MAX_TOKENS else None
+        if (decoder is not None and x.dtype == self._decoder_dtype == out.dtype and x.device.type == "cpu"
+                and (x.shape[1] == 1 or x.stride(1) == 1 and out.stride(1) == 1)):  # one token: any strides
             if decoder.csr is not None:
                 decoder.sparse(x, out)
             elif self.weight is not None:

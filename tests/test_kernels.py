@@ -174,7 +174,7 @@ def test_cache_key_covers_the_shared_header(monkeypatch: pytest.MonkeyPatch, tmp
     """An edit to the header the kernels include names a new library: a stale build is never loaded."""
     included = {line.split('"')[1] for source in kernels.SOURCES for line in source.read_text().splitlines()
                 if line.startswith('#include "')}
-    assert included == {h.name for h in kernels.HEADERS} == {"csr_tiles.h", "activation.h"}
+    assert included == {h.name for h in kernels.HEADERS} == {"csr_tiles.h", "activation.h", "bf16.h"}
     key = kernels._cache_key("cc", kernels.FLAG_SETS[0])
     edited = []
     for header in kernels.HEADERS:
@@ -306,7 +306,8 @@ def test_dense_gemv_declines_what_it_does_not_serve() -> None:
 @pytest.mark.parametrize("n_tok", [1, 2, 4])
 @pytest.mark.parametrize("big", [False, True])  # True: above the kernel's 2^18 multiply-adds, multi-threaded
 def test_lowrank_decode_kernel_matches_torch(activation: str, n_tok: int, big: bool) -> None:
-    """y += scale · B_m act(A_m x) per member (the decode path of a fused group) equals torch's products."""
+    """y += scale · B_m act(A_m x) per member (the decode path of a fused group) equals torch's products;
+    the bf16 variant equals the same products of its bf16 inputs up to the output's bf16 rounding."""
     from chtsl_infer.layers import activation_fn
 
     g = torch.Generator().manual_seed(n_tok)
@@ -325,6 +326,14 @@ def test_lowrank_decode_kernel_matches_torch(activation: str, n_tok: int, big: b
         ref[o0:o0 + o] += 0.5 * b.double() @ h[r0:r0 + r]
         r0, o0 = r0 + r, o0 + o
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))  # fp32 sums
+    a16, x16, y16 = a.bfloat16(), x.bfloat16(), y0.bfloat16()
+    bt16 = torch.cat([b.t().reshape(-1) for b in bs]).bfloat16()
+    assert kernels.lowrank_fm(a16, x16, bt16, shapes, 0.5, activation, y16)
+    h, ref, r0, b0, o0 = activation_fn(activation, a16.double() @ x16.double()), y0.bfloat16().double(), 0, 0, 0
+    for o, r in zip(outs, ranks, strict=True):
+        ref[o0:o0 + o] += 0.5 * bt16[b0:b0 + o * r].view(r, o).t().double() @ h[r0:r0 + r]
+        r0, b0, o0 = r0 + r, b0 + o * r, o0 + o
+    torch.testing.assert_close(y16.double(), ref, rtol=1e-2, atol=1e-3 * float(ref.abs().max()))  # y rounded to bf16
     assert not kernels.lowrank_fm(a, torch.randn(n_in, 5), a.new_empty(0), shapes, 0.5, activation,
                                   torch.empty(sum(outs), 5))  # prefill widths go to torch
 
@@ -336,46 +345,57 @@ def _decode_lib():
     return lib
 
 
+TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # bf16: a rounding or two apart from torch's bf16 ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_tok", [1, 2, 4])
-def test_rms_norm_decode_kernel_matches_torch(n_tok: int) -> None:
+def test_rms_norm_decode_kernel_matches_torch(n_tok: int, dtype: torch.dtype) -> None:
     from chtsl_infer.feature_major import rms_norm
 
-    lib, g = _decode_lib(), torch.Generator().manual_seed(n_tok)
-    h, weight = torch.randn(67, n_tok, generator=g) * 3, torch.randn(67, generator=g)
-    torch.testing.assert_close(kernels.rms_norm_fm(lib, h, weight, 1e-6, torch.empty(67, n_tok)),
-                               rms_norm(h, weight, 1e-6), rtol=1e-6, atol=1e-6)
-    last = torch.randn(67, 2, 3, generator=g).view(67, 6)[:, 2::3]  # each sequence's last token: strided columns
-    torch.testing.assert_close(kernels.rms_norm_fm(lib, last, weight, 1e-5, torch.empty(67, 2)),
-                               rms_norm(last, weight, 1e-5), rtol=1e-6, atol=1e-6)
+    lib, g, tol = _decode_lib(), torch.Generator().manual_seed(n_tok), TOL[dtype]
+    h, weight = (torch.randn(67, n_tok, generator=g) * 3).to(dtype), torch.randn(67, generator=g).to(dtype)
+    torch.testing.assert_close(kernels.rms_norm_fm(lib, h, weight, 1e-6, torch.empty(67, n_tok, dtype=dtype)),
+                               rms_norm(h, weight, 1e-6), rtol=tol, atol=tol)
+    last = torch.randn(67, 2, 3, generator=g).to(dtype).view(67, 6)[:, 2::3]  # sequences' last tokens: strided
+    torch.testing.assert_close(kernels.rms_norm_fm(lib, last, weight, 1e-5, torch.empty(67, 2, dtype=dtype)),
+                               rms_norm(last, weight, 1e-5), rtol=tol, atol=tol)
 
 
-def test_silu_mul_decode_kernel_matches_torch() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_decode_kernel_matches_torch(dtype: torch.dtype) -> None:
     lib, g = _decode_lib(), torch.Generator().manual_seed(3)
-    gate_up = torch.randn(2 * 45, 3, generator=g) * 4
+    gate_up = (torch.randn(2 * 45, 3, generator=g) * 4).to(dtype)
     want = torch.nn.functional.silu(gate_up[:45]) * gate_up[45:]
     got = kernels.silu_mul_fm(lib, gate_up)
     assert got.data_ptr() == gate_up.data_ptr()  # in place, the gate rows
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
 @pytest.mark.parametrize(("batch", "seq", "start"), [(1, 1, 0), (2, 1, 5), (1, 3, 4), (2, 2, 0), (1, 4, 9)])
 @pytest.mark.parametrize("n_kv", [4, 2])  # 2: grouped-query attention
-def test_attention_decode_kernel_matches_torch_attention(batch: int, seq: int, start: int, n_kv: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_decode_kernel_matches_torch_attention(batch: int, seq: int, start: int, n_kv: int,
+                                                         dtype: torch.dtype) -> None:
     """RoPE, cache write and causal attention over the cache equal the torch path (SDPA) of feature_major."""
     from chtsl_infer.feature_major import KVCache, _attention
 
     lib, g = _decode_lib(), torch.Generator().manual_seed(batch * 10 + seq + start)
     n_heads, head_dim, capacity, end = 4, 16, 13, start + seq
-    qkv = torch.randn((n_heads + 2 * n_kv) * head_dim, batch * seq, generator=g)
-    cos, sin = torch.randn(head_dim, 1, capacity, generator=g), torch.randn(head_dim, 1, capacity, generator=g)
-    key, value = torch.randn(batch, n_kv, capacity, head_dim, generator=g), torch.randn(batch, n_kv, capacity, head_dim,
-                                                                                       generator=g)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    qkv = randn((n_heads + 2 * n_kv) * head_dim, batch * seq)
+    cos, sin = randn(head_dim, 1, capacity), randn(head_dim, 1, capacity)
+    key, value = randn(batch, n_kv, capacity, head_dim), randn(batch, n_kv, capacity, head_dim)
     ref = KVCache([key.clone()], [value.clone()], cos, sin, length=start)
     mask = torch.ones(seq, end, dtype=torch.bool).tril_(start) if start > 0 and seq > 1 else None
     want = _attention(qkv, cos[:, :, start:end], sin[:, :, start:end], ref, 0, start, end, mask, batch, seq,
                       (n_heads, n_kv, head_dim), 0.3)
     got = kernels.attention_decode(lib, qkv, key, value, cos, sin, start, seq, n_heads, 0.3,
-                                   torch.full((n_heads * head_dim, batch * seq), float("nan")))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(key, ref.key[0], rtol=1e-6, atol=1e-6)  # the same keys written, the rest untouched
+                                   torch.full((n_heads * head_dim, batch * seq), float("nan"), dtype=dtype))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: torch rounds q and k after each RoPE operation
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(key, ref.key[0], rtol=tol, atol=tol)  # the same keys written, the rest untouched
     assert torch.equal(value, ref.value[0])

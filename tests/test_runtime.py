@@ -320,3 +320,4 @@ def test_bfloat16_cpu_backends_within_1e2_of_fp32(method: str) -> None:
         got = torch.stack(steps[:-1], dim=1).float()
         want = reference[:, 17:20]
         assert torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want) <= 1e-2, backend
+        assert all(g.decoder() is not None for g in rt.model.modules() if isinstance(g, FusedLinears))  # bf16 kernels

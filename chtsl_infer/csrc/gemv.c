@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "activation.h"
+#include "bf16.h"
 
 typedef float g8 __attribute__((vector_size(32)));
 typedef float g8u __attribute__((vector_size(32), aligned(4)));
@@ -29,13 +30,6 @@ static inline g8 load8_bf16(const uint16_t *p) {
 }
 
 static inline float hsum8(g8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
-
-static inline float bf_scalar(uint16_t b) {
-  uint32_t u = (uint32_t)b << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
 
 /* One output row for NT tokens, 8-float vectors (one ymm; small enough that the NT × 4 accumulators
  * stay in registers: 16-float ones spilled to the stack with AVX2 and ran 5× slower). */
@@ -88,7 +82,7 @@ static inline float bf_scalar(uint16_t b) {
   }
 
 KERNELS(f32, float, load8_f32, AS_FLOAT)
-KERNELS(bf16, uint16_t, load8_bf16, bf_scalar)
+KERNELS(bf16, uint16_t, load8_bf16, bf2f)
 
 /* The low-rank branch of a fused group for a few tokens (decoding), added into the group's output:
  *
@@ -109,73 +103,82 @@ KERNELS(bf16, uint16_t, load8_bf16, bf_scalar)
  * blocks down all r rows instead touched r lines per block and read 6 GB/s at llama1b), two rows per
  * pass so the accumulators are read and written once per pair. */
 enum { LR_CHUNK = 1024 };
-static void lowrank_chunk(const float *bt, int n_out, int r, const float *h, long ldh, int n_tok, int o, int width,
-                          float *y, long ldy) {
-  float acc[4][LR_CHUNK] __attribute__((aligned(32)));
-  for (int t = 0; t < n_tok; t++) memset(acc[t], 0, sizeof(float) * width);
-  int vec = width & ~7, j = 0;
-  for (; j + 1 < r; j += 2) {
-    const float *w0 = bt + (long)j * n_out + o, *w1 = w0 + n_out;
-    for (int t = 0; t < n_tok; t++) {
-      float h0 = h[t * ldh + j], h1 = h[t * ldh + j + 1];
-      float *a = acc[t];
-      for (int k = 0; k < vec; k += 8) *(g8 *)(a + k) += h0 * load8_f32(w0 + k) + h1 * load8_f32(w1 + k);
-      for (int k = vec; k < width; k++) a[k] += h0 * w0[k] + h1 * w1[k];
-    }
-  }
-  for (; j < r; j++) {
-    const float *w0 = bt + (long)j * n_out + o;
-    for (int t = 0; t < n_tok; t++) {
-      float h0 = h[t * ldh + j];
-      float *a = acc[t];
-      for (int k = 0; k < vec; k += 8) *(g8 *)(a + k) += h0 * load8_f32(w0 + k);
-      for (int k = vec; k < width; k++) a[k] += h0 * w0[k];
-    }
-  }
-  for (int k = 0; k < width; k++)
-    for (int t = 0; t < n_tok; t++) y[(long)(o + k) * ldy + t] += acc[t][k];
-}
+static inline void yadd_f32(float *p, float v) { *p += v; }
+static inline void yadd_bf16(uint16_t *p, float v) { *p = f2bf(bf2f(*p) + v); }
 
-int lowrank_fm(const float *a, int n_rank, int n_in, const float *x, long sx_in, long sx_tok, int n_tok,
-               const float *bt, const int32_t *outs, const int32_t *ranks, int n_members, float scale, int act,
-               float *y, long ldy, float *scratch, int threads) {
-  if (n_tok < 1 || n_tok > 4) return 1;
-  float *xt = scratch, *h = xt + (long)n_tok * n_in; /* X token-major (n_tok × n_in), h token-major (n_tok × R) */
-  for (int t = 0; t < n_tok; t++)
-    for (int i = 0; i < n_in; i++) xt[(long)t * n_in + i] = x[i * sx_in + t * sx_tok];
-  long work = (long)n_rank * n_in;
-  for (int m = 0; m < n_members; m++) work += (long)outs[m] * ranks[m];
-  int n_threads = work >= (1L << 18) ? threads : 1; /* small groups (llama60m): a fork/join costs more */
-#pragma omp parallel num_threads(n_threads)
-  {
-    float tmp[4];
-#pragma omp for schedule(static)
-    for (int j = 0; j < n_rank; j++) {
-      const float *row = a + (long)j * n_in;
-      switch (n_tok) {
-        case 1: row1_f32(row, xt, n_in, n_in, tmp, 1); break;
-        case 2: row2_f32(row, xt, n_in, n_in, tmp, 1); break;
-        case 3: row3_f32(row, xt, n_in, n_in, tmp, 1); break;
-        default: row4_f32(row, xt, n_in, n_in, tmp, 1); break;
-      }
-      for (int t = 0; t < n_tok; t++) h[(long)t * n_rank + j] = scale * activate(tmp[t], act);
-    } /* implicit barrier: h is complete */
-    const float *b = bt;
-    long o0 = 0, r0 = 0;
-    for (int m = 0; m < n_members; m++) { /* members write disjoint rows of Y: no barrier between them */
-      int n_out = outs[m], r = ranks[m];
-      /* chunks of whole 8-float vectors, at most LR_CHUNK wide, as many as threads where it can */
-      int width = (n_out + n_threads - 1) / n_threads;
-      width = width > LR_CHUNK ? LR_CHUNK : (width + 7) & ~7;
-#pragma omp for schedule(static) nowait
-      for (int c = 0; c < (n_out + width - 1) / width; c++) {
-        int o = c * width;
-        lowrank_chunk(b, n_out, r, h + r0, n_rank, n_tok, o, n_out - o < width ? n_out - o : width, y + o0 * ldy, ldy);
-      }
-      b += (long)n_out * r;
-      o0 += n_out;
-      r0 += r;
-    }
+#define LOWRANK_CHUNK(SUFFIX, W_T, LOAD, SCALAR, Y_T)                                                 \
+  static void lowrank_chunk_##SUFFIX(const W_T *bt, int n_out, int r, const float *h, long ldh, int n_tok, int o, \
+                                     int width, Y_T *y, long ldy) {                                   \
+    float acc[4][LR_CHUNK] __attribute__((aligned(32)));                                              \
+    for (int t = 0; t < n_tok; t++) memset(acc[t], 0, sizeof(float) * width);                        \
+    int vec = width & ~7, j = 0;                                                                      \
+    for (; j + 1 < r; j += 2) {                                                                       \
+      const W_T *w0 = bt + (long)j * n_out + o, *w1 = w0 + n_out;                                     \
+      for (int t = 0; t < n_tok; t++) {                                                               \
+        float h0 = h[t * ldh + j], h1 = h[t * ldh + j + 1];                                           \
+        float *a = acc[t];                                                                            \
+        for (int k = 0; k < vec; k += 8) *(g8 *)(a + k) += h0 * LOAD(w0 + k) + h1 * LOAD(w1 + k);     \
+        for (int k = vec; k < width; k++) a[k] += h0 * SCALAR(w0[k]) + h1 * SCALAR(w1[k]);            \
+      }                                                                                               \
+    }                                                                                                 \
+    for (; j < r; j++) {                                                                              \
+      const W_T *w0 = bt + (long)j * n_out + o;                                                       \
+      for (int t = 0; t < n_tok; t++) {                                                               \
+        float h0 = h[t * ldh + j];                                                                    \
+        float *a = acc[t];                                                                            \
+        for (int k = 0; k < vec; k += 8) *(g8 *)(a + k) += h0 * LOAD(w0 + k);                         \
+        for (int k = vec; k < width; k++) a[k] += h0 * SCALAR(w0[k]);                                 \
+      }                                                                                               \
+    }                                                                                                 \
+    for (int k = 0; k < width; k++)                                                                   \
+      for (int t = 0; t < n_tok; t++) yadd_##SUFFIX(y + (long)(o + k) * ldy + t, acc[t][k]);          \
   }
-  return 0;
-}
+
+/* lowrank_fm (fp32 A, Bᵀ, X, Y) and lowrank_fm_bf16 (all four bf16; sums, h and the addition into Y
+ * in fp32, Y rounded once). */
+#define LOWRANK_FM(NAME, SUFFIX, W_T, LOAD, SCALAR)                                                   \
+  LOWRANK_CHUNK(SUFFIX, W_T, LOAD, SCALAR, W_T)                                                       \
+  int NAME(const W_T *a, int n_rank, int n_in, const W_T *x, long sx_in, long sx_tok, int n_tok, const W_T *bt, \
+           const int32_t *outs, const int32_t *ranks, int n_members, float scale, int act, W_T *y, long ldy,  \
+           float *scratch, int threads) {                                                             \
+    if (n_tok < 1 || n_tok > 4) return 1;                                                             \
+    float *xt = scratch, *h = xt + (long)n_tok * n_in; /* X, h token-major: (n_tok × n_in), (n_tok × R) */ \
+    for (int t = 0; t < n_tok; t++)                                                                   \
+      for (int i = 0; i < n_in; i++) xt[(long)t * n_in + i] = SCALAR(x[i * sx_in + t * sx_tok]);      \
+    long work = (long)n_rank * n_in;                                                                  \
+    for (int m = 0; m < n_members; m++) work += (long)outs[m] * ranks[m];                             \
+    int n_threads = work >= (1L << 18) ? threads : 1; /* small groups (llama60m): a fork/join costs more */ \
+    _Pragma("omp parallel num_threads(n_threads)") {                                                  \
+      float tmp[4];                                                                                   \
+      _Pragma("omp for schedule(static)") for (int j = 0; j < n_rank; j++) {                          \
+        const W_T *row = a + (long)j * n_in;                                                          \
+        switch (n_tok) {                                                                              \
+          case 1: row1_##SUFFIX(row, xt, n_in, n_in, tmp, 1); break;                                  \
+          case 2: row2_##SUFFIX(row, xt, n_in, n_in, tmp, 1); break;                                  \
+          case 3: row3_##SUFFIX(row, xt, n_in, n_in, tmp, 1); break;                                  \
+          default: row4_##SUFFIX(row, xt, n_in, n_in, tmp, 1); break;                                 \
+        }                                                                                             \
+        for (int t = 0; t < n_tok; t++) h[(long)t * n_rank + j] = scale * activate(tmp[t], act);     \
+      } /* implicit barrier: h is complete */                                                         \
+      const W_T *b = bt;                                                                              \
+      long o0 = 0, r0 = 0;                                                                            \
+      for (int m = 0; m < n_members; m++) { /* members write disjoint rows of Y: no barrier between */ \
+        int n_out = outs[m], r = ranks[m];                                                            \
+        /* chunks of whole 8-float vectors, at most LR_CHUNK wide, as many as threads where it can */ \
+        int width = (n_out + n_threads - 1) / n_threads;                                              \
+        width = width > LR_CHUNK ? LR_CHUNK : (width + 7) & ~7;                                       \
+        _Pragma("omp for schedule(static) nowait") for (int c = 0; c < (n_out + width - 1) / width; c++) { \
+          int o = c * width;                                                                          \
+          lowrank_chunk_##SUFFIX(b, n_out, r, h + r0, n_rank, n_tok, o, n_out - o < width ? n_out - o : width, \
+                                 y + o0 * ldy, ldy);                                                  \
+        }                                                                                             \
+        b += (long)n_out * r;                                                                         \
+        o0 += n_out;                                                                                  \
+        r0 += r;                                                                                      \
+      }                                                                                               \
+    }                                                                                                 \
+    return 0;                                                                                         \
+  }
+
+LOWRANK_FM(lowrank_fm, f32, float, load8_f32, AS_FLOAT)
+LOWRANK_FM(lowrank_fm_bf16, bf16, uint16_t, load8_bf16, bf2f)

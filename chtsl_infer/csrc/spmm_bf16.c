@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "csr_tiles.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
@@ -27,21 +28,6 @@
 typedef float bv16 __attribute__((vector_size(64)));
 
 int spmm_bf16_path(void) { return BF16_DP; }
-
-static inline float bf2f(uint16_t b) {
-  uint32_t u = (uint32_t)b << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
-static inline uint16_t f2bf(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
 
 /* Rows i0..i1 of Y[:, t0:t0+nt] (y points at column t0) from the (n_in × TILE) fp32 tile `buf`. */
 #define BROWS(NAME, COL_T, TILE)                                                                      \
