@@ -404,8 +404,8 @@ def rms_norm_fm(lib: ctypes.CDLL, h: torch.Tensor, weight: torch.Tensor, eps: fl
     """LlamaRMSNorm, feature-major: h (H, T) -> out (H, T) with contiguous rows; weight (H,) contiguous.
     All three float32 or all bfloat16 (fp32 arithmetic)."""
     h = _rows_contiguous(h)
-    getattr(lib, "rms_norm_fm" + _suffix(h))(h.data_ptr(), h.stride(0), h.shape[0], h.shape[1], weight.data_ptr(), eps, out.data_ptr(),
-                    out.stride(0))
+    fn = getattr(lib, "rms_norm_fm" + _suffix(h))
+    fn(h.data_ptr(), h.stride(0), h.shape[0], h.shape[1], weight.data_ptr(), eps, out.data_ptr(), out.stride(0))
     return out
 
 
@@ -413,7 +413,8 @@ def silu_mul_fm(lib: ctypes.CDLL, gate_up: torch.Tensor, activation: str = "silu
     """gate_up (2·ffn, T) float32 or bfloat16, contiguous rows: rows [0, ffn) become act(gate) · up in
     place; returns that view."""
     ffn = gate_up.shape[0] // 2
-    getattr(lib, "silu_mul_fm" + _suffix(gate_up))(gate_up.data_ptr(), gate_up.stride(0), ffn, gate_up.shape[1], LOWRANK_ACTIVATIONS[activation])
+    fn = getattr(lib, "silu_mul_fm" + _suffix(gate_up))
+    fn(gate_up.data_ptr(), gate_up.stride(0), ffn, gate_up.shape[1], LOWRANK_ACTIVATIONS[activation])
     return gate_up[:ffn]
 
 
@@ -428,9 +429,10 @@ def attention_decode(lib: ctypes.CDLL, qkv: torch.Tensor, key: torch.Tensor, val
     or all bfloat16 (fp32 arithmetic).
     """
     batch, n_kv, capacity, head_dim = key.shape
-    if getattr(lib, "attn_decode" + _suffix(qkv))(qkv.data_ptr(), qkv.stride(0), batch, seq, n_heads, n_kv, head_dim, cos.data_ptr(),
-                       sin.data_ptr(), key.data_ptr(), value.data_ptr(), capacity, start, scale, out.data_ptr(),
-                       out.stride(0), torch.get_num_threads()):
+    fn = getattr(lib, "attn_decode" + _suffix(qkv))
+    if fn(qkv.data_ptr(), qkv.stride(0), batch, seq, n_heads, n_kv, head_dim, cos.data_ptr(), sin.data_ptr(),
+          key.data_ptr(), value.data_ptr(), capacity, start, scale, out.data_ptr(), out.stride(0),
+          torch.get_num_threads()):
         raise MemoryError("attention_decode: could not allocate the score buffers")
     return out
 

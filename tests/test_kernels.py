@@ -95,6 +95,24 @@ def test_kernel_thread_counts_agree(threads: int) -> None:
         torch.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_link_balanced_chunks_cover_skewed_rows(tokens: int) -> None:
+    """Row chunks split by link count: a few full rows among empty ones (and no links at all) still
+    write every output row once."""
+    gen = torch.Generator().manual_seed(tokens)
+    w = torch.zeros(64, 48)
+    w[[3, 40, 41], :] = torch.randn(3, 48, generator=gen)  # three full rows hold every link
+    crow = torch.zeros(65, dtype=torch.int32)
+    crow[1:] = (w != 0).sum(1).cumsum(0).to(torch.int32)
+    col = (w != 0).nonzero()[:, 1].to(torch.int16)
+    x = torch.randn(48, tokens, generator=gen)
+    for crow_, col_, val in ((crow, col, w[w != 0]), (torch.zeros(65, dtype=torch.int32), col[:0], w[:0, 0])):
+        out = torch.full((64, tokens), float("nan"))
+        want = w @ x if col_.numel() else torch.zeros(64, tokens)
+        torch.testing.assert_close(kernels.spmm_cpu(x, crow_, col_, val.contiguous(), out=out), want, atol=1e-5,
+                                   rtol=1e-5)
+
+
 def test_kernel_int32_columns_strided_rows_and_out_buffer() -> None:
     gen = torch.Generator().manual_seed(2)
     crow, col, val, w = _random_csr(50, 70, 0.2, gen, col_dtype=torch.int32)

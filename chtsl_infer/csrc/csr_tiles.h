@@ -37,6 +37,20 @@
     for (int v = 0; v < V; v++) acc[v] += acc_odd_[v];                                              \
   }
 
+/* The first row of chunk c of n_chunks over rows 0..n_out: chunks hold equal shares of the links, not of
+ * the rows (rows are stored by link count, so equal row ranges gave the last thread up to 1.17× the
+ * links of the first at llama1b). Chunk n_chunks starts at n_out. */
+static inline int csr_chunk_start(const int32_t *crow, int n_out, int c, int n_chunks) {
+  if (c >= n_chunks) return n_out;
+  long target = (long)crow[n_out] * c / n_chunks;
+  int lo = 0, hi = n_out; /* the first row i with crow[i] >= target */
+  while (lo < hi) {
+    int mid = lo + (hi - lo) / 2;
+    if (crow[mid] < target) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
 /* The body of spmm_<suffix> and spmm_bf16_<suffix>: it reads their parameters by name (x, ldx, n_in,
  * n_tok, crow, col, val, rows, y, ldy, n_out, tile, n_chunks, n_threads) and ORs 1 into the caller's
  * `int failed` when a thread could not allocate its tile buffer.
@@ -51,7 +65,6 @@
   {                                                                                                 \
     int small = tile == 0; /* gather path */                                                        \
     int n_tiles = small ? 1 : (n_tok + tile - 1) / tile;                                            \
-    int rows_per_chunk = (n_out + n_chunks - 1) / n_chunks;                                         \
     (void)n_threads;                                                                                \
     _Pragma("omp parallel num_threads(n_threads) reduction(| : failed)") {                          \
       float *buf = small ? NULL : aligned_alloc(64, sizeof(float) * (size_t)n_in * tile);           \
@@ -59,7 +72,7 @@
       failed = !ok;                                                                                 \
       _Pragma("omp for schedule(static)") for (int task = 0; task < n_tiles * n_chunks; task++) {   \
         int t0 = (task / n_chunks) * tile, chunk = task % n_chunks;                                 \
-        int i0 = chunk * rows_per_chunk, i1 = i0 + rows_per_chunk < n_out ? i0 + rows_per_chunk : n_out; \
+        int i0 = csr_chunk_start(crow, n_out, chunk, n_chunks), i1 = csr_chunk_start(crow, n_out, chunk + 1, n_chunks); \
         if (!ok || i0 >= i1) continue;                                                              \
         if (small) {                                                                                \
           GATHER(GX, GLD, crow, col, val, rows, y, ldy, i0, i1, n_tok);                             \
