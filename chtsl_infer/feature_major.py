@@ -15,7 +15,11 @@ each call writes its keys/values at the cache's current length (no per-token re-
 unlike a cache grown by concatenation), attends to the cache's first `length + seq` positions, and
 computes logits for the last position of each sequence only (a (batch, vocab) GEMV per token
 instead of (batch × seq, vocab) at prefill). One decoded token is a (H, batch) activation, so the
-sparse kernel takes its per-token gather path (`kernels.token_tile`).
+sparse kernel takes its per-token gather path (`kernels.token_tile`). Up to `kernels.GEMV_MAX_TOKENS`
+tokens on CPU (fp32 or bf16), the operations between the linears — RMSNorm, RoPE with the cache
+write and attention, SiLU·mul — run as one C call each (`csrc/decode.c`) and every fused group
+through its bound kernels (`FusedLinears.decoder`): as ~30 torch operations per block they cost a
+quarter of a llama1b decoding step.
 
 Same arithmetic as transformers' Llama (`LlamaRMSNorm`, `apply_rotary_pos_emb`, SDPA with
 `head_dim**-0.5`, causal, GQA, `act(gate) * up`); tests compare the logits within 1e-4 and greedy
@@ -24,6 +28,7 @@ decoding token-for-token with transformers' `generate()`.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -205,7 +210,7 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
     return out
 
 
-def _norm(lib, h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+def _norm(lib: ctypes.CDLL | None, h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """A LlamaRMSNorm module applied to feature-major h (H, T): the C kernel where `lib` (decoding), else torch."""
     if lib is None:
         return rms_norm(h, norm.weight, norm.variance_epsilon)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,8 @@ class FusedLinears(nn.Module):
         self._decoder: kernels.GroupDecoder | None | bool = None  # built on first decode; False: does not apply
         self._decoder_dtype: torch.dtype | None = None
 
-    def _apply(self, fn, recurse=True):  # .to(), .float(), …: the buffers are replaced, rebuild the decoder
-        self._decoder = None
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FusedLinears:
+        self._decoder = None  # .to(), .float(), …: the buffers are replaced, so are the pointers bound to them
         return super()._apply(fn, recurse)
 
     def decoder(self) -> kernels.GroupDecoder | None:
