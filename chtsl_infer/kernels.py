@@ -382,9 +382,8 @@ class GroupDecoder:
 
     def add_lowrank(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y (out, T) += scale · B act(A x) for every member; x (in, T), y with contiguous rows."""
-        self.lowrank_fn(*self.lowrank_args, x.data_ptr(), x.stride(0), x.stride(1), x.shape[1],
-                            *self.lowrank_tail, y.data_ptr(),
-                            y.stride(0), self.scratch.data_ptr(), torch.get_num_threads())
+        self.lowrank_fn(*self.lowrank_args, x.data_ptr(), x.stride(0), x.stride(1), x.shape[1], *self.lowrank_tail,
+                        y.data_ptr(), y.stride(0), self.scratch.data_ptr(), torch.get_num_threads())
 
 
 def decode_kernels(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> ctypes.CDLL | None:
