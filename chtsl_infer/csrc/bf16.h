@@ -1,5 +1,6 @@
-/* bfloat16 as uint16 bit patterns: widening (exact, a shift) and rounding to nearest-even as torch does.
- * Shared by spmm_bf16.c and gemv.c. */
+/* bfloat16 as uint16 bit patterns: widening (exact, a shift) and rounding to nearest-even as torch does;
+ * and the 8-float vectors (one ymm with AVX2) the decoding kernels load fp32 or bf16 rows into.
+ * Shared by spmm_bf16.c, gemv.c and decode.c. */
 #ifndef CHTSL_BF16_H
 #define CHTSL_BF16_H
 #include <stdint.h>
@@ -19,4 +20,20 @@ static inline uint16_t f2bf(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
 }
+
+typedef float g8 __attribute__((vector_size(32)));
+typedef float g8u __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t h8u __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t u8v __attribute__((vector_size(32)));
+
+static inline g8 load8_f32(const float *p) { return *(const g8u *)p; }
+
+static inline g8 load8_bf16(const uint16_t *p) {
+  u8v wide = __builtin_convertvector(*(const h8u *)p, u8v) << 16;
+  g8 f;
+  memcpy(&f, &wide, sizeof f);
+  return f;
+}
+
+static inline float hsum8(g8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 #endif

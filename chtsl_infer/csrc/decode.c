@@ -24,21 +24,7 @@
 #include "activation.h"
 #include "bf16.h"
 
-typedef float d8 __attribute__((vector_size(32)));
-typedef float d8u __attribute__((vector_size(32), aligned(4)));
-typedef uint16_t h8u __attribute__((vector_size(16), aligned(2)));
-typedef uint32_t u8v __attribute__((vector_size(32)));
-
-static inline d8 load8_f32(const float *p) { return *(const d8u *)p; }
-static inline d8 load8_bf16(const uint16_t *p) {
-  u8v wide = __builtin_convertvector(*(const h8u *)p, u8v) << 16;
-  d8 f;
-  memcpy(&f, &wide, sizeof f);
-  return f;
-}
 static inline float same(float v) { return v; }
-
-static inline float hsum(d8 s) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); }
 
 /* RoPE of one head vector x (head_dim, element d at x[d * sx]) at position pos into fp32 out:
  * x·cos + rotate_half(x)·sin, rotate_half(x) = (-x[half:], x[:half]) (transformers'
@@ -60,14 +46,14 @@ static inline float hsum(d8 s) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4]
 /* Σ q[d] · k[d], q fp32, k stored: two 8-float accumulators (a plain loop is one serial chain). */
 #define DOT(SUFFIX, T, LD, LOAD8)                                                                     \
   static inline float dot_##SUFFIX(const float *q, const T *k, int n) {                               \
-    d8 s0 = {0}, s1 = {0};                                                                            \
+    g8 s0 = {0}, s1 = {0};                                                                            \
     int d = 0;                                                                                        \
     for (; d + 16 <= n; d += 16) {                                                                    \
       s0 += load8_f32(q + d) * LOAD8(k + d);                                                          \
       s1 += load8_f32(q + d + 8) * LOAD8(k + d + 8);                                                  \
     }                                                                                                 \
     for (; d + 8 <= n; d += 8) s0 += load8_f32(q + d) * LOAD8(k + d);                                 \
-    float r = hsum(s0 + s1);                                                                          \
+    float r = hsum8(s0 + s1);                                                                          \
     for (; d < n; d++) r += q[d] * LD(k[d]);                                                          \
     return r;                                                                                         \
   }

@@ -15,22 +15,6 @@
 #include "activation.h"
 #include "bf16.h"
 
-typedef float g8 __attribute__((vector_size(32)));
-typedef float g8u __attribute__((vector_size(32), aligned(4)));
-typedef uint16_t h8u __attribute__((vector_size(16), aligned(2)));
-typedef uint32_t u8v __attribute__((vector_size(32)));
-
-static inline g8 load8_f32(const float *p) { return *(const g8u *)p; }
-
-static inline g8 load8_bf16(const uint16_t *p) {
-  u8v wide = __builtin_convertvector(*(const h8u *)p, u8v) << 16;
-  g8 f;
-  memcpy(&f, &wide, sizeof f);
-  return f;
-}
-
-static inline float hsum8(g8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
-
 /* One output row for NT tokens, 8-float vectors (one ymm; small enough that the NT × 4 accumulators
  * stay in registers: 16-float ones spilled to the stack with AVX2 and ran 5× slower). */
 #define ROW(NAME, W_T, LOAD, SCALAR, NT)                                                              \
