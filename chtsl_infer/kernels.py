@@ -138,6 +138,9 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
             rms.argtypes, rms.restype = [p, lng, i, i, p, f, p, lng], None
             silu.argtypes, silu.restype = [p, lng, i, i, i], None
             attn.argtypes, attn.restype = [p, lng, i, i, i, i, i, p, p, p, p, i, i, f, p, lng, i], i
+            layers = getattr(lib, "decode_layers" + suffix)
+            layers.argtypes = [p, i, i, i, p, i, p, p, f, i, i, i, p, p, i, i, f, i, p, p, i]
+            layers.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
 
@@ -384,6 +387,71 @@ class GroupDecoder:
         """y (out, T) += scale · B act(A x) for every member; x (in, T), y with contiguous rows."""
         self.lowrank_fn(*self.lowrank_args, x.data_ptr(), x.stride(0), x.stride(1), x.shape[1], *self.lowrank_tail,
                         y.data_ptr(), y.stride(0), self.scratch.data_ptr(), torch.get_num_threads())
+
+
+class _DecGroup(ctypes.Structure):
+    """csrc/decode.c's `dec_group`: one fused group's kernel arguments (NULL crow / lora_a: part absent)."""
+    _fields_ = [("n_in", ctypes.c_int), ("n_out", ctypes.c_int), ("crow", ctypes.c_void_p),
+                ("col", ctypes.c_void_p), ("values", ctypes.c_void_p), ("rows", ctypes.c_void_p),
+                ("col_i32", ctypes.c_int), ("lora_a", ctypes.c_void_p), ("lora_bt", ctypes.c_void_p),
+                ("outs", ctypes.c_void_p), ("ranks", ctypes.c_void_p), ("n_rank", ctypes.c_int),
+                ("n_members", ctypes.c_int), ("scale", ctypes.c_float), ("act", ctypes.c_int)]
+
+
+class _DecLayer(ctypes.Structure):
+    """csrc/decode.c's `dec_layer`: a block's two norm weights and its four groups."""
+    _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("group", _DecGroup * 4)]
+
+
+class DecodeLayers:
+    """Every decoder block of a decoding step in one C call (`decode_layers` in `csrc/decode.c`): the
+    kernels `feature_major.forward`'s loop calls one by one, in its order, for ≤ `GEMV_MAX_TOKENS`
+    CPU tokens in fp32 or bf16. At llama1b the loop's ~14 Python calls per block cost ~8 % of a token.
+
+    blocks: per block (input norm weight, post-attention norm weight, the `GroupDecoder`s of its
+    (q, k, v), o, (gate, up) and down groups); every group's base is sparse or absent (not a dense
+    weight), and the MLP's activation is SiLU. The tensors behind the pointers are kept referenced.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, blocks: list[tuple[torch.Tensor, torch.Tensor, list[GroupDecoder]]],
+                 eps: float, ffn: int, dtype: torch.dtype) -> None:
+        self.fn = getattr(lib, "decode_layers" + ("" if dtype == torch.float32 else "_bf16"))
+        self.blocks, self.eps, self.ffn, self.dtype = blocks, eps, ffn, dtype
+        self.table = (_DecLayer * len(blocks))()
+        widest = 0
+        for entry, (norm1, norm2, groups) in zip(self.table, blocks, strict=True):
+            entry.norm1, entry.norm2 = norm1.data_ptr(), norm2.data_ptr()
+            for slot, dec in zip(entry.group, groups, strict=True):
+                slot.n_in, slot.n_out = dec.n_in, dec.n_out
+                if dec.csr is not None:
+                    slot.crow, slot.col, slot.values, slot.rows = dec.csr_ptrs
+                    slot.col_i32 = int(dec.csr[1].dtype == torch.int32)
+                if dec.lowrank is not None:
+                    slot.lora_a, slot.n_rank = dec.lowrank_args[0], dec.n_rank
+                    slot.lora_bt, slot.outs, slot.ranks, slot.n_members, slot.scale, slot.act = dec.lowrank_tail
+                    widest = max(widest, dec.n_in + dec.n_rank)
+                else:
+                    widest = max(widest, dec.n_in)
+        self.scratch = torch.empty(GEMV_MAX_TOKENS * widest, dtype=torch.float32)
+        self.work: torch.Tensor | None = None
+
+    def __call__(self, h: torch.Tensor, key: list[torch.Tensor], value: list[torch.Tensor], cos: torch.Tensor,
+                 sin: torch.Tensor, start: int, batch: int, seq: int, n_heads: int, scale: float) -> None:
+        """h (hidden, batch·seq) contiguous, updated in place through every block; key/value: each block's
+        (batch, kv_heads, capacity, head_dim) cache, cos/sin its RoPE tables (see `attention_decode`)."""
+        hidden, n_tok = h.shape
+        _, n_kv, capacity, head_dim = key[0].shape
+        q_rows = n_heads * head_dim
+        size = n_tok * (2 * hidden + 2 * q_rows + 2 * n_kv * head_dim + 2 * self.ffn)
+        if self.work is None or self.work.numel() < size:
+            self.work = torch.empty(size, dtype=self.dtype)
+        keys = (ctypes.c_void_p * len(key))(*[k.data_ptr() for k in key])
+        values = (ctypes.c_void_p * len(value))(*[v.data_ptr() for v in value])
+        if self.fn(h.data_ptr(), hidden, batch, seq, ctypes.addressof(self.table), len(self.blocks),
+                   ctypes.addressof(keys), ctypes.addressof(values), self.eps,
+                   n_heads, n_kv, head_dim, cos.data_ptr(), sin.data_ptr(), capacity, start, scale, self.ffn,
+                   self.work.data_ptr(), self.scratch.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("DecodeLayers: could not allocate the kernels' buffers")
 
 
 def decode_kernels(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> ctypes.CDLL | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chtsl_infer import kernels
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.layers import layer_link_count
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
@@ -183,11 +184,12 @@ def test_decode_steps_match_full_forward_logits() -> None:
 def test_decode_steps_of_up_to_four_tokens_take_the_c_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of ≤ 4 tokens after a prefill (two sequences × 2, one × 3) run the C decode glue and the
     groups' bound kernels, and still give the full forward's logits."""
-    from chtsl_infer import kernels
-
     calls = []
     real = kernels.attention_decode
     monkeypatch.setattr(kernels, "attention_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_blocks = kernels.DecodeLayers.__call__  # the sparse backend runs all blocks in one C call
+    monkeypatch.setattr(kernels.DecodeLayers, "__call__",
+                        lambda self, *a: calls.extend([1] * len(self.blocks)) or real_blocks(self, *a))
     model = tiny_model_nonzero_b("chtsl", num_key_value_heads=2)
     ids = random_ids(2, 12, seed=4)
     with torch.no_grad():
@@ -205,6 +207,38 @@ def test_decode_steps_of_up_to_four_tokens_take_the_c_path(monkeypatch: pytest.M
         groups = [m for m in rt.model.modules() if isinstance(m, FusedLinears)]
         assert all(g.decoder() is not None for g in groups)
         calls.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_blocks_in_one_c_call_equal_the_block_loop(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kernels.DecodeLayers` (every block of a ≤ 4-token step in one C call) gives the logits and the
+    KV cache of feature_major's block loop over the same kernels exactly, for 1, 2 and 3 tokens per
+    sequence (3: the sparse kernel's tile path) with GQA; it is rebuilt after `.to()`, and models it
+    does not cover (a dense base weight) keep the loop."""
+    from chtsl_infer import feature_major
+
+    model = tiny_model_nonzero_b("chtsl", num_key_value_heads=2)
+    ids = random_ids(2, 14, seed=6)
+    real = feature_major._decode_layers
+    rt = from_packed(pack_model(model), "sparse", dtype=dtype)
+    runs = {}
+    for name, plan in (("blocks", real), ("loop", lambda *a: None)):
+        monkeypatch.setattr(feature_major, "_decode_layers", plan)
+        cache = rt.new_cache(2, 14)
+        steps = [rt.decode_step(ids[:, :6], cache)]
+        steps += [rt.decode_step(ids[:, a:b], cache) for a, b in ((6, 7), (7, 9), (9, 12), (12, 13), (13, 14))]
+        runs[name] = (torch.stack(steps), torch.stack(cache.key), torch.stack(cache.value))
+    for got, want in zip(runs["blocks"], runs["loop"], strict=True):
+        assert torch.equal(got, want)
+    lib = kernels.decode_kernels(rt.model.model.norm.weight, dtypes=(torch.float32, torch.bfloat16))
+    first = real(rt.model, lib, dtype)
+    assert first is not None and real(rt.model, lib, dtype) is first  # built once
+    other = torch.bfloat16 if dtype == torch.float32 else torch.float32
+    rt.model.to(other)
+    again = real(rt.model, lib, other)
+    assert again is not None and again is not first and again.dtype == other
+    dense = from_packed(pack_model(model), "dense", dtype=dtype)
+    assert real(dense.model, lib, dtype) is None
 
 
 def test_generate_stops_at_eos_and_pads_finished_sequences() -> None:

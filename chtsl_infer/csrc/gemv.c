@@ -148,9 +148,10 @@ static inline void yadd_bf16(uint16_t *p, float v) { *p = f2bf(bf2f(*p) + v); }
       long o0 = 0, r0 = 0;                                                                            \
       for (int m = 0; m < n_members; m++) { /* members write disjoint rows of Y: no barrier between */ \
         int n_out = outs[m], r = ranks[m];                                                            \
-        /* chunks of whole 8-float vectors, at most LR_CHUNK wide, as many as threads where it can */ \
-        int width = (n_out + n_threads - 1) / n_threads;                                              \
-        width = width > LR_CHUNK ? LR_CHUNK : (width + 7) & ~7;                                       \
+        /* a multiple of n_threads chunks, each at most LR_CHUNK wide and of whole 8-float vectors: \
+           equal shares (ceil-sized LR_CHUNK chunks left one thread 1.29x the other's at llama1b's gate) */ \
+        int per = n_out > 0 ? n_threads * ((n_out + n_threads * LR_CHUNK - 1) / (n_threads * LR_CHUNK)) : 1; \
+        int width = (((n_out + per - 1) / per) + 7) & ~7;                                             \
         _Pragma("omp for schedule(static) nowait") for (int c = 0; c < (n_out + width - 1) / width; c++) { \
           int o = c * width;                                                                          \
           lowrank_chunk_##SUFFIX(b, n_out, r, h + r0, n_rank, n_tok, o, n_out - o < width ? n_out - o : width, \
