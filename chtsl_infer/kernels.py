@@ -406,7 +406,7 @@ class _DecLayer(ctypes.Structure):
 class DecodeLayers:
     """Every decoder block of a decoding step in one C call (`decode_layers` in `csrc/decode.c`): the
     kernels `feature_major.forward`'s loop calls one by one, in its order, for ≤ `GEMV_MAX_TOKENS`
-    CPU tokens in fp32 or bf16. At llama1b the loop's ~14 Python calls per block cost ~8 % of a token.
+    CPU tokens in fp32 or bf16. At llama1b the loop's ~14 Python calls per block cost 1/6 of a token.
 
     blocks: per block (input norm weight, post-attention norm weight, the `GroupDecoder`s of its
     (q, k, v), o, (gate, up) and down groups); every group's base is sparse or absent (not a dense

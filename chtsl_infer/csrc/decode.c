@@ -159,7 +159,7 @@ GLUE(_bf16, bf16, uint16_t, bf2f, f2bf, load8_bf16)
  *
  * with G(x) = S x + scale · B act(A x) of a fused group (spmm_* of spmm.c / spmm_bf16.c and
  * lowrank_fm* of gemv.c). Why: at one token each block is ~14 calls from Python, and with the
- * weights streaming through the caches each costs tens of µs (llama1b: ~8 % of a token). The final
+ * weights streaming through the caches each costs tens of µs (llama1b: 1/6 of a token). The final
  * norm and the lm_head stay in Python (one call each).
  *
  * h (hidden × n_tok) feature-major, contiguous; n_tok = batch · seq ≤ 4. Groups whose base is a dense
