@@ -46,7 +46,7 @@ import torch
 from chtsl_infer.utils import cache_dir
 
 HEADERS = tuple(Path(__file__).with_name("csrc") / name  # included by SOURCES: part of the cache key
-                for name in ("csr_tiles.h", "activation.h", "bf16.h"))
+                for name in ("csr_tiles.h", "activation.h", "bf16.h", "kernels.h"))
 SOURCES = tuple(Path(__file__).with_name("csrc") / name  # built into one library
                 for name in ("spmm.c", "csr_train.c", "spmm_bf16.c", "ch_scores.c", "gemv.c", "decode.c"))
 TILE_BYTES = 1 << 20  # tile of 64 tokens while its buffer (in × 64 fp32) fits in this much of L2, else 32
@@ -55,6 +55,7 @@ SDDMM_TILE = 64  # tokens per tile of csr_sddmm_tm, while its (in × tile) buffe
 SDDMM_TILE_BYTES = 256 << 10  # half of a 512 KiB L2
 GEMV_MAX_TOKENS = 4  # dense_gemv serves 1..4 tokens (decoding); more go to torch's GEMM
 GATHER_BELOW = 3  # fewer tokens: per-token gather loop, else 16-token vectors (measured crossover: 2–4)
+CHUNKS_PER_THREAD = 2  # row chunks per thread when a call has fewer token tiles than threads (decoding)
 FLAG_SETS = (  # tried in order until one compiles
     ("-O3", "-march=native", "-fopenmp"),
     ("-O3", "-mcpu=native", "-fopenmp"),  # arm64 compilers spell it -mcpu
@@ -139,7 +140,7 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
             silu.argtypes, silu.restype = [p, lng, i, i, i], None
             attn.argtypes, attn.restype = [p, lng, i, i, i, i, i, p, p, p, p, i, i, f, p, lng, i], i
             layers = getattr(lib, "decode_layers" + suffix)
-            layers.argtypes = [p, i, i, i, p, i, p, p, f, i, i, i, p, p, i, i, f, i, p, p, i]
+            layers.argtypes = [p, i, i, i, p, i, p, p, f, i, i, i, p, p, i, i, f, i, i, i, p, p, i]
             layers.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
@@ -218,7 +219,7 @@ def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: tor
     threads = torch.get_num_threads()
     tile = token_tile(n_in, n_tok)
     n_tiles = 1 if tile == 0 else -(-n_tok // tile)
-    n_chunks = max(1, -(-2 * threads // n_tiles)) if n_tiles < threads else 1  # few tokens: split rows
+    n_chunks = max(1, -(-CHUNKS_PER_THREAD * threads // n_tiles)) if n_tiles < threads else 1  # few tokens: split rows
     if col.dtype not in (torch.int16, torch.int32) or crow.dtype != torch.int32:
         raise TypeError(f"spmm_cpu reads int32 row pointers and int16/int32 columns, got {crow.dtype}/{col.dtype}")
     if dtype == torch.float32:
@@ -380,7 +381,7 @@ class GroupDecoder:
         threads, n_tok = torch.get_num_threads(), x.shape[1]
         tile = token_tile(self.n_in, n_tok)  # 0 (gather) below GATHER_BELOW tokens, else one 16-token tile
         if self.spmm(x.data_ptr(), x.stride(0), self.n_in, n_tok, *self.csr_ptrs,
-                     y.data_ptr(), y.stride(0), self.n_out, tile, 2 * threads, threads):
+                     y.data_ptr(), y.stride(0), self.n_out, tile, CHUNKS_PER_THREAD * threads, threads):
             raise MemoryError("GroupDecoder: could not allocate the kernel's buffers")
 
     def add_lowrank(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -447,10 +448,12 @@ class DecodeLayers:
             self.work = torch.empty(size, dtype=self.dtype)
         keys = (ctypes.c_void_p * len(key))(*[k.data_ptr() for k in key])
         values = (ctypes.c_void_p * len(value))(*[v.data_ptr() for v in value])
+        threads = torch.get_num_threads()
+        tile = token_tile(hidden, n_tok)  # ≤ GEMV_MAX_TOKENS tokens: the same for every group's n_in
         if self.fn(h.data_ptr(), hidden, batch, seq, ctypes.addressof(self.table), len(self.blocks),
                    ctypes.addressof(keys), ctypes.addressof(values), self.eps,
                    n_heads, n_kv, head_dim, cos.data_ptr(), sin.data_ptr(), capacity, start, scale, self.ffn,
-                   self.work.data_ptr(), self.scratch.data_ptr(), torch.get_num_threads()):
+                   tile, CHUNKS_PER_THREAD * threads, self.work.data_ptr(), self.scratch.data_ptr(), threads):
             raise MemoryError("DecodeLayers: could not allocate the kernels' buffers")
 
 
@@ -580,7 +583,7 @@ def csr_mm(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch
     threads = torch.get_num_threads()
     tile = train_tile(n_tok)
     n_tiles = -(-n_tok // tile)
-    n_chunks = max(1, -(-2 * threads // n_tiles)) if n_tiles < threads else 1  # few tokens: split rows
+    n_chunks = max(1, -(-CHUNKS_PER_THREAD * threads // n_tiles)) if n_tiles < threads else 1  # few tokens: split rows
     crow, col, values = crow.contiguous(), col.contiguous(), values.contiguous()
     if lib.csr_mm_tm(x.data_ptr(), x.stride(0), n_tok, n_cols, crow.data_ptr(), col.data_ptr(), values.data_ptr(),
                      n_rows, y.data_ptr(), y.stride(0), tile, n_chunks, threads):

@@ -23,6 +23,7 @@
 
 #include "activation.h"
 #include "bf16.h"
+#include "kernels.h"
 
 static inline float same(float v) { return v; }
 
@@ -184,61 +185,48 @@ typedef struct {
   dec_group group[4];        /* (q, k, v), o, (gate, up), down */
 } dec_layer;
 
-int spmm_i16(const float *, long, int, int, const int32_t *, const int16_t *, const float *, const int32_t *, float *,
-             long, int, int, int, int);
-int spmm_i32(const float *, long, int, int, const int32_t *, const int32_t *, const float *, const int32_t *, float *,
-             long, int, int, int, int);
-int spmm_bf16_i16(const uint16_t *, long, int, int, const int32_t *, const int16_t *, const uint16_t *,
-                  const int32_t *, uint16_t *, long, int, int, int, int);
-int spmm_bf16_i32(const uint16_t *, long, int, int, const int32_t *, const int32_t *, const uint16_t *,
-                  const int32_t *, uint16_t *, long, int, int, int, int);
-int lowrank_fm(const float *, int, int, const float *, long, long, int, const float *, const int32_t *,
-               const int32_t *, int, float, int, float *, long, float *, int);
-int lowrank_fm_bf16(const uint16_t *, int, int, const uint16_t *, long, long, int, const uint16_t *,
-                    const int32_t *, const int32_t *, int, float, int, uint16_t *, long, float *, int);
-
 #define DECODE_LAYERS(SUFFIX, T, LD, ST, SPMM16, SPMM32, LOWRANK)                                         \
   /* y (n_out × n_tok) = G x (n_in × n_tok), both contiguous. Returns non-zero on a failed allocation. */ \
-  static int group##SUFFIX(const dec_group *g, const T *x, T *y, int n_tok, float *scratch, int threads) { \
-    int tile = n_tok < 3 ? 0 : 16; /* kernels.token_tile for ≤ 4 tokens */                            \
-    if (g->crow == NULL)                                                                              \
-      memset(y, 0, sizeof(T) * (size_t)g->n_out * n_tok);                                             \
+  static int group##SUFFIX(const dec_group *g, const T *x, T *y, int n_tok, int tile, int n_chunks,     \
+                           float *scratch, int threads) {                                               \
+    if (g->crow == NULL)                                                                                \
+      memset(y, 0, sizeof(T) * (size_t)g->n_out * n_tok);                                               \
     else if (g->col_i32 ? SPMM32(x, n_tok, g->n_in, n_tok, g->crow, g->col, g->values, g->rows, y, n_tok, \
-                                 g->n_out, tile, 2 * threads, threads)                                 \
+                                 g->n_out, tile, n_chunks, threads)                                     \
                         : SPMM16(x, n_tok, g->n_in, n_tok, g->crow, g->col, g->values, g->rows, y, n_tok, \
-                                 g->n_out, tile, 2 * threads, threads))                                \
-      return 1;                                                                                       \
-    if (g->lora_a != NULL)                                                                            \
-      return LOWRANK(g->lora_a, g->n_rank, g->n_in, x, n_tok, 1, n_tok, g->lora_bt, g->outs, g->ranks, \
-                     g->n_members, g->scale, g->act, y, n_tok, scratch, threads);                     \
-    return 0;                                                                                         \
-  }                                                                                                   \
-  static void add_into##SUFFIX(T *h, const T *y, long n) {                                            \
-    for (long i = 0; i < n; i++) h[i] = ST(LD(h[i]) + LD(y[i]));                                      \
-  }                                                                                                   \
+                                 g->n_out, tile, n_chunks, threads))                                    \
+      return 1;                                                                                         \
+    if (g->lora_a != NULL)                                                                              \
+      return LOWRANK(g->lora_a, g->n_rank, g->n_in, x, n_tok, 1, n_tok, g->lora_bt, g->outs, g->ranks,  \
+                     g->n_members, g->scale, g->act, y, n_tok, scratch, threads);                       \
+    return 0;                                                                                           \
+  }                                                                                                     \
+  static void add_into##SUFFIX(T *h, const T *y, long n) {                                              \
+    for (long i = 0; i < n; i++) h[i] = ST(LD(h[i]) + LD(y[i]));                                        \
+  }                                                                                                     \
   int decode_layers##SUFFIX(T *h, int hidden, int batch, int seq, const dec_layer *layers, int n_layers, \
                             T *const *kcache, T *const *vcache, float eps, int n_heads, int n_kv, int head_dim, \
-                            const T *cos, const T *sin, int cap, int start, float attn_scale, int ffn, T *work, \
-                            float *scratch, int threads) {                                            \
-    int n_tok = batch * seq, q_rows = n_heads * head_dim, qkv_rows = q_rows + 2 * n_kv * head_dim;    \
-    T *x = work, *qkv = x + (long)hidden * n_tok, *o = qkv + (long)qkv_rows * n_tok;                  \
-    T *y = o + (long)q_rows * n_tok, *gu = y + (long)hidden * n_tok;                                  \
-    for (int l = 0; l < n_layers; l++) {                                                              \
-      const dec_layer *L = layers + l;                                                                \
-      rms_norm_fm##SUFFIX(h, n_tok, hidden, n_tok, L->norm1, eps, x, n_tok);                          \
-      if (group##SUFFIX(&L->group[0], x, qkv, n_tok, scratch, threads) ||                             \
+                            const T *cos, const T *sin, int cap, int start, float attn_scale, int ffn, int tile, \
+                            int n_chunks, T *work, float *scratch, int threads) {                       \
+    int n_tok = batch * seq, q_rows = n_heads * head_dim, qkv_rows = q_rows + 2 * n_kv * head_dim;      \
+    T *x = work, *qkv = x + (long)hidden * n_tok, *o = qkv + (long)qkv_rows * n_tok;                    \
+    T *y = o + (long)q_rows * n_tok, *gu = y + (long)hidden * n_tok;                                    \
+    for (int l = 0; l < n_layers; l++) {                                                                \
+      const dec_layer *L = layers + l;                                                                  \
+      rms_norm_fm##SUFFIX(h, n_tok, hidden, n_tok, L->norm1, eps, x, n_tok);                            \
+      if (group##SUFFIX(&L->group[0], x, qkv, n_tok, tile, n_chunks, scratch, threads) ||               \
           attn_decode##SUFFIX(qkv, n_tok, batch, seq, n_heads, n_kv, head_dim, cos, sin, kcache[l], vcache[l], cap, \
-                              start, attn_scale, o, n_tok, threads) ||                                \
-          group##SUFFIX(&L->group[1], o, y, n_tok, scratch, threads))                                 \
-        return 1;                                                                                     \
-      add_into##SUFFIX(h, y, (long)hidden * n_tok);                                                   \
-      rms_norm_fm##SUFFIX(h, n_tok, hidden, n_tok, L->norm2, eps, x, n_tok);                          \
-      if (group##SUFFIX(&L->group[2], x, gu, n_tok, scratch, threads)) return 1;                      \
-      silu_mul_fm##SUFFIX(gu, n_tok, ffn, n_tok, 0);                                                  \
-      if (group##SUFFIX(&L->group[3], gu, y, n_tok, scratch, threads)) return 1;                      \
-      add_into##SUFFIX(h, y, (long)hidden * n_tok);                                                   \
-    }                                                                                                 \
-    return 0;                                                                                         \
+                              start, attn_scale, o, n_tok, threads) ||                                  \
+          group##SUFFIX(&L->group[1], o, y, n_tok, tile, n_chunks, scratch, threads))                   \
+        return 1;                                                                                       \
+      add_into##SUFFIX(h, y, (long)hidden * n_tok);                                                     \
+      rms_norm_fm##SUFFIX(h, n_tok, hidden, n_tok, L->norm2, eps, x, n_tok);                            \
+      if (group##SUFFIX(&L->group[2], x, gu, n_tok, tile, n_chunks, scratch, threads)) return 1;        \
+      silu_mul_fm##SUFFIX(gu, n_tok, ffn, n_tok, 0);                                                    \
+      if (group##SUFFIX(&L->group[3], gu, y, n_tok, tile, n_chunks, scratch, threads)) return 1;        \
+      add_into##SUFFIX(h, y, (long)hidden * n_tok);                                                     \
+    }                                                                                                   \
+    return 0;                                                                                           \
   }
 
 DECODE_LAYERS(, float, same, same, spmm_i16, spmm_i32, lowrank_fm)

@@ -14,6 +14,7 @@
 
 #include "activation.h"
 #include "bf16.h"
+#include "kernels.h"
 
 /* One output row for NT tokens, 8-float vectors (one ymm; small enough that the NT × 4 accumulators
  * stay in registers: 16-float ones spilled to the stack with AVX2 and ran 5× slower). */

@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "csr_tiles.h"
+#include "kernels.h"
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4))); /* unaligned store into Y */

@@ -17,6 +17,7 @@
 
 #include "bf16.h"
 #include "csr_tiles.h"
+#include "kernels.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
