@@ -315,18 +315,18 @@ def dense_gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> bool
 LOWRANK_ACTIVATIONS = {"silu": 0, "relu": 1, "gelu": 2, "identity": 3}  # csrc/gemv.c's `act` codes
 
 
-def lowrank_fm(lora_a: torch.Tensor, x: torch.Tensor, lora_bt: torch.Tensor, shapes: torch.Tensor, scale: float,
+def lowrank_fm(lora_a: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, shapes: torch.Tensor, scale: float,
                activation: str, y: torch.Tensor) -> bool:
     """y (Σ out_m, T) += scale · B_m act(A_m x) for every member m of a fused group, T ≤ `GEMV_MAX_TOKENS`.
 
-    lora_a: (Σ r_m, in) the members' A stacked; x: (in, T) feature-major, any strides; lora_bt:
-    (Σ r_m·out_m,) the members' Bᵀ blocks (r_m × out_m) flattened one after the other; shapes: int32
+    lora_a: (Σ r_m, in) the members' A stacked; x: (in, T) feature-major, any strides; lora_b:
+    (Σ out_m·r_m,) the members' B blocks (out_m × r_m) flattened one after the other; shapes: int32
     (2, members) of out_m and r_m; y: (Σ out_m, T) with contiguous rows. CPU, all four float32 or all
     bfloat16 (sums and the hidden activations in fp32) (`csrc/gemv.c`); returns False, nothing
     written, where it does not apply (the caller uses torch).
     """
     n_tok = x.shape[1]
-    if not (1 <= n_tok <= GEMV_MAX_TOKENS and x.dtype == lora_a.dtype == lora_bt.dtype == y.dtype
+    if not (1 <= n_tok <= GEMV_MAX_TOKENS and x.dtype == lora_a.dtype == lora_b.dtype == y.dtype
             and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu" and y.stride(1) == 1
             and activation in LOWRANK_ACTIVATIONS):
         return False
@@ -337,7 +337,7 @@ def lowrank_fm(lora_a: torch.Tensor, x: torch.Tensor, lora_bt: torch.Tensor, sha
     scratch = torch.empty(n_tok * (n_in + n_rank), dtype=torch.float32)
     fn = lib.lowrank_fm if x.dtype == torch.float32 else lib.lowrank_fm_bf16
     return not fn(lora_a.data_ptr(), n_rank, n_in, x.data_ptr(), x.stride(0), x.stride(1), n_tok,
-                  lora_bt.data_ptr(), shapes[0].data_ptr(), shapes[1].data_ptr(), shapes.shape[1],
+                  lora_b.data_ptr(), shapes[0].data_ptr(), shapes[1].data_ptr(), shapes.shape[1],
                   scale, LOWRANK_ACTIVATIONS[activation], y.data_ptr(), y.stride(0),
                   scratch.data_ptr(), torch.get_num_threads())
 
@@ -349,7 +349,7 @@ class GroupDecoder:
     At one token the kernels take ~50 µs per group at llama60m; the checks, pointer look-ups and
     tensor indexing of `spmm_cpu` / `lowrank_fm` added ~40 µs more. Same kernels, same results.
     crow/col/values/rows: the group's sorted CSR (None: no sparse kernel, the caller computes the
-    base part); lora_a/lora_bt/shapes: as `lowrank_fm` takes them (None: no low-rank branch).
+    base part); lora_a/lora_b/shapes: as `lowrank_fm` takes them (None: no low-rank branch).
     """
 
     def __init__(self, lib: ctypes.CDLL, n_in: int, n_out: int, csr: tuple[torch.Tensor, ...] | None,
@@ -366,14 +366,14 @@ class GroupDecoder:
             self.csr_ptrs = (crow.data_ptr(), col.data_ptr(), values.data_ptr(), rows.data_ptr())
         self.lowrank = lowrank
         if lowrank is not None:
-            lora_a, lora_bt, shapes = lowrank
+            lora_a, lora_b, shapes = lowrank
             self.lowrank_fn = lib.lowrank_fm if lora_a.dtype == torch.float32 else lib.lowrank_fm_bf16
             self.n_rank = lora_a.shape[0]
             shapes = shapes.contiguous()
-            self.lowrank = (lora_a, lora_bt, shapes)
+            self.lowrank = (lora_a, lora_b, shapes)
             self.scratch = torch.empty(GEMV_MAX_TOKENS * (n_in + self.n_rank), dtype=torch.float32)
             self.lowrank_args = (lora_a.data_ptr(), self.n_rank, n_in)
-            self.lowrank_tail = (lora_bt.data_ptr(), shapes.data_ptr(), shapes.data_ptr() + 4 * shapes.shape[1],
+            self.lowrank_tail = (lora_b.data_ptr(), shapes.data_ptr(), shapes.data_ptr() + 4 * shapes.shape[1],
                                  shapes.shape[1], scale, LOWRANK_ACTIVATIONS[activation])
 
     def sparse(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -394,7 +394,7 @@ class _DecGroup(ctypes.Structure):
     """csrc/decode.c's `dec_group`: one fused group's kernel arguments (NULL crow / lora_a: part absent)."""
     _fields_ = [("n_in", ctypes.c_int), ("n_out", ctypes.c_int), ("crow", ctypes.c_void_p),
                 ("col", ctypes.c_void_p), ("values", ctypes.c_void_p), ("rows", ctypes.c_void_p),
-                ("col_i32", ctypes.c_int), ("lora_a", ctypes.c_void_p), ("lora_bt", ctypes.c_void_p),
+                ("col_i32", ctypes.c_int), ("lora_a", ctypes.c_void_p), ("lora_b", ctypes.c_void_p),
                 ("outs", ctypes.c_void_p), ("ranks", ctypes.c_void_p), ("n_rank", ctypes.c_int),
                 ("n_members", ctypes.c_int), ("scale", ctypes.c_float), ("act", ctypes.c_int)]
 
@@ -429,7 +429,7 @@ class DecodeLayers:
                     slot.col_i32 = int(dec.csr[1].dtype == torch.int32)
                 if dec.lowrank is not None:
                     slot.lora_a, slot.n_rank = dec.lowrank_args[0], dec.n_rank
-                    slot.lora_bt, slot.outs, slot.ranks, slot.n_members, slot.scale, slot.act = dec.lowrank_tail
+                    slot.lora_b, slot.outs, slot.ranks, slot.n_members, slot.scale, slot.act = dec.lowrank_tail
                     widest = max(widest, dec.n_in + dec.n_rank)
                 else:
                     widest = max(widest, dec.n_in)

@@ -54,7 +54,7 @@ class FusedLinears(nn.Module):
     Buffers (present parts only): `weight` (Σout, in) dense S or dense-method weight; `crow`,
     `col`, `values`, `rows` the CSR of S with the members' rows stacked, stored by link count
     (`rows`: stored row -> output row; CPU sparse backend); `lora_A`
-    (Σr, in); `lora_Bt` the members' Bᵀ (r_m, out_m) blocks flattened back to back, `lowrank_shapes`
+    (Σr, in); `lora_B` the members' B (out_m, r_m) blocks flattened back to back, `lowrank_shapes`
     int32 (2, members) their out_m and r_m. Members fetch their slice through `member(i, x)`,
     which computes the whole group once per distinct input tensor.
     """
@@ -103,12 +103,11 @@ class FusedLinears(nn.Module):
         if first.has_lowrank:
             self.ranks = [lin.lora_A.shape[0] for lin in linears]
             self.register_buffer("lora_A", torch.cat([lin.lora_A for lin in linears]).to(device, dtype))
-            # The members' Bᵀ (r_m × out_m) flattened back to back: the decode kernel's layout.
-            bt = torch.cat([lin.lora_B.t().reshape(-1) for lin in linears])
-            self.register_buffer("lora_Bt", bt.to(device, dtype))
+            # The members' B (out_m × r_m) flattened back to back: the decode kernel's layout.
+            self.register_buffer("lora_B", torch.cat([lin.lora_B.reshape(-1) for lin in linears]).to(device, dtype))
             self.register_buffer("lowrank_shapes", torch.tensor([self.outs, self.ranks], dtype=torch.int32))
         else:
-            self.lora_A = self.lora_Bt = None
+            self.lora_A = self.lora_B = None
         self._x: torch.Tensor | None = None
         self._parts: list[torch.Tensor | None] = []
         self._decoder: kernels.GroupDecoder | None | bool = None  # built on first decode; False: does not apply
@@ -127,7 +126,7 @@ class FusedLinears(nn.Module):
             lib = kernels.decode_kernels(*tensors, dtypes=(torch.float32, torch.bfloat16)) \
                 if tensors and self.cuda_csr is None else None
             csr = (self.crow, self.col, self.values, self.rows) if self.sparse and lib is not None else None
-            lowrank = (self.lora_A, self.lora_Bt, self.lowrank_shapes) if self.lora_A is not None else None
+            lowrank = (self.lora_A, self.lora_B, self.lowrank_shapes) if self.lora_A is not None else None
             self._decoder = False if lib is None else kernels.GroupDecoder(
                 lib, self.in_features, self.offsets[-1], csr, lowrank, self.scale, self.activation)
             self._decoder_dtype = tensors[0].dtype if lib is not None else None
@@ -163,15 +162,15 @@ class FusedLinears(nn.Module):
             y = torch.mm(self.weight, x, out=out)
         else:
             y = out.zero_()
-        if self.lora_A is not None and not kernels.lowrank_fm(self.lora_A, x, self.lora_Bt, self.lowrank_shapes,
+        if self.lora_A is not None and not kernels.lowrank_fm(self.lora_A, x, self.lora_B, self.lowrank_shapes,
                                                                self.scale, self.activation, y):
             h = self.lora_A @ x  # (Σr, T)
             h = F.silu(h, inplace=True) if self.activation == "silu" else activation_fn(self.activation, h)
             r0 = b0 = 0
             for i, r in enumerate(self.ranks):
                 n_out = self.outs[i]
-                bt = self.lora_Bt[b0:b0 + n_out * r].view(r, n_out)
-                y[self.offsets[i]:self.offsets[i + 1]].addmm_(bt.t(), h[r0:r0 + r], alpha=self.scale)
+                b = self.lora_B[b0:b0 + n_out * r].view(n_out, r)
+                y[self.offsets[i]:self.offsets[i + 1]].addmm_(b, h[r0:r0 + r], alpha=self.scale)
                 r0, b0 = r0 + r, b0 + n_out * r
         return y
 

@@ -331,25 +331,25 @@ def test_lowrank_decode_kernel_matches_torch(activation: str, n_tok: int, big: b
     g = torch.Generator().manual_seed(n_tok)
     outs, ranks, n_in = [40, 24, 19], [5, 3, 7], 70  # output tails, odd ranks, a scalar input tail
     if big:
-        outs, ranks, n_in = [600, 333, 2100], [130, 71, 9], 1000  # 2100: several 1024-wide chunks per thread
+        outs, ranks, n_in = [600, 333, 2100], [130, 71, 9], 1000  # odd rows per thread, long and short rank rows
     a = torch.randn(sum(ranks), n_in, generator=g)
     bs = [torch.randn(o, r, generator=g) for o, r in zip(outs, ranks, strict=True)]
     x = torch.randn(n_tok, n_in, generator=g).t()  # feature-major view with strided tokens
     y0 = torch.randn(sum(outs), n_tok, generator=g)
     y = y0.clone()
     shapes = torch.tensor([outs, ranks], dtype=torch.int32)
-    assert kernels.lowrank_fm(a, x, torch.cat([b.t().reshape(-1) for b in bs]), shapes, 0.5, activation, y)
+    assert kernels.lowrank_fm(a, x, torch.cat([b.reshape(-1) for b in bs]), shapes, 0.5, activation, y)
     h, ref, r0, o0 = activation_fn(activation, a.double() @ x.double()), y0.double(), 0, 0  # float64 reference
     for o, r, b in zip(outs, ranks, bs, strict=True):
         ref[o0:o0 + o] += 0.5 * b.double() @ h[r0:r0 + r]
         r0, o0 = r0 + r, o0 + o
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))  # fp32 sums
     a16, x16, y16 = a.bfloat16(), x.bfloat16(), y0.bfloat16()
-    bt16 = torch.cat([b.t().reshape(-1) for b in bs]).bfloat16()
-    assert kernels.lowrank_fm(a16, x16, bt16, shapes, 0.5, activation, y16)
+    b16 = torch.cat([b.reshape(-1) for b in bs]).bfloat16()
+    assert kernels.lowrank_fm(a16, x16, b16, shapes, 0.5, activation, y16)
     h, ref, r0, b0, o0 = activation_fn(activation, a16.double() @ x16.double()), y0.bfloat16().double(), 0, 0, 0
     for o, r in zip(outs, ranks, strict=True):
-        ref[o0:o0 + o] += 0.5 * bt16[b0:b0 + o * r].view(r, o).t().double() @ h[r0:r0 + r]
+        ref[o0:o0 + o] += 0.5 * b16[b0:b0 + o * r].view(o, r).double() @ h[r0:r0 + r]
         r0, b0, o0 = r0 + r, b0 + o * r, o0 + o
     torch.testing.assert_close(y16.double(), ref, rtol=1e-2, atol=1e-3 * float(ref.abs().max()))  # y rounded to bf16
     assert not kernels.lowrank_fm(a, torch.randn(n_in, 5), a.new_empty(0), shapes, 0.5, activation,

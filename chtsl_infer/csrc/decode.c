@@ -173,7 +173,7 @@ typedef struct {
   const int32_t *rows;
   int col_i32;
   const void *lora_a; /* NULL: no low-rank branch */
-  const void *lora_bt;
+  const void *lora_b; /* the members' B blocks (out_m × r_m) back to back */
   const int32_t *outs, *ranks;
   int n_rank, n_members;
   float scale;
@@ -197,7 +197,7 @@ typedef struct {
                                  g->n_out, tile, n_chunks, threads))                                    \
       return 1;                                                                                         \
     if (g->lora_a != NULL)                                                                              \
-      return LOWRANK(g->lora_a, g->n_rank, g->n_in, x, n_tok, 1, n_tok, g->lora_bt, g->outs, g->ranks,  \
+      return LOWRANK(g->lora_a, g->n_rank, g->n_in, x, n_tok, 1, n_tok, g->lora_b, g->outs, g->ranks,  \
                      g->n_members, g->scale, g->act, y, n_tok, scratch, threads);                       \
     return 0;                                                                                           \
   }                                                                                                     \

@@ -71,59 +71,39 @@ KERNELS(bf16, uint16_t, load8_bf16, bf2f)
 
 /* The low-rank branch of a fused group for a few tokens (decoding), added into the group's output:
  *
- *     Y[o, t] += scale · Σ_j Bt_m[j, o - off_m] · act(Σ_i A[r0_m + j, i] · X[i, t])
+ *     Y[o, t] += scale · Σ_j B_m[o - off_m, j] · act(Σ_i A[r0_m + j, i] · X[i, t])
  *
- * A (R × n_in) row-major, the members' A stacked (R = Σ r_m); Bt the members' Bᵀ blocks (r_m × out_m,
- * row-major) one after the other, so the second product is r_m vector updates of contiguous
- * outputs (no horizontal sums over a short rank); X element (i, t) at x[i * sx_in + t * sx_tok];
- * Y (Σ out_m × n_tok) feature-major, element (o, t) at y[o * ldy + t]. It replaces the 4–6 small
- * torch calls (~15 µs each) the same work takes from Python; groups under 2¹⁸ multiply-adds
- * (llama60m) run on one thread, where an OpenMP fork/join would cost more than the work, larger
- * ones (llama1b: 8·10⁵) split A's rows, then B's output chunks, over `threads`. `scratch`:
- * n_tok × (n_in + R) floats. act: the codes of activation.h. Returns 1 for n_tok outside 1..4.
+ * A (R × n_in) row-major, the members' A stacked (R = Σ r_m); B the members' B blocks (out_m × r_m,
+ * row-major) one after the other, so both products are GEMVs over contiguous rows: a thread's share
+ * of either factor is one contiguous stretch of memory, which the hardware prefetcher streams. (Bᵀ
+ * walked in output-column chunks instead read r_m short row segments per chunk: 7 GB/s in bf16 at
+ * llama1b's shapes, against 11 GB/s for these rows; a bf16 token took 0.92× the time, fp32 0.97×.)
+ * X element (i, t) at x[i * sx_in + t * sx_tok]; Y
+ * (Σ out_m × n_tok) feature-major, element (o, t) at y[o * ldy + t]. It replaces the 4–6 small torch
+ * calls (~15 µs each) the same work takes from Python; groups under 2¹⁸ multiply-adds (llama60m) run
+ * on one thread, where an OpenMP fork/join would cost more than the work, larger ones (llama1b:
+ * 8·10⁵) split A's rows, then B's rows, over `threads`. `scratch`: n_tok × (n_in + R) floats.
+ * act: the codes of activation.h. Returns 1 for n_tok outside 1..4.
  */
-
-/* Y rows o .. o + width of one member (width ≤ LR_CHUNK) for every token: Σ_j h[t, j] · Bt[j, o:o+width].
- * Walks Bᵀ a row segment at a time (contiguous: the hardware prefetcher streams it; reading 16-column
- * blocks down all r rows instead touched r lines per block and read 6 GB/s at llama1b), two rows per
- * pass so the accumulators are read and written once per pair. */
-enum { LR_CHUNK = 1024 };
 static inline void yadd_f32(float *p, float v) { *p += v; }
 static inline void yadd_bf16(uint16_t *p, float v) { *p = f2bf(bf2f(*p) + v); }
 
-#define LOWRANK_CHUNK(SUFFIX, W_T, LOAD, SCALAR, Y_T)                                                 \
-  static void lowrank_chunk_##SUFFIX(const W_T *bt, int n_out, int r, const float *h, long ldh, int n_tok, int o, \
-                                     int width, Y_T *y, long ldy) {                                   \
-    float acc[4][LR_CHUNK] __attribute__((aligned(32)));                                              \
-    for (int t = 0; t < n_tok; t++) memset(acc[t], 0, sizeof(float) * width);                        \
-    int vec = width & ~7, j = 0;                                                                      \
-    for (; j + 1 < r; j += 2) {                                                                       \
-      const W_T *w0 = bt + (long)j * n_out + o, *w1 = w0 + n_out;                                     \
-      for (int t = 0; t < n_tok; t++) {                                                               \
-        float h0 = h[t * ldh + j], h1 = h[t * ldh + j + 1];                                           \
-        float *a = acc[t];                                                                            \
-        for (int k = 0; k < vec; k += 8) *(g8 *)(a + k) += h0 * LOAD(w0 + k) + h1 * LOAD(w1 + k);     \
-        for (int k = vec; k < width; k++) a[k] += h0 * SCALAR(w0[k]) + h1 * SCALAR(w1[k]);            \
-      }                                                                                               \
+/* out[t] = Σ_i w[i] · x[t * ldx + i] for n_tok tokens: one row of A or B. */
+#define DOT_ROWS(SUFFIX, W_T)                                                                         \
+  static inline void dot_rows_##SUFFIX(const W_T *w, const float *x, long ldx, int n, int n_tok, float *out) { \
+    switch (n_tok) {                                                                                  \
+      case 1: row1_##SUFFIX(w, x, ldx, n, out, 1); break;                                             \
+      case 2: row2_##SUFFIX(w, x, ldx, n, out, 1); break;                                             \
+      case 3: row3_##SUFFIX(w, x, ldx, n, out, 1); break;                                             \
+      default: row4_##SUFFIX(w, x, ldx, n, out, 1); break;                                            \
     }                                                                                                 \
-    for (; j < r; j++) {                                                                              \
-      const W_T *w0 = bt + (long)j * n_out + o;                                                       \
-      for (int t = 0; t < n_tok; t++) {                                                               \
-        float h0 = h[t * ldh + j];                                                                    \
-        float *a = acc[t];                                                                            \
-        for (int k = 0; k < vec; k += 8) *(g8 *)(a + k) += h0 * LOAD(w0 + k);                         \
-        for (int k = vec; k < width; k++) a[k] += h0 * SCALAR(w0[k]);                                 \
-      }                                                                                               \
-    }                                                                                                 \
-    for (int k = 0; k < width; k++)                                                                   \
-      for (int t = 0; t < n_tok; t++) yadd_##SUFFIX(y + (long)(o + k) * ldy + t, acc[t][k]);          \
   }
 
-/* lowrank_fm (fp32 A, Bᵀ, X, Y) and lowrank_fm_bf16 (all four bf16; sums, h and the addition into Y
+/* lowrank_fm (fp32 A, B, X, Y) and lowrank_fm_bf16 (all four bf16; sums, h and the addition into Y
  * in fp32, Y rounded once). */
-#define LOWRANK_FM(NAME, SUFFIX, W_T, LOAD, SCALAR)                                                   \
-  LOWRANK_CHUNK(SUFFIX, W_T, LOAD, SCALAR, W_T)                                                       \
-  int NAME(const W_T *a, int n_rank, int n_in, const W_T *x, long sx_in, long sx_tok, int n_tok, const W_T *bt, \
+#define LOWRANK_FM(NAME, SUFFIX, W_T, SCALAR)                                                         \
+  DOT_ROWS(SUFFIX, W_T)                                                                               \
+  int NAME(const W_T *a, int n_rank, int n_in, const W_T *x, long sx_in, long sx_tok, int n_tok, const W_T *b, \
            const int32_t *outs, const int32_t *ranks, int n_members, float scale, int act, W_T *y, long ldy,  \
            float *scratch, int threads) {                                                             \
     if (n_tok < 1 || n_tok > 4) return 1;                                                             \
@@ -136,29 +116,18 @@ static inline void yadd_bf16(uint16_t *p, float v) { *p = f2bf(bf2f(*p) + v); }
     _Pragma("omp parallel num_threads(n_threads)") {                                                  \
       float tmp[4];                                                                                   \
       _Pragma("omp for schedule(static)") for (int j = 0; j < n_rank; j++) {                          \
-        const W_T *row = a + (long)j * n_in;                                                          \
-        switch (n_tok) {                                                                              \
-          case 1: row1_##SUFFIX(row, xt, n_in, n_in, tmp, 1); break;                                  \
-          case 2: row2_##SUFFIX(row, xt, n_in, n_in, tmp, 1); break;                                  \
-          case 3: row3_##SUFFIX(row, xt, n_in, n_in, tmp, 1); break;                                  \
-          default: row4_##SUFFIX(row, xt, n_in, n_in, tmp, 1); break;                                 \
-        }                                                                                             \
+        dot_rows_##SUFFIX(a + (long)j * n_in, xt, n_in, n_in, n_tok, tmp);                            \
         for (int t = 0; t < n_tok; t++) h[(long)t * n_rank + j] = scale * activate(tmp[t], act);     \
       } /* implicit barrier: h is complete */                                                         \
-      const W_T *b = bt;                                                                              \
+      const W_T *bm = b;                                                                              \
       long o0 = 0, r0 = 0;                                                                            \
       for (int m = 0; m < n_members; m++) { /* members write disjoint rows of Y: no barrier between */ \
         int n_out = outs[m], r = ranks[m];                                                            \
-        /* a multiple of n_threads chunks, each at most LR_CHUNK wide and of whole 8-float vectors: \
-           equal shares (ceil-sized LR_CHUNK chunks left one thread 1.29x the other's at llama1b's gate) */ \
-        int per = n_out > 0 ? n_threads * ((n_out + n_threads * LR_CHUNK - 1) / (n_threads * LR_CHUNK)) : 1; \
-        int width = (((n_out + per - 1) / per) + 7) & ~7;                                             \
-        _Pragma("omp for schedule(static) nowait") for (int c = 0; c < (n_out + width - 1) / width; c++) { \
-          int o = c * width;                                                                          \
-          lowrank_chunk_##SUFFIX(b, n_out, r, h + r0, n_rank, n_tok, o, n_out - o < width ? n_out - o : width, \
-                                 y + o0 * ldy, ldy);                                                  \
+        _Pragma("omp for schedule(static) nowait") for (int o = 0; o < n_out; o++) {                  \
+          dot_rows_##SUFFIX(bm + (long)o * r, h + r0, n_rank, r, n_tok, tmp);                         \
+          for (int t = 0; t < n_tok; t++) yadd_##SUFFIX(y + (o0 + o) * ldy + t, tmp[t]);              \
         }                                                                                             \
-        b += (long)n_out * r;                                                                         \
+        bm += (long)n_out * r;                                                                        \
         o0 += n_out;                                                                                  \
         r0 += r;                                                                                      \
       }                                                                                               \
@@ -166,5 +135,5 @@ static inline void yadd_bf16(uint16_t *p, float v) { *p = f2bf(bf2f(*p) + v); }
     return 0;                                                                                         \
   }
 
-LOWRANK_FM(lowrank_fm, f32, float, load8_f32, AS_FLOAT)
-LOWRANK_FM(lowrank_fm_bf16, bf16, uint16_t, load8_bf16, bf2f)
+LOWRANK_FM(lowrank_fm, f32, float, AS_FLOAT)
+LOWRANK_FM(lowrank_fm_bf16, bf16, uint16_t, bf2f)
