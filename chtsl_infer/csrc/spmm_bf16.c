@@ -10,8 +10,8 @@
  * `vdpbf16ps` (pairs of bf16 products accumulated into 16 fp32 lanes) on the row's values as loaded
  * and the gathered x values narrowed back to bf16 (exact: they were bf16); elsewhere 8 links at a
  * time in 8-float vectors: the values widened as one vector, the x values loaded one by one into
- * another (see x8_i16), then the rest one link at a time. `spmm_bf16_path()` says which was compiled
- * (1 = AVX512-BF16).
+ * another (see x8_i16), then the last few links in two scalar chains. `spmm_bf16_path()` says which
+ * was compiled (1 = AVX512-BF16).
  */
 #include <stdint.h>
 #include <stdlib.h>
