@@ -50,19 +50,21 @@
   ROW(row2_##SUFFIX, W_T, LOAD, SCALAR, 2)                                                            \
   ROW(row3_##SUFFIX, W_T, LOAD, SCALAR, 3)                                                            \
   ROW(row4_##SUFFIX, W_T, LOAD, SCALAR, 4)                                                            \
+  /* out[t * ldo] = Σ_i w[i] · x[t * ldx + i] for n_tok (1..4) tokens: one row of W, A or B. */       \
+  static inline void dot_rows_##SUFFIX(const W_T *w, const float *x, long ldx, int n, int n_tok, float *out, \
+                                       long ldo) {                                                    \
+    switch (n_tok) {                                                                                  \
+      case 1: row1_##SUFFIX(w, x, ldx, n, out, ldo); break;                                           \
+      case 2: row2_##SUFFIX(w, x, ldx, n, out, ldo); break;                                           \
+      case 3: row3_##SUFFIX(w, x, ldx, n, out, ldo); break;                                           \
+      default: row4_##SUFFIX(w, x, ldx, n, out, ldo); break;                                          \
+    }                                                                                                 \
+  }                                                                                                   \
   int gemv_##SUFFIX(const W_T *w, int n_out, int n_in, const float *x, long ldx, int n_tok, float *y,  \
                     long ldy, int threads) {                                                          \
     if (n_tok < 1 || n_tok > 4) return 1;                                                             \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                 \
-    for (int o = 0; o < n_out; o++) {                                                                 \
-      const W_T *row = w + (long)o * n_in;                                                            \
-      switch (n_tok) {                                                                                \
-        case 1: row1_##SUFFIX(row, x, ldx, n_in, y + o, ldy); break;                                  \
-        case 2: row2_##SUFFIX(row, x, ldx, n_in, y + o, ldy); break;                                  \
-        case 3: row3_##SUFFIX(row, x, ldx, n_in, y + o, ldy); break;                                  \
-        default: row4_##SUFFIX(row, x, ldx, n_in, y + o, ldy); break;                                 \
-      }                                                                                               \
-    }                                                                                                 \
+    for (int o = 0; o < n_out; o++) dot_rows_##SUFFIX(w + (long)o * n_in, x, ldx, n_in, n_tok, y + o, ldy); \
     return 0;                                                                                         \
   }
 
@@ -77,9 +79,9 @@ KERNELS(bf16, uint16_t, load8_bf16, bf2f)
  * row-major) one after the other, so both products are GEMVs over contiguous rows: a thread's share
  * of either factor is one contiguous stretch of memory, which the hardware prefetcher streams. (Bᵀ
  * walked in output-column chunks instead read r_m short row segments per chunk: 7 GB/s in bf16 at
- * llama1b's shapes, against 11 GB/s for these rows; a bf16 token took 0.92× the time, fp32 0.97×.)
- * X element (i, t) at x[i * sx_in + t * sx_tok]; Y
- * (Σ out_m × n_tok) feature-major, element (o, t) at y[o * ldy + t]. It replaces the 4–6 small torch
+ * llama1b's shapes, against 11 GB/s for these rows; a bf16 token took 0.92× the time, fp32 0.97–1.02×.)
+ * X element (i, t) at x[i * sx_in + t * sx_tok]; Y (Σ out_m × n_tok) feature-major, element (o, t)
+ * at y[o * ldy + t]. It replaces the 4–6 small torch
  * calls (~15 µs each) the same work takes from Python; groups under 2¹⁸ multiply-adds (llama60m) run
  * on one thread, where an OpenMP fork/join would cost more than the work, larger ones (llama1b:
  * 8·10⁵) split A's rows, then B's rows, over `threads`. `scratch`: n_tok × (n_in + R) floats.
@@ -88,21 +90,9 @@ KERNELS(bf16, uint16_t, load8_bf16, bf2f)
 static inline void yadd_f32(float *p, float v) { *p += v; }
 static inline void yadd_bf16(uint16_t *p, float v) { *p = f2bf(bf2f(*p) + v); }
 
-/* out[t] = Σ_i w[i] · x[t * ldx + i] for n_tok tokens: one row of A or B. */
-#define DOT_ROWS(SUFFIX, W_T)                                                                         \
-  static inline void dot_rows_##SUFFIX(const W_T *w, const float *x, long ldx, int n, int n_tok, float *out) { \
-    switch (n_tok) {                                                                                  \
-      case 1: row1_##SUFFIX(w, x, ldx, n, out, 1); break;                                             \
-      case 2: row2_##SUFFIX(w, x, ldx, n, out, 1); break;                                             \
-      case 3: row3_##SUFFIX(w, x, ldx, n, out, 1); break;                                             \
-      default: row4_##SUFFIX(w, x, ldx, n, out, 1); break;                                            \
-    }                                                                                                 \
-  }
-
 /* lowrank_fm (fp32 A, B, X, Y) and lowrank_fm_bf16 (all four bf16; sums, h and the addition into Y
  * in fp32, Y rounded once). */
 #define LOWRANK_FM(NAME, SUFFIX, W_T, SCALAR)                                                         \
-  DOT_ROWS(SUFFIX, W_T)                                                                               \
   int NAME(const W_T *a, int n_rank, int n_in, const W_T *x, long sx_in, long sx_tok, int n_tok, const W_T *b, \
            const int32_t *outs, const int32_t *ranks, int n_members, float scale, int act, W_T *y, long ldy,  \
            float *scratch, int threads) {                                                             \
@@ -116,7 +106,7 @@ static inline void yadd_bf16(uint16_t *p, float v) { *p = f2bf(bf2f(*p) + v); }
     _Pragma("omp parallel num_threads(n_threads)") {                                                  \
       float tmp[4];                                                                                   \
       _Pragma("omp for schedule(static)") for (int j = 0; j < n_rank; j++) {                          \
-        dot_rows_##SUFFIX(a + (long)j * n_in, xt, n_in, n_in, n_tok, tmp);                            \
+        dot_rows_##SUFFIX(a + (long)j * n_in, xt, n_in, n_in, n_tok, tmp, 1);                          \
         for (int t = 0; t < n_tok; t++) h[(long)t * n_rank + j] = scale * activate(tmp[t], act);     \
       } /* implicit barrier: h is complete */                                                         \
       const W_T *bm = b;                                                                              \
@@ -124,7 +114,7 @@ static inline void yadd_bf16(uint16_t *p, float v) { *p = f2bf(bf2f(*p) + v); }
       for (int m = 0; m < n_members; m++) { /* members write disjoint rows of Y: no barrier between */ \
         int n_out = outs[m], r = ranks[m];                                                            \
         _Pragma("omp for schedule(static) nowait") for (int o = 0; o < n_out; o++) {                  \
-          dot_rows_##SUFFIX(bm + (long)o * r, h + r0, n_rank, r, n_tok, tmp);                         \
+          dot_rows_##SUFFIX(bm + (long)o * r, h + r0, n_rank, r, n_tok, tmp, 1);                       \
           for (int t = 0; t < n_tok; t++) yadd_##SUFFIX(y + (o0 + o) * ldy + t, tmp[t]);              \
         }                                                                                             \
         bm += (long)n_out * r;                                                                        \
