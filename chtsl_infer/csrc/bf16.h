@@ -1,5 +1,6 @@
 /* bfloat16 as uint16 bit patterns: widening (exact, a shift) and rounding to nearest-even as torch does;
- * and the 8-float vectors (one ymm with AVX2) the decoding kernels load fp32 or bf16 rows into.
+ * the 8-float vectors (one ymm with AVX2) the decoding kernels load fp32 or bf16 rows into; and the
+ * token-major fp32 copy of X they read.
  * Shared by spmm_bf16.c, gemv.c and decode.c. */
 #ifndef CHTSL_BF16_H
 #define CHTSL_BF16_H
@@ -34,6 +35,17 @@ static inline g8 load8_bf16(const uint16_t *p) {
   memcpy(&f, &wide, sizeof f);
   return f;
 }
+
+/* xf[t * n + j] = x[j * s_in + t * s_tok] as fp32 for features j0 ≤ j < j1: a token-major fp32 copy of
+ * (a slice of) X, which the gather loops and the low-rank rows read. */
+#define TOKEN_MAJOR(NAME, T, LD)                                                                     \
+  static inline void NAME(const T *x, long s_in, long s_tok, int n, int n_tok, float *xf, int j0, int j1) { \
+    for (int j = j0; j < j1; j++)                                                                    \
+      for (int t = 0; t < n_tok; t++) xf[(long)t * n + j] = LD(x[j * s_in + t * s_tok]);             \
+  }
+static inline float f32_same(float v) { return v; }
+TOKEN_MAJOR(widen_tm, uint16_t, bf2f)
+TOKEN_MAJOR(copy_tm, float, f32_same)
 
 static inline float hsum8(g8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 #endif

@@ -37,13 +37,9 @@
     for (int v = 0; v < V; v++) acc[v] += acc_odd_[v];                                              \
   }
 
-/* The first row of chunk c of n_chunks over rows 0..n_out: chunks hold equal shares of the links, not of
- * the rows (rows are stored by link count, so equal row ranges gave the last thread up to 1.17× the
- * links of the first at llama1b). Chunk n_chunks starts at n_out. */
-static inline int csr_chunk_start(const int32_t *crow, int n_out, int c, int n_chunks) {
-  if (c >= n_chunks) return n_out;
-  long target = (long)crow[n_out] * c / n_chunks;
-  int lo = 0, hi = n_out; /* the first row i with crow[i] >= target */
+/* The first row i of a CSR with crow[i] >= target links (n_out if none). */
+static inline int csr_row_at(const int32_t *crow, int n_out, long target) {
+  int lo = 0, hi = n_out;
   while (lo < hi) {
     int mid = lo + (hi - lo) / 2;
     if (crow[mid] < target) lo = mid + 1; else hi = mid;
@@ -51,17 +47,23 @@ static inline int csr_chunk_start(const int32_t *crow, int n_out, int c, int n_c
   return lo;
 }
 
-/* The body of spmm_<suffix> and spmm_bf16_<suffix>: it reads their parameters by name (x, ldx, n_in,
- * n_tok, crow, col, val, rows, y, ldy, n_out, tile, n_chunks, n_threads) and ORs 1 into the caller's
- * `int failed` when a thread could not allocate its tile buffer.
+/* The first row of chunk c of n_chunks over rows 0..n_out: chunks hold equal shares of the links, not of
+ * the rows (rows are stored by link count, so equal row ranges gave the last thread up to 1.17× the
+ * links of the first at llama1b). Chunk n_chunks starts at n_out. */
+static inline int csr_chunk_start(const int32_t *crow, int n_out, int c, int n_chunks) {
+  return c >= n_chunks ? n_out : csr_row_at(crow, n_out, (long)crow[n_out] * c / n_chunks);
+}
+
+/* The body of spmm_<suffix> and spmm_bf16_<suffix>: it reads their parameters by name (n_in, n_tok,
+ * crow, n_out, tile, n_chunks, n_threads) and ORs 1 into the caller's `int failed` when a thread could
+ * not allocate its tile buffer.
  *
- * Tasks are (token tile × row chunk), statically scheduled over the threads. Tile 0 (one or two
- * tokens: decoding) has one task per row chunk, which calls GATHER(GX, GLD, crow, col, val, rows, y,
- * ldy, i0, i1, n_tok). Otherwise a task fills its thread's (n_in × tile) fp32 buffer row by row with
- * FILL(dst, src, nt, tile) — nt tokens of X's row from column t0, zeros up to tile — and calls
- * ROWS16, ROWS32 or ROWS64 (buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt) by tile. Each thread
- * runs FENCE after its last task (the fp32 kernel orders its streamed stores there). */
-#define SPMM_TASKS(ROWS16, ROWS32, ROWS64, FILL, GATHER, GX, GLD, FENCE)                            \
+ * Tasks are (token tile × row chunk), statically scheduled over the threads; each is one
+ * TASK(t0, i0, i1, buf) call, the kernel's `…_task` function: tokens t0 … t0 + tile of rows i0 … i1,
+ * with the thread's (n_in × tile) fp32 buffer (NULL at tile 0: one or two tokens, decoding, where
+ * there is one token "tile" and the rows are split into n_chunks). decode.c calls the same task
+ * functions on its own share of the rows. */
+#define SPMM_TASKS(TASK)                                                                            \
   {                                                                                                 \
     int small = tile == 0; /* gather path */                                                        \
     int n_tiles = small ? 1 : (n_tok + tile - 1) / tile;                                            \
@@ -73,22 +75,9 @@ static inline int csr_chunk_start(const int32_t *crow, int n_out, int c, int n_c
       _Pragma("omp for schedule(static)") for (int task = 0; task < n_tiles * n_chunks; task++) {   \
         int t0 = (task / n_chunks) * tile, chunk = task % n_chunks;                                 \
         int i0 = csr_chunk_start(crow, n_out, chunk, n_chunks), i1 = csr_chunk_start(crow, n_out, chunk + 1, n_chunks); \
-        if (!ok || i0 >= i1) continue;                                                              \
-        if (small) {                                                                                \
-          GATHER(GX, GLD, crow, col, val, rows, y, ldy, i0, i1, n_tok);                             \
-          continue;                                                                                 \
-        }                                                                                           \
-        int nt = n_tok - t0 < tile ? n_tok - t0 : tile;                                             \
-        for (int j = 0; j < n_in; j++) FILL(buf + (long)j * tile, x + (long)j * ldx + t0, nt, tile); \
-        if (tile == 64)                                                                             \
-          ROWS64(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                               \
-        else if (tile == 32)                                                                        \
-          ROWS32(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                               \
-        else                                                                                        \
-          ROWS16(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                               \
+        if (ok && i0 < i1) TASK(t0, i0, i1, buf);                                                   \
       }                                                                                             \
       free(buf);                                                                                    \
-      FENCE;                                                                                        \
     }                                                                                               \
   }
 

@@ -23,9 +23,8 @@
 
 #include "activation.h"
 #include "bf16.h"
+#include "csr_tiles.h"
 #include "kernels.h"
-
-static inline float same(float v) { return v; }
 
 /* RoPE of one head vector x (head_dim, element d at x[d * sx]) at position pos into fp32 out:
  * x·cos + rotate_half(x)·sin, rotate_half(x) = (-x[half:], x[:half]) (transformers'
@@ -62,26 +61,35 @@ static inline float same(float v) { return v; }
 #define GLUE(SUFFIX, TAG, T, LD, ST, LOAD8)                                                                \
   ROPE(TAG, T, LD)                                                                                    \
   DOT(TAG, T, LD, LOAD8)                                                                              \
-  /* out[i, t] = w[i] · (h[i, t] / sqrt(mean_i h[i, t]² + eps)), as LlamaRMSNorm (sum in double). */   \
-  void rms_norm_fm##SUFFIX(const T *h, long ldh, int n_feat, int n_tok, const T *w, float eps, T *out, long ldo) { \
-    for (int t = 0; t < n_tok; t++) {                                                                 \
-      double sum = 0.0;                                                                               \
-      for (int i = 0; i < n_feat; i++) {                                                              \
-        float v = LD(h[(long)i * ldh + t]);                                                           \
-        sum += (double)(v * v);                                                                       \
-      }                                                                                               \
-      float r = 1.0f / sqrtf((float)(sum / n_feat) + eps);                                            \
-      for (int i = 0; i < n_feat; i++)                                                                \
-        out[(long)i * ldo + t] = ST(LD(w[i]) * LD(ST(LD(h[(long)i * ldh + t]) * r)));                 \
+  /* 1 / sqrt(mean_i h[i, t]² + eps) of token t's column (the sum in double, as LlamaRMSNorm). */      \
+  static float rms_inv_##TAG(const T *h, long ldh, int n_feat, int t, float eps) {                    \
+    double sum = 0.0;                                                                                 \
+    for (int i = 0; i < n_feat; i++) {                                                                \
+      float v = LD(h[(long)i * ldh + t]);                                                             \
+      sum += (double)(v * v);                                                                         \
     }                                                                                                 \
+    return 1.0f / sqrtf((float)(sum / n_feat) + eps);                                                \
   }                                                                                                   \
-  /* gu rows [0, ffn) become act(gate) · up, up = rows [ffn, 2 ffn); n_tok columns, row stride ld. */  \
-  void silu_mul_fm##SUFFIX(T *gu, long ld, int ffn, int n_tok, int act) {                              \
-    for (int i = 0; i < ffn; i++)                                                                     \
+  /* The normalised element: w · (h · r), rounded where torch rounds. */                              \
+  static inline T norm_elt_##TAG(T h, T w, float r) { return ST(LD(w) * LD(ST(LD(h) * r))); }        \
+  /* act(gate) · up of rows i0 ≤ i < i1 in place: gate rows [0, ffn) of gu, up rows [ffn, 2 ffn). */  \
+  static void silu_rows_##TAG(T *gu, long ld, int ffn, int n_tok, int act, int i0, int i1) {          \
+    for (int i = i0; i < i1; i++)                                                                     \
       for (int t = 0; t < n_tok; t++) {                                                               \
         T *g = gu + (long)i * ld + t;                                                                 \
         *g = ST(LD(ST(activate(LD(*g), act))) * LD(g[(long)ffn * ld]));                               \
       }                                                                                               \
+  }                                                                                                   \
+  /* out[i, t] = w[i] · (h[i, t] / sqrt(mean_i h[i, t]² + eps)), as LlamaRMSNorm. */                    \
+  void rms_norm_fm##SUFFIX(const T *h, long ldh, int n_feat, int n_tok, const T *w, float eps, T *out, long ldo) { \
+    for (int t = 0; t < n_tok; t++) {                                                                 \
+      float r = rms_inv_##TAG(h, ldh, n_feat, t, eps);                                                \
+      for (int i = 0; i < n_feat; i++) out[(long)i * ldo + t] = norm_elt_##TAG(h[(long)i * ldh + t], w[i], r); \
+    }                                                                                                 \
+  }                                                                                                   \
+  /* gu rows [0, ffn) become act(gate) · up, up = rows [ffn, 2 ffn); n_tok columns, row stride ld. */  \
+  void silu_mul_fm##SUFFIX(T *gu, long ld, int ffn, int n_tok, int act) {                              \
+    silu_rows_##TAG(gu, ld, ffn, n_tok, act, 0, ffn);                                                 \
   }                                                                                                   \
   int attn_decode##SUFFIX(const T *qkv, long ldq, int batch, int seq, int n_heads, int n_kv, int head_dim, \
                           const T *cos, const T *sin, T *kcache, T *vcache, int cap, int start, float scale, T *o, \
@@ -147,7 +155,7 @@ static inline float same(float v) { return v; }
  *
  * (batch, head) pairs split over the threads when the cache is large enough to pay for it.
  * Returns 1 when a buffer could not be allocated (o is then incomplete). */
-GLUE(, f32, float, same, same, load8_f32)
+GLUE(, f32, float, f32_same, f32_same, load8_f32)
 GLUE(_bf16, bf16, uint16_t, bf2f, f2bf, load8_bf16)
 
 /* ---------------------------------------------------------------- all decoder blocks in one call
@@ -158,14 +166,20 @@ GLUE(_bf16, bf16, uint16_t, bf2f, f2bf, load8_bf16)
  *   x = rms_norm(h); qkv = G_qkv(x); o = attention(qkv, cache); h += G_o(o);
  *   x = rms_norm(h); gu = G_gate_up(x); gu[:ffn] = silu(gu[:ffn]) · gu[ffn:]; h += G_down(gu[:ffn])
  *
- * with G(x) = S x + scale · B act(A x) of a fused group (spmm_* of spmm.c / spmm_bf16.c and
- * lowrank_fm* of gemv.c). Why: at one token each block is ~14 calls from Python, and with the
- * weights streaming through the caches each costs tens of µs (llama1b: 1/6 of a token). The final
- * norm and the lm_head stay in Python (one call each).
+ * with G(x) = S x + scale · B act(A x) of a fused group (the row kernels of spmm.c / spmm_bf16.c and
+ * gemv.c). Why: at one token each block is ~14 calls from Python, and with the weights streaming
+ * through the caches each costs tens of µs (llama1b: 1/6 of a token). The final norm and the
+ * lm_head stay in Python (one call each).
  *
- * h (hidden × n_tok) feature-major, contiguous; n_tok = batch · seq ≤ 4. Groups whose base is a dense
- * weight are not handled here (the caller keeps torch's GEMM for them). `work`: n_tok × (hidden +
- * qkv rows + q rows + hidden + 2 ffn) elements; `scratch`: n_tok × (max n_in + max rank) floats. */
+ * Each group is one parallel region of three phases (see group_*), so the glue between the linears
+ * (the norm before a group, the SiLU product before down_proj, the residual add after o_proj and
+ * down_proj, X widened to fp32) runs split over the threads inside it instead of on one thread
+ * between regions, and the sparse rows and A's rows share one phase, split by bytes.
+ *
+ * h (hidden × n_tok) feature-major, contiguous; n_tok = batch · seq ≤ 4; tile: the sparse kernel's
+ * token tile for n_tok (kernels.token_tile; 0 = gather). Groups whose base is a dense weight are not
+ * handled here (the caller keeps torch's GEMM for them). `work`: n_tok × (hidden + qkv rows + q rows
+ * + hidden + 2 ffn) elements; `scratch`: n_tok × (max n_in + max rank) floats. */
 typedef struct {
   int n_in, n_out;
   const int32_t *crow; /* NULL: no sparse part (the group's base is zero) */
@@ -185,49 +199,108 @@ typedef struct {
   dec_group group[4];        /* (q, k, v), o, (gate, up), down */
 } dec_layer;
 
-#define DECODE_LAYERS(SUFFIX, T, LD, ST, SPMM16, SPMM32, LOWRANK)                                         \
-  /* y (n_out × n_tok) = G x (n_in × n_tok), both contiguous. Returns non-zero on a failed allocation. */ \
-  static int group##SUFFIX(const dec_group *g, const T *x, T *y, int n_tok, int tile, int n_chunks,     \
-                           float *scratch, int threads) {                                               \
-    if (g->crow == NULL)                                                                                \
-      memset(y, 0, sizeof(T) * (size_t)g->n_out * n_tok);                                               \
-    else if (g->col_i32 ? SPMM32(x, n_tok, g->n_in, n_tok, g->crow, g->col, g->values, g->rows, y, n_tok, \
-                                 g->n_out, tile, n_chunks, threads)                                     \
-                        : SPMM16(x, n_tok, g->n_in, n_tok, g->crow, g->col, g->values, g->rows, y, n_tok, \
-                                 g->n_out, tile, n_chunks, threads))                                    \
-      return 1;                                                                                         \
-    if (g->lora_a != NULL)                                                                              \
-      return LOWRANK(g->lora_a, g->n_rank, g->n_in, x, n_tok, 1, n_tok, g->lora_b, g->outs, g->ranks,  \
-                     g->n_members, g->scale, g->act, y, n_tok, scratch, threads);                       \
-    return 0;                                                                                           \
-  }                                                                                                     \
-  static void add_into##SUFFIX(T *h, const T *y, long n) {                                              \
-    for (long i = 0; i < n; i++) h[i] = ST(LD(h[i]) + LD(y[i]));                                        \
+enum { PLAIN, NORM, SILU }; /* what a group's first phase does to its input */
+
+/* Stored rows r0..r1 of y = S x: the spmm task functions with a group's arguments. */
+static void sparse_rows(const dec_group *g, const float *x, const float *xf, int n_tok, int tile, float *y, int r0,
+                        int r1, float *buf) {
+  (void)xf; /* the fp32 gather reads x itself */
+  if (g->col_i32)
+    spmm_task_i32(x, n_tok, g->n_in, n_tok, 0, tile, g->crow, g->col, g->values, g->rows, y, n_tok, r0, r1, buf);
+  else
+    spmm_task_i16(x, n_tok, g->n_in, n_tok, 0, tile, g->crow, g->col, g->values, g->rows, y, n_tok, r0, r1, buf);
+}
+
+static void sparse_rows_bf16(const dec_group *g, const uint16_t *x, const float *xf, int n_tok, int tile, uint16_t *y,
+                             int r0, int r1, float *buf) {
+  if (g->col_i32)
+    spmm_bf16_task_i32(x, n_tok, xf, g->n_in, n_tok, 0, tile, g->crow, g->col, g->values, g->rows, y, n_tok, r0, r1,
+                       buf);
+  else
+    spmm_bf16_task_i16(x, n_tok, xf, g->n_in, n_tok, 0, tile, g->crow, g->col, g->values, g->rows, y, n_tok, r0, r1,
+                       buf);
+}
+
+#define DECODE_LAYERS(SUFFIX, TAG, T, LD, ST, TOKEN_MAJOR_COPY)                                            \
+  /* y (n_out × n_tok) = G x for one group, in one parallel region of three phases, each thread on     \
+   * its share:                                                                                         \
+   *   1. x's rows: x = rms_norm(h) with norm_w (NORM) or act(gate) · up in place (SILU: x holds the    \
+   *      gate rows, then the up rows); xf = x as fp32 token-major; y's rows = 0 if S is absent;       \
+   *   2. equal bytes of the sparse rows, then of A's rows: y = S x, hl = scale · act(A x);             \
+   *   3. equal bytes of B's rows: y += B hl; with `resid`, h += y on the same rows.                   \
+   * The two barriers make each phase see the previous one complete. Returns non-zero on a failed      \
+   * allocation. */                                                                                     \
+  static int group##SUFFIX(const dec_group *g, int pro, T *x, T *h, const T *norm_w, float eps, T *y, int resid, \
+                           int n_tok, int tile, float *scratch, int threads) {                          \
+    int n_in = g->n_in, n_out = g->n_out, failed = 0;                                                   \
+    float *xf = scratch, *hl = scratch + (long)n_tok * n_in;                                            \
+    long link = (g->col_i32 ? 4 : 2) + (long)sizeof(T); /* bytes per link */                           \
+    long sp = g->crow ? g->crow[n_out] * link : 0, row_a = (long)n_in * sizeof(T);                     \
+    long total = sp + (g->lora_a ? g->n_rank * row_a : 0);                                              \
+    _Pragma("omp parallel num_threads(threads) reduction(| : failed)") {                               \
+      int k = THREAD_ID(), n = N_THREADS();                                                             \
+      int i0 = (int)((long)n_in * k / n), i1 = (int)((long)n_in * (k + 1) / n);                         \
+      if (pro == NORM) {                                                                                \
+        float r[4];                                                                                     \
+        for (int t = 0; t < n_tok; t++) r[t] = rms_inv_##TAG(h, n_tok, n_in, t, eps);                  \
+        for (int i = i0; i < i1; i++)                                                                   \
+          for (int t = 0; t < n_tok; t++) x[i * n_tok + t] = norm_elt_##TAG(h[i * n_tok + t], norm_w[i], r[t]); \
+      } else if (pro == SILU) {                                                                         \
+        silu_rows_##TAG(x, n_tok, n_in, n_tok, 0, i0, i1);                                              \
+      }                                                                                                 \
+      TOKEN_MAJOR_COPY(x, n_tok, 1, n_in, n_tok, xf, i0, i1);                                           \
+      if (g->crow == NULL) {                                                                            \
+        long o0 = (long)n_out * k / n, o1 = (long)n_out * (k + 1) / n;                                  \
+        memset(y + o0 * n_tok, 0, sizeof(T) * (size_t)((o1 - o0) * n_tok));                            \
+      }                                                                                                 \
+      _Pragma("omp barrier")                                                                            \
+      long lo = total * k / n, hi = total * (k + 1) / n;                                                \
+      if (lo < sp) {                                                                                    \
+        int r0 = csr_row_at(g->crow, n_out, lo / link);                                                 \
+        int r1 = hi >= sp ? n_out : csr_row_at(g->crow, n_out, hi / link);                              \
+        float *buf = tile ? aligned_alloc(64, sizeof(float) * (size_t)n_in * tile) : NULL;              \
+        if (tile && buf == NULL)                                                                        \
+          failed = 1;                                                                                   \
+        else                                                                                            \
+          sparse_rows##SUFFIX(g, x, xf, n_tok, tile, y, r0, r1, buf);                                   \
+        free(buf);                                                                                      \
+      }                                                                                                 \
+      if (g->lora_a != NULL && hi > sp)                                                                 \
+        lowrank_a_rows_##TAG(g->lora_a, n_in, xf, n_tok, g->n_rank, g->scale, g->act, hl,               \
+                             (int)(lo > sp ? (lo - sp) / row_a : 0), (int)((hi - sp) / row_a));         \
+      _Pragma("omp barrier")                                                                            \
+      long o0 = (long)n_out * k / n, o1 = (long)n_out * (k + 1) / n;                                    \
+      if (g->lora_a != NULL) {                                                                          \
+        o0 = lowrank_b_split(g->outs, g->ranks, g->n_members, k, n);                                    \
+        o1 = lowrank_b_split(g->outs, g->ranks, g->n_members, k + 1, n);                                \
+        lowrank_b_rows_##TAG(g->lora_b, g->outs, g->ranks, g->n_members, hl, g->n_rank, n_tok, y, n_tok, o0, o1); \
+      }                                                                                                 \
+      if (resid)                                                                                        \
+        for (long e = o0 * n_tok; e < o1 * n_tok; e++) h[e] = ST(LD(h[e]) + LD(y[e]));                  \
+    }                                                                                                   \
+    return failed;                                                                                      \
   }                                                                                                     \
   int decode_layers##SUFFIX(T *h, int hidden, int batch, int seq, const dec_layer *layers, int n_layers, \
                             T *const *kcache, T *const *vcache, float eps, int n_heads, int n_kv, int head_dim, \
                             const T *cos, const T *sin, int cap, int start, float attn_scale, int ffn, int tile, \
-                            int n_chunks, T *work, float *scratch, int threads) {                       \
+                            T *work, float *scratch, int threads) {                                     \
     int n_tok = batch * seq, q_rows = n_heads * head_dim, qkv_rows = q_rows + 2 * n_kv * head_dim;      \
     T *x = work, *qkv = x + (long)hidden * n_tok, *o = qkv + (long)qkv_rows * n_tok;                    \
     T *y = o + (long)q_rows * n_tok, *gu = y + (long)hidden * n_tok;                                    \
+    (void)ffn; /* the down group's n_in */                                                              \
     for (int l = 0; l < n_layers; l++) {                                                                \
       const dec_layer *L = layers + l;                                                                  \
-      rms_norm_fm##SUFFIX(h, n_tok, hidden, n_tok, L->norm1, eps, x, n_tok);                            \
-      if (group##SUFFIX(&L->group[0], x, qkv, n_tok, tile, n_chunks, scratch, threads) ||               \
+      const dec_group *G = L->group;                                                                    \
+      if (group##SUFFIX(G + 0, NORM, x, h, L->norm1, eps, qkv, 0, n_tok, tile, scratch, threads) ||     \
           attn_decode##SUFFIX(qkv, n_tok, batch, seq, n_heads, n_kv, head_dim, cos, sin, kcache[l], vcache[l], cap, \
                               start, attn_scale, o, n_tok, threads) ||                                  \
-          group##SUFFIX(&L->group[1], o, y, n_tok, tile, n_chunks, scratch, threads))                   \
+          group##SUFFIX(G + 1, PLAIN, o, h, NULL, eps, y, 1, n_tok, tile, scratch, threads) ||          \
+          group##SUFFIX(G + 2, NORM, x, h, L->norm2, eps, gu, 0, n_tok, tile, scratch, threads) ||      \
+          group##SUFFIX(G + 3, SILU, gu, h, NULL, eps, y, 1, n_tok, tile, scratch, threads))            \
         return 1;                                                                                       \
-      add_into##SUFFIX(h, y, (long)hidden * n_tok);                                                     \
-      rms_norm_fm##SUFFIX(h, n_tok, hidden, n_tok, L->norm2, eps, x, n_tok);                            \
-      if (group##SUFFIX(&L->group[2], x, gu, n_tok, tile, n_chunks, scratch, threads)) return 1;        \
-      silu_mul_fm##SUFFIX(gu, n_tok, ffn, n_tok, 0);                                                    \
-      if (group##SUFFIX(&L->group[3], gu, y, n_tok, tile, n_chunks, scratch, threads)) return 1;        \
-      add_into##SUFFIX(h, y, (long)hidden * n_tok);                                                     \
     }                                                                                                   \
     return 0;                                                                                           \
   }
 
-DECODE_LAYERS(, float, same, same, spmm_i16, spmm_i32, lowrank_fm)
-DECODE_LAYERS(_bf16, uint16_t, bf2f, f2bf, spmm_bf16_i16, spmm_bf16_i32, lowrank_fm_bf16)
+DECODE_LAYERS(, f32, float, f32_same, f32_same, copy_tm)
+DECODE_LAYERS(_bf16, bf16, uint16_t, bf2f, f2bf, widen_tm)

@@ -81,49 +81,85 @@ KERNELS(bf16, uint16_t, load8_bf16, bf2f)
  * walked in output-column chunks instead read r_m short row segments per chunk: 7 GB/s in bf16 at
  * llama1b's shapes, against 11 GB/s for these rows; a bf16 token took 0.92× the time, fp32 0.97–1.02×.)
  * X element (i, t) at x[i * sx_in + t * sx_tok]; Y (Σ out_m × n_tok) feature-major, element (o, t)
- * at y[o * ldy + t]. It replaces the 4–6 small torch
- * calls (~15 µs each) the same work takes from Python; groups under 2¹⁸ multiply-adds (llama60m) run
- * on one thread, where an OpenMP fork/join would cost more than the work, larger ones (llama1b:
- * 8·10⁵) split A's rows, then B's rows, over `threads`. `scratch`: n_tok × (n_in + R) floats.
- * act: the codes of activation.h. Returns 1 for n_tok outside 1..4.
+ * at y[o * ldy + t]. It replaces the 4–6 small torch calls (~15 µs each) the same work takes from
+ * Python; groups under 2¹⁸ multiply-adds (llama60m) run on one thread, where an OpenMP fork/join
+ * would cost more than the work, larger ones (llama1b: 8·10⁵) split A's rows, then B's rows (equal
+ * bytes each), over `threads`. `scratch`: n_tok × (n_in + R) floats. act: the codes of
+ * activation.h. Returns 1 for n_tok outside 1..4.
+ *
+ * The two halves are exported for decode.c, which runs them inside its own parallel region:
+ *   lowrank_a_rows_*  h[t · R + j] = scale · act(A[j] · xt[t]) for rows j0 ≤ j < j1; xt token-major fp32
+ *   lowrank_b_rows_*  Y[o] += B[o] · h for output rows o0 ≤ o < o1 (Σ out_m of them, across members)
+ *   lowrank_b_split   the first output row of thread k's share of B (k of n; k = n: Σ out_m)
  */
 static inline void yadd_f32(float *p, float v) { *p += v; }
 static inline void yadd_bf16(uint16_t *p, float v) { *p = f2bf(bf2f(*p) + v); }
 
+long lowrank_b_split(const int32_t *outs, const int32_t *ranks, int n_members, int k, int n) {
+  long total = 0, o = 0;
+  for (int m = 0; m < n_members; m++) total += (long)outs[m] * ranks[m];
+  long target = total * k / n; /* elements of B before the share */
+  for (int m = 0; m < n_members; m++) {
+    long size = (long)outs[m] * ranks[m];
+    if (target < size) return o + (target + ranks[m] - 1) / ranks[m];
+    target -= size;
+    o += outs[m];
+  }
+  return o;
+}
+
+#define LOWRANK_ROWS(SUFFIX, W_T)                                                                     \
+  void lowrank_a_rows_##SUFFIX(const W_T *a, int n_in, const float *xt, int n_tok, int n_rank, float scale, int act, \
+                               float *h, int j0, int j1) {                                            \
+    float tmp[4];                                                                                     \
+    for (int j = j0; j < j1; j++) {                                                                   \
+      dot_rows_##SUFFIX(a + (long)j * n_in, xt, n_in, n_in, n_tok, tmp, 1);                           \
+      for (int t = 0; t < n_tok; t++) h[(long)t * n_rank + j] = scale * activate(tmp[t], act);       \
+    }                                                                                                 \
+  }                                                                                                   \
+  void lowrank_b_rows_##SUFFIX(const W_T *b, const int32_t *outs, const int32_t *ranks, int n_members, \
+                               const float *h, int n_rank, int n_tok, W_T *y, long ldy, long o0, long o1) { \
+    float tmp[4];                                                                                     \
+    const W_T *bm = b;                                                                                \
+    long off = 0, r0 = 0;                                                                             \
+    for (int m = 0; m < n_members; m++) {                                                             \
+      long r = ranks[m], lo = o0 > off ? o0 : off, hi = o1 < off + outs[m] ? o1 : off + outs[m];      \
+      for (long o = lo; o < hi; o++) {                                                                \
+        dot_rows_##SUFFIX(bm + (o - off) * r, h + r0, n_rank, (int)r, n_tok, tmp, 1);                 \
+        for (int t = 0; t < n_tok; t++) yadd_##SUFFIX(y + o * ldy + t, tmp[t]);                       \
+      }                                                                                               \
+      bm += outs[m] * r;                                                                              \
+      off += outs[m];                                                                                 \
+      r0 += r;                                                                                        \
+    }                                                                                                 \
+  }
+
+LOWRANK_ROWS(f32, float)
+LOWRANK_ROWS(bf16, uint16_t)
+
 /* lowrank_fm (fp32 A, B, X, Y) and lowrank_fm_bf16 (all four bf16; sums, h and the addition into Y
  * in fp32, Y rounded once). */
-#define LOWRANK_FM(NAME, SUFFIX, W_T, SCALAR)                                                         \
+#define LOWRANK_FM(NAME, SUFFIX, W_T, TOKEN_MAJOR_COPY)                                               \
   int NAME(const W_T *a, int n_rank, int n_in, const W_T *x, long sx_in, long sx_tok, int n_tok, const W_T *b, \
            const int32_t *outs, const int32_t *ranks, int n_members, float scale, int act, W_T *y, long ldy,  \
            float *scratch, int threads) {                                                             \
     if (n_tok < 1 || n_tok > 4) return 1;                                                             \
     float *xt = scratch, *h = xt + (long)n_tok * n_in; /* X, h token-major: (n_tok × n_in), (n_tok × R) */ \
-    for (int t = 0; t < n_tok; t++)                                                                   \
-      for (int i = 0; i < n_in; i++) xt[(long)t * n_in + i] = SCALAR(x[i * sx_in + t * sx_tok]);      \
+    TOKEN_MAJOR_COPY(x, sx_in, sx_tok, n_in, n_tok, xt, 0, n_in);                                     \
     long work = (long)n_rank * n_in;                                                                  \
     for (int m = 0; m < n_members; m++) work += (long)outs[m] * ranks[m];                             \
     int n_threads = work >= (1L << 18) ? threads : 1; /* small groups (llama60m): a fork/join costs more */ \
     _Pragma("omp parallel num_threads(n_threads)") {                                                  \
-      float tmp[4];                                                                                   \
-      _Pragma("omp for schedule(static)") for (int j = 0; j < n_rank; j++) {                          \
-        dot_rows_##SUFFIX(a + (long)j * n_in, xt, n_in, n_in, n_tok, tmp, 1);                          \
-        for (int t = 0; t < n_tok; t++) h[(long)t * n_rank + j] = scale * activate(tmp[t], act);     \
-      } /* implicit barrier: h is complete */                                                         \
-      const W_T *bm = b;                                                                              \
-      long o0 = 0, r0 = 0;                                                                            \
-      for (int m = 0; m < n_members; m++) { /* members write disjoint rows of Y: no barrier between */ \
-        int n_out = outs[m], r = ranks[m];                                                            \
-        _Pragma("omp for schedule(static) nowait") for (int o = 0; o < n_out; o++) {                  \
-          dot_rows_##SUFFIX(bm + (long)o * r, h + r0, n_rank, r, n_tok, tmp, 1);                       \
-          for (int t = 0; t < n_tok; t++) yadd_##SUFFIX(y + (o0 + o) * ldy + t, tmp[t]);              \
-        }                                                                                             \
-        bm += (long)n_out * r;                                                                        \
-        o0 += n_out;                                                                                  \
-        r0 += r;                                                                                      \
-      }                                                                                               \
+      int k = THREAD_ID(), n = N_THREADS();                                                           \
+      lowrank_a_rows_##SUFFIX(a, n_in, xt, n_tok, n_rank, scale, act, h, (int)((long)n_rank * k / n),  \
+                              (int)((long)n_rank * (k + 1) / n));                                     \
+      _Pragma("omp barrier") /* h is complete */                                                      \
+      lowrank_b_rows_##SUFFIX(b, outs, ranks, n_members, h, n_rank, n_tok, y, ldy,                    \
+                              lowrank_b_split(outs, ranks, n_members, k, n),                          \
+                              lowrank_b_split(outs, ranks, n_members, k + 1, n));                     \
     }                                                                                                 \
     return 0;                                                                                         \
   }
 
-LOWRANK_FM(lowrank_fm, f32, float, AS_FLOAT)
-LOWRANK_FM(lowrank_fm_bf16, bf16, uint16_t, bf2f)
+LOWRANK_FM(lowrank_fm, f32, float, copy_tm)
+LOWRANK_FM(lowrank_fm_bf16, bf16, uint16_t, widen_tm)

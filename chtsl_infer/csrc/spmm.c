@@ -91,15 +91,35 @@ static inline void fill_tile(float *dst, const float *src, int nt, int tile) {
       }                                                                                               \
     }                                                                                                 \
   }                                                                                                   \
+  /* Rows i0..i1 of Y for tokens t0 … t0 + tile (tile 0: all n_tok tokens, by the gather loop), with \
+   * buf an (n_in × tile) fp32 buffer, 64-byte aligned (unused at tile 0). */                        \
+  void spmm_task_##SUFFIX(const float *x, long ldx, int n_in, int n_tok, int t0, int tile, const int32_t *crow, \
+                          const COL_T *col, const float *val, const int32_t *rows, float *y, long ldy, int i0, \
+                          int i1, float *buf) {                                                       \
+    if (tile == 0) {                                                                                  \
+      gather_##SUFFIX(x, ldx, crow, col, val, rows, y, ldy, i0, i1, n_tok);                           \
+      return;                                                                                         \
+    }                                                                                                 \
+    int nt = n_tok - t0 < tile ? n_tok - t0 : tile;                                                   \
+    for (int j = 0; j < n_in; j++) fill_tile(buf + (long)j * tile, x + (long)j * ldx + t0, nt, tile); \
+    if (tile == 64)                                                                                   \
+      rows64_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                            \
+    else if (tile == 32)                                                                              \
+      rows32_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                            \
+    else                                                                                              \
+      rows16_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                            \
+    STREAM_FENCE(); /* order the streamed stores before the caller's threads join */                  \
+  }                                                                                                   \
   /* Returns 0, or 1 when a tile buffer could not be allocated (Y is then incomplete). */            \
   int spmm_##SUFFIX(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow,               \
                     const COL_T *col, const float *val, const int32_t *rows, float *y, long ldy,      \
                     int n_out, int tile, int n_chunks, int n_threads) {                               \
     int failed = 0;                                                                                   \
-    SPMM_TASKS(rows16_##SUFFIX, rows32_##SUFFIX, rows64_##SUFFIX, fill_tile, gather_##SUFFIX, x, ldx, \
-               STREAM_FENCE()); /* order the streamed stores before the threads join */              \
+    SPMM_TASKS(TASK_##SUFFIX);                                                                        \
     return failed;                                                                                    \
   }
 
+#define TASK_i16(t0, i0, i1, buf) spmm_task_i16(x, ldx, n_in, n_tok, t0, tile, crow, col, val, rows, y, ldy, i0, i1, buf)
+#define TASK_i32(t0, i0, i1, buf) spmm_task_i32(x, ldx, n_in, n_tok, t0, tile, crow, col, val, rows, y, ldy, i0, i1, buf)
 KERNEL(i16, int16_t)
 KERNEL(i32, int32_t)

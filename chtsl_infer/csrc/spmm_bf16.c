@@ -124,23 +124,44 @@ static inline g8 x8_i32(const float *x, const int32_t *c) {
       }                                                                                               \
     }                                                                                                 \
   }                                                                                                   \
+  /* Rows i0..i1 of Y for tokens t0 … t0 + tile (tile 0: all n_tok tokens, by the gather loop over \
+   * xf, X widened to fp32 token-major: (n_tok × n_in)), with buf an (n_in × tile) fp32 buffer,       \
+   * 64-byte aligned (unused at tile 0). */                                                           \
+  void spmm_bf16_task_##SUFFIX(const uint16_t *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile, \
+                               const int32_t *crow, const COL_T *col, const uint16_t *val, const int32_t *rows, \
+                               uint16_t *y, long ldy, int i0, int i1, float *buf) {                   \
+    if (tile == 0) {                                                                                  \
+      bgather_##SUFFIX(xf, n_in, crow, col, val, rows, y, ldy, i0, i1, n_tok);                        \
+      return;                                                                                         \
+    }                                                                                                 \
+    int nt = n_tok - t0 < tile ? n_tok - t0 : tile;                                                   \
+    for (int j = 0; j < n_in; j++) bfill_tile(buf + (long)j * tile, x + (long)j * ldx + t0, nt, tile); \
+    if (tile == 64)                                                                                   \
+      brows64_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                           \
+    else if (tile == 32)                                                                              \
+      brows32_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                           \
+    else                                                                                              \
+      brows16_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                           \
+  }                                                                                                   \
   /* Returns 0, or 1 when a buffer could not be allocated (Y is then incomplete). */                 \
   int spmm_bf16_##SUFFIX(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow,       \
                          const COL_T *col, const uint16_t *val, const int32_t *rows, uint16_t *y,     \
                          long ldy, int n_out, int tile, int n_chunks, int n_threads) {                \
     float *xf = NULL;                                                                                 \
-    if (tile == 0) { /* widen X once: (n_tok × n_in) fp32, token-major so a token's x is contiguous */ \
+    if (tile == 0) { /* widen X once */                                                               \
       xf = malloc(sizeof(float) * (size_t)n_in * n_tok);                                              \
       if (!xf) return 1;                                                                              \
-      for (int j = 0; j < n_in; j++)                                                                  \
-        for (int t = 0; t < n_tok; t++) xf[(long)t * n_in + j] = bf2f(x[(long)j * ldx + t]);         \
+      widen_tm(x, ldx, 1, n_in, n_tok, xf, 0, n_in);                                                     \
     }                                                                                                 \
     int failed = 0;                                                                                   \
-    SPMM_TASKS(brows16_##SUFFIX, brows32_##SUFFIX, brows64_##SUFFIX, bfill_tile, bgather_##SUFFIX, xf, \
-               n_in, (void)0);                                                                        \
+    SPMM_TASKS(TASK_##SUFFIX);                                                                        \
     free(xf);                                                                                         \
     return failed;                                                                                    \
   }
 
+#define TASK_i16(t0, i0, i1, buf) \
+  spmm_bf16_task_i16(x, ldx, xf, n_in, n_tok, t0, tile, crow, col, val, rows, y, ldy, i0, i1, buf)
+#define TASK_i32(t0, i0, i1, buf) \
+  spmm_bf16_task_i32(x, ldx, xf, n_in, n_tok, t0, tile, crow, col, val, rows, y, ldy, i0, i1, buf)
 BKERNEL(i16, int16_t, x8_i16)
 BKERNEL(i32, int32_t, x8_i32)
