@@ -56,6 +56,7 @@ SDDMM_TILE_BYTES = 256 << 10  # half of a 512 KiB L2
 GEMV_MAX_TOKENS = 4  # dense_gemv serves 1..4 tokens (decoding); more go to torch's GEMM
 GATHER_BELOW = 3  # fewer tokens: per-token gather loop, else 16-token vectors (measured crossover: 2–4)
 CHUNKS_PER_THREAD = 2  # row chunks per thread when a call has fewer token tiles than threads (decoding)
+DECODE_ITEM_BYTES = 64 << 10  # decode_layers: the sparse and A rows of a group in work items of about this size
 FLAG_SETS = (  # tried in order until one compiles
     ("-O3", "-march=native", "-fopenmp"),
     ("-O3", "-mcpu=native", "-fopenmp"),  # arm64 compilers spell it -mcpu
@@ -140,7 +141,7 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
             silu.argtypes, silu.restype = [p, lng, i, i, i], None
             attn.argtypes, attn.restype = [p, lng, i, i, i, i, i, p, p, p, p, i, i, f, p, lng, i], i
             layers = getattr(lib, "decode_layers" + suffix)
-            layers.argtypes = [p, i, i, i, p, i, p, p, f, i, i, i, p, p, i, i, f, i, i, p, p, i]
+            layers.argtypes = [p, i, i, i, p, i, p, p, f, i, i, i, p, p, i, i, f, i, i, lng, p, p, i]
             layers.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
@@ -453,7 +454,7 @@ class DecodeLayers:
         if self.fn(h.data_ptr(), hidden, batch, seq, ctypes.addressof(self.table), len(self.blocks),
                    ctypes.addressof(keys), ctypes.addressof(values), self.eps,
                    n_heads, n_kv, head_dim, cos.data_ptr(), sin.data_ptr(), capacity, start, scale, self.ffn,
-                   tile, self.work.data_ptr(), self.scratch.data_ptr(), threads):
+                   tile, DECODE_ITEM_BYTES, self.work.data_ptr(), self.scratch.data_ptr(), threads):
             raise MemoryError("DecodeLayers: could not allocate the kernels' buffers")
 
 

@@ -209,14 +209,18 @@ def test_decode_steps_of_up_to_four_tokens_take_the_c_path(monkeypatch: pytest.M
         calls.clear()
 
 
+@pytest.mark.parametrize("item_bytes", [kernels.DECODE_ITEM_BYTES, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_all_blocks_in_one_c_call_equal_the_block_loop(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_all_blocks_in_one_c_call_equal_the_block_loop(dtype: torch.dtype, item_bytes: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """`kernels.DecodeLayers` (every block of a ≤ 4-token step in one C call) gives the logits and the
     KV cache of feature_major's block loop over the same kernels exactly, for 1, 2 and 3 tokens per
     sequence (3: the sparse kernel's tile path) with GQA; it is rebuilt after `.to()`, and models it
-    does not cover (a dense base weight) keep the loop."""
+    does not cover (a dense base weight) keep the loop. 64-byte work items: the tiny groups split
+    into dozens of items, which the threads take from each other's runs."""
     from chtsl_infer import feature_major
 
+    monkeypatch.setattr(kernels, "DECODE_ITEM_BYTES", item_bytes)
     model = tiny_model_nonzero_b("chtsl", num_key_value_heads=2)
     ids = random_ids(2, 14, seed=6)
     real = feature_major._decode_layers
