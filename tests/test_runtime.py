@@ -241,6 +241,9 @@ def test_all_blocks_in_one_c_call_equal_the_block_loop(dtype: torch.dtype, item_
     rt.model.to(other)
     again = real(rt.model, lib, other)
     assert again is not None and again is not first and again.dtype == other
+    norm = rt.model.model.layers[0].input_layernorm
+    norm.weight.data = norm.weight.data.clone()  # same Parameter, new memory: the C table's pointer is stale
+    assert real(rt.model, lib, other) is not again
     dense = from_packed(pack_model(model), "dense", dtype=dtype)
     assert real(dense.model, lib, dtype) is None
 
