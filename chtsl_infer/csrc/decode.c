@@ -109,7 +109,7 @@
       }                                                                                               \
     free(rot);                                                                                        \
     long work = (long)batch * n_heads * end * head_dim * seq;                                         \
-    int n_threads = work >= (1L << 18) ? threads : 1, failed = 0;                                     \
+    int n_threads = work >= (1L << 14) ? threads : 1, failed = 0;                                     \
     _Pragma("omp parallel num_threads(n_threads) reduction(| : failed)") {                            \
       float *buf = malloc(sizeof(float) * ((size_t)end + 2 * (size_t)head_dim)); /* scores, q, output */ \
       failed = buf == NULL;                                                                           \
