@@ -1,6 +1,7 @@
 /* Loops shared by the CPU sparse kernels (spmm.c, spmm_bf16.c, csr_train.c):
  *
  *   CSR_ROW_SUM  one CSR row times a feature-major token tile, in vector accumulators (all three)
+ *   TILE_TASK    one task's token tile: fill the buffer, then the rows (spmm.c and spmm_bf16.c)
  *   SPMM_TASKS   the (token tile × row chunk) task loop of spmm.c and spmm_bf16.c
  *
  * Macros, not functions: each expands inside a kernel specialised for one compile-time TILE and
@@ -53,6 +54,22 @@ static inline int csr_row_at(const int32_t *crow, int n_out, long target) {
 static inline int csr_chunk_start(const int32_t *crow, int n_out, int c, int n_chunks) {
   return c >= n_chunks ? n_out : csr_row_at(crow, n_out, (long)crow[n_out] * c / n_chunks);
 }
+
+/* The tile path of spmm_task_<suffix> and spmm_bf16_task_<suffix>: it reads their parameters by name
+ * (x, ldx, n_in, n_tok, t0, tile, crow, col, val, rows, y, ldy, i0, i1, buf), fills buf row by row with
+ * FILL(dst, src, nt, tile) — nt tokens of X's row from column t0, zeros up to tile — and calls ROWS16,
+ * ROWS32 or ROWS64 (buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt) by tile. */
+#define TILE_TASK(ROWS16, ROWS32, ROWS64, FILL)                                                     \
+  {                                                                                                 \
+    int nt = n_tok - t0 < tile ? n_tok - t0 : tile;                                                 \
+    for (int j = 0; j < n_in; j++) FILL(buf + (long)j * tile, x + (long)j * ldx + t0, nt, tile);    \
+    if (tile == 64)                                                                                 \
+      ROWS64(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                                   \
+    else if (tile == 32)                                                                            \
+      ROWS32(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                                   \
+    else                                                                                            \
+      ROWS16(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                                   \
+  }
 
 /* The body of spmm_<suffix> and spmm_bf16_<suffix>: it reads their parameters by name (n_in, n_tok,
  * crow, n_out, tile, n_chunks, n_threads) and ORs 1 into the caller's `int failed` when a thread could

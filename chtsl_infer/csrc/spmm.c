@@ -100,14 +100,7 @@ static inline void fill_tile(float *dst, const float *src, int nt, int tile) {
       gather_##SUFFIX(x, ldx, crow, col, val, rows, y, ldy, i0, i1, n_tok);                           \
       return;                                                                                         \
     }                                                                                                 \
-    int nt = n_tok - t0 < tile ? n_tok - t0 : tile;                                                   \
-    for (int j = 0; j < n_in; j++) fill_tile(buf + (long)j * tile, x + (long)j * ldx + t0, nt, tile); \
-    if (tile == 64)                                                                                   \
-      rows64_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                            \
-    else if (tile == 32)                                                                              \
-      rows32_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                            \
-    else                                                                                              \
-      rows16_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                            \
+    TILE_TASK(rows16_##SUFFIX, rows32_##SUFFIX, rows64_##SUFFIX, fill_tile);                          \
     STREAM_FENCE(); /* order the streamed stores before the caller's threads join */                  \
   }                                                                                                   \
   /* Returns 0, or 1 when a tile buffer could not be allocated (Y is then incomplete). */            \

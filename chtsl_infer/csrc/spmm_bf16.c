@@ -134,14 +134,7 @@ static inline g8 x8_i32(const float *x, const int32_t *c) {
       bgather_##SUFFIX(xf, n_in, crow, col, val, rows, y, ldy, i0, i1, n_tok);                        \
       return;                                                                                         \
     }                                                                                                 \
-    int nt = n_tok - t0 < tile ? n_tok - t0 : tile;                                                   \
-    for (int j = 0; j < n_in; j++) bfill_tile(buf + (long)j * tile, x + (long)j * ldx + t0, nt, tile); \
-    if (tile == 64)                                                                                   \
-      brows64_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                           \
-    else if (tile == 32)                                                                              \
-      brows32_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                           \
-    else                                                                                              \
-      brows16_##SUFFIX(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                           \
+    TILE_TASK(brows16_##SUFFIX, brows32_##SUFFIX, brows64_##SUFFIX, bfill_tile);                      \
   }                                                                                                   \
   /* Returns 0, or 1 when a buffer could not be allocated (Y is then incomplete). */                 \
   int spmm_bf16_##SUFFIX(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow,       \
