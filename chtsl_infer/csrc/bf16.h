@@ -6,6 +6,9 @@
 #define CHTSL_BF16_H
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 static inline float bf2f(uint16_t b) {
   uint32_t u = (uint32_t)b << 16;
@@ -29,8 +32,16 @@ typedef uint32_t u8v __attribute__((vector_size(32)));
 
 static inline g8 load8_f32(const float *p) { return *(const g8u *)p; }
 
+/* Eight bf16 values as floats. With AVX2, one vpmovzxwd from memory and a shift: GCC lowers the
+ * portable conversion to two 4-wide widenings, a byte shift and an insert (five operations per 8
+ * values), and the bf16 loops are bound by operations, not bytes: a llama1b bf16 token took 0.95× the
+ * time with the intrinsics (interleaved A/B), the lm_head's bf16 GEMV read 23.9 GB/s instead of 16.7. */
 static inline g8 load8_bf16(const uint16_t *p) {
+#ifdef __AVX2__
+  __m256i wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+#else
   u8v wide = __builtin_convertvector(*(const h8u *)p, u8v) << 16;
+#endif
   g8 f;
   memcpy(&f, &wide, sizeof f);
   return f;
