@@ -141,7 +141,7 @@ def _compile() -> tuple[ctypes.CDLL | None, str]:
             silu.argtypes, silu.restype = [p, lng, i, i, i], None
             attn.argtypes, attn.restype = [p, lng, i, i, i, i, i, p, p, p, p, i, i, f, p, lng, i], i
             layers = getattr(lib, "decode_layers" + suffix)
-            layers.argtypes = [p, i, i, i, p, i, p, p, f, i, i, i, p, p, i, i, f, i, i, lng, p, p, i]
+            layers.argtypes = [p, i, i, i, p, i, p, p, f, i, i, i, p, p, i, i, f, i, lng, p, p, i]
             layers.restype = i
         return lib, f"{compiler} {' '.join(flags)} ({target})"
     return None, "; ".join(errors) or "no compiler"
@@ -453,7 +453,7 @@ class DecodeLayers:
         tile = token_tile(hidden, n_tok)  # ≤ GEMV_MAX_TOKENS tokens: the same for every group's n_in
         if self.fn(h.data_ptr(), hidden, batch, seq, ctypes.addressof(self.table), len(self.blocks),
                    ctypes.addressof(keys), ctypes.addressof(values), self.eps,
-                   n_heads, n_kv, head_dim, cos.data_ptr(), sin.data_ptr(), capacity, start, scale, self.ffn,
+                   n_heads, n_kv, head_dim, cos.data_ptr(), sin.data_ptr(), capacity, start, scale,
                    tile, DECODE_ITEM_BYTES, self.work.data_ptr(), self.scratch.data_ptr(), threads):
             raise MemoryError("DecodeLayers: could not allocate the kernels' buffers")
 

@@ -318,12 +318,11 @@ static void sparse_rows_bf16(const dec_group *g, const uint16_t *x, const float 
   }                                                                                                     \
   int decode_layers##SUFFIX(T *h, int hidden, int batch, int seq, const dec_layer *layers, int n_layers, \
                             T *const *kcache, T *const *vcache, float eps, int n_heads, int n_kv, int head_dim, \
-                            const T *cos, const T *sin, int cap, int start, float attn_scale, int ffn, int tile, \
+                            const T *cos, const T *sin, int cap, int start, float attn_scale, int tile,         \
                             long item_bytes, T *work, float *scratch, int threads) {                    \
     int n_tok = batch * seq, q_rows = n_heads * head_dim, qkv_rows = q_rows + 2 * n_kv * head_dim;      \
     T *x = work, *qkv = x + (long)hidden * n_tok, *o = qkv + (long)qkv_rows * n_tok;                    \
     T *y = o + (long)q_rows * n_tok, *gu = y + (long)hidden * n_tok;                                    \
-    (void)ffn; /* the down group's n_in */                                                              \
     dec_run *runs = aligned_alloc(64, sizeof(dec_run) * (size_t)(threads > 1 ? threads : 1));          \
     int failed = runs == NULL;                                                                          \
     for (int l = 0; l < n_layers && !failed; l++) {                                                     \
