@@ -2,8 +2,8 @@
  * The CSR may store its rows in any order: stored row r is output row rows[r] (rows NULL: r itself).
  *
  * Built on first use by chtsl_infer/kernels.py with the host C compiler (-O3 -march=native, OpenMP
- * when the compiler has it) and called through ctypes. Portable C: the GCC/Clang vector extension
- * `v16` (16 floats) is lowered to what the host has (one zmm register with AVX-512, two ymm with AVX2).
+ * when the compiler has it) and called through ctypes. Portable C: the GCC/Clang vector extension,
+ * `tile_vec` of csr_tiles.h (16 floats in a zmm with AVX-512, 8 in a ymm elsewhere).
  *
  * Work is split into tasks (token tile × row chunk). A task copies its tile X[:, t0:t0+TILE] into a
  * contiguous (n_in × TILE) buffer — plain row copies, no transpose, because the runtime keeps
@@ -11,13 +11,14 @@
  *
  *     acc[0:TILE] += v · buf[c, 0:TILE]      over the row's links (v, c)
  *
- * in TILE/16 vector registers (two sets, even and odd links, so two loads are in flight) and stores
- * them into Y[i, t0:t0+TILE]. The last tile is zero-padded in the buffer and stored partially.
+ * in TILE/TILE_VW vector registers (see CSR_ROW_SUM) and stores them into Y[i, t0:t0+TILE]. The last tile is zero-padded in the buffer and stored partially.
  * Tiles are 16, 32 or 64 tokens (chosen by kernels.token_tile); tile 0 (one or two tokens:
  * decoding) takes a gather loop over the row's links instead. The runtime stores rows sorted by link
  * count, so consecutive rows run loops of equal length and the branch predictor learns their exits
  * (3–12 % faster on random 5 % masks). Measured on 2 Xeon (AVX-512) cores, 5 % density, 4096
- * tokens: 45–58 GFLOP/s per core, 5–7× faster than MKL's dense GEMM of the same shape. Tried and
+ * tokens: 45–58 GFLOP/s per core, 5–7× faster than MKL's dense GEMM of the same shape; on 2 AMD
+ * EPYC (AVX2) cores, llama60m's seven shapes at 2048 tokens, 4.6–5.9× (0.8× with 16-float vectors
+ * there, see TILE_VW). Tried and
  * no faster: a column-blocked CSR (buffer slices in L1), software prefetch of links or of the next
  * tile, four accumulator sets, 128-token tiles.
  */
@@ -28,8 +29,6 @@
 #include "csr_tiles.h"
 #include "kernels.h"
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4))); /* unaligned store into Y */
 
 /* Y is written once and read by the next operation, not by this kernel: with AVX-512, aligned full
  * tiles go out with non-temporal stores, which skip reading each line of Y into the cache first
@@ -49,14 +48,14 @@ typedef float v16u __attribute__((vector_size(64), aligned(4))); /* unaligned st
 #define ROWS(NAME, COL_T, TILE)                                                                       \
   static void NAME(const float *buf, const int32_t *crow, const COL_T *col, const float *val,         \
                    const int32_t *rows, float *y, long ldy, int i0, int i1, int nt) {                 \
-    enum { V = TILE / 16 };                                                                           \
+    enum { V = TILE / TILE_VW };                                                                      \
     for (int i = i0; i < i1; i++) {                                                                   \
-      CSR_ROW_SUM(v16, V, TILE, buf, crow, col, val, (float), i, acc);                                \
+      CSR_ROW_SUM(tile_vec, V, TILE, buf, crow, col, val, (float), i, acc);                           \
       float *out = y + (long)(rows ? rows[i] : i) * ldy;                                              \
       if (nt == TILE && STREAM_OK(out)) {                                                             \
-        for (int v = 0; v < V; v++) STREAM(out + 16 * v, acc[v]);                                     \
+        for (int v = 0; v < V; v++) STREAM(out + TILE_VW * v, acc[v]);                                \
       } else if (nt == TILE) {                                                                        \
-        for (int v = 0; v < V; v++) *(v16u *)(out + 16 * v) = acc[v];                                 \
+        for (int v = 0; v < V; v++) *(tile_vec_u *)(out + TILE_VW * v) = acc[v];                      \
       } else {                                                                                        \
         memcpy(out, acc, sizeof(float) * nt);                                                         \
       }                                                                                               \

@@ -3,7 +3,7 @@
  * Same CSR conventions, tiles and tasks as spmm.c (stored row r is output row rows[r]).
  *
  * Tiles (tile 16/32/64: prefill, scoring): a task widens its token tile of X to an fp32 buffer, then
- * accumulates 16-float vectors per row, widening each link's value (a shift).
+ * accumulates vectors of TILE_VW floats per row, widening each link's value (a shift).
  * Gather (tile 0: one or two tokens, decoding): X is widened once per call to an fp32 (n_tok × n_in)
  * array; each row sums value · x over its links. Where the compiler targets AVX512-BF16
  * (-march=native on a CPU with the avx512_bf16 flag), 32 links at a time go through one
@@ -28,7 +28,6 @@
 #define BF16_DP 0
 #endif
 
-typedef float bv16 __attribute__((vector_size(64)));
 
 int spmm_bf16_path(void) { return BF16_DP; }
 
@@ -36,11 +35,11 @@ int spmm_bf16_path(void) { return BF16_DP; }
 #define BROWS(NAME, COL_T, TILE)                                                                      \
   static void NAME(const float *buf, const int32_t *crow, const COL_T *col, const uint16_t *val,      \
                    const int32_t *rows, uint16_t *y, long ldy, int i0, int i1, int nt) {              \
-    enum { V = TILE / 16 };                                                                           \
+    enum { V = TILE / TILE_VW };                                                                      \
     for (int i = i0; i < i1; i++) {                                                                   \
-      CSR_ROW_SUM(bv16, V, TILE, buf, crow, col, val, bf2f, i, acc);                                  \
+      CSR_ROW_SUM(tile_vec, V, TILE, buf, crow, col, val, bf2f, i, acc);                              \
       float sums[TILE] __attribute__((aligned(64)));                                                  \
-      for (int v = 0; v < V; v++) *(bv16 *)(sums + 16 * v) = acc[v];                                 \
+      for (int v = 0; v < V; v++) *(tile_vec *)(sums + TILE_VW * v) = acc[v];                         \
       uint16_t *out = y + (long)(rows ? rows[i] : i) * ldy;                                           \
       for (int t = 0; t < nt; t++) out[t] = f2bf(sums[t]);                                            \
     }                                                                                                 \
