@@ -28,8 +28,9 @@ typedef float tile_vec_u __attribute__((vector_size(TILE_VW * 4), aligned(4))); 
  * buf[col[k], 0:TILE], where buf is a feature-major (n_in × TILE) fp32 tile aligned for VEC and
  * V = TILE / (floats per VEC). WIDEN turns a stored value into a float: `(float)` for fp32 values,
  * `bf2f` for bf16 bit patterns. Two accumulator sets, even and odd links, keep two loads in flight;
- * acc is their sum. With 8 or more vectors (AVX2 at 64 tokens) one set: 16 accumulators would not fit
- * in AVX2's 16 registers, and 8 independent sums already hide the FMA latency. */
+ * acc is their sum. With 8 or more vectors (8-float vectors at 64 tokens) one set: 16 accumulators
+ * would not fit in AVX2's 16 registers (two of them were spilled; one set took ~0.8× the time on 2
+ * EPYC cores), and 8 independent sums already hide the FMA latency. */
 #define CSR_ROW_SUM(VEC, V, TILE, buf, crow, col, val, WIDEN, i, acc)                             \
   VEC acc[V];                                                                                       \
   {                                                                                                 \

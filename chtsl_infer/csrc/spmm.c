@@ -11,16 +11,16 @@
  *
  *     acc[0:TILE] += v · buf[c, 0:TILE]      over the row's links (v, c)
  *
- * in TILE/TILE_VW vector registers (see CSR_ROW_SUM) and stores them into Y[i, t0:t0+TILE]. The last tile is zero-padded in the buffer and stored partially.
- * Tiles are 16, 32 or 64 tokens (chosen by kernels.token_tile); tile 0 (one or two tokens:
- * decoding) takes a gather loop over the row's links instead. The runtime stores rows sorted by link
- * count, so consecutive rows run loops of equal length and the branch predictor learns their exits
- * (3–12 % faster on random 5 % masks). Measured on 2 Xeon (AVX-512) cores, 5 % density, 4096
- * tokens: 45–58 GFLOP/s per core, 5–7× faster than MKL's dense GEMM of the same shape; on 2 AMD
- * EPYC (AVX2) cores, llama60m's seven shapes at 2048 tokens, 4.6–5.9× (0.8× with 16-float vectors
- * there, see TILE_VW). Tried and
- * no faster: a column-blocked CSR (buffer slices in L1), software prefetch of links or of the next
- * tile, four accumulator sets, 128-token tiles.
+ * in TILE/TILE_VW vector registers (see CSR_ROW_SUM) and stores them into Y[i, t0:t0+TILE]. The
+ * last tile is zero-padded in the buffer and stored partially. Tiles are 16, 32 or 64 tokens (chosen
+ * by kernels.token_tile); tile 0 (one or two tokens: decoding) takes a gather loop over the row's
+ * links instead. The runtime stores rows sorted by link count, so consecutive rows run loops of equal
+ * length and the branch predictor learns their exits (3–12 % faster on random 5 % masks). Measured
+ * on 2 Xeon (AVX-512) cores, 5 % density, 4096 tokens: 45–58 GFLOP/s per core, 5–7× faster than
+ * MKL's dense GEMM of the same shape; on 2 AMD EPYC (AVX2) cores, llama60m's seven shapes at 2048
+ * tokens, 4.6–5.9× (0.8× with 16-float vectors there, see TILE_VW). Tried and no faster: a
+ * column-blocked CSR (buffer slices in L1), software prefetch of links or of the next tile, four
+ * accumulator sets, 128-token tiles.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -28,7 +28,6 @@
 
 #include "csr_tiles.h"
 #include "kernels.h"
-
 
 /* Y is written once and read by the next operation, not by this kernel: with AVX-512, aligned full
  * tiles go out with non-temporal stores, which skip reading each line of Y into the cache first
