@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,9 @@ from transformers.activations import SiLUActivation
 
 from chtsl_infer import kernels
 from chtsl_infer.modeling import ChtslLlamaForCausalLM
+
+if TYPE_CHECKING:  # runtime imports this module
+    from chtsl_infer.runtime import FusedLinears
 
 SILU = (nn.SiLU, SiLUActivation)  # transformers' Llama MLP holds its own SiLU module (ACT2FN["silu"])
 
@@ -231,15 +235,9 @@ def _decode_layers(model: ChtslLlamaForCausalLM, lib: ctypes.CDLL, dtype: torch.
     The check runs every decoding step, so it reads plain attributes: walking the blocks through
     `nn.Module.__getattr__` cost 0.9 ms per llama1b token."""
     layers = model.model.layers
-    kept = model.__dict__.get("_chtsl_decode_layers")
-    if kept is not None:
-        blocks, kept_layers, groups, decoders, weights, ptrs, kept_dtype = kept
-        if (kept_dtype == dtype and len(kept_layers) == len(layers)
-                and all(a is b for a, b in zip(kept_layers, layers, strict=True))
-                and all(g._decoder is d for g, d in zip(groups, decoders, strict=True))
-                and all(m._parameters["weight"] is w and w.data_ptr() == p
-                        for (m, w), p in zip(weights, ptrs, strict=True))):
-            return blocks
+    kept: _KeptDecodeLayers | None = model.__dict__.get("_chtsl_decode_layers")
+    if kept is not None and kept.still_valid(layers, dtype):
+        return kept.blocks
     groups = [g for layer in layers for g in (layer.self_attn.q_proj.group, layer.self_attn.o_proj.group,
                                               layer.mlp.gate_proj.group, layer.mlp.down_proj.group)]
     decoders = [g.decoder() for g in groups]
@@ -255,10 +253,31 @@ def _decode_layers(model: ChtslLlamaForCausalLM, lib: ctypes.CDLL, dtype: torch.
         blocks = kernels.DecodeLayers(
             lib, [(norms[2 * i], norms[2 * i + 1], decoders[4 * i:4 * i + 4]) for i in range(len(layers))],
             eps.pop(), layers[0].mlp.gate_proj.group.offsets[-1] // 2, dtype)
-    model.__dict__["_chtsl_decode_layers"] = (
-        blocks, list(layers), groups, [g._decoder for g in groups],
-        list(zip(modules, norms, strict=True)), [w.data_ptr() for w in norms], dtype)
+    model.__dict__["_chtsl_decode_layers"] = _KeptDecodeLayers(
+        blocks, list(layers), groups, [g._decoder for g in groups], list(zip(modules, norms, strict=True)),
+        [w.data_ptr() for w in norms], dtype)
     return blocks
+
+
+@dataclass
+class _KeptDecodeLayers:
+    """What `_decode_layers` built (blocks: None if the model does not qualify) and the objects it was
+    built from; it holds them, so identity checks cannot be fooled by a reused id."""
+
+    blocks: kernels.DecodeLayers | None
+    layers: list[nn.Module]
+    groups: list[FusedLinears]
+    decoders: list[kernels.GroupDecoder | None]
+    norms: list[tuple[nn.Module, torch.Tensor]]  # (norm module, its weight Parameter)
+    norm_ptrs: list[int]
+    dtype: torch.dtype
+
+    def still_valid(self, layers: nn.ModuleList, dtype: torch.dtype) -> bool:
+        return (self.dtype == dtype and len(self.layers) == len(layers)
+                and all(a is b for a, b in zip(self.layers, layers, strict=True))
+                and all(g._decoder is d for g, d in zip(self.groups, self.decoders, strict=True))
+                and all(m._parameters["weight"] is w and w.data_ptr() == p
+                        for (m, w), p in zip(self.norms, self.norm_ptrs, strict=True)))
 
 
 def _norm(lib: ctypes.CDLL | None, h: torch.Tensor, norm: nn.Module) -> torch.Tensor:

@@ -28,7 +28,6 @@
 #define BF16_DP 0
 #endif
 
-
 int spmm_bf16_path(void) { return BF16_DP; }
 
 /* Rows i0..i1 of Y[:, t0:t0+nt] (y points at column t0) from the (n_in × TILE) fp32 tile `buf`. */
