@@ -28,7 +28,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 from chtsl_infer import kernels  # noqa: E402
-from chtsl_infer.presets import get_preset  # noqa: E402
+from chtsl_infer.model.presets import get_preset  # noqa: E402
 
 SHAPES = {"llama60m": "llama60m-c4", "llama130m": "llama130m-c4", "llama1b": "llama1b-c4"}
 

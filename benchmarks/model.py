@@ -29,10 +29,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
-from chtsl_infer.configuration import ChtslConfig  # noqa: E402
-from chtsl_infer.modeling import ChtslLlamaForCausalLM  # noqa: E402
-from chtsl_infer.presets import build_config  # noqa: E402
-from chtsl_infer.runtime import from_packed, random_packed, resident_bytes  # noqa: E402
+from chtsl_infer.model.configuration import ChtslConfig  # noqa: E402
+from chtsl_infer.model.modeling import ChtslLlamaForCausalLM  # noqa: E402
+from chtsl_infer.model.presets import build_config  # noqa: E402
+from chtsl_infer.runtime.backends import from_packed, random_packed, resident_bytes  # noqa: E402
 
 
 class StockForward:
@@ -95,7 +95,7 @@ def main() -> None:
               f"{rt.model_bytes / 2**20:>14.1f}{rt.model_bytes / base_b:>9.3f}")
     if args.memory:
         del models
-        from chtsl_infer.bench import _spawn
+        from chtsl_infer.commands.bench import _spawn
 
         common = {"batch": args.batch, "seq": args.seq, "steps": 1, "warmup": 1, "device": "cpu",
                   "dtype": "float32", "preset": args.preset, "s_total": args.s_total, "ckpt": None}

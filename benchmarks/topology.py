@@ -29,8 +29,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
-from chtsl_infer.layers import SparseLowRankLinear  # noqa: E402
-from chtsl_infer.presets import get_preset  # noqa: E402
+from chtsl_infer.model.layers import SparseLowRankLinear  # noqa: E402
+from chtsl_infer.model.presets import get_preset  # noqa: E402
 from train.topology import TopologyEngine  # noqa: E402
 
 GLOBAL_BATCH_TOKENS = 512 * 256  # docs/method.md §5: 512 sequences of 256 tokens

@@ -37,8 +37,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from chtsl_infer import kernels  # noqa: E402
-from chtsl_infer.csr import CsrStructure, csr_linear  # noqa: E402
-from chtsl_infer.presets import get_preset  # noqa: E402
+from chtsl_infer.model.csr import CsrStructure, csr_linear  # noqa: E402
+from chtsl_infer.model.presets import get_preset  # noqa: E402
 
 SHAPES = {"llama60m": "llama60m-c4", "llama130m": "llama130m-c4", "llama1b": "llama1b-c4"}
 

@@ -42,11 +42,11 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import torch  # noqa: E402
 
-from chtsl_infer.layers import record_branches  # noqa: E402
-from chtsl_infer.loss import token_nll_sum  # noqa: E402
-from chtsl_infer.methods import METHODS  # noqa: E402
-from chtsl_infer.modeling import ChtslLlamaForCausalLM  # noqa: E402
-from chtsl_infer.presets import build_config, get_preset  # noqa: E402
+from chtsl_infer.model.layers import record_branches  # noqa: E402
+from chtsl_infer.model.loss import token_nll_sum  # noqa: E402
+from chtsl_infer.model.methods import METHODS  # noqa: E402
+from chtsl_infer.model.modeling import ChtslLlamaForCausalLM  # noqa: E402
+from chtsl_infer.model.presets import build_config, get_preset  # noqa: E402
 from train.trainer import build_engine, build_optimizer  # noqa: E402
 
 # (micro batch, seq) per shape on CPU; the GPU uses the paper's batch 128 × 256 for llama60m.
@@ -129,8 +129,8 @@ def linear_state_bytes(model: ChtslLlamaForCausalLM, opt: torch.optim.Optimizer)
 
 
 def peak_rss_bytes() -> int:
-    """VmHWM of this process (Linux), see chtsl_infer.bench.peak_rss_bytes."""
-    from chtsl_infer.bench import peak_rss_bytes as peak
+    """VmHWM of this process (Linux), see chtsl_infer.commands.bench.peak_rss_bytes."""
+    from chtsl_infer.commands.bench import peak_rss_bytes as peak
 
     return peak()
 

@@ -22,20 +22,20 @@ __version__ = "0.1.0"
 
 #: public name -> the submodule that defines it (imported on first access)
 _EXPORTS = {
-    "LAYER_TYPES": "layers",
-    "SparseLowRankLinear": "layers",
-    "alignment_loss": "layers",
-    "branch_cosine": "layers",
-    "ocr": "layers",
-    "record_branches": "layers",
-    "METHODS": "methods",
-    "Method": "methods",
-    "get_method": "methods",
-    "ChtslConfig": "configuration",
-    "ChtslLlamaForCausalLM": "modeling",
-    "PRESETS": "presets",
-    "build_config": "presets",
-    "get_preset": "presets",
+    "LAYER_TYPES": "model.layers",
+    "SparseLowRankLinear": "model.layers",
+    "alignment_loss": "model.layers",
+    "branch_cosine": "model.layers",
+    "ocr": "model.layers",
+    "record_branches": "model.layers",
+    "METHODS": "model.methods",
+    "Method": "model.methods",
+    "get_method": "model.methods",
+    "ChtslConfig": "model.configuration",
+    "ChtslLlamaForCausalLM": "model.modeling",
+    "PRESETS": "model.presets",
+    "build_config": "model.presets",
+    "get_preset": "model.presets",
     "ChtslError": "errors",
 }
 __all__ = sorted(_EXPORTS)
@@ -55,8 +55,8 @@ def __dir__() -> list[str]:
 
 def register_auto_classes() -> None:
     """Registers the config and model with transformers' AutoConfig / AutoModelForCausalLM
-    (idempotent; `chtsl_infer.modeling` does it on import)."""
-    importlib.import_module(f"{__name__}.modeling")
+    (idempotent; `chtsl_infer.model.modeling` does it on import)."""
+    importlib.import_module(f"{__name__}.model.modeling")
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -80,8 +80,8 @@ class _RegisterAfterTransformers(importlib.abc.MetaPathFinder, importlib.abc.Loa
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
         # Not while one of our modules is half-imported (it is importing transformers itself, and
-        # registering would import it circularly): `chtsl_infer.configuration` and
-        # `chtsl_infer.modeling` register their class when their own import completes.
+        # registering would import it circularly): `chtsl_infer.model.configuration` and
+        # `chtsl_infer.model.modeling` register their class when their own import completes.
         busy = any(getattr(getattr(m, "__spec__", None), "_initializing", False)
                    for n, m in list(sys.modules.items()) if n.startswith(f"{__name__}."))
         if not busy:

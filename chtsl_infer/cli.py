@@ -1,6 +1,6 @@
 """The `chtsl` command line (Typer). Every command prints one line and exits 2 on bad input.
 
-Each command lives beside the code it drives (train/, export/, evals/, chtsl_infer/bench.py…);
+Each command lives beside the code it drives (train/, export/, evals/, chtsl_infer/commands/bench.py…);
 this module only wires them into one app, keeping heavy imports inside the commands.
 """
 
@@ -12,15 +12,15 @@ from typing import NoReturn
 import typer
 from rich.markup import escape
 
-from chtsl_infer.bench import bench_command
+from chtsl_infer.commands.bench import bench_command
+from chtsl_infer.commands.generate import generate_command
 from chtsl_infer.console import console, err_console, write_json
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.generate import generate_command
-from chtsl_infer.methods import DEFAULT_METHOD, METHOD_CHOICES
+from chtsl_infer.model.methods import DEFAULT_METHOD, METHOD_CHOICES
 from evals.command import eval_command
 from export.command import export_command
 from train.command import plot_command, train_command
-from train.sweep_command import sweep_command
+from train.sweep.command import sweep_command
 
 app = typer.Typer(
     name="chtsl",
@@ -42,8 +42,8 @@ def info_command(
     force: bool = typer.Option(False, "--force", help="Let --json replace an existing file."),
 ) -> None:
     """Per-layer-type shapes, (s, r), parameter counts and s_total of a preset."""
-    from chtsl_infer.info import budget_report, budget_table
-    from chtsl_infer.presets import build_config
+    from chtsl_infer.commands.info import budget_report, budget_table
+    from chtsl_infer.model.presets import build_config
 
     config = build_config(preset, method=method, s_total=s_total, sparsity=sparsity, rank=rank)
     report = budget_report(config, preset)

@@ -17,10 +17,10 @@ import typer
 
 from chtsl_infer.console import check_output_file, console, err_console, write_json
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.model_dir import resolve_model_dir
+from chtsl_infer.formats.model_dir import resolve_model_dir
 from chtsl_infer.utils import DTYPES, parse_dtype, resolve_device, torch_dtype
 
-BACKENDS = ("dense", "sparse", "onnx", "auto")  # dense: the checkpoint's model; others: chtsl_infer.runtime
+BACKENDS = ("dense", "sparse", "onnx", "auto")  # dense: the checkpoint's model; others: chtsl_infer.runtime.backends
 
 
 def _progress():  # -> rich.progress.Progress
@@ -37,17 +37,17 @@ def _load(model_dir, backend: str, device: str, dtype: str):
     (`model_dir`, a `ModelDir`).
 
     `dense` is the checkpoint's own model (`load_model`: the trainer's computation, the reference);
-    the other backends come from `chtsl_infer.runtime.load_runtime` and score through
+    the other backends come from `chtsl_infer.runtime.backends.load_runtime` and score through
     `Runtime.logits` — the same forward as `chtsl bench` (feature-major for the torch backends,
     no transposes around the sparse kernel; matches transformers' forward within 1e-4).
     """
 
-    from chtsl_infer.checkpoint import load_model, load_tokenizer
+    from chtsl_infer.formats.checkpoint import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     if backend == "dense":
         return load_model(model_dir, device=device).to(torch_dtype(dtype)), tokenizer
-    from chtsl_infer.runtime import load_runtime
+    from chtsl_infer.runtime.backends import load_runtime
     from evals.harness import RuntimeModule
 
     runtime = load_runtime(model_dir, backend=backend, device=device, dtype=torch_dtype(dtype))
@@ -94,7 +94,7 @@ def validation_spec(model_dir, config, *, data: str | None, max_tokens: int | No
     the sequence length capped at the model's positions.
     """
     from train.checkpoint import load_state
-    from train.data import DataSpec, spec_from_args
+    from train.data.pipeline import DataSpec, spec_from_args
 
     spec = DataSpec()
     eval_batch, last_val = 16, None
@@ -118,8 +118,8 @@ def validation_spec(model_dir, config, *, data: str | None, max_tokens: int | No
 def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, device: str, backend: str,
                    output: Path | None, force: bool = False) -> dict[str, Any]:
     """Validation perplexity as the trainer computes it (same data, tokenization, batches, function)."""
-    from chtsl_infer.loss import perplexity
-    from train.data import validation_batches
+    from chtsl_infer.model.loss import perplexity
+    from train.data.pipeline import validation_batches
 
     device = resolve_device(device)
     model_dir = resolve_model_dir(ckpt).require_weights()

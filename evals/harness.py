@@ -241,8 +241,8 @@ def task_configs(tasks: Iterable[str], data_dir: Path | None) -> list[dict[str, 
 
 
 class RuntimeModule(torch.nn.Module):
-    """A `chtsl_infer.runtime.Runtime` as a causal LM module, which is all HFLM (loglikelihood
-    requests) and `chtsl_infer.loss.perplexity` need: `forward(input_ids (b, seq))` returns an output whose
+    """A `chtsl_infer.runtime.backends.Runtime` as a causal LM module, which is all HFLM (loglikelihood
+    requests) and `chtsl_infer.model.loss.perplexity` need: `forward(input_ids (b, seq))` returns an output whose
     `.logits` are (b, seq, vocab); `.config` and `.device` as a transformers model. Other inputs
     (an attention mask) are ignored: batches are right-padded, so a causal model's logits at the
     real tokens do not depend on the padding."""

@@ -38,7 +38,7 @@ def _human(n: int) -> str:
 def is_export_dir(path: Path) -> bool:
     """True when `path` is a directory `chtsl export` wrote: a packed model.safetensors or a
     model.onnx, and no trainer state (a training checkpoint is never an export)."""
-    from chtsl_infer.packed import is_packed_dir
+    from chtsl_infer.formats.packed import is_packed_dir
 
     return path.is_dir() and not (path / "trainer_state").exists() and (
         is_packed_dir(path) or (path / "model.onnx").is_file())
@@ -158,7 +158,7 @@ def export_command(
             raise ChtslError("--device verifies the packed safetensors: use it with --verify and --format "
                              "safetensors|all")
         device = resolve_device(device)
-    from chtsl_infer.model_dir import resolve_model_dir
+    from chtsl_infer.formats.model_dir import resolve_model_dir
 
     model_dir = resolve_model_dir(ckpt).require_weights()
     out = Path(out_arg) if out_arg is not None else ckpt / "export"
@@ -205,9 +205,9 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
     ckpt = model_dir.path
     from transformers.utils import logging as hf_logging
 
-    from chtsl_infer.checkpoint import load_model
-    from chtsl_infer.packed import WEIGHTS_NAME
-    from chtsl_infer.storage import to_storage
+    from chtsl_infer.formats.checkpoint import load_model
+    from chtsl_infer.formats.packed import WEIGHTS_NAME
+    from chtsl_infer.model.storage import to_storage
     from export import onnx as onnx_export
     from export.packed import copy_support_files, write_packed
 

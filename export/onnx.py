@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from chtsl_infer.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
 
 # The dynamo exporter emits opset 18 and converts to other versions afterwards; the conversion down
 # to 17 fails on this graph (ReduceMean's axes input) and leaves the model at 18, so 18 is the

@@ -1,7 +1,7 @@
-"""Packed safetensors export: CSR sparse branch + low-rank factors (format in chtsl_infer/packed.py).
+"""Packed safetensors export: CSR sparse branch + low-rank factors (format in chtsl_infer/formats/packed.py).
 
 Writes `<out>/model.safetensors` from a loaded checkpoint model and copies the files a packed
-export needs beside it (config, tokenizer), so `chtsl_infer.checkpoint.load_model` and
+export needs beside it (config, tokenizer), so `chtsl_infer.formats.checkpoint.load_model` and
 `load_tokenizer` work on the export directory.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from chtsl_infer.modeling import ChtslLlamaForCausalLM
-from chtsl_infer.packed import WEIGHTS_NAME, PackedModel, pack_model, save_packed
+from chtsl_infer.formats.packed import WEIGHTS_NAME, PackedModel, pack_model, save_packed
+from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
 
 #: Files copied from the checkpoint when present (HF config + every tokenizer file format).
 SUPPORT_FILES = (

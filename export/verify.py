@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from chtsl_infer.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
 
 VERIFY_SHAPES: tuple[tuple[int, int], ...] = ((1, 11), (3, 5))  # (batch, seq), ≠ EXPORT_SHAPE
 TOL_PACKED_FP32 = 1e-6
@@ -82,7 +82,7 @@ def _compare(file: str, runtime: str, ids: torch.Tensor, ref: torch.Tensor, out:
 @torch.no_grad()
 def verify_packed(path: str | Path, batches: list[torch.Tensor], refs: list[torch.Tensor]) -> list[Check]:
     """Reloads the packed file (validated), rebuilds the model in fp32, compares logits."""
-    from chtsl_infer.packed import load_packed, unpack_model
+    from chtsl_infer.formats.packed import load_packed, unpack_model
 
     packed = load_packed(path)
     model = unpack_model(packed, torch.float32)
@@ -100,8 +100,8 @@ def verify_runtime(directory: str | Path, batches: list[torch.Tensor], refs: lis
                    device: str | torch.device) -> list[Check]:
     """Loads the packed export in `directory` with the runtime's torch backends on `device` (fp32)
     and compares their logits with the references (computed on CPU)."""
-    from chtsl_infer.packed import WEIGHTS_NAME, load_packed
-    from chtsl_infer.runtime import load_runtime
+    from chtsl_infer.formats.packed import WEIGHTS_NAME, load_packed
+    from chtsl_infer.runtime.backends import load_runtime
 
     exact = load_packed(Path(directory) / WEIGHTS_NAME).dtype == torch.float32
     metric, tol = ("max_abs", TOL_ONNX) if exact else ("rel", TOL_PACKED_REL)
@@ -121,7 +121,7 @@ def verify_onnx(path: str | Path, batches: list[torch.Tensor], refs: list[torch.
 
     Whole sequences: a graph with `past_key_values` inputs gets an empty cache (past_seq = 0).
     """
-    from chtsl_infer.runtime import OnnxCache
+    from chtsl_infer.runtime.backends import OnnxCache
     from export.onnx import providers, session
 
     checks = []
@@ -152,7 +152,7 @@ def verify_onnx_cached(path: str | Path, ids: torch.Tensor, ref: torch.Tensor,
     one token per step, each fed the previous step's `present` tensors as `past_key_values`; the
     steps' logits are checked together. One `Check` for the prefill, one for the steps.
     """
-    from chtsl_infer.runtime import OnnxCache
+    from chtsl_infer.runtime.backends import OnnxCache
     from export.onnx import providers, session
 
     checks = []

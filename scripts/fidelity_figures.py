@@ -19,7 +19,7 @@ from pathlib import Path
 
 from chtsl_infer.console import iter_jsonl
 from train.plot import read_metrics
-from train.sweep_plot import seed_band
+from train.sweep.plot import seed_band
 
 
 def run_summary(run: Path) -> dict:

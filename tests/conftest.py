@@ -19,9 +19,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import chtsl_infer  # noqa: E402  (registers the Auto classes)
-from chtsl_infer.methods import METHODS  # noqa: E402
-from chtsl_infer.modeling import ChtslLlamaForCausalLM  # noqa: E402
-from chtsl_infer.presets import build_config  # noqa: E402
+from chtsl_infer.model.methods import METHODS  # noqa: E402
+from chtsl_infer.model.modeling import ChtslLlamaForCausalLM  # noqa: E402
+from chtsl_infer.model.presets import build_config  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ALL_METHODS = tuple(METHODS)
@@ -60,7 +60,7 @@ def bpe_tokenizer():
     """A 512-token byte-level BPE trained on CPython's own docs (offline, deterministic)."""
     import pydoc_data.topics
 
-    from train.tokenizer import train_bpe
+    from train.data.tokenizer import train_bpe
 
     texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
     return train_bpe(texts, vocab_size=512)
@@ -126,7 +126,7 @@ def write_corpus(path: Path, topics: int = 40) -> Path:
     import json
     import pydoc_data.topics
 
-    from train.sources import _paragraph_documents
+    from train.data.sources import _paragraph_documents
 
     if not path.exists():
         texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)][:topics]

@@ -69,8 +69,8 @@ def test_bench_decode_reports_prefill_decode_and_latency(tmp_path: Path) -> None
 
 def test_decode_run_feeds_greedy_tokens() -> None:
     """The benchmark decodes what `Runtime.generate` decodes (greedy, one token per step)."""
-    from chtsl_infer.bench import decode_run
-    from chtsl_infer.runtime import from_packed, random_packed
+    from chtsl_infer.commands.bench import decode_run
+    from chtsl_infer.runtime.backends import from_packed, random_packed
     from tests.conftest import tiny_config
 
     rt = from_packed(random_packed(tiny_config("chtsl")), "sparse")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from chtsl_infer.modeling import ChtslLlamaForCausalLM
-from chtsl_infer.presets import build_config
+from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.model.presets import build_config
 from tests.conftest import run_cli
 
 # (preset, s_total) rows of Table 5, plus the 350M 0.9 row
@@ -49,7 +49,7 @@ def test_info_table_prints() -> None:
 
 def test_info_table_fits_80_columns_untruncated(monkeypatch) -> None:
     from chtsl_infer.console import console
-    from chtsl_infer.presets import PRESETS
+    from chtsl_infer.model.presets import PRESETS
 
     monkeypatch.setattr(console, "width", 80)
     for preset in PRESETS:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from chtsl_infer import kernels
-from chtsl_infer.csr import CsrStructure, csr_linear
+from chtsl_infer.model.csr import CsrStructure, csr_linear
 
 RTOL = 1e-5  # fp32: relative to the largest entry of the reference (sums of up to a few hundred products)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chtsl_infer.packed import load_packed, pack_model, save_packed, unpack_model
-from chtsl_infer.runtime import from_packed, load_runtime, random_packed, resolve_backend
+from chtsl_infer.formats.packed import load_packed, pack_model, save_packed, unpack_model
+from chtsl_infer.runtime.backends import from_packed, load_runtime, random_packed, resolve_backend
 from tests.conftest import ALL_METHODS, random_ids, tiny_config, tiny_model_nonzero_b
 
 pytestmark = pytest.mark.cuda
@@ -102,8 +102,8 @@ def test_cuda_kernel_on_the_runtime_groups_matches_cpu_kernel() -> None:
 def test_bench_worker_cuda_peak_memory_accounting() -> None:
     """`peak_memory_bytes` on CUDA is torch's max allocated over the forwards (reset after the build):
     at least the resident model plus the logits buffer, equal to `peak_tensor_bytes`."""
-    from chtsl_infer.bench import run_worker
-    from chtsl_infer.presets import build_config
+    from chtsl_infer.commands.bench import run_worker
+    from chtsl_infer.model.presets import build_config
 
     base = {"preset": "tiny", "s_total": 0.9, "ckpt": None, "batch": 4, "seq": 64, "steps": 2, "warmup": 1,
             "device": "cuda", "dtype": "bfloat16"}

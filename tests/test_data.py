@@ -10,18 +10,18 @@ import pytest
 import torch
 
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.loss import perplexity
+from chtsl_infer.model.loss import perplexity
 from tests.conftest import tiny_model
-from train.batches import Batch, Rows, TrainBatches, check_batch_sizes, eval_batches, make_rows, unigram_perplexity
-from train.sources import (
+from train.data.batches import Batch, Rows, TrainBatches, check_batch_sizes, eval_batches, make_rows, unigram_perplexity
+from train.data.sources import (
     _paragraph_documents,
     builtin_documents,
     builtin_documents_uncached,
     local_documents,
     split_documents,
 )
-from train.streaming import hub_documents
-from train.tokenizer import encode_documents, resolve_tokenizer
+from train.data.streaming import hub_documents
+from train.data.tokenizer import encode_documents, resolve_tokenizer
 
 
 def _docs(n: int = 60) -> list[str]:

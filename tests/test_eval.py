@@ -155,7 +155,7 @@ def fixture_run(eval_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_model_and_tokenizer(eval_checkpoint):
     """The checkpoint as the reference scorer sees it: loaded, fp32, eval mode."""
-    from chtsl_infer.checkpoint import load_model, load_tokenizer
+    from chtsl_infer.formats.checkpoint import load_model, load_tokenizer
 
     return load_model(eval_checkpoint), load_tokenizer(eval_checkpoint)
 

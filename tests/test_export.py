@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chtsl_infer.checkpoint import load_model, load_tokenizer
-from chtsl_infer.packed import DTYPES, is_packed_dir, load_packed
+from chtsl_infer.formats.checkpoint import load_model, load_tokenizer
+from chtsl_infer.formats.packed import DTYPES, is_packed_dir, load_packed
 from tests.conftest import run_cli
 
 IDS = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(2))

@@ -326,7 +326,7 @@ def test_dense_gemv_declines_what_it_does_not_serve() -> None:
 def test_lowrank_decode_kernel_matches_torch(activation: str, n_tok: int, big: bool) -> None:
     """y += scale · B_m act(A_m x) per member (the decode path of a fused group) equals torch's products;
     the bf16 variant equals the same products of its bf16 inputs up to the output's bf16 rounding."""
-    from chtsl_infer.layers import activation_fn
+    from chtsl_infer.model.layers import activation_fn
 
     g = torch.Generator().manual_seed(n_tok)
     outs, ranks, n_in = [40, 24, 19], [5, 3, 7], 70  # output tails, odd ranks, a scalar input tail
@@ -369,7 +369,7 @@ TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # bf16: a rounding or two apa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_tok", [1, 2, 4])
 def test_rms_norm_decode_kernel_matches_torch(n_tok: int, dtype: torch.dtype) -> None:
-    from chtsl_infer.feature_major import rms_norm
+    from chtsl_infer.runtime.feature_major import rms_norm
 
     lib, g, tol = _decode_lib(), torch.Generator().manual_seed(n_tok), TOL[dtype]
     h, weight = (torch.randn(67, n_tok, generator=g) * 3).to(dtype), torch.randn(67, generator=g).to(dtype)
@@ -396,7 +396,7 @@ def test_silu_mul_decode_kernel_matches_torch(dtype: torch.dtype) -> None:
 def test_attention_decode_kernel_matches_torch_attention(batch: int, seq: int, start: int, n_kv: int,
                                                          dtype: torch.dtype) -> None:
     """RoPE, cache write and causal attention over the cache equal the torch path (SDPA) of feature_major."""
-    from chtsl_infer.feature_major import KVCache, _attention
+    from chtsl_infer.runtime.feature_major import KVCache, _attention
 
     lib, g = _decode_lib(), torch.Generator().manual_seed(batch * 10 + seq + start)
     n_heads, head_dim, capacity, end = 4, 16, 13, start + seq

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chtsl_infer.layers import (
+from chtsl_infer.model.layers import (
     SparseLowRankLinear,
     alignment_loss,
     branch_cosine,
@@ -18,7 +18,7 @@ from chtsl_infer.layers import (
     random_mask,
     record_branches,
 )
-from chtsl_infer.methods import METHODS
+from chtsl_infer.model.methods import METHODS
 
 
 def make_layer(method: str, seed: int = 0, **kw) -> SparseLowRankLinear:

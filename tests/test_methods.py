@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.layers import SparseLowRankLinear
-from chtsl_infer.methods import METHODS, Method, get_method
-from chtsl_infer.modeling import ChtslLlamaForCausalLM
-from chtsl_infer.presets import build_config, get_preset
+from chtsl_infer.model.layers import SparseLowRankLinear
+from chtsl_infer.model.methods import METHODS, Method, get_method
+from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.model.presets import build_config, get_preset
 from train.args import TrainArgs, resolve_args
 from train.trainer import build_engine
 

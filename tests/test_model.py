@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from chtsl_infer.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
 from tests.conftest import ALL_METHODS, tiny_model
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.model_dir import resolve_model_dir
-from chtsl_infer.packed import pack_model, save_packed
-from chtsl_infer.runtime import load_runtime
+from chtsl_infer.formats.model_dir import resolve_model_dir
+from chtsl_infer.formats.packed import pack_model, save_packed
+from chtsl_infer.runtime.backends import load_runtime
 from tests.conftest import tiny_model
 
 

@@ -11,9 +11,9 @@ import onnx
 import pytest
 import torch
 
-from chtsl_infer.modeling import ChtslLlamaForCausalLM
-from chtsl_infer.presets import build_config
-from chtsl_infer.runtime import OnnxCache
+from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.model.presets import build_config
+from chtsl_infer.runtime.backends import OnnxCache
 from export.onnx import (
     EXPORT_SHAPE,
     check_onnx,

@@ -1,4 +1,4 @@
-"""The packed format (chtsl_infer/packed.py): exact round trips, valid CSR, a strict loader, sizes."""
+"""The packed format (chtsl_infer/formats/packed.py): exact round trips, valid CSR, a strict loader, sizes."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from chtsl_infer.checkpoint import load_model, load_tokenizer
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.layers import SparseLowRankLinear
-from chtsl_infer.modeling import ChtslLlamaForCausalLM
-from chtsl_infer.packed import (
+from chtsl_infer.formats.checkpoint import load_model, load_tokenizer
+from chtsl_infer.formats.packed import (
     is_packed_dir,
     load_packed,
     pack_linear,
@@ -21,7 +19,9 @@ from chtsl_infer.packed import (
     save_packed,
     unpack_model,
 )
-from chtsl_infer.presets import build_config
+from chtsl_infer.model.layers import SparseLowRankLinear
+from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.model.presets import build_config
 from export.packed import copy_support_files, write_packed
 from tests.conftest import ALL_METHODS, tiny_model
 

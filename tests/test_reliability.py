@@ -180,7 +180,7 @@ def test_export_recovers_from_kill_between_renames(cli_artifacts, tmp_path, capf
 
 def test_perplexity_overflow_is_inf() -> None:
     """A diverged model's mean NLL above ~709 nats overflows math.exp: the perplexity is inf."""
-    from chtsl_infer.loss import perplexity
+    from chtsl_infer.model.loss import perplexity
 
     class Diverged(torch.nn.Module):
         def forward(self, input_ids):
@@ -216,7 +216,7 @@ def test_loaders_never_unpickle(tmp_path, cli_artifacts) -> None:
     from transformers import AutoModelForCausalLM
 
     import chtsl_infer  # noqa: F401
-    from chtsl_infer.checkpoint import load_model
+    from chtsl_infer.formats.checkpoint import load_model
 
     d = tmp_path / "planted"
     d.mkdir()

@@ -10,10 +10,10 @@ import torch
 
 from chtsl_infer import kernels
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.layers import layer_link_count
-from chtsl_infer.modeling import ChtslLlamaForCausalLM
-from chtsl_infer.packed import pack_model, save_packed
-from chtsl_infer.runtime import (
+from chtsl_infer.formats.packed import pack_model, save_packed
+from chtsl_infer.model.layers import layer_link_count
+from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.runtime.backends import (
     FusedLinears,
     from_packed,
     load_runtime,
@@ -80,7 +80,7 @@ def test_onnx_backend_generates_with_the_graphs_kv_cache(tmp_path: Path, monkeyp
     """`chtsl export`'s graph (past_key_values in, present out): greedy generation equals the torch
     backends', feeding one token per step after the prefill (no quadratic recompute)."""
     pytest.importorskip("onnxruntime")
-    from chtsl_infer.runtime import OnnxCache
+    from chtsl_infer.runtime.backends import OnnxCache
     from export.onnx import export_onnx
 
     model = tiny_model_nonzero_b("chtsl", num_hidden_layers=1)
@@ -218,7 +218,7 @@ def test_all_blocks_in_one_c_call_equal_the_block_loop(dtype: torch.dtype, item_
     sequence (3: the sparse kernel's tile path) with GQA; it is rebuilt after `.to()`, and models it
     does not cover (a dense base weight) keep the loop. 64-byte work items: the tiny groups split
     into dozens of items, which the threads take from each other's runs."""
-    from chtsl_infer import feature_major
+    from chtsl_infer.runtime import feature_major
 
     monkeypatch.setattr(kernels, "DECODE_ITEM_BYTES", item_bytes)
     model = tiny_model_nonzero_b("chtsl", num_key_value_heads=2)
@@ -319,7 +319,7 @@ def test_tied_embeddings_share_storage() -> None:
 def test_torch_csr_group_on_cpu_tensors() -> None:
     """A fused group holding S as the CUDA path does (one int32 `torch.sparse_csr_tensor` over the
     stacked members, `spmm_cuda`), built on CPU: same output as the dense group, memory counted."""
-    from chtsl_infer.runtime import resident_bytes
+    from chtsl_infer.runtime.backends import resident_bytes
 
     packed = pack_model(tiny_model_nonzero_b("chtsl"))
     names = [f"model.layers.0.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj")]

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from chtsl_infer.cli import main
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.layers import SparseLowRankLinear, mask_to_csr, record_branches
-from chtsl_infer.methods import get_method
-from chtsl_infer.storage import (
+from chtsl_infer.model.layers import SparseLowRankLinear, mask_to_csr, record_branches
+from chtsl_infer.model.methods import get_method
+from chtsl_infer.model.storage import (
     convert_optimizer_state,
     convert_state_dict,
     resolve_storage,
@@ -256,7 +256,7 @@ def csr_run(tmp_path_factory, bpe_cache) -> Path:
 def test_csr_checkpoint_is_packed_and_loads(csr_run: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from chtsl_infer.checkpoint import load_model
+    from chtsl_infer.formats.checkpoint import load_model
 
     sd = load_file(csr_run / "model.safetensors")
     model = load_model(csr_run)
@@ -299,7 +299,7 @@ def test_resume_across_storages(tmp_path, first: str, second: str) -> None:
         assert all(torch.equal(x[k], y[k]) for k in x)
     else:  # same method, other storage: same numbers up to float summation order
         assert all(abs(la - lb) / la < 1e-4 for (_, la), (_, lb) in zip(a, b, strict=True))
-    from chtsl_infer.checkpoint import load_model
+    from chtsl_infer.formats.checkpoint import load_model
 
     ma, mb = load_model(tmp_path / "full"), load_model(tmp_path / "part")
     assert mb.config.chtsl["storage"] == second
@@ -345,8 +345,8 @@ def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.mark.slow  # export, eval and bench of a trained checkpoint
 def test_export_eval_bench_on_csr_checkpoint(csr_run: Path, tmp_path: Path, capsys) -> None:
-    from chtsl_infer.checkpoint import load_model
-    from chtsl_infer.packed import load_packed_model
+    from chtsl_infer.formats.checkpoint import load_model
+    from chtsl_infer.formats.packed import load_packed_model
 
     code, out, err = _cli(["export", str(csr_run), "--out", str(tmp_path / "export")], capsys)
     assert code == 0, out + err

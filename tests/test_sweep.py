@@ -20,7 +20,7 @@ from scipy.stats import wilcoxon
 
 from chtsl_infer.cli import main
 from tests.conftest import corpus
-from train import sweep
+from train.sweep.runner import runner as sweep
 
 METHODS = ("naive", "chtsl")
 SEEDS = (0, 1)
@@ -343,7 +343,7 @@ def test_bad_input_one_line_exit_2_nothing_overwritten(sweep_dir, data, tmp_path
 
 def test_alignment_value_of_every_hybrid_layer() -> None:
     """Diagnostics record L_align^(l) for every layer with both branches, optimised or not."""
-    from chtsl_infer.layers import alignment_loss, record_branches
+    from chtsl_infer.model.layers import alignment_loss, record_branches
     from tests.conftest import tiny_model
 
     for method in ("naive", "act", "sltrain", "chtsl"):
@@ -365,7 +365,7 @@ def test_alignment_value_of_every_hybrid_layer() -> None:
 
 
 def test_effective_alignment_weight_in_header(capsys) -> None:
-    from chtsl_infer.presets import build_config
+    from chtsl_infer.model.presets import build_config
     from train.args import TrainArgs, resolve_args
     from train.trainer import effective_align_weights, print_header
 
@@ -401,8 +401,8 @@ def test_loss_figure_legend() -> None:
 def test_cpu60m_follows_the_60m_layers() -> None:
     """cpu60m: the 60M block shapes and the paper's OWT 60M (s, r) — rank 16 at s_total 0.9 with
     d_c : d_l = 1 : 1 — and the 60M preset's effective alignment weight λ/√(B·N)."""
-    from chtsl_infer import budget
-    from chtsl_infer.presets import get_preset
+    from chtsl_infer.model import budget
+    from chtsl_infer.model.presets import get_preset
 
     p, ref = get_preset("cpu60m"), get_preset("llama60m-c4")
     assert p.shapes() == ref.shapes() and p.steps == 1000

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from scipy import stats
 
-from chtsl_infer.layers import SparseLowRankLinear, link_count
+from chtsl_infer.model.layers import SparseLowRankLinear, link_count
 from train.topology import (
     TopologyEngine,
     brf_mask,

@@ -40,7 +40,7 @@ def test_chtsl_run_end_to_end(tmp_path) -> None:
     lr = {m["step"]: m["lr"] for m in steps}
     assert lr[6] < lr[7] and lr[6] < 0.5 * lr[4]
     # OCR and cosine of every layer (2 blocks × 7) on OCR steps, in [0, 1) and [-1, 1].
-    from chtsl_infer.checkpoint import load_model
+    from chtsl_infer.formats.checkpoint import load_model
 
     model = load_model(out)
     names = set(model.chtsl_layers())
@@ -67,13 +67,13 @@ def test_chtsl_run_end_to_end(tmp_path) -> None:
     args = json.loads((out / "trainer_state" / "args.json").read_text())
     assert state["step"] == STEPS and args["data"] == str(corpus(tmp_path)) and args["seq_len"] == 32
     # The validation perplexity is reproducible from the saved arguments (what `chtsl eval` does).
-    from chtsl_infer.loss import perplexity
-    from train.data import spec_from_args, validation_batches
+    from chtsl_infer.model.loss import perplexity
+    from train.data.pipeline import spec_from_args, validation_batches
 
     val, _ = validation_batches(spec_from_args(args), tok, eval_batch=args["micro_batch_size"])
     assert perplexity(auto, val).ppl == pytest.approx(r.val_ppl, rel=1e-6)
     # Masks at their per-group targets after the updates: trainable count as `chtsl info` reports.
-    from chtsl_infer.info import budget_report
+    from chtsl_infer.commands.info import budget_report
 
     assert model.trainable_linear_params() == budget_report(model.config)["totals"]["trainable_linear_params"]
 
@@ -91,9 +91,9 @@ def test_every_method_trains(tmp_path, method) -> None:
     r = train(small_args(tmp_path, method=method, steps=8, eval_every=8, save_every=8, ocr_every=3, update_interval=3,
                          restart_warmup=1))
     assert r.step == 8 and math.isfinite(r.loss) and r.val_ppl is not None
-    from chtsl_infer.checkpoint import load_model
-    from chtsl_infer.info import budget_report
-    from chtsl_infer.presets import build_config
+    from chtsl_infer.commands.info import budget_report
+    from chtsl_infer.formats.checkpoint import load_model
+    from chtsl_infer.model.presets import build_config
 
     model = load_model(r.out)
     assert model.config.method == method
@@ -154,7 +154,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path) -> None:
     assert r.stopped == "nan" and r.step == 3  # step 4's loss is NaN: stopped before its optimizer step
     state = json.loads((Path(r.out) / "trainer_state" / "state.json").read_text())
     assert state["step"] == 2
-    from chtsl_infer.checkpoint import load_model
+    from chtsl_infer.formats.checkpoint import load_model
 
     model = load_model(r.out)
     assert all(torch.isfinite(p).all() for p in model.parameters())

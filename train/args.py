@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.methods import DEFAULT_METHOD, METHOD_CHOICES, get_method
+from chtsl_infer.model.methods import DEFAULT_METHOD, METHOD_CHOICES, get_method
 from chtsl_infer.utils import parse_dtype
 
 # Fields a `--resume` may change; every other recipe field must match the checkpoint.
@@ -76,7 +76,7 @@ class TrainArgs:
     progress: bool = setting(True, "Show the Rich progress bar.", flag="--progress/--no-progress")
 
 
-# The smallest trained BPE: 256 byte symbols + the 4 special tokens of `train.tokenizer.train_bpe`.
+# The smallest trained BPE: 256 byte symbols + the 4 special tokens of `train.data.tokenizer.train_bpe`.
 MIN_BPE_VOCAB = 260
 # Integer settings that must be >= 1 when given (None: the preset's value; 0 is never "default").
 POSITIVE_INTS = ("steps", "batch_size", "micro_batch_size", "seq_len", "update_interval", "eval_every", "save_every",
@@ -131,7 +131,7 @@ def check_args(args: TrainArgs) -> None:
 
 def resolve_args(args: TrainArgs) -> TrainArgs:
     """Fills every None recipe field from the preset (docs/method.md §5); validates values."""
-    from chtsl_infer.presets import get_preset
+    from chtsl_infer.model.presets import get_preset
 
     p = get_preset(args.preset)
     m = get_method(args.method)
@@ -155,7 +155,7 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
     r = TrainArgs(**values)
     check_args(r)
     r.dtype = parse_dtype(r.dtype, ("auto", "fp32", "bf16"), what="--dtype")
-    from chtsl_infer.storage import check_choice
+    from chtsl_infer.model.storage import check_choice
 
     try:
         check_choice(r.sparse_storage, r.method)
@@ -171,7 +171,7 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
 
 def build_model_config(args: TrainArgs, vocab_size: int | None = None, **llama_overrides: Any):
     """The `ChtslConfig` a fresh run of `args` builds (preset, method, split, activation, alignment)."""
-    from chtsl_infer.presets import build_config
+    from chtsl_infer.model.presets import build_config
 
     if args.num_layers:
         llama_overrides.setdefault("num_hidden_layers", args.num_layers)

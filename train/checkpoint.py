@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.model_dir import TRAINER_STATE_DIR, resolve_model_dir
+from chtsl_infer.formats.model_dir import TRAINER_STATE_DIR, resolve_model_dir
 from chtsl_infer.utils import backup_path, publish_dir
 
 STATE_DIR = TRAINER_STATE_DIR
@@ -220,7 +220,7 @@ def check_resumable(path: Path, state: dict[str, Any]) -> None:
     """Every file a resume reads is present and a readable safetensors of the right names and shapes
     (headers only, nothing loaded): config.json, model.safetensors, the optimizer, topology (when
     the run has an engine) and RNG states. ChtslError naming the first bad file."""
-    from chtsl_infer.checkpoint import check_weights_header, read_config, safetensors_shapes
+    from chtsl_infer.formats.checkpoint import check_weights_header, read_config, safetensors_shapes
 
     config = read_config(path)
     check_weights_header(config, path / "model.safetensors", path / "config.json")
@@ -236,8 +236,8 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn
     """Restores `optimizer` (built over `model`'s parameters in the same groups) from a checkpoint.
 
     Moments saved in the other sparse storage (masked ↔ csr) are re-laid out for `model`'s."""
-    from chtsl_infer.checkpoint import load_tensors
-    from chtsl_infer.storage import convert_optimizer_state
+    from chtsl_infer.formats.checkpoint import load_tensors
+    from chtsl_infer.model.storage import convert_optimizer_state
 
     tensors = load_tensors(Path(path) / STATE_DIR / "optimizer.safetensors")
     tensors, meta = convert_optimizer_state(tensors, meta, model)
@@ -269,7 +269,7 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn
 
 
 def load_topology(path: Path, engine: Any, meta: dict[str, Any]) -> None:
-    from chtsl_infer.checkpoint import load_tensors
+    from chtsl_infer.formats.checkpoint import load_tensors
 
     file = Path(path) / STATE_DIR / "topology.safetensors"
     tensors = load_tensors(file)
@@ -281,7 +281,7 @@ def load_topology(path: Path, engine: Any, meta: dict[str, Any]) -> None:
 
 
 def load_rng(path: Path) -> None:
-    from chtsl_infer.checkpoint import load_tensors
+    from chtsl_infer.formats.checkpoint import load_tensors
 
     file = Path(path) / STATE_DIR / "rng.safetensors"
     rng = load_tensors(file)

@@ -2,7 +2,7 @@
 
 A sparse layer holds its sparse matrix `S` (out × in) either as a dense `weight` times a boolean
 `mask` buffer (masked storage) or as CSR `values` (nnz,) over `crow_indices`/`col_indices` (csr
-storage, `chtsl_infer.layers`). `TopologyEngine` owns the supports of all sparse layers of a model:
+storage, `chtsl_infer.model.layers`). `TopologyEngine` owns the supports of all sparse layers of a model:
 
 - `init_masks()` draws every mask with the bipartite receptive field (BRF) rule;
 - `apply_masks(optimizer)`, called after every optimizer step, re-zeroes the weights and the Adam
@@ -48,8 +48,8 @@ import torch
 import torch.distributed as dist
 
 from chtsl_infer import kernels
-from chtsl_infer.layers import SparseLowRankLinear, link_count, mask_to_csr
-from chtsl_infer.modeling import init_sparse_values
+from chtsl_infer.model.layers import SparseLowRankLinear, link_count, mask_to_csr
+from chtsl_infer.model.modeling import init_sparse_values
 
 Mode = Literal["chts", "set", "static"]
 RegrowRule = Literal["topk", "sample"]

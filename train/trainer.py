@@ -30,14 +30,14 @@ import torch
 
 from chtsl_infer.console import check_output_dir, console, err_console
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.layers import branch_grad_norms, record_branches
-from chtsl_infer.loss import perplexity, token_nll_sum
-from chtsl_infer.methods import get_method
+from chtsl_infer.model.layers import branch_grad_norms, record_branches
+from chtsl_infer.model.loss import perplexity, token_nll_sum
+from chtsl_infer.model.methods import get_method
 from chtsl_infer.utils import atomic_write_text, resolve_device
 from train import checkpoint as ckpt_io
 from train import distributed as dist_utils
 from train.args import RESUME_MUTABLE, TrainArgs, build_model_config, check_args, resolve_args
-from train.data import DataSpec, build_data
+from train.data.pipeline import DataSpec, build_data
 from train.schedule import LRSchedule
 
 
@@ -229,7 +229,7 @@ class Run:
     info: dist_utils.DistInfo
     device: str
     out: Path
-    data: Any  # train.data.Data
+    data: Any  # train.data.pipeline.Data
     model: torch.nn.Module  # ChtslLlamaForCausalLM, unwrapped
     ddp_model: torch.nn.Module  # `model`, or its DistributedDataParallel wrapper
     engine: Any  # train.topology.TopologyEngine | None
@@ -305,10 +305,10 @@ def build_run(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | Non
     return run
 
 
-def _build_data(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | None):  # -> train.data.Data
+def _build_data(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | None):  # -> train.data.pipeline.Data
     """This rank's shard of the train stream and the validation batches (the checkpoint's
     tokenizer when resuming)."""
-    from chtsl_infer.checkpoint import load_tokenizer
+    from chtsl_infer.formats.checkpoint import load_tokenizer
 
     spec = DataSpec(data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
                     packing=args.packing, eval_tokens=args.eval_tokens, seed=args.seed)
@@ -321,9 +321,9 @@ def _build_model(args: TrainArgs, vocab_size: int, resume_dir: Path | None, devi
                  info: dist_utils.DistInfo) -> tuple[torch.nn.Module, str, str]:
     """(model, sparse storage, why that storage): the preset's model at `args`, or the checkpoint's
     config and weights when resuming (converted when the storage differs)."""
-    from chtsl_infer.checkpoint import load_checkpoint_weights
-    from chtsl_infer.modeling import ChtslLlamaForCausalLM
-    from chtsl_infer.storage import convert_state_dict, resolve_storage
+    from chtsl_infer.formats.checkpoint import load_checkpoint_weights
+    from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
+    from chtsl_infer.model.storage import convert_state_dict, resolve_storage
 
     weights = None
     if resume_dir:

@@ -1,0 +1,1 @@
+"""The `chtsl info`, `bench` and `generate` commands."""

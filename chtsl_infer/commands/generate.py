@@ -1,0 +1,62 @@
+"""`chtsl generate`: stream a continuation of a prompt from a checkpoint or export, with tokens/s."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from chtsl_infer.console import console
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.formats.model_dir import resolve_model_dir
+from chtsl_infer.utils import inference_dtype, resolve_device, torch_dtype
+
+
+def generate_command(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint or export directory (with its tokenizer).")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
+    backend: Annotated[str, typer.Option(help="auto, dense, sparse or onnx.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (auto: cuda when available).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: CPU fp32, CUDA bf16).")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+) -> None:
+    """Streams generated text (prefill, then one token per step with a KV cache) and prints tokens/s."""
+    import torch
+    from transformers import TextStreamer
+
+    from chtsl_infer.formats.checkpoint import load_tokenizer
+    from chtsl_infer.runtime.backends import BACKENDS, check_backend_dtype, load_runtime
+
+    if backend not in BACKENDS:
+        raise ChtslError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if max_new_tokens <= 0:
+        raise ChtslError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ChtslError(f"--temperature must be >= 0 and finite (0: greedy), got {temperature}")
+    device = resolve_device(device)
+    dtype = inference_dtype(dtype, device)
+    check_backend_dtype(backend, device, dtype)
+    model_dir = resolve_model_dir(ckpt)
+    tokenizer = load_tokenizer(model_dir)
+    rt = load_runtime(model_dir, backend, device, torch_dtype(dtype))
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise ChtslError("--prompt encodes to no tokens")
+    limit = rt.config.max_position_embeddings
+    if ids.shape[1] + max_new_tokens > limit:
+        raise ChtslError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
+                        f"model's {limit} positions")
+    torch.manual_seed(seed)
+    streamer = TextStreamer(tokenizer, skip_prompt=False)
+    start = time.perf_counter()
+    out = rt.generate(ids, max_new_tokens, temperature, streamer=streamer, eos_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    new = out.shape[1] - ids.shape[1]
+    console.print()
+    console.print(f"{new} tokens in {seconds:.2f} s: {new / seconds:.1f} tokens/s (backend {rt.backend}, {dtype})",
+                      highlight=False)

@@ -1,0 +1,70 @@
+"""`chtsl info`: the per-layer-type parameter budget of a preset (docs/method.md §4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.table import Table
+
+from chtsl_infer.model import budget
+from chtsl_infer.model.configuration import ChtslConfig
+
+
+def budget_report(config: ChtslConfig, preset: str | None = None) -> dict[str, Any]:
+    """Exact parameter counts of `config`'s linears and its s_total, d_c, d_l, rank step."""
+    block = config.chtsl
+    shapes = config.linear_shapes()
+    rows = budget.layer_budgets(
+        shapes, config.num_hidden_layers, block["method"], block["sparsity"], block["rank"], config.head_dim
+    )
+    dense = sum(r.dense_params for r in rows)
+    trainable = sum(r.trainable for r in rows)
+    h, v, n = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    other = v * h * (1 if config.tie_word_embeddings else 2) + (2 * n + 1) * h  # embeddings, lm_head, norms
+    return {
+        "preset": preset,
+        "method": block["method"],
+        "activation": block["activation"],
+        "s_total": block["s_total"],
+        "d_c": block["d_c"],
+        "d_l": block["d_l"],
+        "rank_step": budget.rank_step(shapes),
+        "layers": [
+            {
+                "type": r.layer_type, "in_features": r.in_features, "out_features": r.out_features,
+                "sparsity": r.sparsity, "rank": r.rank, "sparse_params": r.sparse_params, "a_params": r.a_params,
+                "b_params": r.b_params, "trainable_params": r.trainable, "dense_params": r.dense_params,
+            }
+            for r in rows
+        ],
+        "totals": {
+            "dense_linear_params": dense,
+            "trainable_linear_params": trainable,
+            "linear_param_ratio": trainable / dense,
+            "other_params": other,
+            "model_trainable_params": trainable + other,
+        },
+    }
+
+
+def budget_table(report: dict[str, Any]) -> Table:
+    """Rich table of `budget_report`: one row per layer type, totals in the caption."""
+    title = f"{report['preset'] or 'config'} · {report['method']} · s_total {report['s_total']:.4f}"
+    # Borderless, one space between columns: the largest preset (llama1b) fits 80 columns untruncated.
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False)
+    for col in ("layer", "shape\n(out×in)", "s", "r", "S\nparams", "A\nparams", "B\nparams", "dense\nparams"):
+        table.add_column(col, justify="left" if col in ("layer", "shape\n(out×in)") else "right", no_wrap=True)
+    for r in report["layers"]:
+        table.add_row(
+            r["type"], f"{r['out_features']}×{r['in_features']}", f"{r['sparsity']:.3f}", str(r["rank"]),
+            f"{r['sparse_params']:,}", f"{r['a_params']:,}", f"{r['b_params']:,}", f"{r['dense_params']:,}",
+        )
+    t = report["totals"]
+    table.caption = (
+        f"dense linear params {t['dense_linear_params']:,} · trainable linear params "
+        f"{t['trainable_linear_params']:,} ({t['linear_param_ratio']:.3f}×) · s_total {report['s_total']:.4f} · "
+        f"d_c : d_l = {report['d_c']:.4f} : {report['d_l']:.4f} · rank step {report['rank_step']} · "
+        f"embeddings+lm_head+norms {t['other_params']:,}"
+    )
+    return table

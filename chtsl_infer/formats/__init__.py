@@ -1,0 +1,1 @@
+"""Model directories and the packed format: reading, validating and writing checkpoints and exports."""

@@ -1,0 +1,100 @@
+"""The method registry: what each `--method` means, in one object per method (docs/method.md §1, §3, §5).
+
+Every other module asks this registry (`get_method(name).has_lowrank`, `.topology`, ...) instead
+of comparing method names, so adding a method is one `Method(...)` entry here plus its tests.
+A method decides:
+
+- which branches a `SparseLowRankLinear` has (`is_dense`, `has_sparse`, `has_lowrank`) and the
+  low-rank branch's default activation and scale (1, or SLTrain's α/r);
+- how the branches are initialised (`init`: Hugging Face normal + CoLA factors, or SLTrain's);
+- how training manages the sparse support (`topology`: CHTs engine mode and BRF randomness of the
+  initial masks, or none), which optimizer it uses and its default gradient clipping;
+- whether the alignment loss applies, and whether a preset gives it the dense learning rate.
+
+How a preset splits a total sparsity between S and the rank follows from the branches alone
+(`chtsl_infer.model.presets.Preset.split`), so it needs no field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from chtsl_infer.errors import ChtslError
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of building (and training) the block linears; see the module docstring."""
+
+    name: str
+    description: str
+    has_sparse: bool  # S: a masked dense weight in training, CSR in exports
+    has_lowrank: bool  # scale · B σ(A x)
+    is_dense: bool = False  # a plain Linear: `weight` is the full matrix, no mask
+    activation: str = "identity"  # default σ of the low-rank branch
+    scale: Literal["one", "alpha_over_rank"] = "one"  # SLTrain scales B A x by α/r
+    init: Literal["normal", "sltrain"] = "normal"  # see ChtslLlamaModel._init_weights
+    topology: Literal["chts", "static"] | None = None  # mode of train.topology.TopologyEngine
+    brf_randomness: float = 0.0  # BRF randomness of the initial masks (`chts` topology only)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # default max gradient norm (0 = no clipping)
+    aligns: bool = False  # the layer-wise alignment loss between S and the low-rank branch
+    uses_dense_lr: bool = False  # presets give it `Preset.dense_lr` instead of `Preset.lr`
+
+    @property
+    def has_weight(self) -> bool:
+        """Whether the layer holds a `weight` matrix (S, or the full dense matrix)."""
+        return self.has_sparse or self.is_dense
+
+    def lowrank_scale(self, alpha: float | None, rank: int) -> float:
+        """The factor of the low-rank product: α/r for SLTrain (α defaults to 32), else 1."""
+        return (alpha or 32.0) / rank if self.scale == "alpha_over_rank" else 1.0
+
+
+_HYBRID = dict(has_sparse=True, has_lowrank=True, topology="chts")
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("dense", "plain Linear", has_sparse=False, has_lowrank=False, is_dense=True, uses_dense_lr=True),
+        Method("chts", "S only, CHTs dynamic sparse training", has_sparse=True, has_lowrank=False,
+               topology="chts", brf_randomness=0.25),
+        Method("cola", "B·SiLU(A x) only", has_sparse=False, has_lowrank=True, activation="silu",
+               optimizer="adamw", weight_decay=0.01, grad_clip=0.5),
+        Method("sltrain", "static random S + (α/r)·B A x", has_sparse=True, has_lowrank=True,
+               scale="alpha_over_rank", init="sltrain", topology="static", brf_randomness=1.0),
+        Method("naive", "S + B A x", **_HYBRID),
+        Method("act", "S + B·SiLU(A x)", activation="silu", **_HYBRID),
+        Method("chtsl", "S + B·SiLU(A x) + alignment loss", activation="silu", aligns=True, **_HYBRID),
+    )
+}
+DEFAULT_METHOD = "chtsl"
+DENSE = "dense"  # the baseline every benchmark compares against
+METHOD_CHOICES = ", ".join(METHODS)  # for --help texts
+
+
+#: How a sparse branch S is held in training (`--sparse-storage`): `masked` (dense weight × mask)
+#: or `csr` (the active links only); see `chtsl_infer.model.layers`.
+STORAGES = ("masked", "csr")
+
+
+def check_storage(method: str | Method, storage: str) -> None:
+    """ChtslError (one line) unless `storage` is valid for `method`: csr needs a sparse branch."""
+    if storage not in STORAGES:
+        raise ChtslError(f"unknown sparse storage {storage!r}; valid: {', '.join(STORAGES)}")
+    m = get_method(method)
+    if storage == "csr" and not m.has_sparse:
+        with_sparse = ", ".join(n for n, spec in METHODS.items() if spec.has_sparse)
+        raise ChtslError(f"method {m.name!r} has no sparse branch: sparse storage 'csr' is for {with_sparse}")
+
+
+def get_method(name: str | Method) -> Method:
+    """The registry entry of `name` (a `Method` passes through); ChtslError naming the valid ones."""
+    if isinstance(name, Method):
+        return name
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ChtslError(f"unknown method {name!r}; valid: {', '.join(METHODS)}") from None

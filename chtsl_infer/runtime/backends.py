@@ -1,0 +1,593 @@
+"""Inference backends: the transformers Llama with its CHTsL linears replaced by inference modules.
+
+Each decoder block's seven linears become four `FusedLinears` groups — (q, k, v), (o), (gate, up),
+(down) — because linears of one group read the same input: one call computes every member at once
+(one sparse kernel over the concatenated CSR rows, one GEMM with the concatenated A factors).
+`Runtime.logits` (scoring, bench, perplexity) and `Runtime.generate` / `decode_step` (a
+preallocated KV cache) run the blocks feature-major (`feature_major.py`), calling each group
+directly; transformers' own forward (`runtime.model(...)`) still works, each member returning its
+slice of the group's output.
+
+Per group, `y = S x + scale · B σ(A x)`:
+  S x        `dense`: S densified once at load, one GEMM (the reference); method `dense` always so;
+             `sparse`: CSR kernel (`kernels.spmm_cpu`, compiled C, on CPU; cuSPARSE on CUDA);
+  B σ(A x)   two skinny GEMMs, `A` concatenated over the group, one `B` per member (BA is never formed).
+`onnx` runs onnxruntime on an exported `model.onnx` (`chtsl export --format onnx`).
+`auto` picks by rule, backed by `benchmarks/model.py` on 2 CPU cores: `sparse` on CPU when the
+model has a sparse branch of density ≤ `AUTO_SPARSE_MAX_DENSITY` and the C kernel built (its
+torch-CSR fallback loses to MKL), else `dense`; `dense` on CUDA (no GPU measurement yet).
+
+The model is built from a `PackedModel` on the `meta` device and filled with the packed tensors, so
+a dense S is never materialised by the `sparse` backend (resident memory is the packed size).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chtsl_infer import kernels
+from chtsl_infer.errors import ChtslError, first_line
+from chtsl_infer.formats.model_dir import ModelDir, resolve_model_dir
+from chtsl_infer.formats.packed import PackedLinear, PackedModel
+from chtsl_infer.model.configuration import ChtslConfig
+from chtsl_infer.model.layers import activation_fn, random_mask
+from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.runtime import feature_major
+
+BACKENDS = ("auto", "dense", "sparse", "onnx")
+AUTO_SPARSE_MAX_DENSITY = 0.3  # at 30 % the C kernel is still 1.1–1.5× dense (60M shapes); margin for other CPUs
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+
+
+class FusedLinears(nn.Module):
+    """Several linears sharing an input, computed together: x (..., in) -> (..., Σ out_m).
+
+    Buffers (present parts only): `weight` (Σout, in) dense S or dense-method weight; `crow`,
+    `col`, `values`, `rows` the CSR of S with the members' rows stacked, stored by link count
+    (`rows`: stored row -> output row; CPU sparse backend); `lora_A`
+    (Σr, in); `lora_B` the members' B (out_m, r_m) blocks flattened back to back, `lowrank_shapes`
+    int32 (2, members) their out_m and r_m. Members fetch their slice through `member(i, x)`,
+    which computes the whole group once per distinct input tensor.
+    """
+
+    def __init__(self, linears: list[PackedLinear], sparse: bool, device: torch.device, dtype: torch.dtype,
+                 torch_csr: bool | None = None) -> None:
+        """`torch_csr`: keep S as a `torch.sparse_csr_tensor` computed by `kernels.spmm_cuda` (cuSPARSE
+        on CUDA) instead of the CPU kernel's buffers; None: on CUDA only. Tests set it on CPU, where
+        torch's CSR matmul (fp32 only) runs the same tensor code as the CUDA path."""
+        super().__init__()
+        device = torch.device(device)
+        first = linears[0]
+        self.in_features = first.in_features
+        self.outs = [lin.out_features for lin in linears]
+        self.offsets = [0, *torch.tensor(self.outs).cumsum(0).tolist()]
+        self.activation, self.scale = first.activation, first.scale
+        self.sparse = False
+        self.cuda_csr: torch.Tensor | None = None
+        if first.has_sparse and sparse:
+            self.sparse = True
+            crow = [torch.zeros(1, dtype=torch.int64)]
+            base = 0
+            for lin in linears:
+                crow.append(lin.crow_indices[1:].long() + base)
+                base += lin.nnz
+            crow_t = torch.cat(crow)
+            col = torch.cat([lin.col_indices for lin in linears])
+            values = torch.cat([lin.values for lin in linears])
+            if torch_csr if torch_csr is not None else device.type == "cuda":
+                self.cuda_csr = kernels.torch_csr(crow_t, col, values, (self.offsets[-1], self.in_features),
+                                                  device, dtype)
+            else:  # the C kernel reads int32 row pointers, int16/int32 columns, fp32 or bf16 values
+                values = values.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+                crow_s, col_s, values_s, rows = kernels.sort_rows(crow_t.to(torch.int32), col, values)
+                self.register_buffer("crow", crow_s)  # rows stored by link count (see kernels.sort_rows)
+                self.register_buffer("col", col_s)
+                self.register_buffer("values", values_s)
+                self.register_buffer("rows", rows)
+            self.weight = None
+        elif first.has_sparse:
+            self.register_buffer("weight", torch.cat([lin.dense_sparse_weight() for lin in linears]).to(device, dtype))
+        elif first.weight is not None:
+            self.register_buffer("weight", torch.cat([lin.weight for lin in linears]).to(device, dtype))
+        else:
+            self.weight = None
+        if first.has_lowrank:
+            self.ranks = [lin.lora_A.shape[0] for lin in linears]
+            self.register_buffer("lora_A", torch.cat([lin.lora_A for lin in linears]).to(device, dtype))
+            # The members' B (out_m × r_m) flattened back to back: the decode kernel's layout.
+            self.register_buffer("lora_B", torch.cat([lin.lora_B.reshape(-1) for lin in linears]).to(device, dtype))
+            self.register_buffer("lowrank_shapes", torch.tensor([self.outs, self.ranks], dtype=torch.int32))
+        else:
+            self.lora_A = self.lora_B = None
+        self._x: torch.Tensor | None = None
+        self._parts: list[torch.Tensor | None] = []
+        self._decoder: kernels.GroupDecoder | None | bool = None  # built on first decode; False: does not apply
+        self._decoder_dtype: torch.dtype | None = None
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FusedLinears:
+        self._decoder = None  # .to(), .float(), …: the buffers are replaced, so are the pointers bound to them
+        return super()._apply(fn, recurse)
+
+    def decoder(self) -> kernels.GroupDecoder | None:
+        """The group's `kernels.GroupDecoder` where its tensors are CPU fp32 or bf16 (one dtype) and the
+        kernels built, else None."""
+        if self._decoder is None:
+            tensors = [t for t in (self.values if self.sparse and self.cuda_csr is None else None, self.lora_A,
+                                   self.weight) if t is not None]
+            lib = kernels.decode_kernels(*tensors, dtypes=(torch.float32, torch.bfloat16)) \
+                if tensors and self.cuda_csr is None else None
+            csr = (self.crow, self.col, self.values, self.rows) if self.sparse and lib is not None else None
+            lowrank = (self.lora_A, self.lora_B, self.lowrank_shapes) if self.lora_A is not None else None
+            self._decoder = False if lib is None else kernels.GroupDecoder(
+                lib, self.in_features, self.offsets[-1], csr, lowrank, self.scale, self.activation)
+            self._decoder_dtype = tensors[0].dtype if lib is not None else None
+        return self._decoder or None
+
+    def forward_fm(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature-major: x (in, T) -> (Σ out_m, T), every member's rows stacked.
+
+        `out`: a contiguous (Σ out_m, T) tensor to write into (a reused buffer: no page faults).
+        """
+        if out is None:
+            out = x.new_empty(self.offsets[-1], x.shape[1])
+        decoder = self.decoder() if x.shape[1] <= kernels.GEMV_MAX_TOKENS else None
+        if (decoder is not None and x.dtype == self._decoder_dtype == out.dtype and x.device.type == "cpu"
+                and (x.shape[1] == 1 or x.stride(1) == 1 and out.stride(1) == 1)):  # one token: any strides
+            if decoder.csr is not None:
+                decoder.sparse(x, out)
+            elif self.weight is not None:
+                torch.mm(self.weight, x, out=out)
+            else:
+                out.zero_()
+            if decoder.lowrank is not None:
+                decoder.add_lowrank(x, out)
+            return out
+        if self.sparse:
+            if self.cuda_csr is not None:
+                y = out.copy_(kernels.spmm_cuda(x, self.cuda_csr))
+            elif x.dtype == self.values.dtype:  # fp32, or bf16 with fp32 accumulation
+                y = kernels.spmm_cpu(x, self.crow, self.col, self.values, out=out, rows=self.rows)
+            else:
+                y = out.copy_(kernels.spmm_cpu(x.float(), self.crow, self.col, self.values, rows=self.rows))
+        elif self.weight is not None:
+            y = torch.mm(self.weight, x, out=out)
+        else:
+            y = out.zero_()
+        if self.lora_A is not None and not kernels.lowrank_fm(self.lora_A, x, self.lora_B, self.lowrank_shapes,
+                                                               self.scale, self.activation, y):
+            h = self.lora_A @ x  # (Σr, T)
+            h = F.silu(h, inplace=True) if self.activation == "silu" else activation_fn(self.activation, h)
+            r0 = b0 = 0
+            for i, r in enumerate(self.ranks):
+                n_out = self.outs[i]
+                b = self.lora_B[b0:b0 + n_out * r].view(n_out, r)
+                y[self.offsets[i]:self.offsets[i + 1]].addmm_(b, h[r0:r0 + r], alpha=self.scale)
+                r0, b0 = r0 + r, b0 + n_out * r
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token-major (the transformers path: KV cache, decoding): x (..., in) -> (..., Σ out_m)."""
+        lead = x.shape[:-1]
+        y = self.forward_fm(x.reshape(-1, self.in_features).t())
+        return y.t().contiguous().view(*lead, self.offsets[-1])
+
+    def member(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Output of member `index` for input x, computing the group once per input tensor."""
+        if self._x is not x or self._parts[index] is None:
+            y = self.forward(x)
+            self._x = x
+            self._parts = [y[..., self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.outs))]
+        out = self._parts[index]
+        self._parts[index] = None
+        if all(p is None for p in self._parts):  # every member served: drop the references
+            self._x, self._parts = None, []
+        assert out is not None
+        return out
+
+
+class FusedMember(nn.Module):
+    """Stands where one linear of a group stood; returns its slice of the group's output."""
+
+    def __init__(self, group: FusedLinears, index: int, owner: bool) -> None:
+        super().__init__()
+        if owner:  # the group's tensors are registered once, under its first member
+            self.group = group
+        else:
+            object.__setattr__(self, "group", group)
+        self.index = index
+        self.in_features, self.out_features = group.in_features, group.outs[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.member(self.index, x)
+
+
+def check_backend_dtype(backend: str, device: str, dtype: str) -> None:
+    """Raises ChtslError where `backend` cannot compute in `dtype` ("fp32", "bf16", "fp16") on `device`."""
+    if backend in ("sparse", "auto") and device == "cpu" and dtype == "fp16":
+        raise ChtslError("backend 'sparse' on CPU computes in float32 or bfloat16; use --dtype fp32|bf16")
+    if backend == "onnx" and dtype != "fp32":
+        raise ChtslError("backend 'onnx' runs the exported float32 graph; use --dtype fp32")
+
+
+def resolve_backend(backend: str, packed: PackedModel | None, device: torch.device) -> str:
+    """The concrete backend for `backend` (`auto` resolved); ChtslError when unknown/unavailable."""
+    if backend not in BACKENDS:
+        raise ChtslError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if device.type != "cpu" or packed is None or not kernels.cpu_kernel_status()[0]:
+        return "dense"  # without the compiled kernel, torch's CSR fallback loses to MKL
+    densities = [lin.nnz / (lin.in_features * lin.out_features) for lin in packed.linears.values() if lin.has_sparse]
+    return "sparse" if densities and max(densities) <= AUTO_SPARSE_MAX_DENSITY else "dense"
+
+
+@torch.no_grad()
+def build_model(packed: PackedModel, backend: str = "dense", device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, consume: bool = False) -> ChtslLlamaForCausalLM:
+    """The inference model of `packed` with `backend` ('dense' or 'sparse'), in eval mode.
+
+    Built on `meta` and filled from the packed tensors: nothing of the training form is allocated.
+    `consume`: empty `packed` while building, so its copy of every tensor is freed as soon as the
+    model's exists (peak memory ≈ the model, not model + packed).
+    """
+    device = torch.device(device)
+    if backend not in ("dense", "sparse"):
+        raise ValueError(f"build_model builds the torch backends dense/sparse, not {backend!r}")
+    config: ChtslConfig = packed.config
+    with torch.device("meta"):
+        model = ChtslLlamaForCausalLM(config)
+    for i, block in enumerate(model.model.layers):
+        for parent_name, members in GROUPS:
+            parent = getattr(block, parent_name)
+            names = [f"model.layers.{i}.{parent_name}.{m}" for m in members]
+            linears = [packed.linears.pop(n) if consume else packed.linears[n] for n in names]
+            group = FusedLinears(linears, sparse=backend == "sparse", device=device, dtype=dtype)
+            del linears
+            for j, m in enumerate(members):
+                setattr(parent, m, FusedMember(group, j, owner=j == 0))
+    dense = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in packed.dense.items()}
+    if consume:
+        packed.dense.clear()
+    _, unexpected = model.load_state_dict(dense, strict=False, assign=True)
+    if unexpected:
+        raise ChtslError(f"packed model does not match its config: unexpected {unexpected[:3]}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.device(device):  # RoPE frequencies are non-persistent buffers: recompute them
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ChtslError(f"packed model does not match its config: missing {left[:3]}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of `model`, each storage counted once."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen or t.is_meta:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    for m in model.modules():  # cuSPARSE tensors are plain attributes, not buffers
+        csr = getattr(m, "cuda_csr", None)
+        if isinstance(csr, torch.Tensor):
+            total += sum(t.numel() * t.element_size() for t in (csr.crow_indices(), csr.col_indices(), csr.values()))
+    return total
+
+
+# ----------------------------------------------------------------------------- random weights
+
+
+@torch.no_grad()
+def random_packed(config: ChtslConfig, seed: int = 0) -> PackedModel:
+    """A packed model of `config` with random weights at its sparsity, built layer by layer.
+
+    For benchmarks ("dummy weights" as in the paper): S on a uniformly random support with
+    N(0, 0.02²) values, A and B N(0, σ0²), embeddings and lm_head N(0, 0.02²), norms 1. Only one
+    layer's mask is ever dense in memory, so building it costs about the packed size.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        skeleton = ChtslLlamaForCausalLM(config)
+    layers = skeleton.chtsl_layers()
+    linears: dict[str, PackedLinear] = {}
+    for name, layer in layers.items():
+        out_f, in_f = layer.out_features, layer.in_features
+        lin = PackedLinear(name=name, in_features=in_f, out_features=out_f, scale=float(layer.scale),
+                           activation=layer.activation)
+        if layer.has_sparse:
+            mask = random_mask(out_f, in_f, layer.sparsity, layer.group_rows, generator=gen)
+            rows, cols = mask.nonzero(as_tuple=True)
+            crow = torch.zeros(out_f + 1, dtype=torch.int64)
+            crow[1:] = mask.sum(1).cumsum(0)
+            lin.crow_indices = crow.to(torch.int32)
+            lin.col_indices = cols.to(torch.int16 if in_f <= 32767 else torch.int32)
+            lin.values = torch.randn(rows.numel(), generator=gen) * config.initializer_range
+        elif layer.weight is not None:
+            lin.weight = torch.randn(out_f, in_f, generator=gen) * config.initializer_range
+        if layer.has_lowrank:
+            sigma = (layer.rank * (in_f + out_f)) ** -0.25
+            lin.lora_A = torch.randn(layer.rank, in_f, generator=gen) * sigma
+            lin.lora_B = torch.randn(out_f, layer.rank, generator=gen) * sigma
+        linears[name] = lin
+    dense: dict[str, torch.Tensor] = {}
+    for key, t in skeleton.state_dict().items():
+        if key.rsplit(".", 1)[0] in layers or (config.tie_word_embeddings and key == "lm_head.weight"):
+            continue
+        if key.endswith("norm.weight") or "layernorm" in key:
+            dense[key] = torch.ones(t.shape)
+        else:
+            dense[key] = torch.randn(t.shape, generator=gen) * config.initializer_range
+    return PackedModel(config=config, dtype=torch.float32, linears=linears, dense=dense)
+
+
+# ----------------------------------------------------------------------------- one interface
+
+
+@dataclass
+class Runtime:
+    """A loaded model behind one interface: `logits(input_ids)` and `generate(...)`.
+
+    `model` is set for the torch backends (`dense`, `sparse`), `session` for `onnx`.
+    """
+
+    backend: str
+    device: torch.device
+    dtype: torch.dtype
+    config: ChtslConfig
+    model: ChtslLlamaForCausalLM | None = None
+    session: Any = None  # onnxruntime.InferenceSession
+    model_bytes: int = 0
+    workspace: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # reused activation buffers
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (batch, seq) int64 -> logits (batch, seq, vocab), no KV cache.
+
+        `out`: a (batch, seq, vocab) tensor of the runtime's dtype and device to write the logits
+        into, e.g. one buffer reused by a serving or benchmark loop (saves re-faulting its pages).
+        """
+        if self.session is not None:
+            if OnnxCache.has_cache(self.session):  # a graph with past_key_values: start from an empty cache
+                logits = OnnxCache.empty(self.session, input_ids.shape[0]).run(self.session, input_ids.cpu())
+            else:
+                logits = torch.from_numpy(self.session.run(["logits"], {"input_ids": input_ids.cpu().numpy()})[0])
+            return logits if out is None else out.copy_(logits)
+        assert self.model is not None
+        return feature_major.logits(self.model, input_ids.to(self.device), out=out, workspace=self.workspace)
+
+    def new_cache(self, batch: int, capacity: int) -> Any:
+        """An empty KV cache for `batch` sequences of up to `capacity` tokens (see `decode_step`).
+
+        Torch backends: a preallocated `feature_major.KVCache`; `onnx`: an `OnnxCache` (the graph's
+        `past_key_values` tensors), or None for a graph exported without a cache.
+        """
+        if capacity > self.config.max_position_embeddings:
+            raise ChtslError(f"{capacity} positions exceed the model's {self.config.max_position_embeddings}")
+        if self.session is not None:
+            return OnnxCache.empty(self.session, batch) if OnnxCache.has_cache(self.session) else None
+        assert self.model is not None
+        return feature_major.new_cache(self.model, batch, capacity)
+
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, cache: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Feeds input_ids (batch, seq) after the cached tokens: the last position's logits (batch, vocab).
+
+        seq is the prompt's length at prefill, 1 per decoded token. The cache advances by seq.
+        `cache` None (an ONNX graph without a cache): `input_ids` must be the whole sequence so far.
+        """
+        if self.session is not None:
+            if cache is None:
+                last = self.logits(input_ids)[:, -1]
+            else:
+                last = cache.run(self.session, input_ids.cpu())[:, -1]
+            return last if out is None else out.copy_(last)
+        assert self.model is not None
+        return feature_major.forward(self.model, input_ids.to(self.device), cache=cache, last_only=True, out=out,
+                                     workspace=self.workspace)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 streamer: Any = None, eos_token_id: int | None = None) -> torch.Tensor:
+        """(batch, prompt) -> (batch, prompt + new) tokens; greedy when temperature is 0, else sampled.
+
+        One prefill, then one `decode_step` per token with a KV cache (preallocated for the torch
+        backends; the graph's `past_key_values` for `onnx`). Greedy output is transformers'
+        `generate()`'s, token for token. With `eos_token_id`, a finished sequence continues with
+        eos (transformers' padding, pad = eos) and decoding stops once every sequence has finished.
+        """
+        ids = input_ids.to(self.device)
+        batch, prompt = ids.shape
+        if streamer is not None:
+            streamer.put(ids.cpu())
+        cache = self.new_cache(batch, prompt + max_new_tokens)
+        out = torch.empty(batch, prompt + max_new_tokens, dtype=ids.dtype, device=self.device)
+        out[:, :prompt] = ids
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        feed = ids
+        length = prompt
+        for _ in range(max_new_tokens):
+            last = self.decode_step(feed if cache is not None else out[:, :length], cache).float().to(self.device)
+            if temperature > 0:
+                nxt = torch.multinomial(F.softmax(last / temperature, dim=-1), 1)
+            else:
+                nxt = last.argmax(-1, keepdim=True)
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill_(done[:, None], eos_token_id)
+                done |= nxt[:, 0] == eos_token_id
+            out[:, length:length + 1] = nxt
+            length += 1
+            feed = nxt
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            if eos_token_id is not None and bool(done.all()):
+                break
+        if streamer is not None:
+            streamer.end()
+        return out[:, :length].cpu()
+
+
+@dataclass
+class OnnxCache:
+    """The KV cache of an ONNX graph exported with `past_key_values` inputs (`export.onnx`).
+
+    `past`: the graph's `past_key_values.{i}.key/value` feeds, (batch, kv_heads, length, head_dim)
+    float32 arrays — the previous call's `present` outputs; onnxruntime allocates new ones each
+    call (the graph concatenates), as with any Optimum-exported decoder.
+    """
+
+    past: dict[str, Any]
+    batch: int
+    length: int = 0
+
+    @staticmethod
+    def has_cache(session: Any) -> bool:
+        """Whether the session's graph takes `past_key_values` (older exports take input_ids only)."""
+        return any(i.name.startswith("past_key_values.") for i in session.get_inputs())
+
+    @classmethod
+    def empty(cls, session: Any, batch: int) -> OnnxCache:
+        """Zero-length past tensors for `batch` sequences, shaped from the graph's input types."""
+        import numpy as np
+
+        past = {}
+        for i in session.get_inputs():
+            if i.name.startswith("past_key_values."):
+                _, kv_heads, _, head_dim = i.shape
+                past[i.name] = np.zeros((batch, kv_heads, 0, head_dim), dtype=np.float32)
+        return cls(past, batch)
+
+    def run(self, session: Any, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feeds input_ids (batch, seq) after the cached positions: logits (batch, seq, vocab); advances."""
+        import numpy as np
+
+        batch, seq = input_ids.shape
+        if batch != self.batch:
+            raise ValueError(f"a cache of {self.batch} sequences was fed {batch}")
+        positions = np.arange(self.length, self.length + seq, dtype=np.int64)
+        feeds = {"input_ids": input_ids.numpy().astype(np.int64, copy=False),
+                 "attention_mask": np.ones((batch, self.length + seq), dtype=np.int64),
+                 "position_ids": np.ascontiguousarray(np.broadcast_to(positions, (batch, seq))), **self.past}
+        names = [o.name for o in session.get_outputs()]
+        outputs = session.run(names, feeds)
+        self.past = {n.replace("present.", "past_key_values.", 1): v for n, v in zip(names, outputs, strict=True)
+                     if n.startswith("present.")}
+        self.length += seq
+        return torch.from_numpy(outputs[names.index("logits")])
+
+
+def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, consume: bool = False) -> Runtime:
+    """A torch-backend `Runtime` of an in-memory packed model (`onnx` needs a file: `load_runtime`).
+
+    `consume`: `packed` is emptied while the model is built (see `build_model`).
+    """
+    device = torch.device(device)
+    backend = resolve_backend(backend, packed, device)
+    if backend == "onnx":
+        raise ChtslError("backend 'onnx' needs an export directory with model.onnx "
+                        "(run `chtsl export CKPT --format onnx`)")
+    if backend == "sparse" and device.type == "cpu" and dtype not in (torch.float32, torch.bfloat16):
+        raise ChtslError("backend 'sparse' on CPU computes in float32 or bfloat16; use --dtype fp32|bf16 "
+                         "or --backend dense")
+    model = build_model(packed, backend, device, dtype, consume=consume)
+    if device.type == "cpu":  # after the build: its freed packed tensors go back to the OS
+        keep_freed_heap()
+    return Runtime(backend=backend, device=device, dtype=dtype, config=packed.config, model=model,
+                   model_bytes=resident_bytes(model))
+
+
+def keep_freed_heap() -> bool:
+    """Returns the memory freed so far to the OS, then makes glibc keep later freed memory for
+    reuse instead of returning it; True if set.
+
+    A forward allocates and frees the same activations every call. By default glibc serves the
+    large ones with fresh mmaps (and trims the heap top above a threshold), so every call faults
+    them in again, page by page: measured on 2 cores, llama60m-c4 at batch 128 × seq 32 spends
+    ~30 % of its forward in page faults (RoPE alone 190 ms instead of 46 ms). Allocations up to
+    glibc's 32 MiB mmap limit then come from the heap, whose free top is kept up to 2 GiB; larger
+    ones (logits, the gate/up buffer) are reused via `Runtime.logits(out=...)` and the workspace.
+    Process-wide; called once the model is built, after `malloc_trim`, so the build's garbage
+    (119 MiB of freed-but-resident heap after building a random 60M CHTsL model) is not kept.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    libc.malloc_trim(0)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_mmap_threshold, 32 << 20))
+
+
+def load_packed_any(path: str | Path | ModelDir) -> PackedModel:
+    """The packed form of a packed export dir or of a training checkpoint dir (packed in memory)."""
+    from chtsl_infer.formats.checkpoint import load_model
+    from chtsl_infer.formats.packed import load_packed, pack_model
+
+    model_dir = resolve_model_dir(path).require_weights()
+    if model_dir.kind == "packed":
+        return load_packed(model_dir.weights)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the CLI shows its own progress; keep stderr to errors
+    model = load_model(model_dir)
+    packed = pack_model(model, torch.float32)
+    del model
+    return packed
+
+
+def load_runtime(path: str | Path | ModelDir, backend: str = "auto", device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Runtime:
+    """The `Runtime` of a checkpoint or export directory with `backend`."""
+    model_dir = resolve_model_dir(path)
+    device = torch.device(device)
+    if backend == "onnx":
+        return _onnx_runtime(model_dir, device, dtype)
+    packed = load_packed_any(model_dir)
+    if packed.dtype != torch.float32:  # fp16/bf16 exports compute in the requested dtype
+        packed = PackedModel(config=packed.config, dtype=torch.float32, linears=packed.linears,
+                             dense=packed.dense, metadata=packed.metadata)
+    return from_packed(packed, backend, device, dtype, consume=True)
+
+
+def _onnx_runtime(model_dir: ModelDir, device: torch.device, dtype: torch.dtype) -> Runtime:
+    """onnxruntime on `<dir>/model.onnx` (CUDA provider on a CUDA device)."""
+    onnx_file = model_dir.require_onnx()
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ChtslError("backend 'onnx' needs onnxruntime (pip install onnxruntime)") from None
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ChtslError("backend 'onnx' on cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    ort.set_default_logger_severity(4)  # its own log lines would precede our one-line error
+    try:
+        session = ort.InferenceSession(str(onnx_file), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... for bad bytes
+        raise ChtslError(f"{onnx_file}: not a loadable ONNX model ({first_line(e)})") from None
+    return Runtime(backend="onnx", device=device, dtype=dtype, config=model_dir.config(), session=session,
+                   model_bytes=onnx_file.stat().st_size)
+
+
+__all__ = ["BACKENDS", "FusedLinears", "Runtime", "build_model", "check_backend_dtype", "from_packed", "load_runtime",
+           "random_packed", "resident_bytes", "resolve_backend", "load_packed_any"]

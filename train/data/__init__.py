@@ -1,0 +1,1 @@
+"""The data pipeline: sources, tokenizer, fixed-length batches, streaming."""

@@ -1,0 +1,1 @@
+"""`chtsl sweep`: a grid of training runs, its report and figures."""
