@@ -20,7 +20,7 @@ from scipy.stats import wilcoxon
 
 from chtsl_infer.cli import main
 from tests.conftest import corpus
-from train.sweep.runner import runner as sweep
+from train.sweep import runner as sweep
 
 METHODS = ("naive", "chtsl")
 SEEDS = (0, 1)

@@ -28,7 +28,7 @@ def sweep_command(
     """
     from pathlib import Path
 
-    from train.sweep.runner import runner as sweep
+    from train.sweep import runner as sweep
 
     if alternative not in sweep.ALTERNATIVES:
         raise ChtslError(f"unknown --alternative {alternative!r}; valid: {', '.join(sweep.ALTERNATIVES)}")
