@@ -47,6 +47,7 @@ from chtsl_infer.model.loss import token_nll_sum  # noqa: E402
 from chtsl_infer.model.methods import METHODS  # noqa: E402
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM  # noqa: E402
 from chtsl_infer.model.presets import build_config, get_preset  # noqa: E402
+from chtsl_infer.model.storage import CsrStorage  # noqa: E402
 from train.trainer import build_engine, build_optimizer  # noqa: E402
 
 # (micro batch, seq) per shape on CPU; the GPU uses the paper's batch 128 × 256 for llama60m.
@@ -120,8 +121,8 @@ def linear_state_bytes(model: ChtslLlamaForCausalLM, opt: torch.optim.Optimizer)
             state += sum(_nbytes(v) for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.dim())
         for b in layer.buffers():
             index += _nbytes(b)
-        if layer.storage == "csr":
-            index += layer.structure().index_bytes()
+        if isinstance(layer.storage, CsrStorage):
+            index += layer.storage.structure(layer).index_bytes()
     return state, index
 
 

@@ -19,7 +19,7 @@ from train.trainer import build_engine
 def test_layer_follows_its_method(name: str) -> None:
     m = get_method(name)
     layer = SparseLowRankLinear(16, 8, method=name, sparsity=0.5, rank=2, alpha=4.0)
-    assert (layer.weight is not None) == m.has_weight and (layer.mask is not None) == m.has_sparse
+    assert (layer.weight is not None) == (m.has_sparse or m.is_dense) and (layer.mask is not None) == m.has_sparse
     assert (layer.lora_A is not None) == m.has_lowrank
     assert layer.scale == (2.0 if m.scale == "alpha_over_rank" else 1.0)
     assert layer.activation == (m.activation if m.has_lowrank else "identity")

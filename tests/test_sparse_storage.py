@@ -4,7 +4,9 @@ resume, DDP, export/eval/bench on csr checkpoints, and bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,17 +15,21 @@ from safetensors.torch import load_file, save_file
 
 from chtsl_infer.cli import main
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.model.layers import SparseLowRankLinear, mask_to_csr, record_branches
+from chtsl_infer.model.csr import mask_to_csr
+from chtsl_infer.model.layers import SparseLowRankLinear, layer_link_count, record_branches
 from chtsl_infer.model.methods import get_method
 from chtsl_infer.model.storage import (
+    STORAGES,
+    SparseStorage,
     convert_optimizer_state,
     convert_state_dict,
+    get_storage,
     resolve_storage,
     to_storage,
 )
 from tests.conftest import corpus, metrics, small_args, tiny_model, train_two_ranks
 from train.args import TrainArgs
-from train.topology import TopologyEngine, remap_csr
+from train.topology import TopologyEngine
 from train.trainer import train
 
 SPARSE_METHODS = ("chts", "naive", "act", "chtsl", "sltrain")
@@ -88,7 +94,7 @@ def test_to_storage_round_trip_keeps_the_function() -> None:
     ref = model(input_ids=ids).logits
     to_storage(model, "csr")
     assert model.config.chtsl["storage"] == "csr"
-    assert all(m.storage == "csr" for m in model.sparse_layers().values())
+    assert all(m.storage.name == "csr" for m in model.sparse_layers().values())
     torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
     to_storage(model, "masked")
     torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
@@ -116,6 +122,157 @@ def test_state_and_optimizer_conversions_round_trip() -> None:
     assert float(t3[f"{name}.weight.step"]) == 3.0
 
 
+# ----------------------------------------------------------------------------- the storage objects
+
+
+def _dense_reference(layer: SparseLowRankLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, support) (out × in) read off the layer's own tensors, written out link by link."""
+    s = torch.zeros(layer.out_features, layer.in_features)
+    support = torch.zeros(layer.out_features, layer.in_features, dtype=torch.bool)
+    if layer.mask is not None:
+        return (layer.weight * layer.mask).detach(), layer.mask.clone()
+    crow, col = layer.crow_indices.tolist(), layer.col_indices.tolist()
+    for row in range(layer.out_features):
+        for k in range(crow[row], crow[row + 1]):
+            s[row, col[k]] = layer.values[k]
+            support[row, col[k]] = True
+    return s, support
+
+
+@pytest.mark.parametrize("name", list(STORAGES))
+def test_storage_interface_on_a_layer(name: str) -> None:
+    """Each storage's views of one layer against S written out from its tensors: the dense view, the
+    support, link coordinates and count, the layouts (dense, links) and the CSR triple."""
+    torch.manual_seed(0)
+    layer = SparseLowRankLinear(24, 40, method="chtsl", sparsity=0.8, rank=4, group_rows=8, storage=name)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    storage = layer.storage
+    assert storage is get_storage(name) and storage.name == name
+    param = storage.parameter(layer)
+    assert param is getattr(layer, storage.param) and any(param is p for p in layer.parameters())
+    assert {k for k in layer.state_dict() if not k.startswith("lora_")} == set(storage.tensors)
+    s, support = _dense_reference(layer)
+    assert torch.equal(storage.dense(layer), s) and torch.equal(layer.sparse_weight(), s)
+    assert torch.equal(storage.support(layer), support)
+    rows, cols = storage.coordinates(layer)
+    assert all(torch.equal(a, b) for a, b in zip((rows, cols), support.nonzero(as_tuple=True), strict=True))
+    assert storage.n_links(layer) == int(support.sum()) == layer_link_count(40, 24, 0.8, 8)
+    dense = torch.randn(40, 24)
+    laid_out = storage.from_dense(layer, dense)
+    assert laid_out.shape == param.shape and torch.equal(storage.to_dense(layer, laid_out), dense * support)
+    links = storage.to_links(param.detach(), rows, cols)
+    assert torch.equal(links, s[support])
+    assert torch.equal(storage.to_dense(layer, storage.from_links(links, rows, cols, (40, 24))), s)
+    crow, col, values = storage.csr(layer)
+    ref_crow, ref_col = mask_to_csr(support)
+    assert torch.equal(crow, ref_crow) and torch.equal(col, ref_col) and torch.equal(values, s[support])
+    for other in STORAGES.values():  # every storage's tensors of the same S give the same triple back
+        entries = other.from_csr(crow, col, values, 40, 24)
+        assert set(entries) == set(other.tensors)
+        back = other.to_csr(entries, 40, 24)
+        assert all(torch.equal(a, b) for a, b in zip(back, (crow, col, values), strict=True)), other.name
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(storage.forward(layer, x), x @ s.T, rtol=1e-5, atol=1e-5)
+
+
+def test_storages_are_singletons_and_named() -> None:
+    model = tiny_model("chtsl", storage="csr")
+    twin = copy.deepcopy(model)
+    assert all(m.storage is STORAGES["csr"] for m in twin.sparse_layers().values())
+    with pytest.raises(ChtslError, match="unknown sparse storage 'coo'; valid: masked, csr"):
+        get_storage("coo")
+    assert all(isinstance(s, SparseStorage) and s.tensors[0] == s.param for s in STORAGES.values())
+
+
+def _adam_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The optimizer as a checkpoint holds it: `<param>.<key>` tensors and param-group names."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {f"{names[id(p)]}.{k}": v.clone() for g in opt.param_groups for p in g["params"]
+               for k, v in opt.state[p].items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in opt.param_groups]
+    return tensors, {"param_groups": groups}
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> None:
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    for layer in model.sparse_layers().values():
+        layer.storage.after_step(layer, opt)
+
+
+def test_masked_csr_masked_round_trip_of_values_and_adam_state(tmp_path) -> None:
+    """Two Adam steps in masked storage; state and moments to csr (through the resume path), one more
+    step in each storage gives the same S; back to masked the values and moments are bit-identical."""
+    from train.checkpoint import STATE_DIR, load_optimizer
+
+    masked = tiny_model("act").train()
+    opt = torch.optim.Adam(masked.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 512, (2, 12), generator=gen) for _ in range(3)]
+    for ids in batches[:2]:
+        _step(masked, opt, ids)
+    tensors, meta = _adam_state(masked, opt)
+    assert any(k.endswith(".weight.exp_avg") for k in tensors)
+
+    csr = tiny_model("act", seed=5, storage="csr").train()  # other random support and values: all replaced
+    csr.load_state_dict(convert_state_dict(masked.state_dict(), csr), strict=True)
+    csr_opt = torch.optim.Adam(csr.parameters(), lr=1e-2)
+    (tmp_path / STATE_DIR).mkdir()
+    save_file(tensors, tmp_path / STATE_DIR / "optimizer.safetensors")
+    load_optimizer(tmp_path, csr_opt, csr, meta)
+    for name, layer in csr.sparse_layers().items():
+        ref = masked.sparse_layers()[name]
+        state = csr_opt.state[layer.values]
+        assert torch.equal(layer.values, ref.weight[ref.mask]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key], opt.state[ref.weight][key][ref.mask]), (name, key)
+        assert torch.equal(state["step"], opt.state[ref.weight]["step"])
+
+    _step(masked, opt, batches[2])
+    _step(csr, csr_opt, batches[2])
+    for name, layer in csr.sparse_layers().items():
+        ref = masked.sparse_layers()[name]
+        assert _rel(layer.values.detach(), ref.weight.detach()[ref.mask]) < 1e-5, name
+
+    tensors, meta = _adam_state(csr, csr_opt)
+    back_state = convert_state_dict(csr.state_dict(), masked)
+    back, back_meta = convert_optimizer_state(tensors, meta, masked)
+    assert back_meta["param_groups"][0]["params"] == [n for n, _ in masked.named_parameters()]
+    for name, layer in csr.sparse_layers().items():
+        mask = masked.sparse_layers()[name].mask
+        assert torch.equal(back_state[f"{name}.mask"], mask)
+        assert torch.equal(back_state[f"{name}.weight"][mask], layer.values.detach())
+        assert not back_state[f"{name}.weight"][~mask].any()
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = back[f"{name}.weight.{key}"]
+            assert torch.equal(moment[mask], csr_opt.state[layer.values][key]) and not moment[~mask].any()
+
+
+def test_conversion_to_csr_needs_the_config_link_count() -> None:
+    masked, csr = tiny_model("chts"), tiny_model("chts", storage="csr")
+    state = masked.state_dict()
+    name = next(iter(masked.sparse_layers()))
+    mask = state[f"{name}.mask"].clone()
+    mask[~mask] = True  # every position a link: far more than the csr layer holds
+    state[f"{name}.mask"] = mask
+    with pytest.raises(ValueError, match=f"layer {re.escape(name)}: masked storage gives values of shape"):
+        convert_state_dict(state, csr)
+
+
+def test_contributing_lists_the_storage_interface() -> None:
+    """docs/contributing.md's "Sparse storage" section names every method a storage implements."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "contributing.md").read_text(encoding="utf-8")
+    section = doc.split("## Sparse storage", 1)[1].split("\n## ", 1)[0]
+    required = set(SparseStorage.__abstractmethods__) | {"parameter", "dense", "name", "param", "tensors",
+                                                          "holds_dense"}
+    missing = sorted(m for m in required if not re.search(rf"\b{m}\b", section))
+    assert not missing, missing
+
+
 # ----------------------------------------------------------------------------- topology
 
 
@@ -126,7 +283,7 @@ def test_remap_keeps_kept_links_and_zeroes_regrown() -> None:
     for r in range(10):
         for j in range(3 if r < 4 else 2):
             support[r, (r + j) % 6] = True
-    layer.set_support(*mask_to_csr(support))
+    layer.storage.set_support(layer, *mask_to_csr(support))
     with torch.no_grad():
         layer.values.copy_(torch.arange(1, layer.values.numel() + 1, dtype=torch.float32))
     opt = torch.optim.Adam([layer.values])
@@ -145,7 +302,7 @@ def test_remap_keeps_kept_links_and_zeroes_regrown() -> None:
         kept[r, c_drop] = new[r, c_drop] = False
         new[r, c_grow] = True
     values_id, moment_id = id(layer.values), id(opt.state[layer.values]["exp_avg"])
-    remap_csr(layer, kept, new, opt)
+    layer.storage.remap(layer, kept, new, opt)
     assert id(layer.values) == values_id and id(opt.state[layer.values]["exp_avg"]) == moment_id  # in place
     assert torch.equal(layer.support_mask(), new)
     after = layer.sparse_weight().detach()
@@ -313,7 +470,7 @@ SUMMARY = """
 def summary(model):
     h = hashlib.sha256()
     for name, layer in sorted(model.sparse_layers().items()):
-        assert layer.storage == "csr"
+        assert layer.storage.name == "csr"
         h.update(layer.crow_indices.numpy().tobytes()); h.update(layer.col_indices.numpy().tobytes())
     return {"masks": h.hexdigest()}
 """

@@ -1,12 +1,13 @@
 """The CHTs topology engine (docs/method.md §3): BRF mask init, soft magnitude removal, CH2-L3n regrowth.
 
-A sparse layer holds its sparse matrix `S` (out × in) either as a dense `weight` times a boolean
-`mask` buffer (masked storage) or as CSR `values` (nnz,) over `crow_indices`/`col_indices` (csr
-storage, `chtsl_infer.model.layers`). `TopologyEngine` owns the supports of all sparse layers of a model:
+A sparse layer holds its sparse matrix `S` (out × in) in a storage (`chtsl_infer.model.storage`):
+a dense `weight` times a boolean `mask` buffer (masked) or CSR `values` (nnz,) over
+`crow_indices`/`col_indices` (csr). `TopologyEngine` owns the supports of all sparse layers of a model
+and asks each layer's storage for |S|, the support and the remap of S and its optimizer state:
 
 - `init_masks()` draws every mask with the bipartite receptive field (BRF) rule;
 - `apply_masks(optimizer)`, called after every optimizer step, re-zeroes the weights and the Adam
-  moments outside the masks;
+  moments outside the masks (`SparseStorage.after_step`);
 - `update(step, optimizer)`, called on the iterations where `is_update_step(step)` holds (the
   trainer skips the optimizer step of those iterations, as the reference code does), removes a
   scheduled fraction of each group's links by soft magnitude sampling and regrows the same number
@@ -23,9 +24,10 @@ equal masks in both storages). Per layer, one at a time, it builds transient den
 bool support (out × in) and |values| scattered into a float32 (out × in) for removal (which then
 works on the active links only), the CH2-L3n scores (on CPU with the compiled kernels two float64
 (out × in) halves; elsewhere float64 (out × in) plus the (out × out) and (in × in) CH matrices),
-the regrowth's float32 keys (out × in) and the new mask; then it rebuilds the CSR support and moves
-values, gradient and Adam moments of kept links to their new positions in place (regrown links
-start at 0 with zero moments), so nnz, parameter identity and optimizer state size never change.
+the regrowth's float32 keys (out × in) and the new mask; then `CsrStorage.remap` rebuilds the CSR
+support and moves values, gradient and Adam moments of kept links to their new positions in place
+(regrown links start at 0 with zero moments), so nnz, parameter identity and optimizer state size
+never change.
 The transient peak of one update is therefore that of the largest layer, about
 `(out·in)·(1 + 4 + 16 + 4 + 1)` bytes on CPU plus the index arrays (∝ nnz), e.g. ~40 MB for
 llama130m's down_proj (768 × 2048) and ~0.3 GB for llama1b's (2048 × 5461); it is freed before the
@@ -48,7 +50,8 @@ import torch
 import torch.distributed as dist
 
 from chtsl_infer import kernels
-from chtsl_infer.model.layers import SparseLowRankLinear, link_count, mask_to_csr
+from chtsl_infer.model.csr import mask_to_csr
+from chtsl_infer.model.layers import SparseLowRankLinear, link_count
 from chtsl_infer.model.modeling import init_sparse_values
 
 Mode = Literal["chts", "set", "static"]
@@ -60,8 +63,6 @@ REGROW_RULES: tuple[str, ...] = ("topk", "sample")
 # Gumbel noise is added: far below any real key (T·log|w| >= T·log(1.4e-45) ≈ -103·T), so those
 # candidates are only taken once all others are, and in uniformly random order among themselves.
 _ZERO_KEY = -1.0e5
-# Adam/AdamW state entries shaped like the parameter (`max_exp_avg_sq` only with amsgrad).
-_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # Per-layer statistics exchanged between ranks, in this order (see `TopologyEngine.update`).
 _STAT_FIELDS = ("active_before", "removed", "regrown", "active_after", "lost", "removed_abs_sum")
 
@@ -393,59 +394,14 @@ def _rank() -> int:
 
 def _device(layer: SparseLowRankLinear) -> torch.device:
     """Where the layer's sparse branch lives."""
-    return layer.values.device if layer.storage == "csr" else layer.mask.device
-
-
-def _dense_abs(layer: SparseLowRankLinear, values: torch.Tensor) -> torch.Tensor:
-    """|S| as float32 (out × in), transient: csr `values` (nnz,) scattered onto the support."""
-    st = layer.structure()
-    out = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float32, device=values.device)
-    return out.index_put_((st.row_indices(), st.col.long()), values.abs())
-
-
-@torch.no_grad()
-def remap_csr(
-    layer: SparseLowRankLinear, kept: torch.Tensor, new: torch.Tensor, optimizer: torch.optim.Optimizer | None
-) -> None:
-    """Moves a csr layer onto the support `new` (bool out × in, same nnz): links in `kept` (a subset of
-    the old and the new support) keep their value, gradient and Adam moments at their new CSR
-    position; every other link of `new` starts at 0 with zero moments. All in place (∝ nnz)."""
-    st = layer.structure()
-    nnz = layer.values.numel()
-    rows_old, cols_old = st.row_indices(), st.col.long()
-    keep_old = kept[rows_old, cols_old]  # (nnz,) bool: old links that survive
-    crow, col = mask_to_csr(new)
-    if col.numel() != nnz:
-        raise RuntimeError(f"csr storage keeps nnz constant: the new support has {col.numel()} links, not {nnz}")
-    counts = (crow[1:] - crow[:-1]).long()
-    rows_new = torch.repeat_interleave(torch.arange(layer.out_features, device=crow.device), counts)
-    n_in = layer.in_features
-    new_keys = rows_new * n_in + col.long()  # ascending (row-major order)
-    src = keep_old.nonzero().squeeze(1)
-    dest = torch.searchsorted(new_keys, rows_old[src] * n_in + cols_old[src])
-
-    def move(t: torch.Tensor) -> None:
-        moved = torch.zeros_like(t)
-        moved[dest] = t[src]
-        t.copy_(moved)
-
-    move(layer.values.data)
-    if layer.values.grad is not None:
-        move(layer.values.grad)
-    state = optimizer.state.get(layer.values) if optimizer is not None else None
-    for key in _MOMENT_KEYS:
-        moment = state.get(key) if state else None
-        if isinstance(moment, torch.Tensor) and moment.shape == layer.values.shape:
-            move(moment)
-    layer.set_support(crow, col)
+    return layer.storage.parameter(layer).device
 
 
 class TopologyEngine:
     """Owns the masks of `layers` and evolves them by CHTs (or SET; or keeps them: static).
 
-    layers: name -> layer with `in_features`, `out_features`, `sparsity`, `weight` (out, in),
-      `mask` (out, in) bool buffer and `group_rows` (rows per topology group or None), e.g.
-      `model.sparse_layers()`. Masks are updated in place.
+    layers: name -> `SparseLowRankLinear` with a sparse branch (S in either storage; `group_rows`:
+      rows per topology group or None), e.g. `model.sparse_layers()`. Supports are updated in place.
     total_steps: training iterations of the run (T_end = t_end_fraction · total_steps).
     mode: "chts" (soft removal + CH2-L3n regrowth), "set" (magnitude removal + uniformly random
       regrowth) or "static" (BRF with randomness 1, i.e. uniform random support; never updated).
@@ -501,11 +457,12 @@ class TopologyEngine:
         self.n_updates = 0  # updates done so far (the schedule position, with last_update_step)
         self.last_update_step = 0
         for name, layer in self.layers.items():
-            if layer.storage == "csr":
-                n_groups = layer.out_features // self.group_rows(layer)
-                if self.target_links(layer) * n_groups != layer.values.numel():
-                    raise ValueError(f"layer {name!r}: csr storage holds {layer.values.numel()} links, the engine's "
-                                     f"groups need {self.target_links(layer) * n_groups} (per_head must match)")
+            if not layer.storage.holds_dense:  # its link count is fixed: every group must be at its target
+                need = self.target_links(layer) * (layer.out_features // self.group_rows(layer))
+                have = layer.storage.n_links(layer)
+                if need != have:
+                    raise ValueError(f"layer {name!r}: {layer.storage.name} storage holds {have} links, the engine's "
+                                     f"groups need {need} (per_head must match)")
 
     # ------------------------------------------------------------------ schedules
 
@@ -562,10 +519,7 @@ class TopologyEngine:
                 code = mask.to(torch.uint8)
                 dist.broadcast(code, src=0)
                 mask = code.bool()
-            if layer.storage == "csr":
-                remap_csr(layer, layer.support_mask() & mask, mask, None)
-            else:
-                layer.mask.copy_(mask)
+            layer.storage.remap(layer, layer.support_mask() & mask, mask, None)
             init_sparse_values(layer, init_std, gen)
 
     def _fit_groups_to_target(
@@ -584,30 +538,12 @@ class TopologyEngine:
         added = regrow_links(None, kept, (target - counts).clamp(min=0), group_rows=rows, generator=generator)
         return kept | added
 
-    @staticmethod
-    def _mask_optimizer_state(
-        optimizer: torch.optim.Optimizer | None, param: torch.Tensor, keep: torch.Tensor
-    ) -> None:
-        if optimizer is None:
-            return
-        state = optimizer.state.get(param)
-        if not state:
-            return
-        for key in _MOMENT_KEYS:
-            moment = state.get(key)
-            if isinstance(moment, torch.Tensor) and moment.shape == keep.shape:
-                moment.mul_(keep)
-
     @torch.no_grad()
     def apply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """After an optimizer step: weight *= mask and Adam `exp_avg`/`exp_avg_sq` *= mask.
-
-        Csr layers have nothing outside their support, so they are skipped."""
+        """After an optimizer step: weight *= mask and Adam `exp_avg`/`exp_avg_sq` *= mask (masked
+        storage; csr holds nothing outside its support)."""
         for layer in self.layers.values():
-            if layer.storage == "csr":
-                continue
-            layer.weight.mul_(layer.mask)
-            self._mask_optimizer_state(optimizer, layer.weight, layer.mask)
+            layer.storage.after_step(layer, optimizer)
 
     # ------------------------------------------------------------------ update
 
@@ -666,17 +602,17 @@ class TopologyEngine:
         rank0 = _rank() == 0
         rows: list[torch.Tensor] = []
         for layer in self.layers.values():
+            storage = layer.storage
             device = _device(layer)
-            csr = layer.storage == "csr"
             gen = self._layer_generator(device)
-            # csr: the values (nnz,) are reduced, not a dense matrix
-            weight = (layer.values if csr else layer.weight).detach().to(torch.float32)
+            # S's parameter is reduced (csr: the values (nnz,), not a dense matrix)
+            weight = storage.parameter(layer).detach().to(torch.float32)
             if distributed:
                 weight = weight.clone()  # .to() aliases a float32 weight; reduce works in place
                 dist.reduce(weight, dst=0, op=dist.ReduceOp.SUM)
                 weight /= world
             if rank0:
-                weight_abs = _dense_abs(layer, weight) if csr else weight.abs()
+                weight_abs = storage.to_dense(layer, weight.abs())  # transient float32 (out × in)
                 kept, new, stats = self._decide(layer, layer.support_mask(), weight_abs, zeta_t, temp, gen)
                 del weight_abs
             else:
@@ -688,18 +624,7 @@ class TopologyEngine:
                     code = torch.empty((layer.out_features, layer.in_features), dtype=torch.uint8, device=device)
                 dist.broadcast(code, src=0)
                 kept, new = (code & 1).bool(), (code >> 1).bool()
-            if csr:
-                remap_csr(layer, kept, new, optimizer)
-                rows.append(stats.to(device))
-                continue
-            # Removed and regrown links both restart from w = 0 with zero moments: multiplying by
-            # the removal survivors (not the new mask) zeroes both, including a link that was
-            # removed and regrown in the same update.
-            layer.weight.mul_(kept)
-            if layer.weight.grad is not None:
-                layer.weight.grad.mul_(kept)
-            self._mask_optimizer_state(optimizer, layer.weight, kept)
-            layer.mask.copy_(new)
+            storage.remap(layer, kept, new, optimizer)
             rows.append(stats.to(device))
         table = torch.stack(rows) if rows else torch.zeros(0, len(_STAT_FIELDS), dtype=torch.float64)
         if distributed and rows:
@@ -742,12 +667,12 @@ class TopologyEngine:
     def state_dict(self) -> dict[str, Any]:
         """Plain state: CPU tensors under "mask.<layer>" and "rng_state" (uint8), the rest ints/str.
 
-        Save the tensors with safetensors and the other entries as JSON; no pickling needed. Csr
-        layers have no "mask.<layer>" entry: their support is the model's own CSR (a dense bool copy
-        would be larger than the whole sparse layer).
+        Save the tensors with safetensors and the other entries as JSON; no pickling needed. Only
+        layers whose storage holds S dense (masked) have a "mask.<layer>" entry; a csr layer's support
+        is the model's own CSR (a dense bool copy would be larger than the whole sparse layer).
         """
-        state: dict[str, Any] = {f"mask.{name}": layer.mask.detach().to("cpu", torch.bool).clone()
-                                 for name, layer in self.layers.items() if layer.storage != "csr"}
+        state: dict[str, Any] = {f"mask.{name}": layer.support_mask().detach().to("cpu", torch.bool).clone()
+                                 for name, layer in self.layers.items() if layer.storage.holds_dense}
         state["rng_state"] = self.generator.get_state().clone()
         state.update(
             n_updates=self.n_updates, last_update_step=self.last_update_step, seed=self.seed,
@@ -764,7 +689,7 @@ class TopologyEngine:
         csr-storage checkpoint, whose mask was converted with the model state). A masked layer
         needs a mask entry when the state has any."""
         names = {k.removeprefix("mask.") for k in state if k.startswith("mask.")}
-        masked = {n for n, layer in self.layers.items() if layer.storage != "csr"}
+        masked = {n for n, layer in self.layers.items() if layer.storage.holds_dense}
         extra = names - set(self.layers)
         missing = (masked - names) if names else set()
         if extra or missing:
@@ -772,11 +697,10 @@ class TopologyEngine:
                              f"unexpected {sorted(extra)[:3]}")
         if state.get("mode", self.mode) != self.mode:
             raise ValueError(f"topology state is for mode {state['mode']!r}, engine is {self.mode!r}")
-        for name, layer in self.layers.items():
-            if layer.storage == "csr" or name not in names:
-                continue
-            layer.mask.copy_(torch.as_tensor(state[f"mask.{name}"]).to(layer.mask.device, torch.bool))
-            layer.weight.mul_(layer.mask)
+        for name in masked & names:
+            layer = self.layers[name]
+            mask = torch.as_tensor(state[f"mask.{name}"]).to(_device(layer), torch.bool)
+            layer.storage.remap(layer, mask, mask, None)  # the saved support, S re-masked on it
         self.generator.set_state(torch.as_tensor(state["rng_state"]).to("cpu", torch.uint8))
         self.n_updates = int(state["n_updates"])
         self.last_update_step = int(state["last_update_step"])

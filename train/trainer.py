@@ -374,11 +374,10 @@ def _wrap_ddp(model: torch.nn.Module, info: dist_utils.DistInfo, device: str) ->
 
     from torch.nn.parallel import DistributedDataParallel
 
-    # The CSR index buffers of csr layers are identical on every rank (same init, the engine
-    # broadcasts every update) and gloo cannot broadcast their int16 columns: DDP leaves them out.
+    # The support buffers (masks, CSR indices) are identical on every rank (same init, the engine
+    # broadcasts every update) and gloo cannot broadcast csr's int16 columns: DDP leaves them out.
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, [f"{n}.{b}" for n, m in model.sparse_layers().items() if m.storage == "csr"
-                for b in ("crow_indices", "col_indices")])
+        model, [f"{n}.{b}" for n, m in model.sparse_layers().items() for b in m.storage.support_buffers])
     # Masks are identical on every rank (the engine broadcasts them): no buffer sync per forward.
     no_sync_kw = ({"forward_sync_buffers": False}
                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
@@ -609,7 +608,7 @@ def _density(model: torch.nn.Module) -> float:
     """Active links / positions over all sparse layers."""
     layers = model.sparse_layers().values()
     total = sum(m.out_features * m.in_features for m in layers)
-    links = sum(m.values.numel() if m.storage == "csr" else int(m.mask.sum()) for m in layers)
+    links = sum(m.storage.n_links(m) for m in layers)
     return links / total if total else 1.0
 
 

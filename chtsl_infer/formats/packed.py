@@ -94,13 +94,6 @@ class PackedLinear:
         w[self.row_indices(), self.col_indices.long()] = self.values
         return w
 
-    def mask(self) -> torch.Tensor:
-        """The support of S as a bool (out, in) tensor (explicit zeros included)."""
-        assert self.col_indices is not None
-        m = torch.zeros(self.out_features, self.in_features, dtype=torch.bool)
-        m[self.row_indices(), self.col_indices.long()] = True
-        return m
-
     def tensors(self) -> dict[str, torch.Tensor]:
         """The file entries of this linear, `<name>.<part>` -> tensor (present parts only)."""
         return {
@@ -143,7 +136,7 @@ def _tied_keys(config: ChtslConfig) -> set[str]:
 
 @torch.no_grad()
 def pack_linear(name: str, layer: SparseLowRankLinear, dtype: torch.dtype = torch.float32) -> PackedLinear:
-    """The packed form of one training-form layer: CSR of weight·mask, factors cast to `dtype`."""
+    """The packed form of one training-form layer: CSR of S (either storage), factors cast to `dtype`."""
     packed = PackedLinear(
         name=name,
         in_features=layer.in_features,
@@ -151,21 +144,11 @@ def pack_linear(name: str, layer: SparseLowRankLinear, dtype: torch.dtype = torc
         scale=float(layer.scale),
         activation=layer.activation,
     )
-    if layer.storage == "csr":  # already CSR, in the same (row-major) order
-        packed.crow_indices = layer.crow_indices.detach().cpu().to(torch.int32).contiguous()
-        packed.col_indices = layer.col_indices.detach().cpu().to(col_index_dtype(layer.in_features)).contiguous()
-        packed.values = layer.values.detach().cpu().to(dtype).contiguous()
-    elif layer.mask is not None:
-        mask = layer.mask.detach().cpu().bool()
-        # The support is the mask, not the non-zeros of the weight: an active link whose value is
-        # exactly 0 (e.g. just regrown) stays an explicit entry, so nnz == mask count.
-        rows, cols = mask.nonzero(as_tuple=True)  # row-major order: columns sorted within rows
-        counts = mask.sum(dim=1)
-        crow = torch.zeros(layer.out_features + 1, dtype=torch.int64)
-        crow[1:] = torch.cumsum(counts, 0)
-        packed.crow_indices = crow.to(torch.int32)
-        packed.col_indices = cols.to(col_index_dtype(layer.in_features))
-        packed.values = layer.weight.detach().cpu()[rows, cols].to(dtype).contiguous()
+    if layer.has_sparse:  # row-major; every link of the support, explicit zeros (e.g. just regrown) kept
+        crow, col, values = layer.storage.csr(layer)
+        packed.crow_indices = crow.to(torch.int32).contiguous()
+        packed.col_indices = col.to(col_index_dtype(layer.in_features)).contiguous()
+        packed.values = values.to(dtype).contiguous()
     elif layer.weight is not None:  # method `dense`: a plain Linear
         packed.weight = layer.weight.detach().cpu().to(dtype).contiguous()
     if layer.has_lowrank:
@@ -352,8 +335,8 @@ def load_packed(path: str | Path) -> PackedModel:
 
 @torch.no_grad()
 def unpack_model(packed: PackedModel, dtype: torch.dtype | None = None) -> ChtslLlamaForCausalLM:
-    """The training-form model of `packed` (weight = S densified, mask = CSR pattern; or, for a model
-    whose config says csr storage, the CSR triple itself), in eval mode.
+    """The training-form model of `packed`, S in the storage its config names (masked: weight = S
+    densified, mask = CSR pattern; csr: the CSR triple itself), in eval mode.
 
     `dtype`: parameters' dtype, default the packed dtype (pass torch.float32 to compute in fp32).
     The global RNG is left untouched (building the model draws random masks, then overwritten).
@@ -362,15 +345,12 @@ def unpack_model(packed: PackedModel, dtype: torch.dtype | None = None) -> Chtsl
     with torch.random.fork_rng(devices=[]):
         model = ChtslLlamaForCausalLM(packed.config)
     state: dict[str, torch.Tensor] = dict(packed.dense)
-    csr = packed.config.chtsl.get("storage", "masked") == "csr"
+    layers = model.chtsl_layers()
     for name, lin in packed.linears.items():
-        if lin.has_sparse and csr:  # a csr-storage model holds exactly the packed triple
-            state[f"{name}.crow_indices"] = lin.crow_indices
-            state[f"{name}.col_indices"] = lin.col_indices
-            state[f"{name}.values"] = lin.values
-        elif lin.has_sparse:
-            state[f"{name}.weight"] = lin.dense_sparse_weight()
-            state[f"{name}.mask"] = lin.mask()
+        if lin.has_sparse:
+            entries = layers[name].storage.from_csr(lin.crow_indices, lin.col_indices, lin.values,
+                                                    lin.out_features, lin.in_features)
+            state.update({f"{name}.{k}": t for k, t in entries.items()})
         elif lin.weight is not None:
             state[f"{name}.weight"] = lin.weight
         if lin.has_lowrank:

@@ -240,7 +240,7 @@ def ch2_l3n_half(crow: torch.Tensor, col: torch.Tensor, tcrow: torch.Tensor, tco
     """One half of the CH2-L3n scores of a 0/1 CPU matrix M (n_rows, n_cols), float64 (n_rows, n_cols):
     `Σ_v P[u, v] M[v, j]` with P from D = M Mᵀ and M's row degrees (`csrc/ch_scores.c`); the scores
     are `half(M) + half(Mᵀ)ᵀ`. M is given as CSR (crow, col) and its transpose as (tcrow, tcol), any
-    integer dtypes (`layers.mask_to_csr`). Needs the compiled kernels (`cpu_kernel_status`)."""
+    integer dtypes (`model.csr.mask_to_csr`). Needs the compiled kernels (`cpu_kernel_status`)."""
     lib, how = _library()
     if lib is None:
         raise RuntimeError(f"ch2_l3n_half needs the compiled CPU kernels: {how}")

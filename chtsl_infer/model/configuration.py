@@ -9,7 +9,8 @@ from transformers import AutoConfig, LlamaConfig
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.model import budget
 from chtsl_infer.model.layers import ACTIVATIONS, LAYER_TYPES
-from chtsl_infer.model.methods import DEFAULT_METHOD, check_storage, get_method
+from chtsl_infer.model.methods import DEFAULT_METHOD, get_method
+from chtsl_infer.model.storage import DEFAULT_STORAGE, check_storage
 
 ALIGN_CHOICES = ("all", "qk", "others")
 
@@ -21,7 +22,7 @@ DEFAULT_BLOCK: dict[str, Any] = {
     "alpha": None,  # SLTrain's α (scale α/r of its low-rank product)
     "align_lambda": 0.3,
     "align_layers": "all",
-    "storage": "masked",  # how the sparse branch holds S in training: masked | csr (methods.STORAGES)
+    "storage": DEFAULT_STORAGE,  # how the sparse branch holds S in training: masked | csr (storage.STORAGES)
     "lowrank_init_scale": 1.0,  # multiplier of the low-rank factors' init std (an ablation knob)
 }
 

@@ -35,6 +35,20 @@ from chtsl_infer import kernels
 INDEX_MAX = 2**31 - 1  # indices are int32: cuSPARSE's and the C kernels' index type
 
 
+def col_index_dtype(in_features: int) -> torch.dtype:
+    """int16 CSR column indices when they fit (in_features ≤ 32767), else int32 (docs/formats.md §2)."""
+    return torch.int16 if in_features <= 32767 else torch.int32
+
+
+def mask_to_csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(crow int32 (out+1,), col int16/int32 (nnz,)) of a bool (out × in) mask, row-major order
+    (the order of `mask.nonzero()`: rows ascending, columns ascending within a row)."""
+    crow = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=mask.device)
+    crow[1:] = torch.cumsum(mask.sum(dim=1), 0)
+    cols = mask.nonzero(as_tuple=True)[1]
+    return crow.to(torch.int32), cols.to(col_index_dtype(mask.shape[1]))
+
+
 def _counts_to_crow(counts: torch.Tensor) -> torch.Tensor:
     """Row pointers (int32, len(counts)+1) of per-row link counts."""
     crow = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)

@@ -5,7 +5,8 @@
     y = S x + scale · B σ(A x)
 
 where `A` (r × in) and `B` (out × r) are dense low-rank factors and σ an activation, and the
-sparse `S` (out × in) is held in one of two storages (`chtsl_infer.model.methods.STORAGES`):
+sparse `S` (out × in) is held by one of the storages of `chtsl_infer.model.storage` (`layer.storage`),
+which the layer asks for everything that depends on how S is held:
 
 - `masked`: a dense `weight` (out × in) times a boolean `mask` buffer (the classic training form:
   weight, gradient and Adam moments are all dense);
@@ -29,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chtsl_infer.model.methods import DEFAULT_METHOD, check_storage, get_method
+from chtsl_infer.model.methods import DEFAULT_METHOD, get_method
+from chtsl_infer.model.storage import DEFAULT_STORAGE, TENSOR_NAMES, check_storage, get_storage
 
 ACTIVATIONS = ("silu", "relu", "gelu", "identity")
-#: how a layer with a sparse branch holds S (see the module docstring)
 LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -61,21 +62,6 @@ def layer_link_count(out_features: int, in_features: int, sparsity: float, group
     return (out_features // rows) * link_count(rows * in_features, sparsity)
 
 
-def col_index_dtype(in_features: int) -> torch.dtype:
-    """int16 CSR column indices when they fit (in_features ≤ 32767), else int32 (docs/formats.md §2)."""
-    return torch.int16 if in_features <= 32767 else torch.int32
-
-
-def mask_to_csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(crow int32 (out+1,), col int16/int32 (nnz,)) of a bool (out × in) mask, row-major order
-    (the order of `mask.nonzero()`: rows ascending, columns ascending within a row)."""
-    counts = mask.sum(dim=1)
-    crow = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=mask.device)
-    crow[1:] = torch.cumsum(counts, 0)
-    cols = mask.nonzero(as_tuple=True)[1]
-    return crow.to(torch.int32), cols.to(col_index_dtype(mask.shape[1]))
-
-
 def random_mask(
     out_features: int,
     in_features: int,
@@ -102,7 +88,7 @@ def random_mask(
 class SparseLowRankLinear(nn.Module):
     """`y = S x + scale · B σ(A x)` for one block linear (q, k, v, o, gate, up or down).
 
-    Parameters (present according to `method` and `storage`):
+    Parameters (present according to `method` and `storage`; absent ones are None):
       weight  (out, in)  masked: dense values of S (zero outside the mask); `dense`: the full matrix
       mask    (out, in)  masked: bool buffer, the support of S (saved with the model)
       values  (nnz,)     csr: the active links of S, in the CSR order of the support
@@ -110,8 +96,7 @@ class SparseLowRankLinear(nn.Module):
       lora_A  (r, in)    low-rank down-projection A
       lora_B  (out, r)   low-rank up-projection B
     `group_rows` is the number of rows forming one topology group (head_dim for q/k/v), or None.
-    A csr layer has exactly `layer_link_count` links (each row group at its target), so its
-    parameter shapes follow from the config and `from_pretrained` can allocate them.
+    `storage` names how S is held (`chtsl_infer.model.storage.STORAGES`); `self.storage` is that object.
     """
 
     def __init__(
@@ -125,7 +110,7 @@ class SparseLowRankLinear(nn.Module):
         activation: str | None = None,
         alpha: float | None = None,
         group_rows: int | None = None,
-        storage: str = "masked",
+        storage: str = DEFAULT_STORAGE,
     ) -> None:
         super().__init__()
         spec = get_method(method)
@@ -149,29 +134,15 @@ class SparseLowRankLinear(nn.Module):
         self.scale = spec.lowrank_scale(alpha, rank)
         self.has_sparse, self.has_lowrank = has_sparse, has_lowrank
         self.recorder: BranchRecorder | None = None  # set by `record_branches`
-        self.storage = storage
-        self._structure_key: tuple | None = None  # what the cached CsrStructure was built from
-        self._structure = None
+        self.storage = get_storage(storage)
 
-        self.weight = self.values = None
-        if storage == "csr":
-            nnz = layer_link_count(out_features, in_features, sparsity, group_rows)
-            self.values = nn.Parameter(torch.empty(nnz))
-            self.register_buffer("crow_indices", torch.zeros(out_features + 1, dtype=torch.int32))
-            self.register_buffer("col_indices", torch.zeros(nnz, dtype=col_index_dtype(in_features)))
-            if self.values.device.type != "meta":  # from_pretrained builds on meta, then loads
-                # The same random support (and RNG draws) as the masked storage; the bool mask is
-                # transient.
-                self.set_support(*mask_to_csr(random_mask(out_features, in_features, sparsity, group_rows)))
-            self.mask = None
-        else:
-            self.crow_indices = self.col_indices = None
-            if spec.has_weight:
-                self.weight = nn.Parameter(torch.empty(out_features, in_features))
-            if has_sparse:
-                self.register_buffer("mask", random_mask(out_features, in_features, sparsity, group_rows))
-            else:
-                self.mask = None
+        for name in TENSOR_NAMES:  # every storage's tensors of S, None unless this layer holds them
+            setattr(self, name, None)
+        if has_sparse:  # one random support drawn for every storage: equal seeds give equal models
+            self.storage.build(self, random_mask(out_features, in_features, sparsity, group_rows),
+                               layer_link_count(out_features, in_features, sparsity, group_rows))
+        elif spec.is_dense:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features))
         if has_lowrank:
             self.lora_A = nn.Parameter(torch.empty(rank, in_features))
             self.lora_B = nn.Parameter(torch.empty(out_features, rank))
@@ -182,81 +153,24 @@ class SparseLowRankLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, "
             f"sparsity={self.sparsity}, rank={self.rank}, activation={self.activation}"
-            + (f", storage={self.storage}" if self.has_sparse else "")
+            + (f", storage={self.storage.name}" if self.has_sparse else "")
         )
-
-    # ------------------------------------------------------------------ csr storage
-
-    def col_index_dtype(self) -> torch.dtype:
-        """dtype of this layer's CSR column indices (int16 when in_features fits)."""
-        return col_index_dtype(self.in_features)
-
-    def structure(self):  # -> chtsl_infer.model.csr.CsrStructure
-        """The `CsrStructure` of a csr layer's support, rebuilt (and validated) when the index
-        buffers changed (replaced, written in place or moved) since it was last built.
-
-        Raises ValueError when the buffers are not a valid CSR (non-monotone row pointers, a
-        column out of range, a wrong length).
-        """
-        from chtsl_infer.model.csr import CsrStructure
-
-        crow, col = self.crow_indices, self.col_indices
-        key = (id(crow), crow._version, crow.data_ptr(), id(col), col._version, col.data_ptr(), crow.device)
-        if self._structure is None or self._structure_key != key:
-            if crow.numel() != self.out_features + 1:
-                raise ValueError(f"crow_indices has {crow.numel()} entries, expected out_features + 1 = "
-                                 f"{self.out_features + 1}")
-            if self.values is not None and col.numel() != self.values.numel():
-                raise ValueError(f"col_indices has {col.numel()} entries but values has {self.values.numel()}")
-            self._structure = CsrStructure.from_crow_col(crow, col, self.in_features)
-            self._structure_key = key
-        return self._structure
-
-    @torch.no_grad()
-    def set_support(self, crow: torch.Tensor, col: torch.Tensor) -> None:
-        """Replaces a csr layer's support (in place; same nnz), stored in the packed dtypes."""
-        if self.storage != "csr":
-            raise ValueError("set_support is for csr storage")
-        if col.numel() != self.col_indices.numel():
-            raise ValueError(f"a csr layer keeps its nnz ({self.col_indices.numel()}), got {col.numel()} links")
-        self.crow_indices.copy_(crow.to(self.crow_indices.device, torch.int32))
-        self.col_indices.copy_(col.to(self.col_indices.device, self.col_indices.dtype))
-        self._structure = None
-
-    def support_mask(self) -> torch.Tensor:
-        """The support of S as bool (out × in): the mask buffer, or (csr) a transient one."""
-        if self.mask is not None:
-            return self.mask
-        if self.storage == "csr":
-            return self.structure().to_mask()
-        raise ValueError(f"method {self.method!r} has no sparse branch")
-
-    def sparse_values(self) -> torch.Tensor:
-        """The active links of S (nnz,) in row-major (CSR) order of the support."""
-        if self.storage == "csr":
-            return self.values
-        rows, cols = self.mask.nonzero(as_tuple=True)
-        return self.weight[rows, cols]
 
     # ------------------------------------------------------------------ branches
 
     def sparse_weight(self) -> torch.Tensor:
-        """The effective S (out × in) as a dense tensor: weight × mask (masking keeps gradients off
-        inactive links). For a csr layer this materialises S (tests, export); training never calls it."""
-        if self.storage == "csr":
-            st = self.structure()
-            w = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
-            return w.index_put((st.row_indices(), st.col.long()), self.values)
-        assert self.weight is not None
-        return self.weight * self.mask if self.mask is not None else self.weight
+        """The effective S (out × in) as a dense tensor (differentiable; export, verification, tests):
+        weight × mask (masking keeps gradients off inactive links); the `dense` method: the weight.
+        For a csr layer this materialises S; training never calls it."""
+        return self.storage.dense(self)
+
+    def support_mask(self) -> torch.Tensor:
+        """The support of S as bool (out × in): the mask buffer, or (csr) a transient one."""
+        return self.storage.support(self)
 
     def sparse_branch(self, x: torch.Tensor) -> torch.Tensor:
         """S x: (..., in) -> (..., out)."""
-        if self.storage == "csr":
-            from chtsl_infer.model.csr import csr_linear
-
-            return csr_linear(x, self.values, self.structure())
-        return F.linear(x, self.sparse_weight())
+        return self.storage.forward(self, x)
 
     def lowrank_branch(self, x: torch.Tensor) -> torch.Tensor:
         """scale · B σ(A x): (..., in) -> (..., out), as two skinny GEMMs (B A is never formed)."""
@@ -288,11 +202,7 @@ class SparseLowRankLinear(nn.Module):
     @torch.no_grad()
     def trainable_entries(self) -> int:
         """Number of trainable entries: active links of S plus the entries of A and B."""
-        n = 0
-        if self.values is not None:
-            n += self.values.numel()
-        elif self.weight is not None:
-            n += int(self.mask.sum()) if self.mask is not None else self.weight.numel()
+        n = self.storage.n_links(self)
         if self.has_lowrank:
             n += self.lora_A.numel() + self.lora_B.numel()
         return n
@@ -386,11 +296,12 @@ def rms(x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def branch_grad_norms(layers: Iterable[SparseLowRankLinear]) -> dict[str, float]:
-    """L2 norms of the current gradients of S (values; masked storage: on its mask), of A and of B,
-    each over all `layers` together; a kind with no gradient is left out."""
+    """L2 norms of the current gradients of S (its storage's parameter: values, or the masked weight
+    whose gradient is zero off the mask), of A and of B, each over all `layers` together; a kind with
+    no gradient is left out."""
     sums: dict[str, float] = {}
     for layer in layers:
-        s = layer.values if layer.storage == "csr" else (layer.weight if layer.has_sparse else None)
+        s = layer.storage.parameter(layer) if layer.has_sparse else None
         for kind, p in (("S", s), ("A", layer.lora_A), ("B", layer.lora_B)):
             if p is not None and p.grad is not None:
                 sums[kind] = sums.get(kind, 0.0) + float(p.grad.float().pow(2).sum())
@@ -424,10 +335,10 @@ class BranchRecorder:
         name = self.names[id(layer)]
         term = None
         if name in self.align_names:
-            # csr storage trains for memory: recompute the difference in backward. The masked
-            # storage (dense S anyway) keeps it: its recomputation would be a dense (out × in) GEMM.
-            term = (layer_alignment(layer, x, hidden, sparse_out, lowrank_out) if layer.storage == "csr"
-                    else alignment_loss(sparse_out, lowrank_out))
+            # A storage of links only (csr) trains for memory: recompute the difference in backward.
+            # One holding S dense anyway (masked) keeps it: its recomputation would be a dense GEMM.
+            term = (alignment_loss(sparse_out, lowrank_out) if layer.storage.holds_dense
+                    else layer_alignment(layer, x, hidden, sparse_out, lowrank_out))
             self.align_terms.append(term)
         if self.diagnostics:
             self.ocr[name] = ocr(sparse_out, lowrank_out)

@@ -29,7 +29,7 @@ class Method:
 
     name: str
     description: str
-    has_sparse: bool  # S: a masked dense weight in training, CSR in exports
+    has_sparse: bool  # S, held in training as `chtsl_infer.model.storage` says (masked or csr), CSR in exports
     has_lowrank: bool  # scale · B σ(A x)
     is_dense: bool = False  # a plain Linear: `weight` is the full matrix, no mask
     activation: str = "identity"  # default σ of the low-rank branch
@@ -42,11 +42,6 @@ class Method:
     grad_clip: float = 0.0  # default max gradient norm (0 = no clipping)
     aligns: bool = False  # the layer-wise alignment loss between S and the low-rank branch
     uses_dense_lr: bool = False  # presets give it `Preset.dense_lr` instead of `Preset.lr`
-
-    @property
-    def has_weight(self) -> bool:
-        """Whether the layer holds a `weight` matrix (S, or the full dense matrix)."""
-        return self.has_sparse or self.is_dense
 
     def lowrank_scale(self, alpha: float | None, rank: int) -> float:
         """The factor of the low-rank product: α/r for SLTrain (α defaults to 32), else 1."""
@@ -73,21 +68,6 @@ METHODS: dict[str, Method] = {
 DEFAULT_METHOD = "chtsl"
 DENSE = "dense"  # the baseline every benchmark compares against
 METHOD_CHOICES = ", ".join(METHODS)  # for --help texts
-
-
-#: How a sparse branch S is held in training (`--sparse-storage`): `masked` (dense weight × mask)
-#: or `csr` (the active links only); see `chtsl_infer.model.layers`.
-STORAGES = ("masked", "csr")
-
-
-def check_storage(method: str | Method, storage: str) -> None:
-    """ChtslError (one line) unless `storage` is valid for `method`: csr needs a sparse branch."""
-    if storage not in STORAGES:
-        raise ChtslError(f"unknown sparse storage {storage!r}; valid: {', '.join(STORAGES)}")
-    m = get_method(method)
-    if storage == "csr" and not m.has_sparse:
-        with_sparse = ", ".join(n for n, spec in METHODS.items() if spec.has_sparse)
-        raise ChtslError(f"method {m.name!r} has no sparse branch: sparse storage 'csr' is for {with_sparse}")
 
 
 def get_method(name: str | Method) -> Method:

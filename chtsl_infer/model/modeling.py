@@ -17,6 +17,7 @@ from transformers import initialization as init
 from chtsl_infer.model.configuration import ChtslConfig
 from chtsl_infer.model.layers import LAYER_TYPES, SparseLowRankLinear
 from chtsl_infer.model.methods import get_method
+from chtsl_infer.model.storage import DEFAULT_STORAGE
 
 
 class ChtslLlamaModel(LlamaModel):
@@ -46,7 +47,7 @@ class ChtslLlamaModel(LlamaModel):
                             activation=block["activation"],
                             alpha=block["alpha"],
                             group_rows=config.head_dim if t in ("q_proj", "k_proj", "v_proj") else None,
-                            storage=block.get("storage", "masked"),
+                            storage=block.get("storage", DEFAULT_STORAGE),
                         ),
                     )
         self.post_init()  # initialises the new modules only (the rest are flagged as initialised)
@@ -57,7 +58,7 @@ class ChtslLlamaModel(LlamaModel):
             super()._init_weights(module)
             return
         sltrain_init = get_method(module.method).init == "sltrain"
-        if not getattr(module.values if module.storage == "csr" else module.weight, "_is_hf_initialized", False):
+        if not getattr(module.storage.parameter(module), "_is_hf_initialized", False):
             init_sparse_values(module, self.config.initializer_range)
         if module.has_lowrank:
             scale = float(self.config.chtsl.get("lowrank_init_scale", 1.0))
@@ -83,7 +84,7 @@ def init_sparse_values(layer: SparseLowRankLinear, std: float, generator: torch.
     topology engine after it replaces the support by the BRF one: without the second call a new
     support would keep only the links it shares with the old one (≈ density of them) non-zero.
     """
-    target = layer.values if layer.storage == "csr" else layer.weight
+    target = layer.storage.parameter(layer)
     if target is None or target.device.type == "meta":
         return
     dense = torch.empty(layer.out_features, layer.in_features, device=target.device, dtype=target.dtype)
@@ -92,11 +93,7 @@ def init_sparse_values(layer: SparseLowRankLinear, std: float, generator: torch.
         dense.uniform_(-bound, bound, generator=generator)
     else:
         dense.normal_(mean=0.0, std=std, generator=generator)
-    if layer.storage == "csr":
-        st = layer.structure()
-        target.copy_(dense[st.row_indices(), st.col.long()])
-    else:
-        target.copy_(dense * layer.mask if layer.mask is not None else dense)
+    target.copy_(layer.storage.from_dense(layer, dense))
 
 
 class ChtslLlamaForCausalLM(LlamaForCausalLM):

@@ -14,6 +14,7 @@ from chtsl_infer.errors import ChtslError
 from chtsl_infer.model import budget
 from chtsl_infer.model.configuration import ChtslConfig
 from chtsl_infer.model.methods import DEFAULT_METHOD, Method, get_method
+from chtsl_infer.model.storage import DEFAULT_STORAGE
 
 S_TOTALS = (0.9, 0.8, 0.7)
 
@@ -144,7 +145,7 @@ def build_config(
     align_lambda: float | None = None,
     align_layers: str = "all",
     vocab_size: int | None = None,
-    storage: str = "masked",
+    storage: str = DEFAULT_STORAGE,
     lowrank_init_scale: float = 1.0,
     **llama_overrides: Any,
 ) -> ChtslConfig:
