@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from chtsl_infer import kernels  # noqa: E402
-from chtsl_infer.model.csr import CsrStructure, csr_linear  # noqa: E402
+from chtsl_infer.model.csr import CsrStructure, csr_linear, mask_to_csr  # noqa: E402
 from chtsl_infer.model.presets import get_preset  # noqa: E402
 
 SHAPES = {"llama60m": "llama60m-c4", "llama130m": "llama130m-c4", "llama1b": "llama1b-c4"}
@@ -94,7 +94,7 @@ def main() -> None:
                   "down_proj": (p.hidden_size, p.intermediate_size)}
         for name, (out_f, in_f) in layers.items():
             mask = torch.rand(out_f, in_f, generator=gen) < density
-            st = CsrStructure.from_mask(mask)
+            st = CsrStructure.from_crow_col(*mask_to_csr(mask), in_f)
             values = (torch.randn(st.nnz, generator=gen) * 0.02).requires_grad_(True)
             w = (torch.randn(out_f, in_f, generator=gen) * 0.02).requires_grad_(True)
             a = (torch.randn(rank, in_f, generator=gen) * 0.02).requires_grad_(True)

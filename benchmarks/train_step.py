@@ -121,8 +121,9 @@ def linear_state_bytes(model: ChtslLlamaForCausalLM, opt: torch.optim.Optimizer)
             state += sum(_nbytes(v) for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.dim())
         for b in layer.buffers():
             index += _nbytes(b)
-        if isinstance(layer.storage, CsrStorage):
-            index += layer.storage.structure(layer).index_bytes()
+        if isinstance(layer.storage, CsrStorage):  # + the structure forward and backward index with
+            st = layer.storage.structure(layer)
+            index += sum(_nbytes(t) for t in (st.crow, st.col, st.t_crow, st.t_row, st.t_perm))
     return state, index
 
 

@@ -50,6 +50,11 @@ def tiny_model_nonzero_b(method: str = "chtsl", **overrides) -> ChtslLlamaForCau
     return model
 
 
+def lowrank_branch(layer, x: torch.Tensor) -> torch.Tensor:
+    """scale · B σ(A x) of a `SparseLowRankLinear`: (..., in) -> (..., out), as its forward computes it."""
+    return layer.lowrank_up(layer.lowrank_hidden(x))
+
+
 def random_ids(batch: int = 2, seq: int = 37, vocab: int = 512, seed: int = 0) -> torch.Tensor:
     """(batch, seq) int64 token ids drawn uniformly from the vocabulary, reproducible by `seed`."""
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))

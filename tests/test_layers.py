@@ -19,6 +19,7 @@ from chtsl_infer.model.layers import (
     record_branches,
 )
 from chtsl_infer.model.methods import METHODS
+from tests.conftest import lowrank_branch
 
 
 def make_layer(method: str, seed: int = 0, **kw) -> SparseLowRankLinear:
@@ -118,9 +119,9 @@ def test_recomputed_alignment_matches_autograd_of_the_norm(storage: str, autocas
 def test_recomputed_alignment_of_equal_branches_has_zero_gradient() -> None:
     layer = make_layer("chtsl", 0)
     x = torch.randn(3, 24)
-    s = layer.lowrank_branch(x).detach().requires_grad_()
+    s = lowrank_branch(layer, x).detach().requires_grad_()
     low = s.detach().clone().requires_grad_()
-    layer.sparse_branch = lambda _x: layer.lowrank_branch(_x)  # recompute gives the same equal branches
+    layer.sparse_branch = lambda _x: lowrank_branch(layer, _x)  # recompute gives the same equal branches
     layer_alignment(layer, x, layer.lowrank_hidden(x), s, low).backward()
     assert s.grad is not None and not s.grad.any() and not low.grad.any()
 
@@ -135,9 +136,9 @@ def test_recorder_collects_only_when_asked() -> None:
         for layer in layers.values():
             layer(x)
     assert all(layer.recorder is None for layer in layers.values())
-    expected = alignment_loss(layers["a"].sparse_branch(x), layers["a"].lowrank_branch(x))
+    expected = alignment_loss(layers["a"].sparse_branch(x), lowrank_branch(layers["a"], x))
     torch.testing.assert_close(rec.alignment(), expected)
     assert set(rec.ocr) == set(rec.cosine) == {"a", "b"}
-    assert rec.ocr["b"] == pytest.approx(ocr(layers["b"].sparse_branch(x), layers["b"].lowrank_branch(x)))
+    assert rec.ocr["b"] == pytest.approx(ocr(layers["b"].sparse_branch(x), lowrank_branch(layers["b"], x)))
     rec.alignment().backward()  # the alignment term carries gradients to both branches
     assert layers["a"].lora_A.grad is not None and layers["a"].weight.grad is not None

@@ -19,7 +19,7 @@ import torch
 from scipy.stats import wilcoxon
 
 from chtsl_infer.cli import main
-from tests.conftest import corpus
+from tests.conftest import corpus, lowrank_branch
 from train.sweep import runner as sweep
 
 METHODS = ("naive", "chtsl")
@@ -360,7 +360,7 @@ def test_alignment_value_of_every_hybrid_layer() -> None:
         assert set(rec.align) == set(layers) and bool(rec.align_terms) == (method == "chtsl")
         with torch.no_grad():
             for n, m in layers.items():
-                ref = float(alignment_loss(m.sparse_branch(inputs[n]), m.lowrank_branch(inputs[n])))
+                ref = float(alignment_loss(m.sparse_branch(inputs[n]), lowrank_branch(m, inputs[n])))
                 assert rec.align[n] == pytest.approx(ref, rel=1e-6)
 
 

@@ -49,13 +49,6 @@ def mask_to_csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return crow.to(torch.int32), cols.to(col_index_dtype(mask.shape[1]))
 
 
-def _counts_to_crow(counts: torch.Tensor) -> torch.Tensor:
-    """Row pointers (int32, len(counts)+1) of per-row link counts."""
-    crow = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    return crow.to(torch.int32)
-
-
 @dataclass
 class CsrStructure:
     """The support of an (n_rows × n_cols) sparse matrix in row-major CSR order, plus its transpose.
@@ -88,18 +81,6 @@ class CsrStructure:
     def _build(cls, crow: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int) -> CsrStructure:
         """Adds the transposed index to a valid (crow, col) of int32."""
         return cls(n_rows, n_cols, crow, col, *kernels.csr_transpose(crow, col, n_cols))
-
-    @classmethod
-    def from_mask(cls, mask: torch.Tensor) -> CsrStructure:
-        """The structure of a bool (out, in) mask: value k is the k-th True of `mask.nonzero()`."""
-        if mask.dim() != 2 or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a 2-D bool tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
-        n_rows, n_cols = mask.shape
-        if n_cols > INDEX_MAX or int(mask.sum()) > INDEX_MAX:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} has more links than int32 indices address")
-        _, cols = mask.nonzero(as_tuple=True)
-        crow = _counts_to_crow(mask.sum(1))
-        return cls._build(crow, cols.to(torch.int32), n_rows, n_cols)
 
     @classmethod
     def from_crow_col(cls, crow: torch.Tensor, col: torch.Tensor, n_cols: int) -> CsrStructure:
@@ -153,10 +134,6 @@ class CsrStructure:
         """The same structure with its index tensors on `device`."""
         return CsrStructure(self.n_rows, self.n_cols, self.crow.to(device), self.col.to(device),
                             self.t_crow.to(device), self.t_row.to(device), self.t_perm.to(device))
-
-    def index_bytes(self) -> int:
-        """Bytes of all index tensors (forward and transposed)."""
-        return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.t_crow, self.t_row, self.t_perm))
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

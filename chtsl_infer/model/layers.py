@@ -172,10 +172,6 @@ class SparseLowRankLinear(nn.Module):
         """S x: (..., in) -> (..., out)."""
         return self.storage.forward(self, x)
 
-    def lowrank_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """scale · B σ(A x): (..., in) -> (..., out), as two skinny GEMMs (B A is never formed)."""
-        return self.lowrank_up(self.lowrank_hidden(x))
-
     def lowrank_hidden(self, x: torch.Tensor) -> torch.Tensor:
         """σ(A x): (..., in) -> (..., rank)."""
         assert self.lora_A is not None
