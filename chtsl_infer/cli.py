@@ -7,16 +7,17 @@ this module only wires them into one app, keeping heavy imports inside the comma
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 from rich.markup import escape
 
 from chtsl_infer.commands.bench import bench_command
 from chtsl_infer.commands.generate import generate_command
-from chtsl_infer.console import console, err_console, write_json
+from chtsl_infer.console import check_output_file, console, err_console, write_json
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.model.methods import DEFAULT_METHOD, METHOD_CHOICES
+from chtsl_infer.options import Force, JsonOut, context_settings
 from evals.command import eval_command
 from export.command import export_command
 from train.command import plot_command, train_command
@@ -31,34 +32,37 @@ app = typer.Typer(
 )
 
 
-@app.command("info")
+@app.command("info", context_settings=context_settings("info"))
 def info_command(
-    preset: str = typer.Option("llama60m-c4", help="Preset name, e.g. llama60m-c4, llama130m-owt, tiny."),
-    s_total: float = typer.Option(0.9, "--s-total", help="Total sparsity of the linears (0.9, 0.8 or 0.7)."),
-    method: str = typer.Option(DEFAULT_METHOD, help=f"{METHOD_CHOICES}."),
-    sparsity: float | None = typer.Option(None, help="Override the preset's sparsity s of S."),
-    rank: int | None = typer.Option(None, help="Override the preset's rank r of the low-rank branch."),
-    json_path: str | None = typer.Option(None, "--json", help="Write the report as JSON here ('-': stdout, no table)."),
-    force: bool = typer.Option(False, "--force", help="Let --json replace an existing file."),
+    preset: Annotated[str, typer.Option(help="Preset name, e.g. llama60m-c4, llama130m-owt, tiny.")] = "llama60m-c4",
+    s_total: Annotated[float, typer.Option("--s-total", help="Total sparsity of the linears (0.9, 0.8 or 0.7).")] = 0.9,
+    method: Annotated[str, typer.Option(help=f"{METHOD_CHOICES}.")] = DEFAULT_METHOD,
+    sparsity: Annotated[float | None, typer.Option(help="Override the preset's sparsity s of S.")] = None,
+    rank: Annotated[int | None, typer.Option(help="Override the preset's rank r of the low-rank branch.")] = None,
+    json_out: JsonOut = None,
+    force: Force = False,
 ) -> None:
     """Per-layer-type shapes, (s, r), parameter counts and s_total of a preset."""
     from chtsl_infer.commands.info import budget_report, budget_table
     from chtsl_infer.model.presets import build_config
 
+    check_output_file(json_out, force)
     config = build_config(preset, method=method, s_total=s_total, sparsity=sparsity, rank=rank)
     report = budget_report(config, preset)
-    if json_path != "-":
+    if str(json_out) != "-":
         console.print(budget_table(report))
-    write_json(report, json_path, force)
+    write_json(report, json_out, force)
 
 
-app.command("train")(train_command)
-app.command("plot")(plot_command)
-app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(sweep_command)
-app.command("export")(export_command)
-app.command("bench")(bench_command)
-app.command("generate")(generate_command)
-app.command("eval")(eval_command)
+app.command("train", context_settings=context_settings("train"))(train_command)
+app.command("plot", context_settings=context_settings("plot"))(plot_command)
+# sweep forwards the options it does not know to every `chtsl train` of its grid
+app.command("sweep", context_settings=context_settings("sweep", allow_extra_args=True, ignore_unknown_options=True))(
+    sweep_command)
+app.command("export", context_settings=context_settings("export"))(export_command)
+app.command("bench", context_settings=context_settings("bench"))(bench_command)
+app.command("generate", context_settings=context_settings("generate"))(generate_command)
+app.command("eval", context_settings=context_settings("eval"))(eval_command)
 
 
 def _one_line(message: str) -> str:

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,18 @@ def stale_siblings(path: Path, kind: str) -> list[Path]:
         if not pid.isdigit() or not _pid_alive(int(pid)):
             found.append(p)
     return found
+
+
+@contextmanager
+def json_on_stdout(path: str | Path | None) -> Iterator[None]:
+    """With `--json -` stdout carries the JSON only: inside this block what the command prints
+    (tables, streamed text, progress) goes to stderr instead, and `write_json` after it writes the
+    JSON to stdout. A no-op for any other `path`."""
+    if path is None or str(path) != "-":
+        yield
+        return
+    with redirect_stdout(sys.stderr):  # `console` looks sys.stdout up on every write
+        yield
 
 
 def write_json(data: Any, path: str | Path | None, force: bool = False, flag: str = "--json") -> None:

@@ -138,10 +138,10 @@ def _warn_once(message: str) -> None:
     sys.stderr.write(f"warning: {message}\n")
 
 
-def resolve_device(device: str | None = "auto", local_rank: int | None = None) -> str:
+def resolve_device(device: str | None = "auto", local_rank: int | None = None, flag: str = "--device") -> str:
     """The torch device string of a `--device` value: `auto`/None is `cuda` when available, else
     `cpu`; `cuda` (or `cuda:N`) must be available. Under torchrun (`local_rank` given) a plain
-    `cuda` becomes this process's `cuda:<local_rank>`. ChtslError on anything else."""
+    `cuda` becomes this process's `cuda:<local_rank>`. ChtslError naming `flag` on anything else."""
     import torch
 
     if device in (None, "auto"):
@@ -149,9 +149,9 @@ def resolve_device(device: str | None = "auto", local_rank: int | None = None) -
     if device == "cpu":
         return device
     if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ChtslError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+        raise ChtslError(f"unknown {flag} {device!r}; valid: auto, cpu, cuda, cuda:N")
     if not torch.cuda.is_available():
-        raise ChtslError(f"--device {device}: CUDA is not available on this machine (no CUDA device)")
+        raise ChtslError(f"{flag} {device}: CUDA is not available on this machine (no CUDA device)")
     if device == "cuda" and local_rank is not None:
         device = f"cuda:{local_rank}"
     return device

@@ -18,7 +18,8 @@ import typer
 from chtsl_infer.console import check_output_file, console, err_console, write_json
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.formats.model_dir import resolve_model_dir
-from chtsl_infer.utils import DTYPES, parse_dtype, resolve_device, torch_dtype
+from chtsl_infer.options import Batch, Device, Dtype, Force, JsonOut, OptionalCheckpoint
+from chtsl_infer.utils import DTYPES, inference_dtype, parse_dtype, resolve_device, torch_dtype
 
 BACKENDS = ("dense", "sparse", "onnx", "auto")  # dense: the checkpoint's model; others: chtsl_infer.runtime.backends
 
@@ -70,7 +71,8 @@ def run_tasks(ckpt: Path, tasks: str, *, data_dir: Path | None, batch_size: int,
     model_dir = resolve_model_dir(ckpt).require_weights()
     if data_dir is not None:  # find and check every file before the (slow) model load and lm-eval run
         harness.task_configs(names, data_dir)
-    model, tokenizer = _load(model_dir, backend, resolve_device(device), dtype)
+    device = resolve_device(device)
+    model, tokenizer = _load(model_dir, backend, device, inference_dtype(dtype, device))
     for note in notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     with harness.quiet_lm_eval(), _progress() as progress:
@@ -155,27 +157,23 @@ def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, devi
 
 
 def eval_command(
-    ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory (training checkpoint or packed export).")] = Path(
-        "ckpt"
-    ),
+    ckpt: OptionalCheckpoint = None,
     tasks: Annotated[str | None, typer.Option("--tasks", help="Comma-separated lm-eval task or group names.")] = None,
     list_tasks: Annotated[bool, typer.Option("--list-tasks", help="Print the supported task and group names.")] = False,
     data_dir: Annotated[
         Path | None,
         typer.Option("--data-dir", help="Offline data: DIR/<dataset>/<config>/<split>.jsonl (or .parquet)."),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per lm-eval forward pass.")] = 8,
+    batch: Batch = 8,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N examples per task.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda when available).")] = None,
-    dtype: Annotated[str, typer.Option(help=f"Model dtype for lm-eval: {', '.join(DTYPES)}.")] = "fp32",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     backend: Annotated[str, typer.Option(help=f"Inference backend: {', '.join(BACKENDS)}.")] = "dense",
-    output: Annotated[
-        Path | None, typer.Option("--json", "--output", help="Write the results JSON here ('-': stdout).")
-    ] = None,
+    json_out: JsonOut = None,
     log_samples: Annotated[
         bool, typer.Option("--log-samples", help="Also write per-sample records (JSONL) beside --json.")
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Let --json replace an existing file.")] = False,
+    force: Force = False,
     ppl: Annotated[bool, typer.Option("--perplexity", help="Validation perplexity instead of lm-eval tasks.")] = False,
     data: Annotated[
         str | None,
@@ -194,27 +192,31 @@ def eval_command(
         for group, members in GROUPS.items():
             console.print(f"{group}  (group: {', '.join(members)})", highlight=False, soft_wrap=True)
         return
+    if ckpt is None:
+        raise ChtslError("missing CKPT: the checkpoint or export directory to evaluate (or --list-tasks)")
     if backend not in BACKENDS:
         raise ChtslError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    dtype = parse_dtype(dtype)
-    if log_samples and (output is None or str(output) == "-"):
+    if batch < 1:
+        raise ChtslError(f"--batch must be >= 1, got {batch}")
+    dtype = parse_dtype(dtype, ("auto", *DTYPES))
+    if log_samples and (json_out is None or str(json_out) == "-"):
         raise ChtslError("--log-samples needs --json FILE (the samples go beside it)")
-    check_output_file(output, force, "--json")
-    if log_samples and output is not None:
+    check_output_file(json_out, force, "--json")
+    if log_samples and json_out is not None:
         from evals.harness import samples_path
 
-        check_output_file(samples_path(output), force, "--json")
+        check_output_file(samples_path(json_out), force, "--json")
     if ppl == (tasks is not None):
         raise ChtslError("pass either --tasks NAMES (lm-eval) or --perplexity (see --list-tasks for names)")
     if ppl:
         if data_dir is not None or limit is not None or log_samples:
             raise ChtslError("--data-dir, --limit and --log-samples are for --tasks; --perplexity uses --data")
-        if dtype != "fp32":
+        if dtype not in ("auto", "fp32"):
             raise ChtslError("--dtype is for --tasks; --perplexity computes as the trainer (fp32, CUDA: bf16 autocast)")
-        run_perplexity(ckpt, data=data, max_tokens=max_tokens, device=device, backend=backend, output=output,
+        run_perplexity(ckpt, data=data, max_tokens=max_tokens, device=device, backend=backend, output=json_out,
                        force=force)
         return
     if data is not None or max_tokens is not None:
         raise ChtslError("--data and --max-tokens are for --perplexity; lm-eval tasks use --data-dir")
-    run_tasks(ckpt, tasks, data_dir=data_dir, batch_size=batch_size, limit=limit, device=device, dtype=dtype,
-              backend=backend, output=output, log_samples=log_samples, force=force)
+    run_tasks(ckpt, tasks, data_dir=data_dir, batch_size=batch, limit=limit, device=device, dtype=dtype,
+              backend=backend, output=json_out, log_samples=log_samples, force=force)

@@ -14,11 +14,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from chtsl_infer.console import check_output_file, console, err_console, stale_siblings, write_json
 from chtsl_infer.errors import ChtslError, first_line
+from chtsl_infer.options import Checkpoint, Force, JsonOut, PackedDtype
 from chtsl_infer.utils import make_temp_dir, parse_dtype, resolve_device, torch_dtype
 
 FORMATS = ("safetensors", "onnx", "all")
@@ -127,19 +129,19 @@ class _Stages:
 
 
 def export_command(
-    ckpt_arg: str = typer.Argument(..., metavar="CKPT", help="Checkpoint directory (config.json + model.safetensors)."),
-    fmt: str = typer.Option("all", "--format", help="safetensors|onnx|all."),
-    out_arg: str | None = typer.Option(None, "--out", help="Output directory (default: CKPT/export)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Value dtype of the packed safetensors: fp32|fp16|bf16."),
-    opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 18; the exporter cannot go down to 17)."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare exported logits with PyTorch."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
-    device: str | None = typer.Option(None, "--device", help="Also verify the packed file through the inference "
-                                      "runtime (dense and sparse backends) on this device: cpu, cuda, cuda:N."),
-    json_path: str | None = typer.Option(None, "--json", help="Also write the summary as JSON ('-' = stdout)."),
+    ckpt: Checkpoint,
+    fmt: Annotated[str, typer.Option("--format", help="safetensors|onnx|all.")] = "all",
+    out: Annotated[Path | None, typer.Option("--out", help="Output directory (default: CKPT/export).")] = None,
+    dtype: PackedDtype = "fp32",
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18; the exporter cannot go down to 17).")] = 18,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare exported logits with PyTorch.")] = True,
+    verify_device: Annotated[str | None, typer.Option(
+        "--verify-device", help="Also verify the packed file through the inference runtime (dense and sparse "
+        "backends) on this device: auto, cpu, cuda or cuda:N.")] = None,
+    force: Force = False,
+    json_out: JsonOut = None,
 ) -> None:
     """Export a checkpoint as packed CSR + low-rank safetensors and/or a sparse ONNX graph."""
-    ckpt = Path(ckpt_arg)
     if fmt not in FORMATS:
         raise ChtslError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
     dtype = parse_dtype(dtype)
@@ -153,21 +155,22 @@ def export_command(
         if opset > onnx.defs.onnx_opset_version():
             raise ChtslError(f"--opset {opset} does not exist: the installed onnx knows opsets up to "
                             f"{onnx.defs.onnx_opset_version()}")
-    if device is not None:
+    device = None
+    if verify_device is not None:
         if not verify or fmt not in ("safetensors", "all"):
-            raise ChtslError("--device verifies the packed safetensors: use it with --verify and --format "
+            raise ChtslError("--verify-device verifies the packed safetensors: use it with --verify and --format "
                              "safetensors|all")
-        device = resolve_device(device)
+        device = resolve_device(verify_device, flag="--verify-device")
     from chtsl_infer.formats.model_dir import resolve_model_dir
 
     model_dir = resolve_model_dir(ckpt).require_weights()
-    out = Path(out_arg) if out_arg is not None else ckpt / "export"
+    out = out if out is not None else ckpt / "export"
     if out.parent.is_dir():
         note = recover_output(out)
         if note:
             err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     _check_output(ckpt, out, force)
-    check_output_file(json_path, force)
+    check_output_file(json_out, force)
 
     want_packed, want_onnx = fmt in ("safetensors", "all"), fmt in ("onnx", "all")
     names = ["load checkpoint"] + ["pack safetensors"] * want_packed
@@ -191,7 +194,7 @@ def export_command(
 
         console.print(checks_table(checks))
     write_json({"out": str(out), "dtype": dtype, "files": summary, "verification": [c.to_dict() for c in checks],
-                "written": not failed}, json_path, force)
+                "written": not failed}, json_out, force)
     if failed:
         console.print(f"[bold red]verification failed[/] ({len(failed)} of {len(checks)} checks beyond tolerance); "
                       f"nothing written to {out}")

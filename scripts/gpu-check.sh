@@ -4,7 +4,7 @@
 #   summary.json     one record per step (status ok|failed|timeout|skipped, seconds, limit, last error
 #                    line, key numbers: tokens/s, ratios to dense, peak memory, accuracies), the paper's
 #                    A100 numbers next to ours, and the environment (GPU, torch, CUDA, onnxruntime)
-#   logs/STEP.log    full output of each step;  json/   the JSON each command wrote (--json / --output)
+#   logs/STEP.log    full output of each step;  json/   the JSON each command wrote (--json)
 #
 #   OUT=out bash scripts/gpu-check.sh              # run everything (from the repository root)
 #   bash scripts/gpu-check.sh --dry-run            # print the steps and their commands, run nothing
@@ -62,10 +62,10 @@ DATA_DIR=${DATA_DIR:-$REPO/tests/fixtures}
 # GPU: the issue's protocol. Rehearsal: the same commands at toy sizes on CPU (a few minutes).
 if ((REHEARSE)); then
   DEV=cpu BENCH_DTYPE=float32 LIMIT_SCALE=${GPU_CHECK_LIMIT_SCALE:-6}
-  TINY=(--steps 6 --stop-at 3 --num-layers 2 --seq-len 32 --batch-size 4 --eval-every 6 --save-every 3
+  TINY=(--steps 6 --stop-at 3 --num-layers 2 --seq-len 32 --batch 4 --eval-every 6 --save-every 3
         --update-interval 2 --restart-warmup 1 --ocr-every 2 --eval-tokens 2000)
   TINY_STEPS=6
-  M60=(--steps 3 --batch-size 2 --micro-batch-size 2 --seq-len 32 --num-layers 1 --update-interval 2
+  M60=(--steps 3 --batch 2 --micro-batch 2 --seq-len 32 --num-layers 1 --update-interval 2
        --restart-warmup 1 --eval-tokens 1000)
   M60_STEPS=3
   PAPER=(--batch 2 --seq 16 --steps 2 --warmup 1)
@@ -73,7 +73,7 @@ if ((REHEARSE)); then
   KERNELS=(--shapes llama60m --tokens 1,16 --repeats 2)
   TOPOLOGY=(--presets llama60m --blocks 1 --tokens 64 --repeats 1)
   RTE_LIMIT=(--limit 4)
-  CSR_TRAIN=(--steps 4 --num-layers 2 --seq-len 32 --batch-size 4 --eval-every 4 --save-every 4 --update-interval 2
+  CSR_TRAIN=(--steps 4 --num-layers 2 --seq-len 32 --batch 4 --eval-every 4 --save-every 4 --update-interval 2
              --restart-warmup 1 --ocr-every 2 --eval-tokens 2000)
   CSR_STEPS=4
   DECODE=(--batch 1 --prompt-len 8 --new-tokens 4)
@@ -111,7 +111,7 @@ define_steps() {
     && chtsl train --resume "$W/tiny" --no-progress --json "$J/tiny_train.json" \
     && py "$W/py/check_run.py" "$W/tiny" "$TINY_STEPS" "$J/tiny_train.run.json"'
   step eval_rte 150 'for d in cpu "$DEV"; do chtsl eval "$W/tiny" --tasks rte --data-dir "$DATA_DIR" --device "$d" \
-      "${RTE_LIMIT[@]}" --output "$J/eval_rte_$d.json" --log-samples || exit 1; done \
+      --dtype fp32 "${RTE_LIMIT[@]}" --json "$J/eval_rte_$d.json" --log-samples || exit 1; done \
     && py "$W/py/compare_eval.py" "$J/eval_rte_cpu.json" "$J/eval_rte_$DEV.json" "$J/eval_rte.json"'
   step bench60 150 'chtsl bench --preset llama60m-c4 --backend dense,sparse --device "$DEV" --dtype "$BENCH_DTYPE" \
       "${PAPER[@]}" --json "$J/bench60.json"'
@@ -120,7 +120,7 @@ define_steps() {
   step m60_train 180 'chtsl train --preset llama60m-c4 --data builtin --tokenizer bpe --device "$DEV" --dtype "$BF16" \
       --no-progress --out "$W/m60" "${M60[@]}" --json "$J/m60_train.json" \
     && py "$W/py/check_run.py" "$W/m60" "$M60_STEPS" "$J/m60_train.run.json"'
-  step export 180 'chtsl export "$W/m60" --format all --verify --device "$DEV" --out "$W/m60/export" --force \
+  step export 180 'chtsl export "$W/m60" --format all --verify --verify-device "$DEV" --out "$W/m60/export" --force \
       --json "$J/export.json"'
   step bench_onnx 150 'py "$W/py/ort_cuda.py" "$DEV" || exit 77; chtsl bench "$W/m60/export" \
       --backend onnx,sparse,dense --device "$DEV" --dtype float32 "${ONNX_BENCH[@]}" --json "$J/bench_onnx.json"'
@@ -423,7 +423,7 @@ if problems:
 EOF
 
 cat >"$W/py/compare_eval.py" <<'EOF'
-"""Compares two `chtsl eval --output` results (argv: CPU json, device json, out json): accuracies must
+"""Compares two `chtsl eval --json` results (argv: CPU json, device json, out json): accuracies must
 be equal; also counts per-example predictions that differ and the largest log-likelihood difference."""
 import json
 import sys

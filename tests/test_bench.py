@@ -126,13 +126,23 @@ def test_bench_cuda_unavailable_exits_2(capsys: pytest.CaptureFixture[str]) -> N
 
 
 @pytest.mark.slow  # trains and generates through the CLI
-def test_generate_streams_text_and_reports_speed(tiny_checkpoint: Path) -> None:
-    proc = _run("generate", str(tiny_checkpoint), "--prompt", "The def statement", "--max-new-tokens", "6",
-                "--backend", "sparse")
+def test_generate_streams_text_and_reports_speed(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    proc = _run("generate", str(tiny_checkpoint), "--prompt", "The def statement", "--new-tokens", "6",
+                "--backend", "sparse", "--json", str(tmp_path / "gen.json"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("The def statement")
     assert "tokens/s (backend sparse, fp32)" in proc.stdout
+    report = json.loads((tmp_path / "gen.json").read_text())
+    assert 1 <= report["new_tokens"] <= 6 and report["prompt_tokens"] >= 1
+    assert report["tokens_per_s"] == pytest.approx(report["new_tokens"] / report["seconds"])
+    assert (report["backend"], report["device"], report["dtype"]) == ("sparse", "cpu", "fp32")
+    assert report["text"].strip() in proc.stdout  # the continuation that was streamed
+    # --json -: stdout is the JSON alone (greedy: the same continuation), the streamed text goes to stderr
     proc = _run("generate", str(tiny_checkpoint), "--prompt", "The def statement", "--max-new-tokens", "6",
+                "--backend", "sparse", "--json", "-")  # the old spelling of --new-tokens still parses
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["text"] == report["text"] and proc.stderr.startswith("The def statement")
+    proc = _run("generate", str(tiny_checkpoint), "--prompt", "The def statement", "--new-tokens", "6",
                 "--backend", "sparse", "--dtype", "bf16")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("The def statement") and "tokens/s (backend sparse, bf16)" in proc.stdout
@@ -143,8 +153,9 @@ def test_generate_streams_text_and_reports_speed(tiny_checkpoint: Path) -> None:
     [
         (["--backend", "fast"], "unknown backend 'fast'"),
         (["--backend", "onnx"], "chtsl export"),
-        (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
-        (["--max-new-tokens", "100000"], "exceeds the model's"),
+        (["--new-tokens", "0"], "--new-tokens must be positive"),
+        (["--max-new-tokens", "0"], "--new-tokens must be positive"),  # the old spelling names the new one
+        (["--new-tokens", "100000"], "exceeds the model's"),
         (["--temperature", "-1"], "--temperature must be >= 0"),
         (["--dtype", "int8"], "unknown dtype 'int8'"),
         (["--dtype", "fp16", "--backend", "sparse"], "computes in float32 or bfloat16"),

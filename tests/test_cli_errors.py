@@ -1,9 +1,11 @@
 """Every malformed input through the `chtsl` CLI: exit 2, one `error:` line, no traceback, no data lost.
 
 One table (`CASES`) of malformed command lines over every command (train, plot, export, bench,
-generate, eval, info). Each case runs in-process through `chtsl_infer.cli.main` in a fresh
-workspace holding copies of the session's artifacts (a training checkpoint `run`, a second one
-`run2`, an export `exp`, a corpus, lm-eval data), optionally damaged by the case's `setup`.
+generate, eval, info, sweep), with each command's shared options (chtsl_infer/options.py) and every
+renamed spelling (it parses as the new one, so its error names the new one). Each case runs
+in-process through `chtsl_infer.cli.main` in a fresh workspace holding copies of the session's
+artifacts (a training checkpoint `run`, a second one `run2`, an export `exp`, a corpus, lm-eval
+data), optionally damaged by the case's `setup`.
 Asserted for each: exit code 2, exactly one non-empty line of output (stdout and stderr at the
 file-descriptor level, so library loggers and progress bars count) starting with `error:`, no
 `Traceback`, and every file that existed before the command still there with the same sha256.
@@ -33,17 +35,17 @@ from chtsl_infer.cli import main
 FIXTURE_DATA = Path(__file__).parent / "fixtures"
 
 # Arguments that keep an accidental training run tiny (a case that is not refused trains 2 steps).
-TRAIN = ("train --data {corpus} --tokenizer bpe --vocab-size 512 --num-layers 2 --seq-len 32 --batch-size 4 "
-         "--micro-batch-size 4 --steps 2 --warmup 1 --eval-tokens 500 --no-progress --out {ws}/new")
+TRAIN = ("train --data {corpus} --tokenizer bpe --vocab-size 512 --num-layers 2 --seq-len 32 --batch 4 "
+         "--micro-batch 4 --steps 2 --warmup 1 --eval-tokens 500 --no-progress --out {ws}/new")
 RESUME = "train --resume {run} --no-progress"
 RESUME_3 = RESUME + " --steps 3"
 PPL = "eval {run} --perplexity --max-tokens 200 --device cpu"
 PPL_ONNX = "eval {exp} --perplexity --max-tokens 200 --backend onnx --device cpu"
 EXPORT = "export {run} --out {ws}/e2"
 EXPORT_ST = EXPORT + " --format safetensors"
-GENERATE = "generate {run} --prompt hi --max-new-tokens 2"
+GENERATE = "generate {run} --prompt hi --new-tokens 2"
 GENERATE_DENSE = GENERATE + " --backend dense"
-GENERATE_EXP = "generate {exp} --prompt hi --max-new-tokens 2"
+GENERATE_EXP = "generate {exp} --prompt hi --new-tokens 2"
 GENERATE_ONNX = GENERATE_EXP + " --backend onnx"
 TASKS = "eval {run} --tasks rte --data-dir {data} --limit 2 --device cpu"
 
@@ -199,8 +201,11 @@ CASES: list[Case] = [
     Case("train-steps-negative", TRAIN + " --steps -5", expect="--steps"),
     Case("train-steps-not-int", TRAIN + " --steps abc", expect="--steps"),
     Case("train-unknown-option", TRAIN + " --stepz 3", expect="--stepz"),
-    Case("train-batch-size-0", TRAIN + " --batch-size 0", expect="--batch-size"),
-    Case("train-micro-batch-0", TRAIN + " --micro-batch-size 0", expect="--micro-batch-size"),
+    Case("train-batch-0", TRAIN + " --batch 0", expect="--batch must"),
+    Case("train-batch-size-0", TRAIN + " --batch-size 0", expect="--batch must"),  # old spelling: the new name
+    Case("train-micro-batch-0", TRAIN + " --micro-batch 0", expect="--micro-batch must"),
+    Case("train-micro-batch-size-0", TRAIN + " --micro-batch-size 0", expect="--micro-batch must"),
+    Case("train-batch-not-int", TRAIN + " --batch-size four", expect="--batch"),
     Case("train-seq-len-0", TRAIN + " --seq-len 0", expect="--seq-len"),
     Case("train-eval-every-0", TRAIN + " --eval-every 0", expect="--eval-every"),
     Case("train-save-every-negative", TRAIN + " --save-every -1", expect="--save-every"),
@@ -228,7 +233,7 @@ CASES: list[Case] = [
     Case("train-lowrank-lr-scale-zero", TRAIN + " --lowrank-lr-scale 0", expect="--lowrank-lr-scale"),
     Case("train-lowrank-init-scale-nan", TRAIN + " --lowrank-init-scale nan", expect="--lowrank-init-scale"),
     Case("train-s-total-2", TRAIN + " --s-total 2"),
-    Case("train-device-tpu", TRAIN + " --device tpu", expect="tpu"),
+    Case("train-device-tpu", TRAIN + " --device tpu", expect="--device 'tpu'"),
     Case("train-dtype-fp64", TRAIN + " --dtype fp64", expect="fp64"),
     Case("train-preset-unknown", TRAIN + " --preset nope", expect="nope"),
     Case("train-method-unknown", TRAIN + " --method nope", expect="nope"),
@@ -269,6 +274,9 @@ CASES: list[Case] = [
     Case("plot-out-is-file", "plot {run} --out {ws}/afile", _file("afile"), expect="afile"),
     Case("plot-out-read-only", "plot {run} --out " + READ_ONLY + "/sub", _read_only_dir, expect="--out"),
     Case("plot-metrics-garbage", "plot {run}", _write("run/metrics.jsonl", "{oops\n"), expect="metrics.jsonl"),
+    Case("plot-json-onto-config", "plot {run} --out {ws}/p --json {run}/config.json", expect="--json"),
+    Case("plot-json-existing-file", "plot {run} --out {ws}/p --json {ws}/afile", _file("afile"), expect="--force"),
+    Case("plot-json-is-dir", "plot {run} --out {ws}/p --json {ws}", expect="directory"),
     # ---- export
     Case("export-out-into-trainer-state", "export {run} --out {run}/trainer_state --force", expect="--force"),
     Case("export-force-onto-checkpoint", "export {run} --out {run2} --force", expect="--force"),
@@ -281,6 +289,10 @@ CASES: list[Case] = [
     Case("export-opset-low", EXPORT + " --opset 7", expect="opset"),
     Case("export-format-unknown", EXPORT + " --format gguf", expect="gguf"),
     Case("export-dtype-unknown", EXPORT + " --dtype int4", expect="int4"),
+    Case("export-verify-device-tpu", EXPORT + " --verify-device tpu", expect="--verify-device 'tpu'"),
+    Case("export-device-old-spelling", EXPORT + " --device tpu", expect="--verify-device 'tpu'"),
+    Case("export-verify-device-no-verify", EXPORT + " --verify-device cpu --no-verify", expect="--verify-device"),
+    Case("export-json-existing-file", EXPORT + " --json {ws}/afile", _file("afile"), expect="--force"),
     Case("export-config-heads-0", EXPORT_ST,
          _config("run/config.json", num_attention_heads=0), expect="num_attention_heads"),
     Case("export-config-hidden-negative", EXPORT_ST,
@@ -297,8 +309,14 @@ CASES: list[Case] = [
     Case("generate-temperature-nan", "generate {run} --prompt hi --temperature nan", expect="--temperature"),
     Case("generate-temperature-inf", "generate {run} --prompt hi --temperature inf", expect="--temperature"),
     Case("generate-temperature-negative", "generate {run} --prompt hi --temperature -1", expect="--temperature"),
-    Case("generate-max-new-0", "generate {run} --prompt hi --max-new-tokens 0", expect="--max-new-tokens"),
-    Case("generate-device-tpu", "generate {run} --prompt hi --device tpu", expect="tpu"),
+    Case("generate-new-tokens-0", "generate {run} --prompt hi --new-tokens 0", expect="--new-tokens must"),
+    Case("generate-max-new-0", "generate {run} --prompt hi --max-new-tokens 0", expect="--new-tokens must"),
+    Case("generate-new-tokens-beyond-positions", "generate {run} --prompt hi --max-new-tokens 100000",
+         expect="--new-tokens 100000"),
+    Case("generate-device-tpu", "generate {run} --prompt hi --device tpu", expect="--device 'tpu'"),
+    Case("generate-json-onto-config", GENERATE + " --json {run}/config.json", expect="--json"),
+    Case("generate-json-existing-file", GENERATE + " --json {ws}/afile", _file("afile"), expect="--force"),
+    Case("generate-no-ckpt", "generate --prompt hi", expect="ckpt"),
     Case("generate-no-prompt", "generate {run}", expect="--prompt"),
     Case("generate-dtype-unknown", "generate {run} --prompt hi --dtype int8", expect="int8"),
     Case("generate-dtype-fp16-sparse", "generate {run} --prompt hi --backend sparse --dtype fp16",
@@ -314,13 +332,19 @@ CASES: list[Case] = [
     Case("generate-packed-nan", GENERATE_EXP + " --backend dense",
          _edit_tensors("exp/model.safetensors", _nan("lm_head.weight")), expect="non-finite"),
     # ---- eval
-    Case("eval-output-onto-config", PPL + " --output {run}/config.json", expect="config.json"),
-    Case("eval-output-onto-weights", PPL + " --output {exp}/model.safetensors", expect="model.safetensors"),
+    Case("eval-json-onto-config", PPL + " --json {run}/config.json", expect="config.json"),
+    Case("eval-json-onto-weights", PPL + " --json {exp}/model.safetensors", expect="model.safetensors"),
+    Case("eval-json-existing-file", PPL + " --json {ws}/afile", _file("afile"), expect="--force"),
+    Case("eval-json-is-dir", PPL + " --json {ws}", expect="directory"),
+    Case("eval-output-onto-config", PPL + " --output {run}/config.json", expect="--json"),  # the old spelling
     Case("eval-output-existing-file", PPL + " --output {ws}/afile", _file("afile"), expect="--force"),
-    Case("eval-output-is-dir", PPL + " --output {ws}", expect="directory"),
-    Case("eval-device-tpu", PPL.replace("--device cpu", "--device tpu"), expect="tpu"),
+    Case("eval-device-tpu", PPL.replace("--device cpu", "--device tpu"), expect="--device 'tpu'"),
+    Case("eval-dtype-unknown", PPL + " --dtype int8", expect="int8"),
+    Case("eval-perplexity-dtype-bf16", PPL + " --dtype bf16", expect="--dtype is for --tasks"),
+    Case("eval-no-ckpt", "eval --perplexity --device cpu", expect="missing ckpt"),
     Case("eval-task-unknown", "eval {run} --tasks nope --device cpu", expect="nope"),
-    Case("eval-batch-size-0", TASKS + " --batch-size 0", expect="--batch-size"),
+    Case("eval-batch-0", TASKS + " --batch 0", expect="--batch must"),
+    Case("eval-batch-size-0", TASKS + " --batch-size 0", expect="--batch must"),  # old spelling: the new name
     Case("eval-label-out-of-range", TASKS, _task_rows([{**RTE, "label": 7}]), expect="label"),
     Case("eval-label-string", TASKS, _task_rows([{**RTE, "label": "yes"}]), expect="label"),
     Case("eval-sentence-null", TASKS, _task_rows([{**RTE, "label": 0, "sentence1": None}]), expect="sentence1"),
@@ -331,7 +355,10 @@ CASES: list[Case] = [
     Case("bench-batch-0", "bench --preset tiny --batch 0", expect="--batch"),
     Case("bench-seq-beyond-positions", "bench {run} --seq 100000 --device cpu", expect="--seq"),
     Case("bench-json-onto-config", "bench --preset tiny --json {run}/config.json", expect="--json"),
-    Case("bench-device-tpu", "bench --preset tiny --device tpu", expect="tpu"),
+    Case("bench-device-tpu", "bench --preset tiny --device tpu", expect="--device 'tpu'"),
+    Case("bench-dtype-unknown", "bench --preset tiny --dtype int8", expect="int8"),
+    Case("bench-new-tokens-0", "bench --preset tiny --mode decode --new-tokens 0", expect="--new-tokens"),
+    Case("bench-json-existing-file", "bench --preset tiny --json {ws}/afile", _file("afile"), expect="--force"),
     Case("bench-backend-unknown", "bench --preset tiny --backend gpu9", expect="gpu9"),
     # ---- info
     Case("info-preset-unknown", "info --preset nope", expect="nope"),
@@ -339,6 +366,16 @@ CASES: list[Case] = [
     Case("info-rank-negative", "info --rank -1", expect="rank"),
     Case("info-sparsity-1", "info --sparsity 1.5", expect="sparsity"),
     Case("info-s-total-nan", "info --s-total nan", expect="s_total"),
+    Case("info-json-onto-config", "info --json {run}/config.json", expect="--json"),
+    Case("info-json-existing-file", "info --json {ws}/afile", _file("afile"), expect="--force"),
+    # ---- sweep (refused before any run or print)
+    Case("sweep-no-out", "sweep --preset tiny", expect="--out"),
+    Case("sweep-alternative-unknown", "sweep --out {ws}/sw --alternative both", expect="--alternative"),
+    Case("sweep-json-onto-config", "sweep --out {ws}/sw --print-commands --json {run}/config.json", expect="--json"),
+    Case("sweep-json-existing-file", "sweep --out {ws}/sw --print-commands --json {ws}/afile", _file("afile"),
+         expect="--force"),
+    Case("sweep-report-json-is-dir", "sweep --report {ws}/nothing --json {ws}", expect="directory"),
+    Case("sweep-forwarded-unknown", "sweep --out {ws}/sw --print-commands --stepz 3", expect="--stepz"),
     Case("no-such-command", "trian --steps 3", expect="trian"),
     # ---- the same damage under several commands
     *_under({"resume-model": RESUME_3, "export": EXPORT, "generate": GENERATE, "eval-ppl": PPL},
@@ -437,4 +474,4 @@ def test_table_size() -> None:
     """The issue asks for at least 60 malformed inputs, over every command."""
     assert len(CASES) >= 60
     commands = {c.argv.split()[0] for c in CASES}
-    assert {"train", "plot", "export", "bench", "generate", "eval", "info"} <= commands
+    assert {"train", "plot", "export", "bench", "generate", "eval", "info", "sweep"} <= commands

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ("info", "train", "plot", "export", "bench", "generate", "eval")
+COMMANDS = ("info", "train", "plot", "export", "bench", "generate", "eval", "sweep")
 HEAVY = ("torch", "transformers", "datasets", "lm_eval", "onnx", "onnxruntime", "numpy")
 
 

@@ -91,9 +91,9 @@ def test_half_precision_export(flag: str, ckpt: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flag", ["fp32", "bf16"])
 def test_runtime_verification_on_a_device(flag: str, ckpt: Path, tmp_path: Path) -> None:
-    """`--device` adds the inference runtime's dense and sparse backends to the checks (CPU here;
-    the GPU check runs it with `--device cuda`)."""
-    code, out, _ = run_cli(["export", str(ckpt), "--format", "safetensors", "--dtype", flag, "--device", "cpu",
+    """`--verify-device` adds the inference runtime's dense and sparse backends to the checks (CPU here;
+    the GPU check runs it with `--verify-device cuda`)."""
+    code, out, _ = run_cli(["export", str(ckpt), "--format", "safetensors", "--dtype", flag, "--verify-device", "cpu",
                             "--out", str(tmp_path / "out"), "--json", str(tmp_path / "s.json")])
     assert code == 0, out
     checks = json.loads((tmp_path / "s.json").read_text())["verification"]
@@ -135,10 +135,11 @@ def test_existing_output_needs_force(ckpt: Path, tmp_path: Path) -> None:
         (["--format", "tflite"], "unknown format"),
         (["--dtype", "int8"], "unknown dtype"),
         (["--opset", "17"], "opset must be >= 18"),
-        (["--device", "tpu"], "unknown device 'tpu'"),
-        (["--device", "cpu", "--no-verify"], "--device verifies the packed safetensors"),
-        (["--device", "cpu", "--format", "onnx"], "--device verifies the packed safetensors"),
-        *([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []),
+        (["--verify-device", "tpu"], "unknown --verify-device 'tpu'"),
+        (["--device", "tpu"], "unknown --verify-device 'tpu'"),  # the old spelling, read as the new one
+        (["--verify-device", "cpu", "--no-verify"], "--verify-device verifies the packed safetensors"),
+        (["--verify-device", "cpu", "--format", "onnx"], "--verify-device verifies the packed safetensors"),
+        *([(["--verify-device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []),
     ],
 )
 def test_bad_options(args: list[str], fragment: str, ckpt: Path, tmp_path: Path) -> None:

@@ -197,9 +197,10 @@ def test_restart_skips_finished_and_resumes_interrupted(sweep_dir, data, tmp_pat
 def test_print_commands_run_as_printed(sweep_dir, data, tmp_path, capsys) -> None:
     out = tmp_path / "jobs"
     capsys.readouterr()
-    assert run_cli([*sweep_argv(out, data), "--print-commands"]) == 0
+    assert run_cli([*sweep_argv(out, data), "--print-commands", "--json", str(tmp_path / "jobs.json")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("chtsl train ") for line in lines)
+    assert json.loads((tmp_path / "jobs.json").read_text()) == {"commands": lines}
     assert not out.exists()  # printing writes nothing
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -210,9 +211,10 @@ def test_print_commands_run_as_printed(sweep_dir, data, tmp_path, capsys) -> Non
         assert r.returncode == 0, r.stderr[-2000:]
         cell = Path(shlex.split(line)[shlex.split(line).index("--out") + 1])
         assert computed(step_records(cell)) == computed(step_records(sweep_dir / cell.name))  # bit for bit
-    assert run_cli(["sweep", "--report", str(out), "--no-figures"]) == 0
+    assert run_cli(["sweep", "--report", str(out), "--no-figures", "--json", str(tmp_path / "report.json")]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["counts"] == {"done": 2} and report["pairs"][0]["n"] == 1
+    assert json.loads((tmp_path / "report.json").read_text()) == report  # --json: the report it printed
 
 
 @pytest.mark.slow  # uses the module's sweep of `chtsl train` cells

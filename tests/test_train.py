@@ -77,11 +77,13 @@ def test_chtsl_run_end_to_end(tmp_path) -> None:
 
     assert model.trainable_linear_params() == budget_report(model.config)["totals"]["trainable_linear_params"]
 
-    # chtsl plot
+    # chtsl plot: the PNGs, and --json lists them
     with pytest.raises(SystemExit) as e:
-        main(["plot", str(out), "--out", str(tmp_path / "plots")])
+        main(["plot", str(out), "--out", str(tmp_path / "plots"), "--json", str(tmp_path / "plots.json")])
     assert e.value.code in (0, None)
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"loss.png", "val_ppl.png", "ocr.png"}
+    written = json.loads((tmp_path / "plots.json").read_text())
+    assert sorted(written["files"]) == sorted(str(p) for p in (tmp_path / "plots").iterdir())
 
 
 @pytest.mark.slow  # a short training run per method

@@ -43,7 +43,7 @@ def test_publish_dir_swaps_whole_directories(tmp_path: Path) -> None:
 def test_resolve_device() -> None:
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ChtslError, match="unknown device 'tpu'"):
+    with pytest.raises(ChtslError, match="unknown --device 'tpu'"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ChtslError, match="no CUDA device"):

@@ -48,8 +48,9 @@ class TrainArgs:
     warmup: int | None = setting(None, "LR warm-up iterations.", preset="warmup")
     lr: float | None = setting(None, "Peak learning rate.")  # the preset's lr or dense_lr: resolve_args
     min_lr_ratio: float | None = setting(None, "Final LR / peak LR of the cosine.", cli=False, preset="min_lr_ratio")
-    batch_size: int | None = setting(None, "Global batch size in sequences.", preset="batch_size")
-    micro_batch_size: int | None = setting(None, "Sequences per forward per rank.")  # resolve_args
+    batch_size: int | None = setting(None, "Global batch size in sequences.", flag="--batch", preset="batch_size")
+    micro_batch_size: int | None = setting(None, "Sequences per forward per rank.",
+                                            flag="--micro-batch")  # resolve_args
     seq_len: int | None = setting(None, "Tokens per sequence.", preset="seq_len")
     update_interval: int | None = setting(None, "ΔT between topology updates.", preset="update_interval")
     restart_warmup: int | None = setting(None, "LR warm-up after each update.", preset="restart_warmup")
@@ -86,7 +87,9 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """The CLI spelling of the TrainArgs field `name` (its `flag`, else `--field-name`)."""
+    flag = TrainArgs.__dataclass_fields__[name].metadata["flag"]
+    return flag or "--" + name.replace("_", "-")
 
 
 def check_args(args: TrainArgs) -> None:

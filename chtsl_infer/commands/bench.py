@@ -39,10 +39,11 @@ from typing import Annotated, Any
 
 import typer
 
-from chtsl_infer.console import check_output_file, console, write_json
+from chtsl_infer.console import check_output_file, console, json_on_stdout, write_json
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.formats.model_dir import resolve_model_dir
 from chtsl_infer.model.methods import DEFAULT_METHOD, DENSE, METHOD_CHOICES, METHODS
+from chtsl_infer.options import Batch, Device, Dtype, Force, JsonOut, NewTokens, OptionalCheckpoint
 from chtsl_infer.utils import inference_dtype, resolve_device, torch_dtype
 
 MODES = ("forward", "decode")
@@ -305,28 +306,29 @@ def _split(text: str) -> list[str]:
 
 
 def bench_command(
-    ckpt: Annotated[Path | None, typer.Argument(help="Checkpoint or export dir (omitted: random preset).")] = None,
+    ckpt: OptionalCheckpoint = None,
     mode: Annotated[str, typer.Option(help="forward (full-sequence logits) or decode (prefill + KV-cache "
                                            "generation).")] = "forward",
-    preset: Annotated[str, typer.Option(help="Preset when no CKPT is given.")] = "llama60m-c4",
+    preset: Annotated[str, typer.Option(help="Preset when no CKPT is given (random weights).")] = "llama60m-c4",
     s_total: Annotated[float, typer.Option("--s-total", help="Total sparsity of the preset's linears.")] = 0.9,
     method: Annotated[str, typer.Option(help=f"Preset model method: {METHOD_CHOICES}.")] = DEFAULT_METHOD,
-    batch: Annotated[int, typer.Option(help="Sequences per forward.")] = 128,
+    batch: Batch = 128,
     seq: Annotated[int | None, typer.Option(help="Tokens per sequence (CPU 32, CUDA 256); forward mode.")] = None,
     prompt_len: Annotated[int, typer.Option("--prompt-len", help="Prompt tokens per sequence; decode mode.")] = 128,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Decoded tokens per sequence; decode mode.")] = 64,
+    new_tokens: NewTokens = 64,
     steps: Annotated[int | None, typer.Option(help="Timed steps (CPU 3, CUDA 20; paper 5000); decode: "
                                                    "repetitions (CPU 1, CUDA 3).")] = None,
     warmup: Annotated[int | None, typer.Option(help="Warm-up steps (CPU 1, CUDA 5).")] = None,
     backend: Annotated[str, typer.Option(help="Backend(s), comma-separated: auto, dense, sparse, onnx.")] = "auto",
     compare: Annotated[str, typer.Option(help="Other methods of the shape, e.g. cola,sltrain.")] = "",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (auto: cuda when available).")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: CPU fp32, CUDA bf16).")] = "auto",
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    json_out: JsonOut = None,
     timeout: Annotated[float, typer.Option(help="Seconds allowed per configuration.")] = 1800.0,
-    force: Annotated[bool, typer.Option("--force", help="Let --json replace an existing file.")] = False,
+    force: Force = False,
 ) -> None:
-    """Tokens/s and peak memory per backend, as ratios to the dense model of the same shape."""
+    """Tokens/s and peak memory per backend, as ratios to the dense model of the same shape (of CKPT, or
+    without it of a random-weight --preset model)."""
     from chtsl_infer.runtime.backends import BACKENDS, check_backend_dtype
 
     if mode not in MODES:
@@ -341,7 +343,7 @@ def bench_command(
         raise ChtslError(f"--warmup must be >= 0, got {warmup}")
     if not (math.isfinite(timeout) and timeout > 0):
         raise ChtslError(f"--timeout must be a positive number of seconds, got {timeout}")
-    check_output_file(json_path, force)
+    check_output_file(json_out, force)
     device = resolve_device(device)
     dtype = inference_dtype(dtype, device)
     backends = _split(backend) or ["auto"]
@@ -415,8 +417,9 @@ def bench_command(
         r["peak_memory_ratio"] = r["peak_memory_bytes"] / base["peak_memory_bytes"]
         r["peak_tensor_ratio"] = r["peak_tensor_bytes"] / max(base["peak_tensor_bytes"], 1)
         r["model_memory_ratio"] = r["model_bytes"] / base["model_bytes"]
-    (_print_decode_table if decode else _print_table)(results, common)
-    write_json({"settings": common, "results": results}, json_path, force)
+    with json_on_stdout(json_out):
+        (_print_decode_table if decode else _print_table)(results, common)
+    write_json({"settings": common, "results": results}, json_out, force)
 
 
 def _print_table(results: list[dict[str, Any]], settings: dict[str, Any]) -> None:

@@ -4,28 +4,31 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from chtsl_infer.console import console
+from chtsl_infer.console import check_output_file, console, json_on_stdout, write_json
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.formats.model_dir import resolve_model_dir
+from chtsl_infer.options import Checkpoint, Device, Dtype, Force, JsonOut, NewTokens
 from chtsl_infer.utils import inference_dtype, resolve_device, torch_dtype
 
 
 def generate_command(
-    ckpt: Annotated[Path, typer.Argument(help="Checkpoint or export directory (with its tokenizer).")],
+    ckpt: Checkpoint,
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")] = 64,
+    new_tokens: NewTokens = 64,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
     backend: Annotated[str, typer.Option(help="auto, dense, sparse or onnx.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (auto: cuda when available).")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: CPU fp32, CUDA bf16).")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    json_out: JsonOut = None,
+    force: Force = False,
 ) -> None:
-    """Streams generated text (prefill, then one token per step with a KV cache) and prints tokens/s."""
+    """Streams generated text (prefill, then one token per step with a KV cache) and prints tokens/s.
+    The checkpoint or export must hold its tokenizer; at most --new-tokens are generated (fewer at EOS)."""
     import torch
     from transformers import TextStreamer
 
@@ -34,10 +37,11 @@ def generate_command(
 
     if backend not in BACKENDS:
         raise ChtslError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if max_new_tokens <= 0:
-        raise ChtslError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if new_tokens <= 0:
+        raise ChtslError(f"--new-tokens must be positive, got {new_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ChtslError(f"--temperature must be >= 0 and finite (0: greedy), got {temperature}")
+    check_output_file(json_out, force)
     device = resolve_device(device)
     dtype = inference_dtype(dtype, device)
     check_backend_dtype(backend, device, dtype)
@@ -48,15 +52,20 @@ def generate_command(
     if ids.shape[1] == 0:
         raise ChtslError("--prompt encodes to no tokens")
     limit = rt.config.max_position_embeddings
-    if ids.shape[1] + max_new_tokens > limit:
-        raise ChtslError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
+    if ids.shape[1] + new_tokens > limit:
+        raise ChtslError(f"prompt ({ids.shape[1]} tokens) + --new-tokens {new_tokens} exceeds the "
                         f"model's {limit} positions")
     torch.manual_seed(seed)
-    streamer = TextStreamer(tokenizer, skip_prompt=False)
-    start = time.perf_counter()
-    out = rt.generate(ids, max_new_tokens, temperature, streamer=streamer, eos_token_id=tokenizer.eos_token_id)
-    seconds = time.perf_counter() - start
-    new = out.shape[1] - ids.shape[1]
-    console.print()
-    console.print(f"{new} tokens in {seconds:.2f} s: {new / seconds:.1f} tokens/s (backend {rt.backend}, {dtype})",
+    with json_on_stdout(json_out):
+        streamer = TextStreamer(tokenizer, skip_prompt=False)
+        start = time.perf_counter()
+        out = rt.generate(ids, new_tokens, temperature, streamer=streamer, eos_token_id=tokenizer.eos_token_id)
+        seconds = time.perf_counter() - start
+        new = out.shape[1] - ids.shape[1]
+        console.print()
+        console.print(f"{new} tokens in {seconds:.2f} s: {new / seconds:.1f} tokens/s (backend {rt.backend}, {dtype})",
                       highlight=False)
+    write_json({"prompt": prompt, "text": tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True),
+                "prompt_tokens": ids.shape[1], "new_tokens": new, "seconds": seconds, "tokens_per_s": new / seconds,
+                "backend": rt.backend, "device": device, "dtype": dtype, "temperature": temperature, "seed": seed},
+               json_out, force)

@@ -78,10 +78,11 @@ def _train_click_command():
     """The click command behind `chtsl train` (to parse forwarded options exactly as `train` does)."""
     import typer
 
+    from chtsl_infer.options import context_settings
     from train.command import train_command
 
     app = typer.Typer(add_completion=False)
-    app.command()(train_command)
+    app.command(context_settings=context_settings("train"))(train_command)  # old spellings parse too
     return typer.main.get_command(app)
 
 
