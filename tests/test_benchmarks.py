@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +36,59 @@ def test_train_step_benchmark_reports_every_configuration(tmp_path) -> None:
         assert (r["topology_share"] is not None) == (r["method"] == "chtsl")
 
 
-@pytest.mark.parametrize("script,args", [
-    ("model.py", ["--preset", "tiny", "--batch", "2", "--seq", "8", "--rounds", "1", "--threads", "1"]),
-    ("kernels.py", ["--shapes", "llama60m", "--tokens", "1,16", "--repeats", "1", "--threads", "1"]),
-])
-def test_benchmark_script_runs(script: str, args: list[str]) -> None:
-    assert "dense" in _run(script, *args)
+def _ratio_fits(ratio: float, num: float, den: float, digits: int, ratio_digits: int = 2) -> bool:
+    """Whether a printed `ratio` (to `ratio_digits` decimals) is num/den for some values that print as
+    `num` and `den` (to `digits` decimals): the interval the rounding leaves."""
+    half, r_half = 0.5 * 10.0**-digits, 0.5 * 10.0**-ratio_digits
+    low = (num - half) / (den + half)
+    high = (num + half) / (den - half) if den > half else math.inf
+    return low - r_half <= ratio <= high + r_half
+
+
+def test_model_benchmark_prints_consistent_numbers() -> None:
+    """benchmarks/model.py on the tiny preset, one round: every row's ratios follow from its own
+    columns, and the resident sizes from the parameter counts (dense: every weight in fp32; CHTsL
+    on the dense backend: S densified plus A and B, counted by `chtsl info`'s budget)."""
+    from chtsl_infer.commands.info import budget_report
+    from chtsl_infer.model.presets import build_config
+
+    out = _run("model.py", "--preset", "tiny", "--batch", "2", "--seq", "8", "--rounds", "1", "--threads", "1")
+    assert "batch 2 × seq 8 = 16 tokens/forward, 1 threads, 1 interleaved rounds" in out
+    rows = {}
+    for line in out.splitlines():
+        m = re.fullmatch(r"(.+?\])\s+([\d.]+)\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)",
+                         line.strip())
+        if m:
+            rows[m[1]] = [float(x.replace(",", "")) for x in m.groups()[1:]]
+    assert set(rows) == {"dense model [dense]", "chtsl [sparse]", "chtsl [dense]", "dense model [transformers]"}
+    base = rows["dense model [dense]"]
+    for name, (median, best, tps, x_dense, best_x, mib, mib_x) in rows.items():
+        assert 0 < best <= median + 5e-4 and tps > 0
+        assert best_x == x_dense  # one round: its best is its median
+        assert _ratio_fits(x_dense, tps, base[2], digits=0), name  # time ratio = tokens/s ratio
+        assert _ratio_fits(mib_x, mib, base[5], digits=1, ratio_digits=3), name  # size ratio from the sizes
+    assert base[3] == 1.0 and base[6] == 1.0
+    dense = build_config("tiny", method="dense")
+    h, f, n, v = dense.hidden_size, dense.intermediate_size, dense.num_hidden_layers, dense.vocab_size
+    weights = v * h * (1 if dense.tie_word_embeddings else 2) + n * (4 * h * h + 3 * h * f + 2 * h) + h
+    assert abs(base[5] - 4 * weights / 2**20) <= 0.06
+    assert abs(rows["dense model [transformers]"][5] - base[5]) <= 0.06
+    lowrank = sum(r["a_params"] + r["b_params"] for r in budget_report(build_config("tiny", s_total=0.9))["layers"])
+    assert abs(rows["chtsl [dense]"][5] - 4 * (weights + lowrank) / 2**20) <= 0.06
+    assert rows["chtsl [sparse]"][6] < 1  # the packed CSR model is smaller than the dense one
+
+
+def test_kernel_benchmark_prints_consistent_numbers() -> None:
+    """benchmarks/kernels.py on the 60M shapes (LLaMA-60M: hidden 512, MLP 1376), one repeat: every
+    layer × token count × candidate once, and each ratio is the dense time over the candidate's."""
+    out = _run("kernels.py", "--shapes", "llama60m", "--tokens", "1,16", "--repeats", "1", "--threads", "1")
+    assert "threads 1, density 0.05, repeats 1" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("llama60m ")]
+    assert sorted((r[1], r[2], int(r[3]), r[5]) for r in rows) == sorted(
+        (layer, shape, t, candidate)
+        for layer, shape in (("q_proj", "512×512"), ("gate_proj", "1376×512"), ("down_proj", "512×1376"))
+        for t in (1, 16) for candidate in ("c-kernel", "torch-csr"))
+    for r in rows:
+        dense_ms, median_ms, best_ms, x_median, x_best = (float(x) for x in (r[4], *r[6:10]))
+        assert dense_ms > 0 and median_ms == best_ms and x_median == x_best, r  # one repeat: median = best
+        assert _ratio_fits(x_median, dense_ms, median_ms, digits=3), r

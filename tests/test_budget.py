@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -42,9 +43,39 @@ def test_info_counts_equal_model_entries(method: str) -> None:
     assert report["totals"]["other_params"] == total
 
 
-def test_info_table_prints() -> None:
-    code, out, _ = run_cli(["info", "--preset", "llama130m-owt", "--s-total", "0.8"])
-    assert code == 0 and "q_proj" in out and "s_total" in out
+def test_info_table_prints_the_budget(tmp_path) -> None:
+    """`chtsl info`'s table read back, against LLaMA-130M's architecture (hidden 768, MLP 2048, 12 blocks,
+    a 32,000-token vocabulary, untied lm_head): per layer type dense = out·in·L, A = r·in·L, B = out·r·L and
+    S = (1 − s)·dense; the caption's totals from the rows and the requested s_total; --json the same numbers."""
+    code, out, _ = run_cli(["info", "--preset", "llama130m-owt", "--s-total", "0.8", "--json",
+                            str(tmp_path / "r.json")])
+    assert code == 0
+    layers, h, f, vocab = 12, 768, 2048, 32000
+    rows = {}
+    for line in out.splitlines():
+        m = re.fullmatch(r"(\w+_proj)\s+(\d+)×(\d+)\s+([\d.]+)\s+(\d+)" + r"\s+([\d,]+)" * 4, line.strip())
+        if m:
+            counts = (int(x.replace(",", "")) for x in m.groups()[5:])  # S, A, B, dense
+            rows[m[1]] = (int(m[2]), int(m[3]), float(m[4]), int(m[5]), *counts)
+    assert {k: v[:2] for k, v in rows.items()} == {
+        "q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h),
+        "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
+    for name, (n_out, n_in, s, r, sparse, a, b, dense) in rows.items():
+        assert dense == n_out * n_in * layers and a == r * n_in * layers and b == n_out * r * layers, name
+        assert abs(sparse - (1 - s) * dense) <= 5e-4 * dense, name  # s printed to 3 decimals
+    caption = " ".join(out.split())  # the caption wraps at the console's width
+    m = re.search(r"dense linear params ([\d,]+) · trainable linear params ([\d,]+) \(([\d.]+)×\) · "
+                  r"s_total ([\d.]+) · .* embeddings\+lm_head\+norms ([\d,]+)", caption)
+    assert m, caption
+    total_dense, trainable, ratio, s_total, other = (float(x.replace(",", "")) for x in m.groups())
+    assert total_dense == sum(r[7] for r in rows.values())
+    assert trainable == sum(r[4] + r[5] + r[6] for r in rows.values())
+    assert ratio == round(trainable / total_dense, 3) and s_total == round(1 - trainable / total_dense, 4)
+    assert abs(s_total - 0.8) <= 0.005  # the requested total sparsity (the paper's Table 5 row)
+    assert other == 2 * vocab * h + (2 * layers + 1) * h  # embeddings, lm_head, 2 norms per block + the final
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["type"], r["sparse_params"], r["a_params"], r["b_params"]) for r in report["layers"]] == [
+        (k, v[4], v[5], v[6]) for k, v in rows.items()]
 
 
 def test_info_table_fits_80_columns_untruncated(monkeypatch) -> None:
