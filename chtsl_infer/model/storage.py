@@ -389,7 +389,7 @@ DEFAULT_STORAGE = "masked"
 CHOICES = ("auto", *STORAGES)
 #: auto picks csr on CPU at or below this density of S (d_c = 1 − s) when the compiled kernels are
 #: available: the paper's CHTsL density (s = 0.95), where benchmarks/train_step.py compares the
-#: storages end to end (README, "Sparse storage in training"); denser S is not measured, so masked.
+#: storages end to end (docs/performance.md §4); denser S is not measured, so masked.
 AUTO_CSR_MAX_DENSITY = 0.05
 
 
