@@ -9,7 +9,7 @@ from typing import Annotated, Any, get_type_hints
 
 import typer
 
-from chtsl_infer.console import check_output_dir, check_output_file, json_on_stdout, write_json
+from chtsl_infer.console import check_output_dir, check_output_file, console, json_on_stdout, write_json
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.options import Checkpoint, Device, Force, JsonOut
 from train.args import TrainArgs
@@ -69,7 +69,6 @@ def plot_command(
 ) -> None:
     """Loss / validation-perplexity curves and the OCR-over-steps grid (paper Figure 2) of a training
     checkpoint (its metrics.jsonl) as PNGs."""
-    from chtsl_infer.console import console
     from train.plot import plot_run
 
     if not (ckpt / "metrics.jsonl").is_file():
