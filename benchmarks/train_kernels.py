@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from chtsl_infer import kernels  # noqa: E402
+from chtsl_infer.kernels import build  # noqa: E402
 from chtsl_infer.model.csr import CsrStructure, csr_linear, mask_to_csr  # noqa: E402
 from chtsl_infer.model.presets import get_preset  # noqa: E402
 
@@ -115,12 +116,12 @@ def main() -> None:
                 }
                 if not args.no_torch:
                     def torch_path(x=x, values=values, st=st, dy=dy) -> None:
-                        saved = kernels._use_compiled
-                        kernels._use_compiled = lambda *t: None  # force the torch sparse-op path
+                        saved = build.library
+                        build.library = lambda: (None, "torch path")  # force the torch sparse ops
                         try:
                             csr_linear(x, values, st).backward(dy)
                         finally:
-                            kernels._use_compiled = saved
+                            build.library = saved
                     fns["torch"] = torch_path
                 times = {k: stat(v) for k, v in _time(fns, args.repeats, clock).items()}
                 times["sum"] = times["fwd"] + times["dx"] + times["dvalues"]

@@ -129,12 +129,13 @@ def cache_dir() -> Path:
     root = os.environ.get("CHTSL_CACHE_DIR")
     if not root and os.environ.get("CHTSL_CACHE"):
         root = os.environ["CHTSL_CACHE"]
-        _warn_once("CHTSL_CACHE is deprecated; set CHTSL_CACHE_DIR instead")
+        warn_once("CHTSL_CACHE is deprecated; set CHTSL_CACHE_DIR instead")
     return Path(root) if root else Path.home() / ".cache" / "chtsl"
 
 
 @functools.cache
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
+    """Prints `warning: message` on stderr, once per process for each message."""
     sys.stderr.write(f"warning: {message}\n")
 
 

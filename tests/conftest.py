@@ -93,6 +93,17 @@ def one_thread():
     torch.set_num_threads(saved)
 
 
+@pytest.fixture
+def no_compiled_kernels(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The compiled CPU kernels unavailable, as without a C compiler: every kernel user takes its torch
+    path. Returns the reason `cpu_kernel_status()` gives."""
+    from chtsl_infer.kernels import build
+
+    why = "no compiler (test)"
+    monkeypatch.setattr(build, "library", lambda: (None, why))
+    return why
+
+
 @pytest.fixture(scope="session")
 def bpe_cache(tmp_path_factory) -> Path:
     """One cache root for the session: the same corpus trains the same BPE once."""

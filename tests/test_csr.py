@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from chtsl_infer import kernels
+from chtsl_infer.kernels import build
+from chtsl_infer.kernels.settings import override, settings
 from chtsl_infer.model.csr import CsrStructure, csr_linear, mask_to_csr
 
 RTOL = 1e-5  # fp32: relative to the largest entry of the reference (sums of up to a few hundred products)
@@ -252,8 +254,9 @@ def test_compiled_training_kernels_are_in_use() -> None:
     """CI machines have a C compiler: the float32 CPU path of csr_linear runs the C kernels."""
     ok, how = kernels.cpu_kernel_status()
     assert ok, how
-    assert kernels._use_compiled(torch.zeros(1), torch.zeros(1)) is not None
-    assert kernels._use_compiled(torch.zeros(1, dtype=torch.float64)) is None
+    assert kernels.cpu_kernel("csr_mm_tm", torch.zeros(1), torch.zeros(1)) is not None
+    assert kernels.cpu_kernel("csr_mm_tm", torch.zeros(1, dtype=torch.float64)) is None
+    assert kernels.cpu_kernel("csr_mm_tm", torch.zeros(1), torch.zeros(1, dtype=torch.float64)) is None
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -272,10 +275,8 @@ def test_compiled_training_kernels_are_in_use() -> None:
         (70, 9, 300, 0.1, None),  # few rows, many columns: rows with ≥ 8 links on the transpose
     ],
 )
-def test_compiled_kernels_match_reference(tokens, out_f, in_f, density, tile_bytes, threads, monkeypatch) -> None:
+def test_compiled_kernels_match_reference(tokens, out_f, in_f, density, tile_bytes, threads) -> None:
     """csr_mm (forward and transposed) and csr_sddmm on every tile/tail/chunk path vs dense fp32."""
-    if tile_bytes is not None:
-        monkeypatch.setattr(kernels, "SDDMM_TILE_BYTES", tile_bytes)
     gen = torch.Generator().manual_seed(tokens + out_f + in_f)
     mask = _mask(out_f, in_f, density, gen, empty_rows=out_f // 7, empty_cols=in_f // 9)
     st = _structure(mask)
@@ -285,9 +286,10 @@ def test_compiled_kernels_match_reference(tokens, out_f, in_f, density, tile_byt
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = kernels.csr_mm(x, st.crow, st.col, values, out_f)
-        dx = kernels.csr_mm(dy, st.t_crow, st.t_row, values[st.t_perm.long()], in_f)
-        dv = kernels.csr_sddmm(dy, x, st.crow, st.col, in_f)
+        with override(sddmm_tile_bytes=tile_bytes or settings().sddmm_tile_bytes):
+            y = kernels.csr_mm(x, st.crow, st.col, values, out_f)
+            dx = kernels.csr_mm(dy, st.t_crow, st.t_row, values[st.t_perm.long()], in_f)
+            dv = kernels.csr_sddmm(dy, x, st.crow, st.col, in_f)
     finally:
         torch.set_num_threads(saved)
     x64, dy64, w64 = x.double(), dy.double(), w.double()
@@ -312,10 +314,9 @@ def test_compiled_kernels_read_strided_inputs() -> None:
 
 
 @pytest.mark.parametrize(("lead", "out_f", "in_f"), [((7,), 33, 50), ((2, 3), 24, 40), ((1,), 5, 3)])
-def test_csr_linear_without_compiler_uses_torch_ops(lead, out_f, in_f, monkeypatch) -> None:
+def test_csr_linear_without_compiler_uses_torch_ops(lead, out_f, in_f, no_compiled_kernels) -> None:
     """No C compiler: the same results through torch's sparse CSR ops (the CUDA code path, on CPU)."""
-    monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler (test)"))
-    assert kernels._use_compiled(torch.zeros(1)) is None
+    assert kernels.cpu_kernel("csr_mm_tm", torch.zeros(1)) is None
     _check(lead, out_f, in_f, 0.3, seed=out_f, empty_rows=2, empty_cols=2)
 
 
@@ -375,7 +376,7 @@ def test_transpose_counting_sort_matches_argsort(monkeypatch) -> None:
     mask = _mask(37, 23, 0.2, gen, empty_rows=4, empty_cols=3)
     st = _structure(mask)
     compiled = kernels.csr_transpose(st.crow, st.col, 23)
-    monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler (test)"))
+    monkeypatch.setattr(build, "library", lambda: (None, "no compiler (test)"))
     fallback = kernels.csr_transpose(st.crow, st.col, 23)
     for a, b in zip(compiled, fallback, strict=True):
         assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b)
@@ -389,7 +390,7 @@ def test_no_dense_weight_sized_tensor_is_created(compiled, monkeypatch) -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     if not compiled:
-        monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler (test)"))
+        monkeypatch.setattr(build, "library", lambda: (None, "no compiler (test)"))
     out_f, in_f, tokens = 64, 96, 3  # out × in = 6144 floats; activations ≤ 3 × 96, nnz ≈ 600
     largest: list[int] = []
 

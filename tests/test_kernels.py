@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from chtsl_infer import kernels
+from chtsl_infer.kernels import build
 
 
 def _random_csr(out_f: int, in_f: int, density: float, gen: torch.Generator, empty_rows: int = 0,
@@ -164,10 +165,11 @@ def test_torch_fallback_without_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp_
     """No working compiler: the status says why, and spmm_cpu still computes S X (torch CSR)."""
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("CHTSL_CACHE_DIR", str(tmp_path / "cache"))
-    lib, why = kernels._compile()
-    assert lib is None and "no-such-cc" in why and "not found" in why
-    monkeypatch.setattr(kernels, "_library", lambda: (None, why))
+    lib, why, note = build._compile()
+    assert lib is None and "no-such-cc" in why and "not found" in why and note == ""
+    monkeypatch.setattr(build, "library", lambda: (None, why))
     assert kernels.cpu_kernel_status() == (False, why)
+    assert not kernels.kernel_info().available and kernels.kernel("spmm", torch.float32, torch.int16) is None
     gen = torch.Generator().manual_seed(6)
     crow, col, val, w = _random_csr(30, 20, 0.2, gen, empty_rows=3)
     x = torch.randn(20, 19, generator=gen)
@@ -179,28 +181,29 @@ def test_torch_fallback_without_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp_
 @pytest.mark.slow  # compiles the C kernels into a fresh cache
 def test_kernel_builds_into_the_cache_dir_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CHTSL_CACHE_DIR", str(tmp_path))
-    lib, how = kernels._compile()
-    assert lib is not None, how
+    lib, how, note = build._compile()
+    assert lib is not None and note == "", how
     built = sorted((tmp_path / "kernels").glob("spmm-*.so"))
-    assert len(built) == 1 and str(built[0]) in how
+    assert len(built) == 1 and str(built[0]) in how and build.verify(built[0]) is None
     mtime = built[0].stat().st_mtime_ns
-    assert kernels._compile()[0] is not None and built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
-    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built[0].name]  # no temp files left
+    assert build._compile()[0] is not None and built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    record = build.record_path(built[0])
+    assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == [record.name, built[0].name]  # no temp files
 
 
 def test_cache_key_covers_the_shared_header(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """An edit to the header the kernels include names a new library: a stale build is never loaded."""
-    included = {line.split('"')[1] for source in kernels.SOURCES for line in source.read_text().splitlines()
+    included = {line.split('"')[1] for source in build.SOURCES for line in source.read_text().splitlines()
                 if line.startswith('#include "')}
-    assert included == {h.name for h in kernels.HEADERS} == {"csr_tiles.h", "activation.h", "bf16.h", "kernels.h"}
-    key = kernels._cache_key("cc", kernels.FLAG_SETS[0])
+    assert included == {h.name for h in build.HEADERS} >= {"csr_tiles.h", "activation.h", "bf16.h", "kernels.h"}
+    key = build._cache_key("cc", build.FLAG_SETS[0])
     edited = []
-    for header in kernels.HEADERS:
+    for header in build.HEADERS:
         copy = tmp_path / header.name
         copy.write_bytes(header.read_bytes() + b"/* edited */\n")
         edited.append(copy)
-    monkeypatch.setattr(kernels, "HEADERS", tuple(edited))
-    assert kernels._cache_key("cc", kernels.FLAG_SETS[0]) != key
+    monkeypatch.setattr(build, "HEADERS", tuple(edited))
+    assert build._cache_key("cc", build.FLAG_SETS[0]) != key
 
 
 @pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32, torch.int64])
@@ -274,15 +277,14 @@ def test_bf16_kernel_path_is_selected_at_compile_time() -> None:
     import subprocess
     from pathlib import Path
 
-    from chtsl_infer.kernels import SOURCES, bf16_path, cpu_kernel_status
-
-    if not cpu_kernel_status()[0]:
+    info = kernels.kernel_info()
+    if not info.available:
         pytest.skip("no C compiler")
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     has = " avx512_bf16" in flags
-    assert bf16_path() == ("avx512-bf16" if has else "portable")
+    assert info.bf16_dot == has and ("avx512bf16" in info.isa) == has
     cc = shutil.which("cc") or shutil.which("gcc")
-    source = next(s for s in SOURCES if s.name == "spmm_bf16.c")
+    source = next(s for s in build.SOURCES if s.name == "spmm_bf16.c")
     run = subprocess.run([cc, "-O2", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-S", "-o", "-", str(source)],
                          capture_output=True, text=True, timeout=120)
     if run.returncode != 0 and "avx512bf16" in run.stderr:
@@ -356,11 +358,9 @@ def test_lowrank_decode_kernel_matches_torch(activation: str, n_tok: int, big: b
                                   torch.empty(sum(outs), 5))  # prefill widths go to torch
 
 
-def _decode_lib():
-    lib = kernels.decode_kernels(torch.zeros(1))
-    if lib is None:
+def _skip_without_kernels() -> None:
+    if not kernels.decode_kernels_serve(torch.zeros(1)):
         pytest.skip(f"no compiled kernels: {kernels.cpu_kernel_status()[1]}")
-    return lib
 
 
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # bf16: a rounding or two apart from torch's bf16 ops
@@ -371,21 +371,23 @@ TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # bf16: a rounding or two apa
 def test_rms_norm_decode_kernel_matches_torch(n_tok: int, dtype: torch.dtype) -> None:
     from chtsl_infer.runtime.feature_major import rms_norm
 
-    lib, g, tol = _decode_lib(), torch.Generator().manual_seed(n_tok), TOL[dtype]
+    _skip_without_kernels()
+    g, tol = torch.Generator().manual_seed(n_tok), TOL[dtype]
     h, weight = (torch.randn(67, n_tok, generator=g) * 3).to(dtype), torch.randn(67, generator=g).to(dtype)
-    torch.testing.assert_close(kernels.rms_norm_fm(lib, h, weight, 1e-6, torch.empty(67, n_tok, dtype=dtype)),
+    torch.testing.assert_close(kernels.rms_norm_fm(h, weight, 1e-6, torch.empty(67, n_tok, dtype=dtype)),
                                rms_norm(h, weight, 1e-6), rtol=tol, atol=tol)
     last = torch.randn(67, 2, 3, generator=g).to(dtype).view(67, 6)[:, 2::3]  # sequences' last tokens: strided
-    torch.testing.assert_close(kernels.rms_norm_fm(lib, last, weight, 1e-5, torch.empty(67, 2, dtype=dtype)),
+    torch.testing.assert_close(kernels.rms_norm_fm(last, weight, 1e-5, torch.empty(67, 2, dtype=dtype)),
                                rms_norm(last, weight, 1e-5), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_mul_decode_kernel_matches_torch(dtype: torch.dtype) -> None:
-    lib, g = _decode_lib(), torch.Generator().manual_seed(3)
+    _skip_without_kernels()
+    g = torch.Generator().manual_seed(3)
     gate_up = (torch.randn(2 * 45, 3, generator=g) * 4).to(dtype)
     want = torch.nn.functional.silu(gate_up[:45]) * gate_up[45:]
-    got = kernels.silu_mul_fm(lib, gate_up)
+    got = kernels.silu_mul_fm(gate_up)
     assert got.data_ptr() == gate_up.data_ptr()  # in place, the gate rows
     torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
 
@@ -398,7 +400,8 @@ def test_attention_decode_kernel_matches_torch_attention(batch: int, seq: int, s
     """RoPE, cache write and causal attention over the cache equal the torch path (SDPA) of feature_major."""
     from chtsl_infer.runtime.feature_major import KVCache, _attention
 
-    lib, g = _decode_lib(), torch.Generator().manual_seed(batch * 10 + seq + start)
+    _skip_without_kernels()
+    g = torch.Generator().manual_seed(batch * 10 + seq + start)
     n_heads, head_dim, capacity, end = 4, 16, 13, start + seq
 
     def randn(*shape: int) -> torch.Tensor:
@@ -411,7 +414,7 @@ def test_attention_decode_kernel_matches_torch_attention(batch: int, seq: int, s
     mask = torch.ones(seq, end, dtype=torch.bool).tril_(start) if start > 0 and seq > 1 else None
     want = _attention(qkv, cos[:, :, start:end], sin[:, :, start:end], ref, 0, start, end, mask, batch, seq,
                       (n_heads, n_kv, head_dim), 0.3)
-    got = kernels.attention_decode(lib, qkv, key, value, cos, sin, start, seq, n_heads, 0.3,
+    got = kernels.attention_decode(qkv, key, value, cos, sin, start, seq, n_heads, 0.3,
                                    torch.full((n_heads * head_dim, batch * seq), float("nan"), dtype=dtype))
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: torch rounds q and k after each RoPE operation
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)

@@ -11,6 +11,7 @@ import torch
 from chtsl_infer import kernels
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.formats.packed import pack_model, save_packed
+from chtsl_infer.kernels.settings import KernelSettings, override
 from chtsl_infer.model.layers import layer_link_count
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.runtime.backends import (
@@ -209,7 +210,7 @@ def test_decode_steps_of_up_to_four_tokens_take_the_c_path(monkeypatch: pytest.M
         calls.clear()
 
 
-@pytest.mark.parametrize("item_bytes", [kernels.DECODE_ITEM_BYTES, 64])
+@pytest.mark.parametrize("item_bytes", [KernelSettings().decode_item_bytes, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_all_blocks_in_one_c_call_equal_the_block_loop(dtype: torch.dtype, item_bytes: int,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
@@ -220,7 +221,6 @@ def test_all_blocks_in_one_c_call_equal_the_block_loop(dtype: torch.dtype, item_
     into dozens of items, which the threads take from each other's runs."""
     from chtsl_infer.runtime import feature_major
 
-    monkeypatch.setattr(kernels, "DECODE_ITEM_BYTES", item_bytes)
     model = tiny_model_nonzero_b("chtsl", num_key_value_heads=2)
     ids = random_ids(2, 14, seed=6)
     real = feature_major._decode_layers
@@ -229,23 +229,23 @@ def test_all_blocks_in_one_c_call_equal_the_block_loop(dtype: torch.dtype, item_
     for name, plan in (("blocks", real), ("loop", lambda *a: None)):
         monkeypatch.setattr(feature_major, "_decode_layers", plan)
         cache = rt.new_cache(2, 14)
-        steps = [rt.decode_step(ids[:, :6], cache)]
-        steps += [rt.decode_step(ids[:, a:b], cache) for a, b in ((6, 7), (7, 9), (9, 12), (12, 13), (13, 14))]
+        with override(decode_item_bytes=item_bytes):
+            steps = [rt.decode_step(ids[:, :6], cache)]
+            steps += [rt.decode_step(ids[:, a:b], cache) for a, b in ((6, 7), (7, 9), (9, 12), (12, 13), (13, 14))]
         runs[name] = (torch.stack(steps), torch.stack(cache.key), torch.stack(cache.value))
     for got, want in zip(runs["blocks"], runs["loop"], strict=True):
         assert torch.equal(got, want)
-    lib = kernels.decode_kernels(rt.model.model.norm.weight, dtypes=(torch.float32, torch.bfloat16))
-    first = real(rt.model, lib, dtype)
-    assert first is not None and real(rt.model, lib, dtype) is first  # built once
+    first = real(rt.model, dtype)
+    assert first is not None and real(rt.model, dtype) is first  # built once
     other = torch.bfloat16 if dtype == torch.float32 else torch.float32
     rt.model.to(other)
-    again = real(rt.model, lib, other)
+    again = real(rt.model, other)
     assert again is not None and again is not first and again.dtype == other
     norm = rt.model.model.layers[0].input_layernorm
     norm.weight.data = norm.weight.data.clone()  # same Parameter, new memory: the C table's pointer is stale
-    assert real(rt.model, lib, other) is not again
+    assert real(rt.model, other) is not again
     dense = from_packed(pack_model(model), "dense", dtype=dtype)
-    assert real(dense.model, lib, dtype) is None
+    assert real(dense.model, dtype) is None
 
 
 def test_generate_stops_at_eos_and_pads_finished_sequences() -> None:

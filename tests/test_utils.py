@@ -67,7 +67,7 @@ def test_cache_dir_reads_the_new_name_and_the_old_one_with_a_warning(monkeypatch
     assert utils.cache_dir() == tmp_path / "new" and capsys.readouterr().err == ""
     monkeypatch.delenv("CHTSL_CACHE_DIR")
     monkeypatch.setenv("CHTSL_CACHE", str(tmp_path / "old"))
-    utils._warn_once.cache_clear()
+    utils.warn_once.cache_clear()
     assert utils.cache_dir() == tmp_path / "old"
     assert capsys.readouterr().err == "warning: CHTSL_CACHE is deprecated; set CHTSL_CACHE_DIR instead\n"
     monkeypatch.delenv("CHTSL_CACHE")

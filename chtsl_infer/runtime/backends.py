@@ -124,13 +124,12 @@ class FusedLinears(nn.Module):
         if self._decoder is None:
             tensors = [t for t in (self.values if self.sparse and self.cuda_csr is None else None, self.lora_A,
                                    self.weight) if t is not None]
-            lib = kernels.decode_kernels(*tensors, dtypes=(torch.float32, torch.bfloat16)) \
-                if tensors and self.cuda_csr is None else None
-            csr = (self.crow, self.col, self.values, self.rows) if self.sparse and lib is not None else None
+            serve = bool(tensors) and self.cuda_csr is None and kernels.decode_kernels_serve(*tensors)
+            csr = (self.crow, self.col, self.values, self.rows) if self.sparse and serve else None
             lowrank = (self.lora_A, self.lora_B, self.lowrank_shapes) if self.lora_A is not None else None
-            self._decoder = False if lib is None else kernels.GroupDecoder(
-                lib, self.in_features, self.offsets[-1], csr, lowrank, self.scale, self.activation)
-            self._decoder_dtype = tensors[0].dtype if lib is not None else None
+            self._decoder = serve and kernels.GroupDecoder(
+                self.in_features, self.offsets[-1], csr, lowrank, self.scale, self.activation)
+            self._decoder_dtype = tensors[0].dtype if serve else None
         return self._decoder or None
 
     def forward_fm(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

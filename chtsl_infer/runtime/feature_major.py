@@ -15,7 +15,7 @@ each call writes its keys/values at the cache's current length (no per-token re-
 unlike a cache grown by concatenation), attends to the cache's first `length + seq` positions, and
 computes logits for the last position of each sequence only (a (batch, vocab) GEMV per token
 instead of (batch × seq, vocab) at prefill). One decoded token is a (H, batch) activation, so the
-sparse kernel takes its per-token gather path (`kernels.token_tile`). Up to `kernels.GEMV_MAX_TOKENS`
+sparse kernel takes its per-token gather path (`KernelSettings.token_tile`). Up to `kernels.GEMV_MAX_TOKENS`
 tokens on CPU (fp32 or bf16), the operations between the linears — RMSNorm, RoPE with the cache
 write and attention, SiLU·mul — run as one C call each (`csrc/decode.c`) and every fused group
 through its bound kernels (`FusedLinears.decoder`): as ~30 torch operations per block they cost a
@@ -31,7 +31,6 @@ decoding token-for-token with transformers' `generate()`.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -171,23 +170,21 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
         mask = torch.ones(seq, end, dtype=torch.bool, device=h.device).tril_(start)
     # A few tokens with a cache (decoding): the glue between the linears in C, one call each (csrc/decode.c),
     # or the whole block loop in one call where every group qualifies (_decode_layers).
-    lib = None
-    if cache is not None and n_tok <= kernels.GEMV_MAX_TOKENS:
-        lib = kernels.decode_kernels(h, cache.key[0], cache.cos, inner.norm.weight,
-                                     dtypes=(torch.float32, torch.bfloat16))
-    blocks = _decode_layers(model, lib, h.dtype) if lib is not None else None
+    glue = (cache is not None and n_tok <= kernels.GEMV_MAX_TOKENS
+            and kernels.decode_kernels_serve(h, cache.key[0], cache.cos, inner.norm.weight))
+    blocks = _decode_layers(model, h.dtype) if glue else None
     if blocks is not None:  # every block in one C call
         assert cache is not None
         blocks(h, cache.key, cache.value, cache.cos, cache.sin, start, batch, seq, n_heads,
                inner.layers[0].self_attn.scaling)
     for i, layer in enumerate(inner.layers if blocks is None else ()):
         attn, mlp = layer.self_attn, layer.mlp
-        x = _norm(lib, h, layer.input_layernorm)
+        x = _norm(glue, h, layer.input_layernorm)
         qkv = attn.q_proj.group.forward_fm(x)  # (q_rows + 2 kv_rows, T)
         del x
-        if lib is not None:
+        if glue:
             assert cache is not None
-            o = kernels.attention_decode(lib, qkv, cache.key[i], cache.value[i], cache.cos, cache.sin, start, seq,
+            o = kernels.attention_decode(qkv, cache.key[i], cache.value[i], cache.cos, cache.sin, start, seq,
                                          n_heads, attn.scaling, h.new_empty(q_rows, n_tok))
         else:
             o = _attention(qkv, cos, sin, cache, i, start, end, mask, batch, seq, (n_heads, n_kv, head_dim),
@@ -195,13 +192,13 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
         del qkv
         h += attn.o_proj.group.forward_fm(o)
         del o
-        x = _norm(lib, h, layer.post_attention_layernorm)
+        x = _norm(glue, h, layer.post_attention_layernorm)
         group = mlp.gate_proj.group
         gate_up = group.forward_fm(x, out=_buffer(workspace, "gate_up", (group.offsets[-1], n_tok), h))  # (2·ffn, T)
         del x
         ffn = gate_up.shape[0] // 2
-        if lib is not None and isinstance(mlp.act_fn, SILU):
-            act = kernels.silu_mul_fm(lib, gate_up)
+        if glue and isinstance(mlp.act_fn, SILU):
+            act = kernels.silu_mul_fm(gate_up)
         elif isinstance(mlp.act_fn, SILU):  # in place: no (ffn, T) allocation
             act = F.silu(gate_up[:ffn], inplace=True).mul_(gate_up[ffn:])
         else:
@@ -212,7 +209,7 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
         cache.length = end
     weight = model.lm_head.weight
     if last_only:  # logits of each sequence's last position only: (H, batch)
-        h = _norm(lib, h.view(-1, batch, seq)[:, :, -1], inner.norm)
+        h = _norm(glue, h.view(-1, batch, seq)[:, :, -1], inner.norm)
         if out is None:
             out = h.new_empty(batch, weight.shape[0])
         # One row per sequence: a memory-bound GEMV, ~2.5x torch's on CPU (kernels.dense_gemv).
@@ -226,7 +223,7 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
     return out
 
 
-def _decode_layers(model: ChtslLlamaForCausalLM, lib: ctypes.CDLL, dtype: torch.dtype) -> kernels.DecodeLayers | None:
+def _decode_layers(model: ChtslLlamaForCausalLM, dtype: torch.dtype) -> kernels.DecodeLayers | None:
     """The model's blocks as one `kernels.DecodeLayers` call, or None where a block does not qualify
     (a group without its decode kernels or with a dense base weight, an MLP activation other than SiLU,
     norms of another dtype). Built once and kept on the model while its blocks, the groups' decoders
@@ -251,7 +248,7 @@ def _decode_layers(model: ChtslLlamaForCausalLM, lib: ctypes.CDLL, dtype: torch.
     blocks = None
     if fits:
         blocks = kernels.DecodeLayers(
-            lib, [(norms[2 * i], norms[2 * i + 1], decoders[4 * i:4 * i + 4]) for i in range(len(layers))],
+            [(norms[2 * i], norms[2 * i + 1], decoders[4 * i:4 * i + 4]) for i in range(len(layers))],
             eps.pop(), layers[0].mlp.gate_proj.group.offsets[-1] // 2, dtype)
     model.__dict__["_chtsl_decode_layers"] = _KeptDecodeLayers(
         blocks, list(layers), groups, [g._decoder for g in groups], list(zip(modules, norms, strict=True)),
@@ -280,11 +277,11 @@ class _KeptDecodeLayers:
                         for (m, w), p in zip(self.norms, self.norm_ptrs, strict=True)))
 
 
-def _norm(lib: ctypes.CDLL | None, h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """A LlamaRMSNorm module applied to feature-major h (H, T): the C kernel where `lib` (decoding), else torch."""
-    if lib is None:
+def _norm(glue: bool, h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """A LlamaRMSNorm module applied to feature-major h (H, T): the C kernel where `glue` (decoding), else torch."""
+    if not glue:
         return rms_norm(h, norm.weight, norm.variance_epsilon)
-    return kernels.rms_norm_fm(lib, h, norm.weight, norm.variance_epsilon, torch.empty_like(h))
+    return kernels.rms_norm_fm(h, norm.weight, norm.variance_epsilon, torch.empty_like(h))
 
 
 def _attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, i: int, start: int,

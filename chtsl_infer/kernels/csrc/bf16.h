@@ -10,6 +10,13 @@
 #include <immintrin.h>
 #endif
 
+/* 1 where the compiler targets AVX512-BF16: spmm_bf16.c's gather then uses vdpbf16ps. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define BF16_DP 1
+#else
+#define BF16_DP 0
+#endif
+
 static inline float bf2f(uint16_t b) {
   uint32_t u = (uint32_t)b << 16;
   float f;

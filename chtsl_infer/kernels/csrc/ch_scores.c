@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
+
 int ch2_l3n_half(const int32_t *crow, const int32_t *col, const int32_t *tcrow, const int32_t *tcol,
                  int n_rows, int n_cols, double *out, int threads) {
     int failed = 0;

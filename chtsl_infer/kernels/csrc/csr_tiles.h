@@ -6,7 +6,7 @@
  *
  * Macros, not functions: each expands inside a kernel specialised for one compile-time TILE and
  * vector type, so the accumulators stay in registers and the compiler emits the code it emitted when
- * every kernel spelled these loops out. chtsl_infer/kernels/__init__.py compiles the .c files with this header
+ * every kernel spelled these loops out. chtsl_infer/kernels/build.py compiles the .c files with this header
  * next to them and hashes it into the kernel cache key (HEADERS).
  */
 #ifndef CHTSL_CSR_TILES_H

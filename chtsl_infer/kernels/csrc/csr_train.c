@@ -4,7 +4,7 @@
  *                                                                   structure, dx = dy S
  *   csr_sddmm_tm   out[k] = Σ_n DY[n, row_k] · X[n, col_k]          dvalues (the links of A only)
  *
- * Built with spmm.c into one library by chtsl_infer/kernels/__init__.py (-O3 -march=native, OpenMP when the
+ * Built with spmm.c into one library by chtsl_infer/kernels/build.py (-O3 -march=native, OpenMP when the
  * compiler has it), called through ctypes (which releases the GIL). Portable C with GCC/Clang vector
  * extensions (`v8` = 8 floats: one ymm with AVX/AVX2, two xmm otherwise); the 8 × 8 transposes and the
  * 8-way horizontal sums use AVX intrinsics when the host has AVX, plain loops otherwise.
@@ -37,6 +37,7 @@
 #include <string.h>
 
 #include "csr_tiles.h"
+#include "kernels.h"
 
 #if defined(__AVX__)
 #include <immintrin.h>

@@ -179,27 +179,10 @@ GLUE(_bf16, bf16, uint16_t, bf2f, f2bf, load8_bf16)
  * between them: 0.94–0.96× the time per token (llama60m, llama1b; fp32 and bf16), 0.92× at llama130m.
  *
  * h (hidden × n_tok) feature-major, contiguous; n_tok = batch · seq ≤ 4; tile: the sparse kernel's
- * token tile for n_tok (kernels.token_tile; 0 = gather). Groups whose base is a dense weight are not
+ * token tile for n_tok (KernelSettings.token_tile; 0 = gather). Groups whose base is a dense weight are not
  * handled here (the caller keeps torch's GEMM for them). `work`: n_tok × (hidden + qkv rows + q rows
  * + hidden + 2 ffn) elements; `scratch`: n_tok × (max n_in + max rank) floats. */
-typedef struct {
-  int n_in, n_out;
-  const int32_t *crow; /* NULL: no sparse part (the group's base is zero) */
-  const void *col, *values;
-  const int32_t *rows;
-  int col_i32;
-  const void *lora_a; /* NULL: no low-rank branch */
-  const void *lora_b; /* the members' B blocks (out_m × r_m) back to back */
-  const int32_t *outs, *ranks;
-  int n_rank, n_members;
-  float scale;
-  int act;
-} dec_group;
-
-typedef struct {
-  const void *norm1, *norm2; /* input_layernorm, post_attention_layernorm weights (hidden) */
-  dec_group group[4];        /* (q, k, v), o, (gate, up), down */
-} dec_layer;
+/* dec_group and dec_layer (one group's and one block's arguments) are declared in kernels.h. */
 
 enum { PLAIN, NORM, SILU }; /* what a group's first phase does to its input */
 
@@ -210,7 +193,7 @@ enum { PLAIN, NORM, SILU }; /* what a group's first phase does to its input */
  * left: the gather and A's rows cost different times per byte, by CPU. (AMD EPYC, llama1b bf16: split
  * by bytes, the thread left with A's rows idled in 12 % of its samples, with these items in 6 %; a
  * token took 0.97× the time, fp32 0.98×. 16 KiB to 256 KiB items measured the same, within noise.)
- * item_bytes: kernels.DECODE_ITEM_BYTES. */
+ * item_bytes: KernelSettings.decode_item_bytes (chtsl_infer/kernels/settings.py). */
 typedef struct {
   _Alignas(64) uint64_t run; /* next | end << 32; a cache line each */
 } dec_run;

@@ -1,5 +1,5 @@
 /* Dense matrix times a few vectors, for decoding: Y[t, o] = Σ_i W[o, i] · X[t, i], t < n_tok ≤ 4.
- * W (n_out × n_in) row-major, fp32 (gemv_f32) or bf16 bit patterns (gemv_bf16); X (n_tok × n_in)
+ * W (n_out × n_in) row-major, fp32 (gemv) or bf16 bit patterns (gemv_bf16); X (n_tok × n_in)
  * fp32 with contiguous rows; Y fp32 at y[t * ldy + o]. Sums in fp32.
  *
  * Decoding one token reads every weight once: the lm_head alone is 65 MB (llama60m) to 262 MB
@@ -45,7 +45,7 @@
   }
 
 #define AS_FLOAT(v) (v)
-#define KERNELS(SUFFIX, W_T, LOAD, SCALAR)                                                            \
+#define KERNELS(SUFFIX, NAME, W_T, LOAD, SCALAR)                                                      \
   ROW(row1_##SUFFIX, W_T, LOAD, SCALAR, 1)                                                            \
   ROW(row2_##SUFFIX, W_T, LOAD, SCALAR, 2)                                                            \
   ROW(row3_##SUFFIX, W_T, LOAD, SCALAR, 3)                                                            \
@@ -60,16 +60,16 @@
       default: row4_##SUFFIX(w, x, ldx, n, out, ldo); break;                                          \
     }                                                                                                 \
   }                                                                                                   \
-  int gemv_##SUFFIX(const W_T *w, int n_out, int n_in, const float *x, long ldx, int n_tok, float *y,  \
-                    long ldy, int threads) {                                                          \
+  int NAME(const W_T *w, int n_out, int n_in, const float *x, long ldx, int n_tok, float *y,          \
+           long ldy, int threads) {                                                                   \
     if (n_tok < 1 || n_tok > 4) return 1;                                                             \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                 \
     for (int o = 0; o < n_out; o++) dot_rows_##SUFFIX(w + (long)o * n_in, x, ldx, n_in, n_tok, y + o, ldy); \
     return 0;                                                                                         \
   }
 
-KERNELS(f32, float, load8_f32, AS_FLOAT)
-KERNELS(bf16, uint16_t, load8_bf16, bf2f)
+KERNELS(f32, gemv, float, load8_f32, AS_FLOAT)
+KERNELS(bf16, gemv_bf16, uint16_t, load8_bf16, bf2f)
 
 /* The low-rank branch of a fused group for a few tokens (decoding), added into the group's output:
  *

@@ -1,10 +1,24 @@
-/* The exported kernels that other kernels call: lowrank_fm uses THREAD_ID, and decode.c's
- * decode_layers runs the per-row-range parts of the sparse and low-rank kernels (…_task, …_rows)
- * inside its own parallel regions. spmm.c, spmm_bf16.c and gemv.c include this too, so the compiler
- * checks each definition against the declaration its callers use. Parameters: see the defining file. */
+/* The library's interface, declared once. Every .c file includes this header, so the compiler checks
+ * each definition against its declaration here.
+ *
+ *   CHTSL_EXPORT  the functions Python binds: one entry each in chtsl_infer/kernels/table.py, whose
+ *                 argument names and types tests/test_kernel_table.py reads from this file and
+ *                 compares, and which are the only symbols the built library exports (the build
+ *                 compiles with -fvisibility=hidden; a test lists the library's symbols with nm).
+ *   the rest      kernels' parts that other files call inside their own parallel regions (decode.c
+ *                 runs the per-row-range parts of the sparse and low-rank kernels): hidden.
+ *
+ * Parameters: see the defining file. Pointers are bound as void pointers (c_void_p), so an fp32 and a
+ * bf16 (uint16_t) variant of a kernel have one argument list. */
 #ifndef CHTSL_KERNELS_H
 #define CHTSL_KERNELS_H
 #include <stdint.h>
+
+#if defined(__GNUC__)
+#define CHTSL_EXPORT __attribute__((visibility("default")))
+#else
+#define CHTSL_EXPORT
+#endif
 
 /* This thread's number and the team's size inside a parallel region (0 and 1 without OpenMP). */
 #ifdef _OPENMP
@@ -16,22 +30,96 @@
 #define N_THREADS() 1
 #endif
 
-int spmm_i16(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int16_t *col, const float *val,
-             const int32_t *rows, float *y, long ldy, int n_out, int tile, int n_chunks, int n_threads);
-int spmm_i32(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int32_t *col, const float *val,
-             const int32_t *rows, float *y, long ldy, int n_out, int tile, int n_chunks, int n_threads);
-int spmm_bf16_i16(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int16_t *col,
-                  const uint16_t *val, const int32_t *rows, uint16_t *y, long ldy, int n_out, int tile, int n_chunks,
-                  int n_threads);
-int spmm_bf16_i32(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int32_t *col,
-                  const uint16_t *val, const int32_t *rows, uint16_t *y, long ldy, int n_out, int tile, int n_chunks,
-                  int n_threads);
-int lowrank_fm(const float *a, int n_rank, int n_in, const float *x, long sx_in, long sx_tok, int n_tok, const float *b,
-               const int32_t *outs, const int32_t *ranks, int n_members, float scale, int act, float *y, long ldy,
-               float *scratch, int threads);
-int lowrank_fm_bf16(const uint16_t *a, int n_rank, int n_in, const uint16_t *x, long sx_in, long sx_tok, int n_tok,
-                    const uint16_t *b, const int32_t *outs, const int32_t *ranks, int n_members, float scale, int act,
-                    uint16_t *y, long ldy, float *scratch, int threads);
+/* decode_layers' per-group and per-block arguments (decode.c). Python fills the same structs through
+ * ctypes (table.py: DecGroup, DecLayer); kernel_probe reports their layout, which the loader compares. */
+typedef struct {
+  int n_in, n_out;
+  const int32_t *crow; /* NULL: no sparse part (the group's base is zero) */
+  const void *col, *values;
+  const int32_t *rows;
+  int col_i32;
+  const void *lora_a; /* NULL: no low-rank branch */
+  const void *lora_b; /* the members' B blocks (out_m × r_m) back to back */
+  const int32_t *outs, *ranks;
+  int n_rank, n_members;
+  float scale;
+  int act;
+} dec_group;
+
+typedef struct {
+  const void *norm1, *norm2; /* input_layernorm, post_attention_layernorm weights (hidden) */
+  dec_group group[4];        /* (q, k, v), o, (gate, up), down */
+} dec_layer;
+
+/* ------------------------------------------------------------------------------------ exported */
+
+/* spmm.c, spmm_bf16.c: Y = S X, feature-major (the inference runtime). */
+CHTSL_EXPORT int spmm_i16(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int16_t *col,
+                          const float *val, const int32_t *rows, float *y, long ldy, int n_out, int tile, int n_chunks,
+                          int n_threads);
+CHTSL_EXPORT int spmm_i32(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int32_t *col,
+                          const float *val, const int32_t *rows, float *y, long ldy, int n_out, int tile, int n_chunks,
+                          int n_threads);
+CHTSL_EXPORT int spmm_bf16_i16(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow,
+                               const int16_t *col, const uint16_t *val, const int32_t *rows, uint16_t *y, long ldy,
+                               int n_out, int tile, int n_chunks, int n_threads);
+CHTSL_EXPORT int spmm_bf16_i32(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow,
+                               const int32_t *col, const uint16_t *val, const int32_t *rows, uint16_t *y, long ldy,
+                               int n_out, int tile, int n_chunks, int n_threads);
+
+/* csr_train.c: token-major products of sparse-native training. */
+CHTSL_EXPORT int csr_mm_tm(const float *x, long ldx, int n_tok, int n_cols, const int32_t *crow, const int32_t *col,
+                           const float *val, int n_rows, float *y, long ldy, int tile, int n_chunks, int n_threads);
+CHTSL_EXPORT int csr_sddmm_tm(const float *dy, long lddy, const float *x, long ldx, int n_tok, int n_rows, int n_cols,
+                              const int32_t *crow, const int32_t *col, float *out, int tile, int n_threads);
+CHTSL_EXPORT int csr_transpose(const int32_t *crow, const int32_t *col, int n_rows, int n_cols, int32_t *t_crow,
+                               int32_t *t_row, int32_t *t_perm);
+
+/* ch_scores.c: one half of the CH2-L3n regrowth scores. */
+CHTSL_EXPORT int ch2_l3n_half(const int32_t *crow, const int32_t *col, const int32_t *tcrow, const int32_t *tcol,
+                              int n_rows, int n_cols, double *out, int threads);
+
+/* gemv.c: decoding's dense GEMV and a fused group's low-rank branch, 1–4 tokens. */
+CHTSL_EXPORT int gemv(const float *w, int n_out, int n_in, const float *x, long ldx, int n_tok, float *y, long ldy,
+                      int threads);
+CHTSL_EXPORT int gemv_bf16(const uint16_t *w, int n_out, int n_in, const float *x, long ldx, int n_tok, float *y,
+                           long ldy, int threads);
+CHTSL_EXPORT int lowrank_fm(const float *a, int n_rank, int n_in, const float *x, long sx_in, long sx_tok, int n_tok,
+                            const float *b, const int32_t *outs, const int32_t *ranks, int n_members, float scale,
+                            int act, float *y, long ldy, float *scratch, int threads);
+CHTSL_EXPORT int lowrank_fm_bf16(const uint16_t *a, int n_rank, int n_in, const uint16_t *x, long sx_in, long sx_tok,
+                                 int n_tok, const uint16_t *b, const int32_t *outs, const int32_t *ranks, int n_members,
+                                 float scale, int act, uint16_t *y, long ldy, float *scratch, int threads);
+
+/* decode.c: a decoder block's glue at 1–4 tokens, and every block of a decoding step in one call. */
+CHTSL_EXPORT void rms_norm_fm(const float *h, long ldh, int n_feat, int n_tok, const float *w, float eps, float *out,
+                              long ldo);
+CHTSL_EXPORT void rms_norm_fm_bf16(const uint16_t *h, long ldh, int n_feat, int n_tok, const uint16_t *w, float eps,
+                                   uint16_t *out, long ldo);
+CHTSL_EXPORT void silu_mul_fm(float *gu, long ld, int ffn, int n_tok, int act);
+CHTSL_EXPORT void silu_mul_fm_bf16(uint16_t *gu, long ld, int ffn, int n_tok, int act);
+CHTSL_EXPORT int attn_decode(const float *qkv, long ldq, int batch, int seq, int n_heads, int n_kv, int head_dim,
+                             const float *cos, const float *sin, float *kcache, float *vcache, int cap, int start,
+                             float scale, float *o, long ldo, int threads);
+CHTSL_EXPORT int attn_decode_bf16(const uint16_t *qkv, long ldq, int batch, int seq, int n_heads, int n_kv,
+                                  int head_dim, const uint16_t *cos, const uint16_t *sin, uint16_t *kcache,
+                                  uint16_t *vcache, int cap, int start, float scale, uint16_t *o, long ldo,
+                                  int threads);
+CHTSL_EXPORT int decode_layers(float *h, int hidden, int batch, int seq, const dec_layer *layers, int n_layers,
+                               float *const *kcache, float *const *vcache, float eps, int n_heads, int n_kv,
+                               int head_dim, const float *cos, const float *sin, int cap, int start, float attn_scale,
+                               int tile, long item_bytes, float *work, float *scratch, int threads);
+CHTSL_EXPORT int decode_layers_bf16(uint16_t *h, int hidden, int batch, int seq, const dec_layer *layers,
+                                    int n_layers, uint16_t *const *kcache, uint16_t *const *vcache, float eps,
+                                    int n_heads, int n_kv, int head_dim, const uint16_t *cos, const uint16_t *sin,
+                                    int cap, int start, float attn_scale, int tile, long item_bytes, uint16_t *work,
+                                    float *scratch, int threads);
+
+/* probe.c: what this build is (instruction sets, compile-time choices, struct layouts), as text. */
+CHTSL_EXPORT int kernel_probe(char *buf, int size);
+
+/* ------------------------------------------------------------------- internal (other files call) */
+
 void spmm_task_i16(const float *x, long ldx, int n_in, int n_tok, int t0, int tile, const int32_t *crow,
                    const int16_t *col, const float *val, const int32_t *rows, float *y, long ldy, int i0, int i1,
                    float *buf);

@@ -1,7 +1,7 @@
 /* CPU sparse branch in feature-major layout: Y = S X, S (n_out × n_in) in CSR, X (n_in × T), Y (n_out × T).
  * The CSR may store its rows in any order: stored row r is output row rows[r] (rows NULL: r itself).
  *
- * Built on first use by chtsl_infer/kernels/__init__.py with the host C compiler (-O3 -march=native, OpenMP
+ * Built on first use by chtsl_infer/kernels/build.py with the host C compiler (-O3 -march=native, OpenMP
  * when the compiler has it) and called through ctypes. Portable C: the GCC/Clang vector extension,
  * `tile_vec` of csr_tiles.h (16 floats in a zmm with AVX-512, 8 in a ymm elsewhere).
  *
@@ -13,7 +13,7 @@
  *
  * in TILE/TILE_VW vector registers (see CSR_ROW_SUM) and stores them into Y[i, t0:t0+TILE]. The
  * last tile is zero-padded in the buffer and stored partially. Tiles are 16, 32 or 64 tokens (chosen
- * by kernels.token_tile); tile 0 (one or two tokens: decoding) takes a gather loop over the row's
+ * by KernelSettings.token_tile); tile 0 (one or two tokens: decoding) takes a gather loop over the row's
  * links instead. The runtime stores rows sorted by link count, so consecutive rows run loops of equal
  * length and the branch predictor learns their exits (3–12 % faster on random 5 % masks). Measured
  * on 2 Xeon (AVX-512) cores, 5 % density, 4096 tokens: 45–58 GFLOP/s per core, 5–7× faster than

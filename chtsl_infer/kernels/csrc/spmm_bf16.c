@@ -10,8 +10,8 @@
  * `vdpbf16ps` (pairs of bf16 products accumulated into 16 fp32 lanes) on the row's values as loaded
  * and the gathered x values narrowed back to bf16 (exact: they were bf16); elsewhere 8 links at a
  * time in 8-float vectors: the values widened as one vector, the x values loaded one by one into
- * another (see x8_i16), then the last few links in two scalar chains. `spmm_bf16_path()` says which
- * was compiled (1 = AVX512-BF16).
+ * another (see x8_i16), then the last few links in two scalar chains. `kernel_probe` reports which
+ * was compiled (bf16_dot: BF16_DP of bf16.h).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -21,14 +21,9 @@
 #include "csr_tiles.h"
 #include "kernels.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#if BF16_DP
 #include <immintrin.h>
-#define BF16_DP 1
-#else
-#define BF16_DP 0
 #endif
-
-int spmm_bf16_path(void) { return BF16_DP; }
 
 /* Rows i0..i1 of Y[:, t0:t0+nt] (y points at column t0) from the (n_in × TILE) fp32 tile `buf`. */
 #define BROWS(NAME, COL_T, TILE)                                                                      \

@@ -1,0 +1,107 @@
+"""The inference runtime's sparse product, feature-major: `Y = S X`.
+
+Shapes: S (out, in) as CSR — crow int32 (out+1,), col int16/int32 (nnz,), values fp32 or bf16 (nnz,) —,
+X (in, T) and Y (out, T) with T = tokens. The runtime keeps activations feature-major
+(`chtsl_infer.runtime.feature_major`) so neither side needs a transpose.
+
+CPU (`spmm_cpu`): the `spmm` kernel (`csrc/spmm.c`, `csrc/spmm_bf16.c`). Why C and not numba (the
+previous kernel): numba/LLVM picked 256-bit vectors and spilled the accumulators; explicit vectors of
+one host register run 1.5–2.5× faster (`benchmarks/kernels.py`). Without the compiled kernels it
+falls back to torch's CSR matmul (correct, slower). CUDA (`spmm_cuda`): torch's CSR matmul (cuSPARSE).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from chtsl_infer.kernels.build import kernel
+from chtsl_infer.kernels.settings import settings
+
+
+def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t` (2-D) itself if its rows are contiguous (what the C kernels read), else a contiguous copy."""
+    return t if t.stride(1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
+
+
+def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """A `torch.sparse_csr_tensor` view of a CSR triple (int32 indices are kept: cuSPARSE's own type)."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=(crow.numel() - 1, n_cols), check_invariants=False)
+
+
+def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+             out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`S X` on CPU: x (in, T) with contiguous rows -> (out, T); S a CSR triple (out rows).
+
+    float32 x and values: fp32 throughout (`csrc/spmm.c`). bfloat16 x and values: bf16 in memory,
+    fp32 accumulation, the result rounded to bf16 (`csrc/spmm_bf16.c`).
+    `out`, if given, is a (out, T) tensor of x's dtype with contiguous rows the result is written into.
+    `rows` (int32, out): stored CSR row r is output row rows[r] (see `sort_rows`); None: identity.
+    """
+    dtype = x.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or values.dtype != dtype:
+        raise TypeError(f"spmm_cpu computes float32 or bfloat16 (x and values alike), got x {x.dtype} and "
+                        f"values {values.dtype}")
+    n_in, n_tok = x.shape
+    x = rows_contiguous(x)  # the kernel reads rows of n_tok contiguous values
+    n_out = crow.numel() - 1
+    if out is not None and (out.shape != (n_out, n_tok) or out.dtype != dtype or out.device.type != "cpu"
+                            or out.stride(1) != 1 or out.stride(0) < n_tok):
+        raise ValueError(f"spmm_cpu: out must be a CPU {dtype} ({n_out}, {n_tok}) tensor with contiguous rows")
+    y = torch.empty(n_out, n_tok, dtype=dtype) if out is None else out
+    if n_tok == 0 or n_out == 0:
+        return y.zero_()
+    if col.dtype not in (torch.int16, torch.int32) or crow.dtype != torch.int32:
+        raise TypeError(f"spmm_cpu reads int32 row pointers and int16/int32 columns, got {crow.dtype}/{col.dtype}")
+    fn = kernel("spmm", dtype=dtype, index=col.dtype)
+    if fn is None:
+        result = csr_tensor(crow.long(), col.long(), values.float(), n_in) @ x.float()
+        if rows is None:
+            return y.copy_(result)
+        y[rows.long()] = result.to(dtype)
+        return y
+    threads = torch.get_num_threads()
+    tile = settings().token_tile(n_in, n_tok)
+    n_chunks = settings().row_chunks(1 if tile == 0 else -(-n_tok // tile), threads)
+    if rows is not None and (rows.dtype != torch.int32 or rows.numel() != n_out or not rows.is_contiguous()):
+        raise TypeError(f"spmm_cpu: rows must be a contiguous int32 permutation of {n_out} rows")
+    if fn(x.data_ptr(), x.stride(0), n_in, n_tok, crow.data_ptr(), col.data_ptr(), values.data_ptr(),
+          None if rows is None else rows.data_ptr(), y.data_ptr(), y.stride(0), n_out, tile, n_chunks, threads):
+        raise MemoryError("spmm_cpu: could not allocate the kernel's buffers")
+    return y
+
+
+def sort_rows(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The CSR with its rows stored by increasing link count: (crow, col, values, rows int32).
+
+    `rows[r]` is the output row of stored row r (pass it to `spmm_cpu`). Runs of equal-length rows
+    let the CPU predict the kernel's per-row loop exits.
+    """
+    counts = (crow[1:] - crow[:-1]).long()
+    order = torch.argsort(counts, stable=True)
+    starts = crow[:-1].long()[order]
+    new_counts = counts[order]
+    new_crow = torch.zeros_like(crow)
+    new_crow[1:] = new_counts.cumsum(0).to(crow.dtype)
+    # link k of stored row r comes from starts[r] + (k - new_crow[r])
+    within = torch.arange(int(new_counts.sum())) - torch.repeat_interleave(new_crow[:-1].long(), new_counts)
+    index = torch.repeat_interleave(starts, new_counts) + within
+    return new_crow, col[index].contiguous(), values[index].contiguous(), order.to(torch.int32)
+
+
+def torch_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int],
+              device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """S (out, in) as a `torch.sparse_csr_tensor` for `spmm_cuda`: crow (out+1,) and col (nnz,) of any
+    integer dtype become int32 (cuSPARSE takes int32 or int64 indices, both alike; packed columns
+    may be int16), values (nnz,) the compute dtype."""
+    if crow.numel() - 1 != size[0]:
+        raise ValueError(f"torch_csr: {crow.numel() - 1} row pointers for {size[0]} rows")
+    return csr_tensor(crow.to(device, torch.int32), col.to(device, torch.int32), values.to(device, dtype), size[1])
+
+
+def spmm_cuda(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
+    """`S X` on CUDA with cuSPARSE: x (in, T), csr a (out, in) `torch.sparse_csr_tensor` -> (out, T)."""
+    return csr @ x

@@ -1,0 +1,204 @@
+"""Every function the compiled library exports, declared once: name, arguments, result and variants.
+
+An entry's variants are the value dtypes (`dtypes`: float32 and/or bfloat16) times the column-index
+widths (`indexes`: int16 and/or int32) it is built for; the C symbol is the entry's name, then
+"_bf16" for a bfloat16 variant, then "_i16"/"_i32" where the entry has index variants (`spmm_bf16_i16`).
+`build.kernel(name, dtype=…, index=…)` is the one lookup; no other module spells a symbol or a
+ctypes signature. Arguments are (name, ctypes type) pairs in the order and with the names of the C
+declaration in `csrc/kernels.h` (tests/test_kernel_table.py compares the two, and the library's
+exported symbols with this table). Pointers are `c_void_p`: callers pass `tensor.data_ptr()`.
+
+Adding a kernel: its `.c` file in `csrc/` (built automatically), its `CHTSL_EXPORT` declarations in
+`csrc/kernels.h`, and one `KernelSpec` below.
+
+The structs Python fills for `decode_layers` (`DecGroup`, `DecLayer`) are declared here too and
+checked at load against the layout the library reports (`kernel_probe`): a difference fails loudly.
+
+Compile-time choices — fixed when the library is built, candidates for build variants that a tuner
+could compile side by side (each would add a flag set or a -D option to `build.py`'s cache key):
+
+- `TILE_VW` (csr_tiles.h): floats per tile vector, 16 with AVX-512 else 8;
+- the token tiles the kernels are specialised for (16, 32, 64: `ROWS`, `MM_ROWS`, `SDDMM_ROWS`)
+  and `CSR_ROW_SUM`'s one or two accumulator sets;
+- `SDDMM_ROW_CHUNK` (csr_train.c, 64 rows of DY transposed at once) and csr_mm_tm's 16-row output blocks;
+- the gather loops' 4 (fp32) or 2 (bf16) sum chains and `BF16_DP` (bf16.h: vdpbf16ps where available);
+- non-temporal stores of full fp32 tiles with AVX-512 (spmm.c `STREAM`);
+- gemv.c's 4 × 8-float accumulators per token; the single-thread thresholds of lowrank_fm (2^18
+  multiply-adds) and attn_decode (2^14);
+- the flags themselves (`build.FLAG_SETS`: -O3 -march=native -fopenmp, …).
+
+The run-time parameters (tile widths by token count, cache budgets, row chunks, work items) are in
+`settings.py`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+P, INT, LONG, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+F32, BF16, I16, I32 = torch.float32, torch.bfloat16, torch.int16, torch.int32
+DTYPE_SUFFIX = {F32: "", BF16: "_bf16"}
+INDEX_SUFFIX = {I16: "_i16", I32: "_i32"}
+
+CFunction = Callable[..., Any]  # a bound ctypes function
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One exported C function and its variants.
+
+    args: (name, ctypes type) per parameter, as in csrc/kernels.h; result: the return type (None: void).
+    dtypes: the value dtypes it has variants for (empty: no dtype variants); indexes: the column-index
+    widths it has variants for (empty: none). source: the defining file in csrc/.
+    """
+
+    name: str
+    source: str
+    args: tuple[tuple[str, Any], ...]
+    result: Any = INT
+    dtypes: tuple[torch.dtype, ...] = ()
+    indexes: tuple[torch.dtype, ...] = ()
+
+    def symbol(self, dtype: torch.dtype | None = None, index: torch.dtype | None = None) -> str:
+        """The C symbol of one variant; LookupError if the table declares no such variant."""
+        if (dtype is None) != (not self.dtypes) or (dtype is not None and dtype not in self.dtypes):
+            raise LookupError(f"kernel {self.name!r} has dtype variants {self.dtypes or 'none'}, not {dtype}")
+        if (index is None) != (not self.indexes) or (index is not None and index not in self.indexes):
+            raise LookupError(f"kernel {self.name!r} has index variants {self.indexes or 'none'}, not {index}")
+        return (self.name + ("" if dtype is None else DTYPE_SUFFIX[dtype])
+                + ("" if index is None else INDEX_SUFFIX[index]))
+
+    def symbols(self) -> list[str]:
+        """Every variant's symbol."""
+        return [self.symbol(d, i) for d in self.dtypes or (None,) for i in self.indexes or (None,)]
+
+
+SPMM_ARGS = (("x", P), ("ldx", LONG), ("n_in", INT), ("n_tok", INT), ("crow", P), ("col", P), ("val", P),
+             ("rows", P), ("y", P), ("ldy", LONG), ("n_out", INT), ("tile", INT), ("n_chunks", INT),
+             ("n_threads", INT))
+
+TABLE = (
+    KernelSpec("spmm", "spmm.c, spmm_bf16.c", SPMM_ARGS, dtypes=(F32, BF16), indexes=(I16, I32)),
+    KernelSpec("csr_mm_tm", "csr_train.c", (
+        ("x", P), ("ldx", LONG), ("n_tok", INT), ("n_cols", INT), ("crow", P), ("col", P), ("val", P),
+        ("n_rows", INT), ("y", P), ("ldy", LONG), ("tile", INT), ("n_chunks", INT), ("n_threads", INT)),
+        dtypes=(F32,)),
+    KernelSpec("csr_sddmm_tm", "csr_train.c", (
+        ("dy", P), ("lddy", LONG), ("x", P), ("ldx", LONG), ("n_tok", INT), ("n_rows", INT), ("n_cols", INT),
+        ("crow", P), ("col", P), ("out", P), ("tile", INT), ("n_threads", INT)),
+        dtypes=(F32,)),
+    KernelSpec("csr_transpose", "csr_train.c", (
+        ("crow", P), ("col", P), ("n_rows", INT), ("n_cols", INT), ("t_crow", P), ("t_row", P), ("t_perm", P))),
+    KernelSpec("ch2_l3n_half", "ch_scores.c", (
+        ("crow", P), ("col", P), ("tcrow", P), ("tcol", P), ("n_rows", INT), ("n_cols", INT), ("out", P),
+        ("threads", INT))),
+    KernelSpec("gemv", "gemv.c", (
+        ("w", P), ("n_out", INT), ("n_in", INT), ("x", P), ("ldx", LONG), ("n_tok", INT), ("y", P), ("ldy", LONG),
+        ("threads", INT)),
+        dtypes=(F32, BF16)),
+    KernelSpec("lowrank_fm", "gemv.c", (
+        ("a", P), ("n_rank", INT), ("n_in", INT), ("x", P), ("sx_in", LONG), ("sx_tok", LONG), ("n_tok", INT),
+        ("b", P), ("outs", P), ("ranks", P), ("n_members", INT), ("scale", FLOAT), ("act", INT), ("y", P),
+        ("ldy", LONG), ("scratch", P), ("threads", INT)),
+        dtypes=(F32, BF16)),
+    KernelSpec("rms_norm_fm", "decode.c", (
+        ("h", P), ("ldh", LONG), ("n_feat", INT), ("n_tok", INT), ("w", P), ("eps", FLOAT), ("out", P),
+        ("ldo", LONG)),
+        result=None, dtypes=(F32, BF16)),
+    KernelSpec("silu_mul_fm", "decode.c", (("gu", P), ("ld", LONG), ("ffn", INT), ("n_tok", INT), ("act", INT)),
+               result=None, dtypes=(F32, BF16)),
+    KernelSpec("attn_decode", "decode.c", (
+        ("qkv", P), ("ldq", LONG), ("batch", INT), ("seq", INT), ("n_heads", INT), ("n_kv", INT),
+        ("head_dim", INT), ("cos", P), ("sin", P), ("kcache", P), ("vcache", P), ("cap", INT), ("start", INT),
+        ("scale", FLOAT), ("o", P), ("ldo", LONG), ("threads", INT)),
+        dtypes=(F32, BF16)),
+    KernelSpec("decode_layers", "decode.c", (
+        ("h", P), ("hidden", INT), ("batch", INT), ("seq", INT), ("layers", P), ("n_layers", INT), ("kcache", P),
+        ("vcache", P), ("eps", FLOAT), ("n_heads", INT), ("n_kv", INT), ("head_dim", INT), ("cos", P), ("sin", P),
+        ("cap", INT), ("start", INT), ("attn_scale", FLOAT), ("tile", INT), ("item_bytes", LONG), ("work", P),
+        ("scratch", P), ("threads", INT)),
+        dtypes=(F32, BF16)),
+    KernelSpec("kernel_probe", "probe.c", (("buf", P), ("size", INT))),
+)
+KERNELS = {spec.name: spec for spec in TABLE}
+
+
+@functools.cache
+def symbol(name: str, dtype: torch.dtype | None = None, index: torch.dtype | None = None) -> str:
+    """The C symbol of kernel `name`'s variant; LookupError for an unknown kernel or undeclared variant."""
+    if name not in KERNELS:
+        raise LookupError(f"no kernel {name!r} in the table; known: {', '.join(KERNELS)}")
+    return KERNELS[name].symbol(dtype, index)
+
+
+def bind(lib: ctypes.CDLL) -> dict[str, CFunction]:
+    """Every variant of every entry, looked up in `lib` with its argument and result types set: symbol ->
+    function. RuntimeError if the library lacks one (the table and csrc/ disagree)."""
+    functions = {}
+    for spec in TABLE:
+        for name in spec.symbols():
+            try:
+                fn = getattr(lib, name)
+            except AttributeError:
+                raise RuntimeError(f"the compiled kernels lack {name} (declared in chtsl_infer/kernels/table.py, "
+                                   f"from csrc/{spec.source})") from None
+            fn.argtypes = [ctype for _, ctype in spec.args]
+            fn.restype = spec.result
+            functions[name] = fn
+    return functions
+
+
+# --- Structs shared with C -------------------------------------------------------------------------
+
+class DecGroup(ctypes.Structure):
+    """csrc/kernels.h's `dec_group`: one fused group's arguments to `decode_layers` (NULL crow / lora_a:
+    part absent)."""
+    _fields_ = [("n_in", ctypes.c_int), ("n_out", ctypes.c_int), ("crow", ctypes.c_void_p),
+                ("col", ctypes.c_void_p), ("values", ctypes.c_void_p), ("rows", ctypes.c_void_p),
+                ("col_i32", ctypes.c_int), ("lora_a", ctypes.c_void_p), ("lora_b", ctypes.c_void_p),
+                ("outs", ctypes.c_void_p), ("ranks", ctypes.c_void_p), ("n_rank", ctypes.c_int),
+                ("n_members", ctypes.c_int), ("scale", ctypes.c_float), ("act", ctypes.c_int)]
+
+
+class DecLayer(ctypes.Structure):
+    """csrc/kernels.h's `dec_layer`: a block's two norm weights and its four groups."""
+    _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("group", DecGroup * 4)]
+
+
+STRUCTS: dict[str, type[ctypes.Structure]] = {"dec_group": DecGroup, "dec_layer": DecLayer}  # C name -> ctypes
+
+
+def ctypes_layout() -> list[str]:
+    """The structs' layout as Python declares it, in `kernel_probe`'s "struct"/"field" line format."""
+    lines = []
+    for c_name, struct in STRUCTS.items():
+        lines.append(f"struct {c_name} {ctypes.sizeof(struct)}")
+        for field, _ in struct._fields_:
+            descriptor = getattr(struct, field)
+            lines.append(f"field {c_name}.{field} {descriptor.offset} {descriptor.size}")
+    return lines
+
+
+def probe(functions: dict[str, CFunction]) -> list[str]:
+    """The lines `kernel_probe` writes (see csrc/probe.c)."""
+    buf = ctypes.create_string_buffer(1 << 14)
+    n = functions["kernel_probe"](buf, len(buf))
+    if n < 0:
+        raise RuntimeError("kernel_probe: its report does not fit the buffer")
+    return buf.value.decode().splitlines()
+
+
+def check_layouts(probed: list[str]) -> None:
+    """RuntimeError naming the first difference between the C structs' layout (`probed`) and `STRUCTS`."""
+    c_side = [line for line in probed if line.startswith(("struct ", "field "))]
+    py_side = ctypes_layout()
+    if c_side != py_side:
+        diff = next((f"C has {c!r}, Python {p!r}" for c, p in zip(c_side, py_side, strict=False) if c != p),
+                    f"C has {len(c_side)} lines, Python {len(py_side)}")
+        raise RuntimeError(f"chtsl_infer/kernels/table.py's ctypes structs do not match csrc/kernels.h: {diff}")
