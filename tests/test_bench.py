@@ -31,6 +31,9 @@ def test_bench_tiny_reports_ratios_to_dense(tmp_path: Path) -> None:
     assert [(r["model"], r["backend"]) for r in rows] == [
         ("dense (baseline)", "dense"), ("chtsl", "sparse"), ("cola", "dense")]
     assert report["settings"]["batch"] == 2 and report["settings"]["seq"] == 16
+    info = report["kernels"]  # which CPU kernels every number used (CI has a compiler: test_kernels)
+    assert info["available"] and info["path"].endswith(".so") and info["flags"][0] == "-O3"
+    assert info["tile_vw"] in (8, 16) and info["settings"]["decode_item_bytes"] == 64 << 10
     base = rows[0]
     assert base["speedup_vs_dense"] == 1.0 and base["peak_memory_ratio"] == 1.0
     for r in rows:

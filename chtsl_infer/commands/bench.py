@@ -376,10 +376,11 @@ def bench_command(
     n_seq = seq or (32 if cpu else 256)
     if n_seq > config.max_position_embeddings:
         raise ChtslError(f"--seq {n_seq} exceeds the model's {config.max_position_embeddings} positions")
+    kernel_report = None  # which CPU kernels every number used (ISA, flags, settings): into the JSON
     if cpu:  # build the sparse kernel once here (first use only), not in each worker
         from chtsl_infer import kernels
 
-        kernels.cpu_kernel_status()
+        kernel_report = kernels.kernel_info().as_json()
     decode = mode == "decode"
     common = {
         "mode": mode, "batch": batch, "seq": n_seq, "prompt_len": prompt_len, "new_tokens": new_tokens,
@@ -419,7 +420,7 @@ def bench_command(
         r["model_memory_ratio"] = r["model_bytes"] / base["model_bytes"]
     with json_on_stdout(json_out):
         (_print_decode_table if decode else _print_table)(results, common)
-    write_json({"settings": common, "results": results}, json_out, force)
+    write_json({"settings": common, "kernels": kernel_report, "results": results}, json_out, force)
 
 
 def _print_table(results: list[dict[str, Any]], settings: dict[str, Any]) -> None:
