@@ -465,11 +465,11 @@ def _compare(args: argparse.Namespace, runner: Runner) -> int:
     for dtype in dtypes:
         console.print(f"chtsl bench --mode decode --dtype {dtype} ...", style="dim")
         for r in run_chtsl(args.preset, dtype, settings):
-            kind = "dense" if r["method"] == "dense" else f"{r['method']} sparse"
-            rows.append({"engine": "chtsl", "weights": f"{kind} {dtype}", "ffn": settings["chtsl_ffn"],
-                         "model_bytes": r["model_bytes"], "prefill_tokens_per_s": r["prefill_tokens_per_s"],
-                         "tokens_per_s": r["tokens_per_s"], "chtsl_bench": r})
-    ref = next(r for r in rows if r["engine"] == "chtsl" and "sparse" in r["weights"])
+            rows.append({"engine": "chtsl", "weights": f"{'dense' if r['method'] == 'dense' else 'sparse'} {dtype}",
+                         "ffn": settings["chtsl_ffn"], "model_bytes": r["model_bytes"],
+                         "prefill_tokens_per_s": r["prefill_tokens_per_s"], "tokens_per_s": r["tokens_per_s"],
+                         "chtsl_bench": r})
+    ref = next(r for r in rows if r["engine"] == "chtsl" and r["weights"].startswith("sparse"))
     for r in rows:
         r["sparse_over_prefill"] = ref["prefill_tokens_per_s"] / r["prefill_tokens_per_s"]
         r["sparse_over_decode"] = ref["tokens_per_s"] / r["tokens_per_s"]
@@ -485,19 +485,19 @@ def _print_table(rows: list[dict[str, Any]], s: dict[str, Any], ref: str) -> Non
 
     from chtsl_infer.console import console
 
-    table = Table(title=f"llama.cpp vs chtsl — {s['preset']}, batch 1, prompt {s['prompt_len']} + {s['new_tokens']} "
-                        f"new, {s['threads']} threads, median of {s['repeats']}, {s['cpu']}",
-                  caption=f"sparse ÷: chtsl {ref} over the row (> 1: chtsl faster) · llama.cpp via "
-                          f"{s['runner']['kind']}, s_total {s['s_total']}",
-                  box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
-    for col in ("engine", "weights", "FFN", "MiB", "prefill tok/s", "sparse ÷", "decode tok/s", "sparse ÷"):
-        table.add_column(col, justify="left" if col in ("engine", "weights") else "right", no_wrap=True)
+    table = Table(title=f"llama.cpp vs chtsl: {s['preset']}, batch 1, prompt {s['prompt_len']} + "
+                        f"{s['new_tokens']} new, {s['threads']} threads, median of {s['repeats']}",
+                  caption=f"÷: chtsl {ref} tok/s over the row's (> 1: chtsl faster) · chtsl s_total {s['s_total']} · "
+                          f"MiB: GGUF file, chtsl's resident model · llama.cpp via {s['runner']['kind']} · {s['cpu']}",
+                  box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)  # fits 80 columns untruncated
+    for col in ("model", "FFN", "MiB", "prefill tok/s", "÷", "decode tok/s", "÷"):
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True,
+                         min_width=4 if col == "÷" else None)
     for r in rows:
-        table.add_row(r["engine"], r["weights"], str(r["ffn"]), f"{r['model_bytes'] / 2**20:,.1f}",
+        table.add_row(f"{r['engine']} {r['weights']}", str(r["ffn"]), f"{r['model_bytes'] / 2**20:,.1f}",
                       f"{r['prefill_tokens_per_s']:,.1f}", f"{r['sparse_over_prefill']:.2f}",
                       f"{r['tokens_per_s']:,.1f}", f"{r['sparse_over_decode']:.2f}")
     console.print(table)
-
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == WORKER_FLAG:  # in the llama-cpp-python interpreter: no chtsl here

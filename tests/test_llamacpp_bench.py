@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -208,3 +211,28 @@ def test_bad_input_is_one_error_line(monkeypatch, capsys, args, message) -> None
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
+
+
+@pytest.mark.slow  # chtsl bench workers
+def test_comparison_end_to_end_with_a_stand_in_llama_bench(tmp_path) -> None:
+    fake = tmp_path / "llama-bench"
+    fake.write_text(_FAKE_BENCH.format(python=sys.executable, log=str(tmp_path / "calls.txt")))
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "llamacpp.py"), "--preset", "tiny", "--types", "F16,Q4_0",
+         "--pad-ffn", "--llama-bench", str(fake), "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1",
+         "--threads", "1", "--gguf-dir", str(tmp_path / "gguf"), "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "llama.cpp Q4_0" in proc.stdout and "chtsl sparse fp32" in proc.stdout
+    report = json.loads(out.read_text())
+    rows = {f"{r['engine']} {r['weights']}": r for r in report["results"]}
+    assert list(rows) == ["llama.cpp F16", "llama.cpp Q4_0", "chtsl dense fp32", "chtsl sparse fp32"]
+    sparse = rows["chtsl sparse fp32"]
+    assert rows["llama.cpp Q4_0"]["ffn"] == 352 and sparse["ffn"] == 344  # padded for llama.cpp only
+    assert rows["llama.cpp Q4_0"]["tokens_per_s"] == 10.0 and rows["llama.cpp Q4_0"]["prefill_tokens_per_s"] == 100.0
+    assert rows["llama.cpp Q4_0"]["sparse_over_decode"] == pytest.approx(sparse["tokens_per_s"] / 10.0)
+    assert sparse["sparse_over_decode"] == 1.0 and sparse["chtsl_bench"]["backend"] == "sparse"
+    assert rows["llama.cpp Q4_0"]["model_bytes"] == Path(rows["llama.cpp Q4_0"]["file"]).stat().st_size
+    assert report["settings"]["threads"] == 1 and report["settings"]["gguf_shape"]["intermediate_size"] == 352
