@@ -9,8 +9,8 @@ preset's shape with random weights (written once, cached in `--gguf-dir`), timed
 prefill tokens/s of a `--prompt-len` prompt (128) and decode tokens/s of `--new-tokens` (64) single
 tokens after it; then `chtsl bench --mode decode --batch 1` with the same prompt, new tokens,
 threads and repetitions (the dense fp32 baseline and the CHTsL model at `--s-total` on the sparse
-backend, per `--chtsl-dtypes`). One Rich table and, with `--json`, every number; `sparse ÷` is chtsl
-sparse (the first dtype) over the row, so > 1 means chtsl is faster. Medians over `--repeats`.
+backend, per `--chtsl-dtypes`). One Rich table and, with `--json`, every number; `÷` is chtsl's sparse
+tokens/s (the first dtype) over the row's, so > 1 means chtsl is faster. Medians over `--repeats`.
 
 How llama.cpp times it: with `llama-bench` (preferred: on PATH, or `--llama-bench PATH`) prefill is
 `-p 128 -n 0` and decode `-p 0 -n 64 -d 128` (64 tokens after a 128-token context, as chtsl's decode);
@@ -39,13 +39,18 @@ builds llama.cpp from the sdist (CPU build with `-march=native`; needs a C++ com
 
     pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
     cmake -S llama_cpp_python-*/vendor/llama.cpp -B llama-build -DCMAKE_BUILD_TYPE=Release \\
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
+        -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \\
+        -DLLAMA_OPENSSL=OFF
     cmake --build llama-build --target llama-bench -j
     python benchmarks/llamacpp.py --llama-bench llama-build/bin/llama-bench
 
+and llama-cpp-python can then load that build's libraries instead of compiling its own:
+`CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip install llama_cpp_python-*.tar.gz` and
+`export LLAMA_CPP_LIB_PATH=$PWD/llama-build/bin` (same sources, so the same llama.cpp either way).
+
 Without llama.cpp the script prints one line on how to get it and exits 0 (2 with `--require`).
 Needs the `gguf` package (in chtsl's `dev` extra). Not run by CI: time it on an idle machine
-(`cat /proc/loadavg` below 0.3) and name the CPU.
+(`cat /proc/loadavg` below 0.3) and name the CPU; docs/performance.md §3 says where it fits.
 """
 
 from __future__ import annotations
