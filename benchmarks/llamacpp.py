@@ -265,8 +265,11 @@ def find_runner(choice: str, llama_bench: str | None, llama_python: str | None) 
             return None
     if choice in ("auto", "python"):
         if llama_python:
-            probe = subprocess.run([llama_python, "-c", "import llama_cpp"], capture_output=True)
-            return Runner("llama-cpp-python", llama_python) if probe.returncode == 0 else None
+            try:
+                ok = subprocess.run([llama_python, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+            except OSError:  # no such interpreter
+                ok = False
+            return Runner("llama-cpp-python", llama_python) if ok else None
         if importlib.util.find_spec("llama_cpp") is not None:
             return Runner("llama-cpp-python", sys.executable)
     return None

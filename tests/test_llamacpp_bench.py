@@ -165,7 +165,9 @@ def test_find_runner(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     assert llamacpp.find_runner("auto", None, None) == llamacpp.Runner("llama-bench", str(fake))
     assert llamacpp.find_runner("llama-bench", str(tmp_path / "absent"), None) is None
-    assert llamacpp.find_runner("python", None, sys.executable) is None  # this venv has no llama_cpp
+    assert llamacpp.find_runner("python", None, str(tmp_path / "no-python")) is None
+    has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    assert (llamacpp.find_runner("python", None, sys.executable) is not None) == has_llama_cpp
 
 
 _FAKE_BENCH = """#!{python}
