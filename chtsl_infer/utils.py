@@ -1,13 +1,16 @@
-"""Small shared helpers: atomic file and directory writes, and the device of a command.
+"""Small shared helpers: atomic file and directory writes, the one-writer lock of an output
+directory, and the device of a command.
 
 Every writer goes through `atomic_path` (files) or `publish_dir` (directories), so a crash or a
-full disk never leaves a half-written file under the final name. Torch is imported only inside
-`resolve_device`, so the CLI's `--help` stays free of it.
+full disk never leaves a half-written file under the final name; `dir_lock` keeps two writers out
+of one output directory. Torch is imported only inside `resolve_device`, so the CLI's `--help`
+stays free of it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import os
 import shutil
@@ -92,6 +95,67 @@ def publish_dir(tmp: Path, target: Path) -> None:
     backup = backup_path(target)
     if backup.exists():
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file `dir_lock` holds for the output directory `path`: `.NAME.lock` beside it."""
+    target = Path(path).resolve()  # one lock whatever the spelling (relative, symlinked) of the path
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextmanager
+def dir_lock(path: str | Path) -> Iterator[Path]:
+    """Holds the exclusive writer lock of the output directory `path` for the block (yields the
+    lock file). A second writer of the same directory, in this or another process, gets at once a
+    ChtslError naming the holder's PID; readers take no lock.
+
+    The lock is an `flock` on `.NAME.lock` beside `path` (its parent is created if needed): the
+    kernel drops it when the holder exits, however it dies, so a killed run never leaves a stale
+    lock. It lives beside the directory, not inside it, because writers replace the directory as a
+    whole (a checkpoint swap, `export --force`) and a lock inside would leave with the old one. The
+    file holds the holder's PID and is removed on release.
+    """
+    target = Path(path).resolve()
+    lock = lock_path(target)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(lock, target)
+    except OSError as e:
+        raise ChtslError(f"cannot lock {target}: cannot write {lock}: {e.strerror or e}") from None
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)  # while still held: a process that opened it sees the unlink
+        os.close(fd)
+
+
+def _acquire(lock: Path, target: Path) -> int:
+    """The open, flock-ed descriptor of `lock`, with this process's PID written in it."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                who = f"process {holder}" if holder.isdigit() else "another process"
+                raise ChtslError(f"{target} is being written by {who} (lock {lock}); wait for it to finish "
+                                 f"or choose another output directory") from None
+            # The previous holder unlinks the file on release: a lock won on an unlinked file
+            # (opened just before that) guards nothing, so take the one now at the path instead.
+            held = os.fstat(fd)
+            try:
+                now = os.stat(lock)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
 #: The one spelling of `--dtype` in every command; torch's long names are accepted too.

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -21,7 +21,7 @@ import typer
 from chtsl_infer.console import check_output_file, console, err_console, stale_siblings, write_json
 from chtsl_infer.errors import ChtslError, first_line
 from chtsl_infer.options import Checkpoint, Force, JsonOut, PackedDtype
-from chtsl_infer.utils import make_temp_dir, parse_dtype, resolve_device, torch_dtype
+from chtsl_infer.utils import dir_lock, make_temp_dir, parse_dtype, resolve_device, torch_dtype
 
 FORMATS = ("safetensors", "onnx", "all")
 KILL_BETWEEN_RENAMES_ENV = "CHTSL_TEST_KILL_BETWEEN_RENAMES"  # test hook (see _move_into_place)
@@ -165,6 +165,15 @@ def export_command(
 
     model_dir = resolve_model_dir(ckpt).require_weights()
     out = out if out is not None else ckpt / "export"
+    # One writer per output directory (its parent must exist: `_check_output` says so otherwise);
+    # the checks run under the lock, so two exports started at once cannot both pass them.
+    with dir_lock(out) if out.parent.is_dir() else nullcontext():
+        _export_locked(ckpt, model_dir, out, fmt, dtype, opset, verify, force, device, json_out)
+
+
+def _export_locked(ckpt: Path, model_dir, out: Path, fmt: str, dtype: str, opset: int, verify: bool, force: bool,
+                   device: str | None, json_out: str | None) -> None:
+    """The export of `model_dir` (a `ModelDir`) into `out`, whose writer lock the caller holds."""
     if out.parent.is_dir():
         note = recover_output(out)
         if note:

@@ -12,6 +12,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +22,7 @@ import torch
 
 from chtsl_infer.cli import main
 from chtsl_infer.errors import ChtslError
+from chtsl_infer.utils import dir_lock, lock_path
 from tests.conftest import write_corpus
 from train.args import TrainArgs
 from train.trainer import train
@@ -149,6 +152,92 @@ def test_nan_stop_without_checkpoint_says_so(tmp_path, capfd) -> None:
     err = capfd.readouterr().err
     assert r.stopped == "nan"
     assert "no checkpoint was written" in err and "is kept" not in err
+
+
+# ----------------------------------------------------------------------------- one writer per directory
+
+# A second process holding the writer lock of argv[1] until killed (what a concurrent run would be).
+_HOLD_LOCK = """
+import sys, time
+from chtsl_infer.utils import dir_lock
+with dir_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@contextmanager
+def _lock_held_elsewhere(path: Path) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_dir_lock_one_writer_names_the_holder_and_dies_with_it(tmp_path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "alias").symlink_to(out, target_is_directory=True)
+    with _lock_held_elsewhere(out) as holder:
+        with pytest.raises(ChtslError, match=f"being written by process {holder.pid} "), dir_lock(out):
+            pass
+    # SIGKILLed holder: its lock died with it (the file it left is taken over, then removed)
+    assert lock_path(out).exists()
+    with dir_lock(out) as lock:
+        assert lock.read_text() == f"{os.getpid()}\n"
+        # another spelling of the same directory is the same lock, even in the same process
+        for spelling in (tmp_path / "alias", tmp_path / "." / "run"):
+            with pytest.raises(ChtslError, match=f"process {os.getpid()}"), dir_lock(spelling):
+                pass
+    assert not lock_path(out).exists()
+    with dir_lock(out):  # released: free again
+        pass
+
+
+def test_train_holds_the_lock_and_a_second_writer_fails_at_once(tmp_path, capfd) -> None:
+    out = tmp_path / "ckpt"
+    seen: list[str] = []
+
+    def second_writer(step: int, model) -> None:
+        with pytest.raises(ChtslError) as e, dir_lock(out):
+            pass
+        seen.append(str(e.value))
+
+    train(_args(tmp_path, steps=2, save_every=2), after_step=second_writer)
+    assert len(seen) == 2 and all(f"process {os.getpid()}" in m for m in seen)
+    assert not lock_path(out).exists()
+
+    # a `chtsl train` into a directory another process writes: one line naming it, nothing written
+    new = tmp_path / "new"
+    argv = ["train", "--data", str(tmp_path / "corpus.jsonl"), "--tokenizer", "bpe", "--vocab-size", "512",
+            "--num-layers", "2", "--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "4", "--steps", "2",
+            "--warmup", "1", "--eval-tokens", "500", "--no-progress", "--out", str(new)]
+    for target in (new, out):  # a fresh directory, and a resume of the finished run
+        with _lock_held_elsewhere(target) as holder:
+            before = _sha(tmp_path)
+            code, output = _run_cli(argv if target == new else ["train", "--resume", str(out), "--steps", "3",
+                                                                "--no-progress"], capfd)
+        lines = [ln for ln in output.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1, output
+        assert lines[0].startswith("error:") and f"process {holder.pid}" in lines[0], output
+        assert _sha(tmp_path) == before and not new.exists()
+
+
+def test_export_force_refuses_a_second_writer(cli_artifacts, tmp_path, capfd) -> None:
+    exp = tmp_path / "exp"
+    shutil.copytree(cli_artifacts["export"], exp)
+    before = _sha(exp)
+    with _lock_held_elsewhere(exp) as holder:
+        code, output = _run_cli(["export", str(cli_artifacts["run"]), "--out", str(exp), "--force",
+                                 "--format", "safetensors", "--no-verify"], capfd)
+    lines = [ln for ln in output.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and f"process {holder.pid}" in lines[0], output
+    assert _sha(exp) == before
 
 
 # ----------------------------------------------------------------------------- export --force

@@ -30,6 +30,11 @@ class DistInfo:
         return self.world > 1
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (or the only one), before `setup` has run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(device: str) -> DistInfo:
     """Initialises the default process group when launched by torchrun with WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -33,7 +33,7 @@ from chtsl_infer.errors import ChtslError
 from chtsl_infer.model.layers import branch_grad_norms, record_branches
 from chtsl_infer.model.loss import perplexity, token_nll_sum
 from chtsl_infer.model.methods import get_method
-from chtsl_infer.utils import atomic_write_text, resolve_device
+from chtsl_infer.utils import atomic_write_text, dir_lock, resolve_device
 from train import checkpoint as ckpt_io
 from train import distributed as dist_utils
 from train.args import RESUME_MUTABLE, TrainArgs, build_model_config, check_args, resolve_args
@@ -170,20 +170,21 @@ def train(args: TrainArgs, after_step: Callable[[int, torch.nn.Module], None] | 
     if args.resume:
         args, resume_dir, saved_state = _resume_args(args)
     args = resolve_args(args)
-    out = Path(args.out)
-    same_dir = resume_dir is not None and out.resolve() in (resume_dir.resolve(), Path(args.resume).resolve())
-    if not same_dir and (ckpt_io.resolve_checkpoint(out) / "config.json").is_file():
-        hint = f"pass --resume {out}" if not args.resume else f"resume into {args.resume} itself"
-        raise ChtslError(f"{out} already holds a checkpoint; {hint} or choose another --out")
-    check_output_dir(out, "--out")
-
-    info = dist_utils.setup("cuda" if args.device.startswith("cuda") or (
-        args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    try:
-        run = build_run(args, info, resume_dir, saved_state)
-        return train_loop(run, after_step)
-    finally:
-        dist_utils.teardown(info)
+    out = check_output_dir(args.out, "--out")
+    # One writer per run directory: rank 0 (the only one writing) holds the lock for the whole run,
+    # and the checks below run under it, so two runs started at once cannot both pass them.
+    with dir_lock(out) if dist_utils.is_main_process() else nullcontext():
+        same_dir = resume_dir is not None and out.resolve() in (resume_dir.resolve(), Path(args.resume).resolve())
+        if not same_dir and (ckpt_io.resolve_checkpoint(out) / "config.json").is_file():
+            hint = f"pass --resume {out}" if not args.resume else f"resume into {args.resume} itself"
+            raise ChtslError(f"{out} already holds a checkpoint; {hint} or choose another --out")
+        info = dist_utils.setup("cuda" if args.device.startswith("cuda") or (
+            args.device == "auto" and torch.cuda.is_available()) else "cpu")
+        try:
+            run = build_run(args, info, resume_dir, saved_state)
+            return train_loop(run, after_step)
+        finally:
+            dist_utils.teardown(info)
 
 
 def _resume_args(args: TrainArgs) -> tuple[TrainArgs, Path, dict[str, Any]]:
