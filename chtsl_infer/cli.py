@@ -1,4 +1,5 @@
-"""The `chtsl` command line (Typer). Every command prints one line and exits 2 on bad input.
+"""The `chtsl` command line (Typer). Every command prints one line and exits 2 on bad input (74 when
+the environment fails a write: a full disk, a read-only or vanished directory).
 
 Each command lives beside the code it drives (train/, export/, evals/, chtsl_infer/commands/bench.py…);
 this module only wires them into one app, keeping heavy imports inside the commands.
@@ -15,7 +16,7 @@ from rich.markup import escape
 from chtsl_infer.commands.bench import bench_command
 from chtsl_infer.commands.generate import generate_command
 from chtsl_infer.console import check_output_file, console, err_console, write_json
-from chtsl_infer.errors import ChtslError
+from chtsl_infer.errors import ChtslError, WriteFailure, write_failure_reason
 from chtsl_infer.model.methods import DEFAULT_METHOD, METHOD_CHOICES
 from chtsl_infer.options import Force, JsonOut, context_settings
 from evals.command import eval_command
@@ -44,13 +45,19 @@ def info_command(
 ) -> None:
     """Per-layer-type shapes, (s, r), parameter counts and s_total of a preset."""
     from chtsl_infer.commands.info import budget_report, budget_table
+    from chtsl_infer.model.methods import unused_options_warning
     from chtsl_infer.model.presets import build_config
 
     check_output_file(json_out, force)
     config = build_config(preset, method=method, s_total=s_total, sparsity=sparsity, rank=rank)
+    unused = unused_options_warning(method, [n for n, v in (("sparsity", sparsity), ("rank", rank)) if v is not None])
+    if unused:
+        err_console.print(f"[yellow]warning:[/] {escape(unused)}", highlight=False, soft_wrap=True)
     report = budget_report(config, preset)
     if str(json_out) != "-":
         console.print(budget_table(report))
+    for problem in report["problems"]:  # what `chtsl train` refuses
+        err_console.print(f"[bold red]outside the budget:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     write_json(report, json_out, force)
 
 
@@ -70,16 +77,17 @@ def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
-def error_exit(message: str) -> NoReturn:
-    """Prints `error: MESSAGE` as one line on stderr and exits with code 2."""
+def error_exit(message: str, code: int = 2) -> NoReturn:
+    """Prints `error: MESSAGE` as one line on stderr and exits with `code` (2: bad input)."""
     err_console.print(f"[bold red]error:[/] {_one_line(message)}", highlight=False, soft_wrap=True, markup=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `chtsl` script: runs the app; bad input (a `ChtslError` raised anywhere in
     the library, or a usage error Click would print as a box) becomes one line `error: ...` and exit
-    code 2."""
+    code 2; a write the environment failed (`WriteFailure`, or an I/O error that reaches here) one
+    line and exit code 74."""
     try:
         code = app(args=argv, prog_name="chtsl", standalone_mode=False)
     except typer.TyperException as e:  # Click's usage errors: unknown option, bad value, missing argument
@@ -91,8 +99,16 @@ def main(argv: list[str] | None = None) -> None:
         error_exit(escape(e.format_message()) + where)
     except typer.Abort:  # Ctrl-C at a prompt
         sys.exit(130)
-    except ChtslError as e:
-        error_exit(escape(str(e)))
+    except ChtslError as e:  # bad input (2), or a write the environment failed (WriteFailure: 74)
+        error_exit(escape(str(e)), e.exit_code)
+    except BrokenPipeError:
+        raise
+    except Exception as e:  # an I/O failure no command turned into its own message: still one line
+        reason = write_failure_reason(e)
+        if reason is None:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        error_exit(escape(f"I/O error{where}: {reason}"), WriteFailure.exit_code)
     sys.exit(code if isinstance(code, int) else 0)  # as Click's standalone mode: always SystemExit
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from chtsl_infer.errors import ChtslError
+from chtsl_infer.errors import ChtslError, WriteFailure
 from chtsl_infer.utils import atomic_write_text
 
 console = Console()
@@ -138,4 +138,4 @@ def write_json(data: Any, path: str | Path | None, force: bool = False, flag: st
     try:
         atomic_write_text(path, text + "\n")
     except OSError as e:
-        raise ChtslError(f"cannot write {path}: {e.strerror or e}") from None
+        raise WriteFailure(f"cannot write {path}: {e.strerror or e}") from None

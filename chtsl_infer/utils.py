@@ -14,13 +14,15 @@ import fcntl
 import functools
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from chtsl_infer.errors import ChtslError
+from chtsl_infer.errors import ChtslError, Interrupted
 
 
 def _umask() -> int:
@@ -125,7 +127,8 @@ def dir_lock(path: str | Path) -> Iterator[Path]:
     try:
         yield lock
     finally:
-        lock.unlink(missing_ok=True)  # while still held: a process that opened it sees the unlink
+        with suppress(OSError):  # a file system turned read-only keeps the file; the lock goes anyway
+            lock.unlink(missing_ok=True)  # while still held: a process that opened it sees the unlink
         os.close(fd)
 
 
@@ -156,6 +159,73 @@ def _acquire(lock: Path, target: Path) -> int:
             os.close(fd)
             raise
         os.close(fd)
+
+
+# Signals held back by `deferred_interrupts` (depth of nesting, the first signal that arrived).
+_deferral: dict[str, int | None] = {"depth": 0, "pending": None}
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    if _deferral["depth"] and _deferral["pending"] is None:
+        _deferral["pending"] = signum  # raised when the deferring block ends; a second signal raises now
+        return
+    raise Interrupted(signum)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """In the block, SIGINT and SIGTERM raise `Interrupted` (the KeyboardInterrupt a command turns
+    into one line and exit code 130/143) instead of killing the process silently (SIGTERM); the
+    previous handlers come back after it. Outside the main thread (where Python cannot install
+    handlers) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Holds back the `Interrupted` of a signal arriving in the block until the block has finished
+    (a checkpoint being written completes and can be named); a second signal interrupts at once."""
+    _deferral["depth"] += 1
+    completed = False
+    try:
+        yield
+        completed = True
+    finally:
+        _deferral["depth"] -= 1
+        if not _deferral["depth"]:
+            pending, _deferral["pending"] = _deferral["pending"], None
+            if pending is not None and completed:  # a block that failed reports its own error
+                raise Interrupted(pending)
+
+
+#: The largest `--seed`: numpy's range, well inside every generator a run seeds (the data order
+#: seeds torch with `seed · 1_000_003 + epoch`, which must stay below 2**64).
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """ChtslError unless `seed` is in [0, SEED_MAX]."""
+    if not 0 <= seed <= SEED_MAX:
+        raise ChtslError(f"{flag} must be in [0, {SEED_MAX}], got {seed}")
+
+
+def check_utf8(text: str, flag: str) -> None:
+    """ChtslError unless `text` is valid Unicode text: a command-line argument that is not UTF-8
+    reaches Python with its bad bytes as lone surrogates (PEP 383), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = os.fsencode(text[e.start:e.end])
+        raise ChtslError(f"{flag} is not valid UTF-8 (byte 0x{bad[:1].hex()} at character {e.start}); "
+                         f"pass UTF-8 text") from None
 
 
 #: The one spelling of `--dtype` in every command; torch's long names are accepted too.

@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from chtsl_infer.console import check_output_file, console, err_console, stale_siblings, write_json
-from chtsl_infer.errors import ChtslError, first_line
+from chtsl_infer.errors import ChtslError, WriteFailure, first_line, write_failure_reason
 from chtsl_infer.options import Checkpoint, Force, JsonOut, PackedDtype
 from chtsl_infer.utils import dir_lock, make_temp_dir, parse_dtype, resolve_device, torch_dtype
 
@@ -193,7 +193,7 @@ def _export_locked(ckpt: Path, model_dir, out: Path, fmt: str, dtype: str, opset
             try:
                 _move_into_place(tmp, out)
             except OSError as e:
-                raise ChtslError(f"cannot write {out}: {e.strerror or e}") from None
+                raise WriteFailure(f"cannot write {out}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed into place
 
@@ -282,11 +282,15 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
 
 
 def _writing(fn, tmp: Path):
-    """Runs a writing step; OS errors (disk full, permissions) become one-line ChtslErrors."""
+    """Runs a writing step; I/O failures (disk full, permissions, from plain writes or safetensors)
+    become one-line `WriteFailure`s."""
     try:
         return fn()
-    except OSError as e:
-        raise ChtslError(f"cannot write into {tmp.parent}: {e.strerror or e}") from None
+    except Exception as e:
+        reason = write_failure_reason(e)
+        if reason is None:
+            raise
+        raise WriteFailure(f"cannot write into {tmp.parent}: {reason}; nothing was written to the output") from None
 
 
 def _row(name: str, size: int, dense: int) -> dict:

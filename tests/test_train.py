@@ -139,7 +139,7 @@ def test_bf16_autocast_on_cpu(tmp_path) -> None:
 
 
 def test_packing_run(tmp_path) -> None:
-    r = train(small_args(tmp_path, packing=True, steps=3, eval_every=3, save_every=3))
+    r = train(small_args(tmp_path, packing=True, steps=3, warmup=1, eval_every=3, save_every=3))
     args = json.loads((Path(r.out) / "trainer_state" / "args.json").read_text())
     assert r.step == 3 and math.isfinite(r.val_ppl) and args["packing"] is True
     start = metrics(Path(r.out))[0]
@@ -193,7 +193,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys) -> None:
         assert match in err, (extra, err)
         assert not out.exists()  # nothing written
     # An existing checkpoint is never overwritten by a fresh run.
-    r = train(small_args(tmp_path, steps=2, save_every=2, eval_every=2))
+    r = train(small_args(tmp_path, steps=2, warmup=1, save_every=2, eval_every=2))
     before = (Path(r.out) / "model.safetensors").read_bytes()
     err = _cli_error(capsys, [*base, "--data", str(corpus(tmp_path)), "--out", r.out])
     assert "already holds a checkpoint" in err

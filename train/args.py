@@ -9,12 +9,14 @@ setting is added or changed here only. A field whose default is None takes the p
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.model.methods import DEFAULT_METHOD, METHOD_CHOICES, get_method
-from chtsl_infer.utils import parse_dtype
+from chtsl_infer.utils import check_seed, parse_dtype
 
 # Fields a `--resume` may change; every other recipe field must match the checkpoint.
 RESUME_MUTABLE = ("out", "stop_at", "eval_every", "save_every", "ocr_every", "device", "progress", "steps",
@@ -130,6 +132,17 @@ def check_args(args: TrainArgs) -> None:
     if args.vocab_size is not None and args.vocab_size < MIN_BPE_VOCAB and args.tokenizer in (None, "bpe"):
         raise ChtslError(f"--vocab-size must be >= {MIN_BPE_VOCAB} for a trained BPE (256 bytes + 4 special "
                          f"tokens), got {args.vocab_size}")
+    for f in fields(TrainArgs):  # '' would silently mean "the default" (or, for --out, the current directory)
+        value = getattr(args, f.name)
+        if isinstance(value, str) and not value.strip():
+            raise ChtslError(f"{f.metadata.get('flag') or _flag(f.name)} must not be empty")
+    check_seed(args.seed)
+
+
+def given_options(args: TrainArgs) -> list[str]:
+    """The fields of `args` set to something else than their default (what a command line gave)."""
+    defaults = TrainArgs()
+    return [f.name for f in fields(TrainArgs) if getattr(args, f.name) != getattr(defaults, f.name)]
 
 
 def resolve_args(args: TrainArgs) -> TrainArgs:
@@ -169,19 +182,94 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
                          f"({r.update_interval})")
     if r.stop_at is not None and not 1 <= r.stop_at <= r.steps:
         raise ChtslError(f"--stop-at must be in [1, {r.steps}]")
+    if args.warmup is not None and not args.resume and r.warmup > r.steps:
+        raise ChtslError(f"--warmup {r.warmup} is longer than the run (--steps {r.steps}): the learning rate would "
+                         f"never reach its peak")
     return r
 
 
 def build_model_config(args: TrainArgs, vocab_size: int | None = None, **llama_overrides: Any):
-    """The `ChtslConfig` a fresh run of `args` builds (preset, method, split, activation, alignment)."""
+    """The `ChtslConfig` a fresh run of `args` builds (preset, method, split, activation, alignment).
+
+    ChtslError when its (s, r) leave the parameter budget (`budget.budget_problems`) or `seq_len`
+    exceeds the positions its rotary embedding covers (`rope_positions`)."""
+    from chtsl_infer.model.budget import budget_problems
     from chtsl_infer.model.presets import build_config
 
     if args.num_layers:
         llama_overrides.setdefault("num_hidden_layers", args.num_layers)
     try:
-        return build_config(args.preset, method=args.method, s_total=args.s_total, sparsity=args.sparsity,
-                            rank=args.rank, activation=args.activation, align_lambda=args.align_lambda,
-                            align_layers=args.align, lowrank_init_scale=args.lowrank_init_scale,
-                            vocab_size=vocab_size, **llama_overrides)
+        config = build_config(args.preset, method=args.method, s_total=args.s_total, sparsity=args.sparsity,
+                              rank=args.rank, activation=args.activation, align_lambda=args.align_lambda,
+                              align_layers=args.align, lowrank_init_scale=args.lowrank_init_scale,
+                              vocab_size=vocab_size, **llama_overrides)
     except ValueError as e:  # ChtslError included; also transformers' own checks of the Llama fields
         raise ChtslError(str(e)) from None
+    problems = budget_problems(config)
+    if problems:
+        raise ChtslError(f"--sparsity/--rank leave the parameter budget: {'; '.join(problems)} (see `chtsl info`)")
+    if args.seq_len is not None and args.seq_len > rope_positions(config):
+        raise ChtslError(f"--seq-len {args.seq_len} exceeds the {rope_positions(config):,} positions the rotary "
+                         f"embedding of preset {args.preset} covers (its longest wavelength, 2π·θ^((d−2)/d) with "
+                         f"θ = {_rope_theta(config):g}, head dim d = {config.head_dim})")
+    return config
+
+
+def _rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
+
+
+def rope_positions(config: Any) -> int:
+    """The longest wavelength of a config's rotary embedding, 2π·θ^((d−2)/d) positions (d: head dim):
+    past it even the slowest-turning pair of query/key dimensions has come full circle, so every
+    pair repeats rotations it already gave to shorter distances. A training sequence longer than
+    that is outside what the position encoding was made for (on these presets: tens of thousands
+    of tokens, beyond any CPU's memory at the presets' micro-batches anyway)."""
+    d = config.head_dim
+    return int(2 * math.pi * _rope_theta(config) ** ((d - 2) / d))
+
+
+def activation_bytes(args: TrainArgs) -> int:
+    """A lower bound of the memory (bytes) one forward of a micro-batch keeps for its backward.
+
+    Counted per token: in each block the inputs of its two norms, q, k, v, the attention output,
+    and the MLP's gate, up and their product (6·hidden + 3·ffn values, at 2 bytes under bf16
+    autocast, else 4), plus the fp32 logits (vocab values). Left out: every other saved tensor,
+    the attention scores, weights, gradients and optimizer state. `args` resolved."""
+    from chtsl_infer.model.presets import get_preset
+
+    p = get_preset(args.preset)
+    layers = args.num_layers or p.num_layers
+    width = 2 if args.dtype == "bf16" else 4  # `auto` is bf16 only on CUDA: count 4, a lower bound stays one
+    per_token = layers * (6 * p.hidden_size + 3 * p.intermediate_size) * width + 4 * (args.vocab_size or p.vocab_size)
+    return args.micro_batch_size * args.seq_len * per_token
+
+
+def check_memory(args: TrainArgs, device: str) -> None:
+    """ChtslError when even the lower bound `activation_bytes` of one micro-batch exceeds all the
+    memory of `device` (the machine's RAM, or cgroup limit, on CPU; the GPU's on CUDA)."""
+    need = activation_bytes(args)
+    total, where = device_memory(device)
+    if total is not None and need > total:
+        raise ChtslError(f"--seq-len {args.seq_len} × --micro-batch-size {args.micro_batch_size} needs at least "
+                         f"{need / 2**30:.1f} GiB of activations (estimate: {args.seq_len * args.micro_batch_size:,} "
+                         f"tokens × {need // (args.seq_len * args.micro_batch_size):,} bytes), more than the "
+                         f"{total / 2**30:.1f} GiB of {where}; lower --seq-len or --micro-batch-size")
+
+
+def device_memory(device: str) -> tuple[int | None, str]:
+    """(bytes of memory of `device` or None when unknown, its name for a message)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory, device
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            total = min(total, int(value))
+    return total, "this machine's memory"

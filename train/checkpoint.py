@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from chtsl_infer.errors import ChtslError
+from chtsl_infer.errors import ChtslError, WriteFailure, write_failure_reason
 from chtsl_infer.formats.model_dir import TRAINER_STATE_DIR, resolve_model_dir
-from chtsl_infer.utils import backup_path, publish_dir
+from chtsl_infer.utils import atomic_write_text, backup_path, publish_dir
 
 STATE_DIR = TRAINER_STATE_DIR
 FORMAT = "chtsl-trainer-state"
@@ -78,33 +77,46 @@ def save_checkpoint(
     state: dict[str, Any],
     args: dict[str, Any],
 ) -> Path:
-    """Writes a full training checkpoint to `out` atomically; returns `out`.
+    """Writes a full training checkpoint to the run directory `out` (which exists: the run made it)
+    atomically; returns `out`.
 
     `model` is the unwrapped HF model; `state` the JSON-able loop state (step, data position, ...);
     `args` the run arguments. Logs in `CARRIED` are copied from the current `out` into the new one.
+    A write the environment fails (disk full, read-only, `out` removed meanwhile) raises one-line
+    `WriteFailure` and leaves the previous checkpoint as it was.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from a save that failed
     try:
+        if not (out.is_dir() or backup_path(out).is_dir()):  # the run made it: not recreated behind the user
+            raise WriteFailure(f"cannot write the checkpoint to {out}: the directory was removed while the run was "
+                               f"writing it; nothing of the run is left there")
+        clean_stale(out)
+        shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from a save that failed
         tmp.mkdir()
         _write_checkpoint(tmp, out, model=model, tokenizer=tokenizer, optimizer=optimizer, engine=engine,
                           state=state, args=args)
         publish_dir(tmp, out)
-    except (OSError, SafetensorError) as e:  # disk full, permissions: the previous checkpoint is untouched
+    except Exception as e:  # disk full, read-only, vanished: the previous checkpoint is untouched
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, SafetensorError) and "IoError" not in str(e):
+        reason = write_failure_reason(e)
+        if reason is None:
             raise
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
-        kept = ("the previous checkpoint there is intact" if (out / STATE_DIR / "state.json").is_file()
-                else "no checkpoint was written")
-        raise ChtslError(f"cannot write the checkpoint to {out}: {reason}; {kept}") from None
+        raise WriteFailure(f"cannot write the checkpoint to {out}: {reason}; {kept_checkpoint(out)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def kept_checkpoint(out: str | Path) -> str:
+    """What `out` holds for a message after a failure or an interruption: "the checkpoint in OUT
+    (step N) is kept", or that none was written."""
+    try:
+        step = load_state(out)[0]["step"]
+    except ChtslError:
+        return f"no checkpoint was written to {out}"
+    return f"the checkpoint in {out} (step {step}) is kept"
 
 
 def clean_stale(out: Path) -> None:
@@ -175,6 +187,58 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst, follow_symlinks=False)
     except OSError:
         shutil.copy2(src, dst, follow_symlinks=False)
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+
+def _metrics_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of each non-blank line of the metrics log `path` (see `read_metrics_log`)."""
+    from chtsl_infer.console import err_console
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ChtslError(f"cannot read {path}: {e.strerror or e}") from None
+    lines = data.split(b"\n")
+    # `data` ends with "\n" when every line is complete: the last piece is then empty.
+    out = []
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if lineno == len(lines):  # no newline after it: an append cut short by a kill
+                err_console.print(f"[yellow]warning:[/] {path}:{lineno}: dropped an incomplete last line "
+                                  f"(a run stopped while writing it)", highlight=False, soft_wrap=True)
+                break
+            raise ChtslError(f"{path}:{lineno} is not valid JSON ({getattr(e, 'msg', None) or e.reason})") from None
+        if not isinstance(record, dict):
+            raise ChtslError(f"{path}:{lineno} is not a JSON object")
+        out.append((raw.decode("utf-8"), record))
+    return out
+
+
+def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's `metrics.jsonl`, in order.
+
+    A last line without its newline that is not valid JSON is what a kill in the middle of an
+    append leaves: it is dropped with one warning line (a complete record whose newline is missing
+    is kept). Any other line that is not a JSON object is damage, not a torn append: ChtslError
+    naming `path:line`.
+    """
+    return [record for _, record in _metrics_lines(Path(path))]
+
+
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Rewrites the metrics log `path` (atomically) without the records logged after `step` (written
+    after the checkpoint being resumed) and without a torn last line (`read_metrics_log`)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = [line for line, record in _metrics_lines(path) if record.get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 # ----------------------------------------------------------------------------- load

@@ -10,7 +10,7 @@ from typing import Annotated, Any, get_type_hints
 import typer
 
 from chtsl_infer.console import check_output_dir, check_output_file, console, json_on_stdout, write_json
-from chtsl_infer.errors import ChtslError
+from chtsl_infer.errors import ChtslError, Interrupted
 from chtsl_infer.options import Checkpoint, Device, Force, JsonOut
 from train.args import TrainArgs
 
@@ -42,10 +42,13 @@ def train_command(**options: Any) -> None:
     json_out, force = options.pop("json_out"), options.pop("force")
     check_output_file(json_out, force)  # before the run, not after it
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    with json_on_stdout(json_out):
-        result = train(TrainArgs(**options))
-        if main_rank:
-            print_result(result)
+    try:
+        with json_on_stdout(json_out):
+            result = train(TrainArgs(**options))
+            if main_rank:
+                print_result(result)
+    except Interrupted as e:  # `train` said which checkpoint is kept
+        raise typer.Exit(e.exit_code) from None
     if main_rank:
         write_json(asdict(result), json_out, force)
     if result.stopped == "nan":

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from chtsl_infer.console import iter_jsonl
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.utils import atomic_path
 
@@ -18,11 +17,11 @@ OCR_COLUMNS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The per-step records of a metrics.jsonl (lines with a `step`)."""
-    try:
-        records = [r for _, r in iter_jsonl(path) if "step" in r]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ChtslError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    """The per-step records of a metrics.jsonl (lines with a `step`; a torn last line of a running
+    or killed run is dropped with a warning: `train.checkpoint.read_metrics_log`)."""
+    from train.checkpoint import read_metrics_log
+
+    records = [r for r in read_metrics_log(path) if "step" in r]
     if not records:
         raise ChtslError(f"{path} has no step records")
     return records

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from chtsl_infer import kernels
+from chtsl_infer.model.budget import brf_links
 from chtsl_infer.model.csr import mask_to_csr
 from chtsl_infer.model.layers import SparseLowRankLinear, link_count
 from chtsl_infer.model.modeling import init_sparse_values
@@ -179,7 +180,7 @@ def brf_mask(
         generator = torch.Generator().manual_seed(0)
     device = generator.device
     n_small, n_big = min(out_features, in_features), max(out_features, in_features)
-    n_links = round((1.0 - sparsity) * n_big * n_small)
+    n_links = brf_links(out_features, in_features, sparsity)
     degrees = brf_degrees(n_small, n_big, n_links, randomness, generator)
 
     stride = max(1, n_big // n_small)

@@ -20,8 +20,8 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,14 +29,22 @@ from typing import Any
 import torch
 
 from chtsl_infer.console import check_output_dir, console, err_console
-from chtsl_infer.errors import ChtslError
+from chtsl_infer.errors import ChtslError, Interrupted, WriteFailure
 from chtsl_infer.model.layers import branch_grad_norms, record_branches
 from chtsl_infer.model.loss import perplexity, token_nll_sum
-from chtsl_infer.model.methods import get_method
-from chtsl_infer.utils import atomic_write_text, dir_lock, resolve_device
+from chtsl_infer.model.methods import get_method, unused_options_warning
+from chtsl_infer.utils import deferred_interrupts, dir_lock, interruptible, resolve_device
 from train import checkpoint as ckpt_io
 from train import distributed as dist_utils
-from train.args import RESUME_MUTABLE, TrainArgs, build_model_config, check_args, resolve_args
+from train.args import (
+    RESUME_MUTABLE,
+    TrainArgs,
+    build_model_config,
+    check_args,
+    check_memory,
+    given_options,
+    resolve_args,
+)
 from train.data.pipeline import DataSpec, build_data
 from train.schedule import LRSchedule
 
@@ -95,8 +103,9 @@ class MetricsLog:
         if not self.enabled:
             return
         self.close()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.file = (self.out / "metrics.jsonl").open("a")
+        with self._io():
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.file = (self.out / "metrics.jsonl").open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -107,8 +116,9 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record, default=_json_default) + "\n")
-        self.file.flush()
+        with self._io():
+            self.file.write(json.dumps(record, default=_json_default) + "\n")
+            self.file.flush()
         if self.tb is not None and "step" in record:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
@@ -119,26 +129,32 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            with self._io():
+                self.file.close()
             self.file = None
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+    @contextmanager
+    def _io(self) -> Iterator[None]:
+        """A failed write of the log (disk full, read-only or removed directory) becomes one line
+        saying which checkpoint is kept; a torn last line it may leave is dropped on resume."""
+        try:
+            yield
+        except OSError as e:
+            file, self.file = self.file, None
+            if file is not None:
+                with suppress(OSError):  # closing flushes the same buffer again
+                    file.close()
+            raise WriteFailure(f"cannot write {self.out / 'metrics.jsonl'}: {e.strerror or e}; "
+                               f"{ckpt_io.kept_checkpoint(self.out)}") from None
 
 
 def _json_default(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return str(x)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops the lines logged after `step` (written after the checkpoint being resumed)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip()
-            and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 class _Progress:
@@ -166,14 +182,21 @@ class _Progress:
 def train(args: TrainArgs, after_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainResult:
     """Runs (or resumes) a training run; `after_step(step, model)` is a hook for tests."""
     check_args(args)
+    main = dist_utils.is_main_process()
     resume_dir, saved_state = None, {}
     if args.resume:
         args, resume_dir, saved_state = _resume_args(args)
+    elif main:
+        unused = unused_options_warning(args.method, given_options(args))
+        if unused:
+            err_console.print(f"[yellow]warning:[/] {unused}", highlight=False, soft_wrap=True)
     args = resolve_args(args)
+    if not resume_dir:
+        build_model_config(args)  # its budget and sequence length, before any data is read
     out = check_output_dir(args.out, "--out")
     # One writer per run directory: rank 0 (the only one writing) holds the lock for the whole run,
     # and the checks below run under it, so two runs started at once cannot both pass them.
-    with dir_lock(out) if dist_utils.is_main_process() else nullcontext():
+    with dir_lock(out) if main else nullcontext(), interruptible():
         same_dir = resume_dir is not None and out.resolve() in (resume_dir.resolve(), Path(args.resume).resolve())
         if not same_dir and (ckpt_io.resolve_checkpoint(out) / "config.json").is_file():
             hint = f"pass --resume {out}" if not args.resume else f"resume into {args.resume} itself"
@@ -183,6 +206,11 @@ def train(args: TrainArgs, after_step: Callable[[int, torch.nn.Module], None] | 
         try:
             run = build_run(args, info, resume_dir, saved_state)
             return train_loop(run, after_step)
+        except Interrupted as e:  # SIGINT/SIGTERM: say what is kept (a save in progress completed first)
+            if main:
+                err_console.print(f"interrupted by {e.signame}: {ckpt_io.kept_checkpoint(out)}", highlight=False,
+                                  soft_wrap=True)
+            raise
         finally:
             dist_utils.teardown(info)
 
@@ -254,6 +282,7 @@ def build_run(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | Non
     """Data, model, topology engine, optimizer, LR schedule, DDP wrapper and logs of a run
     (restored from `resume_dir` when resuming)."""
     device = resolve_device(args.device, info.local_rank if info.distributed else None)
+    check_memory(args, device)
     # bf16 autocast: by default on CUDA; on CPU only when asked (fast on CPUs with AVX512-BF16/AMX,
     # slower elsewhere, but it runs anywhere, which lets CI exercise the mixed-precision paths).
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.startswith("cuda"))
@@ -397,7 +426,7 @@ def _open_log(out: Path, info: dist_utils.DistInfo, resume_dir: Path | None, sta
                     src = resume_dir / name
                     if src.is_file():
                         shutil.copy2(src, out / name)
-            _truncate_metrics(out / "metrics.jsonl", start_step)
+            ckpt_io.truncate_metrics(out / "metrics.jsonl", start_step)
         else:  # `out` holds no checkpoint (checked): logs there are a killed run's, which this run replaces
             (out / "metrics.jsonl").unlink(missing_ok=True)
             shutil.rmtree(out / "tensorboard", ignore_errors=True)
@@ -505,13 +534,9 @@ def train_loop(run: Run, after_step: Callable[[int, torch.nn.Module], None] | No
                 # Logged after the last checkpoint's step: a resume drops it, `chtsl sweep` reads it.
                 run.log.write({"event": "diverged", "step": step, "loss": None,
                                "task_loss": _finite(record["task_loss"]), "align_loss": _finite(record["align_loss"])})
-                try:
-                    kept = (f"the last good checkpoint in {run.out} (step {ckpt_io.load_state(run.out)[0]['step']}) "
-                            f"is kept")
-                except ChtslError:
-                    kept = f"no checkpoint was written to {run.out}"
                 err_console.print(f"[bold red]error:[/] non-finite loss ({record['loss']}) at step {step}; "
-                                  f"training stopped, {kept}", highlight=False, soft_wrap=True)
+                                  f"training stopped, {ckpt_io.kept_checkpoint(run.out)}", highlight=False,
+                                  soft_wrap=True)
                 break
             run.step, last_loss = step, record["loss"]
             step_tokens = args.batch_size * args.seq_len
@@ -557,11 +582,12 @@ def save(run: Run) -> None:
     if run.info.is_main:
         state = {"step": run.step, "tokens_seen": run.tokens_seen, "world_size": run.info.world,
                  "last_val": run.last_val}
-        run.log.close()
-        ckpt_io.save_checkpoint(run.out, model=run.model, tokenizer=run.data.tokenizer, optimizer=run.optimizer,
-                                engine=run.engine, state=state,
-                                args={**asdict(run.args), "resume": None, "stop_at": None})
-        run.log.reopen()
+        with deferred_interrupts():  # a signal now lets the checkpoint complete, then stops the run
+            run.log.close()
+            ckpt_io.save_checkpoint(run.out, model=run.model, tokenizer=run.data.tokenizer,
+                                    optimizer=run.optimizer, engine=run.engine, state=state,
+                                    args={**asdict(run.args), "resume": None, "stop_at": None})
+            run.log.reopen()
     dist_utils.barrier(run.info)
 
 

@@ -12,7 +12,7 @@ from chtsl_infer.console import check_output_file, console, json_on_stdout, writ
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.formats.model_dir import resolve_model_dir
 from chtsl_infer.options import Checkpoint, Device, Dtype, Force, JsonOut, NewTokens
-from chtsl_infer.utils import inference_dtype, resolve_device, torch_dtype
+from chtsl_infer.utils import check_seed, check_utf8, inference_dtype, resolve_device, torch_dtype
 
 
 def generate_command(
@@ -41,6 +41,8 @@ def generate_command(
         raise ChtslError(f"--new-tokens must be positive, got {new_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ChtslError(f"--temperature must be >= 0 and finite (0: greedy), got {temperature}")
+    check_seed(seed)
+    check_utf8(prompt, "--prompt")
     check_output_file(json_out, force)
     device = resolve_device(device)
     dtype = inference_dtype(dtype, device)

@@ -12,7 +12,9 @@ from chtsl_infer.model.configuration import ChtslConfig
 
 
 def budget_report(config: ChtslConfig, preset: str | None = None) -> dict[str, Any]:
-    """Exact parameter counts of `config`'s linears and its s_total, d_c, d_l, rank step."""
+    """Exact parameter counts of `config`'s linears and its s_total, d_c, d_l, rank step, and
+    `problems`: why its (s, r) leave the budget (`budget.budget_problems`; `chtsl train` refuses
+    such a config), empty when they do not."""
     block = config.chtsl
     shapes = config.linear_shapes()
     rows = budget.layer_budgets(
@@ -30,6 +32,7 @@ def budget_report(config: ChtslConfig, preset: str | None = None) -> dict[str, A
         "d_c": block["d_c"],
         "d_l": block["d_l"],
         "rank_step": budget.rank_step(shapes),
+        "problems": budget.budget_problems(config),
         "layers": [
             {
                 "type": r.layer_type, "in_features": r.in_features, "out_features": r.out_features,

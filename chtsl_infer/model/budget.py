@@ -7,7 +7,9 @@ its total sparsity is `s_total = 1 − d_c − d_l`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from chtsl_infer.model.layers import LAYER_TYPES, layer_link_count
 from chtsl_infer.model.methods import get_method
@@ -95,3 +97,39 @@ def layer_budgets(
             )
         )
     return rows
+
+
+def brf_links(out_features: int, in_features: int, sparsity: float) -> int:
+    """Links of a layer's BRF mask (docs/method.md §3): round((1 − s)·out·in). BRF gives every node
+    of the smaller side at least one, so it needs `min(out, in)` of them."""
+    n_small, n_big = min(out_features, in_features), max(out_features, in_features)
+    return round((1.0 - sparsity) * n_big * n_small)  # this product order: the masks stay bit-identical
+
+
+def budget_problems(config: Any) -> list[str]:
+    """Why the (sparsity, rank) of a `ChtslConfig` leave the parameter budget, one sentence each;
+    empty when they do not. Checked: s_total in [0, 1) and no more trainable linear parameters than
+    the dense linears (a rank too large), and, for a method whose masks BRF draws (CHTs topology),
+    at least BRF's minimum of links in every layer type (a sparsity too close to 1)."""
+    block = config.chtsl
+    m = get_method(block["method"])
+    shapes = config.linear_shapes()
+    rows = layer_budgets(shapes, config.num_hidden_layers, m.name, block["sparsity"], block["rank"], config.head_dim)
+    trainable, dense = sum(r.trainable for r in rows), sum(r.dense_params for r in rows)
+    s_total = block["s_total"]
+    problems = []
+    if trainable > dense or s_total < 0:
+        problems.append(f"s_total {s_total:.4f} < 0: the linears would train {trainable:,} parameters, more than "
+                        f"the dense model's {dense:,} (lower --rank or raise --sparsity)")
+    elif s_total >= 1:
+        problems.append(f"s_total {s_total:.6f} is not below 1: the linears keep {trainable:,} of {dense:,} "
+                        f"parameters (lower --sparsity)")
+    if m.topology == "chts":
+        short = {t: (brf_links(o, i, block["sparsity"][t]), min(i, o)) for t, (i, o) in shapes.items()}
+        short = {t: v for t, v in short.items() if v[0] < v[1]}
+        if short:
+            most = min(1 - 1 / max(shapes[t]) for t in short)
+            layers = ", ".join(f"{t} {links} < {need}" for t, (links, need) in short.items())
+            problems.append(f"too few links for BRF, which needs one per node of a layer's smaller side ({layers}): "
+                            f"sparsity must be at most {math.floor(most * 1e6) / 1e6:g}")
+    return problems

@@ -17,6 +17,7 @@ How a preset splits a total sparsity between S and the rank follows from the bra
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,6 +69,40 @@ METHODS: dict[str, Method] = {
 DEFAULT_METHOD = "chtsl"
 DENSE = "dense"  # the baseline every benchmark compares against
 METHOD_CHOICES = ", ".join(METHODS)  # for --help texts
+
+
+# The settings only some methods read (TrainArgs field names), each with what a method needs to read it.
+_NEEDS: dict[str, tuple[str, Callable[[Method], bool]]] = {
+    "sparsity": ("no sparse branch", lambda m: m.has_sparse),
+    "rank": ("no low-rank branch", lambda m: m.has_lowrank),
+    "activation": ("no low-rank branch", lambda m: m.has_lowrank),
+    "lowrank_lr_scale": ("no low-rank branch", lambda m: m.has_lowrank),
+    "lowrank_init_scale": ("no low-rank branch", lambda m: m.has_lowrank),
+    "align_lambda": ("no alignment loss", lambda m: m.aligns),
+    "align": ("no alignment loss", lambda m: m.aligns),
+    "brf_randomness": ("no dynamic topology", lambda m: m.topology == "chts"),
+    "update_interval": ("no dynamic topology", lambda m: m.topology == "chts"),
+    "restart_warmup": ("no dynamic topology", lambda m: m.topology == "chts"),
+}
+
+
+def uses_option(method: str | Method, name: str) -> bool:
+    """Whether `method` reads the setting `name` (a `chtsl train` option as its TrainArgs field name:
+    `rank`, `sparsity`, `activation`, `align_lambda`, ...); settings every method reads: True."""
+    need = _NEEDS.get(name)
+    return need is None or need[1](get_method(method))
+
+
+def unused_options_warning(method: str | Method, given: Iterable[str]) -> str | None:
+    """One line naming the settings in `given` (TrainArgs field names given explicitly) that `method`
+    does not use, each with why, e.g. "method 'chts' does not use --rank (no low-rank branch); ...";
+    None when it uses them all."""
+    m = get_method(method)
+    unused = [name for name in given if not uses_option(m, name)]
+    if not unused:
+        return None
+    flags = ", ".join(f"--{name.replace('_', '-')} ({_NEEDS[name][0]})" for name in unused)
+    return f"method {m.name!r} does not use {flags}: ignored, not written to config.json"
 
 
 def get_method(name: str | Method) -> Method:

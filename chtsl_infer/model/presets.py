@@ -13,7 +13,7 @@ from typing import Any
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.model import budget
 from chtsl_infer.model.configuration import ChtslConfig
-from chtsl_infer.model.methods import DEFAULT_METHOD, Method, get_method
+from chtsl_infer.model.methods import DEFAULT_METHOD, Method, get_method, uses_option
 from chtsl_infer.model.storage import DEFAULT_STORAGE
 
 S_TOTALS = (0.9, 0.8, 0.7)
@@ -149,10 +149,20 @@ def build_config(
     lowrank_init_scale: float = 1.0,
     **llama_overrides: Any,
 ) -> ChtslConfig:
-    """The `ChtslConfig` of a preset at `s_total` (explicit `sparsity`/`rank` override the table)."""
+    """The `ChtslConfig` of a preset at `s_total` (explicit `sparsity`/`rank` override the table).
+
+    A setting `method` does not use (`methods.uses_option`: `rank` of chts, `sparsity` of cola,
+    `align_lambda` of dense, ...) is ignored, so the config describes the model that is built;
+    `chtsl train` names such settings in a warning (`methods.unused_options_warning`)."""
     p = get_preset(preset) if isinstance(preset, str) else preset
     m = get_method(method)
     s, r = p.split(s_total, m)
+    sparsity = sparsity if uses_option(m, "sparsity") else None
+    rank = rank if uses_option(m, "rank") else None
+    activation = activation if uses_option(m, "activation") else None
+    align_lambda = align_lambda if uses_option(m, "align_lambda") else None
+    align_layers = align_layers if uses_option(m, "align") else "all"
+    lowrank_init_scale = lowrank_init_scale if uses_option(m, "lowrank_init_scale") else 1.0
     block = {
         "method": method,
         "sparsity": s if sparsity is None else sparsity,

@@ -16,6 +16,7 @@ import ast
 import functools
 import glob
 import os
+import stat
 import sysconfig
 import zlib
 from collections.abc import Sequence
@@ -88,11 +89,24 @@ def _expand_paths(spec: str) -> list[Path]:
         files = [p]
     elif any(c in spec for c in "*?["):
         files = sorted(Path(f) for f in glob.glob(os.path.expanduser(spec), recursive=True) if Path(f).is_file())
+    elif p.exists():  # a device, FIFO or socket: reading it could block forever or never end
+        raise ChtslError(f"data path {spec} is {_file_kind(p)}, not a file or directory of .txt, .jsonl or .parquet "
+                         f"files")
     else:
         raise ChtslError(f"data path not found: {spec}")
     if not files:
         raise ChtslError(f"no .txt, .jsonl or .parquet files in {spec}")
     return files
+
+
+def _file_kind(path: Path) -> str:
+    """What the existing non-regular, non-directory `path` is, for a message ("a FIFO (named pipe)")."""
+    mode = path.stat().st_mode
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _read_file(path: Path) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from chtsl_infer.errors import ChtslError, first_line
+from chtsl_infer.errors import ChtslError, first_line, write_failure_reason
 from chtsl_infer.utils import cache_dir, make_temp_dir
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -67,8 +67,10 @@ def bpe_tokenizer(train_texts: Sequence[str], vocab_size: int):  # -> PreTrained
                 tmp.rename(path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed
-    except OSError:
-        pass  # an unwritable cache only costs retraining next time
+    except Exception as e:  # tokenizers' own save fails with a bare Exception("... (os error 28)")
+        if write_failure_reason(e) is None:
+            raise
+        # an unwritable (full, read-only) cache only costs retraining next time
     return tok
 
 
