@@ -608,6 +608,23 @@ def test_unused_options_per_method(method, given, unused) -> None:
     assert named == unused, line
 
 
+def test_warmup_beyond_steps_only_when_given(tmp_path) -> None:
+    """The preset's warm-up (tiny: 30) longer than a short --steps is the preset's choice, and
+    re-resolving a run's saved arguments (`chtsl sweep` compares recipes) must not fail on it."""
+    from dataclasses import asdict
+
+    from train.args import check_warmup, resolve_args
+
+    r = train(_args(tmp_path, warmup=None, steps=2, save_every=2))
+    saved = json.loads((Path(r.out) / "trainer_state" / "args.json").read_text())
+    assert saved["warmup"] == 30 and saved["steps"] == 2
+    again = resolve_args(TrainArgs(**{**saved, "lr": None}))
+    assert asdict(again) == saved
+    check_warmup(TrainArgs(), again)  # not given: no error
+    with pytest.raises(ChtslError, match="--warmup 30 is longer than the run"):
+        check_warmup(TrainArgs(warmup=30), again)
+
+
 def test_info_flags_what_train_refuses(capfd) -> None:
     for argv, fragment in ((["--sparsity", "0.9999999"], "too few links for BRF"),
                            (["--preset", "llama60m-c4", "--rank", "100000"], "more than the dense model's")):
@@ -635,8 +652,8 @@ def test_rope_positions_and_memory_estimate(tmp_path, monkeypatch) -> None:
     resolved = train_args.resolve_args(_args(tmp_path))
     assert train_args.activation_bytes(resolved) == 4 * 32 * (2 * (6 * 128 + 3 * 344) * 4 + 4 * 512)
     monkeypatch.setattr(train_args, "device_memory", lambda device: (2**30, "a 1 GiB test machine"))
-    with pytest.raises(ChtslError, match=r"--seq-len 30000 × --micro-batch-size 4 needs at least 1\.8 GiB .*16,448 bytes.* "
-                                         r"more than the 1\.0 GiB of a 1 GiB test machine"):
+    with pytest.raises(ChtslError, match=r"--seq-len 30000 × --micro-batch-size 4 needs at least 1\.8 GiB "
+                                         r".*16,448 bytes.* more than the 1\.0 GiB of a 1 GiB test machine"):
         train(_args(tmp_path, seq_len=30000))
     assert not (tmp_path / "ckpt").exists()
 

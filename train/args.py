@@ -182,10 +182,16 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
                          f"({r.update_interval})")
     if r.stop_at is not None and not 1 <= r.stop_at <= r.steps:
         raise ChtslError(f"--stop-at must be in [1, {r.steps}]")
-    if args.warmup is not None and not args.resume and r.warmup > r.steps:
-        raise ChtslError(f"--warmup {r.warmup} is longer than the run (--steps {r.steps}): the learning rate would "
-                         f"never reach its peak")
     return r
+
+
+def check_warmup(given: TrainArgs, resolved: TrainArgs) -> None:
+    """ChtslError when a warm-up given explicitly (`given.warmup`, before `resolve_args`) is longer
+    than the run. Only an explicit one: a preset's warm-up longer than a short --steps is the
+    preset's choice (and args.json, once resolved, no longer tells the two apart)."""
+    if given.warmup is not None and given.warmup > resolved.steps:
+        raise ChtslError(f"--warmup {given.warmup} is longer than the run (--steps {resolved.steps}): the learning "
+                         f"rate would never reach its peak")
 
 
 def build_model_config(args: TrainArgs, vocab_size: int | None = None, **llama_overrides: Any):

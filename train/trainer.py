@@ -42,6 +42,7 @@ from train.args import (
     build_model_config,
     check_args,
     check_memory,
+    check_warmup,
     given_options,
     resolve_args,
 )
@@ -190,8 +191,9 @@ def train(args: TrainArgs, after_step: Callable[[int, torch.nn.Module], None] | 
         unused = unused_options_warning(args.method, given_options(args))
         if unused:
             err_console.print(f"[yellow]warning:[/] {unused}", highlight=False, soft_wrap=True)
-    args = resolve_args(args)
+    given, args = args, resolve_args(args)
     if not resume_dir:
+        check_warmup(given, args)
         build_model_config(args)  # its budget and sequence length, before any data is read
     out = check_output_dir(args.out, "--out")
     # One writer per run directory: rank 0 (the only one writing) holds the lock for the whole run,
