@@ -634,7 +634,10 @@ def test_info_flags_what_train_refuses(capfd) -> None:
         assert len(report["problems"]) == 1 and fragment in report["problems"][0]
         assert f"outside the budget: {report['problems'][0]}" in output.replace("\n", " ")
     code, output = _run_cli(["info", "--preset", "tiny"], capfd)
-    assert code == 0 and "outside the budget" not in output
+    assert code == 0 and "outside the budget" not in output and "warning" not in output
+    code, output = _run_cli(["info", "--preset", "tiny", "--method", "chts", "--rank", "8", "--json", "-"], capfd)
+    assert code == 0 and "warning: method 'chts' does not use --rank (no low-rank branch)" in output, output
+    assert {row["rank"] for row in json.loads(output[output.index("{"):output.rindex("}") + 1])["layers"]} == {0}
 
 
 def test_rope_positions_and_memory_estimate(tmp_path, monkeypatch) -> None:
