@@ -214,13 +214,17 @@ def _cache_with_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[
     return cache, lib.path, cc
 
 
+def _replace_bytes(path: Path, data: bytes) -> None:
+    """Puts `data` at `path` as a new file: this process has the built library mapped (`_compile` loaded
+    it), and truncating or overwriting that inode in place would crash it with SIGBUS on its next touch."""
+    tmp = path.with_name(path.name + ".damage")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def _damage(path: Path, how: str) -> None:
-    size = path.stat().st_size
-    if how == "random":
-        path.write_bytes(os.urandom(size))
-    else:
-        with path.open("r+b") as f:
-            f.truncate(int(how))
+    data = path.read_bytes()
+    _replace_bytes(path, os.urandom(len(data)) if how == "random" else data[:int(how)])
 
 
 def _run_users(cache: Path, cc: Path, expect: str) -> subprocess.Popen[str]:
@@ -246,7 +250,7 @@ def test_verify_tells_an_intact_entry_from_a_damaged_one(tmp_path: Path, monkeyp
                      ("random", "checksum differs")):
         _damage(entry, how)
         assert why in build.verify(entry)
-        entry.write_bytes(intact)
+        _replace_bytes(entry, intact)
     build.record_path(entry).write_text("{not json")
     assert "unreadable build record" in build.verify(entry)
     build.record_path(entry).unlink()
