@@ -15,12 +15,12 @@ from chtsl_infer.kernels.settings import KernelSettings, override
 from chtsl_infer.model.layers import layer_link_count
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.runtime.backends import (
-    FusedLinears,
     from_packed,
     load_runtime,
     random_packed,
     resolve_backend,
 )
+from chtsl_infer.runtime.fused import FusedLinears
 from tests.conftest import ALL_METHODS, random_ids, tiny_config, tiny_model_nonzero_b
 
 ATOL = 1e-4

@@ -32,7 +32,6 @@ decoding token-for-token with transformers' `generate()`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +40,7 @@ from transformers.activations import SiLUActivation
 
 from chtsl_infer import kernels
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
-
-if TYPE_CHECKING:  # runtime imports this module
-    from chtsl_infer.runtime.backends import FusedLinears
+from chtsl_infer.runtime.fused import FusedLinears
 
 SILU = (nn.SiLU, SiLUActivation)  # transformers' Llama MLP holds its own SiLU module (ACT2FN["silu"])
 
@@ -101,10 +98,6 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.key[0].shape[0]
-
-    def reset(self) -> None:
-        """Empties the cache (keeps its memory) for a new batch of prompts of the same size."""
-        self.length = 0
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (*self.key, *self.value))

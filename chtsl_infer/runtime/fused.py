@@ -1,0 +1,180 @@
+"""A fused group of linears that read the same input, as the inference runtime computes them.
+
+Each decoder block's seven linears become four groups — (q, k, v), (o), (gate, up), (down) — so
+one call computes every member at once: one sparse kernel over the concatenated CSR rows, one GEMM
+with the concatenated A factors (`backends.build_model` builds them; `feature_major` calls them).
+`FusedMember` stands where a member linear stood, so transformers' own forward still works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chtsl_infer import kernels
+from chtsl_infer.formats.packed import PackedLinear
+from chtsl_infer.model.layers import activation_fn
+
+
+class FusedLinears(nn.Module):
+    """Several linears sharing an input, computed together: x (..., in) -> (..., Σ out_m).
+
+    Buffers (present parts only): `weight` (Σout, in) dense S or dense-method weight; `crow`,
+    `col`, `values`, `rows` the CSR of S with the members' rows stacked, stored by link count
+    (`rows`: stored row -> output row; CPU sparse backend); `lora_A`
+    (Σr, in); `lora_B` the members' B (out_m, r_m) blocks flattened back to back, `lowrank_shapes`
+    int32 (2, members) their out_m and r_m. Members fetch their slice through `member(i, x)`,
+    which computes the whole group once per distinct input tensor.
+    """
+
+    def __init__(self, linears: list[PackedLinear], sparse: bool, device: torch.device, dtype: torch.dtype,
+                 torch_csr: bool | None = None) -> None:
+        """`torch_csr`: keep S as a `torch.sparse_csr_tensor` computed by `kernels.spmm_cuda` (cuSPARSE
+        on CUDA) instead of the CPU kernel's buffers; None: on CUDA only. Tests set it on CPU, where
+        torch's CSR matmul (fp32 only) runs the same tensor code as the CUDA path."""
+        super().__init__()
+        device = torch.device(device)
+        first = linears[0]
+        self.in_features = first.in_features
+        self.outs = [lin.out_features for lin in linears]
+        self.offsets = [0, *torch.tensor(self.outs).cumsum(0).tolist()]
+        self.activation, self.scale = first.activation, first.scale
+        self.sparse = False
+        self.cuda_csr: torch.Tensor | None = None
+        if first.has_sparse and sparse:
+            self.sparse = True
+            crow = [torch.zeros(1, dtype=torch.int64)]
+            base = 0
+            for lin in linears:
+                crow.append(lin.crow_indices[1:].long() + base)
+                base += lin.nnz
+            crow_t = torch.cat(crow)
+            col = torch.cat([lin.col_indices for lin in linears])
+            values = torch.cat([lin.values for lin in linears])
+            if torch_csr if torch_csr is not None else device.type == "cuda":
+                self.cuda_csr = kernels.torch_csr(crow_t, col, values, (self.offsets[-1], self.in_features),
+                                                  device, dtype)
+            else:  # the C kernel reads int32 row pointers, int16/int32 columns, fp32 or bf16 values
+                values = values.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+                crow_s, col_s, values_s, rows = kernels.sort_rows(crow_t.to(torch.int32), col, values)
+                self.register_buffer("crow", crow_s)  # rows stored by link count (see kernels.sort_rows)
+                self.register_buffer("col", col_s)
+                self.register_buffer("values", values_s)
+                self.register_buffer("rows", rows)
+            self.weight = None
+        elif first.has_sparse:
+            self.register_buffer("weight", torch.cat([lin.dense_sparse_weight() for lin in linears]).to(device, dtype))
+        elif first.weight is not None:
+            self.register_buffer("weight", torch.cat([lin.weight for lin in linears]).to(device, dtype))
+        else:
+            self.weight = None
+        if first.has_lowrank:
+            self.ranks = [lin.lora_A.shape[0] for lin in linears]
+            self.register_buffer("lora_A", torch.cat([lin.lora_A for lin in linears]).to(device, dtype))
+            # The members' B (out_m × r_m) flattened back to back: the decode kernel's layout.
+            self.register_buffer("lora_B", torch.cat([lin.lora_B.reshape(-1) for lin in linears]).to(device, dtype))
+            self.register_buffer("lowrank_shapes", torch.tensor([self.outs, self.ranks], dtype=torch.int32))
+        else:
+            self.lora_A = self.lora_B = None
+        self._x: torch.Tensor | None = None
+        self._parts: list[torch.Tensor | None] = []
+        self._decoder: kernels.GroupDecoder | None | bool = None  # built on first decode; False: does not apply
+        self._decoder_dtype: torch.dtype | None = None
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FusedLinears:
+        self._decoder = None  # .to(), .float(), …: the buffers are replaced, so are the pointers bound to them
+        return super()._apply(fn, recurse)
+
+    def decoder(self) -> kernels.GroupDecoder | None:
+        """The group's `kernels.GroupDecoder` where its tensors are CPU fp32 or bf16 (one dtype) and the
+        kernels built, else None."""
+        if self._decoder is None:
+            tensors = [t for t in (self.values if self.sparse and self.cuda_csr is None else None, self.lora_A,
+                                   self.weight) if t is not None]
+            serve = bool(tensors) and self.cuda_csr is None and kernels.decode_kernels_serve(*tensors)
+            csr = (self.crow, self.col, self.values, self.rows) if self.sparse and serve else None
+            lowrank = (self.lora_A, self.lora_B, self.lowrank_shapes) if self.lora_A is not None else None
+            self._decoder = serve and kernels.GroupDecoder(
+                self.in_features, self.offsets[-1], csr, lowrank, self.scale, self.activation)
+            self._decoder_dtype = tensors[0].dtype if serve else None
+        return self._decoder or None
+
+    def forward_fm(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature-major: x (in, T) -> (Σ out_m, T), every member's rows stacked.
+
+        `out`: a contiguous (Σ out_m, T) tensor to write into (a reused buffer: no page faults).
+        """
+        if out is None:
+            out = x.new_empty(self.offsets[-1], x.shape[1])
+        decoder = self.decoder() if x.shape[1] <= kernels.GEMV_MAX_TOKENS else None
+        if (decoder is not None and x.dtype == self._decoder_dtype == out.dtype and x.device.type == "cpu"
+                and (x.shape[1] == 1 or x.stride(1) == 1 and out.stride(1) == 1)):  # one token: any strides
+            if decoder.csr is not None:
+                decoder.sparse(x, out)
+            elif self.weight is not None:
+                torch.mm(self.weight, x, out=out)
+            else:
+                out.zero_()
+            if decoder.lowrank is not None:
+                decoder.add_lowrank(x, out)
+            return out
+        if self.sparse:
+            if self.cuda_csr is not None:
+                y = out.copy_(kernels.spmm_cuda(x, self.cuda_csr))
+            elif x.dtype == self.values.dtype:  # fp32, or bf16 with fp32 accumulation
+                y = kernels.spmm_cpu(x, self.crow, self.col, self.values, out=out, rows=self.rows)
+            else:
+                y = out.copy_(kernels.spmm_cpu(x.float(), self.crow, self.col, self.values, rows=self.rows))
+        elif self.weight is not None:
+            y = torch.mm(self.weight, x, out=out)
+        else:
+            y = out.zero_()
+        if self.lora_A is not None and not kernels.lowrank_fm(self.lora_A, x, self.lora_B, self.lowrank_shapes,
+                                                               self.scale, self.activation, y):
+            h = self.lora_A @ x  # (Σr, T)
+            h = F.silu(h, inplace=True) if self.activation == "silu" else activation_fn(self.activation, h)
+            r0 = b0 = 0
+            for i, r in enumerate(self.ranks):
+                n_out = self.outs[i]
+                b = self.lora_B[b0:b0 + n_out * r].view(n_out, r)
+                y[self.offsets[i]:self.offsets[i + 1]].addmm_(b, h[r0:r0 + r], alpha=self.scale)
+                r0, b0 = r0 + r, b0 + n_out * r
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token-major (the transformers path: KV cache, decoding): x (..., in) -> (..., Σ out_m)."""
+        lead = x.shape[:-1]
+        y = self.forward_fm(x.reshape(-1, self.in_features).t())
+        return y.t().contiguous().view(*lead, self.offsets[-1])
+
+    def member(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Output of member `index` for input x, computing the group once per input tensor."""
+        if self._x is not x or self._parts[index] is None:
+            y = self.forward(x)
+            self._x = x
+            self._parts = [y[..., self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.outs))]
+        out = self._parts[index]
+        self._parts[index] = None
+        if all(p is None for p in self._parts):  # every member served: drop the references
+            self._x, self._parts = None, []
+        assert out is not None
+        return out
+
+
+class FusedMember(nn.Module):
+    """Stands where one linear of a group stood; returns its slice of the group's output."""
+
+    def __init__(self, group: FusedLinears, index: int, owner: bool) -> None:
+        super().__init__()
+        if owner:  # the group's tensors are registered once, under its first member
+            self.group = group
+        else:
+            object.__setattr__(self, "group", group)
+        self.index = index
+        self.in_features, self.out_features = group.in_features, group.outs[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.member(self.index, x)
