@@ -17,7 +17,7 @@ import typer
 
 from chtsl_infer.console import check_output_file, console, err_console, write_json
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.formats.model_dir import resolve_model_dir
+from chtsl_infer.formats.model_dir import load_model, load_tokenizer, read_trainer_state, resolve_model_dir
 from chtsl_infer.options import Batch, Device, Dtype, Force, JsonOut, OptionalCheckpoint
 from chtsl_infer.utils import DTYPES, inference_dtype, parse_dtype, resolve_device, torch_dtype
 
@@ -42,9 +42,6 @@ def _load(model_dir, backend: str, device: str, dtype: str):
     `Runtime.logits` — the same forward as `chtsl bench` (feature-major for the torch backends,
     no transposes around the sparse kernel; matches transformers' forward within 1e-4).
     """
-
-    from chtsl_infer.formats.checkpoint import load_model, load_tokenizer
-
     tokenizer = load_tokenizer(model_dir)
     if backend == "dense":
         return load_model(model_dir, device=device).to(torch_dtype(dtype)), tokenizer
@@ -95,13 +92,12 @@ def validation_spec(model_dir, config, *, data: str | None, max_tokens: int | No
     `data` / `max_tokens` override. Other checkpoints use `DataSpec`'s defaults (builtin corpus),
     the sequence length capped at the model's positions.
     """
-    from train.checkpoint import load_state
     from train.data.pipeline import DataSpec, spec_from_args
 
     spec = DataSpec()
     eval_batch, last_val = 16, None
     if model_dir.is_training_checkpoint:
-        state, args = load_state(model_dir.path)
+        state, args = read_trainer_state(model_dir.path)
         spec = spec_from_args(args)
         eval_batch = int(args.get("micro_batch_size") or eval_batch)
         last_val = state.get("last_val")

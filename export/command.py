@@ -40,7 +40,7 @@ def _human(n: int) -> str:
 def is_export_dir(path: Path) -> bool:
     """True when `path` is a directory `chtsl export` wrote: a packed model.safetensors or a
     model.onnx, and no trainer state (a training checkpoint is never an export)."""
-    from chtsl_infer.formats.packed import is_packed_dir
+    from chtsl_infer.formats.model_dir import is_packed_dir
 
     return path.is_dir() and not (path / "trainer_state").exists() and (
         is_packed_dir(path) or (path / "model.onnx").is_file())
@@ -217,11 +217,10 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
     ckpt = model_dir.path
     from transformers.utils import logging as hf_logging
 
-    from chtsl_infer.formats.checkpoint import load_model
-    from chtsl_infer.formats.packed import WEIGHTS_NAME
+    from chtsl_infer.formats.model_dir import WEIGHTS_NAME, load_model, write_support_files
     from chtsl_infer.model.storage import to_storage
     from export import onnx as onnx_export
-    from export.packed import copy_support_files, write_packed
+    from export.packed import write_packed
 
     hf_logging.disable_progress_bar()  # our own progress bar reports the stages
     stages = _Stages(names)
@@ -255,7 +254,7 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
                 _row("  └ CHTsL linears", ostats.linear_bytes, ostats.dense_linear_bytes),
             ]
         with stages.stage("copy config + tokenizer"):
-            _writing(lambda: copy_support_files(ckpt, tmp), tmp)
+            _writing(lambda: write_support_files(ckpt, tmp), tmp)
         if verify:
             with stages.stage("verify vs PyTorch"):
                 from export.verify import (

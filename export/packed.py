@@ -1,34 +1,19 @@
 """Packed safetensors export: CSR sparse branch + low-rank factors (format in chtsl_infer/formats/packed.py).
 
-Writes `<out>/model.safetensors` from a loaded checkpoint model and copies the files a packed
-export needs beside it (config, tokenizer), so `chtsl_infer.formats.checkpoint.load_model` and
-`load_tokenizer` work on the export directory.
+Writes `<out>/model.safetensors` from a loaded checkpoint model (through
+`chtsl_infer.formats.model_dir.save_packed`) and accounts for its bytes against dense linears.
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from chtsl_infer.formats.packed import WEIGHTS_NAME, PackedModel, pack_model, save_packed
+from chtsl_infer.formats.model_dir import WEIGHTS_NAME, save_packed
+from chtsl_infer.formats.packed import PackedModel, pack_model
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
-
-#: Files copied from the checkpoint when present (HF config + every tokenizer file format).
-SUPPORT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 @dataclass
@@ -62,14 +47,3 @@ def write_packed(model: ChtslLlamaForCausalLM, out_dir: str | Path, dtype: torch
     packed = pack_model(model, dtype)
     save_packed(packed, path)
     return packed_stats(packed, path.stat().st_size)
-
-
-def copy_support_files(ckpt: str | Path, out_dir: str | Path) -> list[str]:
-    """Copies the config and tokenizer files of `ckpt` that exist into `out_dir`; their names."""
-    copied = []
-    for name in SUPPORT_FILES:
-        src = Path(ckpt) / name
-        if src.is_file():
-            shutil.copyfile(src, Path(out_dir) / name)
-            copied.append(name)
-    return copied

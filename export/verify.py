@@ -82,7 +82,8 @@ def _compare(file: str, runtime: str, ids: torch.Tensor, ref: torch.Tensor, out:
 @torch.no_grad()
 def verify_packed(path: str | Path, batches: list[torch.Tensor], refs: list[torch.Tensor]) -> list[Check]:
     """Reloads the packed file (validated), rebuilds the model in fp32, compares logits."""
-    from chtsl_infer.formats.packed import load_packed, unpack_model
+    from chtsl_infer.formats.model_dir import load_packed
+    from chtsl_infer.formats.packed import unpack_model
 
     packed = load_packed(path)
     model = unpack_model(packed, torch.float32)
@@ -100,7 +101,7 @@ def verify_runtime(directory: str | Path, batches: list[torch.Tensor], refs: lis
                    device: str | torch.device) -> list[Check]:
     """Loads the packed export in `directory` with the runtime's torch backends on `device` (fp32)
     and compares their logits with the references (computed on CPU)."""
-    from chtsl_infer.formats.packed import WEIGHTS_NAME, load_packed
+    from chtsl_infer.formats.model_dir import WEIGHTS_NAME, load_packed
     from chtsl_infer.runtime.backends import load_runtime
 
     exact = load_packed(Path(directory) / WEIGHTS_NAME).dtype == torch.float32

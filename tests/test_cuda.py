@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chtsl_infer.formats.packed import load_packed, pack_model, save_packed, unpack_model
+from chtsl_infer.formats.model_dir import load_packed, save_packed
+from chtsl_infer.formats.packed import pack_model, unpack_model
 from chtsl_infer.runtime.backends import from_packed, load_runtime, random_packed, resolve_backend
 from tests.conftest import ALL_METHODS, random_ids, tiny_config, tiny_model_nonzero_b
 

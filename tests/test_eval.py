@@ -155,7 +155,7 @@ def fixture_run(eval_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_model_and_tokenizer(eval_checkpoint):
     """The checkpoint as the reference scorer sees it: loaded, fp32, eval mode."""
-    from chtsl_infer.formats.checkpoint import load_model, load_tokenizer
+    from chtsl_infer.formats.model_dir import load_model, load_tokenizer
 
     return load_model(eval_checkpoint), load_tokenizer(eval_checkpoint)
 
@@ -412,6 +412,27 @@ def test_perplexity_equals_trainers_last_validation(trained_checkpoint, tmp_path
     small = json.loads((tmp_path / "ppl500.json").read_text())
     assert 500 <= small["tokens"] < report["tokens"]
     assert small["trainer_val_ppl"] is None  # other data than the trainer's: nothing to compare
+
+
+def test_perplexity_does_not_import_the_trainer(trained_checkpoint, tmp_path):
+    """`eval --perplexity` reads the run's recorded settings and data without the trainer, its
+    topology engine or its checkpoint writer (a fresh interpreter: this one has them imported)."""
+    code = f"""
+import json, sys
+from chtsl_infer.cli import main
+try:
+    main(["eval", {str(trained_checkpoint)!r}, "--perplexity", "--device", "cpu", "--max-tokens", "300",
+          "--output", {str(tmp_path / "ppl.json")!r}])
+except SystemExit as e:
+    print(json.dumps({{"code": e.code, "modules": sorted(m for m in sys.modules if m.startswith("train."))}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0, proc.stderr
+    assert json.loads((tmp_path / "ppl.json").read_text())["tokens"] >= 300
+    assert "train.data.pipeline" in result["modules"]  # the trainer's data pipeline: the same batches
+    assert not {"train.trainer", "train.topology", "train.checkpoint"} & set(result["modules"]), result["modules"]
 
 
 def test_perplexity_sparse_backend(trained_checkpoint, tmp_path):

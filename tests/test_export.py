@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chtsl_infer.formats.checkpoint import load_model, load_tokenizer
-from chtsl_infer.formats.packed import DTYPES, is_packed_dir, load_packed
+from chtsl_infer.formats.model_dir import is_packed_dir, load_model, load_packed, load_tokenizer
+from chtsl_infer.formats.packed import DTYPES
 from tests.conftest import run_cli
 
 IDS = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(2))

@@ -8,16 +8,15 @@ from pathlib import Path
 import pytest
 
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.formats.model_dir import resolve_model_dir
-from chtsl_infer.formats.packed import pack_model, save_packed
+from chtsl_infer.formats.model_dir import resolve_model_dir, save_packed
+from chtsl_infer.formats.packed import pack_model
 from chtsl_infer.runtime.backends import load_runtime
 from tests.conftest import tiny_model
 
 
 def test_kinds_and_files(tiny_checkpoint: Path, tmp_path: Path) -> None:
     ckpt = resolve_model_dir(tiny_checkpoint)
-    assert (ckpt.kind, ckpt.onnx_file, ckpt.has_tokenizer, ckpt.is_training_checkpoint) == (
-        "checkpoint", None, True, False)
+    assert (ckpt.kind, ckpt.onnx_file, ckpt.is_training_checkpoint) == ("checkpoint", None, False)
     assert resolve_model_dir(ckpt) is ckpt
 
     packed_dir = tmp_path / "packed"
@@ -25,7 +24,7 @@ def test_kinds_and_files(tiny_checkpoint: Path, tmp_path: Path) -> None:
     model = tiny_model("sltrain", vocab_size=64)
     save_packed(pack_model(model), packed_dir / "model.safetensors")
     packed = resolve_model_dir(packed_dir)
-    assert packed.kind == "packed" and not packed.has_tokenizer
+    assert packed.kind == "packed" and packed.onnx_file is None
     assert packed.config().to_dict()["chtsl"] == model.config.to_dict()["chtsl"]  # from the header, no weights
 
     onnx_dir = tmp_path / "onnx"

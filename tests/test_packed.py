@@ -10,19 +10,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.formats.checkpoint import load_model, load_tokenizer
-from chtsl_infer.formats.packed import (
+from chtsl_infer.formats.model_dir import (
     is_packed_dir,
+    load_model,
     load_packed,
-    pack_linear,
-    pack_model,
+    load_tokenizer,
     save_packed,
-    unpack_model,
+    write_support_files,
 )
+from chtsl_infer.formats.packed import pack_linear, pack_model, unpack_model
 from chtsl_infer.model.layers import SparseLowRankLinear
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.model.presets import build_config
-from export.packed import copy_support_files, write_packed
+from export.packed import write_packed
 from tests.conftest import ALL_METHODS, tiny_model
 
 IDS = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -279,7 +279,7 @@ def test_export_dir_loads_like_the_checkpoint(tiny_checkpoint: Path, tmp_path: P
     out.mkdir()
     reference = load_model(tiny_checkpoint)
     stats = write_packed(reference, out)
-    copied = copy_support_files(tiny_checkpoint, out)
+    copied = write_support_files(tiny_checkpoint, out)
     assert {"config.json", "tokenizer.json"} <= set(copied)
     assert is_packed_dir(out) and not is_packed_dir(tiny_checkpoint)
     rebuilt = load_model(out)

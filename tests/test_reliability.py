@@ -334,7 +334,7 @@ def test_real_full_disk_during_save_is_one_line_and_keeps_the_checkpoint(tmp_pat
         assert len(errors) == 1 and output.rstrip().endswith(errors[0]), output
         assert "No space left on device; the checkpoint in" in errors[0] and "(step 2) is kept" in errors[0]
         assert json.loads((out / "trainer_state" / "state.json").read_text())["step"] == 2
-        from chtsl_infer.formats.checkpoint import load_model
+        from chtsl_infer.formats.model_dir import load_model
 
         load_model(out)
         assert not [p for p in disk.iterdir() if p.name != "ckpt"]  # no temporary directory, no lock file
@@ -726,7 +726,7 @@ def test_loaders_never_unpickle(tmp_path, cli_artifacts) -> None:
     from transformers import AutoModelForCausalLM
 
     import chtsl_infer  # noqa: F401
-    from chtsl_infer.formats.checkpoint import load_model
+    from chtsl_infer.formats.model_dir import load_model
 
     d = tmp_path / "planted"
     d.mkdir()

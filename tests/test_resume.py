@@ -84,7 +84,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path) -> None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
     assert json.loads(state.read_text())["step"] == 2
-    from chtsl_infer.formats.checkpoint import load_model
+    from chtsl_infer.formats.model_dir import load_model
 
     load_model(out)  # complete and loadable
     r = train(TrainArgs(resume=str(out), progress=False))  # everything else from the checkpoint

@@ -10,7 +10,8 @@ import torch
 
 from chtsl_infer import kernels
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.formats.packed import pack_model, save_packed
+from chtsl_infer.formats.model_dir import save_packed
+from chtsl_infer.formats.packed import pack_model
 from chtsl_infer.kernels.settings import KernelSettings, override
 from chtsl_infer.model.layers import layer_link_count
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM

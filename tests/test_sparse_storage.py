@@ -413,7 +413,7 @@ def csr_run(tmp_path_factory, bpe_cache) -> Path:
 def test_csr_checkpoint_is_packed_and_loads(csr_run: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from chtsl_infer.formats.checkpoint import load_model
+    from chtsl_infer.formats.model_dir import load_model
 
     sd = load_file(csr_run / "model.safetensors")
     model = load_model(csr_run)
@@ -456,7 +456,7 @@ def test_resume_across_storages(tmp_path, first: str, second: str) -> None:
         assert all(torch.equal(x[k], y[k]) for k in x)
     else:  # same method, other storage: same numbers up to float summation order
         assert all(abs(la - lb) / la < 1e-4 for (_, la), (_, lb) in zip(a, b, strict=True))
-    from chtsl_infer.formats.checkpoint import load_model
+    from chtsl_infer.formats.model_dir import load_model
 
     ma, mb = load_model(tmp_path / "full"), load_model(tmp_path / "part")
     assert mb.config.chtsl["storage"] == second
@@ -502,14 +502,13 @@ def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.mark.slow  # export, eval and bench of a trained checkpoint
 def test_export_eval_bench_on_csr_checkpoint(csr_run: Path, tmp_path: Path, capsys) -> None:
-    from chtsl_infer.formats.checkpoint import load_model
-    from chtsl_infer.formats.packed import load_packed_model
+    from chtsl_infer.formats.model_dir import load_model
 
     code, out, err = _cli(["export", str(csr_run), "--out", str(tmp_path / "export")], capsys)
     assert code == 0, out + err
     ids = torch.randint(0, 512, (1, 9))
     ref = load_model(csr_run)(input_ids=ids, use_cache=False).logits
-    packed = load_packed_model(tmp_path / "export")(input_ids=ids, use_cache=False).logits
+    packed = load_model(tmp_path / "export")(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(packed, ref, rtol=1e-4, atol=1e-4)
     code, out, err = _cli(["eval", str(csr_run), "--perplexity", "--device", "cpu", "--output",
                            str(tmp_path / "ppl.json")], capsys)

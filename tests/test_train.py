@@ -40,7 +40,7 @@ def test_chtsl_run_end_to_end(tmp_path) -> None:
     lr = {m["step"]: m["lr"] for m in steps}
     assert lr[6] < lr[7] and lr[6] < 0.5 * lr[4]
     # OCR and cosine of every layer (2 blocks × 7) on OCR steps, in [0, 1) and [-1, 1].
-    from chtsl_infer.formats.checkpoint import load_model
+    from chtsl_infer.formats.model_dir import load_model
 
     model = load_model(out)
     names = set(model.chtsl_layers())
@@ -94,7 +94,7 @@ def test_every_method_trains(tmp_path, method) -> None:
                          restart_warmup=1))
     assert r.step == 8 and math.isfinite(r.loss) and r.val_ppl is not None
     from chtsl_infer.commands.info import budget_report
-    from chtsl_infer.formats.checkpoint import load_model
+    from chtsl_infer.formats.model_dir import load_model
     from chtsl_infer.model.presets import build_config
 
     model = load_model(r.out)
@@ -156,7 +156,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path) -> None:
     assert r.stopped == "nan" and r.step == 3  # step 4's loss is NaN: stopped before its optimizer step
     state = json.loads((Path(r.out) / "trainer_state" / "state.json").read_text())
     assert state["step"] == 2
-    from chtsl_infer.formats.checkpoint import load_model
+    from chtsl_infer.formats.model_dir import load_model
 
     model = load_model(r.out)
     assert all(torch.isfinite(p).all() for p in model.parameters())

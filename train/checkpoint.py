@@ -13,8 +13,9 @@ Layout of `ckpt/`: `config.json`, `model.safetensors`, tokenizer files, `metrics
 
 No pickles anywhere. A checkpoint is written into a temporary sibling directory and swapped in
 with one atomic `renameat2(RENAME_EXCHANGE)` (Linux); elsewhere the old directory is first renamed
-to `<name>.old` (which `resolve_checkpoint` falls back to), so a kill at any moment leaves a
-complete checkpoint.
+to `<name>.old` (`utils.publish_dir`; `resolve_checkpoint` falls back to it), so a kill at any
+moment leaves a complete checkpoint. The model's files, and the JSON of the trainer state, are
+read and validated by `chtsl_infer.formats.model_dir`.
 """
 
 from __future__ import annotations
@@ -30,12 +31,22 @@ import torch
 from safetensors.torch import save_file
 
 from chtsl_infer.errors import ChtslError, WriteFailure, write_failure_reason
-from chtsl_infer.formats.model_dir import TRAINER_STATE_DIR, resolve_model_dir
+from chtsl_infer.formats.model_dir import (
+    CONFIG_NAME,
+    TRAINER_STATE_DIR,
+    TRAINER_STATE_FORMAT,
+    TRAINER_STATE_VERSION,
+    WEIGHTS_NAME,
+    check_weights_header,
+    load_tensors,
+    read_config,
+    read_trainer_state,
+    safetensors_shapes,
+    save_checkpoint_model,
+)
 from chtsl_infer.utils import atomic_write_text, backup_path, publish_dir
 
 STATE_DIR = TRAINER_STATE_DIR
-FORMAT = "chtsl-trainer-state"
-FORMAT_VERSION = 1
 CARRIED = ("metrics.jsonl", "tensorboard")  # logs that live in ckpt/ and move with each save
 # Test hook: seconds to sleep in the middle of a checkpoint write (the SIGKILL-during-save test).
 SLOW_SAVE_ENV = "CHTSL_TEST_SLOW_SAVE"
@@ -44,7 +55,7 @@ SLOW_SAVE_ENV = "CHTSL_TEST_SLOW_SAVE"
 def resolve_checkpoint(path: str | Path) -> Path:
     """`path`, or its `.old` backup when a save was interrupted between the two fallback renames."""
     p = Path(path)
-    if not (p / "config.json").is_file() and (backup_path(p) / STATE_DIR / "state.json").is_file():
+    if not (p / CONFIG_NAME).is_file() and (backup_path(p) / STATE_DIR / "state.json").is_file():
         return backup_path(p)
     return p
 
@@ -134,7 +145,7 @@ def _write_checkpoint(tmp: Path, out: Path, *, model: torch.nn.Module, tokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one on screen
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_checkpoint_model(model, tmp)
     tokenizer.save_pretrained(tmp)
     sd = tmp / STATE_DIR
     sd.mkdir()
@@ -154,8 +165,8 @@ def _write_checkpoint(tmp: Path, out: Path, *, model: torch.nn.Module, tokenizer
     save_file(rng, sd / "rng.safetensors")
     if os.environ.get(SLOW_SAVE_ENV):
         time.sleep(float(os.environ[SLOW_SAVE_ENV]))
-    full_state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state, "optimizer": opt_meta,
-                  "topology": topo_meta}
+    full_state = {"format": TRAINER_STATE_FORMAT, "format_version": TRAINER_STATE_VERSION, **state,
+                  "optimizer": opt_meta, "topology": topo_meta}
     (sd / "args.json").write_text(json.dumps(args, indent=2, default=str) + "\n")
     (sd / "state.json").write_text(json.dumps(full_state, indent=2, default=str) + "\n")
     for name in CARRIED:
@@ -245,49 +256,17 @@ def truncate_metrics(path: str | Path, step: int) -> None:
 
 
 def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state.json, args.json) of a training checkpoint; ChtslError if `path` is not one."""
-    p = resolve_checkpoint(path)
-    try:
-        is_training = resolve_model_dir(p).is_training_checkpoint
-    except ChtslError:
-        is_training = False
-    if not is_training:
-        raise ChtslError(f"{path} is not a chtsl training checkpoint (expected config.json, model.safetensors "
-                        f"and {STATE_DIR}/state.json)")
-    loaded = []
-    for name in ("state.json", "args.json"):
-        file = p / STATE_DIR / name
-        try:
-            loaded.append(json.loads(file.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ChtslError(f"{file} is unreadable: {e.strerror if isinstance(e, OSError) else e}") from None
-    state, args = loaded
-    sd = p / STATE_DIR
-    if not isinstance(state, dict) or not isinstance(args, dict):
-        raise ChtslError(f"{sd}: state.json and args.json must hold JSON objects")
-    if state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
-        raise ChtslError(f"{p} has an unsupported trainer-state format {state.get('format_version')!r}")
-    for key in ("step", "tokens_seen"):
-        value = state.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ChtslError(f"{sd / 'state.json'}: {key} must be a non-negative integer, got {value!r}")
-    groups = (state.get("optimizer") or {}).get("param_groups") if isinstance(state.get("optimizer"), dict) else None
-    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                               for g in groups):
-        raise ChtslError(f"{sd / 'state.json'}: optimizer.param_groups is missing or malformed")
-    if state.get("topology") is not None and not isinstance(state["topology"], dict):
-        raise ChtslError(f"{sd / 'state.json'}: topology must be an object or null")
-    return state, args
+    """(state.json, args.json) of a training checkpoint (its `.old` backup after an interrupted save);
+    ChtslError if `path` is not one (`model_dir.read_trainer_state`)."""
+    return read_trainer_state(resolve_checkpoint(path))
 
 
 def check_resumable(path: Path, state: dict[str, Any]) -> None:
     """Every file a resume reads is present and a readable safetensors of the right names and shapes
     (headers only, nothing loaded): config.json, model.safetensors, the optimizer, topology (when
     the run has an engine) and RNG states. ChtslError naming the first bad file."""
-    from chtsl_infer.formats.checkpoint import check_weights_header, read_config, safetensors_shapes
-
     config = read_config(path)
-    check_weights_header(config, path / "model.safetensors", path / "config.json")
+    check_weights_header(config, path / WEIGHTS_NAME, path / CONFIG_NAME)
     safetensors_shapes(path / STATE_DIR / "optimizer.safetensors")
     if state.get("topology") is not None:
         safetensors_shapes(path / STATE_DIR / "topology.safetensors")
@@ -300,7 +279,6 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn
     """Restores `optimizer` (built over `model`'s parameters in the same groups) from a checkpoint.
 
     Moments saved in the other sparse storage (masked ↔ csr) are re-laid out for `model`'s."""
-    from chtsl_infer.formats.checkpoint import load_tensors
     from chtsl_infer.model.storage import convert_optimizer_state
 
     tensors = load_tensors(Path(path) / STATE_DIR / "optimizer.safetensors")
@@ -333,8 +311,6 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn
 
 
 def load_topology(path: Path, engine: Any, meta: dict[str, Any]) -> None:
-    from chtsl_infer.formats.checkpoint import load_tensors
-
     file = Path(path) / STATE_DIR / "topology.safetensors"
     tensors = load_tensors(file)
     try:
@@ -345,8 +321,6 @@ def load_topology(path: Path, engine: Any, meta: dict[str, Any]) -> None:
 
 
 def load_rng(path: Path) -> None:
-    from chtsl_infer.formats.checkpoint import load_tensors
-
     file = Path(path) / STATE_DIR / "rng.safetensors"
     rng = load_tensors(file)
     try:

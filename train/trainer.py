@@ -340,7 +340,7 @@ def build_run(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | Non
 def _build_data(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | None):  # -> train.data.pipeline.Data
     """This rank's shard of the train stream and the validation batches (the checkpoint's
     tokenizer when resuming)."""
-    from chtsl_infer.formats.checkpoint import load_tokenizer
+    from chtsl_infer.formats.model_dir import load_tokenizer
 
     spec = DataSpec(data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
                     packing=args.packing, eval_tokens=args.eval_tokens, seed=args.seed)
@@ -353,7 +353,7 @@ def _build_model(args: TrainArgs, vocab_size: int, resume_dir: Path | None, devi
                  info: dist_utils.DistInfo) -> tuple[torch.nn.Module, str, str]:
     """(model, sparse storage, why that storage): the preset's model at `args`, or the checkpoint's
     config and weights when resuming (converted when the storage differs)."""
-    from chtsl_infer.formats.checkpoint import load_checkpoint_weights
+    from chtsl_infer.formats.model_dir import load_checkpoint_weights
     from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
     from chtsl_infer.model.storage import convert_state_dict, resolve_storage
 

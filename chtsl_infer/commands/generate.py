@@ -32,7 +32,7 @@ def generate_command(
     import torch
     from transformers import TextStreamer
 
-    from chtsl_infer.formats.checkpoint import load_tokenizer
+    from chtsl_infer.formats.model_dir import load_tokenizer
     from chtsl_infer.runtime.backends import BACKENDS, check_backend_dtype, load_runtime
 
     if backend not in BACKENDS:

@@ -13,27 +13,22 @@ plus `<name>.lora_A` (r, in) and `<name>.lora_B` (out, r); the `dense` method st
 state-dict name. The safetensors header `__metadata__` holds `format=chtsl-packed`,
 `format_version`, `activation`, `dtype` and `config` (the model config as JSON).
 
-This module is the format's in-memory form, writer and validating reader. It imports nothing
-from `train/` or `export/`, so the inference runtime can load exports on its own.
+This module is the format's in-memory form: packing a training-form model and unpacking it again.
+Writing and reading the file (its header, validation) is `formats/model_dir.py`; this module does
+no file I/O and imports nothing from `train/` or `export/`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from chtsl_infer.errors import ChtslError, first_line
-from chtsl_infer.formats.model_dir import PACKED_FORMAT as FORMAT
-from chtsl_infer.formats.model_dir import WEIGHTS_NAME, packed_metadata
+from chtsl_infer.errors import ChtslError
 from chtsl_infer.model.configuration import ChtslConfig
 from chtsl_infer.model.layers import SparseLowRankLinear
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
-from chtsl_infer.utils import atomic_path
 
-FORMAT_VERSION = "1"
 INT16_MAX_COLUMNS = 32767  # int16 column indices address at most this many input features
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -115,7 +110,7 @@ class PackedModel:
     dtype: torch.dtype
     linears: dict[str, PackedLinear]
     dense: dict[str, torch.Tensor]
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)  # a read file's header (`model_dir.load_packed`)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every file entry: the linears' parts and the dense tensors by state-dict name."""
@@ -129,7 +124,7 @@ class PackedModel:
 # ----------------------------------------------------------------------------- packing
 
 
-def _tied_keys(config: ChtslConfig) -> set[str]:
+def tied_keys(config: ChtslConfig) -> set[str]:
     """State-dict keys that alias another tensor (never stored: safetensors refuses shared memory)."""
     return {"lm_head.weight"} if config.tie_word_embeddings else set()
 
@@ -164,7 +159,7 @@ def pack_model(model: ChtslLlamaForCausalLM, dtype: torch.dtype = torch.float32)
         raise ValueError(f"unsupported dtype {dtype}; valid: {', '.join(DTYPES)}")
     config: ChtslConfig = model.config
     linears = {name: pack_linear(name, layer, dtype) for name, layer in model.chtsl_layers().items()}
-    skip = _tied_keys(config)
+    skip = tied_keys(config)
     dense: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
         module = key.rsplit(".", 1)[0]
@@ -172,165 +167,10 @@ def pack_model(model: ChtslLlamaForCausalLM, dtype: torch.dtype = torch.float32)
             continue
         t = tensor.detach().cpu()
         dense[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-    return PackedModel(config=config, dtype=dtype, linears=linears, dense=dense, metadata=_metadata(config, dtype))
+    return PackedModel(config=config, dtype=dtype, linears=linears, dense=dense)
 
 
-def _metadata(config: ChtslConfig, dtype: torch.dtype) -> dict[str, str]:
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "method": config.method,
-        "activation": config.chtsl["activation"],
-        "dtype": DTYPE_NAMES[dtype],
-        "config": config.to_json_string(use_diff=False),
-    }
-
-
-def save_packed(packed: PackedModel, path: str | Path) -> None:
-    """Writes `packed` to the safetensors file `path` atomically (temp file + rename)."""
-    from safetensors.torch import save_file
-
-    target = Path(path)
-    metadata = {**packed.metadata, **_metadata(packed.config, packed.dtype)}
-    with atomic_path(target) as tmp:
-        save_file(packed.tensors(), tmp, metadata=metadata)
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def _expected_layout(config: ChtslConfig) -> tuple[dict[str, SparseLowRankLinear], dict[str, torch.Size]]:
-    """(CHTsL layers by name, dense tensor shapes by key) of a model of `config`, built on `meta`
-    (no memory, no init cost), so a file can be checked against its config."""
-    with torch.device("meta"):
-        model = ChtslLlamaForCausalLM(config)
-    layers = model.chtsl_layers()
-    skip = _tied_keys(config)
-    dense = {
-        key: t.shape
-        for key, t in model.state_dict().items()
-        if key.rsplit(".", 1)[0] not in layers and key not in skip
-    }
-    return layers, dense
-
-
-def _read_file(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a safetensors file; ChtslError when it is missing, corrupt or truncated."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise ChtslError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iter)
-    except Exception as e:  # safetensors raises SafetensorError/OSError/RuntimeError for bad bytes
-        raise ChtslError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
-    return metadata, tensors
-
-
-def _check_csr(path: Path, lin: PackedLinear, values_dtype: torch.dtype) -> None:
-    """Validates one CSR triple; ChtslError naming the file, the layer and the problem."""
-    where = f"{path}: {lin.name}"
-    crow, col, vals = lin.crow_indices, lin.col_indices, lin.values
-    assert crow is not None and col is not None and vals is not None
-    if crow.dtype != torch.int32 or crow.shape != (lin.out_features + 1,):
-        raise ChtslError(f"{where}.crow_indices must be int32 of shape ({lin.out_features + 1},), "
-                        f"got {crow.dtype} {tuple(crow.shape)}")
-    want_col = col_index_dtype(lin.in_features)
-    if col.dtype != want_col or col.dim() != 1:
-        raise ChtslError(f"{where}.col_indices must be a 1-D {want_col} tensor, got {col.dtype} {tuple(col.shape)}")
-    if vals.dtype != values_dtype or vals.shape != col.shape:
-        raise ChtslError(f"{where}.values must be {values_dtype} of shape {tuple(col.shape)}, "
-                        f"got {vals.dtype} {tuple(vals.shape)}")
-    crow64 = crow.long()
-    if crow64[0] != 0 or crow64[-1] != col.numel():
-        raise ChtslError(f"{where}.crow_indices must start at 0 and end at nnz={col.numel()}, "
-                        f"got {int(crow64[0])}..{int(crow64[-1])}")
-    if bool((crow64[1:] < crow64[:-1]).any()):
-        raise ChtslError(f"{where}.crow_indices are not monotone")
-    col64 = col.long()
-    if col64.numel() and (int(col64.min()) < 0 or int(col64.max()) >= lin.in_features):
-        raise ChtslError(f"{where}.col_indices out of range [0, {lin.in_features}): "
-                        f"min {int(col64.min())}, max {int(col64.max())}")
-    rows = lin.row_indices()
-    same_row = rows[1:] == rows[:-1]
-    if bool((same_row & (col64[1:] <= col64[:-1])).any()):
-        raise ChtslError(f"{where}.col_indices are not strictly increasing within a row")
-
-
-def _check_shape(path: Path, key: str, tensor: torch.Tensor, shape: tuple[int, ...] | torch.Size,
-                 dtype: torch.dtype) -> None:
-    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-        raise ChtslError(f"{path}: {key} should be {dtype} {tuple(shape)}, got {tensor.dtype} {tuple(tensor.shape)}")
-
-
-def load_packed(path: str | Path) -> PackedModel:
-    """Reads and validates a packed safetensors file (or a directory holding `model.safetensors`).
-
-    Checks the header (format, version, dtype, config), every expected tensor's presence, dtype
-    and shape against the config, and every CSR triple (row pointers monotone from 0 to nnz,
-    columns in range and strictly increasing within rows). Any violation → ChtslError naming the
-    file and the problem; unexpected extra tensors are errors too.
-    """
-    p = Path(path)
-    if p.is_dir():
-        p = p / WEIGHTS_NAME
-    metadata, tensors = _read_file(p)
-    if metadata.get("format") != FORMAT:
-        raise ChtslError(f"{p}: not a chtsl packed export (metadata format {metadata.get('format')!r}, "
-                        f"expected {FORMAT!r})")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ChtslError(f"{p}: unsupported format_version {metadata.get('format_version')!r} "
-                        f"(this chtsl reads {FORMAT_VERSION!r})")
-    dtype = DTYPES.get(metadata.get("dtype", ""))
-    if dtype is None:
-        raise ChtslError(f"{p}: unknown dtype {metadata.get('dtype')!r} in metadata; valid: {', '.join(DTYPES)}")
-    from chtsl_infer.formats.checkpoint import check_finite, config_from_dict
-
-    try:
-        raw = json.loads(metadata["config"])
-    except (KeyError, json.JSONDecodeError, TypeError) as e:
-        raise ChtslError(f"{p}: invalid config in metadata ({first_line(e)})") from None
-    config = config_from_dict(raw, f"{p}: the config in its metadata")
-    check_finite(tensors, p)
-
-    layers, dense_shapes = _expected_layout(config)
-    remaining = dict(tensors)
-
-    def take(key: str) -> torch.Tensor:
-        if key not in remaining:
-            raise ChtslError(f"{p}: missing tensor {key}")
-        return remaining.pop(key)
-
-    linears: dict[str, PackedLinear] = {}
-    for name, layer in layers.items():
-        lin = PackedLinear(name=name, in_features=layer.in_features, out_features=layer.out_features,
-                           scale=float(layer.scale), activation=layer.activation)
-        if layer.has_sparse:
-            lin.crow_indices = take(f"{name}.crow_indices")
-            lin.col_indices = take(f"{name}.col_indices")
-            lin.values = take(f"{name}.values")
-            _check_csr(p, lin, dtype)
-        elif layer.weight is not None:
-            lin.weight = take(f"{name}.weight")
-            _check_shape(p, f"{name}.weight", lin.weight, (layer.out_features, layer.in_features), dtype)
-        if layer.has_lowrank:
-            lin.lora_A = take(f"{name}.lora_A")
-            lin.lora_B = take(f"{name}.lora_B")
-            _check_shape(p, f"{name}.lora_A", lin.lora_A, (layer.rank, layer.in_features), dtype)
-            _check_shape(p, f"{name}.lora_B", lin.lora_B, (layer.out_features, layer.rank), dtype)
-        linears[name] = lin
-
-    dense: dict[str, torch.Tensor] = {}
-    for key, shape in dense_shapes.items():
-        tensor = take(key)
-        _check_shape(p, key, tensor, shape, dtype if tensor.is_floating_point() else tensor.dtype)
-        dense[key] = tensor
-    if remaining:
-        raise ChtslError(f"{p}: unexpected tensor {sorted(remaining)[0]} (and {len(remaining) - 1} more)"
-                        if len(remaining) > 1 else f"{p}: unexpected tensor {next(iter(remaining))}")
-    return PackedModel(config=config, dtype=dtype, linears=linears, dense=dense, metadata=dict(metadata))
+# ----------------------------------------------------------------------------- unpacking
 
 
 @torch.no_grad()
@@ -358,19 +198,9 @@ def unpack_model(packed: PackedModel, dtype: torch.dtype | None = None) -> Chtsl
             state[f"{name}.lora_B"] = lin.lora_B
     model = model.to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in _tied_keys(packed.config)]
+    missing = [k for k in missing if k not in tied_keys(packed.config)]
     if missing or unexpected:
         raise ChtslError(f"packed model does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if packed.config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
-
-
-def is_packed_dir(path: str | Path) -> bool:
-    """True when `path` is a directory whose `model.safetensors` header says `format=chtsl-packed`."""
-    return packed_metadata(Path(path) / WEIGHTS_NAME) is not None
-
-
-def load_packed_model(path: str | Path, dtype: torch.dtype | None = torch.float32) -> ChtslLlamaForCausalLM:
-    """`unpack_model(load_packed(path))` in `dtype` (fp32 by default, None = the packed dtype)."""
-    return unpack_model(load_packed(path), dtype)

@@ -36,8 +36,8 @@ from torch import nn
 
 from chtsl_infer import kernels
 from chtsl_infer.errors import ChtslError, first_line
-from chtsl_infer.formats.model_dir import ModelDir, resolve_model_dir
-from chtsl_infer.formats.packed import PackedLinear, PackedModel
+from chtsl_infer.formats.model_dir import ModelDir, load_model, load_packed, resolve_model_dir
+from chtsl_infer.formats.packed import PackedLinear, PackedModel, pack_model
 from chtsl_infer.model.configuration import ChtslConfig
 from chtsl_infer.model.layers import random_mask
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
@@ -376,9 +376,6 @@ def keep_freed_heap() -> bool:
 
 def load_packed_any(path: str | Path | ModelDir) -> PackedModel:
     """The packed form of a packed export dir or of a training checkpoint dir (packed in memory)."""
-    from chtsl_infer.formats.checkpoint import load_model
-    from chtsl_infer.formats.packed import load_packed, pack_model
-
     model_dir = resolve_model_dir(path).require_weights()
     if model_dir.kind == "packed":
         return load_packed(model_dir.weights)
