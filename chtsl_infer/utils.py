@@ -78,8 +78,9 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def backup_path(path: Path) -> Path:
-    """Where `publish_dir` keeps the previous directory between its two fallback renames."""
-    return path.with_name(f"{path.name}.old")
+    """Where `publish_dir` keeps the previous directory between its two fallback renames: hidden,
+    `.NAME.old`, so that it never takes (and removes) a directory of the user's."""
+    return path.with_name(f".{path.name}.old")
 
 
 def publish_dir(tmp: Path, target: Path) -> None:

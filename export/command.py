@@ -1,15 +1,14 @@
 """`chtsl export CKPT`: packed safetensors and/or a sparse ONNX graph, verified against PyTorch.
 
-Everything is written into a temporary directory beside the output and renamed into place only
-when every stage (and the verification, when on) has succeeded, so a failure leaves no partial
-output behind; `--force` replaces an existing output the same way.
+Everything is written into a temporary directory beside the output and published
+(`chtsl_infer.utils.publish_dir`) only when every stage (and the verification, when on) has
+succeeded, so a failure leaves no partial output behind; `--force` replaces an existing output the
+same way.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -20,11 +19,19 @@ import typer
 
 from chtsl_infer.console import check_output_file, console, err_console, stale_siblings, write_json
 from chtsl_infer.errors import ChtslError, WriteFailure, first_line, write_failure_reason
+from chtsl_infer.formats.model_dir import ONNX_NAME, TRAINER_STATE_DIR, WEIGHTS_NAME, is_packed_dir, resolve_model_dir
 from chtsl_infer.options import Checkpoint, Force, JsonOut, PackedDtype
-from chtsl_infer.utils import dir_lock, make_temp_dir, parse_dtype, resolve_device, torch_dtype
+from chtsl_infer.utils import (
+    backup_path,
+    dir_lock,
+    make_temp_dir,
+    parse_dtype,
+    publish_dir,
+    resolve_device,
+    torch_dtype,
+)
 
 FORMATS = ("safetensors", "onnx", "all")
-KILL_BETWEEN_RENAMES_ENV = "CHTSL_TEST_KILL_BETWEEN_RENAMES"  # test hook (see _move_into_place)
 
 
 def _human(n: int) -> str:
@@ -40,10 +47,8 @@ def _human(n: int) -> str:
 def is_export_dir(path: Path) -> bool:
     """True when `path` is a directory `chtsl export` wrote: a packed model.safetensors or a
     model.onnx, and no trainer state (a training checkpoint is never an export)."""
-    from chtsl_infer.formats.model_dir import is_packed_dir
-
-    return path.is_dir() and not (path / "trainer_state").exists() and (
-        is_packed_dir(path) or (path / "model.onnx").is_file())
+    return path.is_dir() and not (path / TRAINER_STATE_DIR).exists() and (
+        is_packed_dir(path) or (path / ONNX_NAME).is_file())
 
 
 def _check_output(ckpt: Path, out: Path, force: bool) -> None:
@@ -65,16 +70,19 @@ def _check_output(ckpt: Path, out: Path, force: bool) -> None:
 
 
 def recover_output(out: Path) -> str | None:
-    """Repairs what a killed export left beside `out`: a previous export moved aside by `--force`
-    (`.OUT.old-*`, when the kill fell between the two renames and `out` is gone) is moved back,
-    and temporary directories of dead exports are removed. Returns a note when it restored one."""
+    """Repairs what a killed export left beside `out`: the previous export `publish_dir` set aside
+    (`backup_path(out)`, where renameat2 is unavailable and the kill fell between its two renames,
+    so `out` is gone) is moved back, and temporary directories of dead exports are removed. Returns
+    a note when it restored one."""
     note = None
-    if not out.exists() and not out.is_symlink():
-        olds = sorted(stale_siblings(out, "old"), key=lambda p: p.stat().st_mtime)
-        if olds:
-            olds[-1].rename(out)
+    backup = backup_path(out)
+    if is_export_dir(backup):
+        if not out.exists() and not out.is_symlink():
+            backup.rename(out)
             note = f"restored the previous export {out} (an interrupted --force had moved it aside)"
-    for p in stale_siblings(out, "tmp") + stale_siblings(out, "old"):
+        else:  # the kill came after the new export took its place
+            shutil.rmtree(backup, ignore_errors=True)
+    for p in stale_siblings(out, "tmp"):
         shutil.rmtree(p, ignore_errors=True)
     return note
 
@@ -84,26 +92,6 @@ def _make_temp_dir(out: Path) -> Path:
         return make_temp_dir(out)
     except OSError as e:
         raise ChtslError(f"cannot write to {out.parent}: {e.strerror or e}") from None
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Renames `tmp` to `out`, replacing an existing `out` directory only once `tmp` is complete.
-    A kill between the two renames leaves `.OUT.old-PID-*`, which `recover_output` moves back."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-        os.rmdir(old)
-        out.rename(old)
-        if os.environ.get(KILL_BETWEEN_RENAMES_ENV):  # test hook: the SIGKILL-between-renames test
-            os.kill(os.getpid(), 9)
-    try:
-        tmp.rename(out)
-    except OSError:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class _Stages:
@@ -161,8 +149,6 @@ def export_command(
             raise ChtslError("--verify-device verifies the packed safetensors: use it with --verify and --format "
                              "safetensors|all")
         device = resolve_device(verify_device, flag="--verify-device")
-    from chtsl_infer.formats.model_dir import resolve_model_dir
-
     model_dir = resolve_model_dir(ckpt).require_weights()
     out = out if out is not None else ckpt / "export"
     # One writer per output directory (its parent must exist: `_check_output` says so otherwise);
@@ -191,7 +177,7 @@ def _export_locked(ckpt: Path, model_dir, out: Path, fmt: str, dtype: str, opset
         failed = [c for c in checks if not c.ok]
         if not failed:
             try:
-                _move_into_place(tmp, out)
+                publish_dir(tmp, out)
             except OSError as e:
                 raise WriteFailure(f"cannot write {out}: {e.strerror or e}") from None
     finally:
@@ -217,7 +203,7 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
     ckpt = model_dir.path
     from transformers.utils import logging as hf_logging
 
-    from chtsl_infer.formats.model_dir import WEIGHTS_NAME, load_model, write_support_files
+    from chtsl_infer.formats.model_dir import load_model, write_support_files
     from chtsl_infer.model.storage import to_storage
     from export import onnx as onnx_export
     from export.packed import write_packed
@@ -245,7 +231,7 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
             ]
         if want_onnx:
             try:
-                ostats = _writing(lambda: onnx_export.export_onnx(model, tmp / "model.onnx", opset,
+                ostats = _writing(lambda: onnx_export.export_onnx(model, tmp / ONNX_NAME, opset,
                                                                   stage=stages.stage), tmp)
             except ValueError as e:  # the requested opset could not be produced
                 raise ChtslError(str(e)) from None
@@ -274,9 +260,9 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
                     if device is not None:
                         checks += verify_runtime(tmp, batches, refs, device)
                 if want_onnx:
-                    checks += verify_onnx(tmp / "model.onnx", batches, refs)
+                    checks += verify_onnx(tmp / ONNX_NAME, batches, refs)
                     ids = cached_batch(model.config.vocab_size)
-                    checks += verify_onnx_cached(tmp / "model.onnx", ids, reference_logits(model, [ids])[0])
+                    checks += verify_onnx_cached(tmp / ONNX_NAME, ids, reference_logits(model, [ids])[0])
     return summary, checks
 
 

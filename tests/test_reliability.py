@@ -664,25 +664,63 @@ def test_rope_positions_and_memory_estimate(tmp_path, monkeypatch) -> None:
 # ----------------------------------------------------------------------------- export --force
 
 
+# `chtsl export` in a subprocess that SIGKILLs itself inside `publish_dir`: with the two-rename
+# fallback (no renameat2), right after the previous export was moved aside; with renameat2, right
+# after the exchange (the previous export now sits in the temporary directory).
+_KILL_IN_PUBLISH = """
+import os, sys
+from pathlib import Path
+import chtsl_infer.utils as utils
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+if sys.argv.pop(1) == "fallback":
+    utils._exchange = lambda a, b: False
+    rename = Path.rename
+    def rename_then_die(self, target):
+        result = rename(self, target)
+        if Path(self) == out:
+            os.kill(os.getpid(), 9)
+        return result
+    Path.rename = rename_then_die
+else:
+    exchange = utils._exchange
+    def exchange_then_die(a, b):
+        assert exchange(a, b), "renameat2(RENAME_EXCHANGE) is unavailable here"
+        os.kill(os.getpid(), 9)
+    utils._exchange = exchange_then_die
+from chtsl_infer.cli import main
+main()
+"""
+
+
 @pytest.mark.slow  # an export subprocess, killed
-def test_export_recovers_from_kill_between_renames(cli_artifacts, tmp_path, capfd) -> None:
-    """SIGKILL after `export --force` moved the old export aside and before the new one took its
-    place: the next export restores the previous one first (and removes the dead temp dirs)."""
+@pytest.mark.parametrize("path", ["fallback", "exchange"])
+def test_export_recovers_from_kill_inside_publish(cli_artifacts, tmp_path, capfd, path: str) -> None:
+    """SIGKILL inside `export --force`'s publish: the output is never lost. Between the fallback's
+    two renames (`out` gone, the previous export set aside) the next export restores the previous
+    one first; after the exchange the new export is complete. Either way the dead temp dirs go."""
+    from chtsl_infer.formats.model_dir import load_packed
+    from chtsl_infer.utils import backup_path
+
     run = tmp_path / "run"
     shutil.copytree(cli_artifacts["run"], run)
     out = tmp_path / "exp"
     shutil.copytree(cli_artifacts["export"], out)
     before = _sha(out)
-    env = {**os.environ, "CHTSL_TEST_KILL_BETWEEN_RENAMES": "1"}
-    cmd = [sys.executable, "-c", "from chtsl_infer.cli import main; main()", "export", str(run), "--out", str(out),
-           "--force", "--format", "safetensors", "--no-verify"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-c", _KILL_IN_PUBLISH, path, "export", str(run), "--out", str(out), "--force",
+           "--format", "safetensors", "--no-verify"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr
-    assert not out.exists() and list(tmp_path.glob(".exp.old-*")) and list(tmp_path.glob(".exp.tmp-*"))
+    if path == "fallback":
+        assert not out.exists() and _sha(backup_path(out)) == before and list(tmp_path.glob(".exp.tmp-*"))
+    else:
+        assert not (out / "model.onnx").exists() and list(tmp_path.glob(".exp.tmp-*"))  # the new export
     code, output = _run_cli(["export", str(run), "--out", str(out), "--format", "safetensors", "--no-verify"], capfd)
-    assert code == 2 and "restored the previous export" in output and "--force" in output, output
-    assert _sha(out) == before
-    assert not list(tmp_path.glob(".exp.old-*")) and not list(tmp_path.glob(".exp.tmp-*"))
+    assert code == 2 and "--force" in output, output
+    assert ("restored the previous export" in output) == (path == "fallback"), output
+    if path == "fallback":
+        assert _sha(out) == before
+    load_packed(out)  # complete
+    assert not backup_path(out).exists() and not list(tmp_path.glob(".exp.tmp-*"))
 
 
 # ----------------------------------------------------------------------------- numbers

@@ -57,15 +57,31 @@ def test_resume_is_bit_identical(tmp_path, stop) -> None:
     assert second.val_ppl == full.val_ppl
 
 
+# `chtsl train` in a subprocess whose checkpoint writes pause for 4 s once the weights, optimizer and
+# RNG files are written, before the state files and the swap: a window to SIGKILL it mid-save.
+_SLOW_SAVE = """
+import time
+import train.checkpoint as ckpt_io
+save_file = ckpt_io.save_file
+def save_then_pause(tensors, path, *args, **kwargs):
+    save_file(tensors, path, *args, **kwargs)
+    if str(path).endswith("rng.safetensors"):
+        time.sleep(4)
+ckpt_io.save_file = save_then_pause
+from chtsl_infer.cli import main
+main()
+"""
+
+
 @pytest.mark.slow  # a training subprocess, killed mid-save
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path) -> None:
     out = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "chtsl_infer.cli", "train", "--data", str(corpus(tmp_path)), "--vocab-size", "512",
+    cmd = [sys.executable, "-c", _SLOW_SAVE, "train", "--data", str(corpus(tmp_path)), "--vocab-size", "512",
            "--num-layers", "2", "--seq-len", "32", "--batch-size", "8", "--micro-batch-size", "4",
            "--steps", "4", "--warmup", "4",
            "--save-every", "2", "--eval-every", "100", "--update-interval", "3", "--restart-warmup", "1",
            "--out", str(out), "--no-progress"]
-    env = {**os.environ, "CHTSL_TEST_SLOW_SAVE": "4", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = out / "trainer_state" / "state.json"
     deadline = time.time() + 240
@@ -76,7 +92,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path) -> None:
             assert proc.poll() is None, proc.stderr.read().decode()
             time.sleep(0.2)
         assert list(tmp_path.glob(".ckpt.tmp-*")), "the second save never started"
-        time.sleep(1.0)  # inside the write (the hook sleeps 4 s before the state files and the swap)
+        time.sleep(1.0)  # inside the write (paused 4 s before the state files and the swap)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:

@@ -13,7 +13,7 @@ Layout of `ckpt/`: `config.json`, `model.safetensors`, tokenizer files, `metrics
 
 No pickles anywhere. A checkpoint is written into a temporary sibling directory and swapped in
 with one atomic `renameat2(RENAME_EXCHANGE)` (Linux); elsewhere the old directory is first renamed
-to `<name>.old` (`utils.publish_dir`; `resolve_checkpoint` falls back to it), so a kill at any
+to `.<name>.old` (`utils.publish_dir`; `resolve_checkpoint` falls back to it), so a kill at any
 moment leaves a complete checkpoint. The model's files, and the JSON of the trainer state, are
 read and validated by `chtsl_infer.formats.model_dir`.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +47,6 @@ from chtsl_infer.utils import atomic_write_text, backup_path, publish_dir
 
 STATE_DIR = TRAINER_STATE_DIR
 CARRIED = ("metrics.jsonl", "tensorboard")  # logs that live in ckpt/ and move with each save
-# Test hook: seconds to sleep in the middle of a checkpoint write (the SIGKILL-during-save test).
-SLOW_SAVE_ENV = "CHTSL_TEST_SLOW_SAVE"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -163,8 +160,6 @@ def _write_checkpoint(tmp: Path, out: Path, *, model: torch.nn.Module, tokenizer
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda.{i}"] = s
     save_file(rng, sd / "rng.safetensors")
-    if os.environ.get(SLOW_SAVE_ENV):
-        time.sleep(float(os.environ[SLOW_SAVE_ENV]))
     full_state = {"format": TRAINER_STATE_FORMAT, "format_version": TRAINER_STATE_VERSION, **state,
                   "optimizer": opt_meta, "topology": topo_meta}
     (sd / "args.json").write_text(json.dumps(args, indent=2, default=str) + "\n")
