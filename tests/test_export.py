@@ -89,6 +89,26 @@ def test_half_precision_export(flag: str, ckpt: Path, tmp_path: Path) -> None:
     assert 0 < rel.item() <= 1e-2
 
 
+def test_export_drops_auto_map(ckpt: Path, tmp_path: Path) -> None:
+    """A checkpoint whose configs name remote code (`auto_map`): the export's config.json and
+    tokenizer_config.json carry none (a chtsl model never needs remote code) and keep every other
+    key; the other files are copied byte for byte, and the export loads."""
+    remote = {"AutoConfig": "remote.Config", "AutoModelForCausalLM": "remote.Model",
+              "AutoTokenizer": ["remote.Tokenizer", None]}
+    originals = {}
+    for name in ("config.json", "tokenizer_config.json"):
+        originals[name] = json.loads((ckpt / name).read_text())
+        (ckpt / name).write_text(json.dumps({**originals[name], "auto_map": remote}))
+    out_dir = tmp_path / "out"
+    code, out, _ = run_cli(["export", str(ckpt), "--format", "safetensors", "--out", str(out_dir)])
+    assert code == 0, out
+    for name, raw in originals.items():
+        assert json.loads((out_dir / name).read_text()) == raw, name
+    assert (out_dir / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    assert leftovers(out_dir) == [] and (logits(out_dir) - logits(ckpt)).abs().max().item() <= 1e-6
+    assert load_tokenizer(out_dir)("x = 1").input_ids == load_tokenizer(ckpt)("x = 1").input_ids
+
+
 @pytest.mark.parametrize("flag", ["fp32", "bf16"])
 def test_runtime_verification_on_a_device(flag: str, ckpt: Path, tmp_path: Path) -> None:
     """`--verify-device` adds the inference runtime's dense and sparse backends to the checks (CPU here;

@@ -16,7 +16,8 @@ A directory the toolkit wrote is one of:
 config is validated (every size stated and positive) and the weights' names and shapes are
 compared with it from the safetensors header alone, so a damaged directory costs milliseconds and
 one error line, never a 7B-sized allocation or a random-initialised head. Weights come only
-through safetensors (never a pickle); remote code is never trusted.
+through safetensors (never a pickle); remote code is never trusted, and an export's configs carry
+no `auto_map`.
 
 The packed format's in-memory form (`PackedModel`, packing a model) is `formats/packed.py`; this
 module writes and reads its file. Torch and transformers are imported inside the functions that
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from chtsl_infer.errors import ChtslError, first_line
-from chtsl_infer.utils import atomic_path
+from chtsl_infer.utils import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +67,8 @@ SUPPORT_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+#: Configs whose `auto_map` (classes to import from remote code) an export drops: ours need none.
+AUTO_MAP_CONFIGS = (CONFIG_NAME, TOKENIZER_CONFIG_NAME)
 
 Kind = Literal["checkpoint", "packed", "onnx"]
 
@@ -561,12 +564,21 @@ def load_tokenizer(path: str | Path | ModelDir):  # -> PreTrainedTokenizerBase
 
 def write_support_files(source: str | Path, out_dir: str | Path) -> list[str]:
     """Writes the config and tokenizer files of model directory `source` that exist (`SUPPORT_FILES`)
-    into `out_dir`, as an export needs them beside its weights or graph; returns their names."""
+    into `out_dir`, as an export needs them beside its weights or graph; returns their names.
+
+    Copied byte for byte, except that `auto_map` is dropped from `config.json` and
+    `tokenizer_config.json`: it names classes to import from remote code, which a chtsl model never
+    needs (the classes are registered by `import chtsl_infer`)."""
     written = []
     for name in SUPPORT_FILES:
         src, dst = Path(source) / name, Path(out_dir) / name
         if not src.is_file():
             continue
-        shutil.copyfile(src, dst)
+        raw = _read_json(src) if name in AUTO_MAP_CONFIGS else None
+        if isinstance(raw, dict) and "auto_map" in raw:
+            del raw["auto_map"]
+            atomic_write_text(dst, json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+        else:
+            shutil.copyfile(src, dst)
         written.append(name)
     return written
