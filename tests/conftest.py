@@ -60,6 +60,49 @@ def random_ids(batch: int = 2, seq: int = 37, vocab: int = 512, seed: int = 0) -
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+# A block's linears as the runtime fuses them: members of a group share an input and one CSR.
+BLOCK_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+                ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+
+
+def _group_linears(packed):  # packed: PackedModel
+    for i in range(packed.config.num_hidden_layers):
+        for parent, members in BLOCK_GROUPS:
+            yield [packed.linears[f"model.layers.{i}.{parent}.{m}"] for m in members]
+
+
+def expected_linear_bytes(packed, backend: str, value_bytes: int) -> int:  # packed: PackedModel
+    """Bytes of the fused groups of the runtime model built from `packed`, written out from the packed
+    tensors (`runtime.cost` counts the built model's). Per group: sparse backend — values, columns
+    (their packed dtype), int32 row pointers (Σout + 1) and row order (Σout); dense backend — the
+    densified S or the dense weight (Σout × in); both — A, B and the int32 (2, members) shapes."""
+    total = 0
+    for group in _group_linears(packed):
+        outs, n_in = sum(lin.out_features for lin in group), group[0].in_features
+        if group[0].has_sparse and backend == "sparse":
+            nnz = sum(lin.nnz for lin in group)
+            total += nnz * (value_bytes + group[0].col_indices.element_size()) + 4 * (outs + 1) + 4 * outs
+        elif group[0].has_sparse or group[0].weight is not None:
+            total += outs * n_in * value_bytes
+        if group[0].has_lowrank:
+            total += value_bytes * sum(lin.lora_A.numel() + lin.lora_B.numel() for lin in group) + 4 * 2 * len(group)
+    return total
+
+
+def expected_flops(packed, backend: str) -> int:  # packed: PackedModel
+    """FLOPs per token of a forward's linears and lm_head of the runtime model built from `packed`."""
+    cfg = packed.config
+    entries = cfg.vocab_size * cfg.hidden_size  # the lm_head
+    for lin in packed.linears.values():
+        if lin.has_sparse:
+            entries += lin.nnz if backend == "sparse" else lin.out_features * lin.in_features
+        elif lin.weight is not None:
+            entries += lin.weight.numel()
+        if lin.has_lowrank:
+            entries += lin.lora_A.numel() + lin.lora_B.numel()
+    return 2 * entries
+
+
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
     """A 512-token byte-level BPE trained on CPython's own docs (offline, deterministic)."""

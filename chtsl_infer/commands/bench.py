@@ -20,6 +20,19 @@ repetitions), per-token latency p50/p90 over every timed decode step, and peak m
 (`peak_tensor_bytes` over a prefill and two decode steps). `--steps` counts repetitions (CPU 1,
 CUDA 3); the warm-up is a prefill and up to 4 decode steps.
 
+Every number is also held against what the machine can do, measured in the same run by a first worker
+(`machine_report`, `runtime.machine`): CPU name, flags, threads and last-level cache, and in decode
+mode the streaming read bandwidth (all threads reading a buffer of 4 × the last-level cache, at least
+256 MiB), in forward mode a dense GEMM's GFLOP/s. Decode reports per backend the bytes read per
+decoded token, counted from the model's tensors (`runtime.cost.decode_bytes`: sparse values, column
+indices, row pointers, low-rank factors, norms, lm_head, embedding rows, the KV cache at the measured
+positions), and the bandwidth that achieved; forward the FLOPs per token and GFLOP/s. Each row's
+bound is the dense baseline's bytes (FLOPs) per token ÷ its own; a speedup above it is flagged
+(`add_limits`). The dense baseline is the fastest dense path: its linears multiply a few decoding
+tokens through torch or the project's GEMV (`backends.dense_fm`), whichever the first worker timed
+faster over one block's dense shapes (`--dense-path` forces one); the JSON and the second table say
+which.
+
 Defaults keep `chtsl bench --batch 128` within 3 minutes on 2 CPU cores: on CPU seq 32, 3 timed
 steps after 1 warm-up (on CUDA seq 256, 20 after 5). The paper's protocol is `--seq 256
 --steps 5000` and only runs when asked.
@@ -47,6 +60,8 @@ from chtsl_infer.options import Batch, Device, Dtype, Force, JsonOut, NewTokens,
 from chtsl_infer.utils import inference_dtype, resolve_device, torch_dtype
 
 MODES = ("forward", "decode")
+BOUND_SLACK = 1.05  # a speedup this far above its byte or FLOP bound is flagged (not timing noise)
+GEMM_MAX_TOKENS = 4096  # the machine's GEMM rate is measured at the run's tokens, at most this many
 
 
 def _config_for(spec: dict[str, Any]):  # -> ChtslConfig
@@ -119,13 +134,15 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from chtsl_infer import kernels
-    from chtsl_infer.runtime.backends import from_packed, load_packed_any, load_runtime, random_packed
+    from chtsl_infer.runtime.backends import from_packed, load_packed_any, load_runtime, random_packed, set_dense_path
 
     torch.manual_seed(0)
     device = torch.device(spec["device"])
     dtype = torch_dtype(spec["dtype"])
     if device.type == "cpu":  # every CPU worker loads the compiled kernel, whatever its backend: same base
         kernels.cpu_kernel_status()
+    if spec.get("machine"):
+        return machine_report(spec)
     base_rss = peak_rss_bytes()
     t0 = time.perf_counter()
     if spec["backend"] == "onnx":
@@ -137,13 +154,61 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             packed = random_packed(_config_for(spec), seed=0)
         rt = from_packed(packed, spec["backend"], device, dtype, consume=True)
         del packed
+        set_dense_path(rt.model, spec.get("dense_path", "torch"))
     build_s = time.perf_counter() - t0
     if spec.get("mode", "forward") == "decode":
         report = _decode_report(rt, spec, device)
     else:
         report = _forward_report(rt, spec, device)
     return {**report, "backend": rt.backend, "model_bytes": rt.model_bytes, "build_s": build_s,
+            "dense_path": _dense_path_used(rt),
             "base_rss_bytes": int(base_rss) if device.type == "cpu" else 0}  # after imports + kernel load
+
+
+def _dense_path_used(rt) -> str | None:  # rt: Runtime
+    """How the runtime's dense linears multiply a few decoding tokens (`backends.dense_fm`); None where
+    it has none (the sparse backend: its dense reads, the lm_head's, are the project's GEMV anyway)."""
+    from chtsl_infer.runtime.backends import FusedLinears
+
+    if rt.model is None:
+        return None
+    paths = {m.dense_path for m in rt.model.modules() if isinstance(m, FusedLinears) and m.weight is not None}
+    return paths.pop() if paths else None
+
+
+def machine_report(spec: dict[str, Any]) -> dict[str, Any]:
+    """The machine's limits for a run (`runtime.machine`), measured in a worker of their own before the
+    configurations: CPU name, flags, threads and last-level cache; in decode mode the streaming read
+    bandwidth, in forward mode a dense GEMM's GFLOP/s at the dense model's largest group and the
+    run's tokens; and, where `spec["dense_path"]` is "auto", the time of each dense path of
+    `machine.dense_paths` over a block's dense linears and the faster one (`dense_path`)."""
+    import torch
+
+    from chtsl_infer.runtime import machine
+
+    dtype = torch_dtype(spec["dtype"])
+    decode = spec["mode"] == "decode"
+    report: dict[str, Any] = {"cpu_model": machine.cpu_model(), "cpu_flags": machine.cpu_flags(),
+                              "threads": torch.get_num_threads(), "llc_bytes": machine.llc_bytes()}
+    if spec["device"] != "cpu":
+        return {**report, "dense_path": "torch", "dense_path_s": {}}
+    shapes = machine.dense_group_shapes(_config_for({**spec, "method": DENSE}))
+    n_tok = spec["batch"] if decode else spec["batch"] * spec["seq"]
+    if decode:
+        size = machine.stream_bytes(report["llc_bytes"])
+        readers = machine.stream_read(size)
+        report.update(stream_buffer_bytes=size, stream_read_by_reader_gbps=readers,
+                      stream_read_gbps=max(readers.values()))
+    else:
+        n_out, n_in = max(shapes, key=lambda s: s[0] * s[1])
+        report.update(gemm_shape=[n_out, n_in, min(n_tok, GEMM_MAX_TOKENS)],
+                      gemm_gflops=machine.gemm_gflops(n_out, n_in, min(n_tok, GEMM_MAX_TOKENS), dtype))
+    paths = machine.dense_paths(n_tok, dtype)
+    times = machine.time_dense_paths(shapes, n_tok, dtype) if spec["dense_path"] == "auto" and len(paths) > 1 else {}
+    report["dense_path_s"] = times  # per path: seconds for one block's dense linears
+    chosen = min(times, key=times.__getitem__) if times else spec["dense_path"]
+    report["dense_path"] = chosen if chosen in paths else "torch"  # auto, or gemv without the kernels: torch
+    return report
 
 
 def _reset_peak(device) -> tuple[int, str]:  # device: torch.device
@@ -190,9 +255,17 @@ def _forward_report(rt, spec: dict[str, Any], device) -> dict[str, Any]:  # rt: 
                                     rt.model_bytes + sum(t.nbytes for t in (ids, logits, *rt.workspace.values())))
     else:
         tensors = peak if device.type == "cuda" else 0
+    tokens_per_s = tokens / statistics.median(times)
+    flops = None
+    if rt.model is not None:
+        from chtsl_infer.runtime.cost import forward_flops
+
+        flops = forward_flops(rt.model)
     return {
-        "tokens_per_s": tokens / statistics.median(times),
+        "tokens_per_s": tokens_per_s,
         "step_s": times,
+        "flops_per_token": flops,  # the linears' and lm_head's (runtime.cost.forward_flops)
+        "gflops": None if flops is None else flops * tokens_per_s / 1e9,
         "peak_memory_bytes": peak,
         "peak_tensor_bytes": int(tensors),  # CPU: see peak_tensor_bytes(); CUDA: = peak_memory_bytes
         "peak_scope": scope,
@@ -263,8 +336,10 @@ def _decode_report(rt, spec: dict[str, Any], device) -> dict[str, Any]:  # rt: R
     else:
         tensors = peak if device.type == "cuda" else 0
     lat = sorted(latencies)
+    tokens_per_s = batch * new / statistics.median(totals)
     return {
-        "tokens_per_s": batch * new / statistics.median(totals),  # decode tokens/s
+        "tokens_per_s": tokens_per_s,  # decode tokens/s
+        **_decode_traffic(rt, batch, prompt, new, tokens_per_s),
         "prefill_tokens_per_s": batch * prompt / statistics.median(prefills),
         "prefill_s": prefills,
         "decode_s": totals,
@@ -275,6 +350,20 @@ def _decode_report(rt, spec: dict[str, Any], device) -> dict[str, Any]:  # rt: R
         "peak_scope": scope,
         "build_peak_bytes": int(build_peak),
     }
+
+
+def _decode_traffic(rt, batch: int, prompt: int, new: int, tokens_per_s: float) -> dict[str, Any]:  # rt: Runtime
+    """Bytes read per decoded token (`runtime.cost.decode_bytes`: a step's bytes ÷ batch, the KV cache at
+    the measured positions), by part per step, and the bandwidth that achieved (GB/s = 10⁹ bytes/s).
+    None for an ONNX session (its tensors are not ours to count)."""
+    if rt.model is None:
+        return {"bytes_per_token": None, "bytes_parts": None, "effective_gbps": None}
+    from chtsl_infer.runtime.cost import decode_bytes, mean_positions
+
+    kv_per_position = rt.new_cache(batch, 1).nbytes()  # every block's keys and values at one position
+    parts = decode_bytes(rt.model, batch, kv_per_position, mean_positions(prompt, new))
+    per_token = sum(parts.values()) / batch
+    return {"bytes_per_token": per_token, "bytes_parts": parts, "effective_gbps": per_token * tokens_per_s / 1e9}
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -325,14 +414,19 @@ def bench_command(
     dtype: Dtype = "auto",
     json_out: JsonOut = None,
     timeout: Annotated[float, typer.Option(help="Seconds allowed per configuration.")] = 1800.0,
+    dense_path: Annotated[str, typer.Option(
+        "--dense-path", help="How dense linears multiply ≤ 4 tokens per step (decoding): auto (the faster of "
+                             "torch and gemv, measured at the start), torch or gemv (the project's GEMV).")] = "auto",
     force: Force = False,
 ) -> None:
     """Tokens/s and peak memory per backend, as ratios to the dense model of the same shape (of CKPT, or
     without it of a random-weight --preset model)."""
-    from chtsl_infer.runtime.backends import BACKENDS, check_backend_dtype
+    from chtsl_infer.runtime.backends import BACKENDS, DENSE_PATHS, check_backend_dtype
 
     if mode not in MODES:
         raise ChtslError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    if dense_path not in ("auto", *DENSE_PATHS):
+        raise ChtslError(f"unknown --dense-path {dense_path!r}; valid: auto, {', '.join(DENSE_PATHS)}")
     if batch <= 0:
         raise ChtslError(f"--batch must be positive, got {batch}")
     for name, value in (("--seq", seq), ("--steps", steps), ("--prompt-len", prompt_len),
@@ -376,6 +470,12 @@ def bench_command(
     n_seq = seq or (32 if cpu else 256)
     if n_seq > config.max_position_embeddings:
         raise ChtslError(f"--seq {n_seq} exceeds the model's {config.max_position_embeddings} positions")
+    from chtsl_infer.kernels import GEMV_MAX_TOKENS
+
+    step_tokens = batch if mode == "decode" else batch * n_seq
+    if dense_path == "gemv" and (not cpu or step_tokens > GEMV_MAX_TOKENS):
+        raise ChtslError(f"--dense-path gemv multiplies 1-{GEMV_MAX_TOKENS} tokens per step on CPU; this run has "
+                         f"{step_tokens} on {device} (decode with --batch ≤ {GEMV_MAX_TOKENS}, or --dense-path auto)")
     kernel_report = None  # which CPU kernels every number used (ISA, flags, settings): into the JSON
     if cpu:  # build the sparse kernel once here (first use only), not in each worker
         from chtsl_infer import kernels
@@ -386,7 +486,7 @@ def bench_command(
         "mode": mode, "batch": batch, "seq": n_seq, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "steps": steps or ((1 if cpu else 3) if decode else (3 if cpu else 20)),
         "warmup": (1 if cpu else 5) if warmup is None else warmup, "device": device, "dtype": dtype,
-        "preset": preset, "s_total": s_total, "ckpt": str(ckpt) if ckpt else None,
+        "preset": preset, "s_total": s_total, "ckpt": str(ckpt) if ckpt else None, "dense_path": dense_path,
     }
     main_name = ckpt.name if ckpt else method
     baseline = {"label": "dense (baseline)", "model": "dense (baseline)", "method": DENSE, "backend": "dense"}
@@ -405,8 +505,12 @@ def bench_command(
     results = []
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True) as progress:
-        task = progress.add_task("benchmarking", total=len(specs))
+        task = progress.add_task("measuring the machine", total=len(specs) + 1)
+        # First the machine's limits and the dense path the torch backends' dense linears then take.
+        machine = _spawn({**common, "label": "machine", "machine": True}, timeout)
+        progress.advance(task)
         for spec in specs:
+            spec["dense_path"] = machine["dense_path"]
             progress.update(task, description=f"benchmarking {spec['label']}")
             results.append({**spec, **_spawn(spec, timeout)})
             progress.advance(task)
@@ -418,9 +522,31 @@ def bench_command(
         r["peak_memory_ratio"] = r["peak_memory_bytes"] / base["peak_memory_bytes"]
         r["peak_tensor_ratio"] = r["peak_tensor_bytes"] / max(base["peak_tensor_bytes"], 1)
         r["model_memory_ratio"] = r["model_bytes"] / base["model_bytes"]
+    add_limits(results, machine, decode)
     with json_on_stdout(json_out):
         (_print_decode_table if decode else _print_table)(results, common)
-    write_json({"settings": common, "kernels": kernel_report, "results": results}, json_out, force)
+        _print_limits(results, machine, common)
+    write_json({"settings": common, "kernels": kernel_report, "machine": machine, "results": results}, json_out,
+               force)
+
+
+def add_limits(results: list[dict[str, Any]], machine: dict[str, Any], decode: bool) -> None:
+    """Each result against the physical limits, in place. Decode: `stream_fraction` (effective GB/s ÷
+    the machine's streaming read GB/s) and `byte_bound` (the baseline's bytes per token ÷ the row's:
+    the speedup at equal bandwidth). Forward: `gemm_fraction` (GFLOP/s ÷ the machine's dense GEMM's)
+    and `flop_bound` (the baseline's FLOPs per token ÷ the row's). `above_bound`: the speedup exceeds
+    the bound by more than `BOUND_SLACK`, so the row streamed (computed) faster than the baseline: a weak baseline,
+    or weights that fit in cache — suspicious. None where a count is missing (ONNX)."""
+    base = results[0]
+    count, rate, limit = ("bytes_per_token", "effective_gbps", "stream_read_gbps") if decode else \
+        ("flops_per_token", "gflops", "gemm_gflops")
+    for r in results:
+        measured = machine.get(limit)
+        r["stream_fraction" if decode else "gemm_fraction"] = \
+            r[rate] / measured if r[rate] is not None and measured else None
+        bound = base[count] / r[count] if base[count] and r[count] else None
+        r["byte_bound" if decode else "flop_bound"] = bound
+        r["above_bound"] = bound is not None and r["speedup_vs_dense"] > BOUND_SLACK * bound
 
 
 def _print_table(results: list[dict[str, Any]], settings: dict[str, Any]) -> None:
@@ -447,23 +573,71 @@ def _print_decode_table(results: list[dict[str, Any]], settings: dict[str, Any])
     from rich import box
     from rich.table import Table
 
-    mem = "peak RSS" if settings["device"] == "cpu" else "peak allocated"
     what = Path(settings["ckpt"]).name if settings["ckpt"] else f"{settings['preset']} s_total={settings['s_total']}"
     table = Table(title=f"chtsl bench --mode decode {what} — batch {settings['batch']}, prompt "
                         f"{settings['prompt_len']} + {settings['new_tokens']} new tokens, {settings['device']} "
                         f"{settings['dtype']}, median of {settings['steps']}",
-                  caption=f"×: ratio to the dense baseline · latency: per decoded token · peak: {mem}",
-                  box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
-    for col in ("model", "backend", "prefill tok/s", "×", "decode tok/s", "×", "p50 ms", "p90 ms", "peak MiB", "×"):
+                  caption="tokens/s · ×: ratio to the dense baseline · latency: per decoded token",
+                  box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)  # fits 80 columns untruncated
+    for col in ("model", "backend", "prefill/s", "×", "decode/s", "×", "p50 ms", "p90 ms"):
         table.add_column(col, justify="left" if col in ("model", "backend") else "right", no_wrap=True,
                          min_width=5 if col == "×" else None)
     for r in results:
         table.add_row(r["model"], r["backend"], f"{r['prefill_tokens_per_s']:,.0f}",
                       f"{r['prefill_speedup_vs_dense']:.2f}", f"{r['tokens_per_s']:,.1f}",
                       f"{r['speedup_vs_dense']:.2f}", f"{r['latency_p50_s'] * 1e3:,.1f}",
-                      f"{r['latency_p90_s'] * 1e3:,.1f}", f"{r['peak_memory_bytes'] / 2**20:,.0f}",
-                      f"{r['peak_memory_ratio']:.3f}")
+                      f"{r['latency_p90_s'] * 1e3:,.1f}")
     console.print(table)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _print_limits(results: list[dict[str, Any]], machine: dict[str, Any], settings: dict[str, Any]) -> None:
+    """A second small table, each row against the machine (`add_limits`): decode — peak memory, bytes
+    per token, the bandwidth that achieved and its share of the streaming read bandwidth; forward —
+    FLOPs per token, GFLOP/s and their share of a dense GEMM's; the bound. Then one line per row above
+    its bound."""
+    from rich import box
+    from rich.table import Table
+
+    decode = settings["mode"] == "decode"
+    if decode:
+        stream = machine.get("stream_read_gbps")
+        limit = "–" if stream is None else \
+            f"streaming read {stream:.1f} GB/s ({machine['stream_buffer_bytes'] / 2**20:,.0f} MiB buffer)"
+        heads = ("peak MiB", "×", "MB/token", "GB/s", "% read", "bound ×")
+        keys, scale, spec, kind = ("bytes_per_token", "effective_gbps", "stream_fraction", "byte_bound"), 1e6, ",.1f", \
+            "byte"
+        mem = "peak RSS" if settings["device"] == "cpu" else "peak allocated"
+    else:
+        gemm, shape = machine.get("gemm_gflops"), machine.get("gemm_shape")
+        limit = "–" if gemm is None else f"dense GEMM {gemm:,.1f} GFLOP/s ({shape[0]}×{shape[1]} · {shape[2]} tokens)"
+        heads = ("GFLOP/token", "GFLOP/s", "% GEMM", "bound ×")
+        keys, scale, spec, kind = ("flops_per_token", "gflops", "gemm_fraction", "flop_bound"), 1e9, ",.3f", "FLOP"
+    times = machine.get("dense_path_s") or {}
+    measured = f" ({', '.join(f'{p} {t * 1e3:.2f} ms' for p, t in times.items())} per block)" if times else ""
+    caption = (f"{machine['cpu_model']}, {machine['threads']} threads · bound ×: the dense baseline's {kind}s per "
+               f"token ÷ the row's · dense linears: {machine['dense_path']}{measured}"
+               + (f" · peak: {mem}" if decode else ""))
+    table = Table(title=f"against the machine: {limit}", caption=caption, box=box.SIMPLE_HEAD, show_edge=False,
+                  collapse_padding=True)
+    for col in ("model", "backend", *heads):
+        table.add_column(col, justify="left" if col in ("model", "backend") else "right", no_wrap=True,
+                         min_width=5 if col == "×" else None)
+    for r in results:
+        count, rate, fraction, bound = (r.get(k) for k in keys)
+        memory = (f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['peak_memory_ratio']:.3f}") if decode else ()
+        table.add_row(r["model"], r["backend"], *memory, _fmt(None if count is None else count / scale, spec),
+                      _fmt(rate, ",.1f"), _fmt(None if fraction is None else 100 * fraction, ".0f"),
+                      _fmt(bound, ".2f") + (" !" if r["above_bound"] else ""))
+    console.print(table)
+    for r in results:
+        if r["above_bound"]:
+            console.print(f"suspicious: {r['model']} [{r['backend']}] runs {r['speedup_vs_dense']:.2f}× dense, above "
+                          f"its {kind} bound {r[keys[3]]:.2f}×: a weak dense baseline, or weights that fit in cache",
+                          markup=False, highlight=False)
 
 
 def _worker_main(argv: list[str]) -> None:

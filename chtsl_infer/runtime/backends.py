@@ -42,7 +42,7 @@ from chtsl_infer.model.configuration import ChtslConfig
 from chtsl_infer.model.layers import random_mask
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.runtime import feature_major
-from chtsl_infer.runtime.fused import FusedLinears, FusedMember
+from chtsl_infer.runtime.fused import DENSE_PATHS, FusedLinears, FusedMember, dense_fm, set_dense_path
 
 BACKENDS = ("auto", "dense", "sparse", "onnx")
 AUTO_SPARSE_MAX_DENSITY = 0.3  # at 30 % the C kernel is still 1.1–1.5× dense (60M shapes); margin for other CPUs
@@ -425,5 +425,5 @@ def _onnx_runtime(model_dir: ModelDir, device: torch.device, dtype: torch.dtype)
                    model_bytes=onnx_file.stat().st_size)
 
 
-__all__ = ["BACKENDS", "Runtime", "build_model", "check_backend_dtype", "from_packed", "load_runtime",
-           "random_packed", "resident_bytes", "resolve_backend", "load_packed_any"]
+__all__ = ["BACKENDS", "DENSE_PATHS", "Runtime", "build_model", "check_backend_dtype", "dense_fm", "from_packed",
+           "load_packed_any", "load_runtime", "random_packed", "resident_bytes", "resolve_backend", "set_dense_path"]

@@ -15,8 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from chtsl_infer import kernels
+from chtsl_infer.errors import ChtslError
 from chtsl_infer.formats.packed import PackedLinear
 from chtsl_infer.model.layers import activation_fn
+
+DENSE_PATHS = ("torch", "gemv")  # how a dense weight multiplies a few decoding tokens (`dense_fm`)
 
 
 class FusedLinears(nn.Module):
@@ -27,8 +30,11 @@ class FusedLinears(nn.Module):
     (`rows`: stored row -> output row; CPU sparse backend); `lora_A`
     (Σr, in); `lora_B` the members' B (out_m, r_m) blocks flattened back to back, `lowrank_shapes`
     int32 (2, members) their out_m and r_m. Members fetch their slice through `member(i, x)`,
-    which computes the whole group once per distinct input tensor.
+    which computes the whole group once per distinct input tensor. `dense_path`: how a dense
+    `weight` multiplies 1 … `GEMV_MAX_TOKENS` decoding tokens (`dense_fm`; `set_dense_path`).
     """
+
+    dense_path = "torch"
 
     def __init__(self, linears: list[PackedLinear], sparse: bool, device: torch.device, dtype: torch.dtype,
                  torch_csr: bool | None = None) -> None:
@@ -115,7 +121,7 @@ class FusedLinears(nn.Module):
             if decoder.csr is not None:
                 decoder.sparse(x, out)
             elif self.weight is not None:
-                torch.mm(self.weight, x, out=out)
+                dense_fm(self.weight, x, out, self.dense_path)
             else:
                 out.zero_()
             if decoder.lowrank is not None:
@@ -162,6 +168,34 @@ class FusedLinears(nn.Module):
             self._x, self._parts = None, []
         assert out is not None
         return out
+
+
+def dense_fm(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, path: str = "torch") -> torch.Tensor:
+    """out (n_out, T) = weight (n_out, in) · x (in, T), feature-major; `path` one of `DENSE_PATHS`.
+
+    "torch": `torch.mm` (MKL's GEMV/GEMM). "gemv": the project's GEMV (`kernels.dense_gemv`, the
+    lm_head's) for 1 … `GEMV_MAX_TOKENS` CPU tokens in fp32 or bf16, which streams the weight faster
+    than torch's on some CPUs (`chtsl bench` measures both: `runtime.machine.time_dense_paths`);
+    torch where it does not apply. `out` has contiguous rows.
+    """
+    if path == "gemv" and x.shape[1] <= kernels.GEMV_MAX_TOKENS:
+        if x.shape[1] == 1:  # (n_out, 1) is (1, n_out) with contiguous rows: no copy
+            if kernels.dense_gemv(weight, x.t(), out.t()):
+                return out
+        else:  # the kernel writes token-major rows
+            tm = out.new_empty(x.shape[1], out.shape[0])
+            if kernels.dense_gemv(weight, x.t(), tm):
+                return out.copy_(tm.t())
+    return torch.mm(weight, x, out=out)
+
+
+def set_dense_path(model: nn.Module, path: str) -> None:
+    """Makes every `FusedLinears` of `model` multiply its dense weight (if any) by `path` (`dense_fm`)."""
+    if path not in DENSE_PATHS:
+        raise ChtslError(f"unknown dense path {path!r}; valid: {', '.join(DENSE_PATHS)}")
+    for m in model.modules():
+        if isinstance(m, FusedLinears):
+            m.dense_path = path
 
 
 class FusedMember(nn.Module):
