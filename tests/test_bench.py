@@ -220,11 +220,6 @@ def test_decode_tables_fit_80_columns_untruncated(monkeypatch: pytest.MonkeyPatc
         (["bench", "--preset", "tiny", "--mode", "decode", "--prompt-len", "1000", "--new-tokens", "100"],
          "exceeds the model's"),
         (["bench", "--preset", "tiny", "--seq", "100000"], "exceeds the model's"),
-        (["bench", "--preset", "tiny", "--dense-path", "mkl"], "unknown --dense-path 'mkl'"),
-        (["bench", "--preset", "tiny", "--mode", "decode", "--batch", "8", "--dense-path", "gemv", "--device", "cpu"],
-         "--dense-path gemv multiplies 1-4 tokens per step"),
-        (["bench", "--preset", "tiny", "--batch", "1", "--seq", "8", "--dense-path", "gemv", "--device", "cpu"],
-         "this run has 8 on cpu"),
         (["generate", "/no/such/ckpt", "--prompt", "hi"], "checkpoint not found"),
     ],
 )

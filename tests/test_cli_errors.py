@@ -380,6 +380,11 @@ CASES: list[Case] = [
     Case("bench-new-tokens-0", "bench --preset tiny --mode decode --new-tokens 0", expect="--new-tokens"),
     Case("bench-json-existing-file", "bench --preset tiny --json {ws}/afile", _file("afile"), expect="--force"),
     Case("bench-backend-unknown", "bench --preset tiny --backend gpu9", expect="gpu9"),
+    Case("bench-dense-path-unknown", "bench --preset tiny --dense-path mkl", expect="unknown --dense-path 'mkl'"),
+    Case("bench-dense-path-gemv-batch-8", "bench --preset tiny --mode decode --batch 8 --dense-path gemv --device cpu",
+         expect="--dense-path gemv multiplies 1-4 tokens per step"),
+    Case("bench-dense-path-gemv-forward", "bench --preset tiny --batch 1 --seq 8 --dense-path gemv --device cpu",
+         expect="this run has 8 on cpu"),
     # ---- info
     Case("info-preset-unknown", "info --preset nope", expect="nope"),
     Case("info-method-unknown", "info --method nope", expect="nope"),
