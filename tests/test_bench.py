@@ -33,6 +33,8 @@ def _check_machine(machine: dict, decode: bool) -> None:
     assert machine["llc_bytes"] is None or isinstance(machine["llc_bytes"], int)
     assert machine["dense_path"] in DENSE_PATHS
     assert isinstance(machine["dense_path_s"], dict) and all(t > 0 for t in machine["dense_path_s"].values())
+    if machine["dense_path_s"]:  # timed over the tiny model's blocks (it fits in any cache: all of them)
+        assert machine["dense_path_blocks"] == build_config("tiny").num_hidden_layers
     if decode:
         assert machine["stream_buffer_bytes"] >= 4 * (machine["llc_bytes"] or 0)
         assert machine["stream_read_gbps"] == max(machine["stream_read_by_reader_gbps"].values()) > 0

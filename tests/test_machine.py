@@ -96,6 +96,25 @@ def test_time_dense_paths_times_the_paths_that_apply() -> None:
 
 
 @needs_kernels
+def test_time_dense_paths_is_per_block_over_the_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = kernels.dense_gemv
+    monkeypatch.setattr(kernels, "dense_gemv", lambda *a: calls.append(1) or real(*a))
+    _one_second_per_call(monkeypatch)
+    times = machine.time_dense_paths([(48, 32), (32, 40)], 2, torch.float32, blocks=4, repeats=3)
+    assert times == {"torch": 0.25, "gemv": 0.25}  # 1 s per timed round of 4 blocks
+    assert len(calls) == (3 + 1) * 4 * 2  # rounds (one untimed) × blocks × shapes
+
+
+def test_stream_blocks_exceed_the_stream_buffer_up_to_the_models_blocks() -> None:
+    shapes = [(1 << 20, 8)]  # 32 MiB per fp32 block
+    assert machine.stream_blocks(shapes, 4, 100, None) == 8  # 8 × 32 MiB = 256 MiB
+    assert machine.stream_blocks(shapes, 4, 100, 256 << 20) == 32  # 4 × a 256 MiB cache
+    assert machine.stream_blocks(shapes, 4, 5, None) == 5 and machine.stream_blocks(shapes, 2, 100, None) == 16
+    assert machine.stream_blocks([(1 << 20, 1024)], 4, 22, None) == 1  # one 4 GiB block
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_tok", [1, 2, 3, 4, 5])
 def test_dense_fm_gemv_equals_torch_mm(dtype: torch.dtype, n_tok: int, monkeypatch: pytest.MonkeyPatch) -> None:

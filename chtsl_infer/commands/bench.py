@@ -181,7 +181,8 @@ def machine_report(spec: dict[str, Any]) -> dict[str, Any]:
     configurations: CPU name, flags, threads and last-level cache; in decode mode the streaming read
     bandwidth, in forward mode a dense GEMM's GFLOP/s at the dense model's largest group and the
     run's tokens; and, where `spec["dense_path"]` is "auto", the time of each dense path of
-    `machine.dense_paths` over a block's dense linears and the faster one (`dense_path`)."""
+    `machine.dense_paths` over a block's dense linears (streamed from memory: `machine.stream_blocks`
+    copies in turn) and the faster one (`dense_path`)."""
     import torch
 
     from chtsl_infer.runtime import machine
@@ -192,7 +193,8 @@ def machine_report(spec: dict[str, Any]) -> dict[str, Any]:
                               "threads": torch.get_num_threads(), "llc_bytes": machine.llc_bytes()}
     if spec["device"] != "cpu":
         return {**report, "dense_path": "torch", "dense_path_s": {}}
-    shapes = machine.dense_group_shapes(_config_for({**spec, "method": DENSE}))
+    config = _config_for({**spec, "method": DENSE})
+    shapes = machine.dense_group_shapes(config)
     n_tok = spec["batch"] if decode else spec["batch"] * spec["seq"]
     if decode:
         size = machine.stream_bytes(report["llc_bytes"])
@@ -204,7 +206,11 @@ def machine_report(spec: dict[str, Any]) -> dict[str, Any]:
         report.update(gemm_shape=[n_out, n_in, min(n_tok, GEMM_MAX_TOKENS)],
                       gemm_gflops=machine.gemm_gflops(n_out, n_in, min(n_tok, GEMM_MAX_TOKENS), dtype))
     paths = machine.dense_paths(n_tok, dtype)
-    times = machine.time_dense_paths(shapes, n_tok, dtype) if spec["dense_path"] == "auto" and len(paths) > 1 else {}
+    times = {}
+    if spec["dense_path"] == "auto" and len(paths) > 1:
+        blocks = machine.stream_blocks(shapes, dtype.itemsize, config.num_hidden_layers, report["llc_bytes"])
+        times = machine.time_dense_paths(shapes, n_tok, dtype, blocks)
+        report["dense_path_blocks"] = blocks
     report["dense_path_s"] = times  # per path: seconds for one block's dense linears
     chosen = min(times, key=times.__getitem__) if times else spec["dense_path"]
     report["dense_path"] = chosen if chosen in paths else "torch"  # auto, or gemv without the kernels: torch

@@ -141,24 +141,35 @@ def dense_paths(n_tok: int, dtype: torch.dtype) -> tuple[str, ...]:
     return DENSE_PATHS if gemv else ("torch",)
 
 
-def time_dense_paths(shapes: list[tuple[int, int]], n_tok: int, dtype: torch.dtype,
+def time_dense_paths(shapes: list[tuple[int, int]], n_tok: int, dtype: torch.dtype, blocks: int = 1,
                      repeats: int = 5) -> dict[str, float]:
-    """Seconds per path of `dense_paths` to multiply one weight of each (n_out, n_in) shape by n_tok
-    feature-major tokens through `dense_fm`: a block's dense linears. The median over `repeats` of
-    each path's total, paths interleaved per repetition after one untimed round."""
+    """Seconds per block for each path of `dense_paths` to multiply one weight of each (n_out, n_in)
+    shape (a block's dense linears) by n_tok feature-major tokens through `dense_fm`. `blocks` copies of
+    the weights are run in turn, as a model's blocks are, so that, as in decoding, they stream from
+    memory rather than from a cache that one block fits in. The median over `repeats` of each path's
+    total ÷ blocks, paths interleaved per repetition after one untimed round."""
     paths = dense_paths(n_tok, dtype)
-    operands = [(torch.full(s, 1e-3, dtype=dtype), torch.full((s[1], n_tok), 1e-3, dtype=dtype),
-                 torch.empty(s[0], n_tok, dtype=dtype)) for s in shapes]
+    x = [torch.full((n_in, n_tok), 1e-3, dtype=dtype) for _, n_in in shapes]
+    out = [torch.empty(n_out, n_tok, dtype=dtype) for n_out, _ in shapes]
+    weights = [[torch.full(s, 1e-3, dtype=dtype) for s in shapes] for _ in range(blocks)]
     totals: dict[str, list[float]] = {p: [] for p in paths}
     for rep in range(repeats + 1):
         for path in paths:
             start = time.perf_counter()
-            for w, x, out in operands:
-                dense_fm(w, x, out, path)
+            for block in weights:
+                for w, xi, yi in zip(block, x, out, strict=True):
+                    dense_fm(w, xi, yi, path)
             if rep:
-                totals[path].append(time.perf_counter() - start)
+                totals[path].append((time.perf_counter() - start) / blocks)
     return {p: statistics.median(t) for p, t in totals.items()}
 
 
+def stream_blocks(shapes: list[tuple[int, int]], itemsize: int, n_blocks: int, llc: int | None) -> int:
+    """How many copies of a block's dense weights `time_dense_paths` should cycle through: enough to
+    exceed `stream_bytes(llc)` (so they stream from memory), at most the model's `n_blocks`."""
+    block = itemsize * sum(n_out * n_in for n_out, n_in in shapes)
+    return max(1, min(n_blocks, -(-stream_bytes(llc) // block)))
+
+
 __all__ = ["cpu_flags", "cpu_model", "dense_group_shapes", "dense_paths", "gemm_gflops", "llc_bytes",
-           "stream_bytes", "stream_read", "time_dense_paths"]
+           "stream_blocks", "stream_bytes", "stream_read", "time_dense_paths"]
