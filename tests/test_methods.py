@@ -86,14 +86,14 @@ def test_ablation_options_reach_the_model_engine_and_optimizer() -> None:
     assert set(config.chtsl["sparsity"].values()) == {0.5} and set(config.chtsl["rank"].values()) == {3}
     assert config.chtsl["activation"] == "relu"
     stds = {}
-    for a, scale in ((base, 1.0), (args, 2.0)):
+    for a, scale in ((base, 0.5), (args, 2.0)):  # base: the tiny preset's own scale
         torch.manual_seed(0)
         cfg = build_model_config(a, vocab_size=64, num_hidden_layers=1, hidden_size=256, intermediate_size=512,
                                  num_attention_heads=4, num_key_value_heads=4)
         layer = ChtslLlamaForCausalLM(cfg).model.layers[0].mlp.up_proj
         sigma0 = (layer.rank * (layer.in_features + layer.out_features)) ** -0.25
         stds[scale] = float(layer.lora_A.detach().std()) / sigma0
-    assert stds[1.0] == pytest.approx(1.0, rel=0.1) and stds[2.0] == pytest.approx(2.0, rel=0.1)
+    assert stds[0.5] == pytest.approx(0.5, rel=0.1) and stds[2.0] == pytest.approx(2.0, rel=0.1)
     model = ChtslLlamaForCausalLM(config)
     assert build_engine(model, total_steps=10, update_interval=5, brf_randomness=args.brf_randomness
                         ).brf_randomness == 1.0
@@ -117,3 +117,21 @@ def test_lowrank_lr_scale_scales_the_scheduled_lr_of_a_and_b(tmp_path) -> None:
     assert rest["lr"] == record["lr"] > 0 and low["lr"] == pytest.approx(0.5 * record["lr"])
     assert set(record["grad_norms"]) == {"S", "A", "B"} and all(v > 0 for v in record["grad_norms"].values())
     assert set(record["sparse_rms"]) == set(record["ocr"]) and all(v > 0 for v in record["lowrank_rms"].values())
+
+
+def test_cpu_presets_carry_the_balanced_lowrank_init() -> None:
+    """tiny and cpu60m start the low-rank branch at 0.5 × CoLA's σ0 for the methods whose two
+    branches both start non-zero (docs/fidelity.md); every other method, and every paper preset,
+    keeps the spec's σ0; an explicit --lowrank-init-scale wins; `chtsl info` reports it."""
+    from chtsl_infer.commands.info import budget_report
+    from chtsl_infer.model.presets import PRESETS
+
+    for name in PRESETS:
+        for method in METHODS:
+            expected = 0.5 if name in ("tiny", "cpu60m") and method in ("naive", "act", "chtsl") else 1.0
+            assert resolve_args(TrainArgs(preset=name, method=method)).lowrank_init_scale == expected, (name, method)
+            config = build_config(name, method=method)
+            assert config.chtsl["lowrank_init_scale"] == expected
+            assert budget_report(config, name)["lowrank_init_scale"] == expected
+    assert resolve_args(TrainArgs(preset="cpu60m", lowrank_init_scale=1.0)).lowrank_init_scale == 1.0
+    assert build_config("cpu60m", lowrank_init_scale=0.25).chtsl["lowrank_init_scale"] == 0.25

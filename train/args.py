@@ -45,7 +45,8 @@ class TrainArgs:
     brf_randomness: float | None = setting(None, "BRF randomness of the initial masks, in [0, 1] (method's own "
                                            "if omitted: chtsl 0, chts 0.25).")
     lowrank_lr_scale: float = setting(1.0, "Learning-rate multiplier of the low-rank factors A, B.")
-    lowrank_init_scale: float = setting(1.0, "Multiplier of the low-rank factors' init std (CoLA's σ0).")
+    lowrank_init_scale: float | None = setting(None, "Multiplier of the low-rank factors' init std (CoLA's σ0; "
+                                               "the preset's: 1, tiny and cpu60m 0.5 for hybrid methods).")
     steps: int | None = setting(None, "Training iterations (preset's if omitted).", preset="steps")
     warmup: int | None = setting(None, "LR warm-up iterations.", preset="warmup")
     lr: float | None = setting(None, "Peak learning rate.")  # the preset's lr or dense_lr: resolve_args
@@ -116,7 +117,7 @@ def check_args(args: TrainArgs) -> None:
         raise ChtslError(f"--align-lambda must be a finite number >= 0, got {args.align_lambda}")
     for name in ("lowrank_lr_scale", "lowrank_init_scale"):
         value = getattr(args, name)
-        if not (math.isfinite(value) and value > 0):
+        if value is not None and not (math.isfinite(value) and value > 0):
             raise ChtslError(f"{_flag(name)} must be a positive finite number, got {value}")
     if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
         raise ChtslError(f"--sparsity must be in [0, 1), got {args.sparsity}")
@@ -168,6 +169,8 @@ def resolve_args(args: TrainArgs) -> TrainArgs:
     if args.micro_batch_size is None:
         values["micro_batch_size"] = min(p.micro_batch_size, values["batch_size"])
     values["grad_clip"] = args.grad_clip if args.grad_clip is not None else m.grad_clip
+    if args.lowrank_init_scale is None:
+        values["lowrank_init_scale"] = p.init_scale(m)
     r = TrainArgs(**values)
     check_args(r)
     r.dtype = parse_dtype(r.dtype, ("auto", "fp32", "bf16"), what="--dtype")

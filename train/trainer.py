@@ -617,6 +617,8 @@ def print_header(args: TrainArgs, config: Any, trainable: int, hybrid: dict[str,
     head = (f"chtsl train · {config.method} · preset {args.preset} · s_total {config.chtsl['s_total']:.4f} · "
             f"{trainable:,} trainable linear params · {args.steps} steps · batch {args.batch_size} × seq "
             f"{args.seq_len} (micro-batch {args.micro_batch_size}) · lr {args.lr:g} · seed {args.seed}")
+    if get_method(config.method).has_lowrank:
+        head += f" · low-rank init × {config.chtsl['lowrank_init_scale']:g}"
     if resumed_at is not None:
         head += f" · resumed at step {resumed_at}"
     err_console.print(head, highlight=False, soft_wrap=True)

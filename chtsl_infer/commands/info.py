@@ -33,6 +33,8 @@ def budget_report(config: ChtslConfig, preset: str | None = None) -> dict[str, A
         "d_l": block["d_l"],
         "rank_step": budget.rank_step(shapes),
         "problems": budget.budget_problems(config),
+        # the preset's recipe value for this method (docs/method.md §5), 1 = CoLA's σ0
+        "lowrank_init_scale": float(block.get("lowrank_init_scale", 1.0)),
         "layers": [
             {
                 "type": r.layer_type, "in_features": r.in_features, "out_features": r.out_features,
@@ -70,4 +72,6 @@ def budget_table(report: dict[str, Any]) -> Table:
         f"d_c : d_l = {report['d_c']:.4f} : {report['d_l']:.4f} · rank step {report['rank_step']} · "
         f"embeddings+lm_head+norms {t['other_params']:,}"
     )
+    if any(r["rank"] for r in report["layers"]):
+        table.caption += f" · low-rank init × {report['lowrank_init_scale']:g} (CoLA's σ0)"
     return table

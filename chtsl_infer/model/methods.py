@@ -44,6 +44,12 @@ class Method:
     aligns: bool = False  # the layer-wise alignment loss between S and the low-rank branch
     uses_dense_lr: bool = False  # presets give it `Preset.dense_lr` instead of `Preset.lr`
 
+    @property
+    def balances_init_scale(self) -> bool:
+        """Whether a preset's low-rank init multiplier applies: both branches start non-zero (CoLA
+        factors next to S), so their relative scale at step 1 is a choice (docs/fidelity.md)."""
+        return self.has_sparse and self.has_lowrank and self.init == "normal"
+
     def lowrank_scale(self, alpha: float | None, rank: int) -> float:
         """The factor of the low-rank product: α/r for SLTrain (α defaults to 32), else 1."""
         return (alpha or 32.0) / rank if self.scale == "alpha_over_rank" else 1.0
