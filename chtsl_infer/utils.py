@@ -133,6 +133,18 @@ def dir_lock(path: str | Path) -> Iterator[Path]:
         os.close(fd)
 
 
+def lock_holder(path: str | Path) -> int | None:
+    """The PID of the live process holding `dir_lock(path)`, or None. Reads the PID the holder wrote
+    and checks that the process exists, without touching the lock (a reader must never make a
+    starting writer fail)."""
+    try:
+        pid = int(lock_path(path).read_text(encoding="ascii").strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):  # no lock file, no PID in it yet, or its process is gone
+        return None
+    return pid
+
+
 def _acquire(lock: Path, target: Path) -> int:
     """The open, flock-ed descriptor of `lock`, with this process's PID written in it."""
     while True:

@@ -198,7 +198,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 # ----------------------------------------------------------------------------- metrics.jsonl
 
 
-def _metrics_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def _metrics_lines(path: Path, warn: bool = True) -> list[tuple[str, dict[str, Any]]]:
     """(line, record) of each non-blank line of the metrics log `path` (see `read_metrics_log`)."""
     from chtsl_infer.console import err_console
 
@@ -216,8 +216,9 @@ def _metrics_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
             record = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             if lineno == len(lines):  # no newline after it: an append cut short by a kill
-                err_console.print(f"[yellow]warning:[/] {path}:{lineno}: dropped an incomplete last line "
-                                  f"(a run stopped while writing it)", highlight=False, soft_wrap=True)
+                if warn:
+                    err_console.print(f"[yellow]warning:[/] {path}:{lineno}: dropped an incomplete last line "
+                                      f"(a run stopped while writing it)", highlight=False, soft_wrap=True)
                 break
             raise ChtslError(f"{path}:{lineno} is not valid JSON ({getattr(e, 'msg', None) or e.reason})") from None
         if not isinstance(record, dict):
@@ -226,15 +227,16 @@ def _metrics_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
+def read_metrics_log(path: str | Path, warn: bool = True) -> list[dict[str, Any]]:
     """The records of a run's `metrics.jsonl`, in order.
 
     A last line without its newline that is not valid JSON is what a kill in the middle of an
-    append leaves: it is dropped with one warning line (a complete record whose newline is missing
-    is kept). Any other line that is not a JSON object is damage, not a torn append: ChtslError
-    naming `path:line`.
+    append leaves: it is dropped with one warning line (`warn`: False for a reader polling a live
+    run, whose last line may be half-written) (a complete record whose newline is missing is kept).
+    Any other line that is not a JSON object is damage, not a torn append: ChtslError naming
+    `path:line`.
     """
-    return [record for _, record in _metrics_lines(Path(path))]
+    return [record for _, record in _metrics_lines(Path(path), warn)]
 
 
 def truncate_metrics(path: str | Path, step: int) -> None:
