@@ -48,6 +48,8 @@ GENERATE_DENSE = GENERATE + " --backend dense"
 GENERATE_EXP = "generate {exp} --prompt hi --new-tokens 2"
 GENERATE_ONNX = GENERATE_EXP + " --backend onnx"
 TASKS = "eval {run} --tasks rte --data-dir {data} --limit 2 --device cpu"
+SWEEP = ("sweep --preset tiny --methods naive,chtsl --seeds 0,1 --out {ws}/sw --data {corpus} --vocab-size 512 "
+         "--num-layers 2 --seq-len 32 --batch-size 4 --micro-batch-size 4 --steps 2 --warmup 1 --eval-tokens 500")
 
 
 # ----------------------------------------------------------------------------- damage helpers
@@ -90,6 +92,16 @@ def _write(rel: str, text: str | bytes) -> Callable[[Path], None]:
         p = ws / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return setup
+
+
+def _parquet(rel: str, **columns: list[str]) -> Callable[[Path], None]:
+    """A parquet file of string `columns` (e.g. a corpus without a `text` column, or with no rows)."""
+    def setup(ws: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()}), ws / rel)
     return setup
 
 
@@ -186,6 +198,11 @@ class Case:
     setup: Callable[[Path], None] | None = None
     expect: str = ""
     memory_cap: bool = False  # run under an address-space cap (a regression would allocate a 7B model)
+
+
+def _with_data(rel: str) -> dict[str, str]:
+    """`train` and `sweep` command lines reading the corpus `{ws}/REL`."""
+    return {cmd: argv.replace("{corpus}", "{ws}/" + rel) for cmd, argv in (("train", TRAIN), ("sweep", SWEEP))}
 
 
 def _under(commands: dict[str, str], damage: str, setup: Callable[[Path], None], expect: str,
@@ -402,6 +419,19 @@ CASES: list[Case] = [
     Case("sweep-report-json-is-dir", "sweep --report {ws}/nothing --json {ws}", expect="directory"),
     Case("sweep-forwarded-unknown", "sweep --out {ws}/sw --print-commands --stepz 3", expect="--stepz"),
     Case("no-such-command", "trian --steps 3", expect="trian"),
+    # ---- sweep: the grid and its jobs, refused before anything is written
+    Case("sweep-jobs-0", SWEEP + " --jobs 0", expect="--jobs must be >= 1"),
+    Case("sweep-jobs-negative", SWEEP + " --jobs -2", expect="--jobs must be >= 1"),
+    Case("sweep-jobs-more-than-cells", SWEEP + " --jobs 5", expect="more than the grid's 4 cells"),
+    Case("sweep-report-with-jobs", "sweep --report {ws} --jobs 2", expect="--jobs"),
+    # ---- a local corpus that no run can train on, for one run and for a sweep
+    *_under(_with_data("c.parquet"), "data-no-text-column", _parquet("c.parquet", body=["some text", "more"]),
+            "no `text` column"),
+    *_under(_with_data("c.parquet"), "data-empty-parquet", _parquet("c.parquet", text=[]), "empty"),
+    *_under(_with_data("c.parquet"), "data-unreadable-parquet", _write("c.parquet", b"PAR1 not parquet"),
+            "cannot read"),
+    *_under(_with_data("c.txt"), "data-empty-text", _write("c.txt", "\n\n  \n"), "empty"),
+    *_under(_with_data("c.jsonl"), "data-jsonl-no-text", _write("c.jsonl", '{"body": "x"}\n'), "`text` field"),
     # ---- the same damage under several commands
     *_under({"resume-model": RESUME_3, "export": EXPORT, "generate": GENERATE, "eval-ppl": PPL},
             "header-flipped", _flip_header("run/model.safetensors"), "model.safetensors"),

@@ -9,9 +9,11 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,11 +28,11 @@ METHODS = ("naive", "chtsl")
 SEEDS = (0, 1)
 
 
-def train_options(data: Path) -> list[str]:
+def train_options(data: Path, steps: int = 4, every: int = 2) -> list[str]:
     """The forwarded train options: 2 blocks, seq 32, 4 steps, an update, OCR and eval at 2 and 4."""
     return ["--data", str(data), "--vocab-size", "512", "--num-layers", "2", "--seq-len", "32", "--batch-size", "8",
-            "--micro-batch-size", "4", "--steps", "4", "--warmup", "1", "--update-interval", "2",
-            "--restart-warmup", "1", "--eval-every", "2", "--save-every", "2", "--ocr-every", "2",
+            "--micro-batch-size", "4", "--steps", str(steps), "--warmup", "1", "--update-interval", "2",
+            "--restart-warmup", "1", "--eval-every", str(every), "--save-every", "2", "--ocr-every", str(every),
             "--eval-tokens", "2000"]
 
 
@@ -39,27 +41,45 @@ def sweep_argv(out: Path, data: Path, *extra: str, methods=METHODS, seeds=SEEDS)
             "--seeds", ",".join(map(str, seeds)), "--out", str(out), *train_options(data), *extra]
 
 
+class Finished:
+    """A child that has already exited with `code` (what `InProcess` returns)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def poll(self) -> int:
+        return self.code
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.code
+
+    def send_signal(self, sig: int) -> None:
+        pass
+
+
 class InProcess:
-    """A sweep runner calling `chtsl <argv>` in this process (the subprocess costs seconds of imports
-    per cell); records the commands it ran."""
+    """A sweep launcher calling `chtsl <argv>` in this process before it returns (the subprocess costs
+    seconds of imports per cell); records the commands it ran and the environment it was given."""
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
+        self.envs: list[dict[str, str]] = []
 
-    def __call__(self, argv: list[str], log_path: Path, poll) -> int:
+    def __call__(self, argv: list[str], log_path: Path, env: dict[str, str]) -> Finished:
         self.calls.append(list(argv))
+        self.envs.append(env)
         try:
             main(argv)
         except SystemExit as e:
-            return int(e.code or 0)
-        return 0
+            return Finished(int(e.code or 0))
+        return Finished(0)
 
 
 def run_cli(argv: list[str], runner=None) -> int:
-    """`main(argv)` with `run_sweep` using `runner`; the exit status."""
+    """`main(argv)` with `run_sweep` using the launcher `runner`; the exit status."""
     original = sweep.run_sweep
     if runner is not None:
-        sweep.run_sweep = lambda grid, out: original(grid, out, runner=runner)
+        sweep.run_sweep = lambda grid, out, jobs=1: original(grid, out, jobs=jobs, launcher=runner)
     try:
         main(argv)
     except SystemExit as e:
@@ -159,7 +179,7 @@ def test_report_equals_the_runs_metrics(sweep_dir) -> None:
 
 
 @pytest.mark.slow  # a sweep interrupted and rerun
-def test_restart_skips_finished_and_resumes_interrupted(sweep_dir, data, tmp_path) -> None:
+def test_restart_skips_finished_and_resumes_interrupted(sweep_dir, data, tmp_path, capsys) -> None:
     out = tmp_path / "grid"
     shutil.copytree(sweep_dir, out)
     before = snapshot(out / "naive-s0.9-seed0")
@@ -177,10 +197,15 @@ def test_restart_skips_finished_and_resumes_interrupted(sweep_dir, data, tmp_pat
     fresh.mkdir()
     (fresh / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
     assert run_cli([*grid.argv(sweep.Cell("chtsl", 0.9, 1), out), "--stop-at", "2", "--no-progress"]) == 0
+    # killed while appending a line after its checkpoint: the torn line is dropped with one warning
+    with (interrupted / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 5.1, "task_lo')
+    capsys.readouterr()
     assert sweep.inspect_run(sweep.Cell("chtsl", 0.9, 1), interrupted).status == "interrupted"
 
     runner = InProcess()
     assert run_cli(sweep_argv(out, data), runner=runner) == 0
+    assert capsys.readouterr().err.count("dropped an incomplete last line") == 1
     assert len(runner.calls) == 2
     resumed = next(c for c in runner.calls if "chtsl" in c)
     assert resumed[resumed.index("--resume") + 1] == str(interrupted)
@@ -245,6 +270,188 @@ def test_diverged_runs_are_shown_and_counted(sweep_dir, data, tmp_path) -> None:
     (pair,) = report["pairs"]
     assert pair["n"] == 1 and pair["excluded"] == [{"s_total": 0.9, "seed": 1, "a": "done", "b": "diverged"}]
     assert "diverged" in (out / "report.md").read_text()
+
+
+def _clone(src: Path, dst: Path, **state) -> Path:
+    """A copy of the cell `src` renamed to the cell `dst` (its args say so), with `state` fields changed."""
+    shutil.copytree(src, dst)
+    m = sweep.CELL_RE.match(dst.name)
+    for name, changes in (("args.json", {"seed": int(m["seed"])}), ("state.json", state)):
+        f = dst / "trainer_state" / name
+        f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+    return dst
+
+
+def _edit_last_record(cell: Path, **changes) -> None:
+    lines = (cell / "metrics.jsonl").read_text().splitlines()
+    last = max(i for i, line in enumerate(lines) if '"val_ppl"' in line)
+    lines[last] = json.dumps({**json.loads(lines[last]), **changes})
+    (cell / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.slow  # uses the module's sweep of `chtsl train` cells
+def test_report_counts_every_cell_in_its_true_state(sweep_dir, tmp_path, capsys) -> None:
+    """Ten cells of sweep.json, one per state (and a torn last line): every one counted with its
+    reason, nothing averaged but finite final perplexities, exit 1 naming the unreadable cell."""
+    from chtsl_infer.utils import dir_lock
+
+    out = tmp_path / "grid"
+    shutil.copytree(sweep_dir, out)
+    manifest = json.loads((out / "sweep.json").read_text())
+    (out / "sweep.json").write_text(json.dumps({**manifest, "seeds": [0, 1, 2, 3, 4]}))
+    (out / "report.json").unlink()
+    done = out / "naive-s0.9-seed1"
+    _edit_last_record(out / "chtsl-s0.9-seed1", val_ppl=float("nan"))  # written as NaN: diverged
+    _clone(done, out / "naive-s0.9-seed2", step=2)  # a checkpoint before the last step
+    _clone(done, out / "naive-s0.9-seed3", step=2)  # ... whose last run by the sweep failed
+    (out / "logs" / "naive-s0.9-seed3.exit.json").write_text('{"exit": 1, "reason": "error: out of memory"}')
+    # chtsl seed 2: no directory (missing); chtsl seed 3: a trainer holds its lock (running)
+    _clone(out / "chtsl-s0.9-seed0", out / "chtsl-s0.9-seed4")
+    with (out / "chtsl-s0.9-seed4" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # torn last line: dropped, the run is still done
+    garbage = _clone(done, out / "naive-s0.9-seed4")
+    text = (garbage / "metrics.jsonl").read_text().splitlines()
+    (garbage / "metrics.jsonl").write_text("\n".join([text[0], "{oops", *text[1:]]) + "\n")
+    (out / "chtsl-s0.9-seed3").mkdir()
+    capsys.readouterr()
+    with dir_lock(out / "chtsl-s0.9-seed3"):
+        code = run_cli(["sweep", "--report", str(out), "--no-figures"])
+    captured = capsys.readouterr()
+    assert code == 1
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "1 of 10 cells are unreadable" in errors[0] and "naive-s0.9-seed4" in errors[0]
+    assert captured.err.count("dropped an incomplete last line") == 1
+    report = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report"))
+    state = {r["cell"]: (r["status"], r["reason"]) for r in report["runs"]}
+    assert len(state) == 10
+    assert report["counts"] == {"done": 4, "diverged": 1, "running": 1, "interrupted": 1, "failed": 1, "missing": 1,
+                                "unreadable": 1}
+    assert state["chtsl-s0.9-seed1"] == ("diverged", "final val_ppl is nan")
+    assert state["naive-s0.9-seed2"] == ("interrupted", "checkpoint at step 2 of 4")
+    assert state["naive-s0.9-seed3"] == ("failed", "exit 1: error: out of memory")
+    assert state["chtsl-s0.9-seed2"] == ("missing", "not started")
+    assert state["chtsl-s0.9-seed3"] == ("running", f"process {os.getpid()}")
+    assert state["chtsl-s0.9-seed4"][0] == "done"
+    assert state["naive-s0.9-seed4"][0] == "unreadable" and "metrics.jsonl:2 is not valid JSON" in state[
+        "naive-s0.9-seed4"][1]
+    chtsl = next(g for g in report["groups"] if g["method"] == "chtsl")
+    assert chtsl["n"] == 2 and chtsl["val_ppl"] == {"0": final_ppl(out / "chtsl-s0.9-seed0"),
+                                                    "4": final_ppl(out / "chtsl-s0.9-seed0")}
+    assert chtsl["states"] == {"0": "done", "1": "diverged", "2": "missing", "3": "running", "4": "done"}
+    md = (out / "report.md").read_text()
+    assert "| naive-s0.9-seed3 | failed | 2/4 | exit 1: error: out of memory |" in md
+    assert "(1 diverged, 1 running, 1 missing)" in md and "nan" not in md.split("## Runs without")[0].lower()
+    # A string "NaN" is not what a trainer writes: unreadable, never a number.
+    _edit_last_record(out / "chtsl-s0.9-seed4", val_ppl="NaN")
+    assert sweep.inspect_run(sweep.Cell("chtsl", 0.9, 4), out / "chtsl-s0.9-seed4").status == "unreadable"
+
+
+@pytest.mark.slow  # uses the module's sweep of `chtsl train` cells
+def test_jobs_run_cells_at_once_with_their_share_of_threads(sweep_dir, data, tmp_path, monkeypatch) -> None:
+    """--jobs 2 over 4 cells: two children at a time, never three, each with OMP_NUM_THREADS = 4 / 2;
+    the children are stand-ins that take 1.5 s and then leave the cell the module's sweep trained."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    script = ("import json, os, shutil, sys, time\nsrc, dst, st = sys.argv[1:4]\nt0 = time.time()\ntime.sleep(1.5)\n"
+              "shutil.copytree(src, dst, dirs_exist_ok=True)\nspan = [t0, time.time(), os.environ['OMP_NUM_THREADS']]\n"
+              "json.dump(span, open(os.path.join(st, os.path.basename(dst)), 'w'))")
+
+    def launcher(argv: list[str], log_path: Path, env: dict[str, str]) -> sweep.ChildProcess:
+        dst = Path(argv[argv.index("--out") + 1])
+        return sweep.ChildProcess([sys.executable, "-c", script, str(sweep_dir / dst.name), str(dst), str(stamps)],
+                                  env=env, start_new_session=True)
+
+    grid = sweep.build_grid("tiny", ",".join(METHODS), "0.9", "0,1", train_options(data))
+    runs = sweep.run_sweep(grid, tmp_path / "grid", jobs=2, launcher=launcher)
+    assert {r.status for r in runs.values()} == {"done"}
+    spans = [json.loads(p.read_text()) for p in stamps.iterdir()]
+    assert len(spans) == 4 and {t for _, _, t in spans} == {"2"}
+    at_once = [sum(a <= t < b for a, b, _ in spans) for t, _, _ in spans]
+    assert max(at_once) == 2
+
+
+@pytest.mark.slow  # two `chtsl train` processes
+def test_jobs_2_real_processes_match_the_serial_sweep(sweep_dir, data, tmp_path, monkeypatch) -> None:
+    """`chtsl sweep --jobs 2` with real children, one thread each (OMP_NUM_THREADS=2 shared by 2 jobs):
+    the same metrics, bit for bit, as the module's serial one-thread sweep."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "grid"
+    assert run_cli(sweep_argv(out, data, "--jobs", "2", "--no-figures", seeds=(0,))) == 0
+    for m in METHODS:
+        cell = f"{m}-s0.9-seed0"
+        assert computed(step_records(out / cell)) == computed(step_records(sweep_dir / cell))
+        start = json.loads((out / cell / "metrics.jsonl").read_text().splitlines()[0])
+        assert start["event"] == "start" and start["threads"] == 1
+    assert json.loads((out / "report.json").read_text())["counts"] == {"done": 2}
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    kids = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat_file.parent.name))
+    return kids
+
+
+@pytest.mark.slow  # a real `chtsl sweep` killed while its child trains
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigterm_stops_the_running_child_and_a_rerun_resumes(data, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "grid"
+    steps = 200
+    argv = ["sweep", "--preset", "tiny", "--methods", "chtsl", "--s-total", "0.9", "--seeds", "0", "--out", str(out),
+            "--no-figures", *train_options(data, steps=steps, every=100)]
+    proc = subprocess.Popen([sys.executable, "-m", "chtsl_infer.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    state = out / "chtsl-s0.9-seed0" / "trainer_state" / "state.json"
+    try:
+        deadline = time.monotonic() + 600
+        while not state.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        children = _children(proc.pid)
+        assert proc.poll() is None and len(children) == 1, proc.communicate()[0] if proc.poll() is not None else ""
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "interrupted: the running cells were stopped" in output
+    for pid in children:  # stopped and reaped, not orphaned
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    cell = sweep.inspect_run(sweep.Cell("chtsl", 0.9, 0), out / "chtsl-s0.9-seed0")
+    assert cell.status == "interrupted" and 0 < cell.step < steps
+    runner = InProcess()
+    assert run_cli(argv, runner=runner) == 0
+    (call,) = runner.calls
+    assert call[call.index("--resume") + 1] == str(out / "chtsl-s0.9-seed0")
+    assert [r["step"] for r in step_records(out / "chtsl-s0.9-seed0")] == list(range(1, steps + 1))  # never twice
+    assert json.loads((out / "report.json").read_text())["counts"] == {"done": 1}
+
+
+def test_a_second_sweep_of_one_directory_fails_at_once(data, tmp_path, capsys) -> None:
+    """While another process holds the sweep directory's lock, `chtsl sweep --out` on it fails with
+    one line naming that process, before writing anything."""
+    out = tmp_path / "grid"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom chtsl_infer.utils import dir_lock\n"
+                               "with dir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = _error(capsys, sweep_argv(out, data))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"being written by process {holder.pid}" in err and not out.exists()
 
 
 def test_statistics_on_a_larger_table() -> None:
@@ -378,6 +585,7 @@ def test_effective_alignment_weight_in_header(capsys) -> None:
     print_header(args, build_config("tiny"), 1000, {"x": None}, 0.3, w, resumed_at=None)
     err = capsys.readouterr().err
     assert "λ = 0.3" in err and f"{w['q_proj']:.3g} (q)" in err and f"{w['up_proj']:.3g} (up)" in err
+    assert "low-rank init × 0.5" in err  # the tiny preset's scale for chtsl
 
 
 def test_loss_figure_legend() -> None:

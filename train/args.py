@@ -1,6 +1,7 @@
 """The training settings, declared once: `TrainArgs` (defaults, help, CLI flag) and `resolve_args`.
 
-`chtsl train`'s options are generated from the fields of `TrainArgs` (see `train.command`), so a
+`chtsl train`'s options are generated from the fields of `TrainArgs` (`cli_parameters`, used by
+`train.command`; `parse_cli` parses them the same way for a sweep's forwarded options), so a
 setting is added or changed here only. A field whose default is None takes the preset's value
 (docs/method.md §5), filled in by `resolve_args`. Nothing here imports torch: `chtsl train
 --help` reads this module.
@@ -8,11 +9,12 @@ setting is added or changed here only. A field whose default is None takes the p
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.model.methods import DEFAULT_METHOD, METHOD_CHOICES, get_method
@@ -282,3 +284,50 @@ def device_memory(device: str) -> tuple[int | None, str]:
         if value.isdigit():
             total = min(total, int(value))
     return total, "this machine's memory"
+
+
+def cli_parameters() -> list[inspect.Parameter]:
+    """One Typer option per CLI field of `TrainArgs` (default, help and flag from the field; `--device`
+    is the shared option of `chtsl_infer.options`): the options of `chtsl train` (train/command.py)
+    and what `parse_cli` parses."""
+    from typing import Annotated
+
+    import typer
+
+    from chtsl_infer.options import Device
+
+    shared = {"device": Device}  # fields whose option every command declares alike (the default stays the field's)
+    hints = get_type_hints(TrainArgs)
+    params = []
+    for f in fields(TrainArgs):
+        if not f.metadata.get("cli", True):
+            continue
+        flag = f.metadata.get("flag") or _flag(f.name)
+        annotation = shared.get(f.name) or Annotated[hints[f.name], typer.Option(flag, help=f.metadata["help"])]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                        annotation=annotation))
+    return params
+
+
+def parse_cli(argv: list[str]) -> dict[str, Any]:
+    """The `TrainArgs` fields given in `argv` (`chtsl train` options, e.g. forwarded by a sweep),
+    parsed and converted exactly as `chtsl train` parses them: {field: value}, only the options
+    present in `argv`. ChtslError (one line) for unknown options, bad values and positional arguments."""
+    import typer
+
+    from chtsl_infer.options import context_settings
+
+    def given(**options: Any) -> None:
+        """Parses only."""
+
+    given.__signature__ = inspect.Signature(cli_parameters())  # type: ignore[attr-defined]
+    app = typer.Typer(add_completion=False)
+    app.command(context_settings=context_settings("train"))(given)  # old spellings parse too
+    try:
+        ctx = typer.main.get_command(app).make_context("chtsl train", list(argv))
+    except Exception as e:  # typer vendors its own click: its exception classes are not click's
+        if hasattr(e, "format_message"):
+            raise ChtslError(f"train option: {e.format_message()}") from None
+        raise
+    return {name: value for name, value in ctx.params.items()
+            if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}

@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, get_type_hints
+from typing import Annotated, Any
 
 import typer
 
 from chtsl_infer.console import check_output_dir, check_output_file, console, json_on_stdout, write_json
 from chtsl_infer.errors import ChtslError, Interrupted
-from chtsl_infer.options import Checkpoint, Device, Force, JsonOut
-from train.args import TrainArgs
-
-# TrainArgs fields whose option is the shared one of `chtsl_infer.options` (its flag and help; the
-# default stays the field's).
-SHARED_OPTIONS = {"device": Device}
-
-
-def _options(cls: type) -> list[inspect.Parameter]:
-    """One Typer option per CLI field of the dataclass `cls`: default, help and flag from the field."""
-    hints = get_type_hints(cls)
-    params = []
-    for f in fields(cls):
-        if not f.metadata.get("cli", True):
-            continue
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        annotation = SHARED_OPTIONS.get(f.name) or Annotated[hints[f.name], typer.Option(flag, help=f.metadata["help"])]
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                                        annotation=annotation))
-    return params
+from chtsl_infer.options import Checkpoint, Force, JsonOut
+from train.args import TrainArgs, cli_parameters
 
 
 def train_command(**options: Any) -> None:
@@ -57,7 +39,7 @@ def train_command(**options: Any) -> None:
 
 # The options of `chtsl train` are the fields of TrainArgs (train/args.py), plus where the summary goes.
 train_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-    *_options(TrainArgs),
+    *cli_parameters(),
     inspect.Parameter("json_out", inspect.Parameter.KEYWORD_ONLY, annotation=JsonOut, default=None),
     inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=Force, default=False),
 ])

@@ -330,10 +330,10 @@ def build_run(args: TrainArgs, info: dist_utils.DistInfo, resume_dir: Path | Non
         log.write({"event": "start", "unigram_ppl": data.unigram_ppl, "trainable_linear_params": trainable,
                    "train_rows": data.train_rows, "train_tokens": data.train_tokens, "world_size": info.world,
                    "args": asdict(args), "s_total": model.config.chtsl["s_total"], "align_weight": align_weights,
-                   "sparse_storage": storage, "sparse_storage_reason": storage_why})
+                   "sparse_storage": storage, "sparse_storage_reason": storage_why, "threads": torch.get_num_threads()})
     elif info.is_main:
         log.write({"event": "resume", "from_step": start_step, "sparse_storage": storage,
-                   "sparse_storage_reason": storage_why})
+                   "sparse_storage_reason": storage_why, "threads": torch.get_num_threads()})
     return run
 
 

@@ -82,6 +82,7 @@ def builtin_documents_uncached() -> list[str]:
 
 
 def _expand_paths(spec: str) -> list[Path]:
+    """The .txt/.jsonl/.parquet files `spec` names (a file, a directory searched recursively, or a glob)."""
     p = Path(spec).expanduser()
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".jsonl", ".parquet"))
@@ -148,6 +149,15 @@ def split_documents(docs: Sequence[str]) -> tuple[list[str], list[str]]:
     if not train or not val:
         raise ChtslError(f"the corpus is too small to split into train and validation ({len(docs)} documents)")
     return train, val
+
+
+def check_corpus(data: str) -> None:
+    """ChtslError (one line) unless a run could train on the in-memory source `data`, checked before
+    anything is written (e.g. by `chtsl sweep` for all its cells): `builtin` passes; a PATH must name
+    readable .txt/.jsonl/.parquet files with a `text` column or field, not empty, large enough for
+    both splits. The files are read as a run reads them (seconds for tens of MB)."""
+    if data != "builtin":
+        split_documents(local_documents(data))
 
 
 def train_val_documents(data: str) -> tuple[list[str], list[str]]:

@@ -26,6 +26,8 @@ def sweep_command(
         help="Only write/print the report of the runs in this directory.")] = None,
     alternative: Annotated[str, typer.Option(help="Wilcoxon alternative: two-sided | less | greater.")] = "two-sided",
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the PNG figures of the report.")] = True,
+    jobs: Annotated[int, typer.Option(help="Cells run at once, each with 1/JOBS of the CPU threads "
+                                           "(OMP_NUM_THREADS if set, else the CPUs).")] = 1,
     json_out: JsonOut = None,
     force: Force = False,
 ) -> None:
@@ -34,23 +36,33 @@ def sweep_command(
     Any other `chtsl train` option (e.g. --steps 1000 --eval-every 100) is applied to every run.
     Restartable: finished cells are skipped, interrupted ones resume from their last checkpoint.
     When every cell has finished, OUT/report.md, OUT/report.json and OUT/figures/ are written;
-    --json writes that report (while cells are left: their statuses), or with --print-commands the lines.
+    --json writes that report (while cells are left: their states), or with --print-commands the lines.
+    `--report` exits with code 1 when cells are unreadable (after writing the report).
     """
+    import signal
+
     from train.sweep import runner as sweep
 
     if alternative not in sweep.ALTERNATIVES:
         raise ChtslError(f"unknown --alternative {alternative!r}; valid: {', '.join(sweep.ALTERNATIVES)}")
     check_output_file(json_out, force)
     if report is not None:
-        if out is not None or print_commands or ctx.args:
-            raise ChtslError("--report DIR takes no grid, --out, --print-commands or train options")
+        if out is not None or print_commands or ctx.args or jobs != 1:
+            raise ChtslError("--report DIR takes no grid, --out, --jobs, --print-commands or train options")
         with json_on_stdout(json_out):
             result, _ = sweep.write_report(report, alternative=alternative, figures=figures)
         write_json(result, json_out, force)
+        problem = sweep.unreadable_error(result)
+        if problem:
+            from chtsl_infer.console import err_console
+
+            err_console.print(f"error: {problem}", highlight=False, soft_wrap=True, markup=False)
+            raise typer.Exit(1)
         return
     if out is None:
         raise ChtslError("--out DIR is required (the sweep directory)")
     grid = sweep.build_grid(preset, methods, s_total, seeds, list(ctx.args))
+    sweep.check_jobs(jobs, len(grid.cells()))
     if print_commands:
         sweep.check_existing(grid, out)
         lines = [sweep.command_line(grid.argv(cell, out)) for cell in grid.cells()]
@@ -60,16 +72,16 @@ def sweep_command(
         return
     try:
         with json_on_stdout(json_out):
-            runs = sweep.run_sweep(grid, out)
-            if all(r.status in ("done", "diverged") for r in runs.values()):
+            runs = sweep.run_sweep(grid, out, jobs=jobs)
+            if all(r.status in sweep.FINISHED for r in runs.values()):
                 result, _ = sweep.write_report(out, alternative=alternative, figures=figures)
-            else:  # the cells' statuses so far, in the report's shape
+            else:  # the cells' states so far, in the report's shape
                 result = sweep.build_report(list(runs.values()), alternative)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # errors.Interrupted (SIGINT, SIGTERM) is one
         from chtsl_infer.console import err_console
 
-        err_console.print(f"interrupted: rerun the same command to continue (finished cells are kept, the "
-                          f"interrupted one resumes from its last checkpoint in {out})", highlight=False,
-                          soft_wrap=True)
-        raise typer.Exit(130) from None
+        err_console.print(f"interrupted: the running cells were stopped; rerun the same command to continue "
+                          f"(finished cells are kept, interrupted ones resume from their last checkpoint in "
+                          f"{out})", highlight=False, soft_wrap=True)
+        raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT)) from None
     write_json(result, json_out, force)

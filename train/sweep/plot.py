@@ -132,7 +132,8 @@ def _val_figure(runs: list, methods: list[str], s_totals: list[float], colors: d
     fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 4), squeeze=False)
     for ax, s in zip(axes[0], rows, strict=True):
         for m in methods:
-            series = [{int(x["step"]): float(x["val_ppl"]) for x in r.records if x.get("val_ppl") is not None}
+            series = [{int(x["step"]): float(x["val_ppl"]) for x in r.records  # numbers only: never a "NaN" string
+                       if isinstance(x.get("val_ppl"), (int, float)) and not isinstance(x["val_ppl"], bool)}
                       for r in runs if r.cell.s_total == s and r.cell.method == m]
             series = [x for x in series if x]
             if not series:
@@ -200,14 +201,12 @@ def _branch_figure(runs: list, methods: list[str], s_totals: list[float], colors
     return written
 
 
-def plot_sweep(runs: list, out_dir: Path) -> list[Path]:
-    """Writes the sweep figures (see the module docstring) into `out_dir`; returns the paths written."""
+def plot_sweep(runs: list, methods: list[str], out_dir: Path) -> list[Path]:
+    """Writes the sweep figures (see the module docstring) of `runs` (`train.sweep.runner.RunState`),
+    one line per method in the order of `methods`, into `out_dir`; returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from train.sweep.runner import method_order
-
-    methods = method_order({r.cell.method for r in runs})
     s_totals = sorted({r.cell.s_total for r in runs}, reverse=True)
     colors = _colors(methods)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,17 @@
 """`chtsl sweep`: a grid of `chtsl train` runs (methods × s_total × seeds), restartable, and its report.
 
 A sweep directory `DIR` holds one training checkpoint per cell, `DIR/<method>-s<s_total>-seed<k>/`
-(the trainer's own layout: model, `trainer_state/`, `metrics.jsonl`), the cells' console logs in
-`DIR/logs/`, and, once every cell has finished, `report.md`, `report.json` and `figures/*.png`.
+(the trainer's own layout: model, `trainer_state/`, `metrics.jsonl`), the cells' console logs and
+last exit status in `DIR/logs/`, the grid in `DIR/sweep.json` and, once every cell has finished,
+`report.md`, `report.json` and `figures/*.png`.
 
 Each cell runs as its own `chtsl train` process (the same command `--print-commands` prints, plus
-`--no-progress`), one after another. A cell's state is read from its directory only, so a
-restarted sweep skips finished cells, resumes interrupted ones from their last checkpoint (the
-trainer's exact resume) and starts the others; a directory filled by a cluster job array from the
-printed commands is reported the same way.
+`--no-progress`), `--jobs N` of them at once, each with its share of the CPU threads, in its own
+process group: stopping the sweep (Ctrl-C, SIGTERM) stops them too. A cell's state is read from its
+directory only, so a restarted sweep skips finished cells, resumes interrupted ones from their last
+checkpoint (the trainer's exact resume) and starts the others; a directory filled by a cluster job
+array from the printed commands is reported the same way. One sweep at a time writes a directory
+(`chtsl_infer.utils.dir_lock`).
 
 Nothing here imports torch at module level: `chtsl --help` stays light.
 """
@@ -17,27 +20,34 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from chtsl_infer.errors import ChtslError
 
 CELL_RE = re.compile(r"^(?P<method>[a-z0-9_]+)-s(?P<s_total>\d+(?:\.\d+)?)-seed(?P<seed>\d+)$")
 # Train options a sweep sets per cell (or owns): they cannot be forwarded.
 SWEEP_OWNED = {"method": "--methods", "s_total": "--s-total", "seed": "--seeds", "out": "--out",
-               "resume": None, "stop_at": None, "json_out": None, "preset": "--preset"}
+               "resume": None, "stop_at": None, "preset": "--preset"}
 # Resolved arguments that do not change what a run computes (logging cadence, where it runs, paths):
 # ignored when checking that the runs of a sweep share one recipe.
 RUN_ONLY = ("out", "resume", "stop_at", "progress", "device", "save_every", "eval_every", "ocr_every")
 CELL_KEYS = ("method", "s_total", "seed")
-STATUSES = ("done", "diverged", "interrupted", "running", "left", "failed")
+# A cell's state (`inspect_run`): finished (done, diverged), in progress elsewhere (running), to be
+# (re)started by the sweep (interrupted, failed, missing), or damaged files (unreadable).
+STATUSES = ("done", "diverged", "running", "interrupted", "failed", "missing", "unreadable")
+FINISHED = ("done", "diverged")
 ALTERNATIVES = ("two-sided", "less", "greater")
 ZERO_METHOD = "wilcox"  # zero differences are dropped before ranking (scipy's default)
 
@@ -74,41 +84,24 @@ def parse_list(text: str, kind: type, option: str) -> list:
     return values
 
 
-def _train_click_command():
-    """The click command behind `chtsl train` (to parse forwarded options exactly as `train` does)."""
-    import typer
-
-    from chtsl_infer.options import context_settings
-    from train.command import train_command
-
-    app = typer.Typer(add_completion=False)
-    app.command(context_settings=context_settings("train"))(train_command)  # old spellings parse too
-    return typer.main.get_command(app)
-
-
 def parse_train_options(extra: list[str]) -> dict[str, Any]:
     """The `chtsl train` options in `extra` (forwarded to every cell) as {parameter: value}.
 
-    Only options given on the command line are returned. ChtslError for unknown options, bad values,
-    positional arguments and the options a sweep sets itself (method, s_total, seed, out, ...).
+    Only options given on the command line are returned (parsed as `chtsl train` parses them,
+    `train.args.parse_cli`). ChtslError for unknown options, bad values, positional arguments and
+    the options a sweep sets itself (method, s_total, seed, out, ...).
     """
+    from train.args import parse_cli
+
     if "--help" in extra:
         raise ChtslError("--help is not forwarded; see `chtsl train --help` for the options")
-    cmd = _train_click_command()
     try:
-        ctx = cmd.make_context("chtsl train", list(extra), resilient_parsing=False)
-    except Exception as e:  # typer vendors its own click: its exception classes are not click's
-        if hasattr(e, "format_message"):
-            raise ChtslError(f"forwarded train option: {e.format_message()}") from None
-        raise
-    given = {}
-    for name, value in ctx.params.items():
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name == "COMMANDLINE":
-            given[name] = value
+        given = parse_cli(extra)
+    except ChtslError as e:
+        raise ChtslError(f"forwarded {e}") from None
     for name in given:
         if name in SWEEP_OWNED:
-            flag = "--" + ("json" if name == "json_out" else name.replace("_", "-"))
+            flag = "--" + name.replace("_", "-")
             instead = SWEEP_OWNED[name]
             raise ChtslError(f"{flag} cannot be forwarded to the runs of a sweep"
                             + (f"; use the sweep's {instead}" if instead else ""))
@@ -176,11 +169,39 @@ def build_grid(preset: str, methods: str, s_totals: str, seeds: str, extra: list
     for cell in grid.cells():  # the model each cell will build (split, activation, alignment layers, ...)
         build_model_config(resolve_args(grid.train_args(cell, Path("."))))
     data = grid.options.get("data")
-    if data and data not in ("builtin", "c4", "owt"):
-        from train.data.sources import _expand_paths
+    if data:
+        from train.data.sources import check_corpus
+        from train.data.streaming import HUB_SOURCES
 
-        _expand_paths(data)  # ChtslError when the path names no text files
+        if data not in HUB_SOURCES:
+            check_corpus(data)  # a local corpus every cell can train on: readable, with text, not empty
     return grid
+
+
+def check_jobs(jobs: int, cells: int) -> None:
+    """ChtslError unless 1 <= `jobs` <= `cells` (more jobs than cells could only sit idle)."""
+    if jobs < 1:
+        raise ChtslError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > cells:
+        raise ChtslError(f"--jobs {jobs} is more than the grid's {cells} cell{'s' if cells != 1 else ''}")
+
+
+def thread_budget() -> int:
+    """The CPU threads a sweep shares among its jobs: `OMP_NUM_THREADS` when set (the user's cap),
+    else the CPUs this process may run on."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        pass
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_job(jobs: int) -> int:
+    """Threads of each of `jobs` concurrent cells: the budget divided evenly, at least 1."""
+    return max(1, thread_budget() // jobs)
 
 
 def method_order(methods: set[str]) -> list[str]:
@@ -207,70 +228,133 @@ def command_line(argv: list[str]) -> str:
 
 @dataclass
 class RunState:
-    """What a cell directory holds: its status, progress and final validation perplexity."""
+    """What a cell directory holds: its status, progress, final validation perplexity and why."""
 
     cell: Cell
     path: Path
     status: str  # one of STATUSES
     step: int = 0  # last checkpointed step (the diverging step for diverged runs)
     steps: int | None = None
-    val_ppl: float | None = None  # final validation perplexity of a finished run
+    val_ppl: float | None = None  # final validation perplexity of a finished run (finite)
     args: dict[str, Any] = field(default_factory=dict)  # the run's resolved arguments (args.json)
     records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl step records
-    note: str = ""
+    reason: str = ""  # why the cell is in its state (shown in the tables and report.json)
+
+    @property
+    def has_checkpoint(self) -> bool:
+        """Whether a rerun continues from a checkpoint (`--resume`) rather than from step 0."""
+        return bool(self.args)
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of `path/metrics.jsonl` (a line still being written is skipped)."""
+def read_records(path: Path, warn: bool = True) -> list[dict[str, Any]]:
+    """The records of `path/metrics.jsonl` ([] without one). An incomplete last line (a run killed
+    while appending it) is dropped with one warning (`warn`); ChtslError for other damage."""
+    from train.checkpoint import read_metrics_log
+
     f = path / "metrics.jsonl"
-    out = []
-    try:
-        text = f.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return out
-    for line in text.splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # the trainer is appending this line right now
-    return out
+    return read_metrics_log(f, warn=warn) if f.is_file() else []
 
 
-def inspect_run(cell: Cell, path: Path) -> RunState:
-    """The state of a cell directory, from its checkpoint and metrics only.
+def step_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-step records (a `step` and no `event`) of a metrics log."""
+    return [r for r in records if "step" in r and "event" not in r]
 
-    - `left`: no checkpoint yet (a run killed before its first save starts again from scratch);
-    - `diverged`: the trainer logged a non-finite loss (`{"event": "diverged"}`) after the checkpoint;
-    - `done`: the checkpoint is at the run's last step;
-    - `interrupted`: a checkpoint before the last step (resumed exactly).
+
+def _number(value: Any) -> float | None:
+    """`value` as a float if it is a JSON number (not a bool, not a string such as "NaN"), else None."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def inspect_run(cell: Cell, path: Path, warn: bool = True) -> RunState:
+    """The state of a cell directory, from its checkpoint, metrics and writer lock only; never raises
+    for damaged files (they make the cell `unreadable`, with the reason).
+
+    - `missing`: no directory, or an empty one (never started);
+    - `running`: a live process holds the directory's writer lock (`chtsl train` running into it);
+    - `interrupted`: a checkpoint before the run's last step (resumed exactly), or metrics but no
+      checkpoint yet (a run killed before its first save starts again from step 0);
+    - `diverged`: the trainer logged a non-finite loss after the checkpoint (`{"event": "diverged"}`),
+      or the final validation perplexity is not finite;
+    - `done`: the checkpoint is at the run's last step, with a finite final `val_ppl`;
+    - `unreadable`: files a run cannot have written (a bad trainer state, a metrics line that is
+      not JSON other than a torn last one, a finished run without a final val_ppl, a run of another
+      cell). `failed` is set by the caller from the sweep's exit record (`apply_exit`).
     """
-    from train.checkpoint import STATE_DIR, resolve_checkpoint
+    from chtsl_infer.utils import lock_holder
+    from train.checkpoint import STATE_DIR, load_state, resolve_checkpoint
 
     if path.exists() and not path.is_dir():
-        raise ChtslError(f"{path} is not a directory")
+        return RunState(cell, path, "unreadable", reason=f"{path} is not a directory")
+    holder = lock_holder(path)  # a run that has just started may not have written anything yet
+    if holder is None and (not path.is_dir() or not any(path.iterdir())):
+        return RunState(cell, path, "missing", reason="not started")
+    run = RunState(cell, path, "interrupted")
     ckpt = resolve_checkpoint(path)
-    state_file, args_file = ckpt / STATE_DIR / "state.json", ckpt / STATE_DIR / "args.json"
-    records = read_records(path) if (path / "metrics.jsonl").is_file() else read_records(ckpt)
-    if not (state_file.is_file() and args_file.is_file()):
-        return RunState(cell, path, "left", records=[r for r in records if "step" in r])
     try:
-        state, args = json.loads(state_file.read_text()), json.loads(args_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ChtslError(f"{ckpt} has an unreadable trainer state ({e})") from None
-    step, steps = int(state.get("step", 0)), int(args.get("steps") or 0)
-    diverged = [r for r in records if r.get("event") == "diverged" and r.get("step", 0) > step]
-    steps_records = [r for r in records if "step" in r and "event" not in r]
-    run = RunState(cell, path, "interrupted", step=step, steps=steps, args=args, records=steps_records)
+        records = read_records(path if (path / "metrics.jsonl").is_file() else ckpt, warn=warn and holder is None)
+    except ChtslError as e:  # a line in the middle that is not JSON: not what a trainer writes
+        if holder is None:
+            return RunState(cell, path, "unreadable", reason=str(e))
+        records = []  # the writer is rewriting it (a resume drops the lines after its checkpoint)
+    run.records = step_records(records)
+    if run.records:
+        run.step = int(run.records[-1]["step"])
+    if holder is not None:
+        run.status, run.reason = "running", f"process {holder}"
+        return run
+    if not ((ckpt / STATE_DIR).exists() or (ckpt / "config.json").exists()):
+        run.step = 0
+        run.reason = "no checkpoint yet: starts again from step 0"
+        return run
+    try:
+        state, args = load_state(path)
+        steps = args.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ChtslError(f"{ckpt / STATE_DIR / 'args.json'}: steps must be a positive integer, got {steps!r}")
+        if (args.get("method"), args.get("s_total"), args.get("seed")) != (cell.method, cell.s_total, cell.seed):
+            raise ChtslError(f"{path} holds a run of method {args.get('method')!r}, s_total {args.get('s_total')}, "
+                             f"seed {args.get('seed')}: its name says otherwise")
+    except ChtslError as e:
+        return RunState(cell, path, "unreadable", records=run.records, reason=str(e))
+    run.step, run.steps, run.args = state["step"], steps, args
+    diverged = [r for r in records if r.get("event") == "diverged" and (_number(r.get("step")) or 0) > run.step]
     if diverged:
         run.status, run.step = "diverged", int(diverged[-1]["step"])
-        run.note = f"non-finite loss at step {run.step}"
-    elif step >= steps:
-        final = [r for r in steps_records if r["step"] == steps and r.get("val_ppl") is not None]
-        if final:
-            run.status, run.val_ppl = "done", float(final[-1]["val_ppl"])
+        run.reason = f"non-finite loss at step {run.step}"
+    elif run.step < steps:
+        run.reason = f"checkpoint at step {run.step} of {steps}"
+    else:
+        final = [r for r in run.records if r["step"] == steps and "val_ppl" in r]
+        value = _number(final[-1]["val_ppl"]) if final else None
+        if not final:
+            run.status, run.reason = "unreadable", f"finished at step {steps} without a final val_ppl in metrics.jsonl"
+        elif value is None:
+            run.status, run.reason = "unreadable", f"final val_ppl {final[-1]['val_ppl']!r} is not a number"
+        elif not math.isfinite(value):
+            run.status, run.reason = "diverged", f"final val_ppl is {value}"
         else:
-            run.note = "finished without a final validation perplexity in metrics.jsonl"
+            run.status, run.val_ppl, run.reason = "done", value, ""
+    return run
+
+
+def exit_record_path(out: Path, cell: Cell) -> Path:
+    """`DIR/logs/<cell>.exit.json`: the exit status and last log line of the cell's last run by `chtsl sweep`."""
+    return out / "logs" / f"{cell.name}.exit.json"
+
+
+def apply_exit(run: RunState, out: Path) -> RunState:
+    """`run`, marked `failed` (with the reason) when it is not finished and its last run by the sweep
+    exited non-zero: a rerun retries it."""
+    f = exit_record_path(out, run.cell)
+    if run.status in FINISHED or run.status in ("running", "unreadable") or not f.is_file():
+        return run
+    try:
+        record = json.loads(f.read_text(encoding="utf-8"))
+        code, reason = int(record["exit"]), str(record.get("reason", ""))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+        return run  # a damaged exit record says nothing about the run itself
+    if code != 0:
+        run.status, run.reason = "failed", f"exit {code}: {reason}"
     return run
 
 
@@ -293,124 +377,231 @@ def check_existing(grid: Grid, out: Path) -> None:
 
     for cell in grid.cells():
         path = out / cell.name
-        run = inspect_run(cell, path)
+        run = inspect_run(cell, path, warn=False)
         if not run.args:
             continue
         expected = recipe(dc_asdict(resolve_args(grid.train_args(cell, out))))
         saved = recipe(run.args)
-        cell_saved = {k: run.args.get(k) for k in CELL_KEYS}
-        cell_expected = {"method": cell.method, "s_total": cell.s_total, "seed": cell.seed}
-        if saved != expected or cell_saved != cell_expected:
-            diff = _describe_diff({**saved, **cell_saved}, {**expected, **cell_expected})
-            raise ChtslError(f"{path} was trained with other arguments ({diff}); "
+        if saved != expected:
+            raise ChtslError(f"{path} was trained with other arguments ({_describe_diff(saved, expected)}); "
                             f"choose another --out or rerun with the same options")
 
 
 # ----------------------------------------------------------------------------- running
 
 
-def _overview(grid: Grid, runs: dict[str, RunState], live_info: dict[str, str]):
-    """The Rich overview: one row per cell (status, step, last val ppl) and the counts."""
+def _overview(grid: Grid, runs: dict[str, RunState], live_info: dict[str, str], title: str = "chtsl sweep"):
+    """The Rich overview: one row per cell (status, step, last val ppl, why) and the counts."""
     from rich.table import Table
 
     counts = {s: sum(r.status == s for r in runs.values()) for s in STATUSES}
-    caption = " · ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s] or s in ("done", "running", "left"))
-    t = Table(title="chtsl sweep", caption=caption, expand=False)
+    caption = " · ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s] or s in ("done", "running"))
+    t = Table(title=title, caption=caption, expand=False)
     for col, just in (("cell", "left"), ("status", "left"), ("step", "right"), ("val ppl", "right"),
                       ("note", "left")):
         t.add_column(col, justify=just)
-    style = {"done": "green", "diverged": "red", "failed": "red", "running": "bold yellow", "interrupted": "yellow"}
+    style = {"done": "green", "diverged": "red", "failed": "red", "unreadable": "red", "running": "bold yellow",
+             "interrupted": "yellow"}
     for cell in grid.cells():
         r = runs[cell.name]
         last_val = _last_val(r.records)
         steps = r.steps or "?"
         t.add_row(cell.name, f"[{style.get(r.status, 'dim')}]{r.status}[/]", f"{r.step}/{steps}",
-                  f"{last_val:.2f}" if last_val is not None else "-", live_info.get(cell.name, r.note))
+                  f"{last_val:.2f}" if last_val is not None else "-", live_info.get(cell.name, r.reason))
     return t
 
 
 def _last_val(records: list[dict[str, Any]]) -> float | None:
-    vals = [r["val_ppl"] for r in records if r.get("val_ppl") is not None]
-    return float(vals[-1]) if vals else None
+    vals = [_number(r.get("val_ppl")) for r in records]
+    vals = [v for v in vals if v is not None]
+    return vals[-1] if vals else None
 
 
-#: Runs one `chtsl train` command (argv without the program name), appending its output to the log;
-#: calls `poll()` about every second while it runs; returns the exit status.
-Runner = Callable[[list[str], Path, Callable[[], None]], int]
+class Child(Protocol):
+    """A started cell run (a `subprocess.Popen` or a test's stand-in)."""
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
 
 
-def subprocess_runner(argv: list[str], log_path: Path, poll: Callable[[], None]) -> int:
-    """Runs `chtsl <argv>` as a child process (this Python, `-m chtsl_infer.cli`), output to the log."""
+#: Starts one `chtsl train` command (argv without the program name) with environment `env`, its
+#: output appended to the log; returns at once with the running child.
+Launcher = Callable[[list[str], Path, dict[str, str]], Child]
+
+
+class ChildProcess(subprocess.Popen):
+    """A cell's `chtsl train` in its own process group: a signal reaches the trainer and whatever it
+    started (a kernel compiler) together, and only through the sweep."""
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:  # exited in between
+                pass
+
+
+def spawn(argv: list[str], log_path: Path, env: dict[str, str]) -> ChildProcess:
+    """Starts `chtsl <argv>` as a child process (this Python, `-m chtsl_infer.cli`), output to the log."""
     with log_path.open("a") as log:
         log.write(f"$ {command_line(argv)}\n")
         log.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "chtsl_infer.cli", *argv], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return ChildProcess([sys.executable, "-m", "chtsl_infer.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+
+class Stopped(Exception):
+    """The sweep received SIGTERM or SIGHUP (SIGINT arrives as KeyboardInterrupt)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Stopped` in the main thread for the block (so the children are
+    stopped on the way out), as SIGINT raises KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+STOP_GRACE_S = 30.0  # how long a stopped child may take to exit before it is killed
+
+
+def _stop_children(children: list[Child], sig: int) -> None:
+    """Forwards `sig` to every running child and waits for them (SIGKILL after `STOP_GRACE_S`): the
+    trainer's checkpoints are written atomically, so each keeps its last complete one."""
+    for child in children:
+        child.send_signal(sig)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in children:
         try:
-            while proc.poll() is None:
-                time.sleep(1.0)
-                poll()
-        except BaseException:
-            proc.terminate()  # Ctrl-C: the trainer keeps its last checkpoint; a rerun resumes from it
-            proc.wait()
-            raise
-    return proc.returncode
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
 
 
-def run_sweep(grid: Grid, out: Path, runner: Runner = subprocess_runner) -> dict[str, RunState]:
-    """Runs every unfinished cell of `grid` in `out`, one `chtsl train` at a time (through `runner`).
+POLL_S = 1.0  # how often running cells are looked at
 
-    Finished and diverged cells are skipped, interrupted ones resume from their checkpoint. A cell
-    whose run fails for another reason stops the sweep (ChtslError naming its log); the cells
-    already finished stay. Returns the final state of every cell.
+
+def run_sweep(grid: Grid, out: Path, jobs: int = 1, launcher: Launcher = spawn) -> dict[str, RunState]:
+    """Runs every unfinished cell of `grid` in `out`, `jobs` `chtsl train` processes at a time (through
+    `launcher`), each with `threads_per_job(jobs)` threads, while holding the directory's lock.
+
+    Finished and diverged cells are skipped, interrupted and failed ones resume from their
+    checkpoint, the others start from step 0; each runs at most once per call. A cell whose run
+    fails (non-zero exit, not diverged) stops new cells from starting; the running ones finish,
+    then ChtslError names the failed cell and its log. Unreadable cells are skipped and named at
+    the end. SIGINT/SIGTERM/SIGHUP are forwarded to the running cells, which are waited for before
+    the exception propagates. Returns the final state of every cell.
     """
     from rich.live import Live
 
     from chtsl_infer.console import err_console
+    from chtsl_infer.utils import atomic_write_text, dir_lock
 
-    check_existing(grid, out)
-    out.mkdir(parents=True, exist_ok=True)
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    _write_manifest(grid, out)
-    runs = {c.name: inspect_run(c, out / c.name) for c in grid.cells()}
-    info: dict[str, str] = {}
-    with Live(_overview(grid, runs, info), console=err_console, refresh_per_second=2, transient=False) as live:
-        for cell in grid.cells():
+    cells = grid.cells()
+    check_jobs(jobs, len(cells))
+    with dir_lock(out):
+        check_existing(grid, out)
+        out.mkdir(parents=True, exist_ok=True)
+        logs = out / "logs"
+        logs.mkdir(exist_ok=True)
+        _write_manifest(grid, out)
+        runs = {c.name: apply_exit(inspect_run(c, out / c.name), out) for c in cells}
+        queue = [c for c in cells if runs[c.name].status in ("interrupted", "failed", "missing")]
+        threads = threads_per_job(jobs)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        info: dict[str, str] = {}
+        active: dict[str, tuple[Cell, Child, float]] = {}
+        failures: list[str] = []
+        title = f"chtsl sweep · {jobs} job{'s' if jobs > 1 else ''} × {threads} thread{'s' if threads > 1 else ''}"
+
+        def launch(cell: Cell) -> None:
             run = runs[cell.name]
-            if run.status in ("done", "diverged"):
-                continue
             argv = grid.argv(cell, out)
-            if run.status == "interrupted":
+            if run.has_checkpoint:
                 argv += ["--resume", str(out / cell.name)]  # same recipe: checked above and by the trainer
             argv += ["--no-progress"]
             log_path = logs / f"{cell.name}.log"
+            exit_record_path(out, cell).unlink(missing_ok=True)
+            active[cell.name] = (cell, launcher(argv, log_path, env), time.perf_counter())
             run.status, info[cell.name] = "running", f"log: {log_path}"
-            live.update(_overview(grid, runs, info))
-            t0 = time.perf_counter()
 
-            def poll(cell: Cell = cell, run: RunState = run, t0: float = t0) -> None:
-                records = [r for r in read_records(out / cell.name) if "step" in r and "event" not in r]
-                if records:
-                    run.records, run.step = records, records[-1]["step"]
-                    tps = records[-1].get("tokens_per_s")
-                    info[cell.name] = f"{tps:,.0f} tok/s · {time.perf_counter() - t0:.0f} s" if tps else ""
-                live.update(_overview(grid, runs, info))
-
-            rc = runner(argv, log_path, poll)
-            new = inspect_run(cell, out / cell.name)
-            runs[cell.name] = new
+        def finish(cell: Cell, rc: int, t0: float) -> None:
+            log_path = logs / f"{cell.name}.log"
+            reason = _last_line(log_path) if rc != 0 else ""
+            atomic_write_text(exit_record_path(out, cell), json.dumps({"exit": rc, "reason": reason}) + "\n")
+            new = apply_exit(inspect_run(cell, out / cell.name), out)
             info[cell.name] = f"{time.perf_counter() - t0:.0f} s"
-            if rc != 0 and new.status != "diverged":
-                new.status = "failed"
-                live.update(_overview(grid, runs, info))
-                raise ChtslError(f"cell {cell.name} failed (exit {rc}): {_last_line(log_path)} (log: {log_path})")
-            live.update(_overview(grid, runs, info))
+            if new.status not in FINISHED and new.status != "failed":
+                new.status, new.reason = "failed", f"exit {rc} at step {new.step}: {reason or 'stopped early'}"
+            runs[cell.name] = new
+            if new.status == "failed":
+                failures.append(f"cell {cell.name} failed ({new.reason}; log: {log_path})")
+
+        def progress(cell: Cell, t0: float) -> None:
+            try:
+                records = step_records(read_records(out / cell.name, warn=False))
+            except ChtslError:
+                return  # being rewritten by a resume; the next poll reads it
+            if records:
+                run = runs[cell.name]
+                run.records, run.step = records, records[-1]["step"]
+                tps = records[-1].get("tokens_per_s")
+                info[cell.name] = f"{tps:,.0f} tok/s · {time.perf_counter() - t0:.0f} s" if tps else ""
+
+        with _stop_signals(), Live(_overview(grid, runs, info, title), console=err_console, refresh_per_second=2,
+                                   transient=False) as live:
+            try:
+                while active or (queue and not failures):
+                    while queue and not failures and len(active) < jobs:
+                        launch(queue.pop(0))
+                    live.update(_overview(grid, runs, info, title))
+                    for name, (cell, child, t0) in list(active.items()):
+                        rc = child.poll()
+                        if rc is None:
+                            progress(cell, t0)
+                        else:
+                            del active[name]
+                            finish(cell, rc, t0)
+                    live.update(_overview(grid, runs, info, title))
+                    if active:
+                        time.sleep(POLL_S)
+            except BaseException as e:
+                _stop_children([child for _, child, _ in active.values()],
+                               e.signum if isinstance(e, Stopped) else signal.SIGINT)
+                raise
+    if failures:
+        raise ChtslError("; ".join(failures))
+    unreadable = [r for r in runs.values() if r.status == "unreadable"]
+    if unreadable:
+        raise ChtslError(f"{len(unreadable)} cell(s) cannot be run or reported: "
+                         + "; ".join(f"{r.cell.name}: {r.reason}" for r in unreadable))
     return runs
 
 
 def _last_line(path: Path) -> str:
-    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
     return lines[-1] if lines else "no output"
 
 
@@ -427,27 +618,34 @@ def _write_manifest(grid: Grid, out: Path) -> None:
 # ----------------------------------------------------------------------------- report
 
 
+def manifest_cells(out: Path) -> list[Cell]:
+    """The cells of the grid `DIR/sweep.json` names ([] without one); ChtslError when it is damaged."""
+    f = out / "sweep.json"
+    if not f.is_file():
+        return []
+    try:
+        m = json.loads(f.read_text(encoding="utf-8"))
+        grid = Grid(preset=str(m["preset"]), methods=[str(x) for x in m["methods"]],
+                    s_totals=[float(x) for x in m["s_totals"]], seeds=[int(x) for x in m["seeds"]])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        raise ChtslError(f"{f} is unreadable ({type(e).__name__}: {e})") from None
+    return grid.cells()
+
+
 def collect_runs(out: Path) -> list[RunState]:
-    """Every cell directory of `out` (names `<method>-s<s_total>-seed<k>` with a trainer state or
-    metrics), checked to share one recipe; ChtslError when there is none or recipes are mixed."""
+    """Every cell of `out`: those of its `sweep.json` grid (a cell without a directory is `missing`)
+    and every directory named `<method>-s<s_total>-seed<k>`, each with its true state; the runs with a
+    trainer state must share one recipe. ChtslError when there is no cell at all or recipes are mixed."""
     if not out.is_dir():
         raise ChtslError(f"{out} is not a directory")
-    runs = []
+    cells = {c.name: c for c in manifest_cells(out)}
     for path in sorted(out.iterdir()):
         m = CELL_RE.match(path.name)
-        if not m or not path.is_dir():
-            continue
-        cell = Cell(m["method"], float(m["s_total"]), int(m["seed"]))
-        run = inspect_run(cell, path)
-        if run.status == "left" and not run.records:
-            continue  # an empty directory: never started
-        if run.args and (run.args.get("method"), run.args.get("s_total"), run.args.get("seed")) != (
-                cell.method, cell.s_total, cell.seed):
-            raise ChtslError(f"{path} holds a run of method {run.args.get('method')!r}, s_total "
-                            f"{run.args.get('s_total')}, seed {run.args.get('seed')}: its name says otherwise")
-        runs.append(run)
-    if not runs:
-        raise ChtslError(f"{out} holds no sweep runs (directories named <method>-s<s_total>-seed<k>)")
+        if m and path.is_dir() and path.name not in cells:
+            cells[path.name] = Cell(m["method"], float(m["s_total"]), int(m["seed"]))
+    if not cells:
+        raise ChtslError(f"{out} holds no sweep runs (no sweep.json, no directories named <method>-s<s_total>-seed<k>)")
+    runs = [apply_exit(inspect_run(c, out / c.name), out) for c in cells.values()]
     _check_one_recipe(runs)
     return runs
 
@@ -498,7 +696,9 @@ def build_report(runs: list[RunState], alternative: str = "two-sided") -> dict[s
     """The report of a sweep directory (what report.json holds; report.md and the tables show it).
 
     - `groups`: per (s_total, method): final validation perplexity per seed, mean and sample std
-      over the seeds that finished; diverged / unfinished runs counted, not averaged.
+      over the seeds that finished (`done`: a finite value); every other state counted by seed
+      (`diverged`, `unfinished`, `states`), never averaged.
+    - `runs`: every cell with its state and the reason; `counts`: cells per state.
     - `pairs`: per pair of methods (a, b): the paired differences a − b over every (s_total, seed)
       both finished, and `scipy.stats.wilcoxon(a, b, alternative, zero_method="wilcox")`.
     """
@@ -525,7 +725,8 @@ def build_report(runs: list[RunState], alternative: str = "two-sided") -> dict[s
                 "s_total": s, "method": m, "n": len(done), "mean": mean, "std": std,
                 "val_ppl": {str(r.cell.seed): r.val_ppl for r in done},
                 "diverged": [r.cell.seed for r in cell_runs if r.status == "diverged"],
-                "unfinished": [r.cell.seed for r in cell_runs if r.status not in ("done", "diverged")],
+                "unfinished": [r.cell.seed for r in cell_runs if r.status not in FINISHED],
+                "states": {str(r.cell.seed): r.status for r in cell_runs},
             })
     pairs = []
     for i, a in enumerate(methods):
@@ -571,7 +772,7 @@ def build_report(runs: list[RunState], alternative: str = "two-sided") -> dict[s
         "recipe": recipe_args, "methods": methods, "s_totals": s_totals,
         "seeds": sorted({r.cell.seed for r in runs}), "counts": {k: v for k, v in counts.items() if v},
         "runs": [{"cell": r.cell.name, "method": r.cell.method, "s_total": r.cell.s_total, "seed": r.cell.seed,
-                  "status": r.status, "step": r.step, "steps": r.steps, "val_ppl": r.val_ppl, "note": r.note}
+                  "status": r.status, "step": r.step, "steps": r.steps, "val_ppl": r.val_ppl, "reason": r.reason}
                  for r in sorted(runs, key=lambda r: (-r.cell.s_total, methods.index(r.cell.method), r.cell.seed))],
         "groups": groups, "pairs": pairs,
         "test": {"function": "scipy.stats.wilcoxon(a, b)", "alternative": alternative, "zero_method": ZERO_METHOD,
@@ -592,13 +793,10 @@ def _fmt_p(p: float | None) -> str:
 
 
 def group_cell(g: dict[str, Any]) -> str:
-    """`mean ± std` of a group (with counts of diverged / unfinished runs)."""
+    """`mean ± std` of a group, with the count of its runs in every other state (e.g. `1 diverged`)."""
     text = "-" if g["mean"] is None else _fmt(g["mean"]) + (f" ± {_fmt(g['std'])}" if g["std"] is not None else "")
-    extra = []
-    if g["diverged"]:
-        extra.append(f"{len(g['diverged'])} diverged")
-    if g["unfinished"]:
-        extra.append(f"{len(g['unfinished'])} unfinished")
+    states = list(g["states"].values())
+    extra = [f"{states.count(s)} {s}" for s in STATUSES if s != "done" and s in states]
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -607,8 +805,8 @@ def report_markdown(report: dict[str, Any], figures: list[Path] | None = None) -
     methods, seeds = report["methods"], report["seeds"]
     lines = ["# chtsl sweep report", "",
              f"Metric: {report['metric']} (lower is better), per (s_total, method): mean ± sample std (n − 1) "
-             "over the seeds that finished. Diverged runs (non-finite loss) and unfinished runs are counted, "
-             "never averaged.", "",
+             "over the seeds that finished. Runs in any other state (diverged: a non-finite loss or "
+             "perplexity; running, interrupted, failed, missing, unreadable) are counted, never averaged.", "",
              "Counts: " + ", ".join(f"{v} {k}" for k, v in report["counts"].items()), "",
              "## Final validation perplexity", "",
              "| s_total | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
@@ -643,6 +841,11 @@ def report_markdown(report: dict[str, Any], figures: list[Path] | None = None) -
         lines.append(f"- {p['a']} − {p['b']}: {diffs}")
         for e in p["excluded"]:
             lines.append(f"  - excluded s{e['s_total']:g}/seed{e['seed']}: {p['a']} {e['a']}, {p['b']} {e['b']}")
+    unfinished = [r for r in report["runs"] if r["status"] != "done"]
+    if unfinished:
+        lines += ["", "## Runs without a final perplexity", "", "| cell | state | step | reason |", "|---|---|---|---|"]
+        lines += [f"| {r['cell']} | {r['status']} | {r['step']}/{r['steps'] or '?'} | {r['reason']} |"
+                  for r in unfinished]
     lines += ["", "## Recipe", "", "```json", json.dumps(report["recipe"], indent=2, default=str), "```"]
     if figures:
         lines += ["", "## Figures", ""] + [f"![{f.stem}](figures/{f.name})" for f in figures]
@@ -692,6 +895,7 @@ def print_report(report: dict[str, Any]) -> None:
 def write_report(out: Path, alternative: str = "two-sided", figures: bool = True) -> tuple[dict[str, Any], list[Path]]:
     """Collects the runs of `out`, writes report.json, report.md and figures/ (atomically), prints the tables."""
     from chtsl_infer.console import write_json
+    from chtsl_infer.utils import atomic_write_text
 
     runs = collect_runs(out)
     report = build_report(runs, alternative)
@@ -699,16 +903,22 @@ def write_report(out: Path, alternative: str = "two-sided", figures: bool = True
     if figures:
         from train.sweep.plot import plot_sweep
 
-        written = plot_sweep(runs, out / "figures")
+        written = plot_sweep([r for r in runs if r.status != "unreadable"], report["methods"], out / "figures")
     report["figures"] = [f"figures/{p.name}" for p in written]
     write_json(report, out / "report.json", force=True)  # the sweep's own report, rewritten on every --report
-    md = out / "report.md"
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(report_markdown(report, written))
-    tmp.replace(md)
+    atomic_write_text(out / "report.md", report_markdown(report, written))
     print_report(report)
     return report, written
 
 
-__all__ = ["Cell", "Grid", "RunState", "build_grid", "build_report", "collect_runs", "command_line",
-           "inspect_run", "parse_list", "parse_train_options", "run_sweep", "write_report"]
+def unreadable_error(report: dict[str, Any]) -> str | None:
+    """One line naming the report's unreadable cells and why, or None when there are none."""
+    bad = [r for r in report["runs"] if r["status"] == "unreadable"]
+    if not bad:
+        return None
+    return (f"{len(bad)} of {len(report['runs'])} cells are unreadable (reported as such, without a value): "
+            + "; ".join(f"{r['cell']}: {r['reason']}" for r in bad))
+
+
+__all__ = ["Cell", "Grid", "RunState", "build_grid", "build_report", "check_jobs", "collect_runs", "command_line",
+           "inspect_run", "parse_list", "parse_train_options", "run_sweep", "spawn", "write_report"]
