@@ -17,6 +17,7 @@ from train.data.sources import (
     _paragraph_documents,
     builtin_documents,
     builtin_documents_uncached,
+    check_corpus,
     local_documents,
     split_documents,
 )
@@ -72,6 +73,28 @@ def test_local_source_errors(tmp_path, setup, match) -> None:
         target = tmp_path
     with pytest.raises(ChtslError, match=match):
         local_documents(str(target))
+
+
+def test_check_corpus_refuses_what_no_run_can_train_on(tmp_path) -> None:
+    """`check_corpus` (what `chtsl sweep` runs before writing anything) accepts what a run reads and
+    refuses, in one line, a parquet without a `text` column, with no rows or that is not parquet,
+    and a corpus too small for both splits."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    check_corpus("builtin")
+    docs = [" ".join(d.split()) for d in _docs(60)]
+    pq.write_table(pa.table({"text": docs}), tmp_path / "good.parquet")
+    check_corpus(str(tmp_path / "good.parquet"))
+    pq.write_table(pa.table({"body": docs}), tmp_path / "body.parquet")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "none.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not a parquet file")
+    pq.write_table(pa.table({"text": docs[:1]}), tmp_path / "one.parquet")
+    for name, match in (("body", "no `text` column"), ("none", "empty"), ("junk", "cannot read"),
+                        ("one", "too small to split")):
+        with pytest.raises(ChtslError, match=match) as e:
+            check_corpus(str(tmp_path / f"{name}.parquet"))
+        assert "\n" not in str(e.value)
 
 
 def test_rows_truncate_pad_and_packing() -> None:
