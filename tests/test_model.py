@@ -56,7 +56,9 @@ def test_init_follows_method_md() -> None:
     assert q.weight[~q.mask].abs().max() == 0  # S is zero off its support
     active = q.weight[q.mask]
     assert abs(active.std().item() - 0.02) < 0.004  # HF init kept on the mask, not rescaled
-    sigma = (q.rank * (q.in_features + q.out_features)) ** -0.25
+    scale = model.config.chtsl["lowrank_init_scale"]
+    assert scale == 0.5  # the tiny preset's (docs/method.md §1): CoLA's σ0 halved
+    sigma = scale * (q.rank * (q.in_features + q.out_features)) ** -0.25
     assert abs(q.lora_A.std().item() - sigma) < 0.2 * sigma
     sl = tiny_model("sltrain").model.layers[0].mlp.up_proj
     assert sl.lora_B.abs().max() == 0 and sl.scale == 32.0 / sl.rank
