@@ -26,10 +26,8 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -453,33 +451,6 @@ def spawn(argv: list[str], log_path: Path, env: dict[str, str]) -> ChildProcess:
                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
-class Stopped(Exception):
-    """The sweep received SIGTERM or SIGHUP (SIGINT arrives as KeyboardInterrupt)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextmanager
-def _stop_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise `Stopped` in the main thread for the block (so the children are
-    stopped on the way out), as SIGINT raises KeyboardInterrupt."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Stopped(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 STOP_GRACE_S = 30.0  # how long a stopped child may take to exit before it is killed
 
 
@@ -508,13 +479,14 @@ def run_sweep(grid: Grid, out: Path, jobs: int = 1, launcher: Launcher = spawn) 
     checkpoint, the others start from step 0; each runs at most once per call. A cell whose run
     fails (non-zero exit, not diverged) stops new cells from starting; the running ones finish,
     then ChtslError names the failed cell and its log. Unreadable cells are skipped and named at
-    the end. SIGINT/SIGTERM/SIGHUP are forwarded to the running cells, which are waited for before
-    the exception propagates. Returns the final state of every cell.
+    the end. SIGINT and SIGTERM (`errors.Interrupted`, through `utils.interruptible`) are forwarded
+    to the running cells, which are waited for before the exception propagates. Returns the final state of every cell.
     """
     from rich.live import Live
 
     from chtsl_infer.console import err_console
-    from chtsl_infer.utils import atomic_write_text, dir_lock
+    from chtsl_infer.errors import Interrupted
+    from chtsl_infer.utils import atomic_write_text, dir_lock, interruptible
 
     cells = grid.cells()
     check_jobs(jobs, len(cells))
@@ -567,7 +539,7 @@ def run_sweep(grid: Grid, out: Path, jobs: int = 1, launcher: Launcher = spawn) 
                 tps = records[-1].get("tokens_per_s")
                 info[cell.name] = f"{tps:,.0f} tok/s · {time.perf_counter() - t0:.0f} s" if tps else ""
 
-        with _stop_signals(), Live(_overview(grid, runs, info, title), console=err_console, refresh_per_second=2,
+        with interruptible(), Live(_overview(grid, runs, info, title), console=err_console, refresh_per_second=2,
                                    transient=False) as live:
             try:
                 while active or (queue and not failures):
@@ -584,9 +556,9 @@ def run_sweep(grid: Grid, out: Path, jobs: int = 1, launcher: Launcher = spawn) 
                     live.update(_overview(grid, runs, info, title))
                     if active:
                         time.sleep(POLL_S)
-            except BaseException as e:
+            except BaseException as e:  # Ctrl-C, SIGTERM (`Interrupted`), or an error of the sweep itself
                 _stop_children([child for _, child, _ in active.values()],
-                               e.signum if isinstance(e, Stopped) else signal.SIGINT)
+                               e.signum if isinstance(e, Interrupted) else signal.SIGINT)
                 raise
     if failures:
         raise ChtslError("; ".join(failures))
