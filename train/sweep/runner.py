@@ -254,8 +254,8 @@ def read_records(path: Path, warn: bool = True) -> list[dict[str, Any]]:
 
 
 def step_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The per-step records (a `step` and no `event`) of a metrics log."""
-    return [r for r in records if "step" in r and "event" not in r]
+    """The per-step records (an integer `step` and no `event`) of a metrics log."""
+    return [r for r in records if isinstance(r.get("step"), int) and "event" not in r]
 
 
 def _number(value: Any) -> float | None:
@@ -296,7 +296,7 @@ def inspect_run(cell: Cell, path: Path, warn: bool = True) -> RunState:
         records = []  # the writer is rewriting it (a resume drops the lines after its checkpoint)
     run.records = step_records(records)
     if run.records:
-        run.step = int(run.records[-1]["step"])
+        run.step = run.records[-1]["step"]
     if holder is not None:
         run.status, run.reason = "running", f"process {holder}"
         return run
@@ -315,9 +315,10 @@ def inspect_run(cell: Cell, path: Path, warn: bool = True) -> RunState:
     except ChtslError as e:
         return RunState(cell, path, "unreadable", records=run.records, reason=str(e))
     run.step, run.steps, run.args = state["step"], steps, args
-    diverged = [r for r in records if r.get("event") == "diverged" and (_number(r.get("step")) or 0) > run.step]
+    diverged = [r for r in records if r.get("event") == "diverged" and isinstance(r.get("step"), int)
+                and r["step"] > run.step]
     if diverged:
-        run.status, run.step = "diverged", int(diverged[-1]["step"])
+        run.status, run.step = "diverged", diverged[-1]["step"]
         run.reason = f"non-finite loss at step {run.step}"
     elif run.step < steps:
         run.reason = f"checkpoint at step {run.step} of {steps}"
