@@ -138,3 +138,65 @@ def test_section_numbers_are_consecutive() -> None:
         numbered += bool(numbers)
         assert numbers == list(range(1, len(numbers) + 1)), (page.name, numbers)
     assert numbered >= 2  # method and formats
+
+
+LIBRARY = ("chtsl_infer", "train", "export", "evals")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Library module -> the library modules it imports (at any depth of its code, type-only imports
+    included: a circle of annotations is still a circle a reader has to untangle)."""
+    import ast
+
+    modules = {}
+    for package in LIBRARY:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, base] if base else up)
+                targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            # `from pkg import module` names the module; `from module import name` the module itself.
+            graph[name].update(next(([t] for t in targets if t in modules), []))
+    return graph
+
+
+def test_the_library_has_no_import_circle() -> None:
+    """Modules form a DAG (docs/contributing.md): Tarjan's strongly connected components of size > 1."""
+    graph = import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while (w := stack.pop()) != v:
+                component.append(w)
+            if component:
+                circles.append(sorted([v, *component]))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert len(graph) > 50 and not circles, circles

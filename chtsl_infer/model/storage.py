@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,9 @@ from chtsl_infer.errors import ChtslError
 from chtsl_infer.model.csr import CsrStructure, col_index_dtype, csr_linear, mask_to_csr
 from chtsl_infer.model.methods import METHODS, Method, get_method
 
-if TYPE_CHECKING:
-    from chtsl_infer.model.layers import SparseLowRankLinear
+#: The layer a storage holds S for: a `SparseLowRankLinear` (model/layers.py). Named as an `nn.Module`
+#: because layers.py imports this module, and a storage needs only the layer's attributes.
+Layer = nn.Module
 
 #: Adam/AdamW state entries shaped like the parameter (`max_exp_avg_sq` only with amsgrad).
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -83,50 +84,50 @@ class SparseStorage(ABC):
     # ------------------------------------------------------------------ the layer
 
     @abstractmethod
-    def build(self, layer: SparseLowRankLinear, mask: torch.Tensor, nnz: int) -> None:
+    def build(self, layer: Layer, mask: torch.Tensor, nnz: int) -> None:
         """Allocates S on `layer` at construction with support `mask` (bool out × in; the layer's
         `layer_link_count`, `nnz`, links), values uninitialised. On the meta device only the shapes."""
 
     @abstractmethod
-    def forward(self, layer: SparseLowRankLinear, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         """S x: (..., in) -> (..., out), differentiable in x and `parameter(layer)`."""
 
-    def parameter(self, layer: SparseLowRankLinear) -> nn.Parameter | None:
+    def parameter(self, layer: Layer) -> nn.Parameter | None:
         """S's trainable tensor (what the optimizer updates); None for a layer without S or weight."""
         return getattr(layer, self.param)
 
-    def dense(self, layer: SparseLowRankLinear) -> torch.Tensor:
+    def dense(self, layer: Layer) -> torch.Tensor:
         """S as a dense (out × in) tensor, differentiable (export, verification, tests; not training)."""
         return self.to_dense(layer, self.parameter(layer))
 
     @abstractmethod
-    def to_dense(self, layer: SparseLowRankLinear, t: torch.Tensor) -> torch.Tensor:
+    def to_dense(self, layer: Layer, t: torch.Tensor) -> torch.Tensor:
         """A tensor in S's layout (values, |values|, a moment) as (out × in), zero off the support."""
 
     @abstractmethod
-    def from_dense(self, layer: SparseLowRankLinear, dense: torch.Tensor) -> torch.Tensor:
+    def from_dense(self, layer: Layer, dense: torch.Tensor) -> torch.Tensor:
         """A dense (out × in) tensor restricted to the support, in S's layout (initialisation)."""
 
     @abstractmethod
-    def support(self, layer: SparseLowRankLinear) -> torch.Tensor:
+    def support(self, layer: Layer) -> torch.Tensor:
         """The support of S as bool (out × in) (transient for csr)."""
 
     @abstractmethod
-    def coordinates(self, layer: SparseLowRankLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    def coordinates(self, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, cols) int64 (nnz,) of the links, in CSR order."""
 
     @abstractmethod
-    def n_links(self, layer: SparseLowRankLinear) -> int:
+    def n_links(self, layer: Layer) -> int:
         """Trainable entries of S: its active links (the `dense` method: every entry; no S: 0)."""
 
     # ------------------------------------------------------------------ training
 
     @abstractmethod
-    def after_step(self, layer: SparseLowRankLinear, optimizer: torch.optim.Optimizer | None) -> None:
+    def after_step(self, layer: Layer, optimizer: torch.optim.Optimizer | None) -> None:
         """After an optimizer step: S and its moments zero off the support again."""
 
     @abstractmethod
-    def remap(self, layer: SparseLowRankLinear, kept: torch.Tensor, new: torch.Tensor,
+    def remap(self, layer: Layer, kept: torch.Tensor, new: torch.Tensor,
               optimizer: torch.optim.Optimizer | None) -> None:
         """Moves S onto the support `new` (bool out × in) after a topology update: the links of `kept`
         (in both the old and the new support) keep their value, gradient and moments; every other
@@ -158,12 +159,12 @@ class SparseStorage(ABC):
                    shape: tuple[int, int]) -> torch.Tensor:
         """Links (nnz,) at (rows, cols) of an S of `shape` (out, in) as a tensor in S's layout."""
 
-    def csr(self, layer: SparseLowRankLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def csr(self, layer: Layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The CSR triple of `layer`'s S, detached, on CPU (the packed export's layout)."""
         entries = {k: getattr(layer, k).detach().cpu() for k in self.tensors}
         return self.to_csr(entries, layer.out_features, layer.in_features)
 
-    def install(self, layer: SparseLowRankLinear, entries: Mapping[str, torch.Tensor]) -> None:
+    def install(self, layer: Layer, entries: Mapping[str, torch.Tensor]) -> None:
         """Makes `entries` (this storage's tensors) `layer`'s S: `param` a Parameter, the rest buffers;
         every other storage's tensor names become None. New parameters: build an optimizer afterwards."""
         for k in TENSOR_NAMES:  # parameters, buffers and plain None attributes alike
@@ -191,40 +192,40 @@ class MaskedStorage(SparseStorage):
 
     name, param, tensors, holds_dense = "masked", "weight", ("weight", "mask"), True
 
-    def build(self, layer: SparseLowRankLinear, mask: torch.Tensor, nnz: int) -> None:
+    def build(self, layer: Layer, mask: torch.Tensor, nnz: int) -> None:
         self.install(layer, {"weight": torch.empty(layer.out_features, layer.in_features), "mask": mask})
 
-    def forward(self, layer: SparseLowRankLinear, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense(layer))
 
-    def to_dense(self, layer: SparseLowRankLinear, t: torch.Tensor) -> torch.Tensor:
+    def to_dense(self, layer: Layer, t: torch.Tensor) -> torch.Tensor:
         # Masking (not a weight zero off the mask) keeps gradients off inactive links.
         return t * layer.mask if layer.mask is not None else t
 
-    def from_dense(self, layer: SparseLowRankLinear, dense: torch.Tensor) -> torch.Tensor:
+    def from_dense(self, layer: Layer, dense: torch.Tensor) -> torch.Tensor:
         return self.to_dense(layer, dense)
 
-    def support(self, layer: SparseLowRankLinear) -> torch.Tensor:
+    def support(self, layer: Layer) -> torch.Tensor:
         if layer.mask is None:
             raise ValueError(f"method {layer.method!r} has no sparse branch")
         return layer.mask
 
-    def coordinates(self, layer: SparseLowRankLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    def coordinates(self, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
         return self.support(layer).nonzero(as_tuple=True)
 
-    def n_links(self, layer: SparseLowRankLinear) -> int:
+    def n_links(self, layer: Layer) -> int:
         if layer.weight is None:
             return 0
         return int(layer.mask.sum()) if layer.mask is not None else layer.weight.numel()
 
     @torch.no_grad()
-    def after_step(self, layer: SparseLowRankLinear, optimizer: torch.optim.Optimizer | None) -> None:
+    def after_step(self, layer: Layer, optimizer: torch.optim.Optimizer | None) -> None:
         layer.weight.mul_(layer.mask)
         for moment in _moments(optimizer, layer.weight):
             moment.mul_(layer.mask)
 
     @torch.no_grad()
-    def remap(self, layer: SparseLowRankLinear, kept: torch.Tensor, new: torch.Tensor,
+    def remap(self, layer: Layer, kept: torch.Tensor, new: torch.Tensor,
               optimizer: torch.optim.Optimizer | None) -> None:
         # Removed and regrown links both restart from w = 0 with zero moments: multiplying by the
         # removal survivors (not the new mask) zeroes both, including a link removed and regrown at once.
@@ -270,18 +271,18 @@ class CsrStorage(SparseStorage):
 
     name, param, tensors, holds_dense = "csr", "values", ("values", "crow_indices", "col_indices"), False
 
-    def build(self, layer: SparseLowRankLinear, mask: torch.Tensor, nnz: int) -> None:
+    def build(self, layer: Layer, mask: torch.Tensor, nnz: int) -> None:
         self.install(layer, {"values": torch.empty(nnz),
                              "crow_indices": torch.zeros(layer.out_features + 1, dtype=torch.int32),
                              "col_indices": torch.zeros(nnz, dtype=col_index_dtype(layer.in_features))})
         if layer.values.device.type != "meta":  # from_pretrained builds on meta, then loads
             self.set_support(layer, *mask_to_csr(mask))
 
-    def install(self, layer: SparseLowRankLinear, entries: Mapping[str, torch.Tensor]) -> None:
+    def install(self, layer: Layer, entries: Mapping[str, torch.Tensor]) -> None:
         super().install(layer, entries)
         layer._csr_structure = None  # (key, CsrStructure) cache of `structure`
 
-    def structure(self, layer: SparseLowRankLinear) -> CsrStructure:
+    def structure(self, layer: Layer) -> CsrStructure:
         """The `CsrStructure` of the layer's support, rebuilt (and validated) when the index buffers
         changed (replaced, written in place or moved) since it was last built.
 
@@ -301,7 +302,7 @@ class CsrStorage(SparseStorage):
         return cached[1]
 
     @torch.no_grad()
-    def set_support(self, layer: SparseLowRankLinear, crow: torch.Tensor, col: torch.Tensor) -> None:
+    def set_support(self, layer: Layer, crow: torch.Tensor, col: torch.Tensor) -> None:
         """Replaces the layer's support (in place; same nnz), stored in the packed dtypes."""
         if col.numel() != layer.col_indices.numel():
             raise ValueError(f"a csr layer keeps its nnz ({layer.col_indices.numel()}), got {col.numel()} links")
@@ -309,31 +310,31 @@ class CsrStorage(SparseStorage):
         layer.col_indices.copy_(col.to(layer.col_indices.device, layer.col_indices.dtype))
         layer._csr_structure = None
 
-    def forward(self, layer: SparseLowRankLinear, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         return csr_linear(x, layer.values, self.structure(layer))
 
-    def to_dense(self, layer: SparseLowRankLinear, t: torch.Tensor) -> torch.Tensor:
+    def to_dense(self, layer: Layer, t: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(layer.out_features, layer.in_features, dtype=t.dtype, device=t.device)
         return out.index_put(self.coordinates(layer), t)  # not in place: differentiable in t
 
-    def from_dense(self, layer: SparseLowRankLinear, dense: torch.Tensor) -> torch.Tensor:
+    def from_dense(self, layer: Layer, dense: torch.Tensor) -> torch.Tensor:
         return dense[self.coordinates(layer)]
 
-    def support(self, layer: SparseLowRankLinear) -> torch.Tensor:
+    def support(self, layer: Layer) -> torch.Tensor:
         return self.structure(layer).to_mask()
 
-    def coordinates(self, layer: SparseLowRankLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    def coordinates(self, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
         st = self.structure(layer)
         return st.row_indices(), st.col.long()
 
-    def n_links(self, layer: SparseLowRankLinear) -> int:
+    def n_links(self, layer: Layer) -> int:
         return layer.values.numel()
 
-    def after_step(self, layer: SparseLowRankLinear, optimizer: torch.optim.Optimizer | None) -> None:
+    def after_step(self, layer: Layer, optimizer: torch.optim.Optimizer | None) -> None:
         pass  # nothing is held off the support
 
     @torch.no_grad()
-    def remap(self, layer: SparseLowRankLinear, kept: torch.Tensor, new: torch.Tensor,
+    def remap(self, layer: Layer, kept: torch.Tensor, new: torch.Tensor,
               optimizer: torch.optim.Optimizer | None) -> None:
         # Kept links move to their new CSR position (∝ nnz); the transient (out × in) tensors are
         # the caller's bool masks.
