@@ -11,6 +11,7 @@ import sys
 from typing import Annotated, NoReturn
 
 import typer
+from click.core import ParameterSource
 from rich.markup import escape
 
 from chtsl_infer.commands.bench import bench_command
@@ -35,20 +36,37 @@ app = typer.Typer(
 
 @app.command("info", context_settings=context_settings("info"))
 def info_command(
+    ctx: typer.Context,
     preset: Annotated[str, typer.Option(help="Preset name, e.g. llama60m-c4, llama130m-owt, tiny.")] = "llama60m-c4",
     s_total: Annotated[float, typer.Option("--s-total", help="Total sparsity of the linears (0.9, 0.8 or 0.7).")] = 0.9,
     method: Annotated[str, typer.Option(help=f"{METHOD_CHOICES}.")] = DEFAULT_METHOD,
     sparsity: Annotated[float | None, typer.Option(help="Override the preset's sparsity s of S.")] = None,
     rank: Annotated[int | None, typer.Option(help="Override the preset's rank r of the low-rank branch.")] = None,
+    kernels: Annotated[bool, typer.Option(
+        "--kernels", help="Show the CPU kernels instead: CPU, ISA, build, the settings in force and the defaults, "
+                          "when and where they were tuned.")] = False,
+    retune: Annotated[bool, typer.Option(
+        "--retune", help="Tune the CPU kernels anew (about 20 s), then show them (implies --kernels).")] = False,
     json_out: JsonOut = None,
     force: Force = False,
 ) -> None:
-    """Per-layer-type shapes, (s, r), parameter counts and s_total of a preset."""
-    from chtsl_infer.commands.info import budget_report, budget_table
+    """Per-layer-type shapes, (s, r), parameter counts and s_total of a preset; with --kernels, the CPU
+    kernels and their tuning."""
+    from chtsl_infer.commands.info import budget_report, budget_table, kernel_report, kernel_table
     from chtsl_infer.model.methods import unused_options_warning
     from chtsl_infer.model.presets import build_config
 
     check_output_file(json_out, force)
+    if kernels or retune:
+        given = [f"--{name.replace('_', '-')}" for name in ("preset", "s_total", "method", "sparsity", "rank")
+                 if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+        if given:
+            raise ChtslError(f"--kernels shows the CPU kernels, not a model: drop {', '.join(given)}")
+        report = kernel_report(retune)
+        if str(json_out) != "-":
+            console.print(kernel_table(report))
+        write_json(report, json_out, force)
+        return
     config = build_config(preset, method=method, s_total=s_total, sparsity=sparsity, rank=rank)
     unused = unused_options_warning(method, [n for n, v in (("sparsity", sparsity), ("rank", rank)) if v is not None])
     if unused:

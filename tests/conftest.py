@@ -17,6 +17,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The built-in kernel settings: no 20 s tuning in the suite, and no result that depends on a cached tuning
+# (inherited by the CLI subprocesses the tests start). tests/test_tune.py turns it on with a tiny budget.
+os.environ["CHTSL_TUNE"] = "0"
 
 import chtsl_infer  # noqa: E402  (registers the Auto classes)
 from chtsl_infer.model.methods import METHODS  # noqa: E402
@@ -134,6 +137,47 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+def _candidate_extreme(pick) -> dict[str, int]:
+    from chtsl_infer.kernels.tune import CANDIDATES
+
+    return {name: pick(values) for name, values in CANDIDATES.items()}
+
+
+# What the tuner can pick, in few runs that reach every distinct code path: each setting's smallest and
+# largest candidate (32- vs 64-token tiles at wide inputs, a 16-token tile at 1 token vs the gather loop up
+# to 4 tokens, 1 vs 8 row chunks per thread, 16 vs 256 KiB work items, attention always vs never split,
+# 16/64-token training tiles, SDDMM tiles by their buffer rule), the defaults, and each build variant
+# (with the defaults).
+KERNEL_VARIANTS = {
+    "defaults": ({}, ""),
+    "smallest": (_candidate_extreme(min), ""),
+    "largest": (_candidate_extreme(max), ""),
+    "vw8": ({}, "vw8"),
+}
+
+
+@pytest.fixture(params=list(KERNEL_VARIANTS))
+def kernel_variant(request: pytest.FixtureRequest) -> str:
+    """Runs the test under one of `KERNEL_VARIANTS` (settings overridden, the build variant in force);
+    a build variant that does not apply to this CPU is skipped."""
+    from chtsl_infer.kernels import build
+    from chtsl_infer.kernels.settings import override
+    from chtsl_infer.kernels.table import BUILD_VARIANTS
+
+    changes, variant = KERNEL_VARIANTS[request.param]
+    base = build.library()[0]
+    if base is None:
+        pytest.skip("no compiled kernels")
+    lib = base
+    if variant:
+        if not BUILD_VARIANTS[variant].applies(base.probed()):
+            pytest.skip(f"the {variant} build variant does not apply to this CPU")
+        lib, why = build.variant_library(variant)
+        assert lib is not None and lib.variant == variant, why
+    with override(**changes), build.use_library(lib):
+        yield request.param
 
 
 @pytest.fixture

@@ -275,7 +275,7 @@ def test_compiled_training_kernels_are_in_use() -> None:
         (70, 9, 300, 0.1, None),  # few rows, many columns: rows with ≥ 8 links on the transpose
     ],
 )
-def test_compiled_kernels_match_reference(tokens, out_f, in_f, density, tile_bytes, threads) -> None:
+def test_compiled_kernels_match_reference(tokens, out_f, in_f, density, tile_bytes, threads, kernel_variant) -> None:
     """csr_mm (forward and transposed) and csr_sddmm on every tile/tail/chunk path vs dense fp32."""
     gen = torch.Generator().manual_seed(tokens + out_f + in_f)
     mask = _mask(out_f, in_f, density, gen, empty_rows=out_f // 7, empty_cols=in_f // 9)

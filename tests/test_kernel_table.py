@@ -17,6 +17,7 @@ import torch
 from chtsl_infer import kernels
 from chtsl_infer.kernels import build, table
 from chtsl_infer.kernels.settings import KernelSettings, override, settings
+from chtsl_infer.kernels.tune import CANDIDATES
 
 ROOT = Path(__file__).resolve().parents[1]
 C_TYPES = {"int": ctypes.c_int, "long": ctypes.c_long, "float": ctypes.c_float, "double": ctypes.c_double}
@@ -110,7 +111,7 @@ def test_one_lookup_picks_each_variant() -> None:
 def test_settings_defaults_rules_and_validation() -> None:
     s = KernelSettings()
     assert (s.tile_bytes, s.mm_tile, s.sddmm_tile, s.sddmm_tile_bytes, s.gather_below, s.chunks_per_thread,
-            s.decode_item_bytes) == (1 << 20, 32, 64, 256 << 10, 3, 2, 64 << 10)  # the values measured on AVX2
+            s.decode_item_bytes, s.attn_min_work) == (1 << 20, 32, 64, 256 << 10, 3, 2, 64 << 10, 1 << 14)  # AVX2's
     assert [s.token_tile(1000, n) for n in (1, 2, 3, 16, 17, 32, 33, 500)] == [0, 0, 16, 16, 32, 32, 64, 64]
     assert s.token_tile(5000, 100) == 32  # 5000 × 64 floats exceed tile_bytes
     assert [s.train_tile(n) for n in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 32]
@@ -125,9 +126,15 @@ def test_settings_defaults_rules_and_validation() -> None:
             KernelSettings(**bad)
 
 
+# Every value the tuner tries (chtsl_infer/kernels/tune.py CANDIDATES) other than the default, one at a time.
+TUNER_PICKS = [{name: value} for name, values in CANDIDATES.items() for value in values
+               if value != getattr(KernelSettings(), name)]
+
+
 @pytest.mark.parametrize("changes", [
     {}, {"tile_bytes": 1}, {"gather_below": 0}, {"gather_below": 17}, {"chunks_per_thread": 5},
     {"mm_tile": 16, "sddmm_tile": 16}, {"mm_tile": 64, "sddmm_tile": 32}, {"sddmm_tile_bytes": 1},
+    *TUNER_PICKS,
 ])
 def test_every_setting_a_tuner_may_pick_computes_the_same_products(changes: dict[str, int]) -> None:
     """spmm (fp32, bf16), csr_mm and csr_sddmm under other settings still equal the dense references."""

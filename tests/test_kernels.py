@@ -66,7 +66,7 @@ def test_compiled_kernel_is_in_use() -> None:
     ],
 )
 def test_kernel_matches_dense_masked_matmul(tokens: int, out_f: int, in_f: int, density: float,
-                                            empty_rows: int) -> None:
+                                            empty_rows: int, kernel_variant: str) -> None:
     gen = torch.Generator().manual_seed(tokens * 1000 + out_f)
     crow, col, val, w = _random_csr(out_f, in_f, density, gen, empty_rows)
     x = torch.randn(in_f, tokens, generator=gen)  # feature-major
@@ -97,7 +97,7 @@ def test_kernel_thread_counts_agree(threads: int) -> None:
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 40])
-def test_link_balanced_chunks_cover_skewed_rows(tokens: int) -> None:
+def test_link_balanced_chunks_cover_skewed_rows(tokens: int, kernel_variant: str) -> None:
     """Row chunks split by link count: a few full rows among empty ones (and no links at all) still
     write every output row once."""
     gen = torch.Generator().manual_seed(tokens)
@@ -125,7 +125,7 @@ def test_kernel_int32_columns_strided_rows_and_out_buffer() -> None:
 
 
 @pytest.mark.parametrize("tokens", [3, 70])  # gather path and tiled path
-def test_sorted_rows_write_each_row_to_its_place(tokens: int) -> None:
+def test_sorted_rows_write_each_row_to_its_place(tokens: int, kernel_variant: str) -> None:
     gen = torch.Generator().manual_seed(7)
     crow, col, val, w = _random_csr(90, 60, 0.15, gen, empty_rows=6)
     s_crow, s_col, s_val, rows = kernels.sort_rows(crow, col, val)
@@ -244,7 +244,7 @@ def test_cuda_csr_matches_dense(dtype: torch.dtype) -> None:  # pragma: no cover
 
 @pytest.mark.parametrize("n_tok", [1, 2, 5, 40, 130])
 @pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32])
-def test_spmm_cpu_bfloat16_accumulates_in_fp32(n_tok: int, col_dtype: torch.dtype) -> None:
+def test_spmm_cpu_bfloat16_accumulates_in_fp32(n_tok: int, col_dtype: torch.dtype, kernel_variant: str) -> None:
     """bf16 values and activations, fp32 sums: equal to the fp32 product of the same bf16 numbers up to
     the final rounding to bf16 (one bf16 ulp, 2**-8 relative), on the gather (1–2 tokens) and tile paths."""
     from chtsl_infer.kernels import sort_rows, spmm_cpu
@@ -395,9 +395,11 @@ def test_silu_mul_decode_kernel_matches_torch(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(("batch", "seq", "start"), [(1, 1, 0), (2, 1, 5), (1, 3, 4), (2, 2, 0), (1, 4, 9)])
 @pytest.mark.parametrize("n_kv", [4, 2])  # 2: grouped-query attention
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("min_work", [1, 1 << 30])  # (sequence, head) pairs split over 2 threads, or one thread
 def test_attention_decode_kernel_matches_torch_attention(batch: int, seq: int, start: int, n_kv: int,
-                                                         dtype: torch.dtype) -> None:
+                                                         dtype: torch.dtype, min_work: int) -> None:
     """RoPE, cache write and causal attention over the cache equal the torch path (SDPA) of feature_major."""
+    from chtsl_infer.kernels.settings import override
     from chtsl_infer.runtime.feature_major import KVCache, _attention
 
     _skip_without_kernels()
@@ -414,8 +416,14 @@ def test_attention_decode_kernel_matches_torch_attention(batch: int, seq: int, s
     mask = torch.ones(seq, end, dtype=torch.bool).tril_(start) if start > 0 and seq > 1 else None
     want = _attention(qkv, cos[:, :, start:end], sin[:, :, start:end], ref, 0, start, end, mask, batch, seq,
                       (n_heads, n_kv, head_dim), 0.3)
-    got = kernels.attention_decode(qkv, key, value, cos, sin, start, seq, n_heads, 0.3,
-                                   torch.full((n_heads * head_dim, batch * seq), float("nan"), dtype=dtype))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with override(attn_min_work=min_work):
+            got = kernels.attention_decode(qkv, key, value, cos, sin, start, seq, n_heads, 0.3,
+                                           torch.full((n_heads * head_dim, batch * seq), float("nan"), dtype=dtype))
+    finally:
+        torch.set_num_threads(saved)
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: torch rounds q and k after each RoPE operation
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     torch.testing.assert_close(key, ref.key[0], rtol=tol, atol=tol)  # the same keys written, the rest untouched

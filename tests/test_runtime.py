@@ -161,7 +161,7 @@ def test_generate_matches_transformers_generate_greedy(method: str) -> None:
         assert torch.equal(got, want), backend
 
 
-def test_decode_steps_match_full_forward_logits() -> None:
+def test_decode_steps_match_full_forward_logits(kernel_variant: str) -> None:
     """Prefill, a 3-token chunk after cached tokens, then single tokens: each position's logits are the
     full forward's, and the cache is written in place (no re-allocation)."""
     model = tiny_model_nonzero_b("chtsl")
@@ -214,7 +214,7 @@ def test_decode_steps_of_up_to_four_tokens_take_the_c_path(monkeypatch: pytest.M
 @pytest.mark.parametrize("item_bytes", [KernelSettings().decode_item_bytes, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_all_blocks_in_one_c_call_equal_the_block_loop(dtype: torch.dtype, item_bytes: int,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                       monkeypatch: pytest.MonkeyPatch, kernel_variant: str) -> None:
     """`kernels.DecodeLayers` (every block of a ≤ 4-token step in one C call) gives the logits and the
     KV cache of feature_major's block loop over the same kernels exactly, for 1, 2 and 3 tokens per
     sequence (3: the sparse kernel's tile path) with GQA; it is rebuilt after `.to()`, and models it

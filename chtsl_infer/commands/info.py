@@ -1,10 +1,12 @@
-"""`chtsl info`: the per-layer-type parameter budget of a preset (docs/method.md §4)."""
+"""`chtsl info`: the per-layer-type parameter budget of a preset (docs/method.md §4); with `--kernels`,
+the CPU kernels (build, ISA, the settings in force and their tuning)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from rich import box
+from rich.console import Group
 from rich.table import Table
 
 from chtsl_infer.model import budget
@@ -75,3 +77,64 @@ def budget_table(report: dict[str, Any]) -> Table:
     if any(r["rank"] for r in report["layers"]):
         table.caption += f" · low-rank init × {report['lowrank_init_scale']:g} (CoLA's σ0)"
     return table
+
+
+# ----------------------------------------------------------------------------- chtsl info --kernels
+
+
+def kernel_report(retune: bool = False) -> dict[str, Any]:
+    """`kernels.kernel_info()` as JSON (the kernels built and tuned on first use), after tuning anew with
+    `retune`; plus the values the tuner tries per setting (`candidates`)."""
+    from chtsl_infer import kernels
+    from chtsl_infer.kernels import tune
+
+    if retune:
+        tune.retune()
+    return {**kernels.kernel_info().as_json(), "candidates": {k: list(v) for k, v in tune.CANDIDATES.items()}}
+
+
+def _tuning_lines(tuning: dict[str, Any]) -> list[tuple[str, str]]:
+    record = tuning.get("record")
+    if not record:
+        return [("settings", f"{tuning['state']}: {tuning['detail']}")]
+    done = "complete" if record["complete"] else "stopped at the budget"
+    return [("settings", f"{tuning['state']}: measured {record['measured_at']} in {record['seconds']:.1f} s "
+                         f"({record['key']['threads']} threads, {done})"),
+            ("cache", str(tuning["path"]))]
+
+
+def kernel_table(report: dict[str, Any]) -> Group:
+    """What `kernel_report` holds, for the console: the CPU, ISA, build and tuning as key/value lines, then
+    one row per setting (in force, default, the values the tuner tries; * = tuned away from the
+    default) and the build variant."""
+    about = Table.grid(padding=(0, 2))
+    about.add_column(style="bold")
+    about.add_column(overflow="fold")
+    about.add_row("CPU", report["cpu"])
+    if not report["available"]:
+        about.add_row("kernels", f"not compiled: {report['detail']}")
+        return Group(about)
+    about.add_row("ISA", f"{' '.join(report['isa']) or 'none of those the kernels use'} (tile vectors "
+                         f"{report['tile_vw']} floats, bf16 dot {'on' if report['bf16_dot'] else 'off'})")
+    about.add_row("build", f"{report['compiler']} {' '.join(report['flags'])} · {report['path']}")
+    for key, value in _tuning_lines(report["tuning"]):
+        about.add_row(key, value)
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False,
+                  caption="* tuned on this machine · CHTSL_TUNE=0: the defaults · --retune: tune anew")
+    for col in ("setting", "in force", "default", "tried"):
+        table.add_column(col, justify="left" if col in ("setting", "tried") else "right", no_wrap=col != "tried")
+    defaults = report["defaults"]
+    for name, value in report["settings"].items():
+        mark = " *" if value != defaults[name] else ""
+        tried = ", ".join(str(v) for v in report["candidates"].get(name, []))
+        table.add_row(name, f"{value}{mark}", str(defaults[name]), tried)
+    table.add_row("build variant", (report["variant"] or "base") + (" *" if report["variant"] else ""), "base",
+                  ", ".join(["base", *_variant_names(report)]))
+    return Group(about, table)
+
+
+def _variant_names(report: dict[str, Any]) -> list[str]:
+    from chtsl_infer.kernels.table import BUILD_VARIANTS
+
+    probed = {"tile_vw": [str(report["tile_vw"])]} if report["tile_vw"] else {}
+    return [name for name, spec in BUILD_VARIANTS.items() if spec.applies(probed)]

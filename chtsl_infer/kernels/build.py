@@ -17,6 +17,11 @@ temporary directory and are renamed into place (the record first), so concurrent
 load a partial file. A flag set that does not compile is recorded (`spmm-KEY.failed`), and the build
 that falls back to the next set says so once; removing the cache directory retries every set.
 Without a working compiler, `library()` is (None, why), callers use torch, and one warning line says so.
+
+The library in force (`current()`, what `kernel()` looks functions up in) is the base build, or a
+build variant (`table.BUILD_VARIANTS`: the same sources with -D flags, `variant_library`) that the
+tuner chose on this machine; the first `current()` runs or reads the tuning (`tune.apply`), which
+also puts the tuned `KernelSettings` in force.
 """
 
 from __future__ import annotations
@@ -30,14 +35,16 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from chtsl_infer.kernels.settings import settings
-from chtsl_infer.kernels.table import KERNELS, CFunction, bind, check_layouts, probe, symbol
+from chtsl_infer.kernels.settings import KernelSettings, settings
+from chtsl_infer.kernels.table import BUILD_VARIANTS, KERNELS, CFunction, bind, check_layouts, probe, symbol
 from chtsl_infer.utils import atomic_write_text, cache_dir, warn_once
 
 CSRC = Path(__file__).with_name("csrc")
@@ -55,14 +62,35 @@ NOT_BUILT = "not built"  # verify(): no library under that name yet (not damage)
 
 @dataclass(frozen=True)
 class Library:
-    """A loaded, validated build: where it is, how it was built, its bound functions (symbol -> function)
-    and what `kernel_probe` reported."""
+    """A loaded, validated build: where it is, how it was built, its bound functions (symbol -> function),
+    what `kernel_probe` reported, and which build variant it is ("" = the base build)."""
 
     path: Path
     compiler: str
     flags: tuple[str, ...]
     functions: dict[str, CFunction]
     probe: tuple[str, ...]
+    variant: str = ""
+
+    def probed(self) -> dict[str, list[str]]:
+        """`kernel_probe`'s lines as key -> values ("tile_vw" -> ["16"])."""
+        return {line.split()[0]: line.split()[1:] for line in self.probe if line.strip()}
+
+
+def cpu_model() -> str:
+    """The host CPU's model name as the OS reports it (x86: "model name"; arm64: the implementer and part)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if fields.get("model name"):
+        return fields["model name"]
+    if fields.get("CPU implementer"):
+        return f"implementer {fields['CPU implementer']} part {fields.get('CPU part', '?')}"
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _cpu_fingerprint() -> str:
@@ -80,10 +108,14 @@ def _cache_dir() -> Path:
     return cache_dir() / "kernels"
 
 
+def source_hash() -> str:
+    """SHA-256 of the kernels' sources and headers (hex)."""
+    return hashlib.sha256(b"\0".join(path.read_bytes() for path in SOURCES + HEADERS)).hexdigest()
+
+
 def _cache_key(compiler: str, flags: tuple[str, ...]) -> str:
     """16 hex digits naming a built library: its sources and headers, compiler, flags and the host CPU."""
-    source = b"\0".join(path.read_bytes() for path in SOURCES + HEADERS)
-    return hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags + LINK_FLAGS).encode(),
+    return hashlib.sha256(b"\0".join([source_hash().encode(), compiler.encode(), " ".join(flags + LINK_FLAGS).encode(),
                                       _cpu_fingerprint().encode()])).hexdigest()[:16]
 
 
@@ -119,16 +151,30 @@ def verify(target: Path) -> str | None:
     return None
 
 
-def _build(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
+def _run_compiler(argv: list[str], timeout: float) -> tuple[int, str]:
+    """(exit code, stderr) of a compiler run; subprocess.TimeoutExpired after `timeout` seconds, with the
+    compiler's whole process group killed (the driver's cc1 and as children too)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise
+    return proc.returncode, err
+
+
+def _build(compiler: str, flags: tuple[str, ...], target: Path, timeout: float = 300) -> str | None:
     """Compiles SOURCES into `target` with its build record; None, or the compiler's error (then recorded
-    in `_failed_path(target)`, so later processes skip this flag set)."""
+    in `_failed_path(target)`, so later processes skip this flag set). TimeoutExpired after `timeout` s."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename:
         tmp_lib = Path(tmp) / target.name  # concurrent first uses never load a partial file
-        run = subprocess.run([compiler, *flags, *LINK_FLAGS, "-o", str(tmp_lib), *map(str, SOURCES), "-lm"],
-                             capture_output=True, text=True, timeout=300)
-        if run.returncode != 0:
-            error = (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[-1]
+        code, stderr = _run_compiler([compiler, *flags, *LINK_FLAGS, "-o", str(tmp_lib), *map(str, SOURCES), "-lm"],
+                                     timeout)
+        if code != 0:
+            error = (stderr.strip().splitlines() or [f"exit code {code}"])[-1]
             atomic_write_text(_failed_path(target), json.dumps({"error": error}) + "\n")
             return error
         data = tmp_lib.read_bytes()
@@ -148,18 +194,20 @@ def _failed(target: Path) -> str | None:
         return None
 
 
-def _load(target: Path, compiler: str, flags: tuple[str, ...]) -> Library:
+def _load(target: Path, compiler: str, flags: tuple[str, ...], variant: str = "") -> Library:
     """dlopen a verified library and bind the table; RuntimeError (loud: a bug, not bad input) when the
     library and the table or the ctypes structs disagree."""
     functions = bind(ctypes.CDLL(str(target)))
     probed = probe(functions)
     check_layouts(probed)
-    return Library(target, compiler, flags, functions, tuple(probed))
+    return Library(target, compiler, flags, functions, tuple(probed), variant)
 
 
-def _ensure_built(compiler: str, flags: tuple[str, ...], target: Path, earlier: list[str]) -> tuple[list[str], str]:
+def _ensure_built(compiler: str, flags: tuple[str, ...], target: Path, earlier: list[str],
+                  timeout: float = 300) -> tuple[list[str], str]:
     """Makes `target` a verified library of this flag set, building it where it is absent or damaged:
-    ([], a note for the warning line or "") or (why it is not, ""). `earlier`: the previous sets' errors."""
+    ([], a note for the warning line or "") or (why it is not, ""). `earlier`: the previous sets' errors;
+    `timeout`: seconds a build may take."""
     label = f"{compiler} {' '.join(flags)}"
     problem = verify(target)
     if problem is None:
@@ -171,7 +219,9 @@ def _ensure_built(compiler: str, flags: tuple[str, ...], target: Path, earlier: 
     if shutil.which(compiler) is None:
         return [*damage, f"no C compiler: {compiler!r} not found (set CC)"], ""
     try:
-        error = _build(compiler, flags, target)
+        error = _build(compiler, flags, target, timeout)
+    except subprocess.TimeoutExpired:
+        error = f"not built within {timeout:.0f} s"
     except (OSError, subprocess.SubprocessError) as exc:
         error = str(exc)
     if error is None and (mismatch := verify(target)) is not None:  # e.g. a concurrent repair meanwhile
@@ -213,12 +263,72 @@ def library() -> tuple[Library | None, str]:
     return lib, how
 
 
+_variants: dict[tuple[Path, str], Library] = {}  # (base path, variant name) -> the loaded variant
+_in_force: dict[Path, Library] = {}  # base library path -> the build in force (itself or a tuned variant)
+_forced: list[Library] = []  # use_library's stack
+
+
+def variant_library(name: str, timeout: float = 300) -> tuple[Library | None, str]:
+    """(build variant `name` of the base library, "") — built on first use, cached beside it — or (None,
+    why not: no base library, a compiler error, not built within `timeout` seconds)."""
+    base = library()[0]
+    if base is None:
+        return None, "no compiled kernels"
+    key = (base.path, name)
+    if key not in _variants:  # failures are not kept: a compiler error is recorded on disk, a timeout retried
+        flags = base.flags + BUILD_VARIANTS[name].defines
+        target = _cache_dir() / f"spmm-{_cache_key(base.compiler, flags)}.so"
+        failed, _ = _ensure_built(base.compiler, flags, target, [], timeout)
+        if failed:
+            return None, "; ".join(failed)
+        try:
+            _variants[key] = _load(target, base.compiler, flags, name)
+        except OSError as exc:
+            return None, f"loading {target}: {exc}"
+    return _variants[key], ""
+
+
+def current() -> Library | None:
+    """The build in force (None without the compiled kernels). The first call for a base library puts
+    this machine's tuning in force (`tune.apply`: cached measurements, or tuning now), which may pick a
+    build variant; inside `use_library(lib)`, `lib`."""
+    if _forced:
+        return _forced[-1]
+    base = library()[0]
+    if base is None:
+        return None
+    chosen = _in_force.get(base.path)
+    if chosen is None:
+        from chtsl_infer.kernels import tune  # tune times the operations, which import this module
+
+        _in_force[base.path] = base  # in force while the tuner times it (its calls come back here)
+        chosen = _in_force[base.path] = tune.apply(base)
+    return chosen
+
+
+@contextmanager
+def use_library(lib: Library) -> Iterator[Library]:
+    """`lib` (a variant, or the base build) is the build in force inside the block (the tuner, tests)."""
+    _forced.append(lib)
+    try:
+        yield lib
+    finally:
+        _forced.pop()
+
+
+def put_in_force(lib: Library) -> None:
+    """Makes `lib` (the base build or one of its variants) the build in force for its base library from now on."""
+    base = library()[0]
+    if base is not None:
+        _in_force[base.path] = lib
+
+
 def kernel(name: str, dtype: torch.dtype | None = None, index: torch.dtype | None = None) -> CFunction | None:
     """The compiled variant of table entry `name` for value dtype `dtype` and column-index dtype `index`
-    (each only where the entry has such variants), or None without the compiled library. LookupError for
-    a variant the table does not declare."""
+    (each only where the entry has such variants) in the build in force (`current()`), or None without
+    the compiled library. LookupError for a variant the table does not declare."""
     c_name = symbol(name, dtype, index)  # LookupError first: a wrong lookup is a bug with or without the library
-    lib = library()[0]
+    lib = current()
     return None if lib is None else lib.functions[c_name]
 
 
@@ -255,32 +365,42 @@ def cpu_kernel_status() -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class KernelInfo:
-    """What the CPU kernels in use are, for reports (`chtsl bench --json`): how or why not (`detail`), the
-    library's path, compiler and flags, the instruction sets the compiler targeted (`isa`), whether it
-    has OpenMP, floats per tile vector (`tile_vw`), whether the bf16 gather uses AVX512-BF16
-    (`bf16_dot`), and the run-time settings in force."""
+    """What the CPU kernels in use are, for reports (`chtsl bench --json`, `chtsl info --kernels`): how or
+    why not (`detail`), the CPU model (`cpu`), the build in force — its path, compiler and flags, build
+    variant ("" = the base build), the instruction sets the compiler targeted (`isa`), whether it has
+    OpenMP, floats per tile vector (`tile_vw`), whether the bf16 gather uses AVX512-BF16 (`bf16_dot`) —,
+    the run-time settings in force, the built-in defaults, and how the settings were chosen (`tuning`:
+    `tune.TuneStatus.as_json`)."""
 
     available: bool
     detail: str
+    cpu: str = ""
     path: str | None = None
     compiler: str | None = None
     flags: tuple[str, ...] = ()
+    variant: str = ""
     isa: tuple[str, ...] = ()
     openmp: bool = False
     tile_vw: int | None = None
     bf16_dot: bool = False
     settings: dict[str, int] = field(default_factory=dict)
+    defaults: dict[str, int] = field(default_factory=dict)
+    tuning: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def kernel_info() -> KernelInfo:
-    """The `KernelInfo` of this process's kernels (building them on first use)."""
+    """The `KernelInfo` of this process's kernels (building and tuning them on first use)."""
+    from chtsl_infer.kernels import tune
+
     lib, how = library()
-    current = asdict(settings())
+    defaults = asdict(KernelSettings())
     if lib is None:
-        return KernelInfo(False, how, settings=current)
-    probed = {line.split()[0]: line.split()[1:] for line in lib.probe if line.strip()}
-    return KernelInfo(True, how, str(lib.path), lib.compiler, lib.flags, tuple(probed.get("isa", [])),
-                      probed["openmp"] == ["1"], int(probed["tile_vw"][0]), probed["bf16_dot"] == ["1"], current)
+        return KernelInfo(False, how, cpu_model(), settings=asdict(settings()), defaults=defaults)
+    lib = current() or lib
+    probed = lib.probed()
+    return KernelInfo(True, how, cpu_model(), str(lib.path), lib.compiler, lib.flags, lib.variant,
+                      tuple(probed.get("isa", [])), probed["openmp"] == ["1"], int(probed["tile_vw"][0]),
+                      probed["bf16_dot"] == ["1"], asdict(settings()), defaults, tune.status().as_json())

@@ -110,7 +110,7 @@ def attention_decode(qkv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     fn = require("attn_decode", qkv.dtype)
     if fn(qkv.data_ptr(), qkv.stride(0), batch, seq, n_heads, n_kv, head_dim, cos.data_ptr(), sin.data_ptr(),
           key.data_ptr(), value.data_ptr(), capacity, start, scale, out.data_ptr(), out.stride(0),
-          torch.get_num_threads()):
+          settings().attn_min_work, torch.get_num_threads()):
         raise MemoryError("attention_decode: could not allocate the score buffers")
     return out
 
@@ -210,5 +210,6 @@ class DecodeLayers:
         if self.fn(h.data_ptr(), hidden, batch, seq, ctypes.addressof(self.table), len(self.blocks),
                    ctypes.addressof(keys), ctypes.addressof(values), self.eps,
                    n_heads, n_kv, head_dim, cos.data_ptr(), sin.data_ptr(), capacity, start, scale,
-                   tile, current.decode_item_bytes, self.work.data_ptr(), self.scratch.data_ptr(), threads):
+                   tile, current.decode_item_bytes, current.attn_min_work, self.work.data_ptr(),
+                   self.scratch.data_ptr(), threads):
             raise MemoryError("DecodeLayers: could not allocate the kernels' buffers")

@@ -32,6 +32,8 @@ class KernelSettings:
     chunks_per_thread: row chunks per thread when a call has fewer token tiles than threads (decoding).
     decode_item_bytes: `decode_layers` deals a group's sparse and A rows to the threads in work items
         of about this many bytes.
+    attn_min_work: `attn_decode` splits its (sequence, head) pairs over the threads from this many
+        multiply-adds (batch · heads · positions · head_dim · new tokens) on; below, one thread.
     """
 
     tile_bytes: int = 1 << 20
@@ -41,6 +43,7 @@ class KernelSettings:
     gather_below: int = 3
     chunks_per_thread: int = 2
     decode_item_bytes: int = 64 << 10
+    attn_min_work: int = 1 << 14
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -14,17 +14,18 @@ Adding a kernel: its `.c` file in `csrc/` (built automatically), its `CHTSL_EXPO
 The structs Python fills for `decode_layers` (`DecGroup`, `DecLayer`) are declared here too and
 checked at load against the layout the library reports (`kernel_probe`): a difference fails loudly.
 
-Compile-time choices — fixed when the library is built, candidates for build variants that a tuner
-could compile side by side (each would add a flag set or a -D option to `build.py`'s cache key):
+Compile-time choices — fixed when the library is built. `BUILD_VARIANTS` below are the ones the tuner
+(`tune.py`) may compile as a second library from the same sources (-D flags, part of the build's
+cache key) and choose on CPUs where they apply; the others are candidates for more:
 
-- `TILE_VW` (csr_tiles.h): floats per tile vector, 16 with AVX-512 else 8;
+- `TILE_VW` (csr_tiles.h): floats per tile vector, 16 with AVX-512 else 8 (variant `vw8`: 8 with AVX-512);
 - the token tiles the kernels are specialised for (16, 32, 64: `ROWS`, `MM_ROWS`, `SDDMM_ROWS`)
   and `CSR_ROW_SUM`'s one or two accumulator sets;
 - `SDDMM_ROW_CHUNK` (csr_train.c, 64 rows of DY transposed at once) and csr_mm_tm's 16-row output blocks;
 - the gather loops' 4 (fp32) or 2 (bf16) sum chains and `BF16_DP` (bf16.h: vdpbf16ps where available);
 - non-temporal stores of full fp32 tiles with AVX-512 (spmm.c `STREAM`);
-- gemv.c's 4 × 8-float accumulators per token; the single-thread thresholds of lowrank_fm (2^18
-  multiply-adds) and attn_decode (2^14);
+- gemv.c's 4 × 8-float accumulators per token; lowrank_fm's single-thread threshold (2^18
+  multiply-adds; attn_decode's is a run-time setting);
 - the flags themselves (`build.FLAG_SETS`: -O3 -march=native -fopenmp, …).
 
 The run-time parameters (tile widths by token count, cache budgets, row chunks, work items) are in
@@ -116,17 +117,38 @@ TABLE = (
     KernelSpec("attn_decode", "decode.c", (
         ("qkv", P), ("ldq", LONG), ("batch", INT), ("seq", INT), ("n_heads", INT), ("n_kv", INT),
         ("head_dim", INT), ("cos", P), ("sin", P), ("kcache", P), ("vcache", P), ("cap", INT), ("start", INT),
-        ("scale", FLOAT), ("o", P), ("ldo", LONG), ("threads", INT)),
+        ("scale", FLOAT), ("o", P), ("ldo", LONG), ("min_work", LONG), ("threads", INT)),
         dtypes=(F32, BF16)),
     KernelSpec("decode_layers", "decode.c", (
         ("h", P), ("hidden", INT), ("batch", INT), ("seq", INT), ("layers", P), ("n_layers", INT), ("kcache", P),
         ("vcache", P), ("eps", FLOAT), ("n_heads", INT), ("n_kv", INT), ("head_dim", INT), ("cos", P), ("sin", P),
-        ("cap", INT), ("start", INT), ("attn_scale", FLOAT), ("tile", INT), ("item_bytes", LONG), ("work", P),
-        ("scratch", P), ("threads", INT)),
+        ("cap", INT), ("start", INT), ("attn_scale", FLOAT), ("tile", INT), ("item_bytes", LONG),
+        ("attn_min_work", LONG), ("work", P), ("scratch", P), ("threads", INT)),
         dtypes=(F32, BF16)),
     KernelSpec("kernel_probe", "probe.c", (("buf", P), ("size", INT))),
 )
 KERNELS = {spec.name: spec for spec in TABLE}
+
+
+@dataclass(frozen=True)
+class BuildVariant:
+    """A second build of the same sources with `defines` (-D flags added to the base build's), which the
+    tuner times on CPUs where `applies(probe)` holds (probe: the base build's `kernel_probe` lines as
+    key -> values) and uses where it is faster. `paths`: which kernels it changes (the tuner times those)."""
+
+    name: str
+    defines: tuple[str, ...]
+    description: str
+    applies: Callable[[dict[str, list[str]]], bool]
+    paths: str
+
+
+BUILD_VARIANTS = {variant.name: variant for variant in (
+    # 512-bit operations are double-pumped on AMD Zen 4 (two 256-bit halves); 8-float tile vectors
+    # halve the registers the tile accumulators need.
+    BuildVariant("vw8", ("-DCHTSL_TILE_VW=8",), "8-float tile vectors on an AVX-512 build (csr_tiles.h TILE_VW)",
+                 lambda probed: probed.get("tile_vw") == ["16"], "spmm token tiles (16/32/64 tokens, fp32 and bf16)"),
+)}
 
 
 @functools.cache

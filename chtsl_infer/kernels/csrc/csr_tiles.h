@@ -15,11 +15,18 @@
 /* The vectors of spmm.c's and spmm_bf16.c's tile loops: TILE_VW floats, one register of the host.
  * 16-float vectors on an AVX2 CPU became pairs of ymm, and GCC kept their accumulators on the stack:
  * the fp32 tile kernel ran 4.6× slower than with 8-float vectors (2 AMD EPYC cores, 5 % density,
- * llama60m shapes, 2048 tokens), below MKL's dense GEMM of the same shape. */
-#if defined(__AVX512F__)
+ * llama60m shapes, 2048 tokens), below MKL's dense GEMM of the same shape.
+ * A build variant may set it (-DCHTSL_TILE_VW=8 on an AVX-512 CPU: 512-bit operations are
+ * double-pumped on AMD Zen 4; the tuner, chtsl_infer/kernels/tune.py, times both there). */
+#if defined(CHTSL_TILE_VW)
+#define TILE_VW CHTSL_TILE_VW
+#elif defined(__AVX512F__)
 #define TILE_VW 16
 #else
 #define TILE_VW 8
+#endif
+#if TILE_VW != 8 && TILE_VW != 16
+#error "CHTSL_TILE_VW must be 8 or 16"
 #endif
 typedef float tile_vec __attribute__((vector_size(TILE_VW * 4)));
 typedef float tile_vec_u __attribute__((vector_size(TILE_VW * 4), aligned(4))); /* unaligned */

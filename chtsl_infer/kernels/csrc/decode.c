@@ -93,7 +93,7 @@
   }                                                                                                   \
   int attn_decode##SUFFIX(const T *qkv, long ldq, int batch, int seq, int n_heads, int n_kv, int head_dim, \
                           const T *cos, const T *sin, T *kcache, T *vcache, int cap, int start, float scale, T *o, \
-                          long ldo, int threads) {                                                    \
+                          long ldo, long min_work, int threads) {                                     \
     int q_rows = n_heads * head_dim, kv_rows = n_kv * head_dim, rep = n_heads / n_kv, end = start + seq; \
     float *rot = malloc(sizeof(float) * (size_t)head_dim);                                            \
     if (rot == NULL) return 1;                                                                        \
@@ -109,7 +109,7 @@
       }                                                                                               \
     free(rot);                                                                                        \
     long work = (long)batch * n_heads * end * head_dim * seq;                                         \
-    int n_threads = work >= (1L << 14) ? threads : 1, failed = 0;                                     \
+    int n_threads = work >= min_work ? threads : 1, failed = 0; /* a fork/join costs more */      \
     _Pragma("omp parallel num_threads(n_threads) reduction(| : failed)") {                            \
       float *buf = malloc(sizeof(float) * ((size_t)end + 2 * (size_t)head_dim)); /* scores, q, output */ \
       failed = buf == NULL;                                                                           \
@@ -153,7 +153,9 @@
  *   cos, sin: the cache's RoPE tables, element (d, pos) at d · cap + pos;
  *   o (n_heads · D, n_tok) feature-major, row stride ldo.
  *
- * (batch, head) pairs split over the threads when the cache is large enough to pay for it.
+ * (batch, head) pairs split over the threads once the attention's multiply-adds (batch · heads ·
+ * positions · head_dim · seq) reach min_work (KernelSettings.attn_min_work; below it one thread: a
+ * fork/join would cost more than the work).
  * Returns 1 when a buffer could not be allocated (o is then incomplete). */
 GLUE(, f32, float, f32_same, f32_same, load8_f32)
 GLUE(_bf16, bf16, uint16_t, bf2f, f2bf, load8_bf16)
@@ -179,7 +181,7 @@ GLUE(_bf16, bf16, uint16_t, bf2f, f2bf, load8_bf16)
  * between them: 0.94–0.96× the time per token (llama60m, llama1b; fp32 and bf16), 0.92× at llama130m.
  *
  * h (hidden × n_tok) feature-major, contiguous; n_tok = batch · seq ≤ 4; tile: the sparse kernel's
- * token tile for n_tok (KernelSettings.token_tile; 0 = gather). Groups whose base is a dense weight are not
+ * token tile for n_tok (KernelSettings.token_tile; 0 = gather), attn_min_work attn_decode's min_work. Groups whose base is a dense weight are not
  * handled here (the caller keeps torch's GEMM for them). `work`: n_tok × (hidden + qkv rows + q rows
  * + hidden + 2 ffn) elements; `scratch`: n_tok × (max n_in + max rank) floats. */
 /* dec_group and dec_layer (one group's and one block's arguments) are declared in kernels.h. */
@@ -302,7 +304,7 @@ static void sparse_rows_bf16(const dec_group *g, const uint16_t *x, const float 
   int decode_layers##SUFFIX(T *h, int hidden, int batch, int seq, const dec_layer *layers, int n_layers, \
                             T *const *kcache, T *const *vcache, float eps, int n_heads, int n_kv, int head_dim, \
                             const T *cos, const T *sin, int cap, int start, float attn_scale, int tile,         \
-                            long item_bytes, T *work, float *scratch, int threads) {                    \
+                            long item_bytes, long attn_min_work, T *work, float *scratch, int threads) { \
     int n_tok = batch * seq, q_rows = n_heads * head_dim, qkv_rows = q_rows + 2 * n_kv * head_dim;      \
     T *x = work, *qkv = x + (long)hidden * n_tok, *o = qkv + (long)qkv_rows * n_tok;                    \
     T *y = o + (long)q_rows * n_tok, *gu = y + (long)hidden * n_tok;                                    \
@@ -313,7 +315,7 @@ static void sparse_rows_bf16(const dec_group *g, const uint16_t *x, const float 
       const dec_group *G = L->group;                                                                    \
       if (group##SUFFIX(G + 0, NORM, x, h, L->norm1, eps, qkv, 0, n_tok, tile, item_bytes, scratch, runs, threads) || \
           attn_decode##SUFFIX(qkv, n_tok, batch, seq, n_heads, n_kv, head_dim, cos, sin, kcache[l], vcache[l], cap, \
-                              start, attn_scale, o, n_tok, threads) ||                                  \
+                              start, attn_scale, o, n_tok, attn_min_work, threads) ||                   \
           group##SUFFIX(G + 1, PLAIN, o, h, NULL, eps, y, 1, n_tok, tile, item_bytes, scratch, runs, threads) ||      \
           group##SUFFIX(G + 2, NORM, x, h, L->norm2, eps, gu, 0, n_tok, tile, item_bytes, scratch, runs, threads) ||  \
           group##SUFFIX(G + 3, SILU, gu, h, NULL, eps, y, 1, n_tok, tile, item_bytes, scratch, runs, threads))      \

@@ -100,20 +100,21 @@ CHTSL_EXPORT void silu_mul_fm(float *gu, long ld, int ffn, int n_tok, int act);
 CHTSL_EXPORT void silu_mul_fm_bf16(uint16_t *gu, long ld, int ffn, int n_tok, int act);
 CHTSL_EXPORT int attn_decode(const float *qkv, long ldq, int batch, int seq, int n_heads, int n_kv, int head_dim,
                              const float *cos, const float *sin, float *kcache, float *vcache, int cap, int start,
-                             float scale, float *o, long ldo, int threads);
+                             float scale, float *o, long ldo, long min_work, int threads);
 CHTSL_EXPORT int attn_decode_bf16(const uint16_t *qkv, long ldq, int batch, int seq, int n_heads, int n_kv,
                                   int head_dim, const uint16_t *cos, const uint16_t *sin, uint16_t *kcache,
                                   uint16_t *vcache, int cap, int start, float scale, uint16_t *o, long ldo,
-                                  int threads);
+                                  long min_work, int threads);
 CHTSL_EXPORT int decode_layers(float *h, int hidden, int batch, int seq, const dec_layer *layers, int n_layers,
                                float *const *kcache, float *const *vcache, float eps, int n_heads, int n_kv,
                                int head_dim, const float *cos, const float *sin, int cap, int start, float attn_scale,
-                               int tile, long item_bytes, float *work, float *scratch, int threads);
+                               int tile, long item_bytes, long attn_min_work, float *work, float *scratch,
+                               int threads);
 CHTSL_EXPORT int decode_layers_bf16(uint16_t *h, int hidden, int batch, int seq, const dec_layer *layers,
                                     int n_layers, uint16_t *const *kcache, uint16_t *const *vcache, float eps,
                                     int n_heads, int n_kv, int head_dim, const uint16_t *cos, const uint16_t *sin,
-                                    int cap, int start, float attn_scale, int tile, long item_bytes, uint16_t *work,
-                                    float *scratch, int threads);
+                                    int cap, int start, float attn_scale, int tile, long item_bytes,
+                                    long attn_min_work, uint16_t *work, float *scratch, int threads);
 
 /* probe.c: what this build is (instruction sets, compile-time choices, struct layouts), as text. */
 CHTSL_EXPORT int kernel_probe(char *buf, int size);

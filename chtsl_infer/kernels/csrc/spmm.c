@@ -35,7 +35,11 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define STREAM_OK(p) ((((uintptr_t)(p)) & 63) == 0)
+#if TILE_VW == 16
 #define STREAM(p, v) _mm512_stream_ps((p), (__m512)(v))
+#else /* the 8-float build variant (csr_tiles.h): the same stores, two per 64-byte line */
+#define STREAM(p, v) _mm256_stream_ps((p), (__m256)(v))
+#endif
 #define STREAM_FENCE() _mm_sfence()
 #else
 #define STREAM_OK(p) 0

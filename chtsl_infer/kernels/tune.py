@@ -1,0 +1,441 @@
+"""Self-tuning: on first use on a machine, the kernels' settings are timed and the fastest cached.
+
+The first kernel call of a process (`build.current()`) calls `apply(base library)`: it reads this
+machine's tuning from the cache, or tunes now (once per machine, ≤ `CHTSL_TUNE_BUDGET` seconds,
+default 20, one progress line on stderr), then puts the chosen `KernelSettings` in force and returns
+the build to use (the base library or a build variant).
+
+What is tuned:
+- every `KernelSettings` field over `CANDIDATES`, by coordinate descent from the built-in defaults
+  (one pass, in `CANDIDATES`' order): a value replaces the current one only where the workloads it
+  changes (`workloads.py`: representative synthetic calls, ~1 ms each) run at least `MARGIN` faster —
+  the geometric mean of median-time ratios, the two settings timed alternately, `REPEATS` times
+  each — so noise does not flip a setting;
+- then each `table.BUILD_VARIANTS` entry that applies to this CPU (e.g. `vw8`, 8-float tile vectors
+  on an AVX-512 build): compiled within what is left of the budget and timed the same way on the
+  workloads it changes.
+Where the budget runs out, the rest keeps its defaults (the record says so: "complete": false).
+
+Where: `$CHTSL_CACHE_DIR/kernels/tune-KEY.json` (default `~/.cache/chtsl/kernels`), beside the
+compiled library; KEY hashes the CPU model, the library's name (itself a hash of the kernel sources,
+compiler, flags and CPU feature flags), the thread count, the settings' fields and `SCHEMA`. The
+record holds a SHA-256 of its content: a damaged or truncated file is tuned anew with one warning
+line. One process tunes at a time (an flock on `tune-KEY.lock`; the others wait for its result and
+read it), and the file is written to a temporary name and renamed. An unwritable cache directory
+keeps the built-in defaults, with one warning line.
+
+Environment: `CHTSL_TUNE=0` turns tuning off (built-in defaults, no cache read); `CHTSL_TUNE_BUDGET`
+is the seconds one tuning may take. `chtsl info --kernels` shows the result, `--retune` tunes anew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.kernels import build
+from chtsl_infer.kernels.settings import KernelSettings, install
+from chtsl_infer.kernels.table import BUILD_VARIANTS
+from chtsl_infer.utils import atomic_write_text, warn_once
+
+SCHEMA = 1
+BUDGET_S = 20.0  # default seconds for one tuning, compiling build variants included
+MARGIN = 0.03  # a candidate must be this much faster (geometric mean over the workloads it changes)
+REPEATS = 5  # timed samples per setting and workload (median)
+MIN_SAMPLE_S = 1e-3  # a sample repeats its call until it takes this long
+MISSING = "missing"  # read_record(): no file (not damage)
+
+# The values tried per field (each field's default among them), in the order the search visits them.
+CANDIDATES: dict[str, tuple[int, ...]] = {
+    "tile_bytes": (1 << 18, 1 << 19, 1 << 20, 1 << 21),
+    "gather_below": (1, 2, 3, 4, 5),
+    "chunks_per_thread": (1, 2, 4, 8),
+    "decode_item_bytes": (16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10),
+    "attn_min_work": (1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20),
+    "mm_tile": (16, 32, 64),
+    "sddmm_tile": (16, 32, 64),
+    "sddmm_tile_bytes": (1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21),
+}
+
+
+@dataclass(frozen=True)
+class TuneStatus:
+    """How the settings in force were chosen.
+
+    state: "tuned" (measured by this process), "cached" (read from `path`), "off" (CHTSL_TUNE=0),
+    "defaults" (tuning could not run or be kept: `detail` says why), "not yet" (no kernel used yet).
+    record: the tuning record (`run_tuning`) where there is one."""
+
+    state: str
+    detail: str
+    path: str | None = None
+    record: dict[str, Any] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_status = TuneStatus("not yet", "the kernels have not been used yet")
+
+
+def status() -> TuneStatus:
+    """How this process's kernel settings were chosen."""
+    return _status
+
+
+def enabled() -> bool:
+    """Whether tuning is on: `CHTSL_TUNE` unset, 1/on/yes/true; off for 0/off/no/false. ChtslError otherwise."""
+    value = os.environ.get("CHTSL_TUNE", "1").strip().lower()
+    if value in ("0", "off", "no", "false"):
+        return False
+    if value in ("", "1", "on", "yes", "true"):
+        return True
+    raise ChtslError(f"CHTSL_TUNE must be 0 or 1 (off or on), got {value!r}")
+
+
+def budget() -> float:
+    """Seconds one tuning may take: `CHTSL_TUNE_BUDGET`, default `BUDGET_S`. ChtslError unless positive."""
+    text = os.environ.get("CHTSL_TUNE_BUDGET", "").strip()
+    if not text:
+        return BUDGET_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ChtslError(f"CHTSL_TUNE_BUDGET must be a positive number of seconds, got {text!r}")
+    return value
+
+
+# --- the cache --------------------------------------------------------------------------------------
+
+def tune_dir() -> Path:
+    """Where tuning records live: beside the compiled libraries."""
+    return build._cache_dir()
+
+
+def record_key(base: build.Library, threads: int) -> dict[str, Any]:
+    """What a tuning depends on: CPU model, the instructions the build targets, the library (its name
+    hashes sources, compiler, flags and CPU feature flags), the sources' hash, the thread count."""
+    return {"cpu": build.cpu_model(), "isa": base.probed().get("isa", []), "library": base.path.name,
+            "sources_sha256": build.source_hash(), "threads": threads}
+
+
+def record_path(base: build.Library, threads: int) -> Path:
+    """`tune-KEY.json` for this machine, library and thread count."""
+    key = json.dumps([SCHEMA, record_key(base, threads), [f.name for f in fields(KernelSettings)]], sort_keys=True)
+    return tune_dir() / f"tune-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _checksum(record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_record(path: Path, base: build.Library, threads: int) -> tuple[dict[str, Any] | None, str]:
+    """(the valid record at `path`, "") or (None, why not: `MISSING`, or what is damaged)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, MISSING
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"unreadable: {exc}"
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None, f"not JSON ({len(text)} bytes)"
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+        return None, "not a tuning record of this version"
+    if record.get("sha256") != _checksum(record):
+        return None, "its checksum differs from its content"
+    if record.get("key") != record_key(base, threads):
+        return None, "it was measured for another CPU, library or thread count"
+    settings = record.get("settings")
+    if not isinstance(settings, dict) or set(settings) != {f.name for f in fields(KernelSettings)}:
+        return None, "its settings are not KernelSettings' fields"
+    try:
+        KernelSettings(**settings)
+    except (TypeError, ValueError) as exc:
+        return None, f"invalid settings: {exc}"
+    variant = record.get("variant")
+    if variant != "" and not (variant in BUILD_VARIANTS and BUILD_VARIANTS[variant].applies(base.probed())):
+        return None, f"unknown build variant {variant!r}"
+    return record, ""
+
+
+@contextlib.contextmanager
+def _locked(path: Path, timeout: float) -> Iterator[bool]:
+    """An exclusive flock on `path` (created), waiting at most `timeout` seconds; yields whether it was
+    taken (no fcntl: True, unlocked). OSError where the file cannot be created."""
+    with open(path, "a+b") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock; the rename still keeps the record whole
+            yield True
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    yield False
+                    return
+                time.sleep(0.05)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- timing -----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _in_force(settings: KernelSettings, lib: build.Library) -> Iterator[None]:
+    previous = install(settings)
+    try:
+        with build.use_library(lib):
+            yield
+    finally:
+        install(previous)
+
+
+def _sample(run: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return (time.perf_counter() - start) / calls
+
+
+def compare(workloads: list[Any], a: tuple[KernelSettings, build.Library], b: tuple[KernelSettings, build.Library],
+            calls: dict[str, int], deadline: float = math.inf) -> float | None:
+    """Geometric mean over `workloads` of (median time under b) / (median time under a), the two timed
+    alternately `REPEATS` times; `calls`: calls per sample by workload name. None where `deadline`
+    (time.monotonic()) passes first."""
+    times: dict[str, tuple[list[float], list[float]]] = {w.name: ([], []) for w in workloads}
+    for _ in range(REPEATS):
+        for w in workloads:
+            for side, (settings, lib) in enumerate((a, b)):
+                with _in_force(settings, lib):
+                    times[w.name][side].append(_sample(w.run, calls[w.name]))
+            if time.monotonic() > deadline:
+                return None
+    logs = [math.log(statistics.median(tb) / statistics.median(ta)) for ta, tb in times.values()]
+    return math.exp(sum(logs) / len(logs))
+
+
+def _calibrate(workloads: list[Any], base: build.Library) -> tuple[dict[str, int], dict[str, float]]:
+    """(calls per sample, seconds per call) by workload name, under the defaults: the fastest of three
+    calls after a warm-up call (a loaded CPU's preemptions inflate single calls)."""
+    calls, seconds = {}, {}
+    with _in_force(KernelSettings(), base):
+        for w in workloads:
+            w.run()
+            once = min(_sample(w.run, 1) for _ in range(3))
+            calls[w.name] = max(1, math.ceil(MIN_SAMPLE_S / max(once, 1e-7)))
+            seconds[w.name] = calls[w.name] * once
+    return calls, seconds
+
+
+class _Search:
+    """One tuning's state: the workloads, their calibration, the deadline, the trials so far."""
+
+    def __init__(self, base: build.Library, threads: int, deadline: float) -> None:
+        from chtsl_infer.kernels.workloads import workloads
+
+        self.base, self.deadline = base, deadline
+        started = time.monotonic()
+        self.work = workloads(threads)
+        made = time.monotonic()
+        self.calls, self.sample_s = _calibrate(self.work, base)
+        self.setup_s = {"workloads": round(made - started, 2), "calibration": round(time.monotonic() - made, 2)}
+        self.trials: list[dict[str, Any]] = []
+        self.complete = True
+
+    def cost(self, workloads: list[Any]) -> float:
+        """Seconds one `compare` of these workloads takes (estimated from the calibration)."""
+        return sum(2 * REPEATS * self.sample_s[w.name] for w in workloads)
+
+    def faster(self, workloads: list[Any], a: tuple[KernelSettings, build.Library],
+               b: tuple[KernelSettings, build.Library], trial: dict[str, Any]) -> bool:
+        """Whether b beats a by `MARGIN` on `workloads` (recorded in the trials); False, and the search
+        marked incomplete, where the budget does not allow the comparison."""
+        ratio = None
+        if time.monotonic() + self.cost(workloads) <= self.deadline:
+            ratio = compare(workloads, a, b, self.calls, self.deadline)
+        if ratio is None:
+            self.complete = False
+            return False
+        accepted = ratio < 1 - MARGIN
+        self.trials.append({**trial, "ratio": round(ratio, 4), "accepted": accepted,
+                            "workloads": [w.name for w in workloads]})
+        return accepted
+
+    def settings(self) -> KernelSettings:
+        """Coordinate descent over `CANDIDATES` from the defaults, then the result against the defaults
+        on every workload where they differ (a chain of noisy wins must still win as a whole)."""
+        defaults = best = KernelSettings()
+        for name, values in CANDIDATES.items():
+            for value in values:
+                candidate = replace(best, **{name: value})
+                changed = [w for w in self.work if w.choice(candidate) != w.choice(best)]
+                if self.complete and changed and self.faster(changed, (best, self.base), (candidate, self.base),
+                                                             {"setting": name, "value": value,
+                                                              "against": getattr(best, name)}):
+                    best = candidate
+        changed = [w for w in self.work if w.choice(best) != w.choice(defaults)]
+        if not (self.complete and changed):
+            return best
+        verified = self.faster(changed, (defaults, self.base), (best, self.base),
+                               {"setting": "all", "value": "tuned", "against": "defaults"})
+        return best if verified or not self.complete else defaults  # no time to check: the descent's result
+
+    def variant(self, best: KernelSettings) -> str:
+        """The first applicable build variant that beats the base build under `best` ("" for none),
+        each compiled within what is left of the budget."""
+        for spec in BUILD_VARIANTS.values():
+            changed = [w for w in self.work if w.tiled(best)]
+            if not (spec.applies(self.base.probed()) and changed):
+                continue
+            left = self.deadline - time.monotonic() - self.cost(changed)
+            lib, why = build.variant_library(spec.name, timeout=left) if left >= 1 else (None, "no time left")
+            if lib is None:
+                self.trials.append({"variant": spec.name, "error": why, "accepted": False})
+                self.complete = False
+            elif self.faster(changed, (best, self.base), (best, lib), {"variant": spec.name}):
+                return spec.name
+        return ""
+
+
+def run_tuning(base: build.Library, seconds: float, threads: int) -> dict[str, Any]:
+    """Tunes the settings, then the build variants, for `base` at `threads` threads within `seconds`
+    (workloads made and calibrated, compiling included): the tuning record (`read_record` validates it)."""
+    start = time.monotonic()
+    search = _Search(base, threads, start + seconds)
+    best = search.settings()
+    variant = search.variant(best)
+    record = {
+        "schema": SCHEMA, "key": record_key(base, threads),
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - start, 2), "budget_s": seconds, "setup_s": search.setup_s,
+        "complete": search.complete,
+        "settings": asdict(best), "defaults": asdict(KernelSettings()), "variant": variant, "trials": search.trials,
+    }
+    record["sha256"] = _checksum(record)
+    return record
+
+
+# --- in force ---------------------------------------------------------------------------------------
+
+def _put_in_force(record: dict[str, Any], base: build.Library, state: str, detail: str, path: Path) -> build.Library:
+    """Installs the record's settings; the build to use (its variant where that loads, else the base)."""
+    global _status
+    install(KernelSettings(**record["settings"]))
+    _status = TuneStatus(state, detail, str(path), record)
+    if not record["variant"]:
+        return base
+    lib, why = build.variant_library(record["variant"])
+    if lib is None:
+        warn_once(f"the tuned kernel build {record['variant']!r} is unavailable ({why}); using the base build")
+        return base
+    return lib
+
+
+def _defaults(detail: str, path: Path | None = None) -> None:
+    global _status
+    install(KernelSettings())
+    _status = TuneStatus("defaults", detail, None if path is None else str(path))
+
+
+def _tune(base: build.Library, path: Path, threads: int, force: bool,
+          err: IO[str]) -> tuple[dict[str, Any], str] | None:
+    """Under the lock: the record another process wrote meanwhile (unless `force`), else a new tuning,
+    saved. (record, "tuned" or "cached"), or None where the cache cannot be written (defaults then)."""
+    seconds = budget()
+    lock_path = path.with_suffix(".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
+        lock_path.touch()
+    except OSError as exc:
+        why = f"cannot write the kernel tuning cache in {path.parent} ({exc.strerror or exc})"
+        warn_once(f"{why}; using the built-in kernel settings")
+        _defaults(why, path)
+        return None
+    with _locked(lock_path, timeout=3 * seconds + 300) as taken:
+        if not taken:
+            why = f"another process held {lock_path} for too long"
+            warn_once(f"{why}; using the built-in kernel settings")
+            _defaults(why, path)
+            return None
+        record, problem = read_record(path, base, threads)
+        if record is not None and not force:
+            return record, "cached"
+        if problem not in ("", MISSING) and not force:
+            warn_once(f"the kernel tuning cache {path} is damaged ({problem}); tuning anew")
+        err.write(f"tuning the CPU kernels for this machine (once, at most {seconds:g} s; CHTSL_TUNE=0 skips it) ... ")
+        err.flush()
+        record = run_tuning(base, seconds, threads)
+        changed = [k for k, v in record["settings"].items() if v != record["defaults"][k]]
+        err.write(f"done in {record['seconds']:.1f} s: {len(changed)} setting(s) changed"
+                  f"{', build ' + record['variant'] if record['variant'] else ''} (see `chtsl info --kernels`)\n")
+        err.flush()
+        try:
+            atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+        except OSError as exc:
+            warn_once(f"could not save the kernel tuning to {path} ({exc.strerror or exc}); it holds for this "
+                      f"process only")
+        return record, "tuned"
+
+
+def apply(base: build.Library) -> build.Library:
+    """Puts this machine's tuning for `base` in force (read from the cache, or measured now and saved);
+    returns the build to use. CHTSL_TUNE=0: the built-in defaults and `base`."""
+    global _status
+    if not enabled():
+        install(KernelSettings())
+        _status = TuneStatus("off", "the built-in defaults (CHTSL_TUNE=0)")
+        return base
+    threads = torch.get_num_threads()
+    path = record_path(base, threads)
+    record, _ = read_record(path, base, threads)
+    if record is not None:
+        return _put_in_force(record, base, "cached", f"measured {record['measured_at']}", path)
+    tuned = _tune(base, path, threads, force=False, err=sys.stderr)
+    if tuned is None:
+        return base
+    record, state = tuned
+    return _put_in_force(record, base, state, f"measured {record['measured_at']}", path)
+
+
+def retune() -> TuneStatus:
+    """Tunes anew now (`chtsl info --kernels --retune`), replacing the cached record; the result is in
+    force for this process. ChtslError without compiled kernels or with CHTSL_TUNE=0."""
+    base, how = build.library()
+    if base is None:
+        raise ChtslError(f"there are no compiled CPU kernels to tune: {how}")
+    if not enabled():
+        raise ChtslError("CHTSL_TUNE=0 turns kernel tuning off; unset it to retune")
+    threads = torch.get_num_threads()
+    path = record_path(base, threads)
+    tuned = _tune(base, path, threads, force=True, err=sys.stderr)
+    if tuned is not None:
+        record, state = tuned
+        build.put_in_force(_put_in_force(record, base, state, f"measured {record['measured_at']}", path))
+    return _status
