@@ -158,23 +158,30 @@ def read_record(path: Path, base: build.Library, threads: int) -> tuple[dict[str
         record = json.loads(text)
     except ValueError:
         return None, f"not JSON ({len(text)} bytes)"
+    problem = validate_record(record, base, threads)
+    return (None, problem) if problem else (record, "")
+
+
+def validate_record(record: Any, base: build.Library, threads: int) -> str:
+    """"" if `record` is a whole tuning record of this version for `base` at `threads` threads, else what
+    is wrong with it."""
     if not isinstance(record, dict) or record.get("schema") != SCHEMA:
-        return None, "not a tuning record of this version"
+        return "not a tuning record of this version"
     if record.get("sha256") != _checksum(record):
-        return None, "its checksum differs from its content"
+        return "its checksum differs from its content"
     if record.get("key") != record_key(base, threads):
-        return None, "it was measured for another CPU, library or thread count"
+        return "it was measured for another CPU, library or thread count"
     settings = record.get("settings")
     if not isinstance(settings, dict) or set(settings) != {f.name for f in fields(KernelSettings)}:
-        return None, "its settings are not KernelSettings' fields"
+        return "its settings are not KernelSettings' fields"
     try:
         KernelSettings(**settings)
     except (TypeError, ValueError) as exc:
-        return None, f"invalid settings: {exc}"
+        return f"invalid settings: {exc}"
     variant = record.get("variant")
     if variant != "" and not (variant in BUILD_VARIANTS and BUILD_VARIANTS[variant].applies(base.probed())):
-        return None, f"unknown build variant {variant!r}"
-    return record, ""
+        return f"unknown build variant {variant!r}"
+    return ""
 
 
 @contextlib.contextmanager
@@ -239,17 +246,13 @@ def compare(workloads: list[Any], a: tuple[KernelSettings, build.Library], b: tu
     return math.exp(sum(logs) / len(logs))
 
 
-def _calibrate(workloads: list[Any], base: build.Library) -> tuple[dict[str, int], dict[str, float]]:
-    """(calls per sample, seconds per call) by workload name, under the defaults: the fastest of three
-    calls after a warm-up call (a loaded CPU's preemptions inflate single calls)."""
-    calls, seconds = {}, {}
-    with _in_force(KernelSettings(), base):
-        for w in workloads:
-            w.run()
-            once = min(_sample(w.run, 1) for _ in range(3))
-            calls[w.name] = max(1, math.ceil(MIN_SAMPLE_S / max(once, 1e-7)))
-            seconds[w.name] = calls[w.name] * once
-    return calls, seconds
+def _calibrate(workload: Any) -> tuple[int, float]:
+    """(calls per sample, seconds per sample) of a workload under the settings in force: the fastest of
+    three calls after a warm-up call (a loaded CPU's preemptions inflate single calls)."""
+    workload.run()
+    once = min(_sample(workload.run, 1) for _ in range(3))
+    calls = max(1, math.ceil(MIN_SAMPLE_S / max(once, 1e-7)))
+    return calls, calls * once
 
 
 class _Search:
@@ -260,12 +263,23 @@ class _Search:
 
         self.base, self.deadline = base, deadline
         started = time.monotonic()
-        self.work = workloads(threads)
-        made = time.monotonic()
-        self.calls, self.sample_s = _calibrate(self.work, base)
-        self.setup_s = {"workloads": round(made - started, 2), "calibration": round(time.monotonic() - made, 2)}
+        self.work: list[Any] = []
+        self.calls: dict[str, int] = {}
+        self.sample_s: dict[str, float] = {}
+        self.all_made, self.out_of_time = True, False
+        making = iter(workloads(threads))
+        with _in_force(KernelSettings(), base):
+            while True:  # each made and calibrated while less than half of the budget is spent
+                if time.monotonic() > started + (deadline - started) / 2:
+                    self.all_made = False
+                    break
+                workload = next(making, None)
+                if workload is None:
+                    break
+                self.work.append(workload)
+                self.calls[workload.name], self.sample_s[workload.name] = _calibrate(workload)
+        self.setup_s = round(time.monotonic() - started, 2)
         self.trials: list[dict[str, Any]] = []
-        self.complete = True
 
     def cost(self, workloads: list[Any]) -> float:
         """Seconds one `compare` of these workloads takes (estimated from the calibration)."""
@@ -274,12 +288,12 @@ class _Search:
     def faster(self, workloads: list[Any], a: tuple[KernelSettings, build.Library],
                b: tuple[KernelSettings, build.Library], trial: dict[str, Any]) -> bool:
         """Whether b beats a by `MARGIN` on `workloads` (recorded in the trials); False, and the search
-        marked incomplete, where the budget does not allow the comparison."""
+        out of time from now on, where the budget does not allow the comparison."""
         ratio = None
-        if time.monotonic() + self.cost(workloads) <= self.deadline:
+        if not self.out_of_time and time.monotonic() + self.cost(workloads) <= self.deadline:
             ratio = compare(workloads, a, b, self.calls, self.deadline)
         if ratio is None:
-            self.complete = False
+            self.out_of_time = True
             return False
         accepted = ratio < 1 - MARGIN
         self.trials.append({**trial, "ratio": round(ratio, 4), "accepted": accepted,
@@ -294,16 +308,15 @@ class _Search:
             for value in values:
                 candidate = replace(best, **{name: value})
                 changed = [w for w in self.work if w.choice(candidate) != w.choice(best)]
-                if self.complete and changed and self.faster(changed, (best, self.base), (candidate, self.base),
-                                                             {"setting": name, "value": value,
-                                                              "against": getattr(best, name)}):
+                if changed and self.faster(changed, (best, self.base), (candidate, self.base),
+                                           {"setting": name, "value": value, "against": getattr(best, name)}):
                     best = candidate
         changed = [w for w in self.work if w.choice(best) != w.choice(defaults)]
-        if not (self.complete and changed):
+        if not changed or self.out_of_time:
             return best
         verified = self.faster(changed, (defaults, self.base), (best, self.base),
                                {"setting": "all", "value": "tuned", "against": "defaults"})
-        return best if verified or not self.complete else defaults  # no time to check: the descent's result
+        return best if verified or self.out_of_time else defaults  # no time to check: the descent's result
 
     def variant(self, best: KernelSettings) -> str:
         """The first applicable build variant that beats the base build under `best` ("" for none),
@@ -316,7 +329,7 @@ class _Search:
             lib, why = build.variant_library(spec.name, timeout=left) if left >= 1 else (None, "no time left")
             if lib is None:
                 self.trials.append({"variant": spec.name, "error": why, "accepted": False})
-                self.complete = False
+                self.out_of_time = self.out_of_time or left < 1 or time.monotonic() > self.deadline
             elif self.faster(changed, (best, self.base), (best, lib), {"variant": spec.name}):
                 return spec.name
         return ""
@@ -333,7 +346,7 @@ def run_tuning(base: build.Library, seconds: float, threads: int) -> dict[str, A
         "schema": SCHEMA, "key": record_key(base, threads),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - start, 2), "budget_s": seconds, "setup_s": search.setup_s,
-        "complete": search.complete,
+        "workloads": [w.name for w in search.work], "complete": search.all_made and not search.out_of_time,
         "settings": asdict(best), "defaults": asdict(KernelSettings()), "variant": variant, "trials": search.trials,
     }
     record["sha256"] = _checksum(record)
