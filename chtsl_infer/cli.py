@@ -11,7 +11,6 @@ import sys
 from typing import Annotated, NoReturn
 
 import typer
-from click.core import ParameterSource
 from rich.markup import escape
 
 from chtsl_infer.commands.bench import bench_command
@@ -58,8 +57,9 @@ def info_command(
 
     check_output_file(json_out, force)
     if kernels or retune:
+        # (by name: Typer may carry its own copy of Click's ParameterSource)
         given = [f"--{name.replace('_', '-')}" for name in ("preset", "s_total", "method", "sparsity", "rank")
-                 if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
         if given:
             raise ChtslError(f"--kernels shows the CPU kernels, not a model: drop {', '.join(given)}")
         report = kernel_report(retune)

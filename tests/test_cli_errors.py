@@ -198,6 +198,7 @@ class Case:
     setup: Callable[[Path], None] | None = None
     expect: str = ""
     memory_cap: bool = False  # run under an address-space cap (a regression would allocate a 7B model)
+    env: dict[str, str] | None = None  # environment variables set for the command
 
 
 def _with_data(rel: str) -> dict[str, str]:
@@ -410,6 +411,13 @@ CASES: list[Case] = [
     Case("info-s-total-nan", "info --s-total nan", expect="s_total"),
     Case("info-json-onto-config", "info --json {run}/config.json", expect="--json"),
     Case("info-json-existing-file", "info --json {ws}/afile", _file("afile"), expect="--force"),
+    Case("info-kernels-with-preset", "info --kernels --preset tiny", expect="--preset"),
+    Case("info-retune-with-rank", "info --retune --rank 4 --s-total 0.8", expect="--s-total, --rank"),
+    Case("info-retune-tuning-off", "info --retune", expect="CHTSL_TUNE=0"),  # the suite's CHTSL_TUNE=0
+    Case("info-kernels-tune-env-bad", "info --kernels", expect="CHTSL_TUNE", env={"CHTSL_TUNE": "maybe"}),
+    Case("info-retune-budget-bad", "info --retune", expect="CHTSL_TUNE_BUDGET",
+         env={"CHTSL_TUNE": "1", "CHTSL_TUNE_BUDGET": "-3"}),
+    Case("info-kernels-json-existing-file", "info --kernels --json {ws}/afile", _file("afile"), expect="--force"),
     # ---- sweep (refused before any run or print)
     Case("sweep-no-out", "sweep --preset tiny", expect="--out"),
     Case("sweep-alternative-unknown", "sweep --out {ws}/sw --alternative both", expect="--alternative"),
@@ -505,8 +513,10 @@ def run_cli(argv: list[str], capfd) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_malformed_input(case: Case, workspace: Path, capfd) -> None:
+def test_malformed_input(case: Case, workspace: Path, capfd, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = workspace
+    for name, value in (case.env or {}).items():
+        monkeypatch.setenv(name, value)
     paths = {"ws": ws, "run": ws / "run", "run2": ws / "run2", "exp": ws / "exp", "corpus": ws / "corpus.jsonl",
              "data": ws / "data"}
     if case.setup is not None:

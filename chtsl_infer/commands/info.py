@@ -88,6 +88,7 @@ def kernel_report(retune: bool = False) -> dict[str, Any]:
     from chtsl_infer import kernels
     from chtsl_infer.kernels import tune
 
+    tune.enabled(), tune.budget()  # ChtslError on a bad CHTSL_TUNE / CHTSL_TUNE_BUDGET, even when tuned already
     if retune:
         tune.retune()
     return {**kernels.kernel_info().as_json(), "candidates": {k: list(v) for k, v in tune.CANDIDATES.items()}}
