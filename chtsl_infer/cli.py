@@ -13,6 +13,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.markup import escape
 
+from chtsl_infer import omp
 from chtsl_infer.commands.bench import bench_command
 from chtsl_infer.commands.generate import generate_command
 from chtsl_infer.console import check_output_file, console, err_console, write_json
@@ -105,8 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `chtsl` script: runs the app; bad input (a `ChtslError` raised anywhere in
     the library, or a usage error Click would print as a box) becomes one line `error: ...` and exit
     code 2; a write the environment failed (`WriteFailure`, or an I/O error that reaches here) one
-    line and exit code 74."""
+    line and exit code 74. Sets the OpenMP wait policy first (`omp.configure`: libgomp reads it when
+    torch loads it)."""
     try:
+        if "torch" not in sys.modules:  # (in-process callers, e.g. the tests, have torch loaded already)
+            omp.configure()
         code = app(args=argv, prog_name="chtsl", standalone_mode=False)
     except typer.TyperException as e:  # Click's usage errors: unknown option, bad value, missing argument
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `chtsl`: the help, as Click prints it
