@@ -92,3 +92,33 @@ def test_kernel_benchmark_prints_consistent_numbers() -> None:
         dense_ms, median_ms, best_ms, x_median, x_best = (float(x) for x in (r[4], *r[6:10]))
         assert dense_ms > 0 and median_ms == best_ms and x_median == x_best, r  # one repeat: median = best
         assert _ratio_fits(x_median, dense_ms, median_ms, digits=3), r
+
+
+def test_load_benchmark_prints_slowdowns_against_the_cpu_share(tmp_path) -> None:
+    """benchmarks/load.py on a tiny budget (2 training steps, the tiny model's decoding, two policies, one
+    burner): every row's slowdown is its beside / alone, its ideal the CPU share's max(1, (T + B) / C),
+    `× ideal` their ratio; the printed table carries the same numbers, and one row per job and policy."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from load import ideal_slowdown
+    finally:
+        sys.path.pop(0)
+    assert [ideal_slowdown(2, 1, 2), ideal_slowdown(2, 2, 2), ideal_slowdown(1, 1, 2), ideal_slowdown(4, 0, 2),
+            ideal_slowdown(16, 1, 16)] == [1.5, 2.0, 1.0, 1.0, 17 / 16]
+    out = tmp_path / "load.json"
+    stdout = _run("load.py", "--train-steps", "2", "--decode-preset", "tiny", "--prompt-len", "8", "--new-tokens",
+                  "4", "--decode-steps", "1", "--policies", "default,passive", "--burn", "1", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [(r["job"], r["policy"]) for r in rows] == [("train", "default"), ("train", "passive"),
+                                                        ("decode", "default"), ("decode", "passive")]
+    printed = [line.split() for line in stdout.splitlines() if line.split()[:1] in (["train"], ["decode"])]
+    printed = [[c for c in line if c not in "│┃|"] for line in printed]
+    assert len(printed) == len(rows)
+    for r, line in zip(rows, printed, strict=True):
+        assert r["alone_s"] > 0 and r["beside_s"] > 0 and r["burners"] == 1
+        assert math.isclose(r["slowdown"], r["beside_s"] / r["alone_s"], rel_tol=1e-9)
+        assert r["ideal"] == ideal_slowdown(r["threads"], 1, r["cores"])
+        assert math.isclose(r["vs_ideal"], r["slowdown"] / r["ideal"], rel_tol=1e-9)
+        alone, beside, slowdown, ideal, vs_ideal = map(float, line[2:7])
+        assert line[:2] == [r["job"], r["policy"]] and ideal == round(r["ideal"], 2)
+        assert _ratio_fits(slowdown, beside, alone, 3) and _ratio_fits(vs_ideal, slowdown, ideal, 2)

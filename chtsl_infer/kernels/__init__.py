@@ -2,9 +2,12 @@
 
     table.py     every exported C function once: arguments, result, fp32/bf16 × int16/int32 variants;
                  the ctypes structs shared with C, checked against the library's own layout
-    build.py     compiling, the validated cache of built libraries, `kernel(name, dtype=, index=)` (the
-                 one variant lookup), `cpu_kernel_status`, `kernel_info`
+    build.py     compiling, the validated cache of built libraries and build variants, the build in
+                 force, `kernel(name, dtype=, index=)` (the one variant lookup), `cpu_kernel_status`,
+                 `kernel_info`
     settings.py  the run-time parameters (`KernelSettings`, `settings()`): tiles, cache budgets, chunks
+    tune.py      self-tuning: the settings and build variants timed on first use on a machine, cached
+                 beside the library (`CHTSL_TUNE=0`: the defaults); workloads.py: the calls it times
     sparse.py    the runtime's feature-major `S X` (`spmm_cpu`; `spmm_cuda` on CUDA)
     decode.py    decoding at 1–4 tokens: GEMV, low-rank branch, block glue, all blocks in one call
     training.py  sparse-native training (`csr_mm`, `csr_sddmm`, `csr_transpose`) and CH2-L3n scores

@@ -134,20 +134,20 @@ KERNELS = {spec.name: spec for spec in TABLE}
 class BuildVariant:
     """A second build of the same sources with `defines` (-D flags added to the base build's), which the
     tuner times on CPUs where `applies(probe)` holds (probe: the base build's `kernel_probe` lines as
-    key -> values) and uses where it is faster. `paths`: which kernels it changes (the tuner times those)."""
+    key -> values) and uses where it is faster. It changes the spmm token-tile loops only: the tuner
+    times it on the workloads that run them (`workloads.Workload.tiled`)."""
 
     name: str
     defines: tuple[str, ...]
     description: str
     applies: Callable[[dict[str, list[str]]], bool]
-    paths: str
 
 
 BUILD_VARIANTS = {variant.name: variant for variant in (
     # 512-bit operations are double-pumped on AMD Zen 4 (two 256-bit halves); 8-float tile vectors
     # halve the registers the tile accumulators need.
     BuildVariant("vw8", ("-DCHTSL_TILE_VW=8",), "8-float tile vectors on an AVX-512 build (csr_tiles.h TILE_VW)",
-                 lambda probed: probed.get("tile_vw") == ["16"], "spmm token tiles (16/32/64 tokens, fp32 and bf16)"),
+                 lambda probed: probed.get("tile_vw") == ["16"]),
 )}
 
 
