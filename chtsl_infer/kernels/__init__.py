@@ -3,11 +3,10 @@
     table.py     every exported C function once: arguments, result, fp32/bf16 × int16/int32 variants;
                  the ctypes structs shared with C, checked against the library's own layout
     build.py     compiling, the validated cache of built libraries and build variants, the build in
-                 force, `kernel(name, dtype=, index=)` (the one variant lookup), `cpu_kernel_status`,
-                 `kernel_info`
+                 force, `kernel(name, dtype=, index=)` (the one variant lookup), `cpu_kernel_status`
     settings.py  the run-time parameters (`KernelSettings`, `settings()`): tiles, cache budgets, chunks
     tune.py      self-tuning: the settings and build variants timed on first use on a machine, cached
-                 beside the library (`CHTSL_TUNE=0`: the defaults); workloads.py: the calls it times
+                 beside the library (`CHTSL_TUNE=0`: the defaults), `kernel_info`; workloads.py: the calls it times
     sparse.py    the runtime's feature-major `S X` (`spmm_cpu`; `spmm_cuda` on CUDA)
     decode.py    decoding at 1–4 tokens: GEMV, low-rank branch, block glue, all blocks in one call
     training.py  sparse-native training (`csr_mm`, `csr_sddmm`, `csr_transpose`) and CH2-L3n scores
@@ -16,7 +15,7 @@ Without a working C compiler every operation falls back to torch (correct, slowe
 `cpu_kernel_status()` says why.
 """
 
-from chtsl_infer.kernels.build import cpu_kernel, cpu_kernel_status, kernel, kernel_info
+from chtsl_infer.kernels.build import cpu_kernel, cpu_kernel_status, kernel
 from chtsl_infer.kernels.decode import (
     GEMV_MAX_TOKENS,
     LOWRANK_ACTIVATIONS,
@@ -39,6 +38,7 @@ from chtsl_infer.kernels.training import (
     csr_sddmm_torch,
     csr_transpose,
 )
+from chtsl_infer.kernels.tune import kernel_info  # also registers the tuner with build.current()
 
 __all__ = [
     "GEMV_MAX_TOKENS", "LOWRANK_ACTIVATIONS", "DecodeLayers", "GroupDecoder", "KernelSettings", "attention_decode",

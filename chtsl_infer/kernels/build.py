@@ -20,7 +20,8 @@ Without a working compiler, `library()` is (None, why), callers use torch, and o
 
 The library in force (`current()`, what `kernel()` looks functions up in) is the base build, or a
 build variant (`table.BUILD_VARIANTS`: the same sources with -D flags, `variant_library`) that the
-tuner chose on this machine; the first `current()` runs or reads the tuning (`tune.apply`), which
+tuner chose on this machine; the first `current()` runs or reads the tuning (`tune.apply`, which
+tune.py registers through `on_first_use`: the tuner times operations built on this module), which
 also puts the tuned `KernelSettings` in force.
 """
 
@@ -35,7 +36,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +44,6 @@ from typing import Any
 
 import torch
 
-from chtsl_infer.kernels.settings import KernelSettings, settings
 from chtsl_infer.kernels.table import BUILD_VARIANTS, KERNELS, CFunction, bind, check_layouts, probe, symbol
 from chtsl_infer.utils import atomic_write_text, cache_dir, warn_once
 
@@ -288,10 +288,23 @@ def variant_library(name: str, timeout: float = 300) -> tuple[Library | None, st
     return _variants[key], ""
 
 
+# What puts a machine's tuning in force on a base library's first use: `tune.apply`, registered by
+# tune.py (imported with this package). The tuner times operations that are built on this module, so
+# it sits above it and hands itself down rather than being imported here.
+_first_use: Callable[[Library], Library] | None = None
+
+
+def on_first_use(choose: Callable[[Library], Library]) -> None:
+    """`choose(base)` picks the build in force (and installs its settings) the first time `current()`
+    serves `base`: the tuner's hook."""
+    global _first_use
+    _first_use = choose
+
+
 def current() -> Library | None:
     """The build in force (None without the compiled kernels). The first call for a base library puts
-    this machine's tuning in force (`tune.apply`: cached measurements, or tuning now), which may pick a
-    build variant; inside `use_library(lib)`, `lib`."""
+    this machine's tuning in force (`tune.apply` through `on_first_use`: cached measurements, or tuning
+    now), which may pick a build variant; inside `use_library(lib)`, `lib`."""
     if _forced:
         return _forced[-1]
     base = library()[0]
@@ -299,10 +312,8 @@ def current() -> Library | None:
         return None
     chosen = _in_force.get(base.path)
     if chosen is None:
-        from chtsl_infer.kernels import tune  # tune times the operations, which import this module
-
         _in_force[base.path] = base  # in force while the tuner times it (its calls come back here)
-        chosen = _in_force[base.path] = tune.apply(base)
+        chosen = _in_force[base.path] = _first_use(base) if _first_use else base
     return chosen
 
 
@@ -389,18 +400,3 @@ class KernelInfo:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def kernel_info() -> KernelInfo:
-    """The `KernelInfo` of this process's kernels (building and tuning them on first use)."""
-    from chtsl_infer.kernels import tune
-
-    lib, how = library()
-    defaults = asdict(KernelSettings())
-    if lib is None:
-        return KernelInfo(False, how, cpu_model(), settings=asdict(settings()), defaults=defaults)
-    lib = current() or lib
-    probed = lib.probed()
-    return KernelInfo(True, how, cpu_model(), str(lib.path), lib.compiler, lib.flags, lib.variant,
-                      tuple(probed.get("isa", [])), probed["openmp"] == ["1"], int(probed["tile_vw"][0]),
-                      probed["bf16_dot"] == ["1"], asdict(settings()), defaults, tune.status().as_json())

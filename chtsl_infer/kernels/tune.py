@@ -47,8 +47,9 @@ from typing import IO, Any
 import torch
 
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.kernels import build
+from chtsl_infer.kernels import build, workloads
 from chtsl_infer.kernels.settings import KernelSettings, install
+from chtsl_infer.kernels.settings import settings as settings_in_force
 from chtsl_infer.kernels.table import BUILD_VARIANTS
 from chtsl_infer.utils import atomic_write_text, warn_once
 
@@ -229,14 +230,14 @@ def _sample(run: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def compare(workloads: list[Any], a: tuple[KernelSettings, build.Library], b: tuple[KernelSettings, build.Library],
+def compare(work: list[Any], a: tuple[KernelSettings, build.Library], b: tuple[KernelSettings, build.Library],
             calls: dict[str, int], deadline: float = math.inf) -> float | None:
-    """Geometric mean over `workloads` of (median time under b) / (median time under a), the two timed
+    """Geometric mean over `work` of (median time under b) / (median time under a), the two timed
     alternately `REPEATS` times; `calls`: calls per sample by workload name. None where `deadline`
     (time.monotonic()) passes first."""
-    times: dict[str, tuple[list[float], list[float]]] = {w.name: ([], []) for w in workloads}
+    times: dict[str, tuple[list[float], list[float]]] = {w.name: ([], []) for w in work}
     for _ in range(REPEATS):
-        for w in workloads:
+        for w in work:
             for side, (settings, lib) in enumerate((a, b)):
                 with _in_force(settings, lib):
                     times[w.name][side].append(_sample(w.run, calls[w.name]))
@@ -259,15 +260,13 @@ class _Search:
     """One tuning's state: the workloads, their calibration, the deadline, the trials so far."""
 
     def __init__(self, base: build.Library, threads: int, deadline: float) -> None:
-        from chtsl_infer.kernels.workloads import workloads
-
         self.base, self.deadline = base, deadline
         started = time.monotonic()
         self.work: list[Any] = []
         self.calls: dict[str, int] = {}
         self.sample_s: dict[str, float] = {}
         self.all_made, self.out_of_time = True, False
-        making = iter(workloads(threads))
+        making = iter(workloads.workloads(threads))
         with _in_force(KernelSettings(), base):
             while True:  # each made and calibrated while less than half of the budget is spent
                 if time.monotonic() > started + (deadline - started) / 2:
@@ -281,23 +280,23 @@ class _Search:
         self.setup_s = round(time.monotonic() - started, 2)
         self.trials: list[dict[str, Any]] = []
 
-    def cost(self, workloads: list[Any]) -> float:
+    def cost(self, work: list[Any]) -> float:
         """Seconds one `compare` of these workloads takes (estimated from the calibration)."""
-        return sum(2 * REPEATS * self.sample_s[w.name] for w in workloads)
+        return sum(2 * REPEATS * self.sample_s[w.name] for w in work)
 
-    def faster(self, workloads: list[Any], a: tuple[KernelSettings, build.Library],
+    def faster(self, work: list[Any], a: tuple[KernelSettings, build.Library],
                b: tuple[KernelSettings, build.Library], trial: dict[str, Any]) -> bool:
-        """Whether b beats a by `MARGIN` on `workloads` (recorded in the trials); False, and the search
+        """Whether b beats a by `MARGIN` on `work` (recorded in the trials); False, and the search
         out of time from now on, where the budget does not allow the comparison."""
         ratio = None
-        if not self.out_of_time and time.monotonic() + self.cost(workloads) <= self.deadline:
-            ratio = compare(workloads, a, b, self.calls, self.deadline)
+        if not self.out_of_time and time.monotonic() + self.cost(work) <= self.deadline:
+            ratio = compare(work, a, b, self.calls, self.deadline)
         if ratio is None:
             self.out_of_time = True
             return False
         accepted = ratio < 1 - MARGIN
         self.trials.append({**trial, "ratio": round(ratio, 4), "accepted": accepted,
-                            "workloads": [w.name for w in workloads]})
+                            "workloads": [w.name for w in work]})
         return accepted
 
     def settings(self) -> KernelSettings:
@@ -452,3 +451,19 @@ def retune() -> TuneStatus:
         record, state = tuned
         build.put_in_force(_put_in_force(record, base, state, f"measured {record['measured_at']}", path))
     return _status
+
+
+def kernel_info() -> build.KernelInfo:
+    """The `build.KernelInfo` of this process's kernels (building and tuning them on first use)."""
+    lib, how = build.library()
+    defaults = asdict(KernelSettings())
+    if lib is None:
+        return build.KernelInfo(False, how, build.cpu_model(), settings=asdict(settings_in_force()), defaults=defaults)
+    lib = build.current() or lib
+    probed = lib.probed()
+    return build.KernelInfo(True, how, build.cpu_model(), str(lib.path), lib.compiler, lib.flags, lib.variant,
+                            tuple(probed.get("isa", [])), probed["openmp"] == ["1"], int(probed["tile_vw"][0]),
+                            probed["bf16_dot"] == ["1"], asdict(settings_in_force()), defaults, status().as_json())
+
+
+build.on_first_use(apply)
