@@ -288,6 +288,7 @@ def test_resolve_backend_rules_and_errors() -> None:
 
 def test_load_runtime_from_checkpoint_and_packed_export(tiny_checkpoint: Path, tmp_path: Path) -> None:
     model = ChtslLlamaForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    model.use_chtsl_runtime = False  # the reference: transformers' forward
     ids = random_ids(2, 11, vocab=model.config.vocab_size)
     with torch.no_grad():
         want = model(input_ids=ids).logits

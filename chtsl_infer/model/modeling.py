@@ -3,21 +3,31 @@
 Attention, RoPE, the KV cache and `generate()` are transformers' own; only the seven linears of
 every decoder block (q, k, v, o, gate, up, down) are swapped for `SparseLowRankLinear`.
 Embeddings, RMSNorms and `lm_head` stay dense (docs/method.md §1).
+
+A model loaded with `from_pretrained` (the Auto classes, lm-eval, users' scripts) computes through
+the runtime's kernels when it is in eval mode on CPU with grad off (`chtsl_infer.runtime.hf`);
+training, grad, CUDA and options the runtime does not cover take the stock forward above.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.generic import can_return_tuple
 
 from chtsl_infer.model.configuration import ChtslConfig
 from chtsl_infer.model.layers import LAYER_TYPES, SparseLowRankLinear
 from chtsl_infer.model.methods import get_method
 from chtsl_infer.model.storage import DEFAULT_STORAGE
+
+#: where a model keeps its runtime form (`chtsl_infer.runtime.hf`): its __dict__, outside the module tree
+RUNTIME_KEY = "_chtsl_runtime"
 
 
 class ChtslLlamaModel(LlamaModel):
@@ -110,6 +120,57 @@ class ChtslLlamaForCausalLM(LlamaForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    #: compute through the runtime's kernels in eval mode with grad off (chtsl_infer.runtime.hf); set by
+    #: `from_pretrained`, so the trainer's and the loaders' own models keep transformers' forward
+    use_chtsl_runtime: bool = False
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> ChtslLlamaForCausalLM:
+        model = super().from_pretrained(*args, **kwargs)
+        model.use_chtsl_runtime = True
+        return model
+
+    @can_return_tuple
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Any = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        """`LlamaForCausalLM.forward`; on the runtime where `use_chtsl_runtime` and it applies."""
+        if self.use_chtsl_runtime and not self.training and not torch.is_grad_enabled():
+            from chtsl_infer.runtime import hf
+
+            out = hf.forward(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache,
+                             logits_to_keep, kwargs)
+            if out is not None:
+                return out
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                               logits_to_keep=logits_to_keep, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict[str, Any],
+                                      generation_mode: Any, batch_size: int, max_cache_length: int) -> None:
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                              max_cache_length)
+        if self.use_chtsl_runtime and not self.training:
+            from chtsl_infer.runtime import hf
+
+            hf.prepare_generation_cache(self, generation_config, model_kwargs, generation_mode, max_cache_length)
+
+    def train(self, mode: bool = True) -> ChtslLlamaForCausalLM:
+        if mode:  # the weights will change: free the runtime form now rather than at the next fast call
+            self.__dict__.pop(RUNTIME_KEY, None)
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ChtslLlamaForCausalLM:
+        self.__dict__.pop(RUNTIME_KEY, None)  # .to(), .half(), ...: new tensors, the form is stale
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop(RUNTIME_KEY, None)  # bound C pointers: never pickled or deep-copied
+        return state
 
     def chtsl_layers(self) -> dict[str, SparseLowRankLinear]:
         """Every block linear by its module name (e.g. `model.layers.0.self_attn.q_proj`)."""
