@@ -14,10 +14,10 @@ The runtime form (`_Kept`) is built once, on first use, by `pack_model` + `backe
 embeddings, norms and `lm_head` are the model's own tensors (no copy in the model's dtype), the
 block linears the packed CSR + low-rank factors the kernels read. It is kept outside the module
 tree (not in `state_dict`, not moved by `.to()`) beside the identity, address and version counter
-of every parameter and buffer of the model, and rebuilt when any of them changed (an optimizer
-step, `load_state_dict`, `.to()`, a topology update, a replaced module); `train()` drops it.
-Writes through `.data` bypass version counters: call `model.train(False)` after
-`model.train()`, or any in-place op on the parameter, to be safe.
+of every parameter, buffer and submodule of the model, and rebuilt when any of them changed (an
+optimizer step, `load_state_dict`, a topology update, a replaced module); `train()` and `.to()`
+drop it. Writes through `.data` bypass the version counters: after such a write, `model.train()`
+then `model.eval()` drops the stale form.
 
 `ChtslCache` is the transformers `Cache` of the fast path: preallocated per-block keys/values
 (batch, kv_heads, capacity, head_dim) that `feature_major.forward` writes in place, grown by
@@ -63,6 +63,8 @@ class _Kept:
     name, and each tensor's address and version counter then."""
 
     runtime: ChtslLlamaForCausalLM | None
+    num_layers: int
+    kv_heads: tuple[int, int]  # (key/value heads, head_dim): the KV cache's shape
     owners: list[dict[str, Any]]  # module._parameters / _buffers / _modules
     names: list[str]
     objects: list[torch.Tensor | nn.Module]
@@ -82,8 +84,10 @@ class _Kept:
                         names.append(name)
                         objects.append(obj)
         tensors = [t for t in objects if isinstance(t, torch.Tensor)]
-        return cls(runtime, owners, names, objects, tensors, [t.data_ptr() for t in tensors],
-                   [t._version for t in tensors])
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(runtime, cfg.num_hidden_layers, (cfg.num_key_value_heads, head_dim), owners, names, objects,
+                   tensors, [t.data_ptr() for t in tensors], [t._version for t in tensors])
 
     def still_valid(self) -> bool:
         # Checked every call, so no Python loop: 250 tensors (60M) cost ~0.05 ms, a decoding step ~5 ms.
@@ -120,13 +124,13 @@ def _build(model: ChtslLlamaForCausalLM) -> _Kept:
     return _Kept.of(model, runtime)
 
 
-def kept_runtime(model: ChtslLlamaForCausalLM) -> ChtslLlamaForCausalLM | None:
-    """The model's runtime form, built or rebuilt if its weights changed; None where it does not qualify."""
+def kept_runtime(model: ChtslLlamaForCausalLM) -> _Kept | None:
+    """The model's kept runtime form, built or rebuilt if its weights changed; None where it does not qualify."""
     kept: _Kept | None = model.__dict__.get(KEPT)
     if kept is None or not kept.still_valid():
         model.__dict__.pop(KEPT, None)  # free the stale form before building the new one
         kept = model.__dict__[KEPT] = _build(model)
-    return kept.runtime
+    return kept if kept.runtime is not None else None
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -154,16 +158,16 @@ class ChtslCache(Cache):
     def lengths(self) -> set[int]:
         return {layer.length for layer in self.layers}
 
-    def reserve(self, like: torch.Tensor, needed: int) -> None:
-        """Room for `needed` positions of keys shaped like `like` (batch, kv_heads, ·, head_dim): allocates,
-        or grows by doubling with the filled positions copied over."""
-        batch, heads, _, head_dim = like.shape
-        fits = bool(self.key) and (self.key[0].shape[:2] == (batch, heads) and self.key[0].shape[3] == head_dim
-                                   and self.key[0].dtype == like.dtype and self.key[0].device == like.device)
-        if fits and needed <= self.capacity:
+    def reserve(self, batch: int, heads: int, head_dim: int, like: torch.Tensor, needed: int) -> None:
+        """Room for `needed` positions of (batch, heads, ·, head_dim) keys in `like`'s dtype and device:
+        allocates, or grows by doubling with the filled positions copied over."""
+        key = self.key[0] if self.key else None
+        fits = key is not None and (key.shape[0] == batch and key.shape[1] == heads and key.shape[3] == head_dim
+                                    and key.dtype == like.dtype and key.device == like.device)
+        if fits and needed <= key.shape[2]:
             return
-        if self.key and not fits and any(layer.length for layer in self.layers):
-            raise ValueError(f"a cache holding {tuple(self.key[0].shape)} keys was fed {tuple(like.shape)}")
+        if key is not None and not fits and any(layer.length for layer in self.layers):
+            raise ValueError(f"a cache of {tuple(key.shape)} keys was fed ({batch}, {heads}, ·, {head_dim}) ones")
         capacity = max(needed, self.capacity_hint, 2 * self.capacity if fits else 0)
 
         def grown(old: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -178,13 +182,12 @@ class ChtslCache(Cache):
         self.value = [grown(v, layer.length) for (_, v), layer in zip(olds, self.layers, strict=True)]
         self._rope = None
 
-    def runtime_cache(self, runtime: ChtslLlamaForCausalLM, batch: int, needed: int) -> feature_major.KVCache:
-        """A `feature_major.KVCache` over these tensors at the common length, with room for `needed` positions."""
-        cfg = runtime.config
-        n_kv = cfg.num_key_value_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    def runtime_cache(self, runtime: ChtslLlamaForCausalLM, batch: int, kv_heads: tuple[int, int],
+                      needed: int) -> feature_major.KVCache:
+        """A `feature_major.KVCache` over these tensors at the common length, with room for `needed`
+        positions of `batch` sequences; kv_heads: (key/value heads, head_dim)."""
         weight = runtime.model.embed_tokens.weight
-        self.reserve(weight.new_empty(batch, n_kv, 0, head_dim), needed)
+        self.reserve(batch, *kv_heads, weight, needed)
         if self._rope is None:
             positions = torch.arange(self.capacity, device=weight.device)
             self._rope = feature_major.rope_tables(runtime, positions, weight)
@@ -223,12 +226,14 @@ class _CacheLayer(CacheLayerMixin):
         return self.cache.key[self.index].shape[0]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.cache.reserve(key_states, self.length)
+        batch, heads, _, head_dim = key_states.shape
+        self.cache.reserve(batch, heads, head_dim, key_states, self.length)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + key_states.shape[-2]
-        self.cache.reserve(key_states, end)
+        batch, heads, seq, head_dim = key_states.shape
+        end = self.length + seq
+        self.cache.reserve(batch, heads, head_dim, key_states, end)
         self.cache.key[self.index][:, :, self.length:end] = key_states
         self.cache.value[self.index][:, :, self.length:end] = value_states
         self.length = end
@@ -284,8 +289,9 @@ def prepare_generation_cache(model: ChtslLlamaForCausalLM, generation_config: An
             or model_kwargs.get("inputs_embeds") is not None
             or (mask is not None and not (mask.dim() == 2 and bool(mask.all())))):
         return
-    if kept_runtime(model) is not None:
-        model_kwargs["cache"] = ChtslCache(model.config.num_hidden_layers, capacity=max_cache_length)
+    kept = kept_runtime(model)
+    if kept is not None:
+        model_kwargs["cache"] = ChtslCache(kept.num_layers, capacity=max_cache_length)
 
 
 # ----------------------------------------------------------------------------- the forward
@@ -301,15 +307,14 @@ def _counts_on(position_ids: torch.Tensor, start: int, batch: int, seq: int) -> 
 def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
             position_ids: torch.Tensor | None, cache: Any, inputs_embeds: torch.Tensor | None,
             labels: torch.Tensor | None, use_cache: bool | None, logits_to_keep: int | torch.Tensor,
-            kwargs: dict[str, Any]) -> CausalLMOutputWithPast | tuple | None:
+            kwargs: dict[str, Any]) -> CausalLMOutputWithPast | None:
     """`ChtslLlamaForCausalLM.forward` on the runtime, or None where it does not apply (see the module doc).
 
     input_ids (batch, seq) -> logits (batch, seq, vocab) in the model's dtype, the last `logits_to_keep`
     positions only when it is > 0 (`generate()` asks for 1), as transformers' forward; the cache (a
     `ChtslCache`, created when `use_cache` and none is given) advanced by seq.
     """
-    extra = dict(kwargs)
-    return_dict = extra.pop("return_dict", None)
+    extra = dict(kwargs)  # `return_dict` was taken by the caller's `can_return_tuple`
     if cache is None:
         cache = extra.pop("past_key_values", None)
     cfg = model.config
@@ -333,25 +338,22 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor | None, attent
         return None
     if position_ids is not None and not _counts_on(position_ids, start, batch, seq):
         return None
-    runtime = kept_runtime(model)
-    if runtime is None:
+    kept = kept_runtime(model)
+    if kept is None:
         return None
-    workspace = model.__dict__[KEPT].workspace
     if cache is None and (use_cache if use_cache is not None else cfg.use_cache):
-        cache = ChtslCache(cfg.num_hidden_layers)
+        cache = ChtslCache(kept.num_layers)
     last_only = logits_to_keep == 1
     if cache is None:
-        logits = feature_major.forward(runtime, input_ids, last_only=last_only, workspace=workspace)
+        logits = feature_major.forward(kept.runtime, input_ids, last_only=last_only, workspace=kept.workspace)
     else:
-        kv = cache.runtime_cache(runtime, batch, start + seq)
-        logits = feature_major.forward(runtime, input_ids, cache=kv, last_only=last_only, workspace=workspace)
+        kv = cache.runtime_cache(kept.runtime, batch, kept.kv_heads, start + seq)
+        logits = feature_major.forward(kept.runtime, input_ids, cache=kv, last_only=last_only,
+                                       workspace=kept.workspace)
         cache.set_length(kv.length)
     if last_only:
         logits = logits[:, None]
     elif logits_to_keep:
         logits = logits[:, -logits_to_keep:]
     loss = None if labels is None else model.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size)
-    out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
-    if not (return_dict if return_dict is not None else cfg.return_dict):
-        return out.to_tuple()
-    return out
+    return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
