@@ -122,3 +122,23 @@ def test_load_benchmark_prints_slowdowns_against_the_cpu_share(tmp_path) -> None
         alone, beside, slowdown, ideal, vs_ideal = map(float, line[2:7])
         assert line[:2] == [r["job"], r["policy"]] and ideal == round(r["ideal"], 2)
         assert _ratio_fits(slowdown, beside, alone, 3) and _ratio_fits(vs_ideal, slowdown, ideal, 2)
+
+
+def test_hf_generate_benchmark_reports_every_row(tmp_path) -> None:
+    """benchmarks/hf_generate.py on the tiny preset, one round: four rows, ratios from their own columns,
+    the JSON beside the table, and from_pretrained's greedy tokens equal to chtsl generate's."""
+    out = tmp_path / "hf.json"
+    text = _run("hf_generate.py", "--preset", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--rounds", "1",
+                "--threads", "1", "--json", str(out))
+    assert "greedy tokens of [from_pretrained] and [chtsl generate] equal" in text
+    data = json.loads(out.read_text())
+    rows = {r["row"]: r for r in data["rows"]}
+    assert list(rows) == ["dense [transformers]", "chtsl [from_pretrained]", "chtsl [stock forward]",
+                          "chtsl [chtsl generate]"]
+    base = rows["dense [transformers]"]
+    for r in rows.values():
+        assert r["decode_x_dense"] == pytest.approx(r["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+        assert r["generate_x_dense"] == pytest.approx(base["generate_s"] / r["generate_s"])
+        printed = next(line for line in text.splitlines() if line.startswith(r["row"]))
+        assert f"{r['decode_tokens_per_s']:.1f}" in printed and f"{r['generate_x_dense']:.2f}" in printed
+    assert data["same_tokens"] is True
