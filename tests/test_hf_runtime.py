@@ -182,7 +182,9 @@ def test_padded_batch_and_unsupported_options_take_the_stock_path(model, runtime
                 torch.testing.assert_close(out.logits, ref, atol=1e-6, rtol=0)
         assert runtime_calls == []
         model(ids, position_ids=torch.arange(6)[None], use_cache=False)  # positions the runtime counts: fast
-    assert runtime_calls == [False]
+        model(ids, cache_position=torch.arange(6), use_cache=False)
+        model(ids, cache_position=torch.arange(2, 8), use_cache=False)  # positions it does not count: stock
+    assert runtime_calls == [False, False]
 
 
 def test_training_grad_and_other_dtypes_are_stock(model, runtime_calls) -> None:

@@ -317,6 +317,7 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor | None, attent
     extra = dict(kwargs)  # `return_dict` was taken by the caller's `can_return_tuple`
     if cache is None:
         cache = extra.pop("past_key_values", None)
+    cache_position = extra.pop("cache_position", None)  # transformers 4's name for the positions, still sent
     cfg = model.config
     if (extra or input_ids is None or inputs_embeds is not None or input_ids.dim() != 2 or input_ids.numel() == 0
             or input_ids.device.type != "cpu" or not isinstance(logits_to_keep, int) or logits_to_keep < 0
@@ -337,6 +338,8 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor | None, attent
                                            and bool(attention_mask.all())):
         return None
     if position_ids is not None and not _counts_on(position_ids, start, batch, seq):
+        return None
+    if cache_position is not None and not _counts_on(cache_position[None], start, 1, seq):
         return None
     kept = kept_runtime(model)
     if kept is None:
