@@ -37,7 +37,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import chtsl_infer  # noqa: E402, F401  (registers the Auto classes)
-from chtsl_infer.formats.packed import save_packed, unpack_model  # noqa: E402
+from chtsl_infer.formats.model_dir import save_packed  # noqa: E402
+from chtsl_infer.formats.packed import unpack_model  # noqa: E402
 from chtsl_infer.model.presets import build_config  # noqa: E402
 from chtsl_infer.runtime.backends import load_runtime, random_packed  # noqa: E402
 from chtsl_infer.utils import torch_dtype  # noqa: E402

@@ -14,6 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from chtsl_infer import kernels
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.formats.model_dir import save_packed
+from chtsl_infer.formats.packed import pack_model
 from chtsl_infer.model.modeling import RUNTIME_KEY
 from chtsl_infer.runtime import feature_major, hf
 from chtsl_infer.runtime.backends import load_runtime
@@ -98,6 +101,34 @@ def test_every_method_and_storage(tmp_path, runtime_calls, method, storage) -> N
     on_runtime = method != "dense"
     assert (model.__dict__[RUNTIME_KEY].runtime is not None) == on_runtime
     assert runtime_calls == [True] * 5 * on_runtime
+
+
+@pytest.mark.parametrize("storage", ["masked", "csr"])
+def test_packed_export_loads_its_weights(tmp_path, storage, runtime_calls) -> None:
+    """from_pretrained of a packed export (CSR tensor names, header config) builds the exported model,
+    not a randomly initialised one: state dict equal to the checkpoint's, generate equal to chtsl's."""
+    source = tiny_model_nonzero_b("chtsl", storage=storage)
+    source.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "export").mkdir()
+    save_packed(pack_model(source), tmp_path / "export" / "model.safetensors")
+    (tmp_path / "export" / "config.json").write_text((tmp_path / "ckpt" / "config.json").read_text())
+    for kwargs in ({}, {"use_safetensors": True, "revision": "main"}):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", **kwargs)
+        assert type(model).__name__ == "ChtslLlamaForCausalLM" and model.use_chtsl_runtime and not model.training
+        want = source.state_dict()
+        assert model.state_dict().keys() == want.keys()
+        for key, value in want.items():
+            assert torch.equal(model.state_dict()[key], value), key
+    ids = random_ids(1, 5, seed=14)
+    assert torch.equal(greedy(model, ids).sequences, load_runtime(tmp_path / "export", "sparse").generate(ids, 8))
+    assert runtime_calls
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.bfloat16)
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+    bad = pack_model(source)  # validated as `chtsl` loads it: a column out of range is one error line
+    bad.linears["model.layers.0.mlp.up_proj"].col_indices[0] = 9999
+    save_packed(bad, tmp_path / "export" / "model.safetensors")
+    with pytest.raises(ChtslError, match="up_proj.col_indices out of range"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "export")
 
 
 def test_forward_loop_with_the_returned_cache(model, runtime_calls) -> None:

@@ -562,6 +562,32 @@ def load_tokenizer(path: str | Path | ModelDir):  # -> PreTrainedTokenizerBase
         raise ChtslError(f"cannot load the tokenizer in {p}: {first_line(e)}") from None
 
 
+#: `from_pretrained` options that locate files on the hub or disk: a packed export is read here instead
+HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies",
+               "use_safetensors", "variant", "_commit_hash")
+
+
+def packed_pretrained_kwargs(directory: str | Path, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """transformers `from_pretrained` keyword arguments (without a path) that load the packed export in
+    `directory`: its validated weights in training form (`packed.training_state_dict`) as `state_dict`,
+    the caller's config (the Auto classes pass `config.json` with their overrides) or the header's,
+    its `generation_config.json`; the caller's other options kept, the file-locating ones dropped."""
+    from transformers import GenerationConfig
+
+    from chtsl_infer.formats.packed import training_state_dict
+    from chtsl_infer.model.configuration import ChtslConfig
+
+    d = Path(directory)
+    packed = load_packed(d / WEIGHTS_NAME)
+    out = {k: v for k, v in kwargs.items() if k not in HUB_OPTIONS}
+    if not isinstance(out.get("config"), ChtslConfig):
+        out["config"] = packed.config
+    if out.get("generation_config") is None and (d / "generation_config.json").is_file():
+        out["generation_config"] = GenerationConfig.from_pretrained(d)
+    out["state_dict"] = training_state_dict(packed)
+    return out
+
+
 def write_support_files(source: str | Path, out_dir: str | Path) -> list[str]:
     """Writes the config and tokenizer files of model directory `source` that exist (`SUPPORT_FILES`)
     into `out_dir`, as an export needs them beside its weights or graph; returns their names.

@@ -28,6 +28,7 @@ from chtsl_infer.errors import ChtslError
 from chtsl_infer.model.configuration import ChtslConfig
 from chtsl_infer.model.layers import SparseLowRankLinear
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.model.storage import get_storage
 
 INT16_MAX_COLUMNS = 32767  # int16 column indices address at most this many input features
 
@@ -173,10 +174,27 @@ def pack_model(model: ChtslLlamaForCausalLM, dtype: torch.dtype = torch.float32)
 # ----------------------------------------------------------------------------- unpacking
 
 
+def training_state_dict(packed: PackedModel) -> dict[str, torch.Tensor]:
+    """The training-form state dict of `packed` (tied keys absent): S in the storage its config names
+    (masked: weight = S densified, mask = CSR pattern; csr: the CSR triple itself), A, B, the dense rest."""
+    storage = get_storage(packed.config.chtsl["storage"])
+    state: dict[str, torch.Tensor] = dict(packed.dense)
+    for name, lin in packed.linears.items():
+        if lin.has_sparse:
+            entries = storage.from_csr(lin.crow_indices, lin.col_indices, lin.values, lin.out_features,
+                                       lin.in_features)
+            state.update({f"{name}.{k}": t for k, t in entries.items()})
+        elif lin.weight is not None:
+            state[f"{name}.weight"] = lin.weight
+        if lin.has_lowrank:
+            state[f"{name}.lora_A"] = lin.lora_A
+            state[f"{name}.lora_B"] = lin.lora_B
+    return state
+
+
 @torch.no_grad()
 def unpack_model(packed: PackedModel, dtype: torch.dtype | None = None) -> ChtslLlamaForCausalLM:
-    """The training-form model of `packed`, S in the storage its config names (masked: weight = S
-    densified, mask = CSR pattern; csr: the CSR triple itself), in eval mode.
+    """The training-form model of `packed` (`training_state_dict`), in eval mode.
 
     `dtype`: parameters' dtype, default the packed dtype (pass torch.float32 to compute in fp32).
     The global RNG is left untouched (building the model draws random masks, then overwritten).
@@ -184,20 +202,8 @@ def unpack_model(packed: PackedModel, dtype: torch.dtype | None = None) -> Chtsl
     dtype = dtype or packed.dtype
     with torch.random.fork_rng(devices=[]):
         model = ChtslLlamaForCausalLM(packed.config)
-    state: dict[str, torch.Tensor] = dict(packed.dense)
-    layers = model.chtsl_layers()
-    for name, lin in packed.linears.items():
-        if lin.has_sparse:
-            entries = layers[name].storage.from_csr(lin.crow_indices, lin.col_indices, lin.values,
-                                                    lin.out_features, lin.in_features)
-            state.update({f"{name}.{k}": t for k, t in entries.items()})
-        elif lin.weight is not None:
-            state[f"{name}.weight"] = lin.weight
-        if lin.has_lowrank:
-            state[f"{name}.lora_A"] = lin.lora_A
-            state[f"{name}.lora_B"] = lin.lora_B
     model = model.to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(training_state_dict(packed), strict=False)
     missing = [k for k in missing if k not in tied_keys(packed.config)]
     if missing or unexpected:
         raise ChtslError(f"packed model does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")

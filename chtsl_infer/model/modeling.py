@@ -12,6 +12,7 @@ training, grad, CUDA and options the runtime does not cover take the stock forwa
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,10 +127,19 @@ class ChtslLlamaForCausalLM(LlamaForCausalLM):
     use_chtsl_runtime: bool = False
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> ChtslLlamaForCausalLM:
-        model = super().from_pretrained(*args, **kwargs)
-        model.use_chtsl_runtime = True
-        return model
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `from_pretrained`, which also reads a packed export (`chtsl export`: CSR weights,
+        validated, loaded in training form); the model computes through the runtime where it can."""
+        path = pretrained_model_name_or_path
+        if path is not None and kwargs.get("state_dict") is None:
+            from chtsl_infer.formats.model_dir import is_packed_dir, packed_pretrained_kwargs
+
+            local = Path(path, kwargs.get("subfolder") or "")
+            if local.is_dir() and is_packed_dir(local):  # its tensor names are not the model's: load them here
+                path, kwargs = None, packed_pretrained_kwargs(local, kwargs)
+        loaded = super().from_pretrained(path, *args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).use_chtsl_runtime = True  # output_loading_info
+        return loaded
 
     @can_return_tuple
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
