@@ -155,6 +155,25 @@ def test_forward_loop_with_the_returned_cache(model, runtime_calls) -> None:
     assert cache.capacity >= seen.shape[1]  # grown (doubling) from the prefill's 9 positions
 
 
+def test_inference_mode_and_no_grad_mixed(model, runtime_calls) -> None:
+    """One cache continued across `torch.inference_mode()` and `torch.no_grad()` calls (the kept buffers
+    are written in place in both), logits as the stock forward's."""
+    ids = random_ids(1, 5, seed=15)
+    with torch.inference_mode():
+        out = model(ids)
+    with torch.no_grad():
+        ref = stock(model, lambda: model(ids))
+        torch.testing.assert_close(out.logits, ref.logits, atol=ATOL, rtol=0)
+        # 5 tokens: torch writes the cache and the reused gate/up buffer in place (1 token: the C kernels)
+        for step, (mode, n) in enumerate(((torch.no_grad, 5), (torch.inference_mode, 1), (torch.no_grad, 1))):
+            nxt = random_ids(1, n, seed=20 + step)
+            with mode():
+                got = model(nxt, cache=out.cache).logits
+            want = stock(model, lambda nxt=nxt: model(nxt, cache=ref.cache).logits)
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert runtime_calls == [True] * 4
+
+
 def test_loglikelihood_of_right_padded_batches(model, runtime_calls) -> None:
     """As lm-eval scores requests: right-padded batches without a mask, log p(continuation | context)."""
     seqs = [random_ids(1, n, seed=n)[0] for n in (12, 7, 3)]

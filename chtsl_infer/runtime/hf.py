@@ -71,7 +71,9 @@ class _Kept:
     tensors: list[torch.Tensor]
     ptrs: list[int]
     versions: list[int]
-    workspace: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the runtime's reused activation buffers, one set per inference mode: a buffer made under
+    # `torch.inference_mode()` cannot be written outside it
+    workspaces: dict[bool, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: nn.Module, runtime: ChtslLlamaForCausalLM | None) -> _Kept:
@@ -178,8 +180,9 @@ class ChtslCache(Cache):
 
         olds = [(k if fits else None, v if fits else None) for k, v in zip(self.key, self.value, strict=True)]
         olds = olds or [(None, None)] * len(self.layers)
-        self.key = [grown(k, layer.length) for (k, _), layer in zip(olds, self.layers, strict=True)]
-        self.value = [grown(v, layer.length) for (_, v), layer in zip(olds, self.layers, strict=True)]
+        with torch.inference_mode(False):  # plain tensors: writable whether or not later calls are in inference mode
+            self.key = [grown(k, layer.length) for (k, _), layer in zip(olds, self.layers, strict=True)]
+            self.value = [grown(v, layer.length) for (_, v), layer in zip(olds, self.layers, strict=True)]
         self._rope = None
 
     def runtime_cache(self, runtime: ChtslLlamaForCausalLM, batch: int, kv_heads: tuple[int, int],
@@ -347,12 +350,12 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor | None, attent
     if cache is None and (use_cache if use_cache is not None else cfg.use_cache):
         cache = ChtslCache(kept.num_layers)
     last_only = logits_to_keep == 1
+    workspace = kept.workspaces.setdefault(torch.is_inference_mode_enabled(), {})
     if cache is None:
-        logits = feature_major.forward(kept.runtime, input_ids, last_only=last_only, workspace=kept.workspace)
+        logits = feature_major.forward(kept.runtime, input_ids, last_only=last_only, workspace=workspace)
     else:
         kv = cache.runtime_cache(kept.runtime, batch, kept.kv_heads, start + seq)
-        logits = feature_major.forward(kept.runtime, input_ids, cache=kv, last_only=last_only,
-                                       workspace=kept.workspace)
+        logits = feature_major.forward(kept.runtime, input_ids, cache=kv, last_only=last_only, workspace=workspace)
         cache.set_length(kv.length)
     if last_only:
         logits = logits[:, None]
