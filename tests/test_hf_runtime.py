@@ -189,6 +189,10 @@ def test_loglikelihood_of_right_padded_batches(model, runtime_calls) -> None:
     fast = scores()
     assert runtime_calls == [True]
     assert fast == pytest.approx(stock(model, scores), abs=1e-4)
+    with torch.no_grad():  # a perplexity script's call: labels, the loss computed from the runtime's logits
+        loss = model(batch, labels=batch, use_cache=False).loss
+        assert runtime_calls == [True, False]
+        torch.testing.assert_close(loss, stock(model, lambda: model(batch, labels=batch).loss), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow  # imports lm-eval (seconds)

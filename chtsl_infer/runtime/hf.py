@@ -41,8 +41,7 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from chtsl_infer.formats.packed import pack_model
-from chtsl_infer.model.modeling import RUNTIME_KEY as KEPT
-from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
+from chtsl_infer.model.modeling import RUNTIME_KEY, ChtslLlamaForCausalLM
 from chtsl_infer.runtime import feature_major
 from chtsl_infer.runtime.backends import build_model, resolve_backend
 
@@ -128,10 +127,10 @@ def _build(model: ChtslLlamaForCausalLM) -> _Kept:
 
 def kept_runtime(model: ChtslLlamaForCausalLM) -> _Kept | None:
     """The model's kept runtime form, built or rebuilt if its weights changed; None where it does not qualify."""
-    kept: _Kept | None = model.__dict__.get(KEPT)
+    kept: _Kept | None = model.__dict__.get(RUNTIME_KEY)
     if kept is None or not kept.still_valid():
-        model.__dict__.pop(KEPT, None)  # free the stale form before building the new one
-        kept = model.__dict__[KEPT] = _build(model)
+        model.__dict__.pop(RUNTIME_KEY, None)  # free the stale form before building the new one
+        kept = model.__dict__[RUNTIME_KEY] = _build(model)
     return kept if kept.runtime is not None else None
 
 
@@ -143,7 +142,7 @@ class ChtslCache(Cache):
 
     `key[i]`, `value[i]`: block i's (batch, kv_heads, capacity, head_dim) tensors, positions
     `[0, layers[i].length)` filled. Allocated on first use with `capacity` positions (or as many as
-    that call needs), grown by doubling. `cos`/`sin`: the RoPE tables over the capacity (fast path).
+    that call needs), grown by doubling; the fast path's RoPE tables over the capacity kept beside.
     """
 
     def __init__(self, num_layers: int, capacity: int = 0) -> None:
