@@ -111,7 +111,8 @@ def main() -> None:
 
     def hf(model, stock: bool = False):
         def run(clock: StepClock) -> torch.Tensor:
-            model.use_chtsl_runtime = not stock if hasattr(model, "use_chtsl_runtime") else False
+            if model is chtsl:
+                model.use_chtsl_runtime = not stock
             return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, streamer=clock,
                                   pad_token_id=0)
         return run
