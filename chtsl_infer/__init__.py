@@ -59,14 +59,35 @@ def register_auto_classes() -> None:
     importlib.import_module(f"{__name__}.model.modeling")
 
 
-class _RegisterAfterTransformers(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Runs `register_auto_classes` right after `transformers` finishes importing, so `import
-    chtsl_infer` followed by `from transformers import AutoModelForCausalLM` finds our classes."""
+def _register_unless_busy() -> None:
+    # Not while one of our modules is half-imported (it is importing transformers itself, and
+    # registering would import it circularly): `chtsl_infer.model.configuration` and
+    # `chtsl_infer.model.modeling` register their class when their own import completes.
+    busy = any(getattr(getattr(m, "__spec__", None), "_initializing", False)
+               for n, m in list(sys.modules.items()) if n.startswith(f"{__name__}."))
+    if not busy:
+        register_auto_classes()
+
+
+def _install_runtime_hooks() -> None:
+    """Imports `chtsl_infer.runtime.hf`, which installs itself as `ChtslLlamaForCausalLM.runtime_hooks`
+    (the model layer cannot import the runtime above it)."""
+    importlib.import_module(f"{__name__}.runtime.hf")
+
+
+class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs `then()` right after module `name` finishes importing (one shot): `transformers` ->
+    `register_auto_classes`, so `import chtsl_infer` followed by `from transformers import
+    AutoModelForCausalLM` finds our classes; `chtsl_infer.model.modeling` -> the runtime's hooks, so
+    however the model class is reached, `from_pretrained` models compute on the runtime."""
+
+    def __init__(self, name: str, then: Any) -> None:
+        self.name, self.then = name, then
 
     def find_spec(self, fullname: str, path: Any, target: ModuleType | None = None):
-        if fullname != "transformers":
+        if fullname != self.name:
             return None
-        sys.meta_path.remove(self)  # one shot; the other finders locate the package
+        sys.meta_path.remove(self)  # one shot; the other finders locate the module
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
@@ -79,16 +100,15 @@ class _RegisterAfterTransformers(importlib.abc.MetaPathFinder, importlib.abc.Loa
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        # Not while one of our modules is half-imported (it is importing transformers itself, and
-        # registering would import it circularly): `chtsl_infer.model.configuration` and
-        # `chtsl_infer.model.modeling` register their class when their own import completes.
-        busy = any(getattr(getattr(m, "__spec__", None), "_initializing", False)
-                   for n, m in list(sys.modules.items()) if n.startswith(f"{__name__}."))
-        if not busy:
-            register_auto_classes()
+        self.then()
 
 
-if "transformers" in sys.modules:
-    register_auto_classes()
-elif not any(isinstance(f, _RegisterAfterTransformers) for f in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterAfterTransformers())
+def _after_import(name: str, then: Any) -> None:
+    if name in sys.modules:
+        then()
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, then))
+
+
+_after_import(f"{__name__}.model.modeling", _install_runtime_hooks)  # first: the next line may import it
+_after_import("transformers", _register_unless_busy)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -279,8 +281,9 @@ def test_runtime_form_follows_the_weights(model) -> None:
         assert model.__dict__[RUNTIME_KEY].runtime is shared  # unchanged weights: built once
         for change in (lambda: layer.lora_B.mul_(3.0),  # an in-place update (an optimizer step)
                        lambda: layer.weight.add_(0.5 * layer.mask),  # S's values
-                       lambda: model.load_state_dict(model.state_dict() | {  # a new support
-                           "model.layers.0.self_attn.q_proj.mask": ~model.model.layers[0].self_attn.q_proj.mask}),
+                       lambda: model.load_state_dict(model.state_dict() | {  # a new support and its values
+                           "model.layers.0.mlp.down_proj.mask": ~model.model.layers[0].mlp.down_proj.mask,
+                           "model.layers.0.mlp.down_proj.weight": random_like(layer.weight)}),
                        lambda: setattr(mlp0, "up_proj", _scaled_copy(mlp0.up_proj))):  # a replaced module
             change()
             after = model(ids, use_cache=False).logits
@@ -288,6 +291,10 @@ def test_runtime_form_follows_the_weights(model) -> None:
                                        atol=ATOL, rtol=0)
             assert not torch.allclose(after, before, atol=1e-3)
             before = after
+
+
+def random_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.randn(t.shape, generator=torch.Generator().manual_seed(0))
 
 
 def _scaled_copy(layer: torch.nn.Module) -> torch.nn.Module:
@@ -333,3 +340,28 @@ def test_sampling_uses_the_runtime_and_model_still_pickles(model, runtime_calls)
     clone = pickle.loads(pickle.dumps(model))  # the kept form (bound C pointers) is left behind
     assert RUNTIME_KEY in model.__dict__ and RUNTIME_KEY not in clone.__dict__
     copy.deepcopy(model)
+
+
+@pytest.mark.slow  # a fresh interpreter per import order
+@pytest.mark.parametrize("first", ["import chtsl_infer", "import transformers, chtsl_infer",
+                                   "from chtsl_infer.model.modeling import ChtslLlamaForCausalLM",
+                                   "from chtsl_infer import ChtslLlamaForCausalLM"])
+def test_every_import_order_installs_the_runtime(model_dir, first) -> None:
+    """However the class is reached, its from_pretrained model computes on the runtime."""
+    auto = "ChtslLlamaForCausalLM" not in first
+    code = f"""{first}
+from {"transformers import AutoModelForCausalLM" if auto else "chtsl_infer import ChtslLlamaForCausalLM"} as M
+import torch
+from chtsl_infer.runtime import feature_major
+calls = []
+inner = feature_major.forward
+feature_major.forward = lambda *a, **k: calls.append(1) or inner(*a, **k)
+model = M.from_pretrained({str(model_dir)!r})
+with torch.no_grad():
+    model(torch.zeros(1, 3, dtype=torch.long))
+print(type(model).runtime_hooks.__name__, len(calls))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["chtsl_infer.runtime.hf", "1"]

@@ -12,8 +12,8 @@ training, grad, CUDA and options the runtime does not cover take the stock forwa
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -122,22 +122,21 @@ class ChtslLlamaForCausalLM(LlamaForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    #: compute through the runtime's kernels in eval mode with grad off (chtsl_infer.runtime.hf); set by
-    #: `from_pretrained`, so the trainer's and the loaders' own models keep transformers' forward
+    #: compute through the runtime's kernels in eval mode with grad off; set by `from_pretrained`, so the
+    #: trainer's and the loaders' own models keep transformers' forward
     use_chtsl_runtime: bool = False
+    #: `chtsl_infer.runtime.hf` (`forward`, `prepare_generation_cache`, `pretrained_arguments`), which sets
+    #: it when imported; importing `chtsl_infer` arranges that as soon as this module is imported
+    runtime_hooks: ClassVar[ModuleType | None] = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
         """transformers' `from_pretrained`, which also reads a packed export (`chtsl export`: CSR weights,
         validated, loaded in training form); the model computes through the runtime where it can."""
-        path = pretrained_model_name_or_path
-        if path is not None and kwargs.get("state_dict") is None:
-            from chtsl_infer.formats.model_dir import is_packed_dir, packed_pretrained_kwargs
-
-            local = Path(path, kwargs.get("subfolder") or "")
-            if local.is_dir() and is_packed_dir(local):  # its tensor names are not the model's: load them here
-                path, kwargs = None, packed_pretrained_kwargs(local, kwargs)
-        loaded = super().from_pretrained(path, *args, **kwargs)
+        if cls.runtime_hooks is not None:
+            pretrained_model_name_or_path, kwargs = cls.runtime_hooks.pretrained_arguments(
+                pretrained_model_name_or_path, kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).use_chtsl_runtime = True  # output_loading_info
         return loaded
 
@@ -148,11 +147,10 @@ class ChtslLlamaForCausalLM(LlamaForCausalLM):
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
                 **kwargs: Any) -> CausalLMOutputWithPast:
         """`LlamaForCausalLM.forward`; on the runtime where `use_chtsl_runtime` and it applies."""
-        if self.use_chtsl_runtime and not self.training and not torch.is_grad_enabled():
-            from chtsl_infer.runtime import hf
-
-            out = hf.forward(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache,
-                             logits_to_keep, kwargs)
+        hooks = self.runtime_hooks
+        if hooks is not None and self.use_chtsl_runtime and not self.training and not torch.is_grad_enabled():
+            out = hooks.forward(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels,
+                                use_cache, logits_to_keep, kwargs)
             if out is not None:
                 return out
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -163,10 +161,9 @@ class ChtslLlamaForCausalLM(LlamaForCausalLM):
                                       generation_mode: Any, batch_size: int, max_cache_length: int) -> None:
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
                                               max_cache_length)
-        if self.use_chtsl_runtime and not self.training:
-            from chtsl_infer.runtime import hf
-
-            hf.prepare_generation_cache(self, generation_config, model_kwargs, generation_mode, max_cache_length)
+        if self.runtime_hooks is not None and self.use_chtsl_runtime and not self.training:
+            self.runtime_hooks.prepare_generation_cache(self, generation_config, model_kwargs, generation_mode,
+                                                        max_cache_length)
 
     def train(self, mode: bool = True) -> ChtslLlamaForCausalLM:
         if mode:  # the weights will change: free the runtime form now rather than at the next fast call

@@ -1,7 +1,9 @@
 """transformers' entry points on the runtime: a `from_pretrained` model scores and decodes through the kernels.
 
-`ChtslLlamaForCausalLM.forward` hands over to `forward` here when the model was loaded with
-`from_pretrained` (`use_chtsl_runtime`), is in eval mode and grad is off (`torch.no_grad()`,
+This module installs itself as `ChtslLlamaForCausalLM.runtime_hooks` (importing `chtsl_infer` imports it
+as soon as the model module is imported: the model layer cannot import the runtime above it), and
+the model's `forward` hands over to `forward` here when the model was loaded with `from_pretrained`
+(`use_chtsl_runtime`; packed exports too, `pretrained_arguments`), is in eval mode and grad is off (`torch.no_grad()`,
 `torch.inference_mode()`, `generate()`): then `model(...)`, `model.generate(...)` and the
 loglikelihood calls of lm-eval run `feature_major.forward` on the runtime form of the same
 weights (the `sparse` backend: CSR kernels, the KV cache written in place, every block of a
@@ -31,7 +33,9 @@ always left to the stock path (it is filled in place, which the runtime cannot d
 from __future__ import annotations
 
 import operator
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +44,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from chtsl_infer.formats.model_dir import is_packed_dir, packed_pretrained_kwargs
 from chtsl_infer.formats.packed import pack_model
 from chtsl_infer.model.modeling import RUNTIME_KEY, ChtslLlamaForCausalLM
 from chtsl_infer.runtime import feature_major
@@ -362,3 +367,16 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor | None, attent
         logits = logits[:, -logits_to_keep:]
     loss = None if labels is None else model.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size)
     return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+
+def pretrained_arguments(path: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(path, kwargs) for transformers' `from_pretrained`: a packed export's directory is read here (its
+    tensor names are not the model's), handed over as `state_dict` without a path; anything else as given."""
+    if path is not None and kwargs.get("state_dict") is None:
+        local = Path(path, kwargs.get("subfolder") or "")
+        if local.is_dir() and is_packed_dir(local):
+            return None, packed_pretrained_kwargs(local, kwargs)
+    return path, kwargs
+
+
+ChtslLlamaForCausalLM.runtime_hooks = sys.modules[__name__]  # the model layer's entry points into this module
