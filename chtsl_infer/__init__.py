@@ -5,8 +5,10 @@ so `AutoModelForCausalLM.from_pretrained("ckpt/", use_safetensors=True)` loads a
 without remote code (and never a pickle).
 
 Nothing heavy is imported here: the public names below load on first access, and the Auto
-registration happens as soon as transformers is imported (at once when it already is). So the
-`chtsl` CLI, whose modules live in this package, answers `--help` without torch or transformers.
+registration (with the runtime's fast path for `from_pretrained` models, `runtime/hf.py`) happens
+as soon as transformers is imported and the import that brought it in has completed (at once when
+it already is). So the `chtsl` CLI, whose modules live in this package, answers `--help` without
+torch or transformers.
 """
 
 from __future__ import annotations
@@ -54,61 +56,70 @@ def __dir__() -> list[str]:
 
 
 def register_auto_classes() -> None:
-    """Registers the config and model with transformers' AutoConfig / AutoModelForCausalLM
-    (idempotent; `chtsl_infer.model.modeling` does it on import)."""
-    importlib.import_module(f"{__name__}.model.modeling")
-
-
-def _register_unless_busy() -> None:
-    # Not while one of our modules is half-imported (it is importing transformers itself, and
-    # registering would import it circularly): `chtsl_infer.model.configuration` and
-    # `chtsl_infer.model.modeling` register their class when their own import completes.
-    busy = any(getattr(getattr(m, "__spec__", None), "_initializing", False)
-               for n, m in list(sys.modules.items()) if n.startswith(f"{__name__}."))
-    if not busy:
-        register_auto_classes()
-
-
-def _install_runtime_hooks() -> None:
-    """Imports `chtsl_infer.runtime.hf`, which installs itself as `ChtslLlamaForCausalLM.runtime_hooks`
-    (the model layer cannot import the runtime above it)."""
+    """Registers the config and model with transformers' AutoConfig / AutoModelForCausalLM and the
+    runtime's fast path into the model class (idempotent): imports `chtsl_infer.runtime.hf`, which
+    imports the model modules (they register the Auto classes) and installs itself as
+    `ChtslLlamaForCausalLM.runtime_hooks` (the model layer cannot import the runtime above it)."""
     importlib.import_module(f"{__name__}.runtime.hf")
 
 
-class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Runs `then()` right after module `name` finishes importing (one shot): `transformers` ->
-    `register_auto_classes`, so `import chtsl_infer` followed by `from transformers import
-    AutoModelForCausalLM` finds our classes; `chtsl_infer.model.modeling` -> the runtime's hooks, so
-    however the model class is reached, `from_pretrained` models compute on the runtime."""
+def _initializing(name: str) -> bool:
+    spec = getattr(sys.modules.get(name), "__spec__", None)
+    return bool(getattr(spec, "_initializing", False))
 
-    def __init__(self, name: str, then: Any) -> None:
-        self.name, self.then = name, then
+
+class _WhenSettled(importlib.abc.MetaPathFinder):
+    """Calls `register_auto_classes` once transformers is imported and no module of this package is
+    half-imported, whichever import completes that (then leaves `sys.meta_path`).
+
+    Registering needs transformers and imports most of the package; done in the middle of one of
+    our imports (say `chtsl_infer.formats.packed`, which imports the model, which imports
+    transformers), it would re-enter the half-imported module. So every import of transformers and
+    of our submodules is watched until then: `import chtsl_infer` followed by `from transformers
+    import AutoModelForCausalLM`, or `from chtsl_infer.formats.packed import pack_model` first, both
+    end with the classes registered and the fast path installed, while `chtsl --help` (which never
+    imports transformers) imports neither.
+    """
 
     def find_spec(self, fullname: str, path: Any, target: ModuleType | None = None):
-        if fullname != self.name:
+        if fullname != "transformers" and not fullname.startswith(f"{__name__}."):
             return None
-        sys.meta_path.remove(self)  # one shot; the other finders locate the module
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        self._loader = spec.loader
-        spec.loader = self
-        return spec
+        for finder in sys.meta_path:  # the spec the other finders give, its loader wrapped
+            find = getattr(finder, "find_spec", None) if finder is not self else None
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _ThenSettle(spec.loader, self)
+                return spec
+        return None
+
+    def settle(self, done: str) -> None:
+        watched = [n for n in list(sys.modules) if n == "transformers" or n.startswith(f"{__name__}.")]
+        if "transformers" in sys.modules and not any(_initializing(n) for n in watched if n != done):
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+                register_auto_classes()
+
+
+class _ThenSettle(importlib.abc.Loader):
+    """A module's own loader, then `_WhenSettled.settle` once the module is executed."""
+
+    def __init__(self, loader: Any, watcher: _WhenSettled) -> None:
+        self.loader, self.watcher = loader, watcher
 
     def create_module(self, spec):
-        return self._loader.create_module(spec)
+        return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        self._loader.exec_module(module)
-        self.then()
+        self.loader.exec_module(module)
+        module.__loader__ = module.__spec__.loader = self.loader  # as if never wrapped (inspect, resources)
+        self.watcher.settle(module.__name__)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, ...: the module's loader's
+        return getattr(self.loader, name)
 
 
-def _after_import(name: str, then: Any) -> None:
-    if name in sys.modules:
-        then()
-    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(name, then))
-
-
-_after_import(f"{__name__}.model.modeling", _install_runtime_hooks)  # first: the next line may import it
-_after_import("transformers", _register_unless_busy)
+if "transformers" in sys.modules:
+    register_auto_classes()
+elif not any(isinstance(f, _WhenSettled) for f in sys.meta_path):
+    sys.meta_path.insert(0, _WhenSettled())

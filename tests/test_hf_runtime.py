@@ -345,7 +345,10 @@ def test_sampling_uses_the_runtime_and_model_still_pickles(model, runtime_calls)
 @pytest.mark.slow  # a fresh interpreter per import order
 @pytest.mark.parametrize("first", ["import chtsl_infer", "import transformers, chtsl_infer",
                                    "from chtsl_infer.model.modeling import ChtslLlamaForCausalLM",
-                                   "from chtsl_infer import ChtslLlamaForCausalLM"])
+                                   "from chtsl_infer import ChtslLlamaForCausalLM",
+                                   # a module that imports the model, itself imported by runtime/hf.py
+                                   "from chtsl_infer.formats.packed import pack_model",
+                                   "from chtsl_infer.runtime.backends import load_runtime"])
 def test_every_import_order_installs_the_runtime(model_dir, first) -> None:
     """However the class is reached, its from_pretrained model computes on the runtime."""
     auto = "ChtslLlamaForCausalLM" not in first

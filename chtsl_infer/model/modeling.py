@@ -126,7 +126,8 @@ class ChtslLlamaForCausalLM(LlamaForCausalLM):
     #: trainer's and the loaders' own models keep transformers' forward
     use_chtsl_runtime: bool = False
     #: `chtsl_infer.runtime.hf` (`forward`, `prepare_generation_cache`, `pretrained_arguments`), which sets
-    #: it when imported; importing `chtsl_infer` arranges that as soon as this module is imported
+    #: it when imported (this layer does not import the runtime above it); `chtsl_infer/__init__.py`
+    #: imports it once transformers is loaded and no module of the package is half-imported
     runtime_hooks: ClassVar[ModuleType | None] = None
 
     @classmethod

@@ -1,7 +1,7 @@
 """transformers' entry points on the runtime: a `from_pretrained` model scores and decodes through the kernels.
 
-This module installs itself as `ChtslLlamaForCausalLM.runtime_hooks` (importing `chtsl_infer` imports it
-as soon as the model module is imported: the model layer cannot import the runtime above it), and
+This module installs itself as `ChtslLlamaForCausalLM.runtime_hooks` (`chtsl_infer.register_auto_classes`
+imports it once transformers is loaded: the model layer does not import the runtime above it), and
 the model's `forward` hands over to `forward` here when the model was loaded with `from_pretrained`
 (`use_chtsl_runtime`; packed exports too, `pretrained_arguments`), is in eval mode and grad is off (`torch.no_grad()`,
 `torch.inference_mode()`, `generate()`): then `model(...)`, `model.generate(...)` and the
