@@ -379,8 +379,9 @@ class KernelInfo:
     """What the CPU kernels in use are, for reports (`chtsl bench --json`, `chtsl info --kernels`): how or
     why not (`detail`), the CPU model (`cpu`), the build in force — its path, compiler and flags, build
     variant ("" = the base build), the instruction sets the compiler targeted (`isa`), whether it has
-    OpenMP, floats per tile vector (`tile_vw`), whether the bf16 gather uses AVX512-BF16 (`bf16_dot`) —,
-    the run-time settings in force, the built-in defaults, and how the settings were chosen (`tuning`:
+    OpenMP, floats per tile vector (`tile_vw`), whether the bf16 gather uses AVX512-BF16 (`bf16_dot`),
+    whether the int8 gather takes 16 links per AVX-512 vgatherdps (`gather16`) —, the run-time
+    settings in force, the built-in defaults, and how the settings were chosen (`tuning`:
     `tune.TuneStatus.as_json`)."""
 
     available: bool
@@ -394,6 +395,7 @@ class KernelInfo:
     openmp: bool = False
     tile_vw: int | None = None
     bf16_dot: bool = False
+    gather16: bool = False
     settings: dict[str, int] = field(default_factory=dict)
     defaults: dict[str, int] = field(default_factory=dict)
     tuning: dict[str, Any] = field(default_factory=dict)

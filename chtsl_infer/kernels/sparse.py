@@ -1,7 +1,8 @@
 """The inference runtime's sparse product, feature-major: `Y = S X`.
 
-Shapes: S (out, in) as CSR — crow int32 (out+1,), col int16/int32 (nnz,), values fp32 or bf16 (nnz,) —,
-X (in, T) and Y (out, T) with T = tokens. The runtime keeps activations feature-major
+Shapes: S (out, in) as CSR — crow int32 (out+1,), col (nnz,) int16/int32 columns or uint8 column deltas
+(`absolute_columns`), values (nnz,) fp32, bf16 or int8 with one fp32 scale per row —, X (in, T) and
+Y (out, T) with T = tokens. The runtime keeps activations feature-major
 (`chtsl_infer.runtime.feature_major`) so neither side needs a transpose.
 
 CPU (`spmm_cpu`): the `spmm` kernel (`csrc/spmm.c`, `csrc/spmm_bf16.c`). Why C and not numba (the
@@ -32,33 +33,53 @@ def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_co
         return torch.sparse_csr_tensor(crow, col, values, size=(crow.numel() - 1, n_cols), check_invariants=False)
 
 
+def absolute_columns(crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """int64 (nnz,): the column of every link. int16/int32 `col` are the columns; uint8 `col` are 8-bit
+    deltas within each row (col_k = col_{k-1} + delta_k, col_{-1} = 0; docs/formats.md §2), summed here."""
+    if col.dtype != torch.uint8:
+        return col.long()
+    total = col.long().cumsum(0)
+    before = torch.cat([total.new_zeros(1), total])[crow[:-1].long()]  # the running sum before each row
+    return total - torch.repeat_interleave(before, (crow[1:] - crow[:-1]).long(), output_size=col.numel())
+
+
 def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-             out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+             scale: torch.Tensor | None = None) -> torch.Tensor:
     """`S X` on CPU: x (in, T) with contiguous rows -> (out, T); S a CSR triple (out rows).
 
-    float32 x and values: fp32 throughout (`csrc/spmm.c`). bfloat16 x and values: bf16 in memory,
-    fp32 accumulation, the result rounded to bf16 (`csrc/spmm_bf16.c`).
+    float32 x with float32 values: fp32 throughout, or with int8 values: each stored row r's sum times
+    scale[r] (`csrc/spmm.c`; the weights are scale[r] · q). bfloat16 x and values: bf16 in memory, fp32
+    accumulation, the result rounded to bf16 (`csrc/spmm_bf16.c`). `col`: int16/int32 columns or uint8
+    column deltas. `scale`: fp32 (out,) per stored row, required for int8 values, optional otherwise.
     `out`, if given, is a (out, T) tensor of x's dtype with contiguous rows the result is written into.
     `rows` (int32, out): stored CSR row r is output row rows[r] (see `sort_rows`); None: identity.
     """
     dtype = x.dtype
-    if dtype not in (torch.float32, torch.bfloat16) or values.dtype != dtype:
-        raise TypeError(f"spmm_cpu computes float32 or bfloat16 (x and values alike), got x {x.dtype} and "
-                        f"values {values.dtype}")
+    if not (dtype == values.dtype in (torch.float32, torch.bfloat16)
+            or dtype == torch.float32 and values.dtype == torch.int8):
+        raise TypeError(f"spmm_cpu computes float32 or bfloat16 (x and values alike, or float32 x with int8 "
+                        f"values), got x {x.dtype} and values {values.dtype}")
     n_in, n_tok = x.shape
     x = rows_contiguous(x)  # the kernel reads rows of n_tok contiguous values
     n_out = crow.numel() - 1
     if out is not None and (out.shape != (n_out, n_tok) or out.dtype != dtype or out.device.type != "cpu"
                             or out.stride(1) != 1 or out.stride(0) < n_tok):
         raise ValueError(f"spmm_cpu: out must be a CPU {dtype} ({n_out}, {n_tok}) tensor with contiguous rows")
+    if (values.dtype == torch.int8) > (scale is not None) or scale is not None and (
+            scale.dtype != torch.float32 or scale.shape != (n_out,) or not scale.is_contiguous()):
+        raise TypeError(f"spmm_cpu: scale must be a contiguous float32 ({n_out},) tensor (required for int8 values)")
     y = torch.empty(n_out, n_tok, dtype=dtype) if out is None else out
     if n_tok == 0 or n_out == 0:
         return y.zero_()
-    if col.dtype not in (torch.int16, torch.int32) or crow.dtype != torch.int32:
-        raise TypeError(f"spmm_cpu reads int32 row pointers and int16/int32 columns, got {crow.dtype}/{col.dtype}")
-    fn = kernel("spmm", dtype=dtype, index=col.dtype)
+    if col.dtype not in (torch.int16, torch.int32, torch.uint8) or crow.dtype != torch.int32:
+        raise TypeError(f"spmm_cpu reads int32 row pointers and int16/int32 columns or uint8 column deltas, got "
+                        f"{crow.dtype}/{col.dtype}")
+    fn = kernel("spmm", dtype=values.dtype, index=col.dtype)
     if fn is None:
-        result = csr_tensor(crow.long(), col.long(), values.float(), n_in) @ x.float()
+        weights = values.float() if scale is None else values.float() * torch.repeat_interleave(
+            scale, (crow[1:] - crow[:-1]).long(), output_size=values.numel())
+        result = csr_tensor(crow.long(), absolute_columns(crow, col), weights, n_in) @ x.float()
         if rows is None:
             return y.copy_(result)
         y[rows.long()] = result.to(dtype)
@@ -69,7 +90,8 @@ def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: tor
     if rows is not None and (rows.dtype != torch.int32 or rows.numel() != n_out or not rows.is_contiguous()):
         raise TypeError(f"spmm_cpu: rows must be a contiguous int32 permutation of {n_out} rows")
     if fn(x.data_ptr(), x.stride(0), n_in, n_tok, crow.data_ptr(), col.data_ptr(), values.data_ptr(),
-          None if rows is None else rows.data_ptr(), y.data_ptr(), y.stride(0), n_out, tile, n_chunks, threads):
+          None if scale is None else scale.data_ptr(), None if rows is None else rows.data_ptr(), y.data_ptr(),
+          y.stride(0), n_out, tile, n_chunks, threads):
         raise MemoryError("spmm_cpu: could not allocate the kernel's buffers")
     return y
 
@@ -77,8 +99,9 @@ def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: tor
 def sort_rows(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The CSR with its rows stored by increasing link count: (crow, col, values, rows int32).
 
-    `rows[r]` is the output row of stored row r (pass it to `spmm_cpu`). Runs of equal-length rows
-    let the CPU predict the kernel's per-row loop exits.
+    `rows[r]` is the output row of stored row r (pass it to `spmm_cpu`; a per-row `scale` of S goes
+    along as scale[rows]). Runs of equal-length rows let the CPU predict the kernel's per-row loop
+    exits. Rows move whole, so column deltas stay valid.
     """
     counts = (crow[1:] - crow[:-1]).long()
     order = torch.argsort(counts, stable=True)
@@ -96,9 +119,10 @@ def torch_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size:
               device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
     """S (out, in) as a `torch.sparse_csr_tensor` for `spmm_cuda`: crow (out+1,) and col (nnz,) of any
     integer dtype become int32 (cuSPARSE takes int32 or int64 indices, both alike; packed columns
-    may be int16), values (nnz,) the compute dtype."""
+    may be int16; uint8 column deltas are summed first), values (nnz,) the compute dtype."""
     if crow.numel() - 1 != size[0]:
         raise ValueError(f"torch_csr: {crow.numel() - 1} row pointers for {size[0]} rows")
+    col = absolute_columns(crow, col) if col.dtype == torch.uint8 else col
     return csr_tensor(crow.to(device, torch.int32), col.to(device, torch.int32), values.to(device, dtype), size[1])
 
 

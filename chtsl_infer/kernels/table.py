@@ -1,8 +1,11 @@
 """Every function the compiled library exports, declared once: name, arguments, result and variants.
 
-An entry's variants are the value dtypes (`dtypes`: float32 and/or bfloat16) times the column-index
-widths (`indexes`: int16 and/or int32) it is built for; the C symbol is the entry's name, then
-"_bf16" for a bfloat16 variant, then "_i16"/"_i32" where the entry has index variants (`spmm_bf16_i16`).
+An entry's variants are the value dtypes (`dtypes`: float32, bfloat16, int8) times the column
+encodings (`indexes`: int16, int32, or uint8 for 8-bit column deltas) it is built for; the C symbol is
+the entry's name, then "_bf16" / "_i8" for a bfloat16 / int8 variant, then "_i16" / "_i32" / "_d8" where
+the entry has index variants (`spmm_bf16_i16`, `spmm_i8_d8`). int8 variants read int8 weights with one
+fp32 scale per row (the `scale` / `a_scale` / `b_scale` arguments, NULL for the float variants, where
+a non-NULL one multiplies each row's sum just the same) and fp32 activations.
 `build.kernel(name, dtype=…, index=…)` is the one lookup; no other module spells a symbol or a
 ctypes signature. Arguments are (name, ctypes type) pairs in the order and with the names of the C
 declaration in `csrc/kernels.h` (tests/test_kernel_table.py compares the two, and the library's
@@ -22,10 +25,12 @@ cache key) and choose on CPUs where they apply; the others are candidates for mo
 - the token tiles the kernels are specialised for (16, 32, 64: `ROWS`, `MM_ROWS`, `SDDMM_ROWS`)
   and `CSR_ROW_SUM`'s one or two accumulator sets;
 - `SDDMM_ROW_CHUNK` (csr_train.c, 64 rows of DY transposed at once) and csr_mm_tm's 16-row output blocks;
-- the gather loops' 4 (fp32) or 2 (bf16) sum chains and `BF16_DP` (bf16.h: vdpbf16ps where available);
+- the gather loops' 4 (fp32) or 2 (bf16, int8) sum chains, `BF16_DP` (bf16.h: vdpbf16ps where available)
+  and `GATHER16` (gather.h: the int8 gather's 16 links per AVX-512 vgatherdps, else 8 x values loaded one
+  by one into a vector, as the bf16 gather without AVX512-BF16);
 - non-temporal stores of full fp32 tiles with AVX-512 (spmm.c `STREAM`);
-- gemv.c's 4 × 8-float accumulators per token; lowrank_fm's single-thread threshold (2^18
-  multiply-adds; attn_decode's is a run-time setting);
+- gemv.c's 4 × 8-float accumulators per token (int8: 4 × TILE_VW floats); lowrank_fm's single-thread
+  threshold (2^18 multiply-adds; attn_decode's is a run-time setting);
 - the flags themselves (`build.FLAG_SETS`: -O3 -march=native -fopenmp, …).
 
 The run-time parameters (tile widths by token count, cache budgets, row chunks, work items) are in
@@ -43,9 +48,9 @@ from typing import Any
 import torch
 
 P, INT, LONG, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-F32, BF16, I16, I32 = torch.float32, torch.bfloat16, torch.int16, torch.int32
-DTYPE_SUFFIX = {F32: "", BF16: "_bf16"}
-INDEX_SUFFIX = {I16: "_i16", I32: "_i32"}
+F32, BF16, I8, I16, I32, U8 = torch.float32, torch.bfloat16, torch.int8, torch.int16, torch.int32, torch.uint8
+DTYPE_SUFFIX = {F32: "", BF16: "_bf16", I8: "_i8"}  # int8: weights with per-row fp32 scales, fp32 activations
+INDEX_SUFFIX = {I16: "_i16", I32: "_i32", U8: "_d8"}  # uint8: 8-bit column deltas (docs/formats.md §2)
 
 CFunction = Callable[..., Any]  # a bound ctypes function
 
@@ -81,11 +86,11 @@ class KernelSpec:
 
 
 SPMM_ARGS = (("x", P), ("ldx", LONG), ("n_in", INT), ("n_tok", INT), ("crow", P), ("col", P), ("val", P),
-             ("rows", P), ("y", P), ("ldy", LONG), ("n_out", INT), ("tile", INT), ("n_chunks", INT),
+             ("scale", P), ("rows", P), ("y", P), ("ldy", LONG), ("n_out", INT), ("tile", INT), ("n_chunks", INT),
              ("n_threads", INT))
 
 TABLE = (
-    KernelSpec("spmm", "spmm.c, spmm_bf16.c", SPMM_ARGS, dtypes=(F32, BF16), indexes=(I16, I32)),
+    KernelSpec("spmm", "spmm.c, spmm_bf16.c", SPMM_ARGS, dtypes=(F32, BF16, I8), indexes=(I16, I32, U8)),
     KernelSpec("csr_mm_tm", "csr_train.c", (
         ("x", P), ("ldx", LONG), ("n_tok", INT), ("n_cols", INT), ("crow", P), ("col", P), ("val", P),
         ("n_rows", INT), ("y", P), ("ldy", LONG), ("tile", INT), ("n_chunks", INT), ("n_threads", INT)),
@@ -100,14 +105,14 @@ TABLE = (
         ("crow", P), ("col", P), ("tcrow", P), ("tcol", P), ("n_rows", INT), ("n_cols", INT), ("out", P),
         ("threads", INT))),
     KernelSpec("gemv", "gemv.c", (
-        ("w", P), ("n_out", INT), ("n_in", INT), ("x", P), ("ldx", LONG), ("n_tok", INT), ("y", P), ("ldy", LONG),
-        ("threads", INT)),
-        dtypes=(F32, BF16)),
+        ("w", P), ("scale", P), ("n_out", INT), ("n_in", INT), ("x", P), ("ldx", LONG), ("n_tok", INT), ("y", P),
+        ("ldy", LONG), ("threads", INT)),
+        dtypes=(F32, BF16, I8)),
     KernelSpec("lowrank_fm", "gemv.c", (
-        ("a", P), ("n_rank", INT), ("n_in", INT), ("x", P), ("sx_in", LONG), ("sx_tok", LONG), ("n_tok", INT),
-        ("b", P), ("outs", P), ("ranks", P), ("n_members", INT), ("scale", FLOAT), ("act", INT), ("y", P),
-        ("ldy", LONG), ("scratch", P), ("threads", INT)),
-        dtypes=(F32, BF16)),
+        ("a", P), ("a_scale", P), ("n_rank", INT), ("n_in", INT), ("x", P), ("sx_in", LONG), ("sx_tok", LONG),
+        ("n_tok", INT), ("b", P), ("b_scale", P), ("outs", P), ("ranks", P), ("n_members", INT), ("scale", FLOAT),
+        ("act", INT), ("y", P), ("ldy", LONG), ("scratch", P), ("threads", INT)),
+        dtypes=(F32, BF16, I8)),
     KernelSpec("rms_norm_fm", "decode.c", (
         ("h", P), ("ldh", LONG), ("n_feat", INT), ("n_tok", INT), ("w", P), ("eps", FLOAT), ("out", P),
         ("ldo", LONG)),
@@ -180,12 +185,14 @@ def bind(lib: ctypes.CDLL) -> dict[str, CFunction]:
 
 class DecGroup(ctypes.Structure):
     """csrc/kernels.h's `dec_group`: one fused group's arguments to `decode_layers` (NULL crow / lora_a:
-    part absent)."""
+    part absent; `index`: `INDEX_CODES` of the columns; `int8`: int8 weights with their row scales)."""
     _fields_ = [("n_in", ctypes.c_int), ("n_out", ctypes.c_int), ("crow", ctypes.c_void_p),
                 ("col", ctypes.c_void_p), ("values", ctypes.c_void_p), ("rows", ctypes.c_void_p),
-                ("col_i32", ctypes.c_int), ("lora_a", ctypes.c_void_p), ("lora_b", ctypes.c_void_p),
+                ("index", ctypes.c_int), ("lora_a", ctypes.c_void_p), ("lora_b", ctypes.c_void_p),
                 ("outs", ctypes.c_void_p), ("ranks", ctypes.c_void_p), ("n_rank", ctypes.c_int),
-                ("n_members", ctypes.c_int), ("scale", ctypes.c_float), ("act", ctypes.c_int)]
+                ("n_members", ctypes.c_int), ("scale", ctypes.c_float), ("act", ctypes.c_int),
+                ("int8", ctypes.c_int), ("values_scale", ctypes.c_void_p), ("a_scale", ctypes.c_void_p),
+                ("b_scale", ctypes.c_void_p)]
 
 
 class DecLayer(ctypes.Structure):
@@ -194,6 +201,7 @@ class DecLayer(ctypes.Structure):
 
 
 STRUCTS: dict[str, type[ctypes.Structure]] = {"dec_group": DecGroup, "dec_layer": DecLayer}  # C name -> ctypes
+INDEX_CODES = {I16: 0, I32: 1, U8: 2}  # dec_group.index: the column encoding
 
 
 def ctypes_layout() -> list[str]:

@@ -115,7 +115,8 @@ def _decode(name: str, shape: dict[str, int], blocks: int, gen: torch.Generator)
         lora_a, lora_b = _filled(rank, n_in), _filled(n_out * rank)
         shapes = torch.tensor([[n_out], [rank]], dtype=torch.int32)
         rows = torch.arange(n_out, dtype=torch.int32)  # equal-length rows: sort_rows' order already
-        return GroupDecoder(n_in, n_out, (crow, col, values, rows), (lora_a, lora_b, shapes), 1.0, "silu")
+        return GroupDecoder(n_in, n_out, (crow, col, values, rows, None), (lora_a, lora_b, shapes, None, None), 1.0,
+                            "silu")
 
     spec = [(torch.ones(hidden), torch.ones(hidden),
              [group(hidden, 3 * hidden), group(hidden, hidden), group(hidden, 2 * ffn), group(ffn, hidden)])

@@ -101,8 +101,8 @@ class FusedLinears(nn.Module):
             tensors = [t for t in (self.values if self.sparse and self.cuda_csr is None else None, self.lora_A,
                                    self.weight) if t is not None]
             serve = bool(tensors) and self.cuda_csr is None and kernels.decode_kernels_serve(*tensors)
-            csr = (self.crow, self.col, self.values, self.rows) if self.sparse and serve else None
-            lowrank = (self.lora_A, self.lora_B, self.lowrank_shapes) if self.lora_A is not None else None
+            csr = (self.crow, self.col, self.values, self.rows, None) if self.sparse and serve else None
+            lowrank = (self.lora_A, self.lora_B, self.lowrank_shapes, None, None) if self.lora_A is not None else None
             self._decoder = serve and kernels.GroupDecoder(
                 self.in_features, self.offsets[-1], csr, lowrank, self.scale, self.activation)
             self._decoder_dtype = tensors[0].dtype if serve else None

@@ -1,5 +1,6 @@
 /* Loops shared by the CPU sparse kernels (spmm.c, spmm_bf16.c, csr_train.c):
  *
+ *   col_*        a row's column indices link by link: int16, int32 or 8-bit deltas
  *   CSR_ROW_SUM  one CSR row times a feature-major token tile, in vector accumulators (all three)
  *   TILE_TASK    one task's token tile: fill the buffer, then the rows (spmm.c and spmm_bf16.c)
  *   SPMM_TASKS   the (token tile × row chunk) task loop of spmm.c and spmm_bf16.c
@@ -11,6 +12,7 @@
  */
 #ifndef CHTSL_CSR_TILES_H
 #define CHTSL_CSR_TILES_H
+#include <stdint.h>
 
 /* The vectors of spmm.c's and spmm_bf16.c's tile loops: TILE_VW floats, one register of the host.
  * 16-float vectors on an AVX2 CPU became pairs of ymm, and GCC kept their accumulators on the stack:
@@ -31,33 +33,43 @@
 typedef float tile_vec __attribute__((vector_size(TILE_VW * 4)));
 typedef float tile_vec_u __attribute__((vector_size(TILE_VW * 4), aligned(4))); /* unaligned */
 
+/* A row's column indices, walked link by link in order from the row's first link with a cursor
+ * `c` that starts at 0 in every row: COL(col, k, &c) is link k's column. int16 and int32 indices
+ * are the columns themselves; 8-bit deltas (packed format 2, docs/formats.md §2) add to the previous
+ * column: col_k = col_{k-1} + delta_k with col_{-1} = 0, gaps over 255 bridged by padding links
+ * of value 0. */
+static inline int col_i16(const int16_t *col, long k, int *c) { return *c = col[k]; }
+static inline int col_i32(const int32_t *col, long k, int *c) { return *c = col[k]; }
+static inline int col_d8(const uint8_t *col, long k, int *c) { return *c += col[k]; }
+
 /* Declares VEC acc[V] = Σ over row i's links k (crow[i] ≤ k < crow[i + 1]) of WIDEN(val[k]) ·
- * buf[col[k], 0:TILE], where buf is a feature-major (n_in × TILE) fp32 tile aligned for VEC and
- * V = TILE / (floats per VEC). WIDEN turns a stored value into a float: `(float)` for fp32 values,
- * `bf2f` for bf16 bit patterns. Two accumulator sets, even and odd links, keep two loads in flight;
+ * buf[column k, 0:TILE], where buf is a feature-major (n_in × TILE) fp32 tile aligned for VEC and
+ * V = TILE / (floats per VEC), and COL one of the column cursors above (col_i16, col_i32, col_d8).
+ * WIDEN turns a stored value into a float: `(float)` for fp32 and int8 values, `bf2f` for bf16 bit
+ * patterns. Two accumulator sets, even and odd links, keep two loads in flight;
  * acc is their sum. With 8 or more vectors (8-float vectors at 64 tokens) one set: 16 accumulators
  * would not fit in AVX2's 16 registers (two of them were spilled; one set took ~0.8× the time on 2
  * EPYC cores), and 8 independent sums already hide the FMA latency. */
-#define CSR_ROW_SUM(VEC, V, TILE, buf, crow, col, val, WIDEN, i, acc)                             \
+#define CSR_ROW_SUM(VEC, V, TILE, buf, crow, col, val, WIDEN, COL, i, acc)                        \
   VEC acc[V];                                                                                       \
   {                                                                                                 \
     VEC acc_odd_[V];                                                                                \
     for (int v = 0; v < V; v++) acc[v] = acc_odd_[v] = (VEC){0};                                    \
-    int k = crow[i], end = crow[i + 1];                                                             \
+    int k = crow[i], end = crow[i + 1], c_ = 0;                                                     \
     for (; V >= 8 && k < end; k++) { /* 8+ vectors: one set already hides the FMA latency */        \
-      const VEC *p = (const VEC *)(buf + (long)col[k] * TILE);                                      \
+      const VEC *p = (const VEC *)(buf + (long)COL(col, k, &c_) * TILE);                            \
       float a = WIDEN(val[k]);                                                                      \
       for (int v = 0; v < V; v++) acc[v] += a * p[v];                                               \
     }                                                                                               \
     for (; k + 1 < end; k += 2) {                                                                   \
-      const VEC *p = (const VEC *)(buf + (long)col[k] * TILE);                                      \
-      const VEC *q = (const VEC *)(buf + (long)col[k + 1] * TILE);                                  \
+      const VEC *p = (const VEC *)(buf + (long)COL(col, k, &c_) * TILE);                            \
+      const VEC *q = (const VEC *)(buf + (long)COL(col, k + 1, &c_) * TILE);                        \
       float a = WIDEN(val[k]), b = WIDEN(val[k + 1]);                                               \
       for (int v = 0; v < V; v++) acc[v] += a * p[v];                                               \
       for (int v = 0; v < V; v++) acc_odd_[v] += b * q[v];                                          \
     }                                                                                               \
     if (k < end) {                                                                                  \
-      const VEC *p = (const VEC *)(buf + (long)col[k] * TILE);                                      \
+      const VEC *p = (const VEC *)(buf + (long)COL(col, k, &c_) * TILE);                            \
       float a = WIDEN(val[k]);                                                                      \
       for (int v = 0; v < V; v++) acc[v] += a * p[v];                                               \
     }                                                                                               \
@@ -81,20 +93,20 @@ static inline int csr_chunk_start(const int32_t *crow, int n_out, int c, int n_c
   return c >= n_chunks ? n_out : csr_row_at(crow, n_out, (long)crow[n_out] * c / n_chunks);
 }
 
-/* The tile path of spmm_task_<suffix> and spmm_bf16_task_<suffix>: it reads their parameters by name
- * (x, ldx, n_in, n_tok, t0, tile, crow, col, val, rows, y, ldy, i0, i1, buf), fills buf row by row with
- * FILL(dst, src, nt, tile) — nt tokens of X's row from column t0, zeros up to tile — and calls ROWS16,
- * ROWS32 or ROWS64 (buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt) by tile. */
+/* The tile path of spmm[_i8]_task_<suffix> and spmm_bf16_task_<suffix>: it reads their parameters by
+ * name (x, ldx, n_in, n_tok, t0, tile, crow, col, val, scale, rows, y, ldy, i0, i1, buf), fills buf row
+ * by row with FILL(dst, src, nt, tile) — nt tokens of X's row from column t0, zeros up to tile — and
+ * calls ROWS16, ROWS32 or ROWS64 (buf, crow, col, val, scale, rows, y + t0, ldy, i0, i1, nt) by tile. */
 #define TILE_TASK(ROWS16, ROWS32, ROWS64, FILL)                                                     \
   {                                                                                                 \
     int nt = n_tok - t0 < tile ? n_tok - t0 : tile;                                                 \
     for (int j = 0; j < n_in; j++) FILL(buf + (long)j * tile, x + (long)j * ldx + t0, nt, tile);    \
     if (tile == 64)                                                                                 \
-      ROWS64(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                                   \
+      ROWS64(buf, crow, col, val, scale, rows, y + t0, ldy, i0, i1, nt);                                   \
     else if (tile == 32)                                                                            \
-      ROWS32(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                                   \
+      ROWS32(buf, crow, col, val, scale, rows, y + t0, ldy, i0, i1, nt);                                   \
     else                                                                                            \
-      ROWS16(buf, crow, col, val, rows, y + t0, ldy, i0, i1, nt);                                   \
+      ROWS16(buf, crow, col, val, scale, rows, y + t0, ldy, i0, i1, nt);                                   \
   }
 
 /* The body of spmm_<suffix> and spmm_bf16_<suffix>: it reads their parameters by name (n_in, n_tok,

@@ -120,7 +120,7 @@ static void transpose_out(const float *s, long lds, float *d, long ldd, int nr, 
       int nr = i1 - ib < 16 ? i1 - ib : 16;                                                           \
       for (int r = 0; r < nr; r++) {                                                                  \
         int i = ib + r;                                                                               \
-        CSR_ROW_SUM(v8, V, TILE, buf, crow, col, val, (float), i, acc);                               \
+        CSR_ROW_SUM(v8, V, TILE, buf, crow, col, val, (float), col_i32, i, acc);                      \
         for (int v = 0; v < V; v++) ((v8 *)(block + r * TILE))[v] = acc[v];                          \
       }                                                                                               \
       transpose_out(block, TILE, y + ib, ldy, nr, nt);                                                \

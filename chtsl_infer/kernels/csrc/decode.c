@@ -181,8 +181,10 @@ GLUE(_bf16, bf16, uint16_t, bf2f, f2bf, load8_bf16)
  * between them: 0.94–0.96× the time per token (llama60m, llama1b; fp32 and bf16), 0.92× at llama130m.
  *
  * h (hidden × n_tok) feature-major, contiguous; n_tok = batch · seq ≤ 4; tile: the sparse kernel's
- * token tile for n_tok (KernelSettings.token_tile; 0 = gather), attn_min_work attn_decode's min_work. Groups whose base is a dense weight are not
- * handled here (the caller keeps torch's GEMM for them). `work`: n_tok × (hidden + qkv rows + q rows
+ * token tile for n_tok (KernelSettings.token_tile; 0 = gather), attn_min_work attn_decode's min_work.
+ * Groups whose base is a dense weight are not handled here (the caller keeps torch's GEMM for them). A group's weights are in the activations'
+ * dtype, or int8 with per-row scales (dec_group.int8; fp32 activations only: decode_layers_bf16
+ * returns 2 for such a group and computes nothing). `work`: n_tok × (hidden + qkv rows + q rows
  * + hidden + 2 ffn) elements; `scratch`: n_tok × (max n_in + max rank) floats. */
 /* dec_group and dec_layer (one group's and one block's arguments) are declared in kernels.h. */
 
@@ -215,27 +217,56 @@ static long take_item(dec_run *runs, int k, int n) {
   return -1;
 }
 
-/* Stored rows r0..r1 of y = S x: the spmm task functions with a group's arguments. */
-static void sparse_rows(const dec_group *g, const float *x, const float *xf, int n_tok, int tile, float *y, int r0,
-                        int r1, float *buf) {
-  (void)xf; /* the fp32 gather reads x itself */
-  if (g->col_i32)
-    spmm_task_i32(x, n_tok, g->n_in, n_tok, 0, tile, g->crow, g->col, g->values, g->rows, y, n_tok, r0, r1, buf);
-  else
-    spmm_task_i16(x, n_tok, g->n_in, n_tok, 0, tile, g->crow, g->col, g->values, g->rows, y, n_tok, r0, r1, buf);
+/* Stored rows r0..r1 of y = S x: the spmm task functions of the group's value type and column encoding
+ * (fp32 or int8 values with fp32 activations, bf16 with bf16), with the group's arguments. */
+#define SPARSE_TASK(FN) \
+  FN(x, n_tok, xf, g->n_in, n_tok, 0, tile, g->crow, g->col, g->values, g->values_scale, g->rows, y, n_tok, r0, r1, buf)
+#define BY_INDEX(PREFIX)                          \
+  switch (g->index) {                             \
+    case 0: SPARSE_TASK(PREFIX##_task_i16); break; \
+    case 1: SPARSE_TASK(PREFIX##_task_i32); break; \
+    default: SPARSE_TASK(PREFIX##_task_d8); break; \
+  }
+
+static void sparse_rows_f32(const dec_group *g, const float *x, const float *xf, int n_tok, int tile, float *y, int r0,
+                            int r1, float *buf) {
+  if (g->int8) {
+    BY_INDEX(spmm_i8)
+  } else {
+    BY_INDEX(spmm)
+  }
 }
 
 static void sparse_rows_bf16(const dec_group *g, const uint16_t *x, const float *xf, int n_tok, int tile, uint16_t *y,
                              int r0, int r1, float *buf) {
-  if (g->col_i32)
-    spmm_bf16_task_i32(x, n_tok, xf, g->n_in, n_tok, 0, tile, g->crow, g->col, g->values, g->rows, y, n_tok, r0, r1,
-                       buf);
-  else
-    spmm_bf16_task_i16(x, n_tok, xf, g->n_in, n_tok, 0, tile, g->crow, g->col, g->values, g->rows, y, n_tok, r0, r1,
-                       buf);
+  BY_INDEX(spmm_bf16)
 }
 
-#define DECODE_LAYERS(SUFFIX, TAG, T, LD, ST, TOKEN_MAJOR_COPY)                                            \
+/* The low-rank halves (gemv.c) with the group's arguments: h = scale · act(A x) for A's rows j0..j1, and
+ * y += B h for output rows o0..o1; int8 factors with their row scales where the group is int8. */
+static void a_rows_f32(const dec_group *g, const float *xf, int n_tok, float *hl, int j0, int j1) {
+  if (g->int8)
+    lowrank_a_rows_i8(g->lora_a, g->a_scale, g->n_in, xf, n_tok, g->n_rank, g->scale, g->act, hl, j0, j1);
+  else
+    lowrank_a_rows_f32(g->lora_a, NULL, g->n_in, xf, n_tok, g->n_rank, g->scale, g->act, hl, j0, j1);
+}
+
+static void a_rows_bf16(const dec_group *g, const float *xf, int n_tok, float *hl, int j0, int j1) {
+  lowrank_a_rows_bf16(g->lora_a, NULL, g->n_in, xf, n_tok, g->n_rank, g->scale, g->act, hl, j0, j1);
+}
+
+static void b_rows_f32(const dec_group *g, const float *hl, int n_tok, float *y, long o0, long o1) {
+  if (g->int8)
+    lowrank_b_rows_i8(g->lora_b, g->b_scale, g->outs, g->ranks, g->n_members, hl, g->n_rank, n_tok, y, n_tok, o0, o1);
+  else
+    lowrank_b_rows_f32(g->lora_b, NULL, g->outs, g->ranks, g->n_members, hl, g->n_rank, n_tok, y, n_tok, o0, o1);
+}
+
+static void b_rows_bf16(const dec_group *g, const float *hl, int n_tok, uint16_t *y, long o0, long o1) {
+  lowrank_b_rows_bf16(g->lora_b, NULL, g->outs, g->ranks, g->n_members, hl, g->n_rank, n_tok, y, n_tok, o0, o1);
+}
+
+#define DECODE_LAYERS(SUFFIX, TAG, T, LD, ST, TOKEN_MAJOR_COPY, INT8_OK)                                            \
   /* y (n_out × n_tok) = G x for one group, in one parallel region of three phases, each thread on     \
    * its share:                                                                                         \
    *   1. x's rows: x = rms_norm(h) with norm_w (NORM) or act(gate) · up in place (SILU: x holds the    \
@@ -249,8 +280,9 @@ static void sparse_rows_bf16(const dec_group *g, const uint16_t *x, const float 
                            int threads) {                                                               \
     int n_in = g->n_in, n_out = g->n_out, failed = 0;                                                   \
     float *xf = scratch, *hl = scratch + (long)n_tok * n_in;                                            \
-    long sparse_bytes = g->crow ? g->crow[n_out] * ((g->col_i32 ? 4 : 2) + (long)sizeof(T)) : 0;         \
-    long a_bytes = g->lora_a ? (long)g->n_rank * n_in * (long)sizeof(T) : 0;                            \
+    long w_size = g->int8 ? 1 : (long)sizeof(T), col_size = g->index == 1 ? 4 : g->index == 2 ? 1 : 2;   \
+    long sparse_bytes = g->crow ? g->crow[n_out] * (col_size + w_size) : 0;                             \
+    long a_bytes = g->lora_a ? (long)g->n_rank * n_in * w_size : 0;                                     \
     int n_sparse = g->crow ? (int)(sparse_bytes / item_bytes) + 1 : 0;                                  \
     int n_a = g->lora_a ? (int)(a_bytes / item_bytes) + 1 : 0;                                          \
     n_a = n_a < g->n_rank ? n_a : g->n_rank;                                                            \
@@ -281,11 +313,10 @@ static void sparse_rows_bf16(const dec_group *g, const uint16_t *x, const float 
           if (tile && buf == NULL && (buf = aligned_alloc(64, sizeof(float) * (size_t)n_in * tile)) == NULL) \
             failed = 1;                                                                                 \
           else if (r0 < r1)                                                                             \
-            sparse_rows##SUFFIX(g, x, xf, n_tok, tile, y, r0, r1, buf);                                 \
+            sparse_rows_##TAG(g, x, xf, n_tok, tile, y, r0, r1, buf);                                   \
         } else {                                                                                        \
           long a = item - n_sparse;                                                                     \
-          lowrank_a_rows_##TAG(g->lora_a, n_in, xf, n_tok, g->n_rank, g->scale, g->act, hl,             \
-                               (int)(g->n_rank * a / n_a), (int)(g->n_rank * (a + 1) / n_a));           \
+          a_rows_##TAG(g, xf, n_tok, hl, (int)(g->n_rank * a / n_a), (int)(g->n_rank * (a + 1) / n_a));  \
         }                                                                                               \
       }                                                                                                 \
       free(buf);                                                                                        \
@@ -294,7 +325,7 @@ static void sparse_rows_bf16(const dec_group *g, const uint16_t *x, const float 
       if (g->lora_a != NULL) {                                                                          \
         o0 = lowrank_b_split(g->outs, g->ranks, g->n_members, k, n);                                    \
         o1 = lowrank_b_split(g->outs, g->ranks, g->n_members, k + 1, n);                                \
-        lowrank_b_rows_##TAG(g->lora_b, g->outs, g->ranks, g->n_members, hl, g->n_rank, n_tok, y, n_tok, o0, o1); \
+        b_rows_##TAG(g, hl, n_tok, y, o0, o1);                                                          \
       }                                                                                                 \
       if (resid)                                                                                        \
         for (long e = o0 * n_tok; e < o1 * n_tok; e++) h[e] = ST(LD(h[e]) + LD(y[e]));                  \
@@ -308,6 +339,9 @@ static void sparse_rows_bf16(const dec_group *g, const uint16_t *x, const float 
     int n_tok = batch * seq, q_rows = n_heads * head_dim, qkv_rows = q_rows + 2 * n_kv * head_dim;      \
     T *x = work, *qkv = x + (long)hidden * n_tok, *o = qkv + (long)qkv_rows * n_tok;                    \
     T *y = o + (long)q_rows * n_tok, *gu = y + (long)hidden * n_tok;                                    \
+    for (int l = 0; l < n_layers; l++) /* int8 groups need fp32 activations */                          \
+      for (int j = 0; j < 4; j++)                                                                       \
+        if (layers[l].group[j].int8 && !INT8_OK) return 2;                                              \
     dec_run *runs = aligned_alloc(64, sizeof(dec_run) * (size_t)(threads > 1 ? threads : 1));          \
     int failed = runs == NULL;                                                                          \
     for (int l = 0; l < n_layers && !failed; l++) {                                                     \
@@ -325,5 +359,5 @@ static void sparse_rows_bf16(const dec_group *g, const uint16_t *x, const float 
     return failed;                                                                                      \
   }
 
-DECODE_LAYERS(, f32, float, f32_same, f32_same, copy_tm)
-DECODE_LAYERS(_bf16, bf16, uint16_t, bf2f, f2bf, widen_tm)
+DECODE_LAYERS(, f32, float, f32_same, f32_same, copy_tm, 1)
+DECODE_LAYERS(_bf16, bf16, uint16_t, bf2f, f2bf, widen_tm, 0)

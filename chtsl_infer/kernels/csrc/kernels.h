@@ -37,13 +37,15 @@ typedef struct {
   const int32_t *crow; /* NULL: no sparse part (the group's base is zero) */
   const void *col, *values;
   const int32_t *rows;
-  int col_i32;
+  int index;          /* the column encoding: 0 int16, 1 int32, 2 8-bit deltas (csr_tiles.h) */
   const void *lora_a; /* NULL: no low-rank branch */
   const void *lora_b; /* the members' B blocks (out_m × r_m) back to back */
   const int32_t *outs, *ranks;
   int n_rank, n_members;
   float scale;
   int act;
+  int int8; /* 1: values, lora_a and lora_b are int8 with the per-row scales below (fp32 activations only) */
+  const float *values_scale, *a_scale, *b_scale; /* (stored rows of S,), (Σ r_m,), (Σ out_m,) */
 } dec_group;
 
 typedef struct {
@@ -53,19 +55,35 @@ typedef struct {
 
 /* ------------------------------------------------------------------------------------ exported */
 
-/* spmm.c, spmm_bf16.c: Y = S X, feature-major (the inference runtime). */
+/* spmm.c, spmm_bf16.c: Y = S X, feature-major (the inference runtime): fp32 or int8 values with fp32 X and Y,
+ * bf16 values with bf16 X and Y; int16, int32 or 8-bit delta (d8) columns. */
 CHTSL_EXPORT int spmm_i16(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int16_t *col,
-                          const float *val, const int32_t *rows, float *y, long ldy, int n_out, int tile, int n_chunks,
-                          int n_threads);
+                          const float *val, const float *scale, const int32_t *rows, float *y, long ldy, int n_out,
+                          int tile, int n_chunks, int n_threads);
 CHTSL_EXPORT int spmm_i32(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int32_t *col,
-                          const float *val, const int32_t *rows, float *y, long ldy, int n_out, int tile, int n_chunks,
-                          int n_threads);
+                          const float *val, const float *scale, const int32_t *rows, float *y, long ldy, int n_out,
+                          int tile, int n_chunks, int n_threads);
+CHTSL_EXPORT int spmm_d8(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const uint8_t *col,
+                         const float *val, const float *scale, const int32_t *rows, float *y, long ldy, int n_out,
+                         int tile, int n_chunks, int n_threads);
 CHTSL_EXPORT int spmm_bf16_i16(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow,
-                               const int16_t *col, const uint16_t *val, const int32_t *rows, uint16_t *y, long ldy,
-                               int n_out, int tile, int n_chunks, int n_threads);
+                               const int16_t *col, const uint16_t *val, const float *scale, const int32_t *rows,
+                               uint16_t *y, long ldy, int n_out, int tile, int n_chunks, int n_threads);
 CHTSL_EXPORT int spmm_bf16_i32(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow,
-                               const int32_t *col, const uint16_t *val, const int32_t *rows, uint16_t *y, long ldy,
-                               int n_out, int tile, int n_chunks, int n_threads);
+                               const int32_t *col, const uint16_t *val, const float *scale, const int32_t *rows,
+                               uint16_t *y, long ldy, int n_out, int tile, int n_chunks, int n_threads);
+CHTSL_EXPORT int spmm_bf16_d8(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow, const uint8_t *col,
+                              const uint16_t *val, const float *scale, const int32_t *rows, uint16_t *y, long ldy,
+                              int n_out, int tile, int n_chunks, int n_threads);
+CHTSL_EXPORT int spmm_i8_i16(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int16_t *col,
+                             const int8_t *val, const float *scale, const int32_t *rows, float *y, long ldy, int n_out,
+                             int tile, int n_chunks, int n_threads);
+CHTSL_EXPORT int spmm_i8_i32(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int32_t *col,
+                             const int8_t *val, const float *scale, const int32_t *rows, float *y, long ldy, int n_out,
+                             int tile, int n_chunks, int n_threads);
+CHTSL_EXPORT int spmm_i8_d8(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const uint8_t *col,
+                            const int8_t *val, const float *scale, const int32_t *rows, float *y, long ldy, int n_out,
+                            int tile, int n_chunks, int n_threads);
 
 /* csr_train.c: token-major products of sparse-native training. */
 CHTSL_EXPORT int csr_mm_tm(const float *x, long ldx, int n_tok, int n_cols, const int32_t *crow, const int32_t *col,
@@ -79,17 +97,25 @@ CHTSL_EXPORT int csr_transpose(const int32_t *crow, const int32_t *col, int n_ro
 CHTSL_EXPORT int ch2_l3n_half(const int32_t *crow, const int32_t *col, const int32_t *tcrow, const int32_t *tcol,
                               int n_rows, int n_cols, double *out, int threads);
 
-/* gemv.c: decoding's dense GEMV and a fused group's low-rank branch, 1–4 tokens. */
-CHTSL_EXPORT int gemv(const float *w, int n_out, int n_in, const float *x, long ldx, int n_tok, float *y, long ldy,
-                      int threads);
-CHTSL_EXPORT int gemv_bf16(const uint16_t *w, int n_out, int n_in, const float *x, long ldx, int n_tok, float *y,
-                           long ldy, int threads);
-CHTSL_EXPORT int lowrank_fm(const float *a, int n_rank, int n_in, const float *x, long sx_in, long sx_tok, int n_tok,
-                            const float *b, const int32_t *outs, const int32_t *ranks, int n_members, float scale,
-                            int act, float *y, long ldy, float *scratch, int threads);
-CHTSL_EXPORT int lowrank_fm_bf16(const uint16_t *a, int n_rank, int n_in, const uint16_t *x, long sx_in, long sx_tok,
-                                 int n_tok, const uint16_t *b, const int32_t *outs, const int32_t *ranks, int n_members,
-                                 float scale, int act, uint16_t *y, long ldy, float *scratch, int threads);
+/* gemv.c: decoding's dense GEMV and a fused group's low-rank branch, 1–4 tokens; int8 weights with per-row scales. */
+CHTSL_EXPORT int gemv(const float *w, const float *scale, int n_out, int n_in, const float *x, long ldx, int n_tok,
+                      float *y, long ldy, int threads);
+CHTSL_EXPORT int gemv_bf16(const uint16_t *w, const float *scale, int n_out, int n_in, const float *x, long ldx,
+                           int n_tok, float *y, long ldy, int threads);
+CHTSL_EXPORT int gemv_i8(const int8_t *w, const float *scale, int n_out, int n_in, const float *x, long ldx, int n_tok,
+                         float *y, long ldy, int threads);
+CHTSL_EXPORT int lowrank_fm(const float *a, const float *a_scale, int n_rank, int n_in, const float *x, long sx_in,
+                            long sx_tok, int n_tok, const float *b, const float *b_scale, const int32_t *outs,
+                            const int32_t *ranks, int n_members, float scale, int act, float *y, long ldy,
+                            float *scratch, int threads);
+CHTSL_EXPORT int lowrank_fm_bf16(const uint16_t *a, const float *a_scale, int n_rank, int n_in, const uint16_t *x,
+                                 long sx_in, long sx_tok, int n_tok, const uint16_t *b, const float *b_scale,
+                                 const int32_t *outs, const int32_t *ranks, int n_members, float scale, int act,
+                                 uint16_t *y, long ldy, float *scratch, int threads);
+CHTSL_EXPORT int lowrank_fm_i8(const int8_t *a, const float *a_scale, int n_rank, int n_in, const float *x, long sx_in,
+                               long sx_tok, int n_tok, const int8_t *b, const float *b_scale, const int32_t *outs,
+                               const int32_t *ranks, int n_members, float scale, int act, float *y, long ldy,
+                               float *scratch, int threads);
 
 /* decode.c: a decoder block's glue at 1–4 tokens, and every block of a decoding step in one call. */
 CHTSL_EXPORT void rms_norm_fm(const float *h, long ldh, int n_feat, int n_tok, const float *w, float eps, float *out,
@@ -121,25 +147,44 @@ CHTSL_EXPORT int kernel_probe(char *buf, int size);
 
 /* ------------------------------------------------------------------- internal (other files call) */
 
-void spmm_task_i16(const float *x, long ldx, int n_in, int n_tok, int t0, int tile, const int32_t *crow,
-                   const int16_t *col, const float *val, const int32_t *rows, float *y, long ldy, int i0, int i1,
-                   float *buf);
-void spmm_task_i32(const float *x, long ldx, int n_in, int n_tok, int t0, int tile, const int32_t *crow,
-                   const int32_t *col, const float *val, const int32_t *rows, float *y, long ldy, int i0, int i1,
-                   float *buf);
+void spmm_task_i16(const float *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
+                   const int32_t *crow, const int16_t *col, const float *val, const float *scale, const int32_t *rows,
+                   float *y, long ldy, int i0, int i1, float *buf);
+void spmm_task_i32(const float *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
+                   const int32_t *crow, const int32_t *col, const float *val, const float *scale, const int32_t *rows,
+                   float *y, long ldy, int i0, int i1, float *buf);
+void spmm_task_d8(const float *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile, const int32_t *crow,
+                  const uint8_t *col, const float *val, const float *scale, const int32_t *rows, float *y, long ldy,
+                  int i0, int i1, float *buf);
 void spmm_bf16_task_i16(const uint16_t *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
-                        const int32_t *crow, const int16_t *col, const uint16_t *val, const int32_t *rows, uint16_t *y,
-                        long ldy, int i0, int i1, float *buf);
+                        const int32_t *crow, const int16_t *col, const uint16_t *val, const float *scale,
+                        const int32_t *rows, uint16_t *y, long ldy, int i0, int i1, float *buf);
 void spmm_bf16_task_i32(const uint16_t *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
-                        const int32_t *crow, const int32_t *col, const uint16_t *val, const int32_t *rows, uint16_t *y,
-                        long ldy, int i0, int i1, float *buf);
+                        const int32_t *crow, const int32_t *col, const uint16_t *val, const float *scale,
+                        const int32_t *rows, uint16_t *y, long ldy, int i0, int i1, float *buf);
+void spmm_bf16_task_d8(const uint16_t *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
+                       const int32_t *crow, const uint8_t *col, const uint16_t *val, const float *scale,
+                       const int32_t *rows, uint16_t *y, long ldy, int i0, int i1, float *buf);
+void spmm_i8_task_i16(const float *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
+                      const int32_t *crow, const int16_t *col, const int8_t *val, const float *scale,
+                      const int32_t *rows, float *y, long ldy, int i0, int i1, float *buf);
+void spmm_i8_task_i32(const float *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
+                      const int32_t *crow, const int32_t *col, const int8_t *val, const float *scale,
+                      const int32_t *rows, float *y, long ldy, int i0, int i1, float *buf);
+void spmm_i8_task_d8(const float *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
+                     const int32_t *crow, const uint8_t *col, const int8_t *val, const float *scale,
+                     const int32_t *rows, float *y, long ldy, int i0, int i1, float *buf);
 long lowrank_b_split(const int32_t *outs, const int32_t *ranks, int n_members, int k, int n);
-void lowrank_a_rows_f32(const float *a, int n_in, const float *xt, int n_tok, int n_rank, float scale, int act,
-                        float *h, int j0, int j1);
-void lowrank_a_rows_bf16(const uint16_t *a, int n_in, const float *xt, int n_tok, int n_rank, float scale, int act,
-                         float *h, int j0, int j1);
-void lowrank_b_rows_f32(const float *b, const int32_t *outs, const int32_t *ranks, int n_members, const float *h,
-                        int n_rank, int n_tok, float *y, long ldy, long o0, long o1);
-void lowrank_b_rows_bf16(const uint16_t *b, const int32_t *outs, const int32_t *ranks, int n_members, const float *h,
-                         int n_rank, int n_tok, uint16_t *y, long ldy, long o0, long o1);
+void lowrank_a_rows_f32(const float *a, const float *a_scale, int n_in, const float *xt, int n_tok, int n_rank,
+                        float scale, int act, float *h, int j0, int j1);
+void lowrank_a_rows_bf16(const uint16_t *a, const float *a_scale, int n_in, const float *xt, int n_tok, int n_rank,
+                         float scale, int act, float *h, int j0, int j1);
+void lowrank_a_rows_i8(const int8_t *a, const float *a_scale, int n_in, const float *xt, int n_tok, int n_rank,
+                       float scale, int act, float *h, int j0, int j1);
+void lowrank_b_rows_f32(const float *b, const float *b_scale, const int32_t *outs, const int32_t *ranks, int n_members,
+                        const float *h, int n_rank, int n_tok, float *y, long ldy, long o0, long o1);
+void lowrank_b_rows_bf16(const uint16_t *b, const float *b_scale, const int32_t *outs, const int32_t *ranks,
+                         int n_members, const float *h, int n_rank, int n_tok, uint16_t *y, long ldy, long o0, long o1);
+void lowrank_b_rows_i8(const int8_t *b, const float *b_scale, const int32_t *outs, const int32_t *ranks, int n_members,
+                       const float *h, int n_rank, int n_tok, float *y, long ldy, long o0, long o1);
 #endif

@@ -7,6 +7,7 @@
  *   openmp 0|1              built with OpenMP (else single-threaded)
  *   tile_vw N               floats per vector of the spmm tile loops (csr_tiles.h)
  *   bf16_dot 0|1            spmm_bf16.c's gather uses AVX512-BF16's vdpbf16ps (bf16.h)
+ *   gather16 0|1            the int8 gather loops take 16 links per AVX-512 vgatherdps (gather.h)
  *   struct NAME SIZE        sizeof of a shared struct
  *   field NAME.F OFF SIZE   offsetof and sizeof of each of its fields, in declaration order
  */
@@ -15,6 +16,7 @@
 
 #include "bf16.h"
 #include "csr_tiles.h"
+#include "gather.h"
 #include "kernels.h"
 
 #define STRUCT(S) {"struct " #S, sizeof(S), (size_t)-1}
@@ -25,9 +27,10 @@ static const struct {
   size_t a, b; /* b = (size_t)-1: a line with one number */
 } layout[] = {
     STRUCT(dec_group),          FIELD(dec_group, n_in),    FIELD(dec_group, n_out),  FIELD(dec_group, crow),
-    FIELD(dec_group, col),      FIELD(dec_group, values),  FIELD(dec_group, rows),   FIELD(dec_group, col_i32),
+    FIELD(dec_group, col),      FIELD(dec_group, values),  FIELD(dec_group, rows),   FIELD(dec_group, index),
     FIELD(dec_group, lora_a),   FIELD(dec_group, lora_b),  FIELD(dec_group, outs),   FIELD(dec_group, ranks),
     FIELD(dec_group, n_rank),   FIELD(dec_group, n_members), FIELD(dec_group, scale), FIELD(dec_group, act),
+    FIELD(dec_group, int8),     FIELD(dec_group, values_scale), FIELD(dec_group, a_scale), FIELD(dec_group, b_scale),
     STRUCT(dec_layer),          FIELD(dec_layer, norm1),   FIELD(dec_layer, norm2),  FIELD(dec_layer, group),
 };
 
@@ -63,7 +66,8 @@ static const char isa[] = "isa"
 
 /* Writes the lines into buf (size bytes, NUL-terminated); returns their length, or -1 if buf is too small. */
 int kernel_probe(char *buf, int size) {
-  long n = snprintf(buf, (size_t)size, "%s\nopenmp %d\ntile_vw %d\nbf16_dot %d\n", isa, OPENMP, TILE_VW, BF16_DP);
+  long n = snprintf(buf, (size_t)size, "%s\nopenmp %d\ntile_vw %d\nbf16_dot %d\ngather16 %d\n", isa, OPENMP, TILE_VW,
+                    BF16_DP, GATHER16);
   for (size_t i = 0; i < sizeof layout / sizeof layout[0] && n >= 0 && n < size; i++) {
     if (layout[i].b == (size_t)-1)
       n += snprintf(buf + n, (size_t)(size - n), "%s %zu\n", layout[i].name, layout[i].a);

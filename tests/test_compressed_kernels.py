@@ -1,0 +1,289 @@
+"""The packed format 2 encodings (int8 rows, 8-bit column deltas) and the kernels that read them, each
+against a float64 reference computed from the dequantized weights (exact up to fp32 summation order)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chtsl_infer import kernels
+from chtsl_infer.formats.encoding import (
+    delta_encode,
+    dequantize_csr,
+    dequantize_rows,
+    quantize_csr,
+    quantize_rows,
+    row_of_links,
+)
+from chtsl_infer.kernels.settings import override
+from chtsl_infer.kernels.sparse import absolute_columns
+
+ROOT = Path(__file__).resolve().parents[1]
+F32, BF16, I8 = torch.float32, torch.bfloat16, torch.int8
+INDEXES = (torch.int16, torch.int32, torch.uint8)
+
+
+def _require_kernels() -> None:
+    if not kernels.cpu_kernel_status()[0]:
+        pytest.skip(f"no compiled kernels: {kernels.cpu_kernel_status()[1]}")
+
+
+def _csr(n_out: int, n_in: int, density: float, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """(crow int32, col int32, values fp32) of a random mask with empty rows, a full row, a row whose only
+    link is column 0 and rows with gaps over 255 (when n_in allows)."""
+    mask = torch.rand(n_out, n_in, generator=gen) < density
+    mask[1] = False  # empty
+    mask[2] = True  # full: deltas of 1
+    mask[3] = False
+    mask[3, 0] = True  # a first delta of 0
+    if n_in > 600:
+        mask[4] = False
+        mask[4, [5, 600, n_in - 1]] = True  # gaps of 595 and more: padding links
+        mask[5] = False
+        mask[5, [255, 510, 511]] = True  # a first gap of exactly 255, then 255 again, then 1
+    crow = torch.zeros(n_out + 1, dtype=torch.int32)
+    crow[1:] = mask.sum(1).cumsum(0)
+    return crow, mask.nonzero()[:, 1].to(torch.int32), torch.randn(int(mask.sum()), generator=gen)
+
+
+def _encode(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, dtype: torch.dtype, index: torch.dtype
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The CSR with `dtype` values and `index` columns: (crow, col, values, scale, dequantized fp64 values)."""
+    scale = None
+    if dtype == I8:
+        values, scale = quantize_csr(crow, values)
+        exact = dequantize_csr(crow, values, scale, torch.float64)
+    else:
+        values = values.to(dtype)
+        exact = values.double()
+    if index == torch.uint8:
+        exact = delta_encode(crow, col, exact)[2]  # zeros at the padding links
+        crow, col, values = delta_encode(crow, col, values)
+    else:
+        col = col.to(index)
+    return crow, col, values, scale, exact
+
+
+def _dense(crow: torch.Tensor, col: torch.Tensor, exact: torch.Tensor, n_in: int) -> torch.Tensor:
+    """S (out, in) in float64 from a CSR of any column encoding (padding links add their zeros)."""
+    w = torch.zeros(crow.numel() - 1, n_in, dtype=torch.float64)
+    w.index_put_((row_of_links(crow), absolute_columns(crow, col)), exact, accumulate=True)
+    return w
+
+
+# --- the encodings ------------------------------------------------------------------------------------
+
+def test_delta_encoding_round_trip_with_gaps_and_empty_rows() -> None:
+    gen = torch.Generator().manual_seed(0)
+    crow, col, values = _csr(40, 2000, 0.002, gen)
+    new_crow, delta, padded = delta_encode(crow, col, values)
+    assert delta.dtype == torch.uint8 and new_crow.dtype == torch.int32 and padded.numel() == delta.numel()
+    assert int(new_crow[-1]) == delta.numel() > col.numel()  # padding links, counted by the row pointers
+    absolute = absolute_columns(new_crow, delta)
+    real = padded != 0
+    assert torch.equal(absolute[real], col.long()) and torch.equal(padded[real], values)
+    assert torch.equal(row_of_links(new_crow)[real], row_of_links(crow))
+    rows = row_of_links(new_crow)
+    later = torch.ones_like(rows, dtype=torch.bool)
+    later[new_crow[:-1].long()[new_crow[1:] > new_crow[:-1]]] = False
+    assert bool((delta[later] >= 1).all()) and int((delta[~real] != 255).sum()) == 0  # pads are full steps
+    counts = (new_crow[1:] - new_crow[:-1]).tolist()
+    assert counts[1] == 0 and counts[3] == 1 and delta[new_crow[3]] == 0  # empty row; a first column of 0
+    assert counts[4] == 3 + (595 - 1) // 255 + (2000 - 1 - 600 - 1) // 255  # 2 + 5 pads around 3 links
+    row5 = delta[new_crow[5]:new_crow[6]].tolist()
+    assert row5 == [255, 255, 1]  # 255, 510, 511: no padding needed
+    for n_in in (1, 255, 256, 70000):  # one column; gaps of exactly 255 and 256; a wide layer
+        c = torch.tensor([0, 2], dtype=torch.int32)
+        cols = torch.tensor([0, n_in - 1])
+        nc, d, _ = delta_encode(c, cols, torch.ones(2))
+        assert absolute_columns(nc, d).tolist()[-1] == n_in - 1 and int(nc[-1]) == 2 + max(0, (n_in - 2) // 255)
+    empty = delta_encode(torch.zeros(4, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0))
+    assert empty[0].tolist() == [0, 0, 0, 0] and empty[1].numel() == 0
+
+
+def test_int8_quantization_per_row() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(9, 50, generator=gen) * torch.logspace(-3, 2, 9)[:, None]
+    w[4] = 0  # an all-zero row: scale 1
+    q, scale = quantize_rows(w)
+    assert q.dtype == I8 and scale.dtype == F32 and scale.shape == (9,) and bool((scale > 0).all())
+    assert int(q.abs().max()) == 127 and scale[4] == 1 and not q[4].any()
+    assert torch.equal(q.abs().amax(1)[[0, 1, 2, 3, 5]], torch.full((5,), 127, dtype=I8))
+    error = (dequantize_rows(q, scale, torch.float64) - w.double()).abs()
+    assert bool((error <= scale.double()[:, None] / 2 * (1 + 1e-6)).all())  # round to nearest: half a step
+    crow = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    values = torch.tensor([0.5, -1.0, 0.25, 8.0, -2.0, 0.0, 1.0])
+    qc, sc = quantize_csr(crow, values)
+    assert sc.tolist() == pytest.approx([1 / 127, 1.0, 8 / 127]) and qc.tolist()[:4] == [64, -127, 32, 127]
+    assert dequantize_csr(crow, qc, sc).tolist() == pytest.approx(values.tolist(), abs=8 / 127 / 2)
+
+
+# --- the kernels ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("index", INDEXES)
+@pytest.mark.parametrize("dtype", [F32, BF16, I8])
+@pytest.mark.parametrize("n_tok", [1, 2, 3, 17, 70])  # gather (1, 2) and 16/32/64-token tiles
+def test_spmm_variants_match_the_dequantized_reference(dtype: torch.dtype, index: torch.dtype, n_tok: int) -> None:
+    """Every value dtype × column encoding of `spmm`, rows stored sorted (scales permuted along), on the
+    gather and tile paths; int8 against scale[row] · q, bf16 within its output rounding."""
+    _require_kernels()
+    gen = torch.Generator().manual_seed(n_tok)
+    n_out, n_in = 70, 1100
+    crow, col, values = _csr(n_out, n_in, 0.03, gen)
+    crow, col, values, scale, exact = _encode(crow, col, values, dtype, index)
+    w = _dense(crow, col, exact, n_in)
+    x = torch.randn(n_in, n_tok, generator=gen)
+    x = x.bfloat16() if dtype == BF16 else x
+    want = w @ x.double()
+    s_crow, s_col, s_values, rows = kernels.sort_rows(crow, col, values)
+    s_scale = None if scale is None else scale[rows.long()].contiguous()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = kernels.spmm_cpu(x, s_crow, s_col, s_values, rows=rows, scale=s_scale)
+        plain = kernels.spmm_cpu(x, crow, col, values, scale=scale)
+    finally:
+        torch.set_num_threads(saved)
+    assert got.dtype == x.dtype
+    tol = 2**-8 if dtype == BF16 else 1e-5  # bf16: the output rounded to bf16
+    for y in (got, plain):
+        torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("index", INDEXES)
+@pytest.mark.parametrize("dtype", [F32, BF16, I8])
+def test_spmm_gather_loop_at_up_to_sixteen_tokens_and_row_scales_on_float_values(dtype: torch.dtype,
+                                                                               index: torch.dtype) -> None:
+    """A tuner may send 16 tokens through the gather loop (gather_below=17); a scale given with float
+    values multiplies each row's sum just the same."""
+    _require_kernels()
+    gen = torch.Generator().manual_seed(3)
+    crow, col, values = _csr(33, 700, 0.05, gen)
+    crow, col, values, scale, exact = _encode(crow, col, values, dtype, index)
+    if scale is None:
+        scale = torch.rand(33, generator=gen) + 0.5
+        exact = exact * scale.double()[row_of_links(crow)]
+    w = _dense(crow, col, exact, 700)
+    for n_tok in (1, 5, 16):
+        x = torch.randn(700, n_tok, generator=gen)
+        x = x.bfloat16() if dtype == BF16 else x
+        with override(gather_below=17):
+            got = kernels.spmm_cpu(x, crow, col, values, scale=scale)
+        want = w @ x.double()
+        tol = 2**-8 if dtype == BF16 else 1e-5
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_spmm_rejects_int8_without_its_scales_and_mixed_dtypes() -> None:
+    crow, col, values = _csr(8, 20, 0.5, torch.Generator().manual_seed(4))
+    q, scale = quantize_csr(crow, values)
+    x = torch.randn(20, 2)
+    with pytest.raises(TypeError, match="scale"):
+        kernels.spmm_cpu(x, crow, col, q)
+    with pytest.raises(TypeError, match="scale"):
+        kernels.spmm_cpu(x, crow, col, q, scale=scale[:-1])
+    with pytest.raises(TypeError, match="int8 values"):
+        kernels.spmm_cpu(x.bfloat16(), crow, col, q, scale=scale)
+
+
+def test_torch_fallback_reads_int8_and_column_deltas(no_compiled_kernels: str) -> None:
+    """Without the compiled kernels `spmm_cpu` still computes S X from int8 values and 8-bit deltas."""
+    gen = torch.Generator().manual_seed(5)
+    crow, col, values = _csr(30, 900, 0.02, gen)
+    crow, col, values, scale, exact = _encode(crow, col, values, I8, torch.uint8)
+    s_crow, s_col, s_values, rows = kernels.sort_rows(crow, col, values)
+    x = torch.randn(900, 7, generator=gen)
+    got = kernels.spmm_cpu(x, s_crow, s_col, s_values, rows=rows, scale=scale[rows.long()].contiguous())
+    torch.testing.assert_close(got.double(), _dense(crow, col, exact, 900) @ x.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_tok", [1, 2, 3, 4])
+@pytest.mark.parametrize("n_in", [512, 77, 16, 5])  # whole vector blocks, single vectors, a scalar tail, tail only
+def test_int8_gemv_matches_the_dequantized_reference(n_tok: int, n_in: int) -> None:
+    _require_kernels()
+    gen = torch.Generator().manual_seed(n_tok * n_in)
+    q, scale = quantize_rows(torch.randn(301, n_in, generator=gen))
+    x = torch.randn(n_tok, n_in, generator=gen)
+    out = torch.full((n_tok, 301), float("nan"))
+    assert kernels.dense_gemv(q, x, out, scale=scale)
+    want = x.double() @ dequantize_rows(q, scale, torch.float64).t()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="scales"):
+        kernels.dense_gemv(q, x, out)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "identity"])
+@pytest.mark.parametrize("n_tok", [1, 3, 4])
+@pytest.mark.parametrize("big", [False, True])  # True: above 2^18 multiply-adds, multi-threaded
+def test_int8_lowrank_matches_the_dequantized_reference(activation: str, n_tok: int, big: bool) -> None:
+    from chtsl_infer.model.layers import activation_fn
+
+    _require_kernels()
+    gen = torch.Generator().manual_seed(n_tok + 10 * big)
+    outs, ranks, n_in = ([600, 333, 2100], [130, 71, 9], 1000) if big else ([40, 24, 19], [5, 3, 7], 70)
+    a, a_scale = quantize_rows(torch.randn(sum(ranks), n_in, generator=gen))
+    bq = [quantize_rows(torch.randn(o, r, generator=gen)) for o, r in zip(outs, ranks, strict=True)]
+    b = torch.cat([q.reshape(-1) for q, _ in bq])
+    b_scale = torch.cat([s for _, s in bq])
+    x = torch.randn(n_tok, n_in, generator=gen).t()  # strided tokens
+    y0 = torch.randn(sum(outs), n_tok, generator=gen)
+    y = y0.clone()
+    shapes = torch.tensor([outs, ranks], dtype=torch.int32)
+    assert kernels.lowrank_fm(a, x, b, shapes, 0.5, activation, y, a_scale=a_scale, b_scale=b_scale)
+    h = activation_fn(activation, dequantize_rows(a, a_scale, torch.float64) @ x.double())
+    want, r0, o0 = y0.double(), 0, 0
+    for o, r, (q, s) in zip(outs, ranks, bq, strict=True):
+        want[o0:o0 + o] += 0.5 * dequantize_rows(q, s, torch.float64) @ h[r0:r0 + r]
+        r0, o0 = r0 + r, o0 + o
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert not kernels.lowrank_fm(a, x.bfloat16(), b, shapes, 0.5, activation, y.bfloat16(), a_scale, b_scale)
+    with pytest.raises(ValueError, match="scales"):
+        kernels.lowrank_fm(a, x, b, shapes, 0.5, activation, y, a_scale=a_scale)
+
+
+def test_the_probe_reports_the_int8_gather_path() -> None:
+    info = kernels.kernel_info()
+    if not info.available:
+        pytest.skip("no C compiler")
+    assert info.gather16 == ("avx512f" in info.isa)
+
+
+# --- other instruction sets: the AVX2 and portable paths on this machine --------------------------------
+
+OTHER_ISA = """
+import sys
+import torch
+from chtsl_infer.kernels import build
+build.FLAG_SETS = ({flags!r},)
+from chtsl_infer import kernels
+info = kernels.kernel_info()
+assert info.available and info.flags == {flags!r}, info
+assert ("avx512f" in info.isa) is False and info.gather16 is False and info.tile_vw == 8, info
+sys.argv = ["pytest"]
+import pytest
+sys.exit(pytest.main(["-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider", {path!r}, "-k",
+                      "spmm_variants or sixteen_tokens or int8_gemv or int8_lowrank or one_c_call_int8"]))
+"""
+
+
+@pytest.mark.slow  # builds the library twice more (~1 min each) and reruns the kernel tests
+@pytest.mark.parametrize("flags", [("-O2", "-march=x86-64-v3", "-fopenmp"), ("-O1", "-fopenmp")],
+                         ids=["avx2", "portable"])
+def test_kernels_built_for_avx2_and_without_vector_extensions(flags: tuple[str, ...], tmp_path: Path) -> None:
+    """The AVX2 intrinsics (vpmovsxbd/vcvtdq2ps widening, 8-float vectors) and the portable vector code,
+    built on this machine without AVX-512, pass the same kernel tests."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None or not Path("/proc/cpuinfo").exists() or " avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("needs a C compiler on an x86-64 CPU with AVX2")
+    env = {**os.environ, "CHTSL_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    script = OTHER_ISA.format(flags=flags, path=str(Path(__file__)))
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200,
+                         cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
