@@ -241,14 +241,17 @@ def check_utf8(text: str, flag: str) -> None:
                          f"pass UTF-8 text") from None
 
 
-#: The one spelling of `--dtype` in every command; torch's long names are accepted too.
+#: The one spelling of `--dtype` in every command; torch's long names are accepted too. DTYPES are the
+#: float dtypes a model computes in; PACKED_DTYPES add `int8`, weights a packed export stores as int8
+#: with per-row scales (docs/formats.md §2), computed with fp32 activations.
 DTYPES = ("fp32", "bf16", "fp16")
+PACKED_DTYPES = (*DTYPES, "int8")
 _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-_TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
 
 
 def parse_dtype(value: str, choices: tuple[str, ...] = DTYPES, what: str = "dtype") -> str:
-    """The canonical name (`fp32`, `bf16`, `fp16`, or `auto` when in `choices`) of a `--dtype`
+    """The canonical name (`fp32`, `bf16`, `fp16`, `int8` or `auto` when in `choices`) of a `--dtype`
     value; `float32`/`bfloat16`/`float16` are read as their short names. ChtslError otherwise
     ("unknown `what` ...")."""
     name = _DTYPE_ALIASES.get(value, value)
@@ -257,10 +260,14 @@ def parse_dtype(value: str, choices: tuple[str, ...] = DTYPES, what: str = "dtyp
     return name
 
 
-def inference_dtype(value: str, device: str) -> str:
-    """The canonical `--dtype` of an inference command: `value` parsed, `auto` = fp32 on CPU, bf16 on CUDA."""
-    name = parse_dtype(value, ("auto", *DTYPES))
-    return ("fp32" if device == "cpu" else "bf16") if name == "auto" else name
+def inference_dtype(value: str, device: str, stored: str | None = None) -> str:
+    """The canonical `--dtype` of an inference command: `value` parsed (int8: int8 weights, fp32
+    activations); `auto` = fp32 on CPU, bf16 on CUDA, except an int8 export (`stored` "int8", its
+    packed dtype) on CPU, which keeps its int8 weights."""
+    name = parse_dtype(value, ("auto", *PACKED_DTYPES))
+    if name != "auto":
+        return name
+    return "bf16" if device != "cpu" else "int8" if stored == "int8" else "fp32"
 
 
 def torch_dtype(name: str):  # -> torch.dtype

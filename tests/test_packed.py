@@ -97,6 +97,126 @@ def test_unpack_leaves_global_rng_alone(tmp_path: Path) -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
+# ----------------------------------------------------------------------------- format 2: int8, column deltas
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_column_deltas_roundtrip_exactly(method: str, tmp_path: Path) -> None:
+    """fp32 values with 8-bit column deltas: the file holds col_delta, and unpacking gives the model back."""
+    model = with_explicit_zero(tiny_model(method))
+    path = tmp_path / "m.safetensors"
+    save_packed(pack_model(model, torch.float32, index="delta8"), path)
+    packed = load_packed(path)
+    assert packed.index == "delta8" and packed.metadata["index"] == "delta8"
+    assert packed.metadata["format_version"] == "2"
+    for lin in packed.linears.values():
+        assert lin.col_indices is None or lin.col_indices.dtype == torch.uint8
+    rebuilt = unpack_model(packed)
+    ref = model.state_dict()
+    for key, value in rebuilt.state_dict().items():
+        assert torch.equal(value, ref[key]), key
+
+
+def _quantized_parts(model: ChtslLlamaForCausalLM, packed) -> list[tuple[str, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor]]:
+    """(name, trained fp32 rows, dequantized rows (float64), row scales) of every int8 part of `packed`."""
+    from chtsl_infer.formats.encoding import dequantize_rows
+
+    parts = []
+    for name, layer in model.chtsl_layers().items():
+        lin = packed.linears[name]
+        if lin.has_sparse:
+            dense = lin.dense_sparse_weight(torch.float64)
+            parts.append((f"{name}.values", (layer.weight * layer.mask).double() if layer.weight is not None
+                          else layer.storage.dense(layer).double(), dense, lin.values_scale))
+        for part in ("weight", "lora_A", "lora_B"):
+            q = getattr(lin, part)
+            if q is not None:
+                parts.append((f"{name}.{part}", getattr(layer, part).double(),
+                              dequantize_rows(q, getattr(lin, f"{part}_scale"), torch.float64),
+                              getattr(lin, f"{part}_scale")))
+    if "lm_head.weight" in packed.dense:
+        parts.append(("lm_head", model.lm_head.weight.double(),
+                      dequantize_rows(packed.dense["lm_head.weight"], packed.dense["lm_head.weight_scale"],
+                                      torch.float64), packed.dense["lm_head.weight_scale"]))
+    return parts
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_int8_roundtrip_within_half_a_step(method: str, tmp_path: Path) -> None:
+    """int8 export: every quantized row within half its scale of the trained one, embeddings and norms in
+    bf16, the file's int8 tensors back unchanged; logits within 5e-2 (relative) of the fp32 model."""
+    model = with_explicit_zero(tiny_model(method))
+    path = tmp_path / "m.safetensors"
+    save_packed(pack_model(model, torch.int8), path)
+    packed = load_packed(path)
+    assert packed.dtype == torch.int8 and packed.float_dtype == torch.bfloat16 and packed.index == "delta8"
+    assert (packed.metadata["dtype"], packed.metadata["float_dtype"]) == ("int8", "bfloat16")
+    assert packed.dense["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert packed.dense["lm_head.weight"].dtype == torch.int8
+    parts = _quantized_parts(model, packed)
+    assert len(parts) >= 1 + model.config.num_hidden_layers * 7
+    for name, trained, dequantized, scale in parts:
+        assert bool((scale > 0).all()), name
+        assert bool(((dequantized - trained).abs() <= scale.double()[:, None] / 2 * (1 + 1e-6) + 1e-12).all()), name
+    ref = logits(model)
+    out = logits(unpack_model(packed))
+    rel = (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
+    assert 0 < rel <= 5e-2, rel
+
+
+def test_int8_tied_embeddings_keep_the_bf16_embedding_as_lm_head(tmp_path: Path) -> None:
+    model = tiny_model("chtsl", tie_word_embeddings=True)
+    path = tmp_path / "m.safetensors"
+    save_packed(pack_model(model, torch.int8), path)
+    packed = load_packed(path)
+    assert not any(k.startswith("lm_head") for k in packed.dense)
+    rebuilt = unpack_model(packed)
+    assert rebuilt.lm_head.weight.data_ptr() == rebuilt.model.embed_tokens.weight.data_ptr()
+
+
+def test_format_version_1_files_still_load(tmp_path: Path) -> None:
+    """A file as chtsl wrote it before format 2: float values, int16 columns, no float_dtype / index keys."""
+    model = tiny_model("chtsl")
+    v2 = tmp_path / "v2.safetensors"
+    save_packed(pack_model(model, torch.bfloat16, index="absolute"), v2)
+
+    def as_v1(m: dict[str, str]) -> None:
+        m.update(format_version="1")
+        del m["float_dtype"], m["index"]
+
+    v1 = rewrite(v2, tmp_path / "v1.safetensors", lambda t: None, as_v1)
+    packed = load_packed(v1)
+    assert packed.dtype == packed.float_dtype == torch.bfloat16 and packed.index == "absolute"
+    torch.testing.assert_close(logits(unpack_model(packed)), logits(unpack_model(load_packed(v2))), rtol=0, atol=0)
+    int8_v1 = rewrite(v2, tmp_path / "v1-int8.safetensors", lambda t: None,
+                      lambda m: (as_v1(m), m.update(dtype="int8")))
+    with pytest.raises(ChtslError, match="unknown dtype 'int8'"):
+        load_packed(int8_v1)
+
+
+def test_bytes_per_link_and_per_token() -> None:
+    """6 bytes per link in fp32 with int16 columns, 3 in bf16 and 2 in int8 with deltas (plus the row
+    pointers and scales); a token reads every linear, the lm_head, the norms and one embedding row."""
+    model = tiny_model("chtsl")
+    links = sum(int(m.mask.sum()) for m in model.sparse_layers().values())
+    rows = sum(m.out_features for m in model.sparse_layers().values())
+    n_sparse = len(model.sparse_layers())
+    for dtype, index, per_link, per_row in ((torch.float32, "absolute", 6, 4), (torch.bfloat16, "delta8", 3, 4),
+                                            (torch.int8, "delta8", 2, 8)):
+        packed = pack_model(model, dtype, index)
+        cost = packed.decode_bytes()
+        stored = sum(lin.nnz for lin in packed.linears.values())
+        assert stored == links  # in_features 128: no gap over 255, no padding
+        assert cost["per_link"] == pytest.approx((per_link * links + per_row * rows + 4 * n_sparse) / links)
+        head = packed.dense.get("lm_head.weight")
+        assert cost["lm_head"] == head.nbytes + (4 * head.shape[0] if dtype == torch.int8 else 0)
+        hidden = model.config.hidden_size
+        assert cost["embedding"] == hidden * (2 if dtype != torch.float32 else 4)
+        assert cost["total"] == sum(lin.nbytes() for lin in packed.linears.values()) + cost["lm_head"] \
+            + cost["norms"] + cost["embedding"]
+
+
 # ----------------------------------------------------------------------------- CSR validity
 
 
@@ -218,6 +338,52 @@ CORRUPTIONS = {
 }
 
 
+@pytest.fixture(scope="module")
+def int8_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("packed-int8") / "model.safetensors"
+    save_packed(pack_model(tiny_model("chtsl"), torch.int8), path)
+    return path
+
+
+def _delta_past_the_row(d: torch.Tensor) -> torch.Tensor:
+    d[-1] = 255  # the last row's last column moves past q_proj's 128 inputs
+    return d
+
+
+def _repeated_column(d: torch.Tensor) -> torch.Tensor:
+    d[1] = 0  # row 0's second link on its first link's column
+    return d
+
+
+INT8_CORRUPTIONS = {  # the issue's bad-input cases of an int8 / column-delta file
+    "scale missing": (lambda t: t.pop(f"{Q}.values_scale"), f"missing tensor {Q}.values_scale"),
+    "scale of the wrong length": (_set(f"{Q}.values_scale", lambda s: s[:-1].contiguous()), "values_scale must be"),
+    "NaN scale": (_set(f"{Q}.lora_A_scale", lambda s: s.index_fill_(0, torch.tensor([2]), float("nan"))),
+                  "non-finite"),
+    "zero scale": (_set("lm_head.weight_scale", lambda s: s.index_fill_(0, torch.tensor([7]), 0.0)),
+                   "row 7's scale is 0.0"),
+    "negative scale": (_set(f"{Q}.lora_B_scale", lambda s: -s), "must be finite and > 0"),
+    "fp16 scale": (_set(f"{Q}.values_scale", lambda s: s.half()), "values_scale must be float32"),
+    "-128": (_set(f"{Q}.values", lambda v: v.index_fill_(0, torch.tensor([0]), -128)), "holds -128"),
+    "delta past the row's end": (_set(f"{Q}.col_delta", _delta_past_the_row), "past in_features=128"),
+    "repeated column": (_set(f"{Q}.col_delta", _repeated_column), "repeats a column"),
+    "int16 deltas": (_set(f"{Q}.col_delta", lambda d: d.short()), "col_delta must be a 1-D torch.uint8"),
+    "truncated values": (_set(f"{Q}.values", lambda v: v[:-3].contiguous()), "values must be torch.int8 of shape"),
+    "absolute columns in a delta8 file": (lambda t: t.update({f"{Q}.col_indices": t.pop(f"{Q}.col_delta")}),
+                                          f"missing tensor {Q}.col_delta"),
+    "float values in an int8 file": (_set(f"{Q}.values", lambda v: v.float()), "values must be torch.int8"),
+}
+
+
+@pytest.mark.parametrize("case", list(INT8_CORRUPTIONS))
+def test_loader_rejects_invalid_int8_and_delta_tensors(case: str, int8_file: Path, tmp_path: Path) -> None:
+    edit, message = INT8_CORRUPTIONS[case]
+    bad = rewrite(int8_file, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(ChtslError, match=message) as e:
+        load_packed(bad)
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
 def test_loader_rejects_invalid_tensors(case: str, packed_file: Path, tmp_path: Path) -> None:
     edit, message = CORRUPTIONS[case]
@@ -233,6 +399,10 @@ def test_loader_rejects_invalid_tensors(case: str, packed_file: Path, tmp_path: 
         (lambda m: m.update(format="something-else"), "not a chtsl packed export"),
         (lambda m: m.update(format_version="99"), "unsupported format_version"),
         (lambda m: m.update(dtype="float8"), "unknown dtype"),
+        (lambda m: m.update(dtype="int4"), "unknown dtype 'int4'"),
+        (lambda m: m.update(float_dtype="int8"), "unknown float_dtype 'int8'"),
+        (lambda m: m.update(index="delta4"), "unknown index encoding 'delta4'"),
+        (lambda m: m.update(dtype="int8"), "missing tensor .*values_scale"),
         (lambda m: m.update(config="{not json"), "invalid config"),
     ],
 )

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from chtsl_infer.errors import ChtslError
+from chtsl_infer.kernels.sparse import absolute_columns
+
 INT8_MAX = 127
 DELTA_MAX = 255
 
@@ -48,15 +51,22 @@ def quantize_csr(crow: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor
     return _quantize(values, amax, rows)
 
 
+def _product(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q · scale (broadcast) in `dtype`: computed in float64 for float64, else in float32 (exact product of
+    an 8-bit and a 24-bit significand, rounded once), then cast."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    return (q.to(wide) * scale.to(wide)).to(dtype)
+
+
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """scale[:, None] · q of a dense int8 matrix, in `dtype` (computed in float64, rounded once)."""
-    return (q.double() * scale.double()[:, None]).to(dtype)
+    """scale[:, None] · q of a dense int8 matrix (rows, cols), in `dtype`."""
+    return _product(q, scale[:, None], dtype)
 
 
 def dequantize_csr(crow: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """scale[row] · q of a CSR's int8 values (nnz,), in `dtype` (computed in float64, rounded once)."""
-    return (q.double() * scale.double()[row_of_links(crow)]).to(dtype)
+    """scale[row] · q of a CSR's int8 values (nnz,), in `dtype`."""
+    return _product(q, scale[row_of_links(crow)], dtype)
 
 
 def delta_encode(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor
@@ -81,3 +91,69 @@ def delta_encode(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor
     new_crow = torch.zeros_like(crow)
     new_crow[1:] = torch.cumsum(per_row, 0).to(crow.dtype)
     return new_crow, delta, padded
+
+
+def padding_links(crow: torch.Tensor, delta: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """bool (n,): the links of a delta-encoded CSR that read as padding — delta 255, value 0, and another
+    link after them in their row (what `delta_encode` adds). A stored link of value 0 exactly 255
+    columns after the previous one, with another after it, reads so too: it adds nothing either way."""
+    last = torch.zeros(delta.numel(), dtype=torch.bool)
+    ends = crow[1:].long()
+    last[ends[ends > crow[:-1].long()] - 1] = True
+    return (delta == DELTA_MAX) & (values == 0) & ~last
+
+
+def delta_decode(crow: torch.Tensor, delta: torch.Tensor, values: torch.Tensor, col_dtype: torch.dtype,
+                 links: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `delta_encode`: (crow int32, col `col_dtype`, values) without the padding links.
+
+    `links`: the number of links the CSR must have (a layer whose support size is fixed); where the
+    padding rule dropped zero-valued links that were stored ones (`padding_links`), the first of the
+    links read as padding are kept until there are that many. The product is the same either way."""
+    pad = padding_links(crow, delta, values)
+    if links is not None and delta.numel() - int(pad.sum()) < links:
+        candidates = pad.nonzero()[:, 0]
+        pad[candidates[:links - (delta.numel() - candidates.numel())]] = False
+    keep = ~pad
+    per_row = torch.zeros(crow.numel() - 1, dtype=torch.long).index_add_(0, row_of_links(crow), keep.long())
+    new_crow = torch.zeros_like(crow)
+    new_crow[1:] = torch.cumsum(per_row, 0).to(crow.dtype)
+    return new_crow, absolute_columns(crow, delta)[keep].to(col_dtype), values[keep]
+
+
+# ----------------------------------------------------------------------------- validation (the loader's)
+
+
+def check_scale(where: str, scale: torch.Tensor, rows: int) -> None:
+    """ChtslError unless `scale` is an int8 tensor's row scales: float32 (rows,), finite and > 0."""
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (rows,):
+        raise ChtslError(f"{where} must be float32 of shape ({rows},), got {scale.dtype} {tuple(scale.shape)}")
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ChtslError(f"{where}: row {i}'s scale is {float(scale[i])} (scales must be finite and > 0)")
+
+
+def check_int8(where: str, q: torch.Tensor) -> None:
+    """ChtslError where an int8 tensor holds −128 (symmetric quantization uses [−127, 127])."""
+    if q.numel() and int(q.min()) < -INT8_MAX:
+        raise ChtslError(f"{where} holds -128; int8 weights are in [-127, 127]")
+
+
+def check_deltas(where: str, crow: torch.Tensor, delta: torch.Tensor, in_features: int) -> None:
+    """ChtslError unless the column deltas (n,) are consistent with the row pointers crow (out+1,): uint8,
+    every delta after a row's first ≥ 1, and each row's last column < in_features. crow is checked
+    (int32, monotone from 0 to n) by the caller."""
+    if delta.dtype != torch.uint8 or delta.dim() != 1:
+        raise ChtslError(f"{where} must be a 1-D uint8 tensor, got {delta.dtype} {tuple(delta.shape)}")
+    first = torch.zeros(delta.numel(), dtype=torch.bool)
+    starts = crow[:-1].long()
+    first[starts[crow[1:].long() > starts]] = True
+    repeated = (delta == 0) & ~first
+    if bool(repeated.any()):
+        row = int(row_of_links(crow)[int(repeated.nonzero()[0, 0])])
+        raise ChtslError(f"{where}: row {row} repeats a column (a delta of 0 after its first link)")
+    columns = absolute_columns(crow, delta)
+    if columns.numel() and int(columns.max()) >= in_features:
+        row = int(row_of_links(crow)[int(columns.argmax())])
+        raise ChtslError(f"{where}: row {row} reaches column {int(columns.max())}, past in_features={in_features}")

@@ -50,7 +50,8 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 TRAINER_STATE_DIR = "trainer_state"
 MODEL_TYPE = "chtsl_llama"
 PACKED_FORMAT = "chtsl-packed"
-PACKED_FORMAT_VERSION = "1"
+PACKED_FORMAT_VERSION = "2"
+PACKED_READABLE_VERSIONS = ("1", "2")  # 1: float values, absolute columns (docs/formats.md §2)
 TRAINER_STATE_FORMAT = "chtsl-trainer-state"
 TRAINER_STATE_VERSION = 1
 
@@ -379,16 +380,19 @@ def read_trainer_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]
 # ----------------------------------------------------------------------------- packed export
 
 
-def _packed_header(config: ChtslConfig, dtype: torch.dtype) -> dict[str, str]:
+def _packed_header(packed: PackedModel) -> dict[str, str]:
     """The packed file's `__metadata__` (docs/formats.md §2)."""
     from chtsl_infer.formats.packed import DTYPE_NAMES
 
+    config = packed.config
     return {
         "format": PACKED_FORMAT,
         "format_version": PACKED_FORMAT_VERSION,
         "method": config.method,
         "activation": config.chtsl["activation"],
-        "dtype": DTYPE_NAMES[dtype],
+        "dtype": DTYPE_NAMES[packed.dtype],
+        "float_dtype": DTYPE_NAMES[packed.float_dtype or packed.dtype],
+        "index": packed.index,
         "config": config.to_json_string(use_diff=False),
     }
 
@@ -397,15 +401,17 @@ def save_packed(packed: PackedModel, path: str | Path) -> None:
     """Writes `packed` to the safetensors file `path` atomically (temp file + rename)."""
     from safetensors.torch import save_file
 
-    metadata = {**packed.metadata, **_packed_header(packed.config, packed.dtype)}
+    metadata = {**packed.metadata, **_packed_header(packed)}
     with atomic_path(Path(path)) as tmp:
         save_file(packed.tensors(), tmp, metadata=metadata)
 
 
-def _check_csr(path: Path, lin: PackedLinear, values_dtype: torch.dtype) -> None:
-    """Validates one CSR triple; ChtslError naming the file, the layer and the problem."""
+def _check_csr(path: Path, lin: PackedLinear, values_dtype: torch.dtype, index: str = "absolute") -> None:
+    """Validates one CSR triple (`index` "absolute" columns or "delta8" column deltas) and int8 values' row
+    scales; ChtslError naming the file, the layer and the problem."""
     import torch
 
+    from chtsl_infer.formats.encoding import check_deltas, check_int8, check_scale
     from chtsl_infer.formats.packed import col_index_dtype
 
     where = f"{path}: {lin.name}"
@@ -414,9 +420,11 @@ def _check_csr(path: Path, lin: PackedLinear, values_dtype: torch.dtype) -> None
     if crow.dtype != torch.int32 or crow.shape != (lin.out_features + 1,):
         raise ChtslError(f"{where}.crow_indices must be int32 of shape ({lin.out_features + 1},), "
                          f"got {crow.dtype} {tuple(crow.shape)}")
-    want_col = col_index_dtype(lin.in_features)
+    deltas = index == "delta8"
+    want_col = torch.uint8 if deltas else col_index_dtype(lin.in_features)
+    col_key = "col_delta" if deltas else "col_indices"
     if col.dtype != want_col or col.dim() != 1:
-        raise ChtslError(f"{where}.col_indices must be a 1-D {want_col} tensor, got {col.dtype} {tuple(col.shape)}")
+        raise ChtslError(f"{where}.{col_key} must be a 1-D {want_col} tensor, got {col.dtype} {tuple(col.shape)}")
     if vals.dtype != values_dtype or vals.shape != col.shape:
         raise ChtslError(f"{where}.values must be {values_dtype} of shape {tuple(col.shape)}, "
                          f"got {vals.dtype} {tuple(vals.shape)}")
@@ -426,6 +434,13 @@ def _check_csr(path: Path, lin: PackedLinear, values_dtype: torch.dtype) -> None
                          f"got {int(crow64[0])}..{int(crow64[-1])}")
     if bool((crow64[1:] < crow64[:-1]).any()):
         raise ChtslError(f"{where}.crow_indices are not monotone")
+    if values_dtype == torch.int8:
+        check_int8(f"{where}.values", vals)
+        assert lin.values_scale is not None
+        check_scale(f"{where}.values_scale", lin.values_scale, lin.out_features)
+    if deltas:
+        check_deltas(f"{where}.col_delta", crow, col, lin.in_features)
+        return
     col64 = col.long()
     if col64.numel() and (int(col64.min()) < 0 or int(col64.max()) >= lin.in_features):
         raise ChtslError(f"{where}.col_indices out of range [0, {lin.in_features}): "
@@ -442,15 +457,43 @@ def _check_shape(path: Path, key: str, tensor: torch.Tensor, shape: tuple[int, .
         raise ChtslError(f"{path}: {key} should be {dtype} {tuple(shape)}, got {tensor.dtype} {tuple(tensor.shape)}")
 
 
-def load_packed(path: str | Path) -> PackedModel:
-    """Reads and validates a packed safetensors file (or a directory holding `model.safetensors`).
+def _header_dtypes(p: Path, metadata: dict[str, str]) -> tuple[torch.dtype, torch.dtype, str]:
+    """(value dtype, float dtype, index encoding) of a packed file's header; ChtslError where unknown.
+    Version 1 has float values, no `float_dtype` (= dtype) and no `index` (absolute)."""
+    from chtsl_infer.formats.packed import DTYPES, FLOAT_DTYPES, INDEX_ENCODINGS
 
-    Checks the header (format, version, dtype, config), every expected tensor's presence, dtype
-    and shape against the config, and every CSR triple (row pointers monotone from 0 to nnz,
-    columns in range and strictly increasing within rows). Any violation → ChtslError naming the
-    file and the problem; unexpected extra tensors are errors too.
+    version = metadata.get("format_version")
+    if version not in PACKED_READABLE_VERSIONS:
+        raise ChtslError(f"{p}: unsupported format_version {version!r} "
+                         f"(this chtsl reads {', '.join(PACKED_READABLE_VERSIONS)})")
+    names = DTYPES if version != "1" else FLOAT_DTYPES
+    name = metadata.get("dtype", "")
+    if name not in names:
+        raise ChtslError(f"{p}: unknown dtype {name!r} in metadata; valid: {', '.join(names)}")
+    float_name = metadata.get("float_dtype", name) if version != "1" else name
+    if float_name not in FLOAT_DTYPES:
+        raise ChtslError(f"{p}: unknown float_dtype {float_name!r} in metadata; valid: {', '.join(FLOAT_DTYPES)}")
+    index = metadata.get("index", "absolute") if version != "1" else "absolute"
+    if index not in INDEX_ENCODINGS:
+        raise ChtslError(f"{p}: unknown index encoding {index!r} in metadata; valid: {', '.join(INDEX_ENCODINGS)}")
+    return DTYPES[name], DTYPES[float_name], index
+
+
+def load_packed(path: str | Path) -> PackedModel:
+    """Reads and validates a packed safetensors file (or a directory holding `model.safetensors`), of
+    format version 2 or 1.
+
+    Checks the header (format, version, dtypes, index encoding, config), every expected tensor's
+    presence, dtype and shape against the config, every CSR (row pointers monotone from 0 to nnz;
+    columns in range and strictly increasing within rows, or column deltas whose rows stay below
+    in_features), and in int8 files every int8 tensor's range and row scales (float32, one per row,
+    finite, > 0). Any violation → ChtslError naming the file and the problem, before anything is
+    computed; unexpected extra tensors are errors too.
     """
-    from chtsl_infer.formats.packed import DTYPES, PackedLinear, PackedModel, tied_keys
+    import torch
+
+    from chtsl_infer.formats.encoding import check_int8, check_scale
+    from chtsl_infer.formats.packed import PackedLinear, PackedModel, tied_keys
 
     p = Path(path)
     if p.is_dir():
@@ -459,12 +502,7 @@ def load_packed(path: str | Path) -> PackedModel:
     if metadata.get("format") != PACKED_FORMAT:
         raise ChtslError(f"{p}: not a chtsl packed export (metadata format {metadata.get('format')!r}, "
                          f"expected {PACKED_FORMAT!r})")
-    if metadata.get("format_version") != PACKED_FORMAT_VERSION:
-        raise ChtslError(f"{p}: unsupported format_version {metadata.get('format_version')!r} "
-                         f"(this chtsl reads {PACKED_FORMAT_VERSION!r})")
-    dtype = DTYPES.get(metadata.get("dtype", ""))
-    if dtype is None:
-        raise ChtslError(f"{p}: unknown dtype {metadata.get('dtype')!r} in metadata; valid: {', '.join(DTYPES)}")
+    dtype, float_dtype, index = _header_dtypes(p, metadata)
     config = _header_config(metadata, p)
     check_finite(tensors, p)
 
@@ -474,11 +512,22 @@ def load_packed(path: str | Path) -> PackedModel:
     dense_shapes = {key: t.shape for key, t in skeleton.state_dict().items()
                     if key.rsplit(".", 1)[0] not in layers and key not in skip}
     remaining = dict(tensors)
+    int8 = dtype == torch.int8
 
     def take(key: str) -> torch.Tensor:
         if key not in remaining:
             raise ChtslError(f"{p}: missing tensor {key}")
         return remaining.pop(key)
+
+    def take_part(lin: PackedLinear, part: str, shape: tuple[int, int]) -> None:
+        """A dense part (rows, cols) in the value dtype, with its row scales when int8."""
+        key = f"{lin.name}.{part}"
+        setattr(lin, part, take(key))
+        _check_shape(p, key, getattr(lin, part), shape, dtype)
+        if int8:
+            check_int8(f"{p}: {key}", getattr(lin, part))
+            setattr(lin, f"{part}_scale", take(f"{key}_scale"))
+            check_scale(f"{p}: {key}_scale", getattr(lin, f"{part}_scale"), shape[0])
 
     linears: dict[str, PackedLinear] = {}
     for name, layer in layers.items():
@@ -486,28 +535,34 @@ def load_packed(path: str | Path) -> PackedModel:
                            scale=float(layer.scale), activation=layer.activation)
         if layer.has_sparse:
             lin.crow_indices = take(f"{name}.crow_indices")
-            lin.col_indices = take(f"{name}.col_indices")
+            lin.col_indices = take(f"{name}.col_delta" if index == "delta8" else f"{name}.col_indices")
             lin.values = take(f"{name}.values")
-            _check_csr(p, lin, dtype)
+            if int8:
+                lin.values_scale = take(f"{name}.values_scale")
+            _check_csr(p, lin, dtype, index)
         elif layer.weight is not None:
-            lin.weight = take(f"{name}.weight")
-            _check_shape(p, f"{name}.weight", lin.weight, (layer.out_features, layer.in_features), dtype)
+            take_part(lin, "weight", (layer.out_features, layer.in_features))
         if layer.has_lowrank:
-            lin.lora_A = take(f"{name}.lora_A")
-            lin.lora_B = take(f"{name}.lora_B")
-            _check_shape(p, f"{name}.lora_A", lin.lora_A, (layer.rank, layer.in_features), dtype)
-            _check_shape(p, f"{name}.lora_B", lin.lora_B, (layer.out_features, layer.rank), dtype)
+            take_part(lin, "lora_A", (layer.rank, layer.in_features))
+            take_part(lin, "lora_B", (layer.out_features, layer.rank))
         linears[name] = lin
 
     dense: dict[str, torch.Tensor] = {}
     for key, shape in dense_shapes.items():
         tensor = take(key)
-        _check_shape(p, key, tensor, shape, dtype if tensor.is_floating_point() else tensor.dtype)
+        if key == "lm_head.weight":  # the lm_head has the value dtype (int8: with row scales)
+            _check_shape(p, key, tensor, shape, dtype)
+            if int8:
+                check_int8(f"{p}: {key}", tensor)
+                dense["lm_head.weight_scale"] = take("lm_head.weight_scale")
+                check_scale(f"{p}: lm_head.weight_scale", dense["lm_head.weight_scale"], shape[0])
+        else:
+            _check_shape(p, key, tensor, shape, float_dtype if tensor.is_floating_point() else tensor.dtype)
         dense[key] = tensor
     if remaining:
         raise _unexpected(p, sorted(remaining))
-    return PackedModel(config=config, dtype=dtype, linears=linears, dense=dense, metadata=dict(metadata))
-
+    return PackedModel(config=config, dtype=dtype, linears=linears, dense=dense, metadata=dict(metadata),
+                       float_dtype=float_dtype, index=index)
 
 # ----------------------------------------------------------------------------- any model directory
 
