@@ -14,6 +14,7 @@ import torch
 
 from chtsl_infer import kernels
 from chtsl_infer.formats.encoding import (
+    delta_decode,
     delta_encode,
     dequantize_csr,
     dequantize_rows,
@@ -23,6 +24,7 @@ from chtsl_infer.formats.encoding import (
 )
 from chtsl_infer.kernels.settings import override
 from chtsl_infer.kernels.sparse import absolute_columns
+from tests.conftest import ALL_METHODS, random_ids, tiny_model_nonzero_b
 
 ROOT = Path(__file__).resolve().parents[1]
 F32, BF16, I8 = torch.float32, torch.bfloat16, torch.int8
@@ -105,6 +107,21 @@ def test_delta_encoding_round_trip_with_gaps_and_empty_rows() -> None:
         assert absolute_columns(nc, d).tolist()[-1] == n_in - 1 and int(nc[-1]) == 2 + max(0, (n_in - 2) // 255)
     empty = delta_encode(torch.zeros(4, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0))
     assert empty[0].tolist() == [0, 0, 0, 0] and empty[1].numel() == 0
+    values[::7] = 0  # explicit zero links (just regrown) stay links
+    values[int(crow[5]):int(crow[6])] = torch.tensor([1.0, 0.0, 1.0])  # but a zero 255 columns after a link
+    for stored in (values, quantize_csr(crow, values)[0]):
+        want = _dense(crow, col, stored.double(), 2000)
+        encoded = delta_encode(crow, col, stored)
+        back = delta_decode(*encoded, torch.int16)  # by the padding rule alone: that zero link reads as padding
+        assert back[1].numel() < col.numel() and back[1].dtype == torch.int16
+        assert (back[0][1:] - back[0][:-1]).tolist()[5] == 2 and 510 not in back[1][back[0][5]:back[0][6]].tolist()
+        assert torch.equal(_dense(back[0], back[1], back[2].double(), 2000), want)
+        back = delta_decode(*encoded, torch.int32, links=col.numel())  # a fixed support size: as many links
+        assert back[1].numel() == col.numel() and torch.equal(_dense(back[0], back[1], back[2].double(), 2000), want)
+        clean = stored.clone()
+        clean[int(crow[5]) + 1] = 1  # no ambiguous zero: the exact CSR back
+        back = delta_decode(*delta_encode(crow, col, clean), torch.int32)
+        assert all(torch.equal(a, b) for a, b in zip(back, (crow, col, clean), strict=True))
 
 
 def test_int8_quantization_per_row() -> None:
@@ -254,6 +271,83 @@ def test_the_probe_reports_the_int8_gather_path() -> None:
     assert info.gather16 == ("avx512f" in info.isa)
 
 
+# --- the int8 runtime: the kernels composed, every method ------------------------------------------------
+
+ATOL = 1e-4  # the runtime tests' fp32 tolerance on logits
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_int8_runtime_matches_the_dequantized_model(method: str) -> None:
+    """An int8 export run by the sparse backend (int8 kernels, int8 lm_head, bf16 embedding) gives the
+    logits of its dequantized weights in float64, for a full forward, a prefill and ≤ 4-token decoding
+    steps (the one-call C path); it holds int8 buffers and generates what the dense reference does."""
+    from chtsl_infer.formats.packed import pack_model, unpack_model
+    from chtsl_infer.runtime.backends import FusedLinears, from_packed
+    from chtsl_infer.runtime.int8 import Int8Linear
+
+    _require_kernels()
+    model = tiny_model_nonzero_b(method, num_key_value_heads=2)
+    ids = random_ids(2, 14, seed=3)
+    reference = unpack_model(pack_model(model, I8), torch.float64)
+    with torch.no_grad():
+        want = reference(input_ids=ids, use_cache=False).logits
+    rt = from_packed(pack_model(model, I8), "sparse")
+    assert rt.dtype == F32 and isinstance(rt.model.lm_head, Int8Linear)
+    assert rt.model.model.embed_tokens.weight.dtype == BF16
+    groups = [m for m in rt.model.modules() if isinstance(m, FusedLinears)]
+    assert all(g.int8 and g.decoder() is not None for g in groups)
+    assert all(t.dtype == I8 for g in groups for t in (g.values if g.sparse else None, g.lora_A, g.lora_B, g.weight)
+               if t is not None)
+    torch.testing.assert_close(rt.logits(ids).double(), want, atol=ATOL, rtol=0)
+    cache = rt.new_cache(2, 14)
+    torch.testing.assert_close(rt.decode_step(ids[:, :8], cache).double(), want[:, 7], atol=ATOL, rtol=0)
+    for a, b in ((8, 9), (9, 11), (11, 14)):  # 1, 2 and 3 tokens per sequence
+        torch.testing.assert_close(rt.decode_step(ids[:, a:b], cache).double(), want[:, b - 1], atol=ATOL, rtol=0)
+    fp32 = from_packed(pack_model(model), "sparse")
+    assert rt.model_bytes < 0.5 * fp32.model_bytes
+    dense = from_packed(pack_model(model, I8), "dense")  # the dequantized reference backend
+    assert torch.equal(rt.generate(ids[:, :5], max_new_tokens=6), dense.generate(ids[:, :5], max_new_tokens=6))
+
+
+@pytest.mark.parametrize("item_bytes", [64 << 10, 64])
+def test_all_blocks_in_one_c_call_int8_equal_the_block_loop(item_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """decode_layers with int8 groups (fp32 activations) equals feature_major's loop over the same int8
+    kernels bit for bit: logits and KV cache, 1–3 tokens per sequence, GQA, small work items."""
+    from chtsl_infer.formats.packed import pack_model
+    from chtsl_infer.runtime import feature_major
+    from chtsl_infer.runtime.backends import from_packed
+
+    _require_kernels()
+    model = tiny_model_nonzero_b("chtsl", num_key_value_heads=2)
+    ids = random_ids(2, 14, seed=6)
+    real = feature_major._decode_layers
+    rt = from_packed(pack_model(model, I8), "sparse")
+    assert real(rt.model, F32) is not None
+    runs = {}
+    for name, plan in (("blocks", real), ("loop", lambda *a: None)):
+        monkeypatch.setattr(feature_major, "_decode_layers", plan)
+        cache = rt.new_cache(2, 14)
+        with override(decode_item_bytes=item_bytes):
+            steps = [rt.decode_step(ids[:, :6], cache)]
+            steps += [rt.decode_step(ids[:, a:b], cache) for a, b in ((6, 7), (7, 9), (9, 12), (12, 13), (13, 14))]
+        runs[name] = (torch.stack(steps), torch.stack(cache.key), torch.stack(cache.value))
+    for got, want in zip(runs["blocks"], runs["loop"], strict=True):
+        assert torch.equal(got, want)
+
+
+def test_int8_groups_refuse_bf16_activations() -> None:
+    """int8 weights run with fp32 activations: the one-call path refuses to be built for bf16."""
+    from chtsl_infer.formats.packed import pack_model
+    from chtsl_infer.runtime.backends import FusedLinears, from_packed
+
+    _require_kernels()
+    rt = from_packed(pack_model(tiny_model_nonzero_b("chtsl"), I8), "sparse")
+    decoders = [g.decoder() for g in rt.model.modules() if isinstance(g, FusedLinears)]
+    norm = rt.model.model.layers[0].input_layernorm.weight
+    with pytest.raises(ValueError, match="float32 activations"):
+        kernels.DecodeLayers([(norm.bfloat16(), norm.bfloat16(), decoders[:4])], 1e-6, 8, BF16)
+
+
 # --- other instruction sets: the AVX2 and portable paths on this machine --------------------------------
 
 OTHER_ISA = """
@@ -267,8 +361,8 @@ assert info.available and info.flags == {flags!r}, info
 assert ("avx512f" in info.isa) is False and info.gather16 is False and info.tile_vw == 8, info
 sys.argv = ["pytest"]
 import pytest
-sys.exit(pytest.main(["-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider", {path!r}, "-k",
-                      "spmm_variants or sixteen_tokens or int8_gemv or int8_lowrank or one_c_call_int8"]))
+TESTS = "spmm_variants or sixteen_tokens or int8_gemv or int8_lowrank or int8_runtime or one_c_call_int8"
+sys.exit(pytest.main(["-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider", {path!r}, "-k", TESTS]))
 """
 
 

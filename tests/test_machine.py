@@ -155,7 +155,7 @@ def test_dense_backend_on_the_gemv_decodes_as_torchs_dense_model(dtype: torch.dt
     set_dense_path(rt.model, "gemv")
     calls = []
     real = kernels.dense_gemv
-    monkeypatch.setattr(kernels, "dense_gemv", lambda w, *a: calls.append(w.shape) or real(w, *a))
+    monkeypatch.setattr(kernels, "dense_gemv", lambda w, *a, **k: calls.append(w.shape) or real(w, *a, **k))
     ids = random_ids(1, 11, seed=3)
     caches = [r.new_cache(1, 16) for r in (reference, rt)]
     tol = 1e-5 if dtype == torch.float32 else 3e-2

@@ -21,6 +21,7 @@ from chtsl_infer.kernels.decode import (
     LOWRANK_ACTIVATIONS,
     DecodeLayers,
     GroupDecoder,
+    activation_dtype,
     attention_decode,
     decode_kernels_serve,
     dense_gemv,
@@ -41,7 +42,8 @@ from chtsl_infer.kernels.training import (
 from chtsl_infer.kernels.tune import kernel_info  # also registers the tuner with build.current()
 
 __all__ = [
-    "GEMV_MAX_TOKENS", "LOWRANK_ACTIVATIONS", "DecodeLayers", "GroupDecoder", "KernelSettings", "attention_decode",
+    "GEMV_MAX_TOKENS", "LOWRANK_ACTIVATIONS", "DecodeLayers", "GroupDecoder", "KernelSettings", "activation_dtype",
+    "attention_decode",
     "ch2_l3n_half", "cpu_kernel", "cpu_kernel_status", "csr_mm", "csr_mm_torch", "csr_sddmm", "csr_sddmm_torch",
     "csr_transpose", "decode_kernels_serve", "dense_gemv", "kernel", "kernel_info", "lowrank_fm", "rms_norm_fm",
     "settings", "silu_mul_fm", "sort_rows", "spmm_cpu", "spmm_cuda", "torch_csr",

@@ -36,13 +36,15 @@ from torch import nn
 
 from chtsl_infer import kernels
 from chtsl_infer.errors import ChtslError, first_line
+from chtsl_infer.formats.encoding import dequantize_rows
 from chtsl_infer.formats.model_dir import ModelDir, load_model, load_packed, resolve_model_dir
-from chtsl_infer.formats.packed import PackedLinear, PackedModel, pack_model
+from chtsl_infer.formats.packed import PackedLinear, PackedModel, convert_packed, pack_model
 from chtsl_infer.model.configuration import ChtslConfig
 from chtsl_infer.model.layers import random_mask
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.runtime import feature_major
 from chtsl_infer.runtime.fused import DENSE_PATHS, FusedLinears, FusedMember, dense_fm, set_dense_path
+from chtsl_infer.runtime.int8 import Int8Linear
 
 BACKENDS = ("auto", "dense", "sparse", "onnx")
 AUTO_SPARSE_MAX_DENSITY = 0.3  # at 30 % the C kernel is still 1.1–1.5× dense (60M shapes); margin for other CPUs
@@ -51,11 +53,21 @@ GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj"
 
 
 def check_backend_dtype(backend: str, device: str, dtype: str) -> None:
-    """Raises ChtslError where `backend` cannot compute in `dtype` ("fp32", "bf16", "fp16") on `device`."""
+    """Raises ChtslError where `backend` cannot compute in `dtype` ("fp32", "bf16", "fp16", or "int8": int8
+    weights with fp32 activations) on `device`."""
     if backend in ("sparse", "auto") and device == "cpu" and dtype == "fp16":
         raise ChtslError("backend 'sparse' on CPU computes in float32 or bfloat16; use --dtype fp32|bf16")
     if backend == "onnx" and dtype != "fp32":
         raise ChtslError("backend 'onnx' runs the exported float32 graph; use --dtype fp32")
+    if dtype == "int8" and device != "cpu":
+        raise ChtslError(f"--dtype int8 (int8 weights, fp32 activations) runs on CPU, not {device}; "
+                         f"use --dtype bf16|fp32 there")
+
+
+def runtime_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+    """(the activations' dtype, the weights' packed dtype or None: as stored) of a runtime `dtype`: int8
+    means int8 weights (quantized in memory where they are not) under fp32 activations."""
+    return (torch.float32, torch.int8) if dtype == torch.int8 else (dtype, None)
 
 
 def resolve_backend(backend: str, packed: PackedModel | None, device: torch.device) -> str:
@@ -83,6 +95,10 @@ def build_model(packed: PackedModel, backend: str = "dense", device: str | torch
     if backend not in ("dense", "sparse"):
         raise ValueError(f"build_model builds the torch backends dense/sparse, not {backend!r}")
     config: ChtslConfig = packed.config
+    # An int8 model keeps its int8 weights where the int8 kernels run them: the sparse backend on CPU with
+    # fp32 activations; its untied embedding stays in its (bf16) float dtype, read a row at a time.
+    # Elsewhere (the dense reference, CUDA, bf16) every weight is dequantized into `dtype`.
+    int8 = packed.dtype == torch.int8 and backend == "sparse" and device.type == "cpu" and dtype == torch.float32
     with torch.device("meta"):
         model = ChtslLlamaForCausalLM(config)
     for i, block in enumerate(model.model.layers):
@@ -90,13 +106,23 @@ def build_model(packed: PackedModel, backend: str = "dense", device: str | torch
             parent = getattr(block, parent_name)
             names = [f"model.layers.{i}.{parent_name}.{m}" for m in members]
             linears = [packed.linears.pop(n) if consume else packed.linears[n] for n in names]
-            group = FusedLinears(linears, sparse=backend == "sparse", device=device, dtype=dtype)
+            group = FusedLinears(linears, sparse=backend == "sparse", device=device, dtype=dtype, int8=int8)
             del linears
             for j, m in enumerate(members):
                 setattr(parent, m, FusedMember(group, j, owner=j == 0))
-    dense = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in packed.dense.items()}
+    head, head_scale = packed.dense.get("lm_head.weight"), packed.dense.get("lm_head.weight_scale")
+    keep_embedding = int8 and not config.tie_word_embeddings
+    dense = {k: (v.to(device) if not v.is_floating_point() or keep_embedding and k == "model.embed_tokens.weight"
+                 else v.to(device, dtype))
+             for k, v in packed.dense.items() if not k.startswith("lm_head.")}
     if consume:
         packed.dense.clear()
+    if head is not None:  # int8: kept (`Int8Linear`) or dequantized; float: cast
+        if head_scale is not None and int8:
+            model.lm_head = Int8Linear(head.to(device), head_scale.to(device))
+        else:
+            dense["lm_head.weight"] = (head if head_scale is None else dequantize_rows(head, head_scale)).to(
+                device, dtype)
     _, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     if unexpected:
         raise ChtslError(f"packed model does not match its config: unexpected {unexpected[:3]}")
@@ -333,9 +359,16 @@ def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.
                 dtype: torch.dtype = torch.float32, consume: bool = False) -> Runtime:
     """A torch-backend `Runtime` of an in-memory packed model (`onnx` needs a file: `load_runtime`).
 
+    `dtype`: what the model computes in; torch.int8 = int8 weights (`packed` quantized in memory where
+    it is not int8) with fp32 activations, the runtime's dtype then float32 (`runtime_dtypes`).
     `consume`: `packed` is emptied while the model is built (see `build_model`).
     """
     device = torch.device(device)
+    dtype, weights = runtime_dtypes(dtype)
+    if weights is not None and device.type != "cpu":
+        raise ChtslError(f"int8 weights run on CPU, not {device}")
+    if weights is not None and packed.dtype != weights:
+        packed = convert_packed(packed, weights)
     backend = resolve_backend(backend, packed, device)
     if backend == "onnx":
         raise ChtslError("backend 'onnx' needs an export directory with model.onnx "
@@ -390,15 +423,13 @@ def load_packed_any(path: str | Path | ModelDir) -> PackedModel:
 
 def load_runtime(path: str | Path | ModelDir, backend: str = "auto", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> Runtime:
-    """The `Runtime` of a checkpoint or export directory with `backend`."""
+    """The `Runtime` of a checkpoint or export directory with `backend`, computing in `dtype` (an export's
+    weights are cast to it, int8 ones dequantized; torch.int8: int8 weights, fp32 activations)."""
     model_dir = resolve_model_dir(path)
     device = torch.device(device)
     if backend == "onnx":
         return _onnx_runtime(model_dir, device, dtype)
     packed = load_packed_any(model_dir)
-    if packed.dtype != torch.float32:  # fp16/bf16 exports compute in the requested dtype
-        packed = PackedModel(config=packed.config, dtype=torch.float32, linears=packed.linears,
-                             dense=packed.dense, metadata=packed.metadata)
     return from_packed(packed, backend, device, dtype, consume=True)
 
 

@@ -41,6 +41,7 @@ from transformers.activations import SiLUActivation
 from chtsl_infer import kernels
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.runtime.fused import FusedLinears
+from chtsl_infer.runtime.int8 import int8_mm
 
 SILU = (nn.SiLU, SiLUActivation)  # transformers' Llama MLP holds its own SiLU module (ACT2FN["silu"])
 
@@ -110,7 +111,7 @@ def new_cache(model: ChtslLlamaForCausalLM, batch: int, capacity: int) -> KVCach
     _, n_kv, head_dim = _head_dims(cfg)
     if capacity > cfg.max_position_embeddings:
         raise ValueError(f"cache of {capacity} positions exceeds the model's {cfg.max_position_embeddings}")
-    like = model.model.embed_tokens.weight
+    like = model.model.norm.weight  # the compute dtype (an int8 model's embedding stays bf16)
     shape = (batch, n_kv, capacity, head_dim)
     keys = [like.new_empty(shape) for _ in range(cfg.num_hidden_layers)]
     values = [like.new_empty(shape) for _ in range(cfg.num_hidden_layers)]
@@ -153,7 +154,8 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
         raise ValueError(f"{batch}×{seq} tokens at position {start} do not fit a cache of "
                          f"{cache.batch}×{cache.capacity}")
 
-    h = inner.embed_tokens(input_ids).view(n_tok, -1).t().contiguous()  # (H, T)
+    # (H, T) in the compute dtype (the norms'): an int8 model keeps its embedding in bf16, rows widened here
+    h = inner.embed_tokens(input_ids).view(n_tok, -1).t().to(inner.norm.weight.dtype).contiguous()
     if cache is None:
         cos, sin = rope_tables(model, torch.arange(seq, device=input_ids.device), h)
     else:
@@ -201,18 +203,24 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
     if cache is not None:
         cache.length = end
     weight = model.lm_head.weight
+    scale = getattr(model.lm_head, "weight_scale", None)  # an int8 lm_head's row scales (runtime.int8.Int8Linear)
     if last_only:  # logits of each sequence's last position only: (H, batch)
         h = _norm(glue, h.view(-1, batch, seq)[:, :, -1], inner.norm)
         if out is None:
             out = h.new_empty(batch, weight.shape[0])
         # One row per sequence: a memory-bound GEMV, ~2.5x torch's on CPU (kernels.dense_gemv).
-        if kernels.dense_gemv(weight, h.t(), out):
+        if kernels.dense_gemv(weight, h.t(), out, scale=scale):
             return out
+        if scale is not None:
+            return int8_mm(weight, scale, h, out=out.t()).t()
         return torch.mm(h.t(), weight.t(), out=out)
     h = rms_norm(h, inner.norm.weight, inner.norm.variance_epsilon)
     if out is None:
         out = h.new_empty(batch, seq, weight.shape[0])
-    torch.mm(h.t(), weight.t(), out=out.view(n_tok, -1))  # reads h transposed: no copy
+    if scale is not None:  # (vocab, T) written through the transposed view of the (T, vocab) logits
+        int8_mm(weight, scale, h, out=out.view(n_tok, -1).t())
+    else:
+        torch.mm(h.t(), weight.t(), out=out.view(n_tok, -1))  # reads h transposed: no copy
     return out
 
 

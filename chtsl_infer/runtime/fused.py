@@ -16,8 +16,9 @@ from torch import nn
 
 from chtsl_infer import kernels
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.formats.packed import PackedLinear
+from chtsl_infer.formats.packed import QUANTIZED_PARTS, PackedLinear
 from chtsl_infer.model.layers import activation_fn
+from chtsl_infer.runtime.int8 import int8_mm
 
 DENSE_PATHS = ("torch", "gemv")  # how a dense weight multiplies a few decoding tokens (`dense_fm`)
 
@@ -27,20 +28,25 @@ class FusedLinears(nn.Module):
 
     Buffers (present parts only): `weight` (Σout, in) dense S or dense-method weight; `crow`,
     `col`, `values`, `rows` the CSR of S with the members' rows stacked, stored by link count
-    (`rows`: stored row -> output row; CPU sparse backend); `lora_A`
-    (Σr, in); `lora_B` the members' B (out_m, r_m) blocks flattened back to back, `lowrank_shapes`
-    int32 (2, members) their out_m and r_m. Members fetch their slice through `member(i, x)`,
-    which computes the whole group once per distinct input tensor. `dense_path`: how a dense
-    `weight` multiplies 1 … `GEMV_MAX_TOKENS` decoding tokens (`dense_fm`; `set_dense_path`).
+    (`rows`: stored row -> output row; CPU sparse backend; `col` int16/int32 columns or uint8 column
+    deltas, as packed); `lora_A` (Σr, in); `lora_B` the members' B (out_m, r_m) blocks flattened back
+    to back, `lowrank_shapes` int32 (2, members) their out_m and r_m. With `int8`, `values`, `weight`,
+    `lora_A` and `lora_B` are the packed int8 weights and `values_scale` (stored rows), `weight_scale`,
+    `lora_A_scale` (Σr,) and `lora_B_scale` (Σout,) their fp32 row scales; activations are fp32.
+    Members fetch their slice through `member(i, x)`, which computes the whole group once per
+    distinct input tensor. `dense_path`: how a dense float `weight` multiplies 1 … `GEMV_MAX_TOKENS`
+    decoding tokens (`dense_fm`; `set_dense_path`; an int8 weight always takes `int8_mm`).
     """
 
     dense_path = "torch"
 
     def __init__(self, linears: list[PackedLinear], sparse: bool, device: torch.device, dtype: torch.dtype,
-                 torch_csr: bool | None = None) -> None:
+                 torch_csr: bool | None = None, int8: bool = False) -> None:
         """`torch_csr`: keep S as a `torch.sparse_csr_tensor` computed by `kernels.spmm_cuda` (cuSPARSE
         on CUDA) instead of the CPU kernel's buffers; None: on CUDA only. Tests set it on CPU, where
-        torch's CSR matmul (fp32 only) runs the same tensor code as the CUDA path."""
+        torch's CSR matmul (fp32 only) runs the same tensor code as the CUDA path. `int8`: keep int8
+        weights as int8 (CPU, fp32 `dtype`: the compiled int8 kernels); otherwise they are dequantized
+        into `dtype`."""
         super().__init__()
         device = torch.device(device)
         first = linears[0]
@@ -50,6 +56,10 @@ class FusedLinears(nn.Module):
         self.activation, self.scale = first.activation, first.scale
         self.sparse = False
         self.cuda_csr: torch.Tensor | None = None
+        self.int8 = int8 = int8 and any(getattr(first, part) is not None and getattr(first, part).dtype == torch.int8
+                                        for part in QUANTIZED_PARTS)
+        for part in QUANTIZED_PARTS:  # None unless int8 weights are kept
+            self.register_buffer(f"{part}_scale", None)
         if first.has_sparse and sparse:
             self.sparse = True
             crow = [torch.zeros(1, dtype=torch.int64)]
@@ -59,29 +69,36 @@ class FusedLinears(nn.Module):
                 base += lin.nnz
             crow_t = torch.cat(crow)
             col = torch.cat([lin.col_indices for lin in linears])
-            values = torch.cat([lin.values for lin in linears])
             if torch_csr if torch_csr is not None else device.type == "cuda":
+                values = torch.cat([lin.part("values", dtype) for lin in linears])
                 self.cuda_csr = kernels.torch_csr(crow_t, col, values, (self.offsets[-1], self.in_features),
                                                   device, dtype)
-            else:  # the C kernel reads int32 row pointers, int16/int32 columns, fp32 or bf16 values
-                values = values.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+            else:  # the C kernel reads int32 row pointers, int16/int32 columns or deltas, fp32/bf16/int8 values
+                values_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+                values = torch.cat([lin.values if int8 else lin.part("values", values_dtype) for lin in linears])
                 crow_s, col_s, values_s, rows = kernels.sort_rows(crow_t.to(torch.int32), col, values)
                 self.register_buffer("crow", crow_s)  # rows stored by link count (see kernels.sort_rows)
                 self.register_buffer("col", col_s)
                 self.register_buffer("values", values_s)
                 self.register_buffer("rows", rows)
+                if int8:  # the stored rows' scales
+                    scale = torch.cat([lin.values_scale for lin in linears])
+                    self.register_buffer("values_scale", scale[rows.long()].contiguous())
             self.weight = None
         elif first.has_sparse:
-            self.register_buffer("weight", torch.cat([lin.dense_sparse_weight() for lin in linears]).to(device, dtype))
+            self.register_buffer("weight", torch.cat([lin.dense_sparse_weight(dtype) for lin in linears]).to(device))
         elif first.weight is not None:
-            self.register_buffer("weight", torch.cat([lin.weight for lin in linears]).to(device, dtype))
+            self._factor("weight", [lin.weight for lin in linears], [lin.weight_scale for lin in linears], linears,
+                         device, dtype)
         else:
             self.weight = None
         if first.has_lowrank:
             self.ranks = [lin.lora_A.shape[0] for lin in linears]
-            self.register_buffer("lora_A", torch.cat([lin.lora_A for lin in linears]).to(device, dtype))
+            self._factor("lora_A", [lin.lora_A for lin in linears], [lin.lora_A_scale for lin in linears], linears,
+                         device, dtype)
             # The members' B (out_m × r_m) flattened back to back: the decode kernel's layout.
-            self.register_buffer("lora_B", torch.cat([lin.lora_B.reshape(-1) for lin in linears]).to(device, dtype))
+            self._factor("lora_B", [lin.lora_B for lin in linears], [lin.lora_B_scale for lin in linears], linears,
+                         device, dtype)
             self.register_buffer("lowrank_shapes", torch.tensor([self.outs, self.ranks], dtype=torch.int32))
         else:
             self.lora_A = self.lora_B = None
@@ -90,22 +107,35 @@ class FusedLinears(nn.Module):
         self._decoder: kernels.GroupDecoder | None | bool = None  # built on first decode; False: does not apply
         self._decoder_dtype: torch.dtype | None = None
 
+    def _factor(self, name: str, parts: list[torch.Tensor], scales: list[torch.Tensor | None],
+                linears: list[PackedLinear], device: torch.device, dtype: torch.dtype) -> None:
+        """Registers the members' `name` (weight, lora_A: stacked rows; lora_B: flattened blocks) as int8
+        with `<name>_scale` (kept int8), else in `dtype` (int8 dequantized)."""
+        flat = name == "lora_B"
+        if self.int8:
+            self.register_buffer(name, torch.cat([t.reshape(-1) if flat else t for t in parts]).to(device))
+            self.register_buffer(f"{name}_scale", torch.cat(scales).to(device))  # type: ignore[arg-type]
+            return
+        floats = [lin.part(name, dtype) for lin in linears]
+        self.register_buffer(name, torch.cat([t.reshape(-1) if flat else t for t in floats]).to(device))
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FusedLinears:
         self._decoder = None  # .to(), .float(), …: the buffers are replaced, so are the pointers bound to them
         return super()._apply(fn, recurse)
 
     def decoder(self) -> kernels.GroupDecoder | None:
-        """The group's `kernels.GroupDecoder` where its tensors are CPU fp32 or bf16 (one dtype) and the
-        kernels built, else None."""
+        """The group's `kernels.GroupDecoder` where its tensors are CPU fp32 or bf16 (one dtype), or int8
+        (fp32 activations), and the kernels built, else None."""
         if self._decoder is None:
             tensors = [t for t in (self.values if self.sparse and self.cuda_csr is None else None, self.lora_A,
                                    self.weight) if t is not None]
             serve = bool(tensors) and self.cuda_csr is None and kernels.decode_kernels_serve(*tensors)
-            csr = (self.crow, self.col, self.values, self.rows, None) if self.sparse and serve else None
-            lowrank = (self.lora_A, self.lora_B, self.lowrank_shapes, None, None) if self.lora_A is not None else None
+            csr = (self.crow, self.col, self.values, self.rows, self.values_scale) if self.sparse and serve else None
+            lowrank = ((self.lora_A, self.lora_B, self.lowrank_shapes, self.lora_A_scale, self.lora_B_scale)
+                       if self.lora_A is not None else None)
             self._decoder = serve and kernels.GroupDecoder(
                 self.in_features, self.offsets[-1], csr, lowrank, self.scale, self.activation)
-            self._decoder_dtype = tensors[0].dtype if serve else None
+            self._decoder_dtype = kernels.activation_dtype(*tensors) if serve else None
         return self._decoder or None
 
     def forward_fm(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,7 +151,7 @@ class FusedLinears(nn.Module):
             if decoder.csr is not None:
                 decoder.sparse(x, out)
             elif self.weight is not None:
-                dense_fm(self.weight, x, out, self.dense_path)
+                self._dense(x, out, self.dense_path)
             else:
                 out.zero_()
             if decoder.lowrank is not None:
@@ -130,25 +160,38 @@ class FusedLinears(nn.Module):
         if self.sparse:
             if self.cuda_csr is not None:
                 y = out.copy_(kernels.spmm_cuda(x, self.cuda_csr))
-            elif x.dtype == self.values.dtype:  # fp32, or bf16 with fp32 accumulation
-                y = kernels.spmm_cpu(x, self.crow, self.col, self.values, out=out, rows=self.rows)
+            elif x.dtype == self.values.dtype or self.int8 and x.dtype == torch.float32:  # fp32, bf16, int8
+                y = kernels.spmm_cpu(x, self.crow, self.col, self.values, out=out, rows=self.rows,
+                                     scale=self.values_scale)
             else:
-                y = out.copy_(kernels.spmm_cpu(x.float(), self.crow, self.col, self.values, rows=self.rows))
+                y = out.copy_(kernels.spmm_cpu(x.float(), self.crow, self.col, self.values, rows=self.rows,
+                                               scale=self.values_scale))
         elif self.weight is not None:
-            y = torch.mm(self.weight, x, out=out)
+            y = self._dense(x, out)
         else:
             y = out.zero_()
         if self.lora_A is not None and not kernels.lowrank_fm(self.lora_A, x, self.lora_B, self.lowrank_shapes,
-                                                               self.scale, self.activation, y):
-            h = self.lora_A @ x  # (Σr, T)
+                                                               self.scale, self.activation, y, self.lora_A_scale,
+                                                               self.lora_B_scale):
+            h = self.lora_A @ x if self.lora_A_scale is None else int8_mm(self.lora_A, self.lora_A_scale, x)  # (Σr, T)
             h = F.silu(h, inplace=True) if self.activation == "silu" else activation_fn(self.activation, h)
             r0 = b0 = 0
             for i, r in enumerate(self.ranks):
-                n_out = self.outs[i]
+                n_out, rows = self.outs[i], slice(self.offsets[i], self.offsets[i + 1])
                 b = self.lora_B[b0:b0 + n_out * r].view(n_out, r)
-                y[self.offsets[i]:self.offsets[i + 1]].addmm_(b, h[r0:r0 + r], alpha=self.scale)
+                if self.lora_B_scale is None:
+                    y[rows].addmm_(b, h[r0:r0 + r], alpha=self.scale)
+                else:
+                    y[rows].add_(int8_mm(b, self.lora_B_scale[rows], h[r0:r0 + r]), alpha=self.scale)
                 r0, b0 = r0 + r, b0 + n_out * r
         return y
+
+    def _dense(self, x: torch.Tensor, out: torch.Tensor, path: str = "torch") -> torch.Tensor:
+        """out = weight x: the dense base (a densified S or a dense method's weight; int8: with its scales;
+        float: by `path`, `dense_fm`)."""
+        if self.weight_scale is not None:
+            return int8_mm(self.weight, self.weight_scale, x, out=out)
+        return dense_fm(self.weight, x, out, path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token-major (the transformers path: KV cache, decoding): x (..., in) -> (..., Σ out_m)."""
