@@ -22,6 +22,7 @@ from chtsl_infer.errors import ChtslError, WriteFailure, first_line, write_failu
 from chtsl_infer.formats.model_dir import ONNX_NAME, TRAINER_STATE_DIR, WEIGHTS_NAME, is_packed_dir, resolve_model_dir
 from chtsl_infer.options import Checkpoint, Force, JsonOut, PackedDtype
 from chtsl_infer.utils import (
+    PACKED_DTYPES,
     backup_path,
     dir_lock,
     make_temp_dir,
@@ -121,6 +122,9 @@ def export_command(
     fmt: Annotated[str, typer.Option("--format", help="safetensors|onnx|all.")] = "all",
     out: Annotated[Path | None, typer.Option("--out", help="Output directory (default: CKPT/export).")] = None,
     dtype: PackedDtype = "fp32",
+    index: Annotated[str | None, typer.Option(
+        "--index", help="Column encoding of S: absolute (int16/int32) or delta8 (8-bit deltas; the default for bf16 "
+        "and int8).")] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18; the exporter cannot go down to 17).")] = 18,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare exported logits with PyTorch.")] = True,
     verify_device: Annotated[str | None, typer.Option(
@@ -132,7 +136,16 @@ def export_command(
     """Export a checkpoint as packed CSR + low-rank safetensors and/or a sparse ONNX graph."""
     if fmt not in FORMATS:
         raise ChtslError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-    dtype = parse_dtype(dtype)
+    dtype = parse_dtype(dtype, PACKED_DTYPES)
+    if dtype == "int8" and fmt == "onnx":
+        raise ChtslError("--dtype int8 is for the packed safetensors; the ONNX graph stays float32 "
+                         "(use --format safetensors or all)")
+    from chtsl_infer.formats.packed import INDEX_ENCODINGS
+
+    if index is not None and index not in INDEX_ENCODINGS:
+        raise ChtslError(f"unknown --index {index!r}; valid: {', '.join(INDEX_ENCODINGS)}")
+    if index is not None and fmt == "onnx":
+        raise ChtslError("--index encodes the packed safetensors' columns: use it with --format safetensors|all")
     from export.onnx import MIN_OPSET
 
     if opset < MIN_OPSET:
@@ -154,11 +167,11 @@ def export_command(
     # One writer per output directory (its parent must exist: `_check_output` says so otherwise);
     # the checks run under the lock, so two exports started at once cannot both pass them.
     with dir_lock(out) if out.parent.is_dir() else nullcontext():
-        _export_locked(ckpt, model_dir, out, fmt, dtype, opset, verify, force, device, json_out)
+        _export_locked(ckpt, model_dir, out, fmt, dtype, index, opset, verify, force, device, json_out)
 
 
-def _export_locked(ckpt: Path, model_dir, out: Path, fmt: str, dtype: str, opset: int, verify: bool, force: bool,
-                   device: str | None, json_out: str | None) -> None:
+def _export_locked(ckpt: Path, model_dir, out: Path, fmt: str, dtype: str, index: str | None, opset: int,
+                   verify: bool, force: bool, device: str | None, json_out: str | None) -> None:
     """The export of `model_dir` (a `ModelDir`) into `out`, whose writer lock the caller holds."""
     if out.parent.is_dir():
         note = recover_output(out)
@@ -173,7 +186,7 @@ def _export_locked(ckpt: Path, model_dir, out: Path, fmt: str, dtype: str, opset
     names += ["copy config + tokenizer"] + ["verify vs PyTorch"] * verify
     tmp = _make_temp_dir(out)
     try:
-        summary, checks = _run(model_dir, tmp, names, want_packed, want_onnx, dtype, opset, verify, device)
+        summary, checks = _run(model_dir, tmp, names, want_packed, want_onnx, dtype, index, opset, verify, device)
         failed = [c for c in checks if not c.ok]
         if not failed:
             try:
@@ -197,8 +210,8 @@ def _export_locked(ckpt: Path, model_dir, out: Path, fmt: str, dtype: str, opset
     console.print(f"exported to [bold]{out}[/]")
 
 
-def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: bool, dtype: str, opset: int,
-         verify: bool, device: str | None = None) -> tuple[list[dict], list]:
+def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: bool, dtype: str, index: str | None,
+         opset: int, verify: bool, device: str | None = None) -> tuple[list[dict], list]:
     """The export stages of `model_dir` (a `ModelDir`) into `tmp`: returns (summary rows, verification checks)."""
     ckpt = model_dir.path
     from transformers.utils import logging as hf_logging
@@ -224,9 +237,9 @@ def _run(model_dir, tmp: Path, names: list[str], want_packed: bool, want_onnx: b
                 raise ChtslError(f"cannot load {ckpt}: {first_line(e)}") from None
         if want_packed:
             with stages.stage("pack safetensors"):
-                stats = _writing(lambda: write_packed(model, tmp, torch_dtype(dtype)), tmp)
+                stats = _writing(lambda: write_packed(model, tmp, torch_dtype(dtype), index), tmp)
             summary += [
-                _row(WEIGHTS_NAME, stats.file_bytes, stats.dense_equivalent_bytes),
+                _row(WEIGHTS_NAME, stats.file_bytes, stats.dense_equivalent_bytes, stats.decode),
                 _row("  └ CHTsL linears", stats.linear_bytes, stats.dense_linear_bytes),
             ]
         if want_onnx:
@@ -278,8 +291,12 @@ def _writing(fn, tmp: Path):
         raise WriteFailure(f"cannot write into {tmp.parent}: {reason}; nothing was written to the output") from None
 
 
-def _row(name: str, size: int, dense: int) -> dict:
-    return {"file": name, "bytes": size, "dense_equivalent_bytes": dense, "ratio": size / dense if dense else None}
+def _row(name: str, size: int, dense: int, decode: dict[str, float] | None = None) -> dict:
+    """A summary row; `decode`: what a decoded token reads (`PackedModel.decode_bytes`), for the packed file."""
+    row = {"file": name, "bytes": size, "dense_equivalent_bytes": dense, "ratio": size / dense if dense else None}
+    if decode:
+        row.update(bytes_per_link=decode["per_link"], bytes_per_token=decode["total"])
+    return row
 
 
 def _print_summary(rows: list[dict], out: Path, dtype: str, onnx: bool) -> None:
@@ -292,5 +309,10 @@ def _print_summary(rows: list[dict], out: Path, dtype: str, onnx: bool) -> None:
         ratio = f"{r['ratio']:.3f}×" if r["ratio"] is not None else "-"
         table.add_row(r["file"], _human(r["bytes"]), _human(r["dense_equivalent_bytes"]), ratio)
     console.print(table)
+    for r in rows:
+        if "bytes_per_token" in r:
+            per_link = r["bytes_per_link"]
+            link = f"{per_link:.2f} bytes per link of S · " if per_link == per_link else ""  # NaN: no sparse branch
+            console.print(f"{r['file']}: {link}{_human(int(r['bytes_per_token']))} read per decoded token")
     if onnx and dtype != "fp32":
         console.print("[dim]the ONNX graph is float32 (--dtype sets the packed safetensors' values)[/]")

@@ -109,6 +109,45 @@ def test_export_drops_auto_map(ckpt: Path, tmp_path: Path) -> None:
     assert load_tokenizer(out_dir)("x = 1").input_ids == load_tokenizer(ckpt)("x = 1").input_ids
 
 
+def test_int8_export(ckpt: Path, tmp_path: Path) -> None:
+    """`--dtype int8`: a format-2 file with int8 values and factors, row scales and column deltas, verified
+    within 5e-2 (the dequantized model and, with --verify-device cpu, the int8 kernels); the summary
+    prints the bytes per link (2 + the row pointers and scales) and per decoded token; `--index absolute`
+    picks int16 columns; --format all keeps the ONNX graph float32."""
+    out_dir = tmp_path / "out"
+    code, out, _ = run_cli(["export", str(ckpt), "--format", "safetensors", "--dtype", "int8", "--verify-device",
+                            "cpu", "--out", str(out_dir), "--json", str(tmp_path / "s.json")])
+    assert code == 0, out
+    packed = load_packed(out_dir)
+    assert packed.dtype == torch.int8 and packed.index == "delta8" and packed.metadata["format_version"] == "2"
+    report = json.loads((tmp_path / "s.json").read_text())
+    checks = report["verification"]
+    assert {c["runtime"] for c in checks} == {"torch int8", "runtime dense cpu", "runtime sparse cpu"}
+    assert all(c["metric"] == "rel" and 0 < c["rel"] <= 5e-2 and c["ok"] for c in checks)
+    row = report["files"][0]
+    cost = packed.decode_bytes()
+    assert row["bytes_per_link"] == cost["per_link"] and row["bytes_per_token"] == cost["total"]
+    sparse = [lin for lin in packed.linears.values() if lin.has_sparse]
+    links, rows = sum(lin.nnz for lin in sparse), sum(lin.out_features for lin in sparse)
+    assert 2 < row["bytes_per_link"] <= 2 + 9 * rows / links  # + row pointer and scale per (tiny) row
+    assert "bytes per link of S" in out and "read per decoded token" in out
+    code, out, _ = run_cli(["export", str(ckpt), "--format", "safetensors", "--dtype", "int8", "--index", "absolute",
+                            "--no-verify", "--out", str(tmp_path / "abs")])
+    assert code == 0, out
+    absolute = load_packed(tmp_path / "abs")
+    assert absolute.index == "absolute" and all(
+        lin.col_indices.dtype == torch.int16 for lin in absolute.linears.values() if lin.has_sparse)
+    assert absolute.decode_bytes()["per_link"] == pytest.approx(cost["per_link"] + 1, abs=1e-6)
+
+
+@pytest.mark.slow  # the ONNX export beside an int8 packed file
+def test_int8_export_with_onnx_keeps_the_graph_float(ckpt: Path, tmp_path: Path) -> None:
+    code, out, _ = run_cli(["export", str(ckpt), "--dtype", "int8", "--out", str(tmp_path / "out")])
+    assert code == 0, out
+    assert load_packed(tmp_path / "out").dtype == torch.int8 and (tmp_path / "out" / "model.onnx").is_file()
+    assert "the ONNX graph is float32" in out
+
+
 @pytest.mark.parametrize("flag", ["fp32", "bf16"])
 def test_runtime_verification_on_a_device(flag: str, ckpt: Path, tmp_path: Path) -> None:
     """`--verify-device` adds the inference runtime's dense and sparse backends to the checks (CPU here;
@@ -153,7 +192,9 @@ def test_existing_output_needs_force(ckpt: Path, tmp_path: Path) -> None:
     "args, fragment",
     [
         (["--format", "tflite"], "unknown format"),
-        (["--dtype", "int8"], "unknown dtype"),
+        (["--dtype", "int4"], "unknown dtype"),
+        (["--dtype", "int8", "--format", "onnx"], "the ONNX graph stays float32"),
+        (["--index", "delta4"], "unknown --index 'delta4'"),
         (["--opset", "17"], "opset must be >= 18"),
         (["--verify-device", "tpu"], "unknown --verify-device 'tpu'"),
         (["--device", "tpu"], "unknown --verify-device 'tpu'"),  # the old spelling, read as the new one
