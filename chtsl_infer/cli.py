@@ -50,9 +50,9 @@ def info_command(
     json_out: JsonOut = None,
     force: Force = False,
 ) -> None:
-    """Per-layer-type shapes, (s, r), parameter counts and s_total of a preset; with --kernels, the CPU
-    kernels and their tuning."""
-    from chtsl_infer.commands.info import budget_report, budget_table, kernel_report, kernel_table
+    """Per-layer-type shapes, (s, r), parameter counts and s_total of a preset, and the bytes per link and per
+    decoded token of its packed exports (fp32, bf16, int8); with --kernels, the CPU kernels and their tuning."""
+    from chtsl_infer.commands.info import budget_report, budget_table, kernel_report, kernel_table, packed_table
     from chtsl_infer.model.methods import unused_options_warning
     from chtsl_infer.model.presets import build_config
 
@@ -75,6 +75,7 @@ def info_command(
     report = budget_report(config, preset)
     if str(json_out) != "-":
         console.print(budget_table(report))
+        console.print(packed_table(report))
     for problem in report["problems"]:  # what `chtsl train` refuses
         err_console.print(f"[bold red]outside the budget:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     write_json(report, json_out, force)

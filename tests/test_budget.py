@@ -104,3 +104,28 @@ def test_info_bad_input_one_line_exit_2(args: list[str], needle: str) -> None:
     code, out, err = run_cli(["info", *args])
     assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("method", ["chtsl", "chts", "cola", "dense"])
+def test_info_packed_sizes_equal_the_packed_tensors(method: str) -> None:
+    """`chtsl info`'s bytes per link and per decoded token (from the budget's counts) equal those of a packed
+    model of the preset in each dtype (from its tensors; padding links of the 8-bit deltas aside)."""
+    import torch
+
+    from chtsl_infer.commands.info import budget_report
+    from chtsl_infer.formats.packed import convert_packed
+    from chtsl_infer.runtime.backends import random_packed
+
+    config = build_config("tiny", method=method, s_total=0.9)
+    report = budget_report(config, "tiny")
+    fp32 = random_packed(config, seed=0)
+    for row in report["packed"]:
+        packed = convert_packed(fp32, {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}[row["dtype"]])
+        assert packed.index == row["index"]
+        cost = packed.decode_bytes()
+        pads = sum(lin.nnz for lin in packed.linears.values()) - sum(lin.nnz for lin in fp32.linears.values())
+        assert 0 <= cost["total"] - row["bytes_per_token"] <= 2 * pads, row
+        if row["bytes_per_link"] is None:
+            assert cost["per_link"] != cost["per_link"]  # NaN: no sparse branch
+        else:
+            assert cost["per_link"] == pytest.approx(row["bytes_per_link"], rel=1e-2 if pads else 1e-12), row

@@ -1,4 +1,5 @@
-"""`chtsl info`: the per-layer-type parameter budget of a preset (docs/method.md §4); with `--kernels`,
+"""`chtsl info`: the per-layer-type parameter budget of a preset (docs/method.md §4) and the bytes its
+packed exports hold per link of S and read per decoded token (docs/formats.md §2); with `--kernels`,
 the CPU kernels (build, ISA, the settings in force and their tuning)."""
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ from rich.table import Table
 
 from chtsl_infer.model import budget
 from chtsl_infer.model.configuration import ChtslConfig
+from chtsl_infer.model.methods import get_method
+
+#: The packed exports `chtsl info` sizes: each `--dtype` with its default index encoding, as
+#: (dtype, value bytes, bytes of the float tensors (embeddings, norms), delta8 columns).
+PACKED_KINDS = (("fp32", 4, 4, False), ("bf16", 2, 2, True), ("int8", 1, 2, True))
 
 
 def budget_report(config: ChtslConfig, preset: str | None = None) -> dict[str, Any]:
@@ -29,6 +35,7 @@ def budget_report(config: ChtslConfig, preset: str | None = None) -> dict[str, A
     return {
         "preset": preset,
         "method": block["method"],
+        "packed": packed_sizes(config, rows),
         "activation": block["activation"],
         "s_total": block["s_total"],
         "d_c": block["d_c"],
@@ -76,6 +83,50 @@ def budget_table(report: dict[str, Any]) -> Table:
     )
     if any(r["rank"] for r in report["layers"]):
         table.caption += f" · low-rank init × {report['lowrank_init_scale']:g} (CoLA's σ0)"
+    return table
+
+
+def packed_sizes(config: ChtslConfig, rows: list[budget.LayerBudget]) -> list[dict[str, Any]]:
+    """Per `PACKED_KINDS` export of `config` (layer budgets `rows`): bytes per link of S (values, column
+    indices, row pointers, int8 row scales; padding links of 8-bit deltas, ≈ 2·10⁻⁶ of them at 5 %
+    density, left out) and bytes read per decoded token (every linear, the lm_head, the norms, one
+    embedding row), and that as a fraction of the dense fp32 model's."""
+    method = get_method(config.chtsl["method"])
+    n, h, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    dense_fp32 = 4 * (sum(r.dense_params for r in rows) + vocab * h * (1 if config.tie_word_embeddings else 2)
+                      + (2 * n + 1) * h)
+    out = []
+    for name, value, floats, delta in PACKED_KINDS:
+        scale = 4 if name == "int8" else 0  # one fp32 scale per row of an int8 matrix
+        s_bytes = links = linears = 0
+        for r in rows:
+            if method.is_dense:
+                linears += r.dense_params * value + scale * r.out_features * n
+                continue
+            if r.sparse_params:
+                index = 1 if delta else 2 if r.in_features <= 32767 else 4
+                part = r.sparse_params * (value + index) + (4 + scale) * r.out_features * n + 4 * n
+                s_bytes, links, linears = s_bytes + part, links + r.sparse_params, linears + part
+            linears += (r.a_params + r.b_params) * value + scale * (r.rank + r.out_features) * n * bool(r.rank)
+        head = vocab * h * floats if config.tie_word_embeddings else vocab * h * value + scale * vocab
+        token = linears + head + (2 * n + 1) * h * floats + h * floats
+        out.append({"dtype": name, "index": "delta8" if delta else "absolute",
+                    "bytes_per_link": s_bytes / links if links else None, "bytes_per_token": token,
+                    "dense_fp32_fraction": token / dense_fp32})
+    return out
+
+
+def packed_table(report: dict[str, Any]) -> Table:
+    """Rich table of `budget_report`'s `packed` rows: bytes per link and per decoded token by --dtype."""
+    table = Table(title="packed export · bytes a decoded token reads", box=box.SIMPLE_HEAD, padding=(0, 1),
+                  show_edge=False)
+    for col in ("--dtype", "columns", "bytes/link", "MB/token", "× dense fp32"):
+        table.add_column(col, justify="left" if col in ("--dtype", "columns") else "right", no_wrap=True)
+    for r in report["packed"]:
+        per_link = "-" if r["bytes_per_link"] is None else f"{r['bytes_per_link']:.2f}"
+        table.add_row(r["dtype"], r["index"], per_link, f"{r['bytes_per_token'] / 1e6:,.1f}",
+                      f"{r['dense_fp32_fraction']:.3f}")
+    table.caption = "every weight once + one embedding row; KV cache and activations not counted"
     return table
 
 
