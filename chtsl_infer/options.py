@@ -9,8 +9,10 @@ on every command by tests/test_cli_vocabulary.py:
   it: a random-weight preset model) and `eval` (`--list-tasks` reads none) take `OptionalCheckpoint`;
 - `--device` is where the model runs, default `auto` (CUDA when available); `export`, which runs
   nothing but its verification, calls that device `--verify-device`;
-- `--dtype` of an inference command defaults to `auto` (fp32 on CPU, bf16 on CUDA); `export`'s is
-  the dtype its packed file stores (`PackedDtype`), `train`'s the autocast of `TrainArgs.dtype`;
+- `--dtype` of an inference command defaults to `auto` (fp32 on CPU, bf16 on CUDA; an int8 export
+  keeps its int8 weights on CPU), and `int8` runs int8 weights with fp32 activations (a float model
+  quantized in memory); `export`'s is the dtype its packed file stores (`PackedDtype`), `train`'s
+  the autocast of `TrainArgs.dtype`;
 - `--json PATH` writes what the command prints, as JSON (`-`: stdout, which then carries the JSON
   only), and `--force` lets it replace an existing file (and `export` its output directory);
 - `--batch` is sequences per batch, `--new-tokens` the tokens generated per sequence.
@@ -37,9 +39,10 @@ OptionalCheckpoint = Annotated[Path | None, typer.Argument(
 Device = Annotated[str, typer.Option(
     "--device", help="Where the model runs: auto, cpu, cuda or cuda:N (auto: cuda when available).")]
 Dtype = Annotated[str, typer.Option(
-    "--dtype", help="auto, fp32, bf16 or fp16 (auto: fp32 on CPU, bf16 on CUDA).")]
+    "--dtype", help="auto, fp32, bf16, fp16 or int8 (int8 weights, fp32 activations; CPU) (auto: fp32 on CPU, "
+    "bf16 on CUDA; an int8 export keeps int8 on CPU).")]
 PackedDtype = Annotated[str, typer.Option(
-    "--dtype", help="Value dtype of the packed safetensors: fp32, bf16 or fp16.")]
+    "--dtype", help="Value dtype of the packed safetensors: fp32, bf16, fp16 or int8 (per-row scales).")]
 
 JsonOut = Annotated[Path | None, typer.Option(
     "--json", metavar="PATH", help="Also write the results as JSON here ('-': stdout, the JSON only).")]

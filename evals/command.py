@@ -19,7 +19,7 @@ from chtsl_infer.console import check_output_file, console, err_console, write_j
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.formats.model_dir import load_model, load_tokenizer, read_trainer_state, resolve_model_dir
 from chtsl_infer.options import Batch, Device, Dtype, Force, JsonOut, OptionalCheckpoint
-from chtsl_infer.utils import DTYPES, inference_dtype, parse_dtype, resolve_device, torch_dtype
+from chtsl_infer.utils import PACKED_DTYPES, inference_dtype, parse_dtype, resolve_device, torch_dtype
 
 BACKENDS = ("dense", "sparse", "onnx", "auto")  # dense: the checkpoint's model; others: chtsl_infer.runtime.backends
 
@@ -33,22 +33,36 @@ def _progress():  # -> rich.progress.Progress
     )
 
 
-def _load(model_dir, backend: str, device: str, dtype: str):
+def _load(model_dir, backend: str, device: str, dtype: str, weights: str | None = None):
     """(causal LM module on `device`, eval mode; tokenizer) of a checkpoint or packed export
-    (`model_dir`, a `ModelDir`).
+    (`model_dir`, a `ModelDir`), computing in `dtype` ("int8": int8 weights, fp32 activations).
+    `weights`: a packed dtype the weights are first rounded to, as an export of it would hold them
+    ("bf16", "int8"; None: as stored).
 
-    `dense` is the checkpoint's own model (`load_model`: the trainer's computation, the reference);
-    the other backends come from `chtsl_infer.runtime.backends.load_runtime` and score through
-    `Runtime.logits` — the same forward as `chtsl bench` (feature-major for the torch backends,
-    no transposes around the sparse kernel; matches transformers' forward within 1e-4).
+    `dense` is the checkpoint's own model (`load_model`: the trainer's computation, the reference;
+    int8 weights dequantized); the other backends come from `chtsl_infer.runtime.backends` and score
+    through `Runtime.logits` — the same forward as `chtsl bench` (feature-major for the torch
+    backends, no transposes around the sparse kernel; matches transformers' forward within 1e-4).
     """
     tokenizer = load_tokenizer(model_dir)
+    weights = "int8" if dtype == "int8" else weights
     if backend == "dense":
-        return load_model(model_dir, device=device).to(torch_dtype(dtype)), tokenizer
-    from chtsl_infer.runtime.backends import load_runtime
+        from chtsl_infer.formats.packed import as_exported
+
+        model = load_model(model_dir, device="cpu")
+        if weights is not None:
+            model = as_exported(model, torch_dtype(weights))
+        return model.to(device, torch_dtype("fp32" if dtype == "int8" else dtype)), tokenizer
+    from chtsl_infer.runtime.backends import from_packed, load_packed_any, load_runtime
     from evals.harness import RuntimeModule
 
-    runtime = load_runtime(model_dir, backend=backend, device=device, dtype=torch_dtype(dtype))
+    if weights is None or backend == "onnx":
+        runtime = load_runtime(model_dir, backend=backend, device=device, dtype=torch_dtype(dtype))
+    else:
+        from chtsl_infer.formats.packed import convert_packed
+
+        packed = convert_packed(load_packed_any(model_dir), torch_dtype(weights))
+        runtime = from_packed(packed, backend, device, torch_dtype(dtype), consume=True)
     return RuntimeModule(runtime), tokenizer
 
 
@@ -69,7 +83,7 @@ def run_tasks(ckpt: Path, tasks: str, *, data_dir: Path | None, batch_size: int,
     if data_dir is not None:  # find and check every file before the (slow) model load and lm-eval run
         harness.task_configs(names, data_dir)
     device = resolve_device(device)
-    model, tokenizer = _load(model_dir, backend, device, inference_dtype(dtype, device))
+    model, tokenizer = _load(model_dir, backend, device, inference_dtype(dtype, device, model_dir.packed_dtype))
     for note in notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     with harness.quiet_lm_eval(), _progress() as progress:
@@ -114,14 +128,18 @@ def validation_spec(model_dir, config, *, data: str | None, max_tokens: int | No
 
 
 def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, device: str, backend: str,
-                   output: Path | None, force: bool = False) -> dict[str, Any]:
-    """Validation perplexity as the trainer computes it (same data, tokenization, batches, function)."""
+                   output: Path | None, force: bool = False, weights: str | None = None) -> dict[str, Any]:
+    """Validation perplexity as the trainer computes it (same data, tokenization, batches, function), in
+    fp32; `weights` ("bf16", "int8", …): first rounded to that packed dtype (None: as stored; an int8
+    export runs int8 weights through the runtime backends)."""
     from chtsl_infer.model.loss import perplexity
     from train.data.pipeline import validation_batches
 
     device = resolve_device(device)
     model_dir = resolve_model_dir(ckpt).require_weights()
-    model, tokenizer = _load(model_dir, backend, device, "fp32")
+    stored = "int8" if model_dir.packed_dtype == "int8" and weights is None else weights
+    int8_kernels = stored == "int8" and backend != "dense" and device == "cpu"
+    model, tokenizer = _load(model_dir, backend, device, "int8" if int8_kernels else "fp32", weights)
     spec, eval_batch, last_val = validation_spec(model_dir, model.config, data=data, max_tokens=max_tokens)
     with err_console.status(f"tokenizing validation data ({spec.data})"):
         batches, _ = validation_batches(spec, tokenizer, eval_batch=eval_batch)
@@ -135,7 +153,8 @@ def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, devi
 
         result = perplexity(model, tracked(), device)
     report: dict[str, Any] = {
-        "checkpoint": str(ckpt), "data": spec.data, "seq_len": spec.seq_len, "packing": spec.packing,
+        "checkpoint": str(ckpt), "weights": weights or model_dir.packed_dtype or "fp32",
+        "data": spec.data, "seq_len": spec.seq_len, "packing": spec.packing,
         "max_tokens": spec.eval_tokens, "tokens": result.tokens, "nll": result.nll, "ppl": result.ppl,
         "trainer_val_ppl": (last_val or {}).get("val_ppl"),
     }
@@ -194,7 +213,7 @@ def eval_command(
         raise ChtslError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if batch < 1:
         raise ChtslError(f"--batch must be >= 1, got {batch}")
-    dtype = parse_dtype(dtype, ("auto", *DTYPES))
+    dtype = parse_dtype(dtype, ("auto", *PACKED_DTYPES))
     if log_samples and (json_out is None or str(json_out) == "-"):
         raise ChtslError("--log-samples needs --json FILE (the samples go beside it)")
     check_output_file(json_out, force, "--json")
@@ -207,10 +226,9 @@ def eval_command(
     if ppl:
         if data_dir is not None or limit is not None or log_samples:
             raise ChtslError("--data-dir, --limit and --log-samples are for --tasks; --perplexity uses --data")
-        if dtype not in ("auto", "fp32"):
-            raise ChtslError("--dtype is for --tasks; --perplexity computes as the trainer (fp32, CUDA: bf16 autocast)")
+        # --perplexity computes as the trainer (fp32); --dtype picks the packed dtype of the weights
         run_perplexity(ckpt, data=data, max_tokens=max_tokens, device=device, backend=backend, output=json_out,
-                       force=force)
+                       force=force, weights=None if dtype == "auto" else dtype)
         return
     if data is not None or max_tokens is not None:
         raise ChtslError("--data and --max-tokens are for --perplexity; lm-eval tasks use --data-dir")

@@ -129,6 +129,31 @@ def test_bench_decode_reports_prefill_decode_and_latency(tmp_path: Path) -> None
         assert set(report["machine"]["dense_path_s"]) == set(DENSE_PATHS)
 
 
+@pytest.mark.slow  # spawns one benchmark worker per configuration
+def test_bench_decode_int8(tmp_path: Path) -> None:
+    """`--dtype int8`: the preset model's int8 weights (quantized in memory) against the dense fp32 baseline,
+    resident in about a quarter of the fp32 sparse model's bytes."""
+    out = tmp_path / "int8.json"
+    proc = _run("bench", "--mode", "decode", "--preset", "tiny", "--batch", "1", "--prompt-len", "8",
+                "--new-tokens", "4", "--steps", "1", "--backend", "sparse", "--dtype", "int8", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["settings"]["dtype"] == "int8"
+    base, row = report["results"]
+    assert base["model"] == "dense (baseline)" and row["backend"] == "sparse" and row["tokens_per_s"] > 0
+    fp32 = json.loads(_run_json(tmp_path, "bench", "--mode", "decode", "--preset", "tiny", "--batch", "1",
+                                "--prompt-len", "8", "--new-tokens", "4", "--steps", "1", "--backend", "sparse"))
+    assert row["model_bytes"] < 0.5 * fp32["results"][1]["model_bytes"]
+    assert base["model_bytes"] == fp32["results"][0]["model_bytes"]  # the same dense fp32 baseline
+
+
+def _run_json(tmp_path: Path, *argv: str) -> str:
+    out = tmp_path / "run.json"
+    proc = _run(*argv, "--json", str(out), "--force")
+    assert proc.returncode == 0, proc.stderr
+    return out.read_text()
+
+
 def test_decode_run_feeds_greedy_tokens() -> None:
     """The benchmark decodes what `Runtime.generate` decodes (greedy, one token per step)."""
     from chtsl_infer.commands.bench import decode_run
@@ -261,6 +286,17 @@ def test_generate_streams_text_and_reports_speed(tiny_checkpoint: Path, tmp_path
                 "--backend", "sparse", "--dtype", "bf16")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("The def statement") and "tokens/s (backend sparse, bf16)" in proc.stdout
+    # int8 weights quantized in memory; an int8 export keeps them by default (auto) on CPU
+    proc = _run("generate", str(tiny_checkpoint), "--prompt", "The def statement", "--new-tokens", "6",
+                "--backend", "sparse", "--dtype", "int8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The def statement") and "tokens/s (backend sparse, int8)" in proc.stdout
+    exported = tmp_path / "int8"
+    assert _run("export", str(tiny_checkpoint), "--format", "safetensors", "--dtype", "int8", "--no-verify",
+                "--out", str(exported)).returncode == 0
+    proc = _run("generate", str(exported), "--prompt", "The def statement", "--new-tokens", "6")
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens/s (backend sparse, int8)" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -272,7 +308,8 @@ def test_generate_streams_text_and_reports_speed(tiny_checkpoint: Path, tmp_path
         (["--max-new-tokens", "0"], "--new-tokens must be positive"),  # the old spelling names the new one
         (["--new-tokens", "100000"], "exceeds the model's"),
         (["--temperature", "-1"], "--temperature must be >= 0"),
-        (["--dtype", "int8"], "unknown dtype 'int8'"),
+        (["--dtype", "int4"], "unknown dtype 'int4'"),
+        (["--dtype", "int8", "--backend", "onnx"], "use --dtype fp32"),
         (["--dtype", "fp16", "--backend", "sparse"], "computes in float32 or bfloat16"),
         (["--dtype", "bf16", "--backend", "onnx"], "use --dtype fp32"),
     ],

@@ -153,6 +153,27 @@ def _packed_config(**fields) -> Callable[[Path], None]:
     return setup
 
 
+def _int8_export(edit: Callable[[dict[str, torch.Tensor]], None] | None = None) -> Callable[[Path], None]:
+    """Rewrites the export as an int8 one (format 2: int8 values and factors with row scales, column
+    deltas), then `edit(tensors)` damages it."""
+    def setup(ws: Path) -> None:
+        from chtsl_infer.formats.model_dir import load_packed, save_packed
+        from chtsl_infer.formats.packed import convert_packed
+
+        p = ws / "exp" / "model.safetensors"
+        save_packed(convert_packed(load_packed(p), torch.int8), p)
+        if edit is not None:
+            _edit_tensors("exp/model.safetensors", edit)(ws)
+    return setup
+
+
+def _set_first(key: str, value: float) -> Callable[[dict[str, torch.Tensor]], None]:
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        t[key] = t[key].clone()
+        t[key].view(-1)[0] = value
+    return edit
+
+
 def _state(**fields) -> Callable[[Path], None]:
     return _config("run/trainer_state/state.json", **fields)
 
@@ -323,6 +344,9 @@ CASES: list[Case] = [
     Case("export-opset-low", EXPORT + " --opset 7", expect="opset"),
     Case("export-format-unknown", EXPORT + " --format gguf", expect="gguf"),
     Case("export-dtype-unknown", EXPORT + " --dtype int4", expect="int4"),
+    Case("export-onnx-int8", EXPORT + " --format onnx --dtype int8", expect="the onnx graph stays float32"),
+    Case("export-index-unknown", EXPORT_ST + " --index delta4", expect="delta4"),
+    Case("export-index-onnx", EXPORT + " --format onnx --index delta8", expect="--index"),
     Case("export-verify-device-tpu", EXPORT + " --verify-device tpu", expect="--verify-device 'tpu'"),
     Case("export-device-old-spelling", EXPORT + " --device tpu", expect="--verify-device 'tpu'"),
     Case("export-verify-device-no-verify", EXPORT + " --verify-device cpu --no-verify", expect="--verify-device"),
@@ -352,7 +376,7 @@ CASES: list[Case] = [
     Case("generate-json-existing-file", GENERATE + " --json {ws}/afile", _file("afile"), expect="--force"),
     Case("generate-no-ckpt", "generate --prompt hi", expect="ckpt"),
     Case("generate-no-prompt", "generate {run}", expect="--prompt"),
-    Case("generate-dtype-unknown", "generate {run} --prompt hi --dtype int8", expect="int8"),
+    Case("generate-dtype-unknown", "generate {run} --prompt hi --dtype int4", expect="int4"),
     Case("generate-seed-huge", "generate {run} --prompt hi --seed 18446744073709551617", expect="--seed"),
     Case("generate-seed-negative", "generate {run} --prompt hi --seed -3", expect="--seed"),
     # a prompt that is not UTF-8 reaches Python with its bad byte as a lone surrogate (PEP 383)
@@ -363,6 +387,23 @@ CASES: list[Case] = [
     Case("generate-nan-weight", GENERATE_DENSE,
          _edit_tensors("run/model.safetensors", _nan("lm_head.weight")), expect="non-finite"),
     Case("generate-onnx-empty", GENERATE_ONNX, _write("exp/model.onnx", b""), expect="model.onnx"),
+    # an int8 export whose scales or column deltas disagree with its values (validated before any kernel)
+    *_under({"generate-int8": GENERATE_EXP + " --backend sparse", "eval-int8": "eval {exp} --perplexity "
+             "--max-tokens 200 --device cpu --backend sparse"}, "scale-missing",
+            _int8_export(_drop("model.layers.0.self_attn.q_proj.values_scale")), expect="values_scale"),
+    *_under({"generate-int8": GENERATE_EXP, "bench-int8": "bench {exp} --device cpu --dtype int8"}, "nan-scale",
+            _int8_export(_nan("model.layers.1.mlp.down_proj.lora_B_scale")), expect="non-finite"),
+    Case("generate-int8-zero-scale", GENERATE_EXP, _int8_export(_set_first("lm_head.weight_scale", 0.0)),
+         expect="scales must be finite and > 0"),
+    Case("generate-int8-short-scale", GENERATE_EXP, _int8_export(lambda t: t.update(
+        {"model.layers.0.mlp.up_proj.values_scale": t["model.layers.0.mlp.up_proj.values_scale"][:-1].clone()})),
+         expect="values_scale must be float32 of shape"),
+    Case("generate-int8-column-past-the-row", GENERATE_EXP,
+         _int8_export(_set_first("model.layers.0.self_attn.k_proj.col_delta", 255)), expect="past in_features"),
+    Case("generate-int8-truncated", GENERATE_EXP, _both(_int8_export(), _truncate("exp/model.safetensors")),
+         expect="model.safetensors"),
+    Case("generate-onnx-int8", GENERATE + " --dtype int8 --device cpu --backend onnx",
+         expect="--dtype fp32"),
     Case("generate-packed-heads-0", GENERATE_EXP + " --backend sparse",
          _packed_config(num_attention_heads=0), expect="num_attention_heads"),
     Case("generate-packed-hidden-negative", GENERATE_EXP + " --backend dense",
@@ -377,8 +418,7 @@ CASES: list[Case] = [
     Case("eval-output-onto-config", PPL + " --output {run}/config.json", expect="--json"),  # the old spelling
     Case("eval-output-existing-file", PPL + " --output {ws}/afile", _file("afile"), expect="--force"),
     Case("eval-device-tpu", PPL.replace("--device cpu", "--device tpu"), expect="--device 'tpu'"),
-    Case("eval-dtype-unknown", PPL + " --dtype int8", expect="int8"),
-    Case("eval-perplexity-dtype-bf16", PPL + " --dtype bf16", expect="--dtype is for --tasks"),
+    Case("eval-dtype-unknown", PPL + " --dtype int4", expect="int4"),
     Case("eval-no-ckpt", "eval --perplexity --device cpu", expect="missing ckpt"),
     Case("eval-task-unknown", "eval {run} --tasks nope --device cpu", expect="nope"),
     Case("eval-batch-0", TASKS + " --batch 0", expect="--batch must"),
@@ -394,7 +434,7 @@ CASES: list[Case] = [
     Case("bench-seq-beyond-positions", "bench {run} --seq 100000 --device cpu", expect="--seq"),
     Case("bench-json-onto-config", "bench --preset tiny --json {run}/config.json", expect="--json"),
     Case("bench-device-tpu", "bench --preset tiny --device tpu", expect="--device 'tpu'"),
-    Case("bench-dtype-unknown", "bench --preset tiny --dtype int8", expect="int8"),
+    Case("bench-dtype-unknown", "bench --preset tiny --dtype int4", expect="int4"),
     Case("bench-new-tokens-0", "bench --preset tiny --mode decode --new-tokens 0", expect="--new-tokens"),
     Case("bench-json-existing-file", "bench --preset tiny --json {ws}/afile", _file("afile"), expect="--force"),
     Case("bench-backend-unknown", "bench --preset tiny --backend gpu9", expect="gpu9"),

@@ -84,3 +84,16 @@ def test_one_dtype_vocabulary() -> None:
         parse_dtype("int8")
     with pytest.raises(ChtslError, match="valid: auto, fp32, bf16"):
         parse_dtype("fp16", ("auto", "fp32", "bf16"))
+
+
+def test_inference_dtype_with_int8_weights() -> None:
+    """`int8` (int8 weights, fp32 activations) is an inference and export dtype, not a compute dtype of
+    training; `auto` keeps an int8 export's weights on CPU and computes in bf16 on CUDA."""
+    from chtsl_infer.utils import PACKED_DTYPES, inference_dtype, parse_dtype, torch_dtype
+
+    assert parse_dtype("int8", PACKED_DTYPES) == "int8" and torch_dtype("int8") == torch.int8
+    assert inference_dtype("int8", "cpu") == "int8" and inference_dtype("auto", "cpu") == "fp32"
+    assert inference_dtype("auto", "cpu", "int8") == "int8" and inference_dtype("auto", "cpu", "bfloat16") == "fp32"
+    assert inference_dtype("auto", "cuda:0", "int8") == "bf16" and inference_dtype("fp32", "cpu", "int8") == "fp32"
+    with pytest.raises(ChtslError, match="unknown dtype 'int4'"):
+        inference_dtype("int4", "cpu")

@@ -445,7 +445,9 @@ def bench_command(
         raise ChtslError(f"--timeout must be a positive number of seconds, got {timeout}")
     check_output_file(json_out, force)
     device = resolve_device(device)
-    dtype = inference_dtype(dtype, device)
+    # `auto` keeps an int8 export's int8 weights (an explicit --dtype is checked before the checkpoint is read)
+    stored = resolve_model_dir(ckpt).packed_dtype if ckpt is not None and dtype == "auto" else None
+    dtype = inference_dtype(dtype, device, stored)
     backends = _split(backend) or ["auto"]
     for b in backends:
         if b not in BACKENDS:
@@ -496,6 +498,8 @@ def bench_command(
     }
     main_name = ckpt.name if ckpt else method
     baseline = {"label": "dense (baseline)", "model": "dense (baseline)", "method": DENSE, "backend": "dense"}
+    if dtype == "int8":  # int8 weights are the sparse model's; the baseline stays the dense fp32 model
+        baseline["dtype"] = "fp32"
     specs = [{**common, **baseline}]
     for b in backends:
         specs.append({**common, "label": f"{main_name} [{b}]", "model": main_name, "method": method, "backend": b})

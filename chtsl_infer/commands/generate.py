@@ -45,9 +45,9 @@ def generate_command(
     check_utf8(prompt, "--prompt")
     check_output_file(json_out, force)
     device = resolve_device(device)
-    dtype = inference_dtype(dtype, device)
-    check_backend_dtype(backend, device, dtype)
     model_dir = resolve_model_dir(ckpt)
+    dtype = inference_dtype(dtype, device, model_dir.packed_dtype)
+    check_backend_dtype(backend, device, dtype)
     tokenizer = load_tokenizer(model_dir)
     rt = load_runtime(model_dir, backend, device, torch_dtype(dtype))
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]

@@ -93,6 +93,11 @@ class ModelDir:
         return f if f.is_file() else None
 
     @property
+    def packed_dtype(self) -> str | None:
+        """A packed export's value dtype as its header names it (`float32`, …, `int8`), else None."""
+        return (self.packed_metadata or {}).get("dtype")
+
+    @property
     def is_training_checkpoint(self) -> bool:
         """A checkpoint the trainer wrote (with `trainer_state/`, so `--resume` and the trainer's
         validation settings are available)."""

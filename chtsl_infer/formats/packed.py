@@ -366,3 +366,12 @@ def unpack_model(packed: PackedModel, dtype: torch.dtype | None = None) -> Chtsl
     if packed.config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
+
+
+def as_exported(model: ChtslLlamaForCausalLM, dtype: torch.dtype) -> ChtslLlamaForCausalLM:
+    """`model` with the weights an export of value dtype `dtype` would hold (bf16 rounded, int8 quantized per
+    row and dequantized), in fp32: how `chtsl eval` scores a checkpoint "as int8" without writing a file.
+    `model` itself when `dtype` is float32."""
+    if dtype == torch.float32:
+        return model
+    return unpack_model(pack_model(model, dtype), torch.float32)
