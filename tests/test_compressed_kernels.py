@@ -309,6 +309,40 @@ def test_int8_runtime_matches_the_dequantized_model(method: str) -> None:
     assert torch.equal(rt.generate(ids[:, :5], max_new_tokens=6), dense.generate(ids[:, :5], max_new_tokens=6))
 
 
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_float_exports_with_column_deltas_on_the_sparse_backend(method: str) -> None:
+    """fp32 and bf16 exports with 8-bit column deltas (bf16's default) through the sparse backend: fp32 gives
+    the float64 logits of its weights within the fp32 tolerance (full forward, prefill, 1–3-token decoding
+    steps: the one-call C path reading deltas); bf16 (bf16 activations, the bf16 delta kernels) stays
+    within bf16's 1e-2 of them and within 1e-3 of the same weights with absolute int16 columns."""
+    from chtsl_infer.formats.packed import pack_model, unpack_model
+    from chtsl_infer.runtime.backends import FusedLinears, from_packed
+
+    _require_kernels()
+    model = tiny_model_nonzero_b(method, num_key_value_heads=2)
+    ids = random_ids(2, 14, seed=4)
+    for dtype in (F32, BF16):
+        packed = pack_model(model, dtype, "delta8")
+        with torch.no_grad():
+            want = unpack_model(packed, torch.float64)(input_ids=ids, use_cache=False).logits
+        rt = from_packed(packed, "sparse", dtype=dtype)
+        groups = [m for m in rt.model.modules() if isinstance(m, FusedLinears)]
+        assert all(g.decoder() is not None for g in groups)
+        assert all(g.col.dtype == torch.uint8 and g.values.dtype == dtype for g in groups if g.sparse)
+        cache = rt.new_cache(2, 14)
+        got = [rt.logits(ids), rt.decode_step(ids[:, :8], cache)]
+        got += [rt.decode_step(ids[:, a:b], cache) for a, b in ((8, 9), (9, 11), (11, 14))]  # 1, 2, 3 tokens
+        wanted = [want, want[:, 7], want[:, 8], want[:, 10], want[:, 13]]
+        for g, w in zip(got, wanted, strict=True):
+            if dtype == F32:
+                torch.testing.assert_close(g.double(), w, atol=ATOL, rtol=0)
+            else:
+                assert torch.linalg.vector_norm(g.double() - w) <= 1e-2 * torch.linalg.vector_norm(w)
+        if dtype == BF16:
+            absolute = from_packed(pack_model(model, dtype, "absolute"), "sparse", dtype=dtype).logits(ids).double()
+            assert torch.linalg.vector_norm(got[0].double() - absolute) <= 1e-3 * torch.linalg.vector_norm(absolute)
+
+
 @pytest.mark.parametrize("item_bytes", [64 << 10, 64])
 def test_all_blocks_in_one_c_call_int8_equal_the_block_loop(item_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """decode_layers with int8 groups (fp32 activations) equals feature_major's loop over the same int8
