@@ -63,3 +63,24 @@ def test_forward_flops_of_the_torch_csr_group() -> None:
     model.add_module("g", group)
     model.lm_head = torch.nn.Linear(1, 1, bias=False)
     assert forward_flops(model) == 2 * (lin.nnz + lin.lora_A.numel() + lin.lora_B.numel() + 1)
+
+
+@pytest.mark.parametrize("method", ["chtsl", "cola", "dense"])
+def test_decode_bytes_of_an_int8_model_count_its_int8_weights_and_row_scales(method: str) -> None:
+    """int8 weights on the sparse backend: 1 byte per weight and link (8-bit column deltas), plus 4 per row
+    scale, an int8 lm_head with its scales and the bf16 embedding row (as the packed file's `decode_bytes`
+    counts them)."""
+    from chtsl_infer.formats.packed import QUANTIZED_PARTS, convert_packed
+
+    packed = convert_packed(random_packed(tiny_config(method, num_key_value_heads=2)), torch.int8)
+    cfg = packed.config
+    rt = from_packed(packed, "sparse", dtype=torch.int8)
+    parts = decode_bytes(rt.model, 1, 0, 0)
+    scales = sum(getattr(lin, f"{p}_scale").numel() for lin in packed.linears.values() for p in QUANTIZED_PARTS
+                 if getattr(lin, f"{p}_scale") is not None)
+    assert parts["linears"] == expected_linear_bytes(packed, "sparse", 1) + 4 * scales
+    assert parts["lm_head"] == cfg.vocab_size * (cfg.hidden_size + 4)
+    assert parts["embedding"] == cfg.hidden_size * 2  # the stored bf16 row
+    assert parts["norms"] == (2 * cfg.num_hidden_layers + 1) * cfg.hidden_size * 4  # widened to the fp32 activations
+    stored = packed.decode_bytes()
+    assert all(parts[k] == stored[k] for k in ("lm_head", "embedding"))

@@ -200,9 +200,6 @@ class PackedModel:
 # ----------------------------------------------------------------------------- packing
 
 
-# ----------------------------------------------------------------------------- packing
-
-
 def tied_keys(config: ChtslConfig) -> set[str]:
     """State-dict keys that alias another tensor (never stored: safetensors refuses shared memory)."""
     return {"lm_head.weight"} if config.tie_word_embeddings else set()

@@ -35,11 +35,11 @@ def _group_tensors(group: FusedLinears) -> list[torch.Tensor]:
 def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the weights one decoding step reads, by part: "linears" (every fused group's tensors),
     "norms" (every RMSNorm's weight) and "lm_head" (its whole weight, shared or not with the
-    embeddings). model: a runtime model (`backends.build_model`)."""
+    embeddings; an int8 one with its row scales). model: a runtime model (`backends.build_model`)."""
     norms = [m.weight for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     return {"linears": sum(t.nbytes for g in _groups(model) for t in _group_tensors(g)),
             "norms": sum(t.nbytes for t in norms),
-            "lm_head": model.lm_head.weight.nbytes}
+            "lm_head": sum(t.nbytes for t in (*model.lm_head.parameters(), *model.lm_head.buffers()))}
 
 
 def decode_bytes(model: nn.Module, batch: int, kv_bytes_per_position: float,
