@@ -153,14 +153,14 @@ def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, devi
 
         result = perplexity(model, tracked(), device)
     report: dict[str, Any] = {
-        "checkpoint": str(ckpt), "weights": weights or model_dir.packed_dtype or "fp32",
+        "checkpoint": str(ckpt), "weights": weights or parse_dtype(model_dir.packed_dtype or "fp32", PACKED_DTYPES),
         "data": spec.data, "seq_len": spec.seq_len, "packing": spec.packing,
         "max_tokens": spec.eval_tokens, "tokens": result.tokens, "nll": result.nll, "ppl": result.ppl,
         "trainer_val_ppl": (last_val or {}).get("val_ppl"),
     }
     from rich.table import Table
 
-    table = Table(title=f"{ckpt} · validation perplexity")
+    table = Table(title=f"{ckpt} · validation perplexity · {report['weights']} weights")
     for col in ("data", "seq len", "tokens", "nll (nats/token)", "ppl", "trainer's last val ppl"):
         table.add_column(col, justify="left" if col == "data" else "right")
     trainer_ppl = report["trainer_val_ppl"]

@@ -63,6 +63,28 @@ def random_ids(batch: int = 2, seq: int = 37, vocab: int = 512, seed: int = 0) -
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def assert_one_call_equals_the_block_loop(rt, ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch,
+                                          item_bytes: int) -> None:
+    """Decoding `ids` (2, 14) with runtime `rt` gives the same logits and KV cache, bit for bit, through
+    `kernels.DecodeLayers` (every block in one C call) as through feature_major's block loop: a 6-token
+    prefill, then 1, 2, 3, 1 and 1 tokens per sequence, with `item_bytes` work items."""
+    from chtsl_infer.kernels.settings import override
+    from chtsl_infer.runtime import feature_major
+
+    real = feature_major._decode_layers
+    runs = {}
+    for name, plan in (("blocks", real), ("loop", lambda *a: None)):
+        monkeypatch.setattr(feature_major, "_decode_layers", plan)
+        cache = rt.new_cache(2, 14)
+        with override(decode_item_bytes=item_bytes):
+            steps = [rt.decode_step(ids[:, :6], cache)]
+            steps += [rt.decode_step(ids[:, a:b], cache) for a, b in ((6, 7), (7, 9), (9, 12), (12, 13), (13, 14))]
+        runs[name] = (torch.stack(steps), torch.stack(cache.key), torch.stack(cache.value))
+    monkeypatch.setattr(feature_major, "_decode_layers", real)
+    for got, want in zip(runs["blocks"], runs["loop"], strict=True):
+        assert torch.equal(got, want)
+
+
 # A block's linears as the runtime fuses them: members of a group share an input and one CSR.
 BLOCK_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
                 ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))

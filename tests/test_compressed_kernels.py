@@ -24,7 +24,7 @@ from chtsl_infer.formats.encoding import (
 )
 from chtsl_infer.kernels.settings import override
 from chtsl_infer.kernels.sparse import absolute_columns
-from tests.conftest import ALL_METHODS, random_ids, tiny_model_nonzero_b
+from tests.conftest import ALL_METHODS, assert_one_call_equals_the_block_loop, random_ids, tiny_model_nonzero_b
 
 ROOT = Path(__file__).resolve().parents[1]
 F32, BF16, I8 = torch.float32, torch.bfloat16, torch.int8
@@ -354,19 +354,9 @@ def test_all_blocks_in_one_c_call_int8_equal_the_block_loop(item_bytes: int, mon
     _require_kernels()
     model = tiny_model_nonzero_b("chtsl", num_key_value_heads=2)
     ids = random_ids(2, 14, seed=6)
-    real = feature_major._decode_layers
     rt = from_packed(pack_model(model, I8), "sparse")
-    assert real(rt.model, F32) is not None
-    runs = {}
-    for name, plan in (("blocks", real), ("loop", lambda *a: None)):
-        monkeypatch.setattr(feature_major, "_decode_layers", plan)
-        cache = rt.new_cache(2, 14)
-        with override(decode_item_bytes=item_bytes):
-            steps = [rt.decode_step(ids[:, :6], cache)]
-            steps += [rt.decode_step(ids[:, a:b], cache) for a, b in ((6, 7), (7, 9), (9, 12), (12, 13), (13, 14))]
-        runs[name] = (torch.stack(steps), torch.stack(cache.key), torch.stack(cache.value))
-    for got, want in zip(runs["blocks"], runs["loop"], strict=True):
-        assert torch.equal(got, want)
+    assert feature_major._decode_layers(rt.model, F32) is not None
+    assert_one_call_equals_the_block_loop(rt, ids, monkeypatch, item_bytes)
 
 
 def test_int8_groups_refuse_bf16_activations() -> None:

@@ -376,23 +376,28 @@ def test_real_rte_all_277(eval_checkpoint, tmp_path, reference_model_and_tokeniz
 # ----------------------------------------------------------------------------- perplexity
 
 
-@pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory) -> Path:
-    """A 3-step `chtsl train` run on a small local corpus; its last step ran validation."""
+def _train_tiny(root: Path, steps: int) -> Path:
+    """A `steps`-step `chtsl train` run of a 1-layer tiny model on a small local corpus, in `root`; its last
+    step ran validation. Returns the checkpoint directory."""
     import pydoc_data.topics
 
-    root = tmp_path_factory.mktemp("ppl")
     topics = pydoc_data.topics.topics
     (root / "corpus.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)[:60]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CHTSL_CACHE_DIR", str(root / "cache"))
         code, _, stderr = run_cli([
-            "train", "--preset", "tiny", "--num-layers", "1", "--steps", "3", "--batch-size", "4",
+            "train", "--preset", "tiny", "--num-layers", "1", "--steps", str(steps), "--batch-size", "4",
             "--micro-batch-size", "2", "--seq-len", "64", "--vocab-size", "512", "--eval-tokens", "3000",
             "--data", str(root / "corpus.txt"), "--device", "cpu", "--no-progress", "--out", str(root / "ckpt"),
         ])
     assert code == 0, stderr
     return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A 3-step run (`_train_tiny`)."""
+    return _train_tiny(tmp_path_factory.mktemp("ppl"), 3)
 
 
 def test_perplexity_equals_trainers_last_validation(trained_checkpoint, tmp_path):
@@ -448,20 +453,7 @@ def test_perplexity_sparse_backend(trained_checkpoint, tmp_path):
 def longer_trained_checkpoint(tmp_path_factory) -> Path:
     """`trained_checkpoint`'s run for 60 steps: validation perplexity ≈ 180 of 512 tokens (3 steps leave it
     near 504, where rounding the weights moves nothing)."""
-    import pydoc_data.topics
-
-    root = tmp_path_factory.mktemp("ppl60")
-    topics = pydoc_data.topics.topics
-    (root / "corpus.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)[:60]))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CHTSL_CACHE_DIR", str(root / "cache"))
-        code, _, stderr = run_cli([
-            "train", "--preset", "tiny", "--num-layers", "1", "--steps", "60", "--batch-size", "4",
-            "--micro-batch-size", "2", "--seq-len", "64", "--vocab-size", "512", "--eval-tokens", "3000",
-            "--data", str(root / "corpus.txt"), "--device", "cpu", "--no-progress", "--out", str(root / "ckpt"),
-        ])
-    assert code == 0, stderr
-    return root / "ckpt"
+    return _train_tiny(tmp_path_factory.mktemp("ppl60"), 60)
 
 
 @pytest.mark.slow  # trains 60 steps (about a minute on 2 cores)

@@ -12,7 +12,7 @@ from chtsl_infer import kernels
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.formats.model_dir import save_packed
 from chtsl_infer.formats.packed import pack_model
-from chtsl_infer.kernels.settings import KernelSettings, override
+from chtsl_infer.kernels.settings import KernelSettings
 from chtsl_infer.model.layers import layer_link_count
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.runtime.backends import (
@@ -22,7 +22,13 @@ from chtsl_infer.runtime.backends import (
     resolve_backend,
 )
 from chtsl_infer.runtime.fused import FusedLinears
-from tests.conftest import ALL_METHODS, random_ids, tiny_config, tiny_model_nonzero_b
+from tests.conftest import (
+    ALL_METHODS,
+    assert_one_call_equals_the_block_loop,
+    random_ids,
+    tiny_config,
+    tiny_model_nonzero_b,
+)
 
 ATOL = 1e-4
 
@@ -226,16 +232,7 @@ def test_all_blocks_in_one_c_call_equal_the_block_loop(dtype: torch.dtype, item_
     ids = random_ids(2, 14, seed=6)
     real = feature_major._decode_layers
     rt = from_packed(pack_model(model), "sparse", dtype=dtype)
-    runs = {}
-    for name, plan in (("blocks", real), ("loop", lambda *a: None)):
-        monkeypatch.setattr(feature_major, "_decode_layers", plan)
-        cache = rt.new_cache(2, 14)
-        with override(decode_item_bytes=item_bytes):
-            steps = [rt.decode_step(ids[:, :6], cache)]
-            steps += [rt.decode_step(ids[:, a:b], cache) for a, b in ((6, 7), (7, 9), (9, 12), (12, 13), (13, 14))]
-        runs[name] = (torch.stack(steps), torch.stack(cache.key), torch.stack(cache.value))
-    for got, want in zip(runs["blocks"], runs["loop"], strict=True):
-        assert torch.equal(got, want)
+    assert_one_call_equals_the_block_loop(rt, ids, monkeypatch, item_bytes)
     first = real(rt.model, dtype)
     assert first is not None and real(rt.model, dtype) is first  # built once
     other = torch.bfloat16 if dtype == torch.float32 else torch.float32
