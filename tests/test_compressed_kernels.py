@@ -146,9 +146,11 @@ def test_int8_quantization_per_row() -> None:
 @pytest.mark.parametrize("index", INDEXES)
 @pytest.mark.parametrize("dtype", [F32, BF16, I8])
 @pytest.mark.parametrize("n_tok", [1, 2, 3, 17, 70])  # gather (1, 2) and 16/32/64-token tiles
-def test_spmm_variants_match_the_dequantized_reference(dtype: torch.dtype, index: torch.dtype, n_tok: int) -> None:
+def test_spmm_variants_match_the_dequantized_reference(dtype: torch.dtype, index: torch.dtype, n_tok: int,
+                                                        kernel_variant: str) -> None:
     """Every value dtype × column encoding of `spmm`, rows stored sorted (scales permuted along), on the
-    gather and tile paths; int8 against scale[row] · q, bf16 within its output rounding."""
+    gather and tile paths; int8 against scale[row] · q, bf16 within its output rounding; under the tuner's
+    extreme settings and each build variant (`kernel_variant`)."""
     _require_kernels()
     gen = torch.Generator().manual_seed(n_tok)
     n_out, n_in = 70, 1100
@@ -222,7 +224,7 @@ def test_torch_fallback_reads_int8_and_column_deltas(no_compiled_kernels: str) -
 
 @pytest.mark.parametrize("n_tok", [1, 2, 3, 4])
 @pytest.mark.parametrize("n_in", [512, 77, 16, 5])  # whole vector blocks, single vectors, a scalar tail, tail only
-def test_int8_gemv_matches_the_dequantized_reference(n_tok: int, n_in: int) -> None:
+def test_int8_gemv_matches_the_dequantized_reference(n_tok: int, n_in: int, kernel_variant: str) -> None:
     _require_kernels()
     gen = torch.Generator().manual_seed(n_tok * n_in)
     q, scale = quantize_rows(torch.randn(301, n_in, generator=gen))
