@@ -133,6 +133,27 @@ def test_packed_export_loads_its_weights(tmp_path, storage, runtime_calls) -> No
         AutoModelForCausalLM.from_pretrained(tmp_path / "export")
 
 
+@pytest.mark.parametrize("storage", ["masked", "csr"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_compressed_packed_export_loads_its_weights(tmp_path, storage, dtype) -> None:
+    """from_pretrained of a bf16 or int8 export with 8-bit column deltas (format 2) holds the weights
+    `unpack_model` reads from it (dequantized, deltas decoded; a csr layer its number of links)."""
+    from chtsl_infer.formats.packed import unpack_model
+
+    source = tiny_model_nonzero_b("chtsl", storage=storage)
+    source.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "export").mkdir()
+    packed = pack_model(source, dtype)
+    assert packed.index == "delta8"
+    save_packed(packed, tmp_path / "export" / "model.safetensors")
+    (tmp_path / "export" / "config.json").write_text((tmp_path / "ckpt" / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
+    want = unpack_model(packed, torch.float32).state_dict()
+    assert model.state_dict().keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 def test_forward_loop_with_the_returned_cache(model, runtime_calls) -> None:
     """A user's own loop: model(ids) then model(next, cache=out.cache, ...) as with transformers' cache,
     logits (all positions, logits_to_keep, return_dict=False) within 1e-4 of the stock forward."""
