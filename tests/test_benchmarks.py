@@ -111,8 +111,8 @@ def test_load_benchmark_prints_slowdowns_against_the_cpu_share(tmp_path) -> None
     rows = json.loads(out.read_text())
     assert [(r["job"], r["policy"]) for r in rows] == [("train", "default"), ("train", "passive"),
                                                         ("decode", "default"), ("decode", "passive")]
-    printed = [line.split() for line in stdout.splitlines() if line.split()[:1] in (["train"], ["decode"])]
-    printed = [[c for c in line if c not in "│┃|"] for line in printed]
+    cells = [[c for c in line.split() if c not in "│┃|"] for line in stdout.splitlines()]  # table borders off
+    printed = [line for line in cells if line[:1] in (["train"], ["decode"])]
     assert len(printed) == len(rows)
     for r, line in zip(rows, printed, strict=True):
         assert r["alone_s"] > 0 and r["beside_s"] > 0 and r["burners"] == 1
