@@ -1,7 +1,7 @@
 """llama.cpp beside chtsl: a dense GGUF of a preset's shape against chtsl's sparse decoding, in one run.
 
     python benchmarks/llamacpp.py --preset llama60m-c4
-    python benchmarks/llamacpp.py --preset llama1b-c4 --pad-ffn --chtsl-dtypes fp32,bf16 --json out.json
+    python benchmarks/llamacpp.py --preset llama1b-c4 --pad-ffn --chtsl-dtypes fp32,bf16,int8 --json out.json
     python benchmarks/llamacpp.py --preset tiny --types Q8_0 --repeats 1      # a quick check of the set-up
 
 What runs: for each GGUF type (`--types`, default F32, F16, Q8_0, Q4_0) a dense llama model of the
@@ -385,7 +385,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--s-total", type=float, default=0.9, help="chtsl model's total sparsity")
     ap.add_argument("--types", default="F32,F16,Q8_0,Q4_0", help=f"GGUF types, of {', '.join(GGUF_TYPES)}")
     ap.add_argument("--pad-ffn", action="store_true", help="round llama.cpp's FFN width up to a multiple of 32")
-    ap.add_argument("--chtsl-dtypes", default="fp32", help="chtsl bench dtypes (fp32, bf16); the first is the ÷ ref")
+    ap.add_argument("--chtsl-dtypes", default="fp32",
+                    help="chtsl bench dtypes (fp32, bf16, int8); the first is the ÷ ref")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="both engines' threads [default: torch's]")
@@ -413,7 +414,7 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     for t in types:
         if t not in GGUF_TYPES:
             raise ChtslError(f"unknown GGUF type {t!r} in --types; valid: {', '.join(GGUF_TYPES)}")
-    dtypes = [parse_dtype(d.strip(), ("fp32", "bf16"), "--chtsl-dtypes") for d in args.chtsl_dtypes.split(",")
+    dtypes = [parse_dtype(d.strip(), ("fp32", "bf16", "int8"), "--chtsl-dtypes") for d in args.chtsl_dtypes.split(",")
               if d.strip()]
     if not types or not dtypes:
         raise ChtslError("--types and --chtsl-dtypes each need at least one entry")

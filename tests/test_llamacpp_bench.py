@@ -202,7 +202,7 @@ def test_llama_bench_runs_prefill_and_decode_after_the_prompt(tmp_path) -> None:
 
 @pytest.mark.parametrize("args,message", [
     (["--types", "Q5_K"], "unknown GGUF type 'Q5_K'"),
-    (["--chtsl-dtypes", "int8"], "unknown --chtsl-dtypes 'int8'"),
+    (["--chtsl-dtypes", "fp16"], "unknown --chtsl-dtypes 'fp16'"),
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--prompt-len", "250"], "exceeds the model's 256 positions"),
     (["--repeats", "0"], "--repeats must be positive"),
