@@ -147,33 +147,22 @@ CHTSL_EXPORT int kernel_probe(char *buf, int size);
 
 /* ------------------------------------------------------------------- internal (other files call) */
 
-void spmm_task_i16(const float *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
-                   const int32_t *crow, const int16_t *col, const float *val, const float *scale, const int32_t *rows,
-                   float *y, long ldy, int i0, int i1, float *buf);
-void spmm_task_i32(const float *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
-                   const int32_t *crow, const int32_t *col, const float *val, const float *scale, const int32_t *rows,
-                   float *y, long ldy, int i0, int i1, float *buf);
-void spmm_task_d8(const float *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile, const int32_t *crow,
-                  const uint8_t *col, const float *val, const float *scale, const int32_t *rows, float *y, long ldy,
-                  int i0, int i1, float *buf);
-void spmm_bf16_task_i16(const uint16_t *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
-                        const int32_t *crow, const int16_t *col, const uint16_t *val, const float *scale,
-                        const int32_t *rows, uint16_t *y, long ldy, int i0, int i1, float *buf);
-void spmm_bf16_task_i32(const uint16_t *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
-                        const int32_t *crow, const int32_t *col, const uint16_t *val, const float *scale,
-                        const int32_t *rows, uint16_t *y, long ldy, int i0, int i1, float *buf);
-void spmm_bf16_task_d8(const uint16_t *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
-                       const int32_t *crow, const uint8_t *col, const uint16_t *val, const float *scale,
-                       const int32_t *rows, uint16_t *y, long ldy, int i0, int i1, float *buf);
-void spmm_i8_task_i16(const float *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
-                      const int32_t *crow, const int16_t *col, const int8_t *val, const float *scale,
-                      const int32_t *rows, float *y, long ldy, int i0, int i1, float *buf);
-void spmm_i8_task_i32(const float *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
-                      const int32_t *crow, const int32_t *col, const int8_t *val, const float *scale,
-                      const int32_t *rows, float *y, long ldy, int i0, int i1, float *buf);
-void spmm_i8_task_d8(const float *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,
-                     const int32_t *crow, const uint8_t *col, const int8_t *val, const float *scale,
-                     const int32_t *rows, float *y, long ldy, int i0, int i1, float *buf);
+/* The per-row-range parts of spmm (decode.c's groups call them), one per activation X, column
+ * encoding C, value V and output Y type. */
+#define SPMM_TASK(name, X, C, V, Y)                                                                               \
+  void name(const X *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile, const int32_t *crow,   \
+            const C *col, const V *val, const float *scale, const int32_t *rows, Y *y, long ldy, int i0, int i1, \
+            float *buf)
+SPMM_TASK(spmm_task_i16, float, int16_t, float, float);
+SPMM_TASK(spmm_task_i32, float, int32_t, float, float);
+SPMM_TASK(spmm_task_d8, float, uint8_t, float, float);
+SPMM_TASK(spmm_bf16_task_i16, uint16_t, int16_t, uint16_t, uint16_t);
+SPMM_TASK(spmm_bf16_task_i32, uint16_t, int32_t, uint16_t, uint16_t);
+SPMM_TASK(spmm_bf16_task_d8, uint16_t, uint8_t, uint16_t, uint16_t);
+SPMM_TASK(spmm_i8_task_i16, float, int16_t, int8_t, float);
+SPMM_TASK(spmm_i8_task_i32, float, int32_t, int8_t, float);
+SPMM_TASK(spmm_i8_task_d8, float, uint8_t, int8_t, float);
+#undef SPMM_TASK
 long lowrank_b_split(const int32_t *outs, const int32_t *ranks, int n_members, int k, int n);
 void lowrank_a_rows_f32(const float *a, const float *a_scale, int n_in, const float *xt, int n_tok, int n_rank,
                         float scale, int act, float *h, int j0, int j1);
