@@ -31,10 +31,15 @@ def _library() -> build.Library:
 
 
 def _declarations() -> dict[str, tuple[object, list[tuple[str, object]]]]:
-    """csrc/kernels.h's CHTSL_EXPORT declarations: symbol -> (result ctype, [(parameter, ctype)])."""
-    text = (build.CSRC / "kernels.h").read_text()
+    """csrc/kernels.h's CHTSL_EXPORT declarations: symbol -> (result ctype, [(parameter, ctype)]), read
+    from the preprocessed header (declarations written through a macro expanded), CHTSL_EXPORT kept."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        pytest.skip("needs a C compiler to preprocess kernels.h")
+    text = subprocess.run([cc, "-E", "-P", "-DCHTSL_EXPORT=CHTSL_EXPORT", "-x", "c", str(build.CSRC / "kernels.h")],
+                          capture_output=True, text=True, check=True).stdout
     decls = {}
-    for result, name, params in re.findall(r"^CHTSL_EXPORT\s+(\w+)\s+(\w+)\(([^)]*)\);", text, re.MULTILINE):
+    for result, name, params in re.findall(r"\bCHTSL_EXPORT\s+(\w+)\s+(\w+)\(([^)]*)\);", text):
         args = []
         for param in " ".join(params.split()).split(", "):
             words = param.replace("*", " * ").split()

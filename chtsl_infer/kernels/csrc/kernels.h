@@ -14,10 +14,12 @@
 #define CHTSL_KERNELS_H
 #include <stdint.h>
 
+#ifndef CHTSL_EXPORT /* tests/test_kernel_table.py preprocesses this file with CHTSL_EXPORT kept as a word */
 #if defined(__GNUC__)
 #define CHTSL_EXPORT __attribute__((visibility("default")))
 #else
 #define CHTSL_EXPORT
+#endif
 #endif
 
 /* This thread's number and the team's size inside a parallel region (0 and 1 without OpenMP). */
@@ -56,34 +58,26 @@ typedef struct {
 /* ------------------------------------------------------------------------------------ exported */
 
 /* spmm.c, spmm_bf16.c: Y = S X, feature-major (the inference runtime): fp32 or int8 values with fp32 X and Y,
- * bf16 values with bf16 X and Y; int16, int32 or 8-bit delta (d8) columns. */
-CHTSL_EXPORT int spmm_i16(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int16_t *col,
-                          const float *val, const float *scale, const int32_t *rows, float *y, long ldy, int n_out,
-                          int tile, int n_chunks, int n_threads);
-CHTSL_EXPORT int spmm_i32(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int32_t *col,
-                          const float *val, const float *scale, const int32_t *rows, float *y, long ldy, int n_out,
-                          int tile, int n_chunks, int n_threads);
-CHTSL_EXPORT int spmm_d8(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const uint8_t *col,
-                         const float *val, const float *scale, const int32_t *rows, float *y, long ldy, int n_out,
-                         int tile, int n_chunks, int n_threads);
-CHTSL_EXPORT int spmm_bf16_i16(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow,
-                               const int16_t *col, const uint16_t *val, const float *scale, const int32_t *rows,
-                               uint16_t *y, long ldy, int n_out, int tile, int n_chunks, int n_threads);
-CHTSL_EXPORT int spmm_bf16_i32(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow,
-                               const int32_t *col, const uint16_t *val, const float *scale, const int32_t *rows,
-                               uint16_t *y, long ldy, int n_out, int tile, int n_chunks, int n_threads);
-CHTSL_EXPORT int spmm_bf16_d8(const uint16_t *x, long ldx, int n_in, int n_tok, const int32_t *crow, const uint8_t *col,
-                              const uint16_t *val, const float *scale, const int32_t *rows, uint16_t *y, long ldy,
-                              int n_out, int tile, int n_chunks, int n_threads);
-CHTSL_EXPORT int spmm_i8_i16(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int16_t *col,
-                             const int8_t *val, const float *scale, const int32_t *rows, float *y, long ldy, int n_out,
-                             int tile, int n_chunks, int n_threads);
-CHTSL_EXPORT int spmm_i8_i32(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const int32_t *col,
-                             const int8_t *val, const float *scale, const int32_t *rows, float *y, long ldy, int n_out,
-                             int tile, int n_chunks, int n_threads);
-CHTSL_EXPORT int spmm_i8_d8(const float *x, long ldx, int n_in, int n_tok, const int32_t *crow, const uint8_t *col,
-                            const int8_t *val, const float *scale, const int32_t *rows, float *y, long ldy, int n_out,
-                            int tile, int n_chunks, int n_threads);
+ * bf16 values with bf16 X and Y; int16, int32 or 8-bit delta (d8) columns. Every variant once:
+ * V_(prefix, column encoding, X, C, V, Y) with X/Y the activation types, C the column and V the value
+ * type, declared as the export prefix_<enc> here and as its per-row-range part prefix_task_<enc> among
+ * the internal functions. (tests/test_kernel_table.py reads the preprocessed declarations.) */
+#define CHTSL_SPMM_VARIANTS(V_)                                    \
+  V_(spmm, i16, float, int16_t, float, float)                      \
+  V_(spmm, i32, float, int32_t, float, float)                      \
+  V_(spmm, d8, float, uint8_t, float, float)                       \
+  V_(spmm_bf16, i16, uint16_t, int16_t, uint16_t, uint16_t)        \
+  V_(spmm_bf16, i32, uint16_t, int32_t, uint16_t, uint16_t)        \
+  V_(spmm_bf16, d8, uint16_t, uint8_t, uint16_t, uint16_t)         \
+  V_(spmm_i8, i16, float, int16_t, int8_t, float)                  \
+  V_(spmm_i8, i32, float, int32_t, int8_t, float)                  \
+  V_(spmm_i8, d8, float, uint8_t, int8_t, float)
+#define SPMM(prefix, enc, X, C, V, Y)                                                                               \
+  CHTSL_EXPORT int prefix##_##enc(const X *x, long ldx, int n_in, int n_tok, const int32_t *crow, const C *col,     \
+                                  const V *val, const float *scale, const int32_t *rows, Y *y, long ldy, int n_out, \
+                                  int tile, int n_chunks, int n_threads);
+CHTSL_SPMM_VARIANTS(SPMM)
+#undef SPMM
 
 /* csr_train.c: token-major products of sparse-native training. */
 CHTSL_EXPORT int csr_mm_tm(const float *x, long ldx, int n_tok, int n_cols, const int32_t *crow, const int32_t *col,
@@ -147,21 +141,12 @@ CHTSL_EXPORT int kernel_probe(char *buf, int size);
 
 /* ------------------------------------------------------------------- internal (other files call) */
 
-/* The per-row-range parts of spmm (decode.c's groups call them), one per activation X, column
- * encoding C, value V and output Y type. */
-#define SPMM_TASK(name, X, C, V, Y)                                                                               \
-  void name(const X *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile, const int32_t *crow,   \
-            const C *col, const V *val, const float *scale, const int32_t *rows, Y *y, long ldy, int i0, int i1, \
-            float *buf)
-SPMM_TASK(spmm_task_i16, float, int16_t, float, float);
-SPMM_TASK(spmm_task_i32, float, int32_t, float, float);
-SPMM_TASK(spmm_task_d8, float, uint8_t, float, float);
-SPMM_TASK(spmm_bf16_task_i16, uint16_t, int16_t, uint16_t, uint16_t);
-SPMM_TASK(spmm_bf16_task_i32, uint16_t, int32_t, uint16_t, uint16_t);
-SPMM_TASK(spmm_bf16_task_d8, uint16_t, uint8_t, uint16_t, uint16_t);
-SPMM_TASK(spmm_i8_task_i16, float, int16_t, int8_t, float);
-SPMM_TASK(spmm_i8_task_i32, float, int32_t, int8_t, float);
-SPMM_TASK(spmm_i8_task_d8, float, uint8_t, int8_t, float);
+/* The per-row-range parts of spmm (decode.c's groups call them). */
+#define SPMM_TASK(prefix, enc, X, C, V, Y)                                                                        \
+  void prefix##_task_##enc(const X *x, long ldx, const float *xf, int n_in, int n_tok, int t0, int tile,          \
+                           const int32_t *crow, const C *col, const V *val, const float *scale, const int32_t *rows, \
+                           Y *y, long ldy, int i0, int i1, float *buf);
+CHTSL_SPMM_VARIANTS(SPMM_TASK)
 #undef SPMM_TASK
 long lowrank_b_split(const int32_t *outs, const int32_t *ranks, int n_members, int k, int n);
 void lowrank_a_rows_f32(const float *a, const float *a_scale, int n_in, const float *xt, int n_tok, int n_rank,
