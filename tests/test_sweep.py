@@ -629,3 +629,32 @@ def test_cpu60m_follows_the_60m_layers() -> None:
         assert d_c == pytest.approx(d_l, rel=0.02) and 1 - d_c - d_l == pytest.approx(st, abs=0.002)
     weight = p.align_lambda / math.sqrt(p.micro_batch_size * p.seq_len)
     assert weight == pytest.approx(ref.align_lambda / math.sqrt(ref.micro_batch_size * ref.seq_len), rel=1e-3)
+
+
+def test_report_summarises_the_branches_at_the_last_diagnostic_step() -> None:
+    """OCR of q and k (mean over blocks) and λ·L_align / loss from each run's last record with OCR,
+    averaged over the finished seeds; a run without diagnostics is left out of the mean, not zero."""
+    def records(ocr_q: float, ocr_k: float, loss: float, task: float) -> list[dict]:
+        layers = {f"model.layers.{i}.self_attn.{p}": v for i in range(2)
+                  for p, v in (("q_proj", ocr_q + i * 0.1), ("k_proj", ocr_k), ("v_proj", 9.0))}
+        return [{"step": 5, "loss": 9.0, "task_loss": 1.0, "ocr": {k: 0.0 for k in layers}},
+                {"step": 10, "loss": loss, "task_loss": task, "ocr": layers},
+                {"step": 11, "loss": 1.0, "task_loss": 1.0}]  # a later step without diagnostics
+
+    runs = [sweep.RunState(sweep.Cell("chtsl", 0.9, 0), Path("."), "done", 10, 10, 50.0,
+                           records=records(0.4, 0.5, 4.0, 3.0)),
+            sweep.RunState(sweep.Cell("chtsl", 0.9, 1), Path("."), "done", 10, 10, 52.0,
+                           records=records(0.2, 0.3, 2.0, 2.0)),
+            sweep.RunState(sweep.Cell("chtsl", 0.9, 2), Path("."), "done", 10, 10, 51.0),
+            sweep.RunState(sweep.Cell("act", 0.9, 0), Path("."), "running", 5, 10, records=records(0.9, 0.9, 1, 1))]
+    assert sweep.branch_summary(runs[0]) == pytest.approx(
+        {"step": 10, "ocr_q": 0.45, "ocr_k": 0.5, "align_share": 0.25})
+    assert sweep.branch_summary(runs[2]) is None
+    report = sweep.build_report(runs)
+    chtsl = next(g for g in report["groups"] if g["method"] == "chtsl")
+    assert chtsl["branches"] == pytest.approx({"ocr_q": 0.35, "ocr_k": 0.4, "align_share": 0.125, "n": 2})
+    act = next(g for g in report["groups"] if g["method"] == "act")
+    assert act["branches"]["n"] == 0  # an unfinished run is not summarised
+    text = sweep.report_markdown(report)
+    assert "| 0.9 | chtsl | 2 | 0.350 | 0.400 | 0.125 |" in text and "| 0.9 | act |" not in text.split(
+        "### Branches")[1].split("## Paired")[0]

@@ -665,12 +665,35 @@ def _stats(values: list[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def branch_summary(run: RunState) -> dict[str, float | None] | None:
+    """A run at its last diagnostic step (the records with per-layer `ocr`; None without one): the
+    OCR of the q and k projections, each the mean over the blocks (the paper's Fig. 2 quantities),
+    and the alignment term's share of the optimised loss, (loss − task_loss) / loss = λ·L_align /
+    loss (0 where nothing aligns)."""
+    last = next((r for r in reversed(run.records) if isinstance(r.get("ocr"), dict) and r["ocr"]), None)
+    if last is None:
+        return None
+
+    def ocr(projection: str) -> float | None:
+        values = [v for k, v in last["ocr"].items() if k.endswith(f".{projection}") and _finite(v)]
+        return sum(values) / len(values) if values else None
+
+    loss, task = last.get("loss"), last.get("task_loss")
+    share = (loss - task) / loss if _finite(loss) and _finite(task) and loss != 0 else None
+    return {"step": last.get("step"), "ocr_q": ocr("q_proj"), "ocr_k": ocr("k_proj"), "align_share": share}
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def build_report(runs: list[RunState], alternative: str = "two-sided") -> dict[str, Any]:
     """The report of a sweep directory (what report.json holds; report.md and the tables show it).
 
     - `groups`: per (s_total, method): final validation perplexity per seed, mean and sample std
       over the seeds that finished (`done`: a finite value); every other state counted by seed
-      (`diverged`, `unfinished`, `states`), never averaged.
+      (`diverged`, `unfinished`, `states`), never averaged; `branches`: the mean over those seeds of
+      `branch_summary` (OCR of q and k, the alignment term's share of the loss).
     - `runs`: every cell with its state and the reason; `counts`: cells per state.
     - `pairs`: per pair of methods (a, b): the paired differences a − b over every (s_total, seed)
       both finished, and `scipy.stats.wilcoxon(a, b, alternative, zero_method="wilcox")`.
@@ -694,12 +717,16 @@ def build_report(runs: list[RunState], alternative: str = "two-sided") -> dict[s
                 continue
             done = [r for r in cell_runs if r.status == "done"]
             mean, std = _stats([r.val_ppl for r in done])
+            summaries = [b for b in map(branch_summary, done) if b is not None]
+            branches = {key: _stats([b[key] for b in summaries if b[key] is not None])[0]
+                        for key in ("ocr_q", "ocr_k", "align_share")}
             groups.append({
                 "s_total": s, "method": m, "n": len(done), "mean": mean, "std": std,
                 "val_ppl": {str(r.cell.seed): r.val_ppl for r in done},
                 "diverged": [r.cell.seed for r in cell_runs if r.status == "diverged"],
                 "unfinished": [r.cell.seed for r in cell_runs if r.status not in FINISHED],
                 "states": {str(r.cell.seed): r.status for r in cell_runs},
+                "branches": {**branches, "n": len(summaries)},
             })
     pairs = []
     for i, a in enumerate(methods):
@@ -796,6 +823,18 @@ def report_markdown(report: dict[str, Any], figures: list[Path] | None = None) -
             r = status.get((g["s_total"], g["method"], k))
             vals.append("" if r is None else _fmt(r["val_ppl"]) if r["status"] == "done" else r["status"])
         lines.append(f"| {g['s_total']:g} | {g['method']} | " + " | ".join(vals) + " |")
+    with_branches = [g for g in report["groups"] if g.get("branches", {}).get("n")]
+    if with_branches:
+        lines += ["", "### Branches at the last diagnostic step", "",
+                  "Means over the finished seeds: OCR of the q and k projections (each the mean over the blocks; "
+                  "the paper's Fig. 2) and the alignment term's share of the optimised loss, λ·L_align / loss "
+                  "(0 where nothing aligns).", "",
+                  "| s_total | method | seeds | OCR q | OCR k | alignment share of loss |", "|---|---|---|---|---|---|"]
+        for g in with_branches:
+            b = g["branches"]
+            share = "-" if b["align_share"] is None else f"{b['align_share']:.3g}"
+            lines.append(f"| {g['s_total']:g} | {g['method']} | {b['n']} | {_fmt(b['ocr_q'], 3)} | "
+                         f"{_fmt(b['ocr_k'], 3)} | {share} |")
     t = report["test"]
     lines += ["", "## Paired comparisons", "",
               f"Differences a − b of the final validation perplexity, paired by (s_total, seed) over all "
