@@ -22,7 +22,8 @@ from tests.conftest import expected_flops, expected_linear_bytes
 def _run(*args: str, columns: int = 200) -> subprocess.CompletedProcess[str]:
     code = "import sys; from chtsl_infer.cli import main; main(sys.argv[1:])"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
-                          env={"HF_HUB_OFFLINE": "1", "COLUMNS": str(columns), "PATH": "/usr/bin:/bin"})
+                          env={"HF_HUB_OFFLINE": "1", "COLUMNS": str(columns), "PATH": "/usr/bin:/bin",
+                               "CHTSL_TUNE": "0"})  # the defaults, as in the test process (conftest)
 
 
 def _check_machine(machine: dict, decode: bool) -> None:
