@@ -684,7 +684,8 @@ def branch_summary(run: RunState) -> dict[str, float | None] | None:
 
 
 def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    value = _number(x)
+    return value is not None and math.isfinite(value)
 
 
 def build_report(runs: list[RunState], alternative: str = "two-sided") -> dict[str, Any]:
