@@ -177,6 +177,7 @@ KERNEL_VARIANTS = {
     "smallest": (_candidate_extreme(min), ""),
     "largest": (_candidate_extreme(max), ""),
     "vw8": ({}, "vw8"),
+    "g8": ({}, "g8"),
 }
 
 

@@ -22,7 +22,7 @@ from chtsl_infer import kernels
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.kernels import build, tune, workloads
 from chtsl_infer.kernels.settings import KernelSettings, install, settings
-from chtsl_infer.kernels.table import BUILD_VARIANTS
+from chtsl_infer.kernels.table import BUILD_VARIANTS, variant_applies
 from chtsl_infer.utils import warn_once
 from tests.conftest import run_cli
 
@@ -247,6 +247,34 @@ def test_a_tuned_build_variant_is_the_build_in_force(tuning: Path, base: build.L
     dense = torch.zeros(30, 64)
     dense[torch.arange(30).repeat_interleave(3), col.long()] = values
     torch.testing.assert_close(kernels.spmm_cpu(x, crow, col, values), dense @ x, atol=1e-5, rtol=1e-5)
+
+
+def test_build_variants_combine(tuning: Path, base: build.Library) -> None:
+    """A record choosing "vw8+g8" (where both apply) puts one build with both variants' flags in force:
+    8-float tiles and no vgatherdps, and its int8 and bf16 gathers match the reference."""
+    if not variant_applies("vw8+g8", base.probed()):
+        pytest.skip("vw8 and g8 apply to AVX-512 builds only")
+    assert not variant_applies("g8+g8", base.probed()) and not variant_applies("vw8+vw4", base.probed())
+    tune.apply(base)
+    path = next(tuning.glob("tune-*.json"))
+    _rewrite(path, lambda r: r.update(variant="vw8+g8"))
+    build._in_force.clear()
+    lib = build.current()
+    assert lib is not None and lib.variant == "vw8+g8"
+    assert lib.probed()["tile_vw"] == ["8"] and lib.probed()["gather16"] == ["0"]
+    assert lib.probed()["bf16_dot"] == ["0"]
+    gen = torch.Generator().manual_seed(0)
+    crow, col, _ = workloads.random_csr(30, 640, gen)
+    q = torch.randint(-127, 128, (col.numel(),), generator=gen, dtype=torch.int8)
+    scale = torch.rand(30, generator=gen)
+    dense = torch.zeros(30, 640, dtype=torch.float64)
+    dense[torch.arange(30).repeat_interleave(col.numel() // 30), col.long()] = q.double()
+    x = torch.randn(640, 1, generator=gen)
+    want = (dense @ x.double()) * scale.double()[:, None]
+    torch.testing.assert_close(kernels.spmm_cpu(x, crow, col, q, scale=scale).double(), want, atol=1e-4, rtol=1e-5)
+    bf = q.to(torch.bfloat16)
+    got = kernels.spmm_cpu(x.bfloat16(), crow, col, bf).double()
+    torch.testing.assert_close(got, dense @ x.bfloat16().double(), atol=0.05, rtol=1e-2)
 
 
 def test_random_csr_is_sorted_distinct_and_at_the_density() -> None:

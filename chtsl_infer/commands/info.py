@@ -135,14 +135,19 @@ def packed_table(report: dict[str, Any]) -> Table:
 
 def kernel_report(retune: bool = False) -> dict[str, Any]:
     """`kernels.kernel_info()` as JSON (the kernels built and tuned on first use), after tuning anew with
-    `retune`; plus the values the tuner tries per setting (`candidates`)."""
+    `retune`; plus the values the tuner tries per setting (`candidates`) and the build variants it may
+    combine on this CPU (`variants`)."""
     from chtsl_infer import kernels
-    from chtsl_infer.kernels import tune
+    from chtsl_infer.kernels import build, tune
+    from chtsl_infer.kernels.table import BUILD_VARIANTS
 
     tune.enabled(), tune.budget()  # ChtslError on a bad CHTSL_TUNE / CHTSL_TUNE_BUDGET, even when tuned already
     if retune:
         tune.retune()
-    return {**kernels.kernel_info().as_json(), "candidates": {k: list(v) for k, v in tune.CANDIDATES.items()}}
+    info = kernels.kernel_info().as_json()
+    base = build.library()[0]  # the variants apply to the base build (a variant's own probe differs)
+    variants = [name for name, spec in BUILD_VARIANTS.items() if base is not None and spec.applies(base.probed())]
+    return {**info, "candidates": {k: list(v) for k, v in tune.CANDIDATES.items()}, "variants": variants}
 
 
 def _tuning_lines(tuning: dict[str, Any]) -> list[tuple[str, str]]:
@@ -181,12 +186,6 @@ def kernel_table(report: dict[str, Any]) -> Group:
         tried = ", ".join(str(v) for v in report["candidates"].get(name, []))
         table.add_row(name, f"{value}{mark}", str(defaults[name]), tried)
     table.add_row("build variant", (report["variant"] or "base") + (" *" if report["variant"] else ""), "base",
-                  ", ".join(["base", *_variant_names(report)]))
+                  ", ".join(["base", *report["variants"]]))
     return Group(about, table)
 
-
-def _variant_names(report: dict[str, Any]) -> list[str]:
-    from chtsl_infer.kernels.table import BUILD_VARIANTS
-
-    probed = {"tile_vw": [str(report["tile_vw"])]} if report["tile_vw"] else {}
-    return [name for name, spec in BUILD_VARIANTS.items() if spec.applies(probed)]

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from chtsl_infer.kernels.table import BUILD_VARIANTS, KERNELS, CFunction, bind, check_layouts, probe, symbol
+from chtsl_infer.kernels.table import KERNELS, CFunction, bind, check_layouts, probe, symbol, variant_defines
 from chtsl_infer.utils import atomic_write_text, cache_dir, warn_once
 
 CSRC = Path(__file__).with_name("csrc")
@@ -269,14 +269,15 @@ _forced: list[Library] = []  # use_library's stack
 
 
 def variant_library(name: str, timeout: float = 300) -> tuple[Library | None, str]:
-    """(build variant `name` of the base library, "") — built on first use, cached beside it — or (None,
+    """(build variant `name` of the base library — one `table.BUILD_VARIANTS` entry or several joined by
+    "+" —, "") — built on first use, cached beside it — or (None,
     why not: no base library, a compiler error, not built within `timeout` seconds)."""
     base = library()[0]
     if base is None:
         return None, "no compiled kernels"
     key = (base.path, name)
     if key not in _variants:  # failures are not kept: a compiler error is recorded on disk, a timeout retried
-        flags = base.flags + BUILD_VARIANTS[name].defines
+        flags = base.flags + variant_defines(name)
         target = _cache_dir() / f"spmm-{_cache_key(base.compiler, flags)}.so"
         failed, _ = _ensure_built(base.compiler, flags, target, [], timeout)
         if failed:

@@ -22,12 +22,13 @@ Compile-time choices — fixed when the library is built. `BUILD_VARIANTS` below
 cache key) and choose on CPUs where they apply; the others are candidates for more:
 
 - `TILE_VW` (csr_tiles.h): floats per tile vector, 16 with AVX-512 else 8 (variant `vw8`: 8 with AVX-512);
+- `GATHER16` (gather.h): the int8 gather's and the AVX512-BF16 gather's 16 links per vgatherdps with
+  AVX-512 (variant `g8`: 8 x values loaded one by one into a vector instead);
 - the token tiles the kernels are specialised for (16, 32, 64: `ROWS`, `MM_ROWS`, `SDDMM_ROWS`)
   and `CSR_ROW_SUM`'s one or two accumulator sets;
 - `SDDMM_ROW_CHUNK` (csr_train.c, 64 rows of DY transposed at once) and csr_mm_tm's 16-row output blocks;
-- the gather loops' 4 (fp32) or 2 (bf16, int8) sum chains, `BF16_DP` (bf16.h: vdpbf16ps where available)
-  and `GATHER16` (gather.h: the int8 gather's 16 links per AVX-512 vgatherdps, else 8 x values loaded one
-  by one into a vector, as the bf16 gather without AVX512-BF16);
+- the gather loops' 4 (fp32) or 2 (bf16, int8) sum chains, `BF16_DP` (bf16.h: vdpbf16ps where
+  available, in the 16-link gather);
 - non-temporal stores of full fp32 tiles with AVX-512 (spmm.c `STREAM`);
 - gemv.c's 4 × 8-float accumulators per token (int8: 4 × TILE_VW floats); lowrank_fm's single-thread
   threshold (2^18 multiply-adds; attn_decode's is a run-time setting);
@@ -139,21 +140,49 @@ KERNELS = {spec.name: spec for spec in TABLE}
 class BuildVariant:
     """A second build of the same sources with `defines` (-D flags added to the base build's), which the
     tuner times on CPUs where `applies(probe)` holds (probe: the base build's `kernel_probe` lines as
-    key -> values) and uses where it is faster. It changes the spmm token-tile loops only: the tuner
-    times it on the workloads that run them (`workloads.Workload.tiled`)."""
+    key -> values) and uses where it is faster. It changes one code path (`path`: "tile", the spmm
+    token-tile loops; "gather16", the int8/bf16 gather loops' vgatherdps): the tuner times it on the
+    workloads that run that path (`workloads.Workload.paths`). Variants combine: a build's variant name
+    is the accepted ones joined by "+" (e.g. "vw8+g8"), its flags all of theirs (`variant_defines`)."""
 
     name: str
     defines: tuple[str, ...]
     description: str
     applies: Callable[[dict[str, list[str]]], bool]
+    path: str
 
 
 BUILD_VARIANTS = {variant.name: variant for variant in (
     # 512-bit operations are double-pumped on AMD Zen 4 (two 256-bit halves); 8-float tile vectors
     # halve the registers the tile accumulators need.
     BuildVariant("vw8", ("-DCHTSL_TILE_VW=8",), "8-float tile vectors on an AVX-512 build (csr_tiles.h TILE_VW)",
-                 lambda probed: probed.get("tile_vw") == ["16"]),
+                 lambda probed: probed.get("tile_vw") == ["16"], "tile"),
+    # vgatherdps is microcoded on some CPUs: on AMD Zen 4 (2 cores, one token) the 8-link loop of x
+    # values loaded one by one took 0.73–0.77× the time per int8 row and 0.65× per bf16 row.
+    BuildVariant("g8", ("-DCHTSL_GATHER16=0",), "8-link gather loops on an AVX-512 build, no vgatherdps "
+                 "(gather.h GATHER16)", lambda probed: probed.get("gather16") == ["1"], "gather16"),
 )}
+
+
+def variant_parts(name: str) -> list[BuildVariant]:
+    """The build variants a variant name combines ("vw8+g8" -> vw8, g8; "" -> none); KeyError for an
+    unknown part."""
+    return [BUILD_VARIANTS[part] for part in name.split("+")] if name else []
+
+
+def variant_defines(name: str) -> tuple[str, ...]:
+    """The -D flags of variant name `name` (each part's, in order)."""
+    return tuple(flag for spec in variant_parts(name) for flag in spec.defines)
+
+
+def variant_applies(name: str, probed: dict[str, list[str]]) -> bool:
+    """Whether every part of variant name `name` is known, applies to a base build that probed `probed`,
+    and appears once."""
+    try:
+        parts = variant_parts(name)
+    except KeyError:
+        return False
+    return len({p.name for p in parts}) == len(parts) and all(p.applies(probed) for p in parts)
 
 
 @functools.cache

@@ -12,8 +12,9 @@ What is tuned:
   the geometric mean of median-time ratios, the two settings timed alternately, `REPEATS` times
   each — so noise does not flip a setting;
 - then each `table.BUILD_VARIANTS` entry that applies to this CPU (e.g. `vw8`, 8-float tile vectors
-  on an AVX-512 build): compiled within what is left of the budget and timed the same way on the
-  workloads it changes.
+  on an AVX-512 build; `g8`, gathers without vgatherdps), on top of those accepted before it (the
+  build "vw8+g8" has both): compiled within what is left of the budget and timed the same way on the
+  workloads that run the code path it changes.
 Where the budget runs out, the rest keeps its defaults (the record says so: "complete": false).
 
 Where: `$CHTSL_CACHE_DIR/kernels/tune-KEY.json` (default `~/.cache/chtsl/kernels`), beside the
@@ -50,7 +51,7 @@ from chtsl_infer.errors import ChtslError
 from chtsl_infer.kernels import build, workloads
 from chtsl_infer.kernels.settings import KernelSettings, install
 from chtsl_infer.kernels.settings import settings as settings_in_force
-from chtsl_infer.kernels.table import BUILD_VARIANTS
+from chtsl_infer.kernels.table import BUILD_VARIANTS, variant_applies
 from chtsl_infer.utils import atomic_write_text, warn_once
 
 SCHEMA = 1
@@ -180,7 +181,7 @@ def validate_record(record: Any, base: build.Library, threads: int) -> str:
     except (TypeError, ValueError) as exc:
         return f"invalid settings: {exc}"
     variant = record.get("variant")
-    if variant != "" and not (variant in BUILD_VARIANTS and BUILD_VARIANTS[variant].applies(base.probed())):
+    if not isinstance(variant, str) or variant and not variant_applies(variant, base.probed()):
         return f"unknown build variant {variant!r}"
     return ""
 
@@ -318,20 +319,25 @@ class _Search:
         return best if verified or self.out_of_time else defaults  # no time to check: the descent's result
 
     def variant(self, best: KernelSettings) -> str:
-        """The first applicable build variant that beats the base build under `best` ("" for none),
-        each compiled within what is left of the budget."""
+        """The build variants that beat the build without them under `best`, joined by "+" ("" for none):
+        each applicable one in `BUILD_VARIANTS`' order, added to those accepted before it, compiled
+        within what is left of the budget and timed on the workloads that run the path it changes."""
+        accepted: list[str] = []
+        current = self.base
         for spec in BUILD_VARIANTS.values():
-            changed = [w for w in self.work if w.tiled(best)]
+            changed = [w for w in self.work if spec.path in w.paths(best)]
             if not (spec.applies(self.base.probed()) and changed):
                 continue
+            name = "+".join([*accepted, spec.name])
             left = self.deadline - time.monotonic() - self.cost(changed)
-            lib, why = build.variant_library(spec.name, timeout=left) if left >= 1 else (None, "no time left")
+            lib, why = build.variant_library(name, timeout=left) if left >= 1 else (None, "no time left")
             if lib is None:
-                self.trials.append({"variant": spec.name, "error": why, "accepted": False})
+                self.trials.append({"variant": name, "error": why, "accepted": False})
                 self.out_of_time = self.out_of_time or left < 1 or time.monotonic() > self.deadline
-            elif self.faster(changed, (best, self.base), (best, lib), {"variant": spec.name}):
-                return spec.name
-        return ""
+            elif self.faster(changed, (best, current), (best, lib), {"variant": name}):
+                accepted.append(spec.name)
+                current = lib
+        return "+".join(accepted)
 
 
 def run_tuning(base: build.Library, seconds: float, threads: int) -> dict[str, Any]:

@@ -7,7 +7,8 @@ millisecond:
     spmm forward   256 tokens (token tiles of 32 or 64, `tile_bytes`), inputs 512 … 5461 wide
     spmm tile      64 tokens: one tile, the rows split instead (`chunks_per_thread`)
     spmm batch     2, 3, 4 tokens: gather loop or a 16-token tile (`gather_below`)
-    spmm decode    1 token (row chunks)
+    spmm decode    1 token (row chunks); int8 and bf16 values at 1 token (the gather loops, which
+                   build variant `g8` changes)
     decode step    every block of a decoding step in one call (`DecodeLayers`, 1 token at position
                    128): llama60m's 8 blocks (in cache) and llama1b blocks, as many as read 1.5×
                    the last-level cache, ≤ 4 (streamed from memory, as a 1B model is)
@@ -45,13 +46,21 @@ LLAMA1B = {"hidden": 2048, "ffn": 5461, "heads": 32, "rank": 65}  # llama1b-c4 a
 class Workload:
     """One timed call: `run()` calls the operation once; `choice(settings)` is what the settings decide
     for it (tile widths, chunks, work items, a thread split: equal choices = the same code and work);
-    `tiled(settings)`: whether it runs the spmm token-tile loops (what a build variant such as `vw8`
-    changes)."""
+    `paths(settings)`: the compile-time code paths it runs that build variants change ("tile": the
+    spmm token-tile loops, `vw8`; "gather16": the int8/bf16 gather loops, `g8`)."""
 
     name: str
     run: Callable[[], object]
     choice: Callable[[KernelSettings], tuple]
-    tiled: Callable[[KernelSettings], bool] = field(default=lambda s: False)
+    paths: Callable[[KernelSettings], frozenset[str]] = field(default=lambda s: frozenset())
+
+
+def spmm_paths(tile: int, dtype: torch.dtype) -> frozenset[str]:
+    """The variant-dependent paths of an spmm call with token tile `tile` (0: the gather loop) and
+    values of `dtype`: the tile loops, or the gather loop that vgatherdps serves (int8, bf16)."""
+    if tile:
+        return frozenset({"tile"})
+    return frozenset({"gather16"}) if dtype in (torch.int8, torch.bfloat16) else frozenset()
 
 
 def last_level_cache_bytes() -> int:
@@ -74,7 +83,7 @@ def random_csr(rows: int, n_in: int, gen: torch.Generator, col_dtype: torch.dtyp
     row at a random column of the j-th of k equal stretches of the input: sorted, distinct, spread like
     a uniform random support, and made without a sort (a 1B block's 2.5 M links in a few ms). Rows of
     equal length are already in `sort_rows`' order (rows = identity). col int16 where n_in fits, as
-    the runtime stores it; values all 0.02 (`_filled`), fp32 or `dtype`."""
+    the runtime stores it; values all 0.02 (`_filled`; 0 as int8), fp32 or `dtype`."""
     per_row = max(1, round(DENSITY * n_in))
     stretch = n_in // per_row
     col = (torch.arange(per_row) * n_in // per_row + torch.randint(0, stretch, (rows, per_row), generator=gen))
@@ -98,11 +107,15 @@ def spmm_choice(s: KernelSettings, n_in: int, n_tok: int, threads: int) -> tuple
 
 def _spmm(name: str, rows: int, n_in: int, n_tok: int, gen: torch.Generator, threads: int,
           dtype: torch.dtype = torch.float32) -> Workload:
+    """rows × n_in at DENSITY times n_tok tokens; int8 values (with row scales) take fp32 activations."""
     crow, col, values = random_csr(rows, n_in, gen, dtype=dtype)
-    x = torch.randn(n_in, n_tok, generator=gen).to(dtype)
-    out = torch.empty(rows, n_tok, dtype=dtype)
-    return Workload(name, lambda: spmm_cpu(x, crow, col, values, out=out),
-                    lambda s: spmm_choice(s, n_in, n_tok, threads), lambda s: s.token_tile(n_in, n_tok) > 0)
+    scale = torch.full((rows,), 0.01) if dtype == torch.int8 else None
+    act = torch.float32 if dtype == torch.int8 else dtype
+    x = torch.randn(n_in, n_tok, generator=gen).to(act)
+    out = torch.empty(rows, n_tok, dtype=act)
+    return Workload(name, lambda: spmm_cpu(x, crow, col, values, out=out, scale=scale),
+                    lambda s: spmm_choice(s, n_in, n_tok, threads),
+                    lambda s: spmm_paths(s.token_tile(n_in, n_tok), dtype))
 
 
 def _decode(name: str, shape: dict[str, int], blocks: int, gen: torch.Generator) -> Workload:
@@ -139,7 +152,7 @@ def _decode(name: str, shape: dict[str, int], blocks: int, gen: torch.Generator)
 
     attn_work = heads * (start + 1) * HEAD_DIM
     return Workload(name, run, lambda s: (s.token_tile(hidden, 1), s.decode_item_bytes, attn_work >= s.attn_min_work),
-                    lambda s: s.token_tile(hidden, 1) > 0)
+                    lambda s: spmm_paths(s.token_tile(hidden, 1), torch.float32))
 
 
 def _attention(name: str, positions: int, gen: torch.Generator) -> Workload:
@@ -183,6 +196,8 @@ def workloads(threads: int, seed: int = 0) -> Iterator[Workload]:
     for n in (2, 3, 4):
         yield _spmm(f"spmm {n} tok, in 2048", 1024, 2048, n, gen, threads)
     yield _spmm("spmm 1 tok, in 2048", 2048, 2048, 1, gen, threads)
+    yield _spmm("spmm 1 tok int8, in 5461", 2048, 5461, 1, gen, threads, torch.int8)
+    yield _spmm("spmm 1 tok bf16, in 2048", 2048, 2048, 1, gen, threads, torch.bfloat16)
     yield _attention("attention 8 heads, 64 pos", 63, gen)
     yield _attention("attention 8 heads, 512 pos", 511, gen)
     for n in (small["hidden"], big["hidden"]):

@@ -81,7 +81,6 @@ static inline g8 x8_d8(const float *x, const uint8_t *d, int *cur) {
 }
 
 #if defined(__AVX512F__)
-#define GATHER16 1
 /* The row's next 16 columns as int32 lanes. `base` (all lanes equal) is the d8 cursor: the column
  * before these links, updated to the last of them; the absolute encodings leave it alone. */
 static inline __m512i cols16_i16(const int16_t *p, __m512i *base) {
@@ -113,6 +112,13 @@ static inline __m512 load16_i8(const int8_t *p) {
 }
 
 static inline int base_col(__m512i base) { return _mm_cvtsi128_si32(_mm512_castsi512_si128(base)); }
+#endif
+
+/* Whether the gather loops take 16 links per vgatherdps (int8 values; bf16 with vdpbf16ps). Build
+ * variant `g8` (CHTSL_GATHER16=0) keeps the 8-link loops of x values loaded one by one on an AVX-512
+ * build: the tuner keeps whichever decodes faster on the machine (vgatherdps's cost differs by CPU). */
+#if defined(__AVX512F__) && !(defined(CHTSL_GATHER16) && CHTSL_GATHER16 == 0)
+#define GATHER16 1
 #else
 #define GATHER16 0
 #endif

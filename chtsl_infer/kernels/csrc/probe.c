@@ -7,7 +7,7 @@
  *   openmp 0|1              built with OpenMP (else single-threaded)
  *   tile_vw N               floats per vector of the spmm tile loops (csr_tiles.h)
  *   bf16_dot 0|1            spmm_bf16.c's gather uses AVX512-BF16's vdpbf16ps (bf16.h)
- *   gather16 0|1            the int8 gather loops take 16 links per AVX-512 vgatherdps (gather.h)
+ *   gather16 0|1            the int8 (and bf16_dot) gather loops take 16 links per vgatherdps (gather.h)
  *   struct NAME SIZE        sizeof of a shared struct
  *   field NAME.F OFF SIZE   offsetof and sizeof of each of its fields, in declaration order
  */
@@ -67,7 +67,7 @@ static const char isa[] = "isa"
 /* Writes the lines into buf (size bytes, NUL-terminated); returns their length, or -1 if buf is too small. */
 int kernel_probe(char *buf, int size) {
   long n = snprintf(buf, (size_t)size, "%s\nopenmp %d\ntile_vw %d\nbf16_dot %d\ngather16 %d\n", isa, OPENMP, TILE_VW,
-                    BF16_DP, GATHER16);
+                    BF16_DP && GATHER16, GATHER16);
   for (size_t i = 0; i < sizeof layout / sizeof layout[0] && n >= 0 && n < size; i++) {
     if (layout[i].b == (size_t)-1)
       n += snprintf(buf + n, (size_t)(size - n), "%s %zu\n", layout[i].name, layout[i].a);

@@ -44,7 +44,7 @@ static inline void bfill_tile(float *dst, const uint16_t *src, int nt, int tile)
   for (int t = nt; t < tile; t++) dst[t] = 0.0f;
 }
 
-#if BF16_DP
+#if BF16_DP && GATHER16
 #define BDOT32(SUFFIX)                                                                                \
   {                                                                                                   \
     __m512 acc = _mm512_setzero_ps();                                                                 \
