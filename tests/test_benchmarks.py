@@ -144,3 +144,20 @@ def test_hf_generate_benchmark_reports_every_row(tmp_path) -> None:
         printed = next(line for line in text.splitlines() if line.startswith(r["row"]))
         assert f"{r['decode_tokens_per_s']:.1f}" in printed and f"{r['generate_x_dense']:.2f}" in printed
     assert data["same_tokens"] is True
+
+
+def test_variants_benchmark_reports_every_model_and_variant(tmp_path) -> None:
+    """benchmarks/variants.py: a row per (model, variant) with its ratio to the first variant; a variant
+    the CPU's kernels cannot take is refused with one line."""
+    out = tmp_path / "variants.json"
+    _run("variants.py", "--models", "tiny:fp32,tiny:int8", "--variants", "base,tuned", "--rounds", "1",
+         "--prompt-len", "8", "--new-tokens", "2", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [(r["model"], r["variant"]) for r in rows] == [
+        ("tiny:fp32", "base"), ("tiny:fp32", "tuned"), ("tiny:int8", "base"), ("tiny:int8", "tuned")]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and len(r["samples"]) == 1
+        assert r["ratio"] == 1.0 if r["variant"] == "base" else r["ratio"] > 0
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "variants.py"), "--models", "tiny:fp32",
+                           "--variants", "base,vw4"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode != 0 and "build variant 'vw4' does not apply" in proc.stderr
