@@ -246,6 +246,34 @@ def test_all_blocks_in_one_c_call_equal_the_block_loop(dtype: torch.dtype, item_
     assert real(dense.model, dtype) is None
 
 
+def test_the_one_call_decoder_follows_the_build_in_force() -> None:
+    """The kept `DecodeLayers` is bound to the kernel build in force when it was made: inside
+    `build.use_library(another)` it is rebuilt on that build, and again on the first after the block."""
+    from chtsl_infer.kernels import build
+    from chtsl_infer.runtime import feature_major
+
+    base = build.library()[0]
+    if base is None:
+        pytest.skip("no compiled kernels")
+    rt = from_packed(pack_model(tiny_model_nonzero_b("chtsl")), "sparse")
+    first = feature_major._decode_layers(rt.model, torch.float32)
+    assert first is not None and first.fn is build.current().functions["decode_layers"]
+    other = base if build.current() is not base else None
+    if other is None:  # the base build is in force: take any build variant this CPU has, or a plain copy
+        from chtsl_infer.kernels.table import BUILD_VARIANTS
+
+        names = [n for n, spec in BUILD_VARIANTS.items() if spec.applies(base.probed())]
+        if not names:
+            pytest.skip("no build variant applies to this CPU")
+        other, why = build.variant_library(names[0])
+        assert other is not None, why
+    with build.use_library(other):
+        inside = feature_major._decode_layers(rt.model, torch.float32)
+        assert inside is not first and inside.fn is other.functions["decode_layers"]
+    after = feature_major._decode_layers(rt.model, torch.float32)
+    assert after is not inside and after.fn is build.current().functions["decode_layers"]
+
+
 def test_generate_stops_at_eos_and_pads_finished_sequences() -> None:
     model = tiny_model_nonzero_b("chtsl")
     rt = from_packed(pack_model(model), "sparse")

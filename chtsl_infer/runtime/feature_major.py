@@ -39,6 +39,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 
 from chtsl_infer import kernels
+from chtsl_infer.kernels import build
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.runtime.fused import FusedLinears
 from chtsl_infer.runtime.int8 import int8_mm
@@ -228,7 +229,8 @@ def _decode_layers(model: ChtslLlamaForCausalLM, dtype: torch.dtype) -> kernels.
     """The model's blocks as one `kernels.DecodeLayers` call, or None where a block does not qualify
     (a group without its decode kernels or with a dense base weight, an MLP activation other than SiLU,
     norms of another dtype). Built once and kept on the model while its blocks, the groups' decoders
-    and the norm weights stay the same objects at the same addresses (`.to()` replaces them).
+    and the norm weights stay the same objects at the same addresses (`.to()` replaces them) and the
+    kernel build in force is the one it was bound to (`build.use_library` may put another in force).
 
     The check runs every decoding step, so it reads plain attributes: walking the blocks through
     `nn.Module.__getattr__` cost 0.9 ms per llama1b token."""
@@ -253,7 +255,7 @@ def _decode_layers(model: ChtslLlamaForCausalLM, dtype: torch.dtype) -> kernels.
             eps.pop(), layers[0].mlp.gate_proj.group.offsets[-1] // 2, dtype)
     model.__dict__["_chtsl_decode_layers"] = _KeptDecodeLayers(
         blocks, list(layers), groups, [g._decoder for g in groups], list(zip(modules, norms, strict=True)),
-        [w.data_ptr() for w in norms], dtype)
+        [w.data_ptr() for w in norms], dtype, build.current())
     return blocks
 
 
@@ -269,9 +271,10 @@ class _KeptDecodeLayers:
     norms: list[tuple[nn.Module, torch.Tensor]]  # (norm module, its weight Parameter)
     norm_ptrs: list[int]
     dtype: torch.dtype
+    library: build.Library | None  # the build in force when the blocks were bound
 
     def still_valid(self, layers: nn.ModuleList, dtype: torch.dtype) -> bool:
-        return (self.dtype == dtype and len(self.layers) == len(layers)
+        return (self.dtype == dtype and build.current() is self.library and len(self.layers) == len(layers)
                 and all(a is b for a, b in zip(self.layers, layers, strict=True))
                 and all(g._decoder is d for g, d in zip(self.groups, self.decoders, strict=True))
                 and all(m._parameters["weight"] is w and w.data_ptr() == p
