@@ -1,7 +1,7 @@
 """Fair under load: tiny training and 60M decoding alone and beside CPU-burning processes, for each
 OpenMP wait policy, against the ideal slowdown (the CPU share the job gets).
 
-    python benchmarks/load.py                                   # policies default,passive,spin:10000; 1 burner
+    python benchmarks/load.py                                   # policies auto,passive,default; 1 burner
     python benchmarks/load.py --policies default,passive --burn 2 --json load.json
     python benchmarks/load.py --train-steps 2 --decode-preset tiny --new-tokens 4   # a quick check
 
@@ -142,7 +142,7 @@ def table(rows: list[dict]) -> Table:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policies", default="default,passive,spin:10000",
+    ap.add_argument("--policies", default="auto,passive,default",
                     help="OpenMP wait policies (chtsl_infer/omp.py), comma-separated")
     ap.add_argument("--burn", type=int, default=1, help="busy-loop processes beside the job (one core each)")
     ap.add_argument("--jobs", default="train,decode", help="train, decode or both")

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     torch loads it)."""
     try:
         if "torch" not in sys.modules:  # (in-process callers, e.g. the tests, have torch loaded already)
-            omp.configure()
+            args = sys.argv[1:] if argv is None else argv
+            omp.configure(command=next((a for a in args if not a.startswith("-")), None))
         code = app(args=argv, prog_name="chtsl", standalone_mode=False)
     except typer.TyperException as e:  # Click's usage errors: unknown option, bad value, missing argument
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `chtsl`: the help, as Click prints it

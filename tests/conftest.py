@@ -99,14 +99,22 @@ def _group_linears(packed):  # packed: PackedModel
 def expected_linear_bytes(packed, backend: str, value_bytes: int) -> int:  # packed: PackedModel
     """Bytes of the fused groups of the runtime model built from `packed`, written out from the packed
     tensors (`runtime.cost` counts the built model's). Per group: sparse backend — values, columns
-    (their packed dtype), int32 row pointers (Σout + 1) and row order (Σout); dense backend — the
+    (their packed dtype; 8-bit deltas as int16 columns without the padding links where the settings in
+    force widen them), int32 row pointers (Σout + 1) and row order (Σout); dense backend — the
     densified S or the dense weight (Σout × in); both — A, B and the int32 (2, members) shapes."""
+    from chtsl_infer.formats.encoding import padding_links
+    from chtsl_infer.kernels.settings import settings
+
     total = 0
     for group in _group_linears(packed):
         outs, n_in = sum(lin.out_features for lin in group), group[0].in_features
         if group[0].has_sparse and backend == "sparse":
             nnz = sum(lin.nnz for lin in group)
-            total += nnz * (value_bytes + group[0].col_indices.element_size()) + 4 * (outs + 1) + 4 * outs
+            col_bytes = group[0].col_indices.element_size()
+            if group[0].col_indices.dtype == torch.uint8 and settings().widen_deltas:
+                nnz -= sum(int(padding_links(lin.crow_indices, lin.col_indices, lin.values).sum()) for lin in group)
+                col_bytes = 2
+            total += nnz * (value_bytes + col_bytes) + 4 * (outs + 1) + 4 * outs
         elif group[0].has_sparse or group[0].weight is not None:
             total += outs * n_in * value_bytes
         if group[0].has_lowrank:

@@ -278,12 +278,15 @@ def test_the_probe_reports_the_int8_gather_path() -> None:
 ATOL = 1e-4  # the runtime tests' fp32 tolerance on logits
 
 
+@pytest.mark.parametrize("widen", [0, 1])
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_int8_runtime_matches_the_dequantized_model(method: str) -> None:
-    """An int8 export run by the sparse backend (int8 kernels, int8 lm_head, bf16 embedding) gives the
-    logits of its dequantized weights in float64, for a full forward, a prefill and ≤ 4-token decoding
-    steps (the one-call C path); it holds int8 buffers and generates what the dense reference does."""
+def test_int8_runtime_matches_the_dequantized_model(method: str, widen: int) -> None:
+    """An int8 export run by the sparse backend (int8 kernels, int8 lm_head, bf16 embedding), its column
+    deltas held as read or widened (`widen_deltas`), gives the logits of its dequantized weights in
+    float64, for a full forward, a prefill and ≤ 4-token decoding steps (the one-call C path); it holds
+    int8 buffers and generates what the dense reference does."""
     from chtsl_infer.formats.packed import pack_model, unpack_model
+    from chtsl_infer.kernels.settings import override
     from chtsl_infer.runtime.backends import FusedLinears, from_packed
     from chtsl_infer.runtime.int8 import Int8Linear
 
@@ -293,7 +296,10 @@ def test_int8_runtime_matches_the_dequantized_model(method: str) -> None:
     reference = unpack_model(pack_model(model, I8), torch.float64)
     with torch.no_grad():
         want = reference(input_ids=ids, use_cache=False).logits
-    rt = from_packed(pack_model(model, I8), "sparse")
+    with override(widen_deltas=widen):
+        rt = from_packed(pack_model(model, I8), "sparse")
+    assert {g.col.dtype for g in rt.model.modules() if isinstance(g, FusedLinears) and g.sparse} <= {
+        torch.int16 if widen else torch.uint8}
     assert rt.dtype == F32 and isinstance(rt.model.lm_head, Int8Linear)
     assert rt.model.model.embed_tokens.weight.dtype == BF16
     groups = [m for m in rt.model.modules() if isinstance(m, FusedLinears)]
@@ -311,13 +317,16 @@ def test_int8_runtime_matches_the_dequantized_model(method: str) -> None:
     assert torch.equal(rt.generate(ids[:, :5], max_new_tokens=6), dense.generate(ids[:, :5], max_new_tokens=6))
 
 
+@pytest.mark.parametrize("widen", [0, 1])
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_float_exports_with_column_deltas_on_the_sparse_backend(method: str) -> None:
-    """fp32 and bf16 exports with 8-bit column deltas (bf16's default) through the sparse backend: fp32 gives
-    the float64 logits of its weights within the fp32 tolerance (full forward, prefill, 1–3-token decoding
-    steps: the one-call C path reading deltas); bf16 (bf16 activations, the bf16 delta kernels) stays
-    within bf16's 1e-2 of them and within 1e-3 of the same weights with absolute int16 columns."""
+def test_float_exports_with_column_deltas_on_the_sparse_backend(method: str, widen: int) -> None:
+    """fp32 and bf16 exports with 8-bit column deltas (bf16's default) through the sparse backend, held as
+    read (widen_deltas 0: the kernels read the deltas) or widened to int16 columns (1): fp32 gives the
+    float64 logits of its weights within the fp32 tolerance (full forward, prefill, 1–3-token decoding
+    steps: the one-call C path); bf16 (bf16 activations, the bf16 kernels) stays within bf16's 1e-2 of
+    them and within 1e-3 of the same weights exported with absolute int16 columns."""
     from chtsl_infer.formats.packed import pack_model, unpack_model
+    from chtsl_infer.kernels.settings import override
     from chtsl_infer.runtime.backends import FusedLinears, from_packed
 
     _require_kernels()
@@ -327,10 +336,12 @@ def test_float_exports_with_column_deltas_on_the_sparse_backend(method: str) -> 
         packed = pack_model(model, dtype, "delta8")
         with torch.no_grad():
             want = unpack_model(packed, torch.float64)(input_ids=ids, use_cache=False).logits
-        rt = from_packed(packed, "sparse", dtype=dtype)
+        with override(widen_deltas=widen):
+            rt = from_packed(packed, "sparse", dtype=dtype)
         groups = [m for m in rt.model.modules() if isinstance(m, FusedLinears)]
         assert all(g.decoder() is not None for g in groups)
-        assert all(g.col.dtype == torch.uint8 and g.values.dtype == dtype for g in groups if g.sparse)
+        held = torch.int16 if widen else torch.uint8
+        assert all(g.col.dtype == held and g.values.dtype == dtype for g in groups if g.sparse)
         cache = rt.new_cache(2, 14)
         got = [rt.logits(ids), rt.decode_step(ids[:, :8], cache)]
         got += [rt.decode_step(ids[:, a:b], cache) for a, b in ((8, 9), (9, 11), (11, 14))]  # 1, 2, 3 tokens

@@ -65,20 +65,24 @@ def test_forward_flops_of_the_torch_csr_group() -> None:
     assert forward_flops(model) == 2 * (lin.nnz + lin.lora_A.numel() + lin.lora_B.numel() + 1)
 
 
+@pytest.mark.parametrize("widen", [0, 1])
 @pytest.mark.parametrize("method", ["chtsl", "cola", "dense"])
-def test_decode_bytes_of_an_int8_model_count_its_int8_weights_and_row_scales(method: str) -> None:
-    """int8 weights on the sparse backend: 1 byte per weight and link (8-bit column deltas), plus 4 per row
-    scale, an int8 lm_head with its scales and the bf16 embedding row (as the packed file's `decode_bytes`
-    counts them)."""
+def test_decode_bytes_of_an_int8_model_count_its_int8_weights_and_row_scales(method: str, widen: int) -> None:
+    """int8 weights on the sparse backend: 1 byte per weight and link, plus its column (an 8-bit delta as
+    the file holds it, or 2 bytes where the runtime widens them), 4 per row scale, an int8 lm_head with
+    its scales and the bf16 embedding row (as the packed file's `decode_bytes` counts them)."""
     from chtsl_infer.formats.packed import QUANTIZED_PARTS, convert_packed
+    from chtsl_infer.kernels.settings import override
 
     packed = convert_packed(random_packed(tiny_config(method, num_key_value_heads=2)), torch.int8)
     cfg = packed.config
-    rt = from_packed(packed, "sparse", dtype=torch.int8)
+    with override(widen_deltas=widen):
+        rt = from_packed(packed, "sparse", dtype=torch.int8)
+        linears = expected_linear_bytes(packed, "sparse", 1)
     parts = decode_bytes(rt.model, 1, 0, 0)
     scales = sum(getattr(lin, f"{p}_scale").numel() for lin in packed.linears.values() for p in QUANTIZED_PARTS
                  if getattr(lin, f"{p}_scale") is not None)
-    assert parts["linears"] == expected_linear_bytes(packed, "sparse", 1) + 4 * scales
+    assert parts["linears"] == linears + 4 * scales
     assert parts["lm_head"] == cfg.vocab_size * (cfg.hidden_size + 4)
     assert parts["embedding"] == cfg.hidden_size * 2  # the stored bf16 row
     assert parts["norms"] == (2 * cfg.num_hidden_layers + 1) * cfg.hidden_size * 4  # widened to the fp32 activations

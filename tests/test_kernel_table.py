@@ -116,7 +116,8 @@ def test_one_lookup_picks_each_variant() -> None:
 def test_settings_defaults_rules_and_validation() -> None:
     s = KernelSettings()
     assert (s.tile_bytes, s.mm_tile, s.sddmm_tile, s.sddmm_tile_bytes, s.gather_below, s.chunks_per_thread,
-            s.decode_item_bytes, s.attn_min_work) == (1 << 20, 32, 64, 256 << 10, 3, 2, 64 << 10, 1 << 14)  # AVX2's
+            s.decode_item_bytes, s.attn_min_work, s.widen_deltas) == (1 << 20, 32, 64, 256 << 10, 3, 2, 64 << 10,
+                                                                     1 << 14, 1)  # AVX2's
     assert [s.token_tile(1000, n) for n in (1, 2, 3, 16, 17, 32, 33, 500)] == [0, 0, 16, 16, 32, 32, 64, 64]
     assert s.token_tile(5000, 100) == 32  # 5000 × 64 floats exceed tile_bytes
     assert [s.train_tile(n) for n in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 32]
@@ -126,7 +127,7 @@ def test_settings_defaults_rules_and_validation() -> None:
         assert settings() is changed and changed.train_tile(100) == 64 and changed.token_tile(10, 1) == 16
     assert settings() == s
     for bad in ({"mm_tile": 48}, {"sddmm_tile": 128}, {"tile_bytes": 0}, {"gather_below": -1},
-                {"chunks_per_thread": 1.5}, {"decode_item_bytes": True}):
+                {"chunks_per_thread": 1.5}, {"decode_item_bytes": True}, {"widen_deltas": 2}, {"widen_deltas": -1}):
         with pytest.raises(ValueError, match="KernelSettings"):
             KernelSettings(**bad)
 

@@ -18,7 +18,7 @@ from chtsl_infer.errors import ChtslError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_policies_and_their_variables() -> None:
+def test_policies_and_their_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     assert omp.environment("default") == {}
     assert omp.environment("passive") == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert omp.environment("ACTIVE") == {"OMP_WAIT_POLICY": "ACTIVE"}
@@ -27,6 +27,28 @@ def test_policies_and_their_variables() -> None:
     for bad in ("spin:", "spin:-1", "spin:1e4", "lazy", ""):
         with pytest.raises(ChtslError, match="OpenMP wait policy"):
             omp.environment(bad)
+    # auto: spin for a decoding command on an idle machine, sleep for anything else
+    for idle in (True, False):
+        monkeypatch.setattr(omp, "machine_idle", lambda idle=idle: idle)
+        assert omp.resolve("auto", "generate") == omp.resolve("auto", "bench") == ("default" if idle else "passive")
+        assert omp.resolve("auto", "train") == omp.resolve("auto", None) == "passive"
+        assert omp.environment("auto", "generate") == ({} if idle else {"OMP_WAIT_POLICY": "PASSIVE"})
+    assert omp.resolve("spin:10", "generate") == "spin:10"
+
+
+_BUSY = "import time\nend = time.time() + 5\nwhile time.time() < end:\n    pass\n"
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="Linux /proc")
+def test_machine_idle_sees_a_process_that_wants_every_cpu() -> None:
+    """Beside one busy process per CPU the machine is not idle (whatever else runs beside the tests)."""
+    burners = [subprocess.Popen([sys.executable, "-c", _BUSY]) for _ in range(os.cpu_count() or 1)]
+    try:
+        assert not omp.machine_idle(samples=20)
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait()
 
 
 _ONE_POOL = """
@@ -74,7 +96,7 @@ SPINS = {"passive": "0", "default": "300000"}  # libgomp's spin count for these 
 
 
 @pytest.mark.parametrize(("env", "read"), [
-    ({}, {"GOMP_SPINCOUNT": SPINS.get(omp.WAIT_POLICY, omp.WAIT_POLICY.removeprefix("spin:"))}),  # the default
+    ({}, {"GOMP_SPINCOUNT": "0"}),  # the default, auto, sleeps for a command that does not decode
     ({"CHTSL_OMP_WAIT": "spin:1234"}, {"GOMP_SPINCOUNT": "1234"}),
     ({"CHTSL_OMP_WAIT": "passive", "OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}),  # the user's own
     pytest.param({"CHTSL_OMP_WAIT": "default"}, {"GOMP_SPINCOUNT": "300000"}, marks=pytest.mark.slow),

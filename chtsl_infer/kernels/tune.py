@@ -71,6 +71,7 @@ CANDIDATES: dict[str, tuple[int, ...]] = {
     "mm_tile": (16, 32, 64),
     "sddmm_tile": (16, 32, 64),
     "sddmm_tile_bytes": (1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21),
+    "widen_deltas": (0, 1),
 }
 
 

@@ -7,12 +7,13 @@ millisecond:
     spmm forward   256 tokens (token tiles of 32 or 64, `tile_bytes`), inputs 512 … 5461 wide
     spmm tile      64 tokens: one tile, the rows split instead (`chunks_per_thread`)
     spmm batch     2, 3, 4 tokens: gather loop or a 16-token tile (`gather_below`)
-    spmm decode    1 token (row chunks); int8 and bf16 values at 1 token (the gather loops, which
-                   build variant `g8` changes)
+    spmm decode    1 token (row chunks); int8 and bf16 values at 1 token with S as delta8 exports
+                   store it (the gather loops, which build variant `g8` changes; `widen_deltas`)
     decode step    every block of a decoding step in one call (`DecodeLayers`, 1 token at position
                    128): llama60m's 8 blocks (in cache) and llama1b blocks, as many as read 1.5×
                    the last-level cache, ≤ 4 (streamed from memory, as a 1B model is)
-    attention      llama60m's 8 heads over 64 and 512 cached positions (`attn_min_work`)
+    attention      llama60m's 8 heads over 64 and 512 cached positions, in cache; llama1b's 32 heads
+                   over 128, from memory (`attn_min_work`)
     csr_mm         512 tokens, inputs 512 and 2048 (`mm_tile`)
     csr_sddmm      512 tokens, 512 … 5461 columns (`sddmm_tile`, `sddmm_tile_bytes`)
 
@@ -30,9 +31,10 @@ from pathlib import Path
 
 import torch
 
+from chtsl_infer.formats.encoding import delta_encode
 from chtsl_infer.kernels import build
 from chtsl_infer.kernels.decode import DecodeLayers, GroupDecoder, attention_decode
-from chtsl_infer.kernels.settings import KernelSettings
+from chtsl_infer.kernels.settings import KernelSettings, settings
 from chtsl_infer.kernels.sparse import spmm_cpu
 from chtsl_infer.kernels.training import csr_mm, csr_sddmm
 
@@ -106,15 +108,21 @@ def spmm_choice(s: KernelSettings, n_in: int, n_tok: int, threads: int) -> tuple
 
 
 def _spmm(name: str, rows: int, n_in: int, n_tok: int, gen: torch.Generator, threads: int,
-          dtype: torch.dtype = torch.float32) -> Workload:
-    """rows × n_in at DENSITY times n_tok tokens; int8 values (with row scales) take fp32 activations."""
+          dtype: torch.dtype = torch.float32, deltas: bool = False) -> Workload:
+    """rows × n_in at DENSITY times n_tok tokens; int8 values (with row scales) take fp32 activations.
+    `deltas`: S as a delta8 export stores it, held as `KernelSettings.widen_deltas` says (8-bit deltas
+    as read, or absolute int16 columns)."""
     crow, col, values = random_csr(rows, n_in, gen, dtype=dtype)
+    held = {1: (crow, col, values), 0: delta_encode(crow, col, values) if deltas else (crow, col, values)}
     scale = torch.full((rows,), 0.01) if dtype == torch.int8 else None
     act = torch.float32 if dtype == torch.int8 else dtype
     x = torch.randn(n_in, n_tok, generator=gen).to(act)
     out = torch.empty(rows, n_tok, dtype=act)
-    return Workload(name, lambda: spmm_cpu(x, crow, col, values, out=out, scale=scale),
-                    lambda s: spmm_choice(s, n_in, n_tok, threads),
+
+    def run() -> None:
+        spmm_cpu(x, *held[settings().widen_deltas], out=out, scale=scale)
+
+    return Workload(name, run, lambda s: (*spmm_choice(s, n_in, n_tok, threads), deltas and s.widen_deltas),
                     lambda s: spmm_paths(s.token_tile(n_in, n_tok), dtype))
 
 
@@ -155,15 +163,23 @@ def _decode(name: str, shape: dict[str, int], blocks: int, gen: torch.Generator)
                     lambda s: spmm_paths(s.token_tile(hidden, 1), torch.float32))
 
 
-def _attention(name: str, positions: int, gen: torch.Generator) -> Workload:
-    heads, capacity = LLAMA60M["heads"], positions + 1
+def _attention(name: str, heads: int, positions: int, gen: torch.Generator, layers: int = 1) -> Workload:
+    """One token attending over `positions` cached ones with `heads` heads; `layers` caches taken in
+    turn, one a call: as many as exceed the last-level cache make each call read its keys and values
+    from memory, as decoding does once a token's weights have streamed through the caches."""
+    capacity = positions + 1
     qkv = torch.randn(3 * heads * HEAD_DIM, 1, generator=gen)
-    key, value = (torch.randn(1, heads, capacity, HEAD_DIM, generator=gen) for _ in range(2))
+    caches = [(_filled(1, heads, capacity, HEAD_DIM), _filled(1, heads, capacity, HEAD_DIM)) for _ in range(layers)]
     cos, sin = torch.ones(HEAD_DIM, 1, capacity), torch.zeros(HEAD_DIM, 1, capacity)
     out = torch.empty(heads * HEAD_DIM, 1)
     work = heads * capacity * HEAD_DIM
-    return Workload(name, lambda: attention_decode(qkv, key, value, cos, sin, positions, 1, heads, 0.125, out),
-                    lambda s: (work >= s.attn_min_work,))
+    turn = iter(range(1 << 62))
+
+    def run() -> None:
+        key, value = caches[next(turn) % layers]
+        attention_decode(qkv, key, value, cos, sin, positions, 1, heads, 0.125, out)
+
+    return Workload(name, run, lambda s: (work >= s.attn_min_work,))
 
 
 def _csr_mm(name: str, rows: int, n_in: int, n_tok: int, gen: torch.Generator, threads: int) -> Workload:
@@ -196,10 +212,13 @@ def workloads(threads: int, seed: int = 0) -> Iterator[Workload]:
     for n in (2, 3, 4):
         yield _spmm(f"spmm {n} tok, in 2048", 1024, 2048, n, gen, threads)
     yield _spmm("spmm 1 tok, in 2048", 2048, 2048, 1, gen, threads)
-    yield _spmm("spmm 1 tok int8, in 5461", 2048, 5461, 1, gen, threads, torch.int8)
-    yield _spmm("spmm 1 tok bf16, in 2048", 2048, 2048, 1, gen, threads, torch.bfloat16)
-    yield _attention("attention 8 heads, 64 pos", 63, gen)
-    yield _attention("attention 8 heads, 512 pos", 511, gen)
+    yield _spmm("spmm 1 tok int8 delta8, in 5461", 2048, 5461, 1, gen, threads, torch.int8, deltas=True)
+    yield _spmm("spmm 1 tok bf16 delta8, in 2048", 2048, 2048, 1, gen, threads, torch.bfloat16, deltas=True)
+    yield _attention("attention 8 heads, 64 pos", LLAMA60M["heads"], 63, gen)
+    yield _attention("attention 8 heads, 512 pos", LLAMA60M["heads"], 511, gen)
+    kv_bytes = 2 * 4 * big["heads"] * 129 * HEAD_DIM  # llama1b's keys and values at 128 positions
+    yield _attention("attention 32 heads, 128 pos, from memory", big["heads"], 128, gen,
+                     math.ceil(1.5 * last_level_cache_bytes() / kv_bytes))
     for n in (small["hidden"], big["hidden"]):
         yield _csr_mm(f"csr_mm 512 tok, in {n}", 512, n, 512, gen, threads)
     for n in widths:

@@ -16,11 +16,22 @@ from torch import nn
 
 from chtsl_infer import kernels
 from chtsl_infer.errors import ChtslError
-from chtsl_infer.formats.packed import QUANTIZED_PARTS, PackedLinear
+from chtsl_infer.formats.encoding import delta_decode
+from chtsl_infer.formats.packed import QUANTIZED_PARTS, PackedLinear, col_index_dtype
+from chtsl_infer.kernels import build
 from chtsl_infer.model.layers import activation_fn
 from chtsl_infer.runtime.int8 import int8_mm
 
 DENSE_PATHS = ("torch", "gemv")  # how a dense weight multiplies a few decoding tokens (`dense_fm`)
+
+
+def _widen_deltas() -> bool:
+    """Whether the CPU kernels hold 8-bit column deltas as absolute columns on this machine
+    (`KernelSettings.widen_deltas`, as tuned: the first kernel use of a process puts the tuning in force).
+    AMD Zen 4, llama1b-c4 decoding: 1.14× the tokens/s with int8 values, 1.18× with bf16, for 1 byte
+    more per link: the gather loops are bound by the deltas' serial prefix sum, not by memory."""
+    build.current()
+    return bool(kernels.settings().widen_deltas)
 
 
 class FusedLinears(nn.Module):
@@ -28,11 +39,12 @@ class FusedLinears(nn.Module):
 
     Buffers (present parts only): `weight` (Σout, in) dense S or dense-method weight; `crow`,
     `col`, `values`, `rows` the CSR of S with the members' rows stacked, stored by link count
-    (`rows`: stored row -> output row; CPU sparse backend; `col` int16/int32 columns or uint8 column
-    deltas, as packed); `lora_A` (Σr, in); `lora_B` the members' B (out_m, r_m) blocks flattened back
-    to back, `lowrank_shapes` int32 (2, members) their out_m and r_m. With `int8`, `values`, `weight`,
-    `lora_A` and `lora_B` are the packed int8 weights and `values_scale` (stored rows), `weight_scale`,
-    `lora_A_scale` (Σr,) and `lora_B_scale` (Σout,) their fp32 row scales; activations are fp32.
+    (`rows`: stored row -> output row; CPU sparse backend; `col` int16/int32 columns, or uint8
+    column deltas as packed unless `KernelSettings.widen_deltas` has them widened); `lora_A` (Σr,
+    in); `lora_B` the members' B (out_m, r_m) blocks flattened back to back, `lowrank_shapes` int32
+    (2, members) their out_m and r_m. With `int8`, `values`, `weight`, `lora_A` and `lora_B` are the
+    packed int8 weights and `values_scale` (stored rows), `weight_scale`, `lora_A_scale` (Σr,) and
+    `lora_B_scale` (Σout,) their fp32 row scales; activations are fp32.
     Members fetch their slice through `member(i, x)`, which computes the whole group once per
     distinct input tensor. `dense_path`: how a dense float `weight` multiplies 1 … `GEMV_MAX_TOKENS`
     decoding tokens (`dense_fm`; `set_dense_path`; an int8 weight always takes `int8_mm`).
@@ -76,6 +88,8 @@ class FusedLinears(nn.Module):
             else:  # the C kernel reads int32 row pointers, int16/int32 columns or deltas, fp32/bf16/int8 values
                 values_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
                 values = torch.cat([lin.values if int8 else lin.part("values", values_dtype) for lin in linears])
+                if col.dtype == torch.uint8 and _widen_deltas():
+                    crow_t, col, values = delta_decode(crow_t, col, values, col_index_dtype(self.in_features))
                 crow_s, col_s, values_s, rows = kernels.sort_rows(crow_t.to(torch.int32), col, values)
                 self.register_buffer("crow", crow_s)  # rows stored by link count (see kernels.sort_rows)
                 self.register_buffer("col", col_s)
