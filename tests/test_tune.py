@@ -145,6 +145,46 @@ def test_first_use_tunes_once_and_later_uses_read_the_cache(tuning: Path, base: 
     assert settings() == KernelSettings(**record["settings"])
 
 
+def test_a_tuning_measured_under_load_is_redone_once_the_machine_is_idle(
+        tuning: Path, base: build.Library, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other processes took half the CPUs during the tuning: the record says so; while the machine stays
+    loaded, later first uses read it (silently); the first on an idle machine tunes anew, with one
+    warning line, and the new record (no load) is kept from then on."""
+    from chtsl_infer import omp
+
+    monkeypatch.setattr(tune, "_others_share", lambda before, after: 0.5)
+    tune.apply(base)
+    path = next(tuning.glob("*.json"))
+    record, _ = tune.read_record(path, base, torch.get_num_threads())
+    assert record["under_load"] and record["others_cpu_share"] == 0.5
+    capsys.readouterr()
+    monkeypatch.setattr(omp, "machine_idle", lambda: False)
+    tune.apply(base)
+    assert _lines(capsys) == [] and tune.status().state == "cached"
+    monkeypatch.setattr(omp, "machine_idle", lambda: True)
+    monkeypatch.setattr(tune, "_others_share", lambda before, after: 0.01)
+    tune.apply(base)
+    err = _lines(capsys)
+    assert len(err) == 2 and "measured under load (other processes took 50 % of the CPUs)" in err[0], err
+    assert err[1].startswith("tuning the CPU kernels") and tune.status().state == "tuned"
+    record, _ = tune.read_record(path, base, torch.get_num_threads())
+    assert not record["under_load"] and record["others_cpu_share"] == 0.01
+    tune.apply(base)
+    assert _lines(capsys) == [] and tune.status().state == "cached"
+
+
+def test_others_share_is_the_busy_time_not_this_process_s() -> None:
+    """Busy jiffies of all CPUs minus this process's own, over the CPUs' capacity in the interval."""
+    capacity = 2.0 * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)  # 2 seconds of every CPU
+    before = (10.0, 1000, 300)
+    after = (12.0, 1000 + int(0.25 * capacity) + 40, 340)  # this process: 40 jiffies of the busy time
+    assert tune._others_share(before, after) == pytest.approx(int(0.25 * capacity) / capacity)
+    assert tune._others_share(None, after) is None and tune._others_share(after, before) is None
+    snapshot = tune._cpu_snapshot()
+    if snapshot is not None:  # Linux: this process's own time is among the busy time
+        assert snapshot[1] >= snapshot[2] >= 0
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "edited", "invalid setting", "other threads",
                                     "unknown variant", "not a dict"])
 def test_a_damaged_cache_is_tuned_anew_with_one_warning(damage: str, tuning: Path, base: build.Library,

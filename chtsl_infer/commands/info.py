@@ -155,6 +155,9 @@ def _tuning_lines(tuning: dict[str, Any]) -> list[tuple[str, str]]:
     if not record:
         return [("settings", f"{tuning['state']}: {tuning['detail']}")]
     done = "complete" if record["complete"] else "stopped at the budget"
+    if record.get("under_load"):
+        done += (f", under load: others took {100 * record['others_cpu_share']:.0f} % of the CPUs; tuned anew when "
+                 "the machine is idle")
     return [("settings", f"{tuning['state']}: measured {record['measured_at']} in {record['seconds']:.1f} s "
                          f"({record['key']['threads']} threads, {done})"),
             ("cache", str(tuning["path"]))]

@@ -21,8 +21,11 @@ Where: `$CHTSL_CACHE_DIR/kernels/tune-KEY.json` (default `~/.cache/chtsl/kernels
 compiled library; KEY hashes the CPU model, the library's name (itself a hash of the kernel sources,
 compiler, flags and CPU feature flags), the thread count, the settings' fields and `SCHEMA`. The
 record holds a SHA-256 of its content: a damaged or truncated file is tuned anew with one warning
-line. One process tunes at a time (an flock on `tune-KEY.lock`; the others wait for its result and
-read it), and the file is written to a temporary name and renamed. An unwritable cache directory
+line. It also holds the share of the CPUs other processes took while it was measured: above
+`LOAD_LIMIT` it was measured under load, and the first process that starts on an idle machine
+(`omp.machine_idle`) tunes anew, with one warning line. One process tunes at a time (an flock on
+`tune-KEY.lock`; the others wait for its result and read it), and the file is written to a temporary
+name and renamed. An unwritable cache directory
 keeps the built-in defaults, with one warning line.
 
 Environment: `CHTSL_TUNE=0` turns tuning off (built-in defaults, no cache read); `CHTSL_TUNE_BUDGET`
@@ -47,6 +50,7 @@ from typing import IO, Any
 
 import torch
 
+from chtsl_infer import omp
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.kernels import build, workloads
 from chtsl_infer.kernels.settings import KernelSettings, install
@@ -60,6 +64,7 @@ MARGIN = 0.03  # a candidate must be this much faster (geometric mean over the w
 REPEATS = 5  # timed samples per setting and workload (median)
 MIN_SAMPLE_S = 1e-3  # a sample repeats its call until it takes this long
 MISSING = "missing"  # read_record(): no file (not damage)
+LOAD_LIMIT = 0.1  # a tuning during which other processes took more of the CPUs was measured under load
 
 # The values tried per field (each field's default among them), in the order the search visits them.
 CANDIDATES: dict[str, tuple[int, ...]] = {
@@ -341,19 +346,47 @@ class _Search:
         return "+".join(accepted)
 
 
+def _cpu_snapshot() -> tuple[float, int, int] | None:
+    """(monotonic seconds, jiffies every CPU has spent busy, jiffies this process has spent) from
+    /proc/stat and /proc/self/stat; None where they cannot be read (not Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            ticks = [int(v) for v in stat.readline().split()[1:]]
+        with open("/proc/self/stat", encoding="ascii") as own:
+            after_name = own.read().rsplit(")", 1)[1].split()
+        mine = int(after_name[11]) + int(after_name[12])  # utime and stime (fields 14 and 15)
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.monotonic(), sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0), mine  # minus idle, iowait
+
+
+def _others_share(before: tuple[float, int, int] | None, after: tuple[float, int, int] | None) -> float | None:
+    """The share of all CPUs that other processes kept busy between two `_cpu_snapshot`s (None: unknown)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    capacity = (after[0] - before[0]) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / capacity)
+
+
 def run_tuning(base: build.Library, seconds: float, threads: int) -> dict[str, Any]:
     """Tunes the settings, then the build variants, for `base` at `threads` threads within `seconds`
-    (workloads made and calibrated, compiling included): the tuning record (`read_record` validates it)."""
+    (workloads made and calibrated, compiling included): the tuning record (`read_record` validates it).
+    It says how much of the CPUs other processes took meanwhile; above `LOAD_LIMIT` it was measured
+    under load (`apply` tunes anew once the machine is idle)."""
     start = time.monotonic()
+    before = _cpu_snapshot()
     search = _Search(base, threads, start + seconds)
     best = search.settings()
     variant = search.variant(best)
+    others = _others_share(before, _cpu_snapshot())
     record = {
         "schema": SCHEMA, "key": record_key(base, threads),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - start, 2), "budget_s": seconds, "setup_s": search.setup_s,
         "workloads": [w.name for w in search.work], "complete": search.all_made and not search.out_of_time,
         "settings": asdict(best), "defaults": asdict(KernelSettings()), "variant": variant, "trials": search.trials,
+        "others_cpu_share": None if others is None else round(others, 3),
+        "under_load": others is not None and others > LOAD_LIMIT,
     }
     record["sha256"] = _checksum(record)
     return record
@@ -381,10 +414,17 @@ def _defaults(detail: str, path: Path | None = None) -> None:
     _status = TuneStatus("defaults", detail, None if path is None else str(path))
 
 
+def under_load(record: dict[str, Any]) -> bool:
+    """Whether a tuning record was measured while other processes took over `LOAD_LIMIT` of the CPUs."""
+    return bool(record.get("under_load"))
+
+
 def _tune(base: build.Library, path: Path, threads: int, force: bool,
-          err: IO[str]) -> tuple[dict[str, Any], str] | None:
-    """Under the lock: the record another process wrote meanwhile (unless `force`), else a new tuning,
-    saved. (record, "tuned" or "cached"), or None where the cache cannot be written (defaults then)."""
+          err: IO[str], stale: Callable[[dict[str, Any]], bool] = lambda record: False
+          ) -> tuple[dict[str, Any], str] | None:
+    """Under the lock: the record another process wrote meanwhile (unless `force`, or `stale` says it no
+    longer serves), else a new tuning, saved. (record, "tuned" or "cached"), or None where the cache
+    cannot be written (defaults then)."""
     seconds = budget()
     lock_path = path.with_suffix(".lock")
     try:
@@ -404,8 +444,12 @@ def _tune(base: build.Library, path: Path, threads: int, force: bool,
             _defaults(why, path)
             return None
         record, problem = read_record(path, base, threads)
-        if record is not None and not force:
+        if record is not None and not force and not stale(record):
             return record, "cached"
+        if record is not None and not force:
+            share = 100 * (record.get("others_cpu_share") or 0)
+            warn_once(f"the kernel tuning in {path} was measured under load (other processes took {share:.0f} % "
+                      "of the CPUs); tuning anew on the idle machine")
         if problem not in ("", MISSING) and not force:
             warn_once(f"the kernel tuning cache {path} is damaged ({problem}); tuning anew")
         err.write(f"tuning the CPU kernels for this machine (once, at most {seconds:g} s; CHTSL_TUNE=0 skips it) ... ")
@@ -434,9 +478,12 @@ def apply(base: build.Library) -> build.Library:
     threads = torch.get_num_threads()
     path = record_path(base, threads)
     record, _ = read_record(path, base, threads)
-    if record is not None:
+    # A tuning measured under load is kept while the machine stays loaded (tuning again would be measured
+    # under load too, and cost every process its budget), and redone once a process starts on an idle one.
+    retune_it = record is not None and under_load(record) and omp.machine_idle()
+    if record is not None and not retune_it:
         return _put_in_force(record, base, "cached", f"measured {record['measured_at']}", path)
-    tuned = _tune(base, path, threads, force=False, err=sys.stderr)
+    tuned = _tune(base, path, threads, force=False, err=sys.stderr, stale=lambda r: under_load(r) and retune_it)
     if tuned is None:
         return base
     record, state = tuned
