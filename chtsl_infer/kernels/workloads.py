@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from chtsl_infer.formats.encoding import delta_encode
 from chtsl_infer.kernels import build
 from chtsl_infer.kernels.decode import DecodeLayers, GroupDecoder, attention_decode
 from chtsl_infer.kernels.settings import KernelSettings, settings
@@ -112,6 +111,8 @@ def _spmm(name: str, rows: int, n_in: int, n_tok: int, gen: torch.Generator, thr
     """rows × n_in at DENSITY times n_tok tokens; int8 values (with row scales) take fp32 activations.
     `deltas`: S as a delta8 export stores it, held as `KernelSettings.widen_deltas` says (8-bit deltas
     as read, or absolute int16 columns)."""
+    from chtsl_infer.formats.encoding import delta_encode  # it imports chtsl_infer.kernels: not at module level
+
     crow, col, values = random_csr(rows, n_in, gen, dtype=dtype)
     held = {1: (crow, col, values), 0: delta_encode(crow, col, values) if deltas else (crow, col, values)}
     scale = torch.full((rows,), 0.01) if dtype == torch.int8 else None
