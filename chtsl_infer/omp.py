@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.utils import warn_once
@@ -50,8 +51,6 @@ def machine_idle(samples: int = 10, interval_s: float = 0.002) -> bool:
     runnable threads, this one among them) sampled `samples` times, at most 0.5 others on average beyond
     the CPUs left over by this process's OpenMP threads (OMP_NUM_THREADS, else every CPU). False where
     /proc/stat cannot be read (not Linux): sleeping is the safe choice."""
-    import time
-
     cpus = os.cpu_count() or 1
     threads = os.environ.get("OMP_NUM_THREADS", "").strip()
     spare = max(0, cpus - (int(threads) if threads.isdigit() and int(threads) > 0 else cpus))
@@ -97,8 +96,7 @@ def configure(policy: str | None = None, command: str | None = None) -> str | No
     (`auto` resolved), or None where the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT (left alone). Call
     it before torch is imported: later, libgomp has read its settings already (one warning line then)."""
     chosen = policy or os.environ.get("CHTSL_OMP_WAIT") or WAIT_POLICY
-    if chosen.strip().lower() != "auto":
-        environment(chosen)  # ChtslError on a bad name, whatever else holds
+    environment(chosen)  # ChtslError on a bad name, whatever else holds (`auto` without a command: no sampling)
     if any(name in os.environ for name in USER_VARIABLES):
         return None
     chosen = resolve(chosen, command)

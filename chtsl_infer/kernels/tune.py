@@ -414,13 +414,18 @@ def _defaults(detail: str, path: Path | None = None) -> None:
     _status = TuneStatus("defaults", detail, None if path is None else str(path))
 
 
+def _never(record: dict[str, Any]) -> bool:
+    """`_tune`'s default `stale`: a valid record always serves."""
+    return False
+
+
 def under_load(record: dict[str, Any]) -> bool:
     """Whether a tuning record was measured while other processes took over `LOAD_LIMIT` of the CPUs."""
     return bool(record.get("under_load"))
 
 
 def _tune(base: build.Library, path: Path, threads: int, force: bool,
-          err: IO[str], stale: Callable[[dict[str, Any]], bool] = lambda record: False
+          err: IO[str], stale: Callable[[dict[str, Any]], bool] = _never
           ) -> tuple[dict[str, Any], str] | None:
     """Under the lock: the record another process wrote meanwhile (unless `force`, or `stale` says it no
     longer serves), else a new tuning, saved. (record, "tuned" or "cached"), or None where the cache
@@ -483,7 +488,7 @@ def apply(base: build.Library) -> build.Library:
     retune_it = record is not None and under_load(record) and omp.machine_idle()
     if record is not None and not retune_it:
         return _put_in_force(record, base, "cached", f"measured {record['measured_at']}", path)
-    tuned = _tune(base, path, threads, force=False, err=sys.stderr, stale=lambda r: under_load(r) and retune_it)
+    tuned = _tune(base, path, threads, force=False, err=sys.stderr, stale=under_load if retune_it else _never)
     if tuned is None:
         return base
     record, state = tuned

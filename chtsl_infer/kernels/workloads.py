@@ -24,6 +24,7 @@ a private generator (the process's random state is left alone).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -174,7 +175,7 @@ def _attention(name: str, heads: int, positions: int, gen: torch.Generator, laye
     cos, sin = torch.ones(HEAD_DIM, 1, capacity), torch.zeros(HEAD_DIM, 1, capacity)
     out = torch.empty(heads * HEAD_DIM, 1)
     work = heads * capacity * HEAD_DIM
-    turn = iter(range(1 << 62))
+    turn = itertools.count()
 
     def run() -> None:
         key, value = caches[next(turn) % layers]
