@@ -185,6 +185,19 @@ def test_others_share_is_the_busy_time_not_this_process_s() -> None:
         assert snapshot[1] >= snapshot[2] >= 0
 
 
+def test_the_tuners_own_compiler_runs_are_not_load() -> None:
+    """A child process run to completion (as the tuner compiles a build variant) counts as this process:
+    0.6 s of a busy child leaves the others' share near 0, not at the child's CPU time."""
+    before = tune._cpu_snapshot()
+    if before is None:
+        pytest.skip("needs /proc (Linux)")
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    share = tune._others_share(before, tune._cpu_snapshot())
+    busy_child = 0.6 / ((os.cpu_count() or 1) * 0.6)  # what the child alone would have counted for
+    assert share is not None and share < 0.5 * busy_child
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "edited", "invalid setting", "other threads",
                                     "unknown variant", "not a dict"])
 def test_a_damaged_cache_is_tuned_anew_with_one_warning(damage: str, tuning: Path, base: build.Library,

@@ -347,14 +347,16 @@ class _Search:
 
 
 def _cpu_snapshot() -> tuple[float, int, int] | None:
-    """(monotonic seconds, jiffies every CPU has spent busy, jiffies this process has spent) from
-    /proc/stat and /proc/self/stat; None where they cannot be read (not Linux)."""
+    """(monotonic seconds, jiffies every CPU has spent busy, jiffies this process and its finished
+    children have spent) from /proc/stat and /proc/self/stat; None where they cannot be read (not
+    Linux). The children count as this process: the tuner's own compiles of the build variants (a C
+    compiler run to completion) once marked every record that built a variant as measured under load."""
     try:
         with open("/proc/stat", encoding="ascii") as stat:
             ticks = [int(v) for v in stat.readline().split()[1:]]
         with open("/proc/self/stat", encoding="ascii") as own:
             after_name = own.read().rsplit(")", 1)[1].split()
-        mine = int(after_name[11]) + int(after_name[12])  # utime and stime (fields 14 and 15)
+        mine = sum(int(v) for v in after_name[11:15])  # utime, stime, cutime, cstime (fields 14 to 17)
     except (OSError, ValueError, IndexError):
         return None
     return time.monotonic(), sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0), mine  # minus idle, iowait
