@@ -349,15 +349,16 @@ def _python_worker(spec: dict[str, Any]) -> dict[str, Any]:
 # --- chtsl ---------------------------------------------------------------------------------------
 
 def run_chtsl(preset: str, dtype: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """`chtsl bench --mode decode --batch 1` on the CPU at `dtype` with `settings`' prompt, new
-    tokens, repetitions and threads (OMP_NUM_THREADS: torch's and the kernels' pool); its results
-    (the dense baseline, then the CHTsL model on the sparse backend)."""
+    """`chtsl bench --mode decode --batch 1` on the CPU at `dtype` (int8a8: int8 with int8 activations)
+    with `settings`' prompt, new tokens, repetitions and threads (OMP_NUM_THREADS: torch's and the
+    kernels' pool); its results (the dense baseline, then the CHTsL model on the sparse backend)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         cmd = [sys.executable, "-m", "chtsl_infer.cli", "bench", "--mode", "decode", "--preset", preset,
                "--s-total", str(settings["s_total"]), "--batch", "1", "--prompt-len", str(settings["prompt_len"]),
                "--new-tokens", str(settings["new_tokens"]), "--steps", str(settings["repeats"]),
-               "--backend", "sparse", "--device", "cpu", "--dtype", dtype, "--json", str(out),
+               "--backend", "sparse", "--device", "cpu", "--dtype", "int8" if dtype == "int8a8" else dtype,
+               *(["--int8-activations"] if dtype == "int8a8" else []), "--json", str(out),
                "--timeout", str(settings["timeout"])]
         env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"])}
         _run(cmd, settings["timeout"] * 3, env=env)
@@ -386,7 +387,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--types", default="F32,F16,Q8_0,Q4_0", help=f"GGUF types, of {', '.join(GGUF_TYPES)}")
     ap.add_argument("--pad-ffn", action="store_true", help="round llama.cpp's FFN width up to a multiple of 32")
     ap.add_argument("--chtsl-dtypes", default="fp32",
-                    help="chtsl bench dtypes (fp32, bf16, int8); the first is the ÷ ref")
+                    help="chtsl bench dtypes (fp32, bf16, int8, int8a8: int8 with --int8-activations); the first "
+                         "is the ÷ ref")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="both engines' threads [default: torch's]")
@@ -414,8 +416,8 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     for t in types:
         if t not in GGUF_TYPES:
             raise ChtslError(f"unknown GGUF type {t!r} in --types; valid: {', '.join(GGUF_TYPES)}")
-    dtypes = [parse_dtype(d.strip(), ("fp32", "bf16", "int8"), "--chtsl-dtypes") for d in args.chtsl_dtypes.split(",")
-              if d.strip()]
+    dtypes = [d.strip() if d.strip() == "int8a8" else parse_dtype(d.strip(), ("fp32", "bf16", "int8"), "--chtsl-dtypes")
+              for d in args.chtsl_dtypes.split(",") if d.strip()]
     if not types or not dtypes:
         raise ChtslError("--types and --chtsl-dtypes each need at least one entry")
     for flag, value in (("--prompt-len", args.prompt_len), ("--new-tokens", args.new_tokens),

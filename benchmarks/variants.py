@@ -5,7 +5,8 @@
     python benchmarks/variants.py --models tiny:fp32 --variants base --rounds 1 --new-tokens 4
 
 Each model (`SOURCE:DTYPE`: a preset, random weights at s_total 0.9, or a packed export / checkpoint
-directory; DTYPE fp32, bf16 or int8) is built once on the sparse backend. Then, per round, each model
+directory; DTYPE fp32, bf16, int8, or int8a8: int8 weights with int8 activations in the sparse
+products) is built once on the sparse backend. Then, per round, each model
 decodes (prompt `--prompt-len`, then `--new-tokens` greedy tokens with the KV cache, as `chtsl bench
 --mode decode`) under each build variant (`table.BUILD_VARIANTS` names joined by "+"; `base`: the
 base build; `tuned`: the build this machine's tuning chose), the variants alternating so machine
@@ -50,7 +51,9 @@ def build_model(spec: str):  # -> (Runtime, vocab size)
     else:
         packed = random_packed(_config_for({"preset": source, "method": "chtsl", "s_total": 0.9}), seed=0)
     vocab = packed.config.vocab_size
-    return from_packed(packed, "sparse", CPU, torch_dtype(parse_dtype(dtype, PACKED_DTYPES)), consume=True), vocab
+    a8 = dtype == "int8a8"
+    dtype = torch_dtype(parse_dtype("int8" if a8 else dtype, PACKED_DTYPES))
+    return from_packed(packed, "sparse", CPU, dtype, consume=True, int8_activations=a8), vocab
 
 
 def library(name: str, base: build.Library) -> build.Library:

@@ -18,7 +18,7 @@ import typer
 from chtsl_infer.console import check_output_file, console, err_console, write_json
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.formats.model_dir import load_model, load_tokenizer, read_trainer_state, resolve_model_dir
-from chtsl_infer.options import Batch, Device, Dtype, Force, JsonOut, OptionalCheckpoint
+from chtsl_infer.options import Batch, Device, Dtype, Force, Int8Activations, JsonOut, OptionalCheckpoint
 from chtsl_infer.utils import PACKED_DTYPES, inference_dtype, parse_dtype, resolve_device, torch_dtype
 
 BACKENDS = ("dense", "sparse", "onnx", "auto")  # dense: the checkpoint's model; others: chtsl_infer.runtime.backends
@@ -33,7 +33,8 @@ def _progress():  # -> rich.progress.Progress
     )
 
 
-def _load(model_dir, backend: str, device: str, dtype: str, weights: str | None = None):
+def _load(model_dir, backend: str, device: str, dtype: str, weights: str | None = None,
+          int8_activations: bool = False):
     """(causal LM module on `device`, eval mode; tokenizer) of a checkpoint or packed export
     (`model_dir`, a `ModelDir`), computing in `dtype` ("int8": int8 weights, fp32 activations).
     `weights`: a packed dtype the weights are first rounded to, as an export of it would hold them
@@ -43,7 +44,12 @@ def _load(model_dir, backend: str, device: str, dtype: str, weights: str | None 
     int8 weights dequantized); the other backends come from `chtsl_infer.runtime.backends` and score
     through `Runtime.logits` — the same forward as `chtsl bench` (feature-major for the torch
     backends, no transposes around the sparse kernel; matches transformers' forward within 1e-4).
+    `int8_activations`: see `backends.from_packed` (int8 weights on the CPU sparse backend).
     """
+    if int8_activations:
+        from chtsl_infer.runtime.backends import check_int8_activations
+
+        check_int8_activations(backend, device, dtype)
     tokenizer = load_tokenizer(model_dir)
     weights = "int8" if dtype == "int8" else weights
     if backend == "dense":
@@ -57,18 +63,20 @@ def _load(model_dir, backend: str, device: str, dtype: str, weights: str | None 
     from evals.harness import RuntimeModule
 
     if weights is None or backend == "onnx":
-        runtime = load_runtime(model_dir, backend=backend, device=device, dtype=torch_dtype(dtype))
+        runtime = load_runtime(model_dir, backend=backend, device=device, dtype=torch_dtype(dtype),
+                               int8_activations=int8_activations)
     else:
         from chtsl_infer.formats.packed import convert_packed
 
         packed = convert_packed(load_packed_any(model_dir), torch_dtype(weights))
-        runtime = from_packed(packed, backend, device, torch_dtype(dtype), consume=True)
+        runtime = from_packed(packed, backend, device, torch_dtype(dtype), consume=True,
+                              int8_activations=int8_activations)
     return RuntimeModule(runtime), tokenizer
 
 
 def run_tasks(ckpt: Path, tasks: str, *, data_dir: Path | None, batch_size: int, limit: int | None, device: str,
-              dtype: str, backend: str, output: Path | None, log_samples: bool, force: bool = False
-              ) -> dict[str, Any]:
+              dtype: str, backend: str, output: Path | None, log_samples: bool, force: bool = False,
+              int8_activations: bool = False) -> dict[str, Any]:
     """Runs lm-eval on `tasks` and prints the results table; returns lm-eval's results dict."""
     if data_dir is not None:
         if not data_dir.is_dir():
@@ -83,7 +91,8 @@ def run_tasks(ckpt: Path, tasks: str, *, data_dir: Path | None, batch_size: int,
     if data_dir is not None:  # find and check every file before the (slow) model load and lm-eval run
         harness.task_configs(names, data_dir)
     device = resolve_device(device)
-    model, tokenizer = _load(model_dir, backend, device, inference_dtype(dtype, device, model_dir.packed_dtype))
+    model, tokenizer = _load(model_dir, backend, device, inference_dtype(dtype, device, model_dir.packed_dtype),
+                             int8_activations=int8_activations)
     for note in notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     with harness.quiet_lm_eval(), _progress() as progress:
@@ -128,10 +137,11 @@ def validation_spec(model_dir, config, *, data: str | None, max_tokens: int | No
 
 
 def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, device: str, backend: str,
-                   output: Path | None, force: bool = False, weights: str | None = None) -> dict[str, Any]:
+                   output: Path | None, force: bool = False, weights: str | None = None,
+                   int8_activations: bool = False) -> dict[str, Any]:
     """Validation perplexity as the trainer computes it (same data, tokenization, batches, function), in
     fp32; `weights` ("bf16", "int8", …): first rounded to that packed dtype (None: as stored; an int8
-    export runs int8 weights through the runtime backends)."""
+    export runs int8 weights through the runtime backends); `int8_activations`: see `_load`."""
     from chtsl_infer.model.loss import perplexity
     from train.data.pipeline import validation_batches
 
@@ -139,7 +149,8 @@ def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, devi
     model_dir = resolve_model_dir(ckpt).require_weights()
     stored = "int8" if model_dir.packed_dtype == "int8" and weights is None else weights
     int8_kernels = stored == "int8" and backend != "dense" and device == "cpu"
-    model, tokenizer = _load(model_dir, backend, device, "int8" if int8_kernels else "fp32", weights)
+    model, tokenizer = _load(model_dir, backend, device, "int8" if int8_kernels or int8_activations and stored == "int8"
+                             else "fp32", weights, int8_activations)
     spec, eval_batch, last_val = validation_spec(model_dir, model.config, data=data, max_tokens=max_tokens)
     with err_console.status(f"tokenizing validation data ({spec.data})"):
         batches, _ = validation_batches(spec, tokenizer, eval_batch=eval_batch)
@@ -154,13 +165,15 @@ def run_perplexity(ckpt: Path, *, data: str | None, max_tokens: int | None, devi
         result = perplexity(model, tracked(), device)
     report: dict[str, Any] = {
         "checkpoint": str(ckpt), "weights": weights or parse_dtype(model_dir.packed_dtype or "fp32", PACKED_DTYPES),
+        "int8_activations": int8_activations,
         "data": spec.data, "seq_len": spec.seq_len, "packing": spec.packing,
         "max_tokens": spec.eval_tokens, "tokens": result.tokens, "nll": result.nll, "ppl": result.ppl,
         "trainer_val_ppl": (last_val or {}).get("val_ppl"),
     }
     from rich.table import Table
 
-    table = Table(title=f"{ckpt} · validation perplexity · {report['weights']} weights")
+    table = Table(title=f"{ckpt} · validation perplexity · {report['weights']} weights"
+                        f"{' · int8 activations' if int8_activations else ''}")
     for col in ("data", "seq len", "tokens", "nll (nats/token)", "ppl", "trainer's last val ppl"):
         table.add_column(col, justify="left" if col == "data" else "right")
     trainer_ppl = report["trainer_val_ppl"]
@@ -183,6 +196,7 @@ def eval_command(
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N examples per task.")] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    int8_activations: Int8Activations = False,
     backend: Annotated[str, typer.Option(help=f"Inference backend: {', '.join(BACKENDS)}.")] = "dense",
     json_out: JsonOut = None,
     log_samples: Annotated[
@@ -228,9 +242,10 @@ def eval_command(
             raise ChtslError("--data-dir, --limit and --log-samples are for --tasks; --perplexity uses --data")
         # --perplexity computes as the trainer (fp32); --dtype picks the packed dtype of the weights
         run_perplexity(ckpt, data=data, max_tokens=max_tokens, device=device, backend=backend, output=json_out,
-                       force=force, weights=None if dtype == "auto" else dtype)
+                       force=force, weights=None if dtype == "auto" else dtype, int8_activations=int8_activations)
         return
     if data is not None or max_tokens is not None:
         raise ChtslError("--data and --max-tokens are for --perplexity; lm-eval tasks use --data-dir")
     run_tasks(ckpt, tasks, data_dir=data_dir, batch_size=batch, limit=limit, device=device, dtype=dtype,
-              backend=backend, output=json_out, log_samples=log_samples, force=force)
+              backend=backend, output=json_out, log_samples=log_samples, force=force,
+              int8_activations=int8_activations)

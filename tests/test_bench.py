@@ -146,6 +146,14 @@ def test_bench_decode_int8(tmp_path: Path) -> None:
                                 "--prompt-len", "8", "--new-tokens", "4", "--steps", "1", "--backend", "sparse"))
     assert row["model_bytes"] < 0.5 * fp32["results"][1]["model_bytes"]
     assert base["model_bytes"] == fp32["results"][0]["model_bytes"]  # the same dense fp32 baseline
+    if kernels.cpu_kernel_status()[0]:  # its dense paths timed in fp32, as for an fp32 run
+        assert set(report["machine"]["dense_path_s"]) == set(fp32["machine"]["dense_path_s"]) == set(DENSE_PATHS)
+    a8 = json.loads(_run_json(tmp_path, "bench", "--mode", "decode", "--preset", "tiny", "--batch", "1",
+                              "--prompt-len", "8", "--new-tokens", "4", "--steps", "1", "--backend", "sparse",
+                              "--dtype", "int8", "--int8-activations"))
+    row = a8["results"][1]
+    assert row["label"].endswith("[sparse a8]") and row["int8_activations"] is True
+    assert row["tokens_per_s"] > 0 and row["bytes_per_token"] > 0 and a8["results"][0]["int8_activations"] is False
 
 
 def _run_json(tmp_path: Path, *argv: str) -> str:
@@ -298,6 +306,11 @@ def test_generate_streams_text_and_reports_speed(tiny_checkpoint: Path, tmp_path
     proc = _run("generate", str(exported), "--prompt", "The def statement", "--new-tokens", "6")
     assert proc.returncode == 0, proc.stderr
     assert "tokens/s (backend sparse, int8)" in proc.stdout
+    proc = _run("generate", str(exported), "--prompt", "The def statement", "--new-tokens", "6", "--int8-activations",
+                "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["int8_activations"] is True and report["backend"] == "sparse" and report["new_tokens"] > 0
 
 
 @pytest.mark.parametrize(
@@ -313,6 +326,8 @@ def test_generate_streams_text_and_reports_speed(tiny_checkpoint: Path, tmp_path
         (["--dtype", "int8", "--backend", "onnx"], "use --dtype fp32"),
         (["--dtype", "fp16", "--backend", "sparse"], "computes in float32 or bfloat16"),
         (["--dtype", "bf16", "--backend", "onnx"], "use --dtype fp32"),
+        (["--int8-activations"], "--int8-activations needs int8 weights"),  # fp32 by default
+        (["--int8-activations", "--dtype", "int8", "--backend", "dense"], "--int8-activations needs int8 weights"),
     ],
 )
 def test_generate_bad_input(tiny_checkpoint: Path, extra: list[str], message: str,

@@ -273,6 +273,63 @@ def test_the_probe_reports_the_int8_gather_path() -> None:
     assert info.gather16 == ("avx512f" in info.isa)
 
 
+# --- int8 activations: spmm_a8's layout and kernel ----------------------------------------------------
+
+def quantized_activations(x: torch.Tensor, page: int = 256) -> torch.Tensor:
+    """x (in, T) fp32 as spmm_a8 rounds it, in float64: per token and page of `page` features, scale
+    max|x| / 127 (fp32), x / scale rounded to nearest even, times the scale."""
+    n_in, n_tok = x.shape
+    pages = -(-n_in // page)
+    xp = torch.zeros(n_tok, pages * page)
+    xp[:, :n_in] = x.t()
+    xp = xp.view(n_tok, pages, page)
+    scale = xp.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.where(scale > 0, torch.round(xp / scale.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
+    return (q.clamp(-127, 127).double() * scale.double()).view(n_tok, -1)[:, :n_in].t()
+
+
+@pytest.mark.parametrize("index", INDEXES)
+@pytest.mark.parametrize("n_tok", [1, 3, 7])
+@pytest.mark.parametrize(("n_out", "n_in", "density"), [(70, 1100, 0.03), (37, 300, 0.5), (16, 256, 1.0)])
+def test_spmm_a8_matches_the_quantized_reference(index: torch.dtype, n_tok: int, n_out: int, n_in: int,
+                                                 density: float) -> None:
+    """spmm_a8 (int8 weights, int8 activations per 256-feature page) on rows stored sorted: the float64
+    product of the dequantized weights and the per-page rounded activations (`quantized_activations`),
+    up to fp32 summation over pages; groups of 16 rows cut short, pages cut short, empty rows, full
+    pages (64 steps), a zero page of x; built from int16, int32 or 8-bit delta columns; links spilled
+    past a page's steps as the packer chooses, none (every row padded) or as many as it may."""
+    _require_kernels()
+    gen = torch.Generator().manual_seed(n_tok + n_in)
+    crow, col, values = _csr(n_out, n_in, density, gen)
+    crow, col, values, scale, exact = _encode(crow, col, values, I8, index)
+    w = _dense(crow, col, exact, n_in)
+    x = torch.randn(n_in, n_tok, generator=gen)
+    x[: min(256, n_in) // 2, 0] *= 1e-3  # pages with a wide and a narrow range
+    if n_in > 512:
+        x[256:512] = 0.0  # a page of zeros: scale 0
+    want = w @ quantized_activations(x)
+    s_crow, s_col, s_values, rows = kernels.sort_rows(crow, col, values)
+    bound = (w.abs() @ quantized_activations(x).abs()) * 1e-6
+    for spill_cost in (kernels.sparse.A8_SPILL_COST, 10**6, 0):
+        layout = kernels.a8_pack(s_crow, s_col, s_values, scale[rows.long()], rows, n_in, spill_cost)
+        assert layout.steps.shape == (-(-n_out // 16), -(-n_in // 256)) and int(layout.steps.max()) <= 64
+        links = int((s_values != 0).sum())  # padding links of the deltas hold zero weights
+        spilled = int(layout.spill_start[-1])
+        assert spilled == 0 if spill_cost == 10**6 else spill_cost or spilled > 0 or links == 0
+        got = kernels.spmm_a8(x, layout)
+        assert torch.all((got.double() - want).abs() <= bound + 1e-30), spill_cost
+    close = kernels.spmm_cpu(x, s_crow, s_col, s_values, rows=rows, scale=scale[rows.long()])  # fp32 activations
+    torch.testing.assert_close(got, close, rtol=0.05, atol=0.05 * float(close.abs().max()))
+
+
+def test_a8_pack_rejects_a_column_past_the_row() -> None:
+    _require_kernels()
+    crow = torch.tensor([0, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="outside"):
+        kernels.a8_pack(crow, torch.tensor([3, 300], dtype=torch.int16), torch.ones(2, dtype=I8), torch.ones(1),
+                        torch.zeros(1, dtype=torch.int32), 300 - 1)
+
+
 # --- the int8 runtime: the kernels composed, every method ------------------------------------------------
 
 ATOL = 1e-4  # the runtime tests' fp32 tolerance on logits
@@ -372,6 +429,45 @@ def test_all_blocks_in_one_c_call_int8_equal_the_block_loop(item_bytes: int, mon
     assert_one_call_equals_the_block_loop(rt, ids, monkeypatch, item_bytes)
 
 
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_int8_activations_runtime(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`int8_activations`: every sparse group of an int8 model moves to spmm_a8's layout (no CSR left);
+    the full forward, the prefill and 1–3-token decoding steps (one C call for every block) give the
+    same logits within fp32's 1e-4, the one-call path equals the block loop bit for bit, the logits stay
+    within 1 % of the fp32-activation int8 model's, and it generates. A float model refuses it."""
+    from chtsl_infer.errors import ChtslError
+    from chtsl_infer.formats.packed import pack_model
+    from chtsl_infer.runtime import feature_major
+    from chtsl_infer.runtime.backends import FusedLinears, from_packed
+
+    _require_kernels()
+    model = tiny_model_nonzero_b(method, num_key_value_heads=2)
+    ids = random_ids(2, 14, seed=7)
+    if not pack_model(model).linears["model.layers.0.mlp.down_proj"].has_sparse:
+        with pytest.raises(ChtslError, match="this model has none"):
+            from_packed(pack_model(model, I8), "sparse", dtype=I8, int8_activations=True)
+        return
+    plain = from_packed(pack_model(model, I8), "sparse", dtype=I8)
+    rt = from_packed(pack_model(model, I8), "sparse", dtype=I8, int8_activations=True)
+    assert rt.int8_activations
+    groups = [g for g in rt.model.modules() if isinstance(g, FusedLinears)]
+    sparse = [g for g in groups if g.sparse]
+    assert all(g.a8_layout() is not None and g.crow is None and g.values is None for g in sparse)
+    want = rt.logits(ids)
+    ref = plain.logits(ids)
+    assert 0 < torch.linalg.vector_norm(want - ref) <= 1e-2 * torch.linalg.vector_norm(ref)
+    if sparse:
+        assert feature_major._decode_layers(rt.model, F32) is not None
+    cache = rt.new_cache(2, 14)
+    torch.testing.assert_close(rt.decode_step(ids[:, :8], cache), want[:, 7], atol=ATOL, rtol=0)
+    for a, b in ((8, 9), (9, 11), (11, 14)):
+        torch.testing.assert_close(rt.decode_step(ids[:, a:b], cache), want[:, b - 1], atol=ATOL, rtol=0)
+    assert_one_call_equals_the_block_loop(rt, ids, monkeypatch, 64)
+    assert rt.generate(ids[:, :5], max_new_tokens=4).shape == (2, 9)
+    with pytest.raises(ChtslError, match="int8 activations need int8 weights"):
+        from_packed(pack_model(model), "sparse", int8_activations=True)
+
+
 def test_int8_groups_refuse_bf16_activations() -> None:
     """int8 weights run with fp32 activations: the one-call path refuses to be built for bf16."""
     from chtsl_infer.formats.packed import pack_model
@@ -398,7 +494,8 @@ assert info.available and info.flags == {flags!r}, info
 assert ("avx512f" in info.isa) is False and info.gather16 is False and info.tile_vw == 8, info
 sys.argv = ["pytest"]
 import pytest
-TESTS = "spmm_variants or sixteen_tokens or int8_gemv or int8_lowrank or int8_runtime or one_c_call_int8"
+TESTS = ("spmm_variants or sixteen_tokens or int8_gemv or int8_lowrank or int8_runtime or one_c_call_int8 "
+         "or spmm_a8 or int8_activations")
 sys.exit(pytest.main(["-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider", {path!r}, "-k", TESTS]))
 """
 

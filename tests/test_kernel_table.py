@@ -73,12 +73,12 @@ def test_table_covers_exactly_the_exported_symbols() -> None:
 
 
 def test_struct_layout_is_checked_against_c(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The library's own report of dec_group/dec_layer equals the ctypes structs; a ctypes struct that
+    """The library's own report of dec_group/a8_layout/dec_layer equals the ctypes structs; a ctypes struct that
     drifts from the C one (a field of another size) fails the load loudly."""
     lib = _library()
     layout = [line for line in lib.probe if line.startswith(("struct ", "field "))]
     assert layout == table.ctypes_layout() and "field dec_group.scale 88 4" in layout  # LP64
-    assert len(layout) == 2 + len(table.DecGroup._fields_) + len(table.DecLayer._fields_)
+    assert len(layout) == len(table.STRUCTS) + sum(len(struct._fields_) for struct in table.STRUCTS.values())
 
     class Drifted(ctypes.Structure):
         _fields_ = [(n, ctypes.c_double if n == "scale" else t) for n, t in table.DecGroup._fields_]

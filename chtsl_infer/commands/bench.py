@@ -56,7 +56,7 @@ from chtsl_infer.console import check_output_file, console, json_on_stdout, writ
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.formats.model_dir import resolve_model_dir
 from chtsl_infer.model.methods import DEFAULT_METHOD, DENSE, METHOD_CHOICES, METHODS
-from chtsl_infer.options import Batch, Device, Dtype, Force, JsonOut, NewTokens, OptionalCheckpoint
+from chtsl_infer.options import Batch, Device, Dtype, Force, Int8Activations, JsonOut, NewTokens, OptionalCheckpoint
 from chtsl_infer.utils import inference_dtype, resolve_device, torch_dtype
 
 MODES = ("forward", "decode")
@@ -152,7 +152,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             packed = load_packed_any(spec["ckpt"])
         else:
             packed = random_packed(_config_for(spec), seed=0)
-        rt = from_packed(packed, spec["backend"], device, dtype, consume=True)
+        rt = from_packed(packed, spec["backend"], device, dtype, consume=True,
+                         int8_activations=spec.get("int8_activations", False))
         del packed
         set_dense_path(rt.model, spec.get("dense_path", "torch"))
     build_s = time.perf_counter() - t0
@@ -160,9 +161,16 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         report = _decode_report(rt, spec, device)
     else:
         report = _forward_report(rt, spec, device)
-    return {**report, "backend": rt.backend, "model_bytes": rt.model_bytes, "build_s": build_s,
+    return {**report, "backend": rt.backend, "int8_activations": rt.int8_activations,
+            "model_bytes": rt.model_bytes, "build_s": build_s,
             "dense_path": _dense_path_used(rt),
             "base_rss_bytes": int(base_rss) if device.type == "cpu" else 0}  # after imports + kernel load
+
+
+def _backend_cell(row: dict[str, Any]) -> str:
+    """A result row's backend as the tables show it: "a8" added where its sparse products ran with int8
+    activations (`--int8-activations`)."""
+    return row["backend"] + (" a8" if row.get("int8_activations") else "")
 
 
 def _dense_path_used(rt) -> str | None:  # rt: Runtime
@@ -187,7 +195,9 @@ def machine_report(spec: dict[str, Any]) -> dict[str, Any]:
 
     from chtsl_infer.runtime import machine
 
-    dtype = torch_dtype(spec["dtype"])
+    # the dense baseline's dtype: an int8 run's baseline is the dense fp32 model (timed as int8, the GEMV
+    # path did not apply, and the baseline fell back to torch's: 2.4× slower at llama60m-c4)
+    dtype = torch_dtype("fp32" if spec["dtype"] == "int8" else spec["dtype"])
     decode = spec["mode"] == "decode"
     report: dict[str, Any] = {"cpu_model": machine.cpu_model(), "cpu_flags": machine.cpu_flags(),
                               "threads": torch.get_num_threads(), "llc_bytes": machine.llc_bytes()}
@@ -418,6 +428,7 @@ def bench_command(
     compare: Annotated[str, typer.Option(help="Other methods of the shape, e.g. cola,sltrain.")] = "",
     device: Device = "auto",
     dtype: Dtype = "auto",
+    int8_activations: Int8Activations = False,
     json_out: JsonOut = None,
     timeout: Annotated[float, typer.Option(help="Seconds allowed per configuration.")] = 1800.0,
     dense_path: Annotated[str, typer.Option(
@@ -427,7 +438,7 @@ def bench_command(
 ) -> None:
     """Tokens/s and peak memory per backend, as ratios to the dense model of the same shape (of CKPT, or
     without it of a random-weight --preset model)."""
-    from chtsl_infer.runtime.backends import BACKENDS, DENSE_PATHS, check_backend_dtype
+    from chtsl_infer.runtime.backends import BACKENDS, DENSE_PATHS, check_backend_dtype, check_int8_activations
 
     if mode not in MODES:
         raise ChtslError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
@@ -455,6 +466,8 @@ def bench_command(
         if b == "onnx" and ckpt is None:
             raise ChtslError("backend 'onnx' needs an export directory with model.onnx as CKPT")
         check_backend_dtype(b, device, dtype)
+    if int8_activations:  # applies to the sparse/auto entries; the dense ones run without
+        check_int8_activations(next((b for b in backends if b in ("sparse", "auto")), backends[0]), device, dtype)
     for m in _split(compare):
         if m not in METHODS:
             raise ChtslError(f"unknown method {m!r} in --compare; valid: {', '.join(METHODS)}")
@@ -502,7 +515,9 @@ def bench_command(
         baseline["dtype"] = "fp32"
     specs = [{**common, **baseline}]
     for b in backends:
-        specs.append({**common, "label": f"{main_name} [{b}]", "model": main_name, "method": method, "backend": b})
+        a8 = int8_activations and b in ("sparse", "auto")
+        specs.append({**common, "label": f"{main_name} [{b}{' a8' if a8 else ''}]", "model": main_name,
+                      "method": method, "backend": b, "int8_activations": a8})
     for m in _split(compare):
         if m != DENSE:
             specs.append({**common, "label": f"{m} [auto]", "model": m, "method": m, "backend": "auto"})
@@ -573,7 +588,7 @@ def _print_table(results: list[dict[str, Any]], settings: dict[str, Any]) -> Non
         table.add_column(col, justify="left" if col in ("model", "backend") else "right", no_wrap=True,
                          min_width=5 if col == "×" else None)
     for r in results:
-        table.add_row(r["model"], r["backend"], f"{r['tokens_per_s']:,.0f}", f"{r['speedup_vs_dense']:.2f}",
+        table.add_row(r["model"], _backend_cell(r), f"{r['tokens_per_s']:,.0f}", f"{r['speedup_vs_dense']:.2f}",
                       f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['peak_memory_ratio']:.3f}",
                       f"{r['model_bytes'] / 2**20:,.1f}", f"{r['model_memory_ratio']:.3f}")
     console.print(table)
@@ -593,7 +608,7 @@ def _print_decode_table(results: list[dict[str, Any]], settings: dict[str, Any])
         table.add_column(col, justify="left" if col in ("model", "backend") else "right", no_wrap=True,
                          min_width=5 if col == "×" else None)
     for r in results:
-        table.add_row(r["model"], r["backend"], f"{r['prefill_tokens_per_s']:,.0f}",
+        table.add_row(r["model"], _backend_cell(r), f"{r['prefill_tokens_per_s']:,.0f}",
                       f"{r['prefill_speedup_vs_dense']:.2f}", f"{r['tokens_per_s']:,.1f}",
                       f"{r['speedup_vs_dense']:.2f}", f"{r['latency_p50_s'] * 1e3:,.1f}",
                       f"{r['latency_p90_s'] * 1e3:,.1f}")
@@ -639,7 +654,7 @@ def _print_limits(results: list[dict[str, Any]], machine: dict[str, Any], settin
     for r in results:
         count, rate, fraction, bound = (r.get(k) for k in keys)
         memory = (f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['peak_memory_ratio']:.3f}") if decode else ()
-        table.add_row(r["model"], r["backend"], *memory, _fmt(None if count is None else count / scale, spec),
+        table.add_row(r["model"], _backend_cell(r), *memory, _fmt(None if count is None else count / scale, spec),
                       _fmt(rate, ",.1f"), _fmt(None if fraction is None else 100 * fraction, ".0f"),
                       _fmt(bound, ".2f") + (" !" if r["above_bound"] else ""))
     console.print(table)

@@ -11,7 +11,7 @@ import typer
 from chtsl_infer.console import check_output_file, console, json_on_stdout, write_json
 from chtsl_infer.errors import ChtslError
 from chtsl_infer.formats.model_dir import resolve_model_dir
-from chtsl_infer.options import Checkpoint, Device, Dtype, Force, JsonOut, NewTokens
+from chtsl_infer.options import Checkpoint, Device, Dtype, Force, Int8Activations, JsonOut, NewTokens
 from chtsl_infer.utils import check_seed, check_utf8, inference_dtype, resolve_device, torch_dtype
 
 
@@ -23,6 +23,7 @@ def generate_command(
     backend: Annotated[str, typer.Option(help="auto, dense, sparse or onnx.")] = "auto",
     device: Device = "auto",
     dtype: Dtype = "auto",
+    int8_activations: Int8Activations = False,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     json_out: JsonOut = None,
     force: Force = False,
@@ -33,7 +34,7 @@ def generate_command(
     from transformers import TextStreamer
 
     from chtsl_infer.formats.model_dir import load_tokenizer
-    from chtsl_infer.runtime.backends import BACKENDS, check_backend_dtype, load_runtime
+    from chtsl_infer.runtime.backends import BACKENDS, check_backend_dtype, check_int8_activations, load_runtime
 
     if backend not in BACKENDS:
         raise ChtslError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -48,8 +49,10 @@ def generate_command(
     model_dir = resolve_model_dir(ckpt)
     dtype = inference_dtype(dtype, device, model_dir.packed_dtype)
     check_backend_dtype(backend, device, dtype)
+    if int8_activations:
+        check_int8_activations(backend, device, dtype)
     tokenizer = load_tokenizer(model_dir)
-    rt = load_runtime(model_dir, backend, device, torch_dtype(dtype))
+    rt = load_runtime(model_dir, backend, device, torch_dtype(dtype), int8_activations=int8_activations)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise ChtslError("--prompt encodes to no tokens")
@@ -65,9 +68,11 @@ def generate_command(
         seconds = time.perf_counter() - start
         new = out.shape[1] - ids.shape[1]
         console.print()
-        console.print(f"{new} tokens in {seconds:.2f} s: {new / seconds:.1f} tokens/s (backend {rt.backend}, {dtype})",
+        console.print(f"{new} tokens in {seconds:.2f} s: {new / seconds:.1f} tokens/s (backend {rt.backend}, {dtype}"
+                      f"{', int8 activations' if int8_activations else ''})",
                       highlight=False)
     write_json({"prompt": prompt, "text": tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True),
                 "prompt_tokens": ids.shape[1], "new_tokens": new, "seconds": seconds, "tokens_per_s": new / seconds,
-                "backend": rt.backend, "device": device, "dtype": dtype, "temperature": temperature, "seed": seed},
+                "backend": rt.backend, "device": device, "dtype": dtype, "int8_activations": int8_activations,
+                "temperature": temperature, "seed": seed},
                json_out, force)

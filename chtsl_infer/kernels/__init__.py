@@ -7,7 +7,8 @@
     settings.py  the run-time parameters (`KernelSettings`, `settings()`): tiles, cache budgets, chunks
     tune.py      self-tuning: the settings and build variants timed on first use on a machine, cached
                  beside the library (`CHTSL_TUNE=0`: the defaults), `kernel_info`; workloads.py: the calls it times
-    sparse.py    the runtime's feature-major `S X` (`spmm_cpu`; `spmm_cuda` on CUDA)
+    sparse.py    the runtime's feature-major `S X` (`spmm_cpu`; `spmm_cuda` on CUDA; `spmm_a8` with int8
+                 activations, on its own layout `A8Matrix`)
     decode.py    decoding at 1–4 tokens: GEMV, low-rank branch, block glue, all blocks in one call
     training.py  sparse-native training (`csr_mm`, `csr_sddmm`, `csr_transpose`) and CH2-L3n scores
 
@@ -30,7 +31,7 @@ from chtsl_infer.kernels.decode import (
     silu_mul_fm,
 )
 from chtsl_infer.kernels.settings import KernelSettings, settings
-from chtsl_infer.kernels.sparse import sort_rows, spmm_cpu, spmm_cuda, torch_csr
+from chtsl_infer.kernels.sparse import A8Matrix, a8_pack, sort_rows, spmm_a8, spmm_cpu, spmm_cuda, torch_csr
 from chtsl_infer.kernels.training import (
     ch2_l3n_half,
     csr_mm,
@@ -42,9 +43,9 @@ from chtsl_infer.kernels.training import (
 from chtsl_infer.kernels.tune import kernel_info  # also registers the tuner with build.current()
 
 __all__ = [
-    "GEMV_MAX_TOKENS", "LOWRANK_ACTIVATIONS", "DecodeLayers", "GroupDecoder", "KernelSettings", "activation_dtype",
-    "attention_decode",
+    "A8Matrix", "GEMV_MAX_TOKENS", "LOWRANK_ACTIVATIONS", "DecodeLayers", "GroupDecoder", "KernelSettings",
+    "a8_pack", "activation_dtype", "attention_decode",
     "ch2_l3n_half", "cpu_kernel", "cpu_kernel_status", "csr_mm", "csr_mm_torch", "csr_sddmm", "csr_sddmm_torch",
     "csr_transpose", "decode_kernels_serve", "dense_gemv", "kernel", "kernel_info", "lowrank_fm", "rms_norm_fm",
-    "settings", "silu_mul_fm", "sort_rows", "spmm_cpu", "spmm_cuda", "torch_csr",
+    "settings", "silu_mul_fm", "sort_rows", "spmm_a8", "spmm_cpu", "spmm_cuda", "torch_csr",
 ]

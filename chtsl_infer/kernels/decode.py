@@ -16,8 +16,8 @@ import torch
 
 from chtsl_infer.kernels.build import kernel, require
 from chtsl_infer.kernels.settings import settings
-from chtsl_infer.kernels.sparse import rows_contiguous
-from chtsl_infer.kernels.table import INDEX_CODES, DecLayer
+from chtsl_infer.kernels.sparse import A8_PAGE, A8Matrix, rows_contiguous, spmm_a8
+from chtsl_infer.kernels.table import A8_INDEX, INDEX_CODES, A8Layout, DecLayer
 
 GEMV_MAX_TOKENS = 4  # the C decoding kernels serve 1..4 tokens (their per-token accumulators); more go to torch
 LOWRANK_ACTIVATIONS = {"silu": 0, "relu": 1, "gelu": 2, "identity": 3}  # csrc/activation.h's `act` codes
@@ -154,14 +154,23 @@ class GroupDecoder:
     csr: (crow, col, values, rows, values_scale): the group's sorted CSR, with the stored rows' fp32
     scales for int8 values (else None) (None: no sparse kernel, the caller computes the base part);
     lowrank: (lora_a, lora_b, shapes, a_scale, b_scale) as `lowrank_fm` takes them (None: no low-rank
-    branch). Build it where `decode_kernels_serve` holds for its tensors.
+    branch). a8: S in `spmm_a8`'s layout instead of `csr` (int8 weights and activations). Build it where
+    `decode_kernels_serve` holds for its tensors.
     """
 
     def __init__(self, n_in: int, n_out: int, csr: tuple[torch.Tensor | None, ...] | None,
-                 lowrank: tuple[torch.Tensor | None, ...] | None, scale: float, activation: str) -> None:
+                 lowrank: tuple[torch.Tensor | None, ...] | None, scale: float, activation: str,
+                 a8: A8Matrix | None = None) -> None:
         self.n_in, self.n_out = n_in, n_out
         self.csr = csr  # kept: the pointers below must stay valid
-        self.int8 = False
+        self.a8 = a8
+        self.int8 = a8 is not None
+        if a8 is not None:  # decode_layers' buffers for the quantized input (spmm_a8 allocates its own)
+            if csr is not None:
+                raise ValueError("GroupDecoder: S is either a CSR or an A8Matrix")
+            pages = -(-n_in // A8_PAGE)
+            self.a8_x = torch.empty(GEMV_MAX_TOKENS * pages * A8_PAGE, dtype=torch.int8)
+            self.a8_xs = torch.empty(GEMV_MAX_TOKENS * pages, dtype=torch.float32)
         if csr is not None:
             crow, col, values, rows, values_scale = csr
             self.spmm = require("spmm", values.dtype, col.dtype)
@@ -184,8 +193,15 @@ class GroupDecoder:
                                  shapes.data_ptr() + 4 * shapes.shape[1], shapes.shape[1], scale,
                                  LOWRANK_ACTIVATIONS[activation])
 
+    @property
+    def has_sparse(self) -> bool:
+        return self.csr is not None or self.a8 is not None
+
     def sparse(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y (out, T) = S x (in, T); both with contiguous rows."""
+        if self.a8 is not None:
+            spmm_a8(x, self.a8, out=y)
+            return
         threads, n_tok, current = torch.get_num_threads(), x.shape[1], settings()
         tile = current.token_tile(self.n_in, n_tok)  # 0 (gather) below gather_below tokens, else one 16-token tile
         if self.spmm(x.data_ptr(), x.stride(0), self.n_in, n_tok, *self.csr_ptrs,
@@ -225,6 +241,11 @@ class DecodeLayers:
                 if dec.csr is not None:
                     slot.crow, slot.col, slot.values, slot.values_scale, slot.rows = dec.csr_ptrs
                     slot.index = INDEX_CODES[dec.csr[1].dtype]
+                elif dec.a8 is not None:
+                    slot.index = A8_INDEX
+                    slot.a8 = A8Layout(*dec.a8.pointers())
+                    slot.values_scale, slot.rows = dec.a8.scale.data_ptr(), dec.a8.rows.data_ptr()
+                    slot.a8_x, slot.a8_xs = dec.a8_x.data_ptr(), dec.a8_xs.data_ptr()
                 if dec.lowrank is not None:
                     slot.lora_a, slot.a_scale, slot.n_rank = dec.lowrank_args[:3]
                     (slot.lora_b, slot.b_scale, slot.outs, slot.ranks, slot.n_members, slot.scale,

@@ -14,6 +14,7 @@ falls back to torch's CSR matmul (correct, slower). CUDA (`spmm_cuda`): torch's 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -93,6 +94,114 @@ def spmm_cpu(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: tor
           None if scale is None else scale.data_ptr(), None if rows is None else rows.data_ptr(), y.data_ptr(),
           y.stride(0), n_out, tile, n_chunks, threads):
         raise MemoryError("spmm_cpu: could not allocate the kernel's buffers")
+    return y
+
+
+A8_PAGE, A8_ROWS, A8_STEP = 256, 16, 128  # csrc/kernels.h: features per page, rows per group, bytes per step
+A8_SPILL_COST = 10  # bytes a spilled link counts for in a8_pack's choice of steps (csrc/spmm_a8.c)
+
+
+@dataclass(frozen=True)
+class A8Matrix:
+    """S (n_rows × n_in, int8 weights) in `csrc/spmm_a8.c`'s layout for int8 activations.
+
+    steps: uint8 (⌈n_rows/16⌉, pages): 128-byte steps per group of 16 stored rows and page of 256
+    input features; start: int32 (groups + 1,) each group's first step; data: uint8 (steps · 128,) the
+    page-local columns and weights; spill_n, spill_start, spill: the same for the links past a page's
+    steps (3 bytes each: lane, column, weight); scale: fp32 (n_rows,) the stored rows' weight scales;
+    rows: int32 (n_rows,) stored row -> output row. Built by `a8_pack`."""
+
+    n_in: int
+    steps: torch.Tensor
+    start: torch.Tensor
+    data: torch.Tensor
+    spill_n: torch.Tensor
+    spill_start: torch.Tensor
+    spill: torch.Tensor
+    scale: torch.Tensor
+    rows: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The layout's own tensors (steps, start, data, spill_n, spill_start, spill)."""
+        return self.steps, self.start, self.data, self.spill_n, self.spill_start, self.spill
+
+    def pointers(self) -> tuple[int, ...]:
+        """Their data pointers, in `table.A8Layout`'s (csrc/kernels.h `a8_layout`) field order."""
+        return (self.steps.data_ptr(), self.data.data_ptr(), self.start.data_ptr(), self.spill_n.data_ptr(),
+                self.spill.data_ptr(), self.spill_start.data_ptr())
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows.numel()
+
+    def nbytes(self) -> int:
+        """Bytes the layout holds (what a decoded token reads of it)."""
+        return sum(t.numel() * t.element_size() for t in (*self.tensors(), self.scale, self.rows))
+
+
+def a8_pack(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor,
+            n_in: int, spill_cost: int = A8_SPILL_COST) -> A8Matrix:
+    """The `A8Matrix` of a CSR with int8 values: crow int32 (n_rows + 1,), col int16/int32 absolute columns
+    (uint8 deltas are summed first), values int8 (nnz,), scale fp32 (n_rows,), rows int32 (n_rows,).
+    Rows are grouped 16 at a time in their stored order (sorted by link count: similar rows share a
+    group's padding); `spill_cost` weighs a spilled link against a step's 128 bytes (a huge one: no
+    spills, every row padded to its group's most links per page). RuntimeError without the compiled
+    kernels; ValueError for a column outside [0, n_in)."""
+    fn = kernel("a8_pack")
+    if fn is None:
+        raise RuntimeError("int8 activations need the compiled CPU kernels")
+    if col.dtype == torch.uint8:
+        col = absolute_columns(crow, col).to(torch.int32)
+    if col.dtype not in (torch.int16, torch.int32) or values.dtype != torch.int8 or crow.dtype != torch.int32:
+        raise TypeError(f"a8_pack reads int32 row pointers, int16/int32 columns and int8 values, got "
+                        f"{crow.dtype}/{col.dtype}/{values.dtype}")
+    n_rows = crow.numel() - 1
+    crow, col, values = crow.contiguous(), col.contiguous(), values.contiguous()
+    steps = torch.empty(-(-n_rows // A8_ROWS), -(-n_in // A8_PAGE), dtype=torch.uint8)
+    spill_n = torch.empty_like(steps)
+    start = torch.empty(steps.shape[0] + 1, dtype=torch.int32)
+    spill_start = torch.empty_like(start)
+    args = (crow.data_ptr(), col.data_ptr(), col.element_size(), values.data_ptr(), n_rows, n_in, spill_cost,
+            steps.data_ptr(), start.data_ptr(), spill_n.data_ptr(), spill_start.data_ptr())
+    data = spill = None
+    for sized in (False, True):  # sizes first, then the bytes
+        if sized:
+            data = torch.empty(int(start[-1]) * A8_STEP, dtype=torch.uint8)
+            spill = torch.empty(int(spill_start[-1]) * 3, dtype=torch.uint8)
+        status = fn(*args, None if data is None else data.data_ptr(), None if spill is None else spill.data_ptr())
+        if status == 1:
+            raise ValueError(f"a8_pack: a column outside [0, {n_in})")
+        if status:
+            raise MemoryError(f"a8_pack failed (status {status})")
+    assert data is not None and spill is not None
+    return A8Matrix(n_in, steps, start, data, spill_n, spill_start, spill, scale.float().contiguous(),
+                    rows.to(torch.int32).contiguous())
+
+
+def spmm_a8(x: torch.Tensor, layout: A8Matrix, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`S X` with int8 activations: x (in, T) fp32 -> (n_rows, T) fp32 (`csrc/spmm_a8.c`).
+
+    Each token's x is rounded to int8 per page of 256 features (scale max|x|/127), multiplied with the
+    int8 weights in int32 per page, and summed over pages in fp32 × the page scale, then × the row's
+    weight scale. `out`: a (n_rows, T) fp32 tensor with contiguous rows, written into."""
+    fn = kernel("spmm_a8")
+    if fn is None:
+        raise RuntimeError("int8 activations need the compiled CPU kernels")
+    if x.dtype != torch.float32 or x.shape[0] != layout.n_in:
+        raise TypeError(f"spmm_a8 takes float32 x of {layout.n_in} features, got {x.dtype} {tuple(x.shape)}")
+    x = rows_contiguous(x)
+    n_tok = x.shape[1]
+    y = torch.empty(layout.n_rows, n_tok) if out is None else out
+    if y.shape != (layout.n_rows, n_tok) or y.dtype != torch.float32 or y.stride(1) != 1 and n_tok > 1:
+        raise ValueError(f"spmm_a8: out must be a float32 ({layout.n_rows}, {n_tok}) tensor with contiguous rows")
+    if n_tok == 0 or layout.n_rows == 0:
+        return y.zero_()
+    threads = torch.get_num_threads()
+    if fn(x.data_ptr(), x.stride(0), layout.n_in, n_tok, layout.steps.data_ptr(), layout.start.data_ptr(),
+          layout.data.data_ptr(), layout.spill_n.data_ptr(), layout.spill_start.data_ptr(), layout.spill.data_ptr(),
+          layout.scale.data_ptr(), layout.rows.data_ptr(), layout.n_rows, y.data_ptr(), y.stride(0),
+          settings().row_chunks(1, threads), threads):
+        raise MemoryError("spmm_a8: could not allocate the kernel's buffers")
     return y
 
 

@@ -131,6 +131,13 @@ TABLE = (
         ("cap", INT), ("start", INT), ("attn_scale", FLOAT), ("tile", INT), ("item_bytes", LONG),
         ("attn_min_work", LONG), ("work", P), ("scratch", P), ("threads", INT)),
         dtypes=(F32, BF16)),
+    KernelSpec("a8_pack", "spmm_a8.c", (
+        ("crow", P), ("col", P), ("col_bytes", INT), ("val", P), ("n_rows", INT), ("n_in", INT), ("spill_cost", INT),
+        ("steps", P), ("start", P), ("spill_n", P), ("spill_start", P), ("data", P), ("spill", P))),
+    KernelSpec("spmm_a8", "spmm_a8.c", (
+        ("x", P), ("ldx", LONG), ("n_in", INT), ("n_tok", INT), ("steps", P), ("start", P), ("data", P),
+        ("spill_n", P), ("spill_start", P), ("spill", P), ("scale", P), ("rows", P), ("n_rows", INT), ("y", P),
+        ("ldy", LONG), ("n_chunks", INT), ("n_threads", INT))),
     KernelSpec("kernel_probe", "probe.c", (("buf", P), ("size", INT))),
 )
 KERNELS = {spec.name: spec for spec in TABLE}
@@ -212,6 +219,13 @@ def bind(lib: ctypes.CDLL) -> dict[str, CFunction]:
 
 # --- Structs shared with C -------------------------------------------------------------------------
 
+class A8Layout(ctypes.Structure):
+    """csrc/kernels.h's `a8_layout`: a sparse matrix in spmm_a8.c's int8-activation layout (the pointers
+    of a `sparse.A8Matrix`)."""
+    _fields_ = [("steps", ctypes.c_void_p), ("data", ctypes.c_void_p), ("start", ctypes.c_void_p),
+                ("spill_n", ctypes.c_void_p), ("spill", ctypes.c_void_p), ("spill_start", ctypes.c_void_p)]
+
+
 class DecGroup(ctypes.Structure):
     """csrc/kernels.h's `dec_group`: one fused group's arguments to `decode_layers` (NULL crow / lora_a:
     part absent; `index`: `INDEX_CODES` of the columns; `int8`: int8 weights with their row scales)."""
@@ -221,7 +235,7 @@ class DecGroup(ctypes.Structure):
                 ("outs", ctypes.c_void_p), ("ranks", ctypes.c_void_p), ("n_rank", ctypes.c_int),
                 ("n_members", ctypes.c_int), ("scale", ctypes.c_float), ("act", ctypes.c_int),
                 ("int8", ctypes.c_int), ("values_scale", ctypes.c_void_p), ("a_scale", ctypes.c_void_p),
-                ("b_scale", ctypes.c_void_p)]
+                ("b_scale", ctypes.c_void_p), ("a8", A8Layout), ("a8_x", ctypes.c_void_p), ("a8_xs", ctypes.c_void_p)]
 
 
 class DecLayer(ctypes.Structure):
@@ -229,8 +243,10 @@ class DecLayer(ctypes.Structure):
     _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("group", DecGroup * 4)]
 
 
-STRUCTS: dict[str, type[ctypes.Structure]] = {"dec_group": DecGroup, "dec_layer": DecLayer}  # C name -> ctypes
+STRUCTS: dict[str, type[ctypes.Structure]] = {  # C name -> ctypes, in kernel_probe's order
+    "dec_group": DecGroup, "a8_layout": A8Layout, "dec_layer": DecLayer}
 INDEX_CODES = {I16: 0, I32: 1, U8: 2}  # dec_group.index: the column encoding
+A8_INDEX = 3  # dec_group.index of a group whose S is in spmm_a8.c's int8-activation layout
 
 
 def ctypes_layout() -> list[str]:

@@ -43,7 +43,14 @@ from chtsl_infer.model.configuration import ChtslConfig
 from chtsl_infer.model.layers import random_mask
 from chtsl_infer.model.modeling import ChtslLlamaForCausalLM
 from chtsl_infer.runtime import feature_major
-from chtsl_infer.runtime.fused import DENSE_PATHS, FusedLinears, FusedMember, dense_fm, set_dense_path
+from chtsl_infer.runtime.fused import (
+    DENSE_PATHS,
+    FusedLinears,
+    FusedMember,
+    dense_fm,
+    set_dense_path,
+    use_int8_activations,
+)
 from chtsl_infer.runtime.int8 import Int8Linear
 
 BACKENDS = ("auto", "dense", "sparse", "onnx")
@@ -62,6 +69,14 @@ def check_backend_dtype(backend: str, device: str, dtype: str) -> None:
     if dtype == "int8" and device != "cpu":
         raise ChtslError(f"--dtype int8 (int8 weights, fp32 activations) runs on CPU, not {device}; "
                          f"use --dtype bf16|fp32 there")
+
+
+def check_int8_activations(backend: str, device: str, dtype: str) -> None:
+    """Raises ChtslError where `--int8-activations` cannot apply: it needs int8 weights ("int8") on the
+    CPU sparse backend (or `auto`, which must then resolve to it)."""
+    if dtype != "int8" or device != "cpu" or backend not in ("sparse", "auto"):
+        raise ChtslError(f"--int8-activations needs int8 weights (--dtype int8, or an int8 export) on the CPU "
+                         f"sparse backend; this run has --dtype {dtype}, --backend {backend} on {device}")
 
 
 def runtime_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
@@ -217,6 +232,7 @@ class Runtime:
     model: ChtslLlamaForCausalLM | None = None
     session: Any = None  # onnxruntime.InferenceSession
     model_bytes: int = 0
+    int8_activations: bool = False  # the sparse products round their inputs to int8 (`from_packed`)
     workspace: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # reused activation buffers
 
     @torch.no_grad()
@@ -356,12 +372,15 @@ class OnnxCache:
 
 
 def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, consume: bool = False) -> Runtime:
+                dtype: torch.dtype = torch.float32, consume: bool = False,
+                int8_activations: bool = False) -> Runtime:
     """A torch-backend `Runtime` of an in-memory packed model (`onnx` needs a file: `load_runtime`).
 
     `dtype`: what the model computes in; torch.int8 = int8 weights (`packed` quantized in memory where
     it is not int8) with fp32 activations, the runtime's dtype then float32 (`runtime_dtypes`).
-    `consume`: `packed` is emptied while the model is built (see `build_model`).
+    `consume`: `packed` is emptied while the model is built (see `build_model`). `int8_activations`:
+    the sparse products also round their inputs to int8 (`fused.use_int8_activations`; int8 weights on
+    the CPU sparse backend, else ChtslError).
     """
     device = torch.device(device)
     dtype, weights = runtime_dtypes(dtype)
@@ -377,10 +396,15 @@ def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.
         raise ChtslError("backend 'sparse' on CPU computes in float32 or bfloat16; use --dtype fp32|bf16 "
                          "or --backend dense")
     model = build_model(packed, backend, device, dtype, consume=consume)
+    if int8_activations and not (weights == torch.int8 and backend == "sparse"):
+        raise ChtslError(f"int8 activations need int8 weights on the CPU sparse backend (here backend {backend})")
+    if int8_activations and not use_int8_activations(model):
+        raise ChtslError(f"int8 activations apply to the sparse products of the compiled CPU kernels: this model has "
+                         f"none ({packed.config.method} method; kernels: {kernels.cpu_kernel_status()[1]})")
     if device.type == "cpu":  # after the build: its freed packed tensors go back to the OS
         keep_freed_heap()
     return Runtime(backend=backend, device=device, dtype=dtype, config=packed.config, model=model,
-                   model_bytes=resident_bytes(model))
+                   model_bytes=resident_bytes(model), int8_activations=int8_activations)
 
 
 def keep_freed_heap() -> bool:
@@ -422,15 +446,16 @@ def load_packed_any(path: str | Path | ModelDir) -> PackedModel:
 
 
 def load_runtime(path: str | Path | ModelDir, backend: str = "auto", device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> Runtime:
+                 dtype: torch.dtype = torch.float32, int8_activations: bool = False) -> Runtime:
     """The `Runtime` of a checkpoint or export directory with `backend`, computing in `dtype` (an export's
-    weights are cast to it, int8 ones dequantized; torch.int8: int8 weights, fp32 activations)."""
+    weights are cast to it, int8 ones dequantized; torch.int8: int8 weights, fp32 activations; with
+    `int8_activations` the sparse products' inputs int8 too, see `from_packed`)."""
     model_dir = resolve_model_dir(path)
     device = torch.device(device)
     if backend == "onnx":
         return _onnx_runtime(model_dir, device, dtype)
     packed = load_packed_any(model_dir)
-    return from_packed(packed, backend, device, dtype, consume=True)
+    return from_packed(packed, backend, device, dtype, consume=True, int8_activations=int8_activations)
 
 
 def _onnx_runtime(model_dir: ModelDir, device: torch.device, dtype: torch.dtype) -> Runtime:
@@ -456,5 +481,6 @@ def _onnx_runtime(model_dir: ModelDir, device: torch.device, dtype: torch.dtype)
                    model_bytes=onnx_file.stat().st_size)
 
 
-__all__ = ["BACKENDS", "DENSE_PATHS", "Runtime", "build_model", "check_backend_dtype", "dense_fm", "from_packed",
-           "load_packed_any", "load_runtime", "random_packed", "resident_bytes", "resolve_backend", "set_dense_path"]
+__all__ = ["BACKENDS", "DENSE_PATHS", "Runtime", "build_model", "check_backend_dtype", "check_int8_activations",
+           "dense_fm", "from_packed", "load_packed_any", "load_runtime", "random_packed", "resident_bytes",
+           "resolve_backend", "set_dense_path", "use_int8_activations"]

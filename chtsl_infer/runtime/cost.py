@@ -67,7 +67,7 @@ def forward_flops(model: nn.Module) -> int:
         if g.cuda_csr is not None:
             entries += g.cuda_csr.values().numel()
         elif g.sparse:
-            entries += g.values.numel()
+            entries += g.nnz
         for t in (g.weight, g.lora_A, g.lora_B):
             entries += 0 if t is None else t.numel()
     return 2 * entries

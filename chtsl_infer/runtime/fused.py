@@ -22,6 +22,7 @@ from chtsl_infer.kernels import build
 from chtsl_infer.model.layers import activation_fn
 from chtsl_infer.runtime.int8 import int8_mm
 
+A8_BUFFERS = ("a8_steps", "a8_start", "a8_data", "a8_spill_n", "a8_spill_start", "a8_spill")  # A8Matrix.tensors()
 DENSE_PATHS = ("torch", "gemv")  # how a dense weight multiplies a few decoding tokens (`dense_fm`)
 
 
@@ -44,7 +45,8 @@ class FusedLinears(nn.Module):
     in); `lora_B` the members' B (out_m, r_m) blocks flattened back to back, `lowrank_shapes` int32
     (2, members) their out_m and r_m. With `int8`, `values`, `weight`, `lora_A` and `lora_B` are the
     packed int8 weights and `values_scale` (stored rows), `weight_scale`, `lora_A_scale` (Σr,) and
-    `lora_B_scale` (Σout,) their fp32 row scales; activations are fp32.
+    `lora_B_scale` (Σout,) their fp32 row scales; activations are fp32. After `use_int8_activations`,
+    S is held as `A8_BUFFERS` (`kernels.A8Matrix`, with `values_scale` and `rows`) instead of its CSR.
     Members fetch their slice through `member(i, x)`, which computes the whole group once per
     distinct input tensor. `dense_path`: how a dense float `weight` multiplies 1 … `GEMV_MAX_TOKENS`
     decoding tokens (`dense_fm`; `set_dense_path`; an int8 weight always takes `int8_mm`).
@@ -67,6 +69,7 @@ class FusedLinears(nn.Module):
         self.offsets = [0, *torch.tensor(self.outs).cumsum(0).tolist()]
         self.activation, self.scale = first.activation, first.scale
         self.sparse = False
+        self.nnz = 0
         self.cuda_csr: torch.Tensor | None = None
         self.int8 = int8 = int8 and any(getattr(first, part) is not None and getattr(first, part).dtype == torch.int8
                                         for part in QUANTIZED_PARTS)
@@ -80,6 +83,7 @@ class FusedLinears(nn.Module):
                 crow.append(lin.crow_indices[1:].long() + base)
                 base += lin.nnz
             crow_t = torch.cat(crow)
+            self.nnz = base  # links of S (whatever layout holds them)
             col = torch.cat([lin.col_indices for lin in linears])
             if torch_csr if torch_csr is not None else device.type == "cuda":
                 values = torch.cat([lin.part("values", dtype) for lin in linears])
@@ -116,6 +120,8 @@ class FusedLinears(nn.Module):
             self.register_buffer("lowrank_shapes", torch.tensor([self.outs, self.ranks], dtype=torch.int32))
         else:
             self.lora_A = self.lora_B = None
+        for name in A8_BUFFERS:  # S's layout after `use_int8_activations`
+            self.register_buffer(name, None)
         self._x: torch.Tensor | None = None
         self._parts: list[torch.Tensor | None] = []
         self._decoder: kernels.GroupDecoder | None | bool = None  # built on first decode; False: does not apply
@@ -133,6 +139,34 @@ class FusedLinears(nn.Module):
         floats = [lin.part(name, dtype) for lin in linears]
         self.register_buffer(name, torch.cat([t.reshape(-1) if flat else t for t in floats]).to(device))
 
+    def use_int8_activations(self, spill_cost: int | None = None) -> bool:
+        """Holds S in `kernels.spmm_a8`'s layout from now on: its products round their input to int8 per
+        256 features of each token (int8 weights and activations, int32 sums within a page; 3.4× the
+        links per second of the fp32-activation gather on AMD Zen 4, see csrc/spmm_a8.c). The CSR
+        buffers are freed. Returns False (nothing changed) where S is not an int8 CSR of the CPU kernels.
+        Its low-rank branch and every other operation keep fp32 activations. `spill_cost`: `kernels.a8_pack`'s
+        (None: its default)."""
+        if self.a8_data is not None:
+            return True
+        if not (self.sparse and self.int8 and self.cuda_csr is None and self.crow is not None
+                and self.crow.device.type == "cpu" and kernels.cpu_kernel_status()[0]):
+            return False
+        layout = kernels.a8_pack(self.crow, self.col, self.values, self.values_scale, self.rows, self.in_features,
+                                 *(() if spill_cost is None else (spill_cost,)))
+        for name, tensor in zip(A8_BUFFERS, layout.tensors(), strict=True):
+            self.register_buffer(name, tensor)
+        self.crow = self.col = self.values = None  # registered buffers, now absent
+        self._decoder = None
+        return True
+
+    def a8_layout(self) -> kernels.A8Matrix | None:
+        """S as `kernels.A8Matrix` after `use_int8_activations`, else None."""
+        if self.a8_data is None:
+            return None
+        assert self.values_scale is not None
+        return kernels.A8Matrix(self.in_features, *(getattr(self, name) for name in A8_BUFFERS), self.values_scale,
+                                self.rows)
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FusedLinears:
         self._decoder = None  # .to(), .float(), …: the buffers are replaced, so are the pointers bound to them
         return super()._apply(fn, recurse)
@@ -141,14 +175,18 @@ class FusedLinears(nn.Module):
         """The group's `kernels.GroupDecoder` where its tensors are CPU fp32 or bf16 (one dtype), or int8
         (fp32 activations), and the kernels built, else None."""
         if self._decoder is None:
-            tensors = [t for t in (self.values if self.sparse and self.cuda_csr is None else None, self.lora_A,
-                                   self.weight) if t is not None]
+            sparse_values = None
+            if self.sparse and self.cuda_csr is None:  # int8 activations: no CSR values; the row scales stand in
+                sparse_values = self.values_scale if self.a8_data is not None else self.values
+            tensors = [t for t in (sparse_values, self.lora_A, self.weight) if t is not None]
             serve = bool(tensors) and self.cuda_csr is None and kernels.decode_kernels_serve(*tensors)
-            csr = (self.crow, self.col, self.values, self.rows, self.values_scale) if self.sparse and serve else None
+            a8 = self.a8_layout()
+            csr = (self.crow, self.col, self.values, self.rows, self.values_scale) if (
+                self.sparse and serve and a8 is None) else None
             lowrank = ((self.lora_A, self.lora_B, self.lowrank_shapes, self.lora_A_scale, self.lora_B_scale)
                        if self.lora_A is not None else None)
             self._decoder = serve and kernels.GroupDecoder(
-                self.in_features, self.offsets[-1], csr, lowrank, self.scale, self.activation)
+                self.in_features, self.offsets[-1], csr, lowrank, self.scale, self.activation, a8=a8)
             self._decoder_dtype = kernels.activation_dtype(*tensors) if serve else None
         return self._decoder or None
 
@@ -162,7 +200,7 @@ class FusedLinears(nn.Module):
         decoder = self.decoder() if x.shape[1] <= kernels.GEMV_MAX_TOKENS else None
         if (decoder is not None and x.dtype == self._decoder_dtype == out.dtype and x.device.type == "cpu"
                 and (x.shape[1] == 1 or x.stride(1) == 1 and out.stride(1) == 1)):  # one token: any strides
-            if decoder.csr is not None:
+            if decoder.has_sparse:
                 decoder.sparse(x, out)
             elif self.weight is not None:
                 self._dense(x, out, self.dense_path)
@@ -174,6 +212,11 @@ class FusedLinears(nn.Module):
         if self.sparse:
             if self.cuda_csr is not None:
                 y = out.copy_(kernels.spmm_cuda(x, self.cuda_csr))
+            elif self.a8_data is not None:
+                a8 = self.a8_layout()
+                assert a8 is not None
+                y = kernels.spmm_a8(x.float(), a8, out=out if x.dtype == torch.float32 else None)
+                y = y if y is out else out.copy_(y)
             elif x.dtype == self.values.dtype or self.int8 and x.dtype == torch.float32:  # fp32, bf16, int8
                 y = kernels.spmm_cpu(x, self.crow, self.col, self.values, out=out, rows=self.rows,
                                      scale=self.values_scale)
@@ -244,6 +287,12 @@ def dense_fm(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, path: str
             if kernels.dense_gemv(weight, x.t(), tm):
                 return out.copy_(tm.t())
     return torch.mm(weight, x, out=out)
+
+
+def use_int8_activations(model: nn.Module, spill_cost: int | None = None) -> int:
+    """`FusedLinears.use_int8_activations` on every group of `model` (an int8 model on the CPU sparse
+    backend): its sparse products then run with int8 activations. Returns how many groups do."""
+    return sum(m.use_int8_activations(spill_cost) for m in model.modules() if isinstance(m, FusedLinears))
 
 
 def set_dense_path(model: nn.Module, path: str) -> None:

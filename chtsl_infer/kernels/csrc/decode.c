@@ -280,15 +280,21 @@ static void b_rows_bf16(const dec_group *g, const float *hl, int n_tok, uint16_t
                            int threads) {                                                               \
     int n_in = g->n_in, n_out = g->n_out, failed = 0;                                                   \
     float *xf = scratch, *hl = scratch + (long)n_tok * n_in;                                            \
+    /* a8: S in spmm_a8.c's layout, x quantized per page in phase 1 (each thread whole pages) */        \
+    int a8 = g->index == A8_INDEX, has_sparse = g->crow != NULL || a8, unit = a8 ? A8_PAGE : 1;         \
+    int n_groups = (n_out + A8_ROWS - 1) / A8_ROWS, n_pages = (n_in + A8_PAGE - 1) / A8_PAGE;           \
     long w_size = g->int8 ? 1 : (long)sizeof(T), col_size = g->index == 1 ? 4 : g->index == 2 ? 1 : 2;   \
-    long sparse_bytes = g->crow ? g->crow[n_out] * (col_size + w_size) : 0;                             \
+    long sparse_bytes = a8 ? (long)g->a8.start[n_groups] * A8_STEP + 3L * g->a8.spill_start[n_groups]    \
+                           : g->crow ? g->crow[n_out] * (col_size + w_size) : 0;                        \
     long a_bytes = g->lora_a ? (long)g->n_rank * n_in * w_size : 0;                                     \
-    int n_sparse = g->crow ? (int)(sparse_bytes / item_bytes) + 1 : 0;                                  \
+    int n_sparse = has_sparse ? (int)(sparse_bytes / item_bytes) + 1 : 0;                              \
     int n_a = g->lora_a ? (int)(a_bytes / item_bytes) + 1 : 0;                                          \
     n_a = n_a < g->n_rank ? n_a : g->n_rank;                                                            \
     _Pragma("omp parallel num_threads(threads) reduction(| : failed)") {                               \
       int k = THREAD_ID(), n = N_THREADS();                                                             \
-      int i0 = (int)((long)n_in * k / n), i1 = (int)((long)n_in * (k + 1) / n);                         \
+      int n_units = (n_in + unit - 1) / unit;                                                           \
+      int i0 = (int)((long)n_units * k / n) * unit, i1 = (int)((long)n_units * (k + 1) / n) * unit;     \
+      i0 = i0 < n_in ? i0 : n_in, i1 = i1 < n_in ? i1 : n_in;                                           \
       if (pro == NORM) {                                                                                \
         float r[4];                                                                                     \
         for (int t = 0; t < n_tok; t++) r[t] = rms_inv_##TAG(h, n_tok, n_in, t, eps);                  \
@@ -298,7 +304,11 @@ static void b_rows_bf16(const dec_group *g, const float *hl, int n_tok, uint16_t
         silu_rows_##TAG(x, n_tok, n_in, n_tok, 0, i0, i1);                                              \
       }                                                                                                 \
       TOKEN_MAJOR_COPY(x, n_tok, 1, n_in, n_tok, xf, i0, i1);                                           \
-      if (g->crow == NULL) {                                                                            \
+      if (a8 && i0 < i1)                                                                                \
+        for (int t = 0; t < n_tok; t++)                                                                 \
+          a8_quantize(xf + (long)t * n_in, n_in, g->a8_x + (long)t * n_pages * A8_PAGE, g->a8_xs + (long)t * n_pages, \
+                      i0 / A8_PAGE, (i1 + A8_PAGE - 1) / A8_PAGE);                                      \
+      if (!has_sparse) {                                                                                \
         long o0 = (long)n_out * k / n, o1 = (long)n_out * (k + 1) / n;                                  \
         memset(y + o0 * n_tok, 0, sizeof(T) * (size_t)((o1 - o0) * n_tok));                            \
       }                                                                                                 \
@@ -307,7 +317,13 @@ static void b_rows_bf16(const dec_group *g, const float *hl, int n_tok, uint16_t
       _Pragma("omp barrier")                                                                            \
       float *buf = NULL;                                                                                \
       for (long item; (item = take_item(runs, k, n)) >= 0;) {                                           \
-        if (item < n_sparse) {                                                                          \
+        if (item < n_sparse && a8) {                                                                    \
+          int g0 = csr_chunk_start(g->a8.start, n_groups, (int)item, n_sparse);                         \
+          int g1 = csr_chunk_start(g->a8.start, n_groups, (int)item + 1, n_sparse);                     \
+          if (g0 < g1)                                                                                  \
+            a8_groups(g->a8_x, g->a8_xs, n_in, n_tok, &g->a8, g->values_scale, g->rows, n_out, (float *)y, n_tok, \
+                      g0, g1);                                                                          \
+        } else if (item < n_sparse) {                                                                   \
           int r0 = csr_chunk_start(g->crow, n_out, (int)item, n_sparse);                                \
           int r1 = csr_chunk_start(g->crow, n_out, (int)item + 1, n_sparse);                            \
           if (tile && buf == NULL && (buf = aligned_alloc(64, sizeof(float) * (size_t)n_in * tile)) == NULL) \

@@ -32,6 +32,15 @@
 #define N_THREADS() 1
 #endif
 
+/* S in spmm_a8.c's int8-activation layout: per (group of 16 rows, page) its 128-byte steps and spilled
+ * links; each group's first step and first spilled link (spmm_a8.c describes it). */
+typedef struct {
+  const uint8_t *steps, *data;
+  const int32_t *start;
+  const uint8_t *spill_n, *spill;
+  const int32_t *spill_start;
+} a8_layout;
+
 /* decode_layers' per-group and per-block arguments (decode.c). Python fills the same structs through
  * ctypes (table.py: DecGroup, DecLayer); kernel_probe reports their layout, which the loader compares. */
 typedef struct {
@@ -48,6 +57,11 @@ typedef struct {
   int act;
   int int8; /* 1: values, lora_a and lora_b are int8 with the per-row scales below (fp32 activations only) */
   const float *values_scale, *a_scale, *b_scale; /* (stored rows of S,), (Σ r_m,), (Σ out_m,) */
+  /* index 3: S in spmm_a8.c's int8-activation layout instead of a CSR (crow NULL; int8 1), and the
+   * group's buffers for its quantized input: GEMV_MAX_TOKENS × pages × 256 bytes, × pages floats */
+  a8_layout a8;
+  int8_t *a8_x;
+  float *a8_xs;
 } dec_group;
 
 typedef struct {
@@ -136,6 +150,15 @@ CHTSL_EXPORT int decode_layers_bf16(uint16_t *h, int hidden, int batch, int seq,
                                     int cap, int start, float attn_scale, int tile, long item_bytes,
                                     long attn_min_work, uint16_t *work, float *scratch, int threads);
 
+/* spmm_a8.c: the sparse branch with int8 weights and int8 activations, in its own layout. */
+CHTSL_EXPORT int a8_pack(const int32_t *crow, const void *col, int col_bytes, const int8_t *val, int n_rows, int n_in,
+                         int spill_cost, uint8_t *steps, int32_t *start, uint8_t *spill_n, int32_t *spill_start,
+                         uint8_t *data, uint8_t *spill);
+CHTSL_EXPORT int spmm_a8(const float *x, long ldx, int n_in, int n_tok, const uint8_t *steps, const int32_t *start,
+                         const uint8_t *data, const uint8_t *spill_n, const int32_t *spill_start, const uint8_t *spill,
+                         const float *scale, const int32_t *rows, int n_rows, float *y, long ldy, int n_chunks,
+                         int n_threads);
+
 /* probe.c: what this build is (instruction sets, compile-time choices, struct layouts), as text. */
 CHTSL_EXPORT int kernel_probe(char *buf, int size);
 
@@ -161,4 +184,10 @@ void lowrank_b_rows_bf16(const uint16_t *b, const float *b_scale, const int32_t 
                          int n_members, const float *h, int n_rank, int n_tok, uint16_t *y, long ldy, long o0, long o1);
 void lowrank_b_rows_i8(const int8_t *b, const float *b_scale, const int32_t *outs, const int32_t *ranks, int n_members,
                        const float *h, int n_rank, int n_tok, float *y, long ldy, long o0, long o1);
+/* spmm_a8.c's layout: pages of input features, groups of stored rows, bytes per step; dec_group.index
+ * of a group in it. */
+enum { A8_PAGE = 256, A8_ROWS = 16, A8_STEP = 128, A8_INDEX = 3 };
+void a8_quantize(const float *xt, int n_in, int8_t *q, float *s, int p0, int p1);
+void a8_groups(const int8_t *xq, const float *xs, int n_in, int n_tok, const a8_layout *S, const float *scale,
+               const int32_t *rows, int n_rows, float *y, long ldy, int g0, int g1);
 #endif

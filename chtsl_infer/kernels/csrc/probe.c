@@ -31,6 +31,9 @@ static const struct {
     FIELD(dec_group, lora_a),   FIELD(dec_group, lora_b),  FIELD(dec_group, outs),   FIELD(dec_group, ranks),
     FIELD(dec_group, n_rank),   FIELD(dec_group, n_members), FIELD(dec_group, scale), FIELD(dec_group, act),
     FIELD(dec_group, int8),     FIELD(dec_group, values_scale), FIELD(dec_group, a_scale), FIELD(dec_group, b_scale),
+    FIELD(dec_group, a8),       FIELD(dec_group, a8_x),    FIELD(dec_group, a8_xs),
+    STRUCT(a8_layout),          FIELD(a8_layout, steps),   FIELD(a8_layout, data),   FIELD(a8_layout, start),
+    FIELD(a8_layout, spill_n),  FIELD(a8_layout, spill),   FIELD(a8_layout, spill_start),
     STRUCT(dec_layer),          FIELD(dec_layer, norm1),   FIELD(dec_layer, norm2),  FIELD(dec_layer, group),
 };
 
@@ -52,6 +55,12 @@ static const char isa[] = "isa"
 #endif
 #if defined(__AVX512BF16__)
                           " avx512bf16"
+#endif
+#if defined(__AVX512VBMI__)
+                          " avx512vbmi"
+#endif
+#if defined(__AVX512VNNI__)
+                          " avx512vnni"
 #endif
 #if defined(__ARM_NEON)
                           " neon"
