@@ -490,11 +490,20 @@ def test_perplexity_of_int8_and_bf16_weights_within_bounds(longer_trained_checkp
         assert report["weights"] == "int8"
         by_backend[backend] = report["ppl"]
     assert by_backend["sparse"] == pytest.approx(by_backend["dense"], rel=1e-4)
+    out = tmp_path / "a8.json"  # int8 activations too (the sparse products' inputs): the same bound
+    code, _, stderr = run_cli(["eval", str(trained_checkpoint), "--perplexity", "--device", "cpu", "--backend",
+                               "sparse", "--dtype", "int8", "--int8-activations", "--json", str(out)])
+    assert code == 0, stderr
+    report = json.loads(out.read_text())
+    assert report["int8_activations"] is True and report["ppl"] != ppl["int8"]  # the inputs really were rounded
+    assert report["ppl"] <= 1.01 * ppl["fp32"], (report["ppl"], ppl)
 
 
 def test_perplexity_bad_input(trained_checkpoint, tmp_path):
     msg = _one_line_error(["eval", str(trained_checkpoint), "--perplexity", "--data", str(tmp_path / "missing")])
     assert "missing" in msg
+    msg = _one_line_error(["eval", str(trained_checkpoint), "--perplexity", "--int8-activations"])  # fp32, dense
+    assert "--int8-activations needs int8 weights" in msg
     msg = _one_line_error(["eval", str(trained_checkpoint), "--perplexity", "--tasks", "rte"])
     assert "--tasks" in msg and "--perplexity" in msg
     msg = _one_line_error(["eval", str(tmp_path), "--perplexity"])

@@ -134,10 +134,6 @@ class A8Matrix:
     def n_rows(self) -> int:
         return self.rows.numel()
 
-    def nbytes(self) -> int:
-        """Bytes the layout holds (what a decoded token reads of it)."""
-        return sum(t.numel() * t.element_size() for t in (*self.tensors(), self.scale, self.rows))
-
 
 def a8_pack(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor,
             n_in: int, spill_cost: int = A8_SPILL_COST) -> A8Matrix:
