@@ -272,7 +272,8 @@ def test_spmm_cpu_bfloat16_accumulates_in_fp32(n_tok: int, col_dtype: torch.dtyp
 
 def test_bf16_kernel_path_is_selected_at_compile_time() -> None:
     """The AVX512-BF16 loop (vdpbf16ps) is compiled where the compiler targets it, else the portable one:
-    what the built library reports matches the host's cpuinfo flag, and the AVX512-BF16 source compiles."""
+    what the built library reports matches the host's cpuinfo flag, and the AVX512-BF16 source compiles;
+    the int8-activation loops likewise with AVX-512 VBMI + VNNI (`a8_vector`)."""
     import shutil
     import subprocess
     from pathlib import Path
@@ -283,6 +284,8 @@ def test_bf16_kernel_path_is_selected_at_compile_time() -> None:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     has = " avx512_bf16" in flags
     assert info.bf16_dot == has and ("avx512bf16" in info.isa) == has
+    a8 = all(f" {name}" in flags for name in ("avx512vbmi", "avx512_vnni", "avx512bw"))
+    assert info.a8_vector == a8 and a8 == ({"avx512vbmi", "avx512vnni", "avx512bw"} <= set(info.isa))
     cc = shutil.which("cc") or shutil.which("gcc")
     source = next(s for s in build.SOURCES if s.name == "spmm_bf16.c")
     run = subprocess.run([cc, "-O2", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-S", "-o", "-", str(source)],

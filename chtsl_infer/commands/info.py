@@ -175,7 +175,8 @@ def kernel_table(report: dict[str, Any]) -> Group:
         about.add_row("kernels", f"not compiled: {report['detail']}")
         return Group(about)
     about.add_row("ISA", f"{' '.join(report['isa']) or 'none of those the kernels use'} (tile vectors "
-                         f"{report['tile_vw']} floats, bf16 dot {'on' if report['bf16_dot'] else 'off'})")
+                         f"{report['tile_vw']} floats, bf16 dot {'on' if report['bf16_dot'] else 'off'}, int8 "
+                         f"activations {'VBMI/VNNI' if report['a8_vector'] else 'plain C'})")
     about.add_row("build", f"{report['compiler']} {' '.join(report['flags'])} · {report['path']}")
     for key, value in _tuning_lines(report["tuning"]):
         about.add_row(key, value)

@@ -381,7 +381,8 @@ class KernelInfo:
     why not (`detail`), the CPU model (`cpu`), the build in force — its path, compiler and flags, build
     variant ("" = the base build), the instruction sets the compiler targeted (`isa`), whether it has
     OpenMP, floats per tile vector (`tile_vw`), whether the bf16 gather uses AVX512-BF16 (`bf16_dot`),
-    whether the int8 gather takes 16 links per AVX-512 vgatherdps (`gather16`) —, the run-time
+    whether the int8 gather takes 16 links per AVX-512 vgatherdps (`gather16`), whether the int8-activation
+    products use AVX-512 VBMI/VNNI (`a8_vector`; else plain C) —, the run-time
     settings in force, the built-in defaults, and how the settings were chosen (`tuning`:
     `tune.TuneStatus.as_json`)."""
 
@@ -397,6 +398,7 @@ class KernelInfo:
     tile_vw: int | None = None
     bf16_dot: bool = False
     gather16: bool = False
+    a8_vector: bool = False
     settings: dict[str, int] = field(default_factory=dict)
     defaults: dict[str, int] = field(default_factory=dict)
     tuning: dict[str, Any] = field(default_factory=dict)

@@ -524,7 +524,8 @@ def kernel_info() -> build.KernelInfo:
     probed = lib.probed()
     return build.KernelInfo(True, how, build.cpu_model(), str(lib.path), lib.compiler, lib.flags, lib.variant,
                             tuple(probed.get("isa", [])), probed["openmp"] == ["1"], int(probed["tile_vw"][0]),
-                            probed["bf16_dot"] == ["1"], probed["gather16"] == ["1"], asdict(settings_in_force()),
+                            probed["bf16_dot"] == ["1"], probed["gather16"] == ["1"], probed["a8_vector"] == ["1"],
+                            asdict(settings_in_force()),
                             defaults, status().as_json())
 
 

@@ -52,6 +52,7 @@ from chtsl_infer.runtime.fused import (
     use_int8_activations,
 )
 from chtsl_infer.runtime.int8 import Int8Linear
+from chtsl_infer.utils import warn_once
 
 BACKENDS = ("auto", "dense", "sparse", "onnx")
 AUTO_SPARSE_MAX_DENSITY = 0.3  # at 30 % the C kernel is still 1.1–1.5× dense (60M shapes); margin for other CPUs
@@ -401,6 +402,9 @@ def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.
     if int8_activations and not use_int8_activations(model):
         raise ChtslError(f"int8 activations apply to the sparse products of the compiled CPU kernels: this model has "
                          f"none ({packed.config.method} method; kernels: {kernels.cpu_kernel_status()[1]})")
+    if int8_activations and not kernels.kernel_info().a8_vector:
+        warn_once("int8 activations: the kernels were built without AVX-512 VBMI and VNNI, so their plain-C loops "
+                  "run (the same results, slower than int8 weights alone)")
     if device.type == "cpu":  # after the build: its freed packed tensors go back to the OS
         keep_freed_heap()
     return Runtime(backend=backend, device=device, dtype=dtype, config=packed.config, model=model,

@@ -187,6 +187,12 @@ void lowrank_b_rows_i8(const int8_t *b, const float *b_scale, const int32_t *out
 /* spmm_a8.c's layout: pages of input features, groups of stored rows, bytes per step; dec_group.index
  * of a group in it. */
 enum { A8_PAGE = 256, A8_ROWS = 16, A8_STEP = 128, A8_INDEX = 3 };
+/* 1: spmm_a8.c's loops are the AVX-512 VBMI + VNNI byte gathers; 0: plain C on the same layout */
+#if defined(__AVX512VBMI__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define A8_VECTOR 1
+#else
+#define A8_VECTOR 0
+#endif
 void a8_quantize(const float *xt, int n_in, int8_t *q, float *s, int p0, int p1);
 void a8_groups(const int8_t *xq, const float *xs, int n_in, int n_tok, const a8_layout *S, const float *scale,
                const int32_t *rows, int n_rows, float *y, long ldy, int g0, int g1);

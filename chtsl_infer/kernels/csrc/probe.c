@@ -75,8 +75,8 @@ static const char isa[] = "isa"
 
 /* Writes the lines into buf (size bytes, NUL-terminated); returns their length, or -1 if buf is too small. */
 int kernel_probe(char *buf, int size) {
-  long n = snprintf(buf, (size_t)size, "%s\nopenmp %d\ntile_vw %d\nbf16_dot %d\ngather16 %d\n", isa, OPENMP, TILE_VW,
-                    BF16_DP && GATHER16, GATHER16);
+  long n = snprintf(buf, (size_t)size, "%s\nopenmp %d\ntile_vw %d\nbf16_dot %d\ngather16 %d\na8_vector %d\n", isa,
+                    OPENMP, TILE_VW, BF16_DP && GATHER16, GATHER16, A8_VECTOR);
   for (size_t i = 0; i < sizeof layout / sizeof layout[0] && n >= 0 && n < size; i++) {
     if (layout[i].b == (size_t)-1)
       n += snprintf(buf + n, (size_t)(size - n), "%s %zu\n", layout[i].name, layout[i].a);

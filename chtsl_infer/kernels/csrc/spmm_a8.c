@@ -37,11 +37,8 @@
 #include "csr_tiles.h"
 #include "kernels.h"
 
-#if defined(__AVX512VBMI__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if A8_VECTOR /* kernels.h */
 #include <immintrin.h>
-#define A8_VECTOR 1
-#else
-#define A8_VECTOR 0
 #endif
 
 static inline int a8_pages(int n_in) { return (n_in + A8_PAGE - 1) / A8_PAGE; }
