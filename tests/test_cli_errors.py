@@ -404,6 +404,13 @@ CASES: list[Case] = [
          expect="model.safetensors"),
     Case("generate-onnx-int8", GENERATE + " --dtype int8 --device cpu --backend onnx",
          expect="--dtype fp32"),
+    # --int8-activations needs int8 weights on the CPU sparse backend
+    Case("generate-int8-activations-fp32", GENERATE + " --device cpu --int8-activations",
+         expect="--int8-activations needs int8 weights"),
+    Case("bench-int8-activations-dense", "bench {run} --device cpu --dtype int8 --backend dense --int8-activations",
+         expect="--int8-activations needs int8 weights"),
+    Case("eval-int8-activations-dense-backend", "eval {run} --perplexity --device cpu --dtype int8 --int8-activations",
+         expect="--int8-activations needs int8 weights"),
     Case("generate-packed-heads-0", GENERATE_EXP + " --backend sparse",
          _packed_config(num_attention_heads=0), expect="num_attention_heads"),
     Case("generate-packed-hidden-negative", GENERATE_EXP + " --backend dense",
