@@ -396,9 +396,9 @@ def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.
     if backend == "sparse" and device.type == "cpu" and dtype not in (torch.float32, torch.bfloat16):
         raise ChtslError("backend 'sparse' on CPU computes in float32 or bfloat16; use --dtype fp32|bf16 "
                          "or --backend dense")
-    model = build_model(packed, backend, device, dtype, consume=consume)
-    if int8_activations and not (weights == torch.int8 and backend == "sparse"):
+    if int8_activations and not (weights == torch.int8 and backend == "sparse"):  # before the (long) build
         raise ChtslError(f"int8 activations need int8 weights on the CPU sparse backend (here backend {backend})")
+    model = build_model(packed, backend, device, dtype, consume=consume)
     if int8_activations and not use_int8_activations(model):
         raise ChtslError(f"int8 activations apply to the sparse products of the compiled CPU kernels: this model has "
                          f"none ({packed.config.method} method; kernels: {kernels.cpu_kernel_status()[1]})")
