@@ -14,8 +14,8 @@ on every command by tests/test_cli_vocabulary.py:
   quantized in memory); `export`'s is the dtype its packed file stores (`PackedDtype`), `train`'s
   the autocast of `TrainArgs.dtype`;
 - `--int8-activations` (inference commands) adds int8 activations to int8 weights in the sparse
-  products (`runtime.fused.use_int8_activations`); it needs `--dtype int8` (or an int8 export under
-  `auto`) on the CPU sparse backend;
+  products, the low-rank factors and an int8 lm_head (`runtime.fused.use_int8_activations`); it
+  needs `--dtype int8` (or an int8 export under `auto`) on the CPU sparse backend;
 - `--json PATH` writes what the command prints, as JSON (`-`: stdout, which then carries the JSON
   only), and `--force` lets it replace an existing file (and `export` its output directory);
 - `--batch` is sequences per batch, `--new-tokens` the tokens generated per sequence.
@@ -45,8 +45,9 @@ Dtype = Annotated[str, typer.Option(
     "--dtype", help="auto, fp32, bf16, fp16 or int8 (int8 weights, fp32 activations; CPU) (auto: fp32 on CPU, "
     "bf16 on CUDA; an int8 export keeps int8 on CPU).")]
 Int8Activations = Annotated[bool, typer.Option(
-    "--int8-activations", help="With int8 weights on the CPU sparse backend: round the sparse products' inputs "
-    "to int8 too (per token and 256 features, as llama.cpp's Q8_0 does): faster decoding, not bit-equal.")]
+    "--int8-activations", help="With int8 weights on the CPU sparse backend: round the inputs of the int8 "
+    "products (sparse, low-rank, lm_head) to int8 too (per token and 256 features, as llama.cpp's Q8_0 does per "
+    "32): faster decoding, not bit-equal.")]
 PackedDtype = Annotated[str, typer.Option(
     "--dtype", help="Value dtype of the packed safetensors: fp32, bf16, fp16 or int8 (per-row scales).")]
 

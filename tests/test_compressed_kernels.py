@@ -330,6 +330,65 @@ def test_a8_pack_rejects_a_column_past_the_row() -> None:
                         torch.zeros(1, dtype=torch.int32), 300 - 1)
 
 
+@pytest.mark.parametrize("n_tok", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("n_in", [64, 300, 512, 1100])
+def test_dense_a8_rows_match_the_quantized_reference(n_tok: int, n_in: int) -> None:
+    """The dense int8 rows with int8 activations (csrc/spmm_a8.c: the lm_head's `gemv_a8`, the low-rank
+    `lowrank_fm_a8` with B in panels and h rounded per member): the float64 products of the dequantized
+    weights and the per-page rounded input, up to fp32 summation over pages (and h's fp32 rounding, a
+    rank-5 member's ties included); rows and pages cut short (n_in 300, 1100), a zero page; the
+    low-rank branch for a prompt's 7 tokens too (4 at a time)."""
+    _require_kernels()
+    gen = torch.Generator().manual_seed(10 * n_in + n_tok)
+    x = torch.randn(n_in, n_tok, generator=gen)
+    if n_in > 512:
+        x[256:512] = 0.0
+    xq = quantized_activations(x)
+    q = torch.randint(-127, 128, (37, n_in), dtype=I8, generator=gen)
+    scale = torch.rand(37, generator=gen) + 0.5
+    want = (scale.double()[:, None] * q.double()) @ xq  # (37, T)
+    out = torch.empty(n_tok, 37)
+    if n_tok <= kernels.GEMV_MAX_TOKENS:  # the lm_head's GEMV: decoding only
+        assert kernels.dense_gemv(q, x.t().contiguous(), out, scale=scale, int8_activations=True)
+        bound = (scale.double()[:, None] * q.double().abs()) @ xq.abs() * 1e-6
+        assert torch.all((out.t().double() - want).abs() <= bound + 1e-30)
+    # the low-rank branch: two members (out 20 and 17, ranks 5 and 3); A's input rounded, h fp32
+    a = torch.randint(-127, 128, (8, n_in), dtype=I8, generator=gen)
+    a_scale = torch.rand(8, generator=gen) * 1e-3
+    b = torch.randint(-127, 128, (20 * 5 + 17 * 3,), dtype=I8, generator=gen)
+    b_scale = torch.rand(37, generator=gen) * 1e-2
+    shapes = torch.tensor([[20, 17], [5, 3]], dtype=torch.int32)
+    y = torch.randn(37, n_tok, generator=gen)
+    h = 0.5 * torch.nn.functional.silu((a_scale.double()[:, None] * a.double()) @ xq)  # (8, T)
+    h = h.float()  # the kernel's h, rounded per member (5, then 3 values) to int8 for B
+    b0 = (b_scale[:20].double()[:, None] * b[:100].double().view(20, 5)) @ quantized_activations(h[:5], 5)
+    b1 = (b_scale[20:].double()[:, None] * b[100:].double().view(17, 3)) @ quantized_activations(h[5:], 3)
+    want = y.double() + torch.cat([b0, b1])
+    panels = kernels.a8_panels(b, [20, 17], [5, 3])  # B as the kernel reads it: 16-row blocks, 4 ranks a step
+    assert panels.numel() == 32 * 8 + 32 * 4
+    assert torch.equal(kernels.a8_panel_block(panels, [20, 17], [5, 3], 1), b[100:].view(17, 3))
+    assert kernels.lowrank_fm(a, x, panels, shapes, 0.5, "silu", y, a_scale, b_scale, int8_activations=True)
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_in", [40, 300])
+def test_a8_round_is_the_kernels_rounding(n_in: int) -> None:
+    """`kernels.a8_round` (the float paths of an int8-activation model: a forward's low-rank A and
+    lm_head) rounds exactly as the C kernels do: through the identity, `gemv_a8` returns its input's
+    rounded values bit for bit (ties, a zero page and a tiny page included)."""
+    _require_kernels()
+    gen = torch.Generator().manual_seed(n_in)
+    x = torch.randn(n_in, 3, generator=gen)
+    x[:, 1] = torch.arange(n_in) % 7 - 3.0  # |x| ≤ 3: q = 127 x / 3, many halves
+    x[:, 2] = 0.0
+    x[: min(n_in, 256), 2] = 1e-30 * torch.randn(min(n_in, 256), generator=gen)
+    got = torch.empty(3, n_in)
+    assert kernels.dense_gemv(torch.eye(n_in, dtype=I8), x.t().contiguous(), got, scale=torch.ones(n_in),
+                              int8_activations=True)
+    assert torch.equal(got.t(), kernels.a8_round(x))
+    assert torch.equal(kernels.a8_round(x), quantized_activations(x).float())  # q · s in fp32, rounded once
+
+
 # --- the int8 runtime: the kernels composed, every method ------------------------------------------------
 
 ATOL = 1e-4  # the runtime tests' fp32 tolerance on logits
@@ -434,7 +493,9 @@ def test_int8_activations_runtime(method: str, monkeypatch: pytest.MonkeyPatch) 
     """`int8_activations`: every sparse group of an int8 model moves to spmm_a8's layout (no CSR left);
     the full forward, the prefill and 1–3-token decoding steps (one C call for every block) give the
     same logits within fp32's 1e-4, the one-call path equals the block loop bit for bit, the logits stay
-    within 1 % of the fp32-activation int8 model's, and it generates. A float model refuses it."""
+    within 3 % of the fp32-activation int8 model's (random tiny weights: sltrain's large low-rank branch
+    on rounded inputs 1.6 %; trained models: tests/test_eval.py), and it generates. A float model
+    refuses it."""
     from chtsl_infer.errors import ChtslError
     from chtsl_infer.formats.packed import pack_model
     from chtsl_infer.runtime import feature_major
@@ -455,7 +516,8 @@ def test_int8_activations_runtime(method: str, monkeypatch: pytest.MonkeyPatch) 
     assert all(g.a8_layout() is not None and g.crow is None and g.values is None for g in sparse)
     want = rt.logits(ids)
     ref = plain.logits(ids)
-    assert 0 < torch.linalg.vector_norm(want - ref) <= 1e-2 * torch.linalg.vector_norm(ref)
+    assert 0 < torch.linalg.vector_norm(want - ref) <= 3e-2 * torch.linalg.vector_norm(ref)
+    assert rt.model.lm_head.int8_activations  # the int8 lm_head rounds its input too
     if sparse:
         assert feature_major._decode_layers(rt.model, F32) is not None
     cache = rt.new_cache(2, 14)
@@ -464,6 +526,9 @@ def test_int8_activations_runtime(method: str, monkeypatch: pytest.MonkeyPatch) 
         torch.testing.assert_close(rt.decode_step(ids[:, a:b], cache), want[:, b - 1], atol=ATOL, rtol=0)
     assert_one_call_equals_the_block_loop(rt, ids, monkeypatch, 64)
     assert rt.generate(ids[:, :5], max_new_tokens=4).shape == (2, 9)
+    with monkeypatch.context() as m:  # the float path of the low-rank branch (an activation C lacks) agrees
+        m.setattr(kernels, "lowrank_fm", lambda *args, **kwargs: False)
+        torch.testing.assert_close(rt.logits(ids), want, atol=ATOL, rtol=0)
     with pytest.raises(ChtslError, match="int8 activations need int8 weights"):
         from_packed(pack_model(model), "sparse", int8_activations=True)
 
@@ -495,7 +560,7 @@ assert ("avx512f" in info.isa) is False and info.gather16 is False and info.tile
 sys.argv = ["pytest"]
 import pytest
 TESTS = ("spmm_variants or sixteen_tokens or int8_gemv or int8_lowrank or int8_runtime or one_c_call_int8 "
-         "or spmm_a8 or int8_activations")
+         "or spmm_a8 or int8_activations or dense_a8 or a8_round")
 sys.exit(pytest.main(["-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider", {path!r}, "-k", TESTS]))
 """
 

@@ -490,7 +490,7 @@ def test_perplexity_of_int8_and_bf16_weights_within_bounds(longer_trained_checkp
         assert report["weights"] == "int8"
         by_backend[backend] = report["ppl"]
     assert by_backend["sparse"] == pytest.approx(by_backend["dense"], rel=1e-4)
-    out = tmp_path / "a8.json"  # int8 activations too (the sparse products' inputs): the same bound
+    out = tmp_path / "a8.json"  # int8 activations too (the int8 products' inputs): the same bound
     code, _, stderr = run_cli(["eval", str(trained_checkpoint), "--perplexity", "--device", "cpu", "--backend",
                                "sparse", "--dtype", "int8", "--int8-activations", "--json", str(out)])
     assert code == 0, stderr

@@ -31,7 +31,18 @@ from chtsl_infer.kernels.decode import (
     silu_mul_fm,
 )
 from chtsl_infer.kernels.settings import KernelSettings, settings
-from chtsl_infer.kernels.sparse import A8Matrix, a8_pack, sort_rows, spmm_a8, spmm_cpu, spmm_cuda, torch_csr
+from chtsl_infer.kernels.sparse import (
+    A8Matrix,
+    a8_pack,
+    a8_panel_block,
+    a8_panels,
+    a8_round,
+    sort_rows,
+    spmm_a8,
+    spmm_cpu,
+    spmm_cuda,
+    torch_csr,
+)
 from chtsl_infer.kernels.training import (
     ch2_l3n_half,
     csr_mm,
@@ -44,7 +55,7 @@ from chtsl_infer.kernels.tune import kernel_info  # also registers the tuner wit
 
 __all__ = [
     "A8Matrix", "GEMV_MAX_TOKENS", "LOWRANK_ACTIVATIONS", "DecodeLayers", "GroupDecoder", "KernelSettings",
-    "a8_pack", "activation_dtype", "attention_decode",
+    "a8_pack", "a8_panel_block", "a8_panels", "a8_round", "activation_dtype", "attention_decode",
     "ch2_l3n_half", "cpu_kernel", "cpu_kernel_status", "csr_mm", "csr_mm_torch", "csr_sddmm", "csr_sddmm_torch",
     "csr_transpose", "decode_kernels_serve", "dense_gemv", "kernel", "kernel_info", "lowrank_fm", "rms_norm_fm",
     "settings", "silu_mul_fm", "sort_rows", "spmm_a8", "spmm_cpu", "spmm_cuda", "torch_csr",

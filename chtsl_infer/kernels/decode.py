@@ -52,13 +52,16 @@ def _scale_ptr(weight: torch.Tensor, scale: torch.Tensor | None, rows: int) -> i
     return scale.data_ptr()
 
 
-def dense_gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
+def dense_gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None,
+               int8_activations: bool = False) -> bool:
     """out (T, n_out) = x (T, n_in) · weightᵀ for 1 ≤ T ≤ `GEMV_MAX_TOKENS` on CPU (`csrc/gemv.c`).
 
     weight: (n_out, n_in) contiguous fp32, bf16 or int8 (then `scale`, fp32 (n_out,), holds each row's
     scale: the weights are scale[o] · q); x: fp32 or bf16 (read as fp32); out: fp32 or bf16 with
-    contiguous rows. Sums in fp32. Returns False (nothing written) where the compiled kernel
-    does not apply: another device, more tokens, other dtypes, no compiler; callers then use torch.
+    contiguous rows. Sums in fp32. `int8_activations` (int8 weights): x rounded as `sparse.a8_round`
+    rounds it, products in int32 per 256-feature page (`csrc/spmm_a8.c` `gemv_a8`). Returns False
+    (nothing written) where the compiled kernel does not apply: another device, more tokens, other
+    dtypes, no compiler; callers then use torch.
     """
     n_tok = x.shape[0]
     if not (1 <= n_tok <= GEMV_MAX_TOKENS and weight.device.type == x.device.type == out.device.type == "cpu"
@@ -66,8 +69,10 @@ def dense_gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, scale: 
             and x.dtype in (torch.float32, torch.bfloat16) and out.dtype in (torch.float32, torch.bfloat16)
             and out.shape == (n_tok, weight.shape[0]) and out.stride(1) == 1):
         return False
+    if int8_activations and weight.dtype != torch.int8:
+        raise ValueError("int8 activations go with int8 weights")
     scale_ptr = _scale_ptr(weight, scale, weight.shape[0])
-    fn = kernel("gemv", dtype=weight.dtype)
+    fn = kernel("gemv_a8") if int8_activations else kernel("gemv", dtype=weight.dtype)
     if fn is None:
         return False
     x = x.float().contiguous()
@@ -82,22 +87,27 @@ def dense_gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, scale: 
 
 def lowrank_fm(lora_a: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, shapes: torch.Tensor, scale: float,
                activation: str, y: torch.Tensor, a_scale: torch.Tensor | None = None,
-               b_scale: torch.Tensor | None = None) -> bool:
+               b_scale: torch.Tensor | None = None, int8_activations: bool = False) -> bool:
     """y (Σ out_m, T) += scale · B_m act(A_m x) for every member m of a fused group, T ≤ `GEMV_MAX_TOKENS`.
 
     lora_a: (Σ r_m, in) the members' A stacked; x: (in, T) feature-major, any strides; lora_b:
     (Σ out_m·r_m,) the members' B blocks (out_m × r_m) flattened one after the other; shapes: int32
     (2, members) of out_m and r_m; y: (Σ out_m, T) with contiguous rows. CPU, all four float32 or all
     bfloat16 (sums and the hidden activations in fp32), or int8 A and B with fp32 x and y and their
-    row scales `a_scale` (Σ r_m,) and `b_scale` (Σ out_m,) (`csrc/gemv.c`); returns False, nothing
-    written, where it does not apply (the caller uses torch).
+    row scales `a_scale` (Σ r_m,) and `b_scale` (Σ out_m,) (`csrc/gemv.c`); `int8_activations` (int8
+    factors, B as `sparse.a8_panels`, any T): A's input rounded as `sparse.a8_round` rounds it, and h
+    per member (`csrc/spmm_a8.c` `lowrank_fm_a8`). Returns False, nothing written, where it does not
+    apply (the caller uses torch).
     """
     n_tok = x.shape[1]
-    if not (1 <= n_tok <= GEMV_MAX_TOKENS and y.stride(1) == 1 and activation in LOWRANK_ACTIVATIONS):
+    if not (1 <= n_tok and (n_tok <= GEMV_MAX_TOKENS or int8_activations) and y.stride(1) == 1
+            and activation in LOWRANK_ACTIVATIONS):
         return False
     if lora_b.dtype != lora_a.dtype or not decode_kernels_serve(lora_a, x, lora_b, y):
         return False
-    fn = kernel("lowrank_fm", lora_a.dtype)
+    if int8_activations and lora_a.dtype != torch.int8:
+        raise ValueError("int8 activations go with int8 weights")
+    fn = kernel("lowrank_fm_a8") if int8_activations else kernel("lowrank_fm", lora_a.dtype)
     n_rank, n_in = lora_a.shape
     a_ptr, b_ptr = _scale_ptr(lora_a, a_scale, n_rank), _scale_ptr(lora_b, b_scale, y.shape[0])
     scratch = torch.empty(n_tok * (n_in + n_rank), dtype=torch.float32)
@@ -183,7 +193,10 @@ class GroupDecoder:
             if csr is not None and (lora_a.dtype == torch.int8) != self.int8:
                 raise ValueError("GroupDecoder: int8 sparse values need int8 low-rank factors (and float ones float)")
             self.int8 = lora_a.dtype == torch.int8
-            self.lowrank_fn = require("lowrank_fm", lora_a.dtype)
+            if a8 is not None and not self.int8:
+                raise ValueError("GroupDecoder: int8 activations need int8 low-rank factors")
+            # int8 activations: A takes the input S takes, rounded the same way
+            self.lowrank_fn = require("lowrank_fm_a8") if a8 is not None else require("lowrank_fm", lora_a.dtype)
             self.n_rank = lora_a.shape[0]
             shapes = shapes.contiguous()
             self.lowrank = (lora_a, lora_b, shapes, a_scale, b_scale)

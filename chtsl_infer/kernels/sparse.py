@@ -201,6 +201,45 @@ def spmm_a8(x: torch.Tensor, layout: A8Matrix, out: torch.Tensor | None = None) 
     return y
 
 
+def a8_round(x: torch.Tensor, page: int = A8_PAGE) -> torch.Tensor:
+    """x (in, T) float32 feature-major as the int8-activation kernels see it: each token's features in
+    pages of `page`, every page rounded to int8 levels of its own scale max|x|/127 (ties to even),
+    then scaled back: the float32 tensor (in, T) of q · scale. A product with it in float equals the
+    kernels' int32-per-page product up to summation order (csrc/spmm_a8.c `a8_quantize`; a low-rank
+    member's h is one page of its rank, `a8_lowrank_b_rows`)."""
+    n_in, n_tok = x.shape
+    pages = -(-n_in // page)
+    padded = torch.zeros(pages * page, n_tok, dtype=torch.float32)
+    padded[:n_in] = x
+    paged = padded.view(pages, page, n_tok)
+    most = paged.abs().amax(dim=1, keepdim=True)  # (pages, 1, T)
+    scale = most / torch.full_like(most, 127.0)  # a true division, as C's (a scalar divisor is a reciprocal)
+    q = torch.where(scale > 0, torch.round(paged / scale.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
+    return (q.clamp_(-127, 127) * scale).view(-1, n_tok)[:n_in]
+
+
+def a8_panels(lora_b: torch.Tensor, outs: list[int], ranks: list[int]) -> torch.Tensor:
+    """A fused group's int8 B blocks (out_m × r_m, flattened back to back) as the panels of
+    `csrc/spmm_a8.c` `a8_lowrank_b_rows`: per member, per block of 16 rows, ⌈r_m/4⌉ steps of 64 bytes,
+    byte 4i + j of step k = B_m[16 · block + i, 4k + j] (zero past the rows and the rank). int8, flat."""
+    parts, b0 = [], 0
+    for n_out, r in zip(outs, ranks, strict=True):
+        block = torch.zeros(-(-n_out // A8_ROWS) * A8_ROWS, -(-r // 4) * 4, dtype=torch.int8)
+        block[:n_out, :r] = lora_b[b0:b0 + n_out * r].view(n_out, r)
+        parts.append(block.view(-1, A8_ROWS, block.shape[1] // 4, 4).permute(0, 2, 1, 3).reshape(-1))
+        b0 += n_out * r
+    return torch.cat(parts)
+
+
+def a8_panel_block(panels: torch.Tensor, outs: list[int], ranks: list[int], member: int) -> torch.Tensor:
+    """Member `member`'s B (out_m × r_m, int8) from `a8_panels`' layout (a copy)."""
+    start = sum(-(-n // A8_ROWS) * A8_ROWS * -(-r // 4) * 4 for n, r in zip(outs[:member], ranks[:member], strict=True))
+    n_out, r = outs[member], ranks[member]
+    rows, steps = -(-n_out // A8_ROWS) * A8_ROWS, -(-r // 4)
+    flat = panels[start:start + rows * steps * 4]
+    return flat.view(-1, steps, A8_ROWS, 4).permute(0, 2, 1, 3).reshape(rows, steps * 4)[:n_out, :r]
+
+
 def sort_rows(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The CSR with its rows stored by increasing link count: (crow, col, values, rows int32).
 

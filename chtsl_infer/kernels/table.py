@@ -138,6 +138,13 @@ TABLE = (
         ("x", P), ("ldx", LONG), ("n_in", INT), ("n_tok", INT), ("steps", P), ("start", P), ("data", P),
         ("spill_n", P), ("spill_start", P), ("spill", P), ("scale", P), ("rows", P), ("n_rows", INT), ("y", P),
         ("ldy", LONG), ("n_chunks", INT), ("n_threads", INT))),
+    KernelSpec("gemv_a8", "spmm_a8.c", (
+        ("w", P), ("scale", P), ("n_out", INT), ("n_in", INT), ("x", P), ("ldx", LONG), ("n_tok", INT), ("y", P),
+        ("ldy", LONG), ("threads", INT))),
+    KernelSpec("lowrank_fm_a8", "spmm_a8.c", (
+        ("a", P), ("a_scale", P), ("n_rank", INT), ("n_in", INT), ("x", P), ("sx_in", LONG), ("sx_tok", LONG),
+        ("n_tok", INT), ("b", P), ("b_scale", P), ("outs", P), ("ranks", P), ("n_members", INT), ("scale", FLOAT),
+        ("act", INT), ("y", P), ("ldy", LONG), ("scratch", P), ("threads", INT))),
     KernelSpec("kernel_probe", "probe.c", (("buf", P), ("size", INT))),
 )
 KERNELS = {spec.name: spec for spec in TABLE}

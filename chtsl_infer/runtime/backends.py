@@ -233,7 +233,7 @@ class Runtime:
     model: ChtslLlamaForCausalLM | None = None
     session: Any = None  # onnxruntime.InferenceSession
     model_bytes: int = 0
-    int8_activations: bool = False  # the sparse products round their inputs to int8 (`from_packed`)
+    int8_activations: bool = False  # the int8 products round their inputs to int8 (`from_packed`)
     workspace: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # reused activation buffers
 
     @torch.no_grad()
@@ -380,8 +380,8 @@ def from_packed(packed: PackedModel, backend: str = "auto", device: str | torch.
     `dtype`: what the model computes in; torch.int8 = int8 weights (`packed` quantized in memory where
     it is not int8) with fp32 activations, the runtime's dtype then float32 (`runtime_dtypes`).
     `consume`: `packed` is emptied while the model is built (see `build_model`). `int8_activations`:
-    the sparse products also round their inputs to int8 (`fused.use_int8_activations`; int8 weights on
-    the CPU sparse backend, else ChtslError).
+    the int8 products (sparse, low-rank, an int8 lm_head) also round their inputs to int8
+    (`fused.use_int8_activations`; int8 weights on the CPU sparse backend, else ChtslError).
     """
     device = torch.device(device)
     dtype, weights = runtime_dtypes(dtype)
@@ -453,7 +453,7 @@ def load_runtime(path: str | Path | ModelDir, backend: str = "auto", device: str
                  dtype: torch.dtype = torch.float32, int8_activations: bool = False) -> Runtime:
     """The `Runtime` of a checkpoint or export directory with `backend`, computing in `dtype` (an export's
     weights are cast to it, int8 ones dequantized; torch.int8: int8 weights, fp32 activations; with
-    `int8_activations` the sparse products' inputs int8 too, see `from_packed`)."""
+    `int8_activations` the int8 products' inputs int8 too, see `from_packed`)."""
     model_dir = resolve_model_dir(path)
     device = torch.device(device)
     if backend == "onnx":

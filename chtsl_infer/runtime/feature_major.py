@@ -205,21 +205,22 @@ def forward(model: ChtslLlamaForCausalLM, input_ids: torch.Tensor, cache: KVCach
         cache.length = end
     weight = model.lm_head.weight
     scale = getattr(model.lm_head, "weight_scale", None)  # an int8 lm_head's row scales (runtime.int8.Int8Linear)
+    a8 = getattr(model.lm_head, "int8_activations", False)  # and its input rounded to int8 (int8 activations)
     if last_only:  # logits of each sequence's last position only: (H, batch)
         h = _norm(glue, h.view(-1, batch, seq)[:, :, -1], inner.norm)
         if out is None:
             out = h.new_empty(batch, weight.shape[0])
         # One row per sequence: a memory-bound GEMV, ~2.5x torch's on CPU (kernels.dense_gemv).
-        if kernels.dense_gemv(weight, h.t(), out, scale=scale):
+        if kernels.dense_gemv(weight, h.t(), out, scale=scale, int8_activations=a8):
             return out
         if scale is not None:
-            return int8_mm(weight, scale, h, out=out.t()).t()
+            return int8_mm(weight, scale, h, out=out.t(), int8_activations=a8).t()
         return torch.mm(h.t(), weight.t(), out=out)
     h = rms_norm(h, inner.norm.weight, inner.norm.variance_epsilon)
     if out is None:
         out = h.new_empty(batch, seq, weight.shape[0])
     if scale is not None:  # (vocab, T) written through the transposed view of the (T, vocab) logits
-        int8_mm(weight, scale, h, out=out.view(n_tok, -1).t())
+        int8_mm(weight, scale, h, out=out.view(n_tok, -1).t(), int8_activations=a8)
     else:
         torch.mm(h.t(), weight.t(), out=out.view(n_tok, -1))  # reads h transposed: no copy
     return out

@@ -20,7 +20,7 @@ from chtsl_infer.formats.encoding import delta_decode
 from chtsl_infer.formats.packed import QUANTIZED_PARTS, PackedLinear, col_index_dtype
 from chtsl_infer.kernels import build
 from chtsl_infer.model.layers import activation_fn
-from chtsl_infer.runtime.int8 import int8_mm
+from chtsl_infer.runtime.int8 import Int8Linear, int8_mm
 
 A8_BUFFERS = ("a8_steps", "a8_start", "a8_data", "a8_spill_n", "a8_spill_start", "a8_spill")  # A8Matrix.tensors()
 DENSE_PATHS = ("torch", "gemv")  # how a dense weight multiplies a few decoding tokens (`dense_fm`)
@@ -46,7 +46,8 @@ class FusedLinears(nn.Module):
     (2, members) their out_m and r_m. With `int8`, `values`, `weight`, `lora_A` and `lora_B` are the
     packed int8 weights and `values_scale` (stored rows), `weight_scale`, `lora_A_scale` (Σr,) and
     `lora_B_scale` (Σout,) their fp32 row scales; activations are fp32. After `use_int8_activations`,
-    S is held as `A8_BUFFERS` (`kernels.A8Matrix`, with `values_scale` and `rows`) instead of its CSR.
+    S is held as `A8_BUFFERS` (`kernels.A8Matrix`, with `values_scale` and `rows`) instead of its CSR,
+    and `lora_B` as `kernels.a8_panels`.
     Members fetch their slice through `member(i, x)`, which computes the whole group once per
     distinct input tensor. `dense_path`: how a dense float `weight` multiplies 1 … `GEMV_MAX_TOKENS`
     decoding tokens (`dense_fm`; `set_dense_path`; an int8 weight always takes `int8_mm`).
@@ -144,7 +145,10 @@ class FusedLinears(nn.Module):
         256 features of each token (int8 weights and activations, int32 sums within a page; 3.4× the
         links per second of the fp32-activation gather on AMD Zen 4, see csrc/spmm_a8.c). The CSR
         buffers are freed. Returns False (nothing changed) where S is not an int8 CSR of the CPU kernels.
-        Its low-rank branch and every other operation keep fp32 activations. `spill_cost`: `kernels.a8_pack`'s
+        The low-rank A takes the same rounded input (`kernels.a8_round`: the VNNI rows of
+        `lowrank_fm_a8` for a few tokens, a float product with the rounded x otherwise), and B, held
+        in `kernels.a8_panels` from now on, its input h rounded per member; every operation outside
+        the group keeps fp32 activations. `spill_cost`: `kernels.a8_pack`'s
         (None: its default)."""
         if self.a8_data is not None:
             return True
@@ -156,6 +160,8 @@ class FusedLinears(nn.Module):
         for name, tensor in zip(A8_BUFFERS, layout.tensors(), strict=True):
             self.register_buffer(name, tensor)
         self.crow = self.col = self.values = None  # registered buffers, now absent
+        if self.lora_B is not None:  # B in the panels of the int8-activation kernel (kernels.a8_panels)
+            self.lora_B = kernels.a8_panels(self.lora_B, self.outs, self.ranks)
         self._decoder = None
         return True
 
@@ -227,18 +233,24 @@ class FusedLinears(nn.Module):
             y = self._dense(x, out)
         else:
             y = out.zero_()
+        a8 = self.a8_data is not None  # int8 activations: A's input rounded as S's is
         if self.lora_A is not None and not kernels.lowrank_fm(self.lora_A, x, self.lora_B, self.lowrank_shapes,
                                                                self.scale, self.activation, y, self.lora_A_scale,
-                                                               self.lora_B_scale):
-            h = self.lora_A @ x if self.lora_A_scale is None else int8_mm(self.lora_A, self.lora_A_scale, x)  # (Σr, T)
+                                                               self.lora_B_scale, int8_activations=a8):
+            x_a = kernels.a8_round(x.float()) if a8 else x
+            h = self.lora_A @ x_a if self.lora_A_scale is None else int8_mm(self.lora_A, self.lora_A_scale, x_a)
             h = F.silu(h, inplace=True) if self.activation == "silu" else activation_fn(self.activation, h)
             r0 = b0 = 0
             for i, r in enumerate(self.ranks):
                 n_out, rows = self.outs[i], slice(self.offsets[i], self.offsets[i + 1])
-                b = self.lora_B[b0:b0 + n_out * r].view(n_out, r)
-                if self.lora_B_scale is None:
+                if a8:  # B's input rounded per member, after the scale, as the kernels do
+                    b = kernels.a8_panel_block(self.lora_B, self.outs, self.ranks, i)
+                    y[rows].add_(int8_mm(b, self.lora_B_scale[rows], kernels.a8_round(self.scale * h[r0:r0 + r], r)))
+                elif self.lora_B_scale is None:
+                    b = self.lora_B[b0:b0 + n_out * r].view(n_out, r)
                     y[rows].addmm_(b, h[r0:r0 + r], alpha=self.scale)
                 else:
+                    b = self.lora_B[b0:b0 + n_out * r].view(n_out, r)
                     y[rows].add_(int8_mm(b, self.lora_B_scale[rows], h[r0:r0 + r]), alpha=self.scale)
                 r0, b0 = r0 + r, b0 + n_out * r
         return y
@@ -291,8 +303,13 @@ def dense_fm(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, path: str
 
 def use_int8_activations(model: nn.Module, spill_cost: int | None = None) -> int:
     """`FusedLinears.use_int8_activations` on every group of `model` (an int8 model on the CPU sparse
-    backend): its sparse products then run with int8 activations. Returns how many groups do."""
-    return sum(m.use_int8_activations(spill_cost) for m in model.modules() if isinstance(m, FusedLinears))
+    backend): its sparse products and low-rank A then run with int8 activations, and so does an int8
+    lm_head (`runtime.int8.Int8Linear`) once any group does. Returns how many groups do."""
+    groups = sum(m.use_int8_activations(spill_cost) for m in model.modules() if isinstance(m, FusedLinears))
+    head = getattr(model, "lm_head", None)
+    if groups and isinstance(head, Int8Linear):
+        head.int8_activations = True
+    return groups
 
 
 def set_dense_path(model: nn.Module, path: str) -> None:

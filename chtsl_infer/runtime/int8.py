@@ -20,17 +20,22 @@ from chtsl_infer.formats.encoding import dequantize_rows
 BLOCK_ELEMENTS = 1 << 20  # weights dequantized at once by the blocked GEMM (4 MiB of fp32)
 
 
-def int8_mm(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def int8_mm(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None,
+            int8_activations: bool = False) -> torch.Tensor:
     """out (rows, T) = (scale[:, None] · q) @ x: q int8 (rows, in) contiguous, scale fp32 (rows,), x (in, T)
-    fp32 or bf16 feature-major; out in x's dtype (allocated when None). Sums in fp32 on CPU."""
+    fp32 or bf16 feature-major; out in x's dtype (allocated when None). Sums in fp32 on CPU.
+    `int8_activations`: x rounded as `kernels.a8_round` rounds it first (fp32 x; the VNNI rows of
+    `csrc/spmm_a8.c` for a few tokens)."""
     rows, n_tok = q.shape[0], x.shape[1]
     if out is None:
         out = x.new_empty(rows, n_tok)
     if n_tok <= kernels.GEMV_MAX_TOKENS and q.device.type == "cpu":
         # The GEMV writes token-major rows (T, rows); one token is the same memory either way.
         target = out.t() if n_tok == 1 or out.stride(0) == 1 else out.new_empty(n_tok, rows)
-        if kernels.dense_gemv(q, x.t(), target, scale=scale):
+        if kernels.dense_gemv(q, x.t(), target, scale=scale, int8_activations=int8_activations):
             return out if target.data_ptr() == out.data_ptr() else out.copy_(target.t())
+    if int8_activations:
+        x = kernels.a8_round(x.float())
     block = max(1, BLOCK_ELEMENTS // max(1, q.shape[1]))
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
@@ -42,15 +47,19 @@ class Int8Linear(nn.Module):
     """A bias-free linear with an int8 weight (out, in) and fp32 row scales (out,): y = x Wᵀ, W = scale · q.
 
     Buffers `weight` and `weight_scale`, the packed file's `<name>.weight` / `<name>.weight_scale`;
-    forward takes token-major x (..., in) in fp32 or bf16 (transformers' calling convention)."""
+    forward takes token-major x (..., in) in fp32 or bf16 (transformers' calling convention).
+    `int8_activations`: x is rounded to int8 per token and 256 features first (`int8_mm`), set by
+    `runtime.fused.use_int8_activations`."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.int8_activations = False
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = int8_mm(self.weight, self.weight_scale, x.reshape(-1, self.in_features).t())
+        y = int8_mm(self.weight, self.weight_scale, x.reshape(-1, self.in_features).t(),
+                    int8_activations=self.int8_activations)
         return y.t().reshape(*lead, self.out_features)

@@ -245,7 +245,10 @@ static void sparse_rows_bf16(const dec_group *g, const uint16_t *x, const float 
 /* The low-rank halves (gemv.c) with the group's arguments: h = scale · act(A x) for A's rows j0..j1, and
  * y += B h for output rows o0..o1; int8 factors with their row scales where the group is int8. */
 static void a_rows_f32(const dec_group *g, const float *xf, int n_tok, float *hl, int j0, int j1) {
-  if (g->int8)
+  if (g->index == A8_INDEX) /* int8 activations: A takes the input S took, rounded in phase 1 */
+    a8_lowrank_a_rows(g->lora_a, g->a_scale, g->n_in, g->a8_x, g->a8_xs, n_tok, g->n_rank, g->scale, g->act, hl, j0,
+                      j1);
+  else if (g->int8)
     lowrank_a_rows_i8(g->lora_a, g->a_scale, g->n_in, xf, n_tok, g->n_rank, g->scale, g->act, hl, j0, j1);
   else
     lowrank_a_rows_f32(g->lora_a, NULL, g->n_in, xf, n_tok, g->n_rank, g->scale, g->act, hl, j0, j1);
@@ -256,7 +259,9 @@ static void a_rows_bf16(const dec_group *g, const float *xf, int n_tok, float *h
 }
 
 static void b_rows_f32(const dec_group *g, const float *hl, int n_tok, float *y, long o0, long o1) {
-  if (g->int8)
+  if (g->index == A8_INDEX) /* int8 activations: B in panels, h rounded per member */
+    a8_lowrank_b_rows(g->lora_b, g->b_scale, g->outs, g->ranks, g->n_members, hl, g->n_rank, n_tok, y, n_tok, o0, o1);
+  else if (g->int8)
     lowrank_b_rows_i8(g->lora_b, g->b_scale, g->outs, g->ranks, g->n_members, hl, g->n_rank, n_tok, y, n_tok, o0, o1);
   else
     lowrank_b_rows_f32(g->lora_b, NULL, g->outs, g->ranks, g->n_members, hl, g->n_rank, n_tok, y, n_tok, o0, o1);

@@ -158,6 +158,12 @@ CHTSL_EXPORT int spmm_a8(const float *x, long ldx, int n_in, int n_tok, const ui
                          const uint8_t *data, const uint8_t *spill_n, const int32_t *spill_start, const uint8_t *spill,
                          const float *scale, const int32_t *rows, int n_rows, float *y, long ldy, int n_chunks,
                          int n_threads);
+CHTSL_EXPORT int gemv_a8(const int8_t *w, const float *scale, int n_out, int n_in, const float *x, long ldx,
+                         int n_tok, float *y, long ldy, int threads);
+CHTSL_EXPORT int lowrank_fm_a8(const int8_t *a, const float *a_scale, int n_rank, int n_in, const float *x,
+                               long sx_in, long sx_tok, int n_tok, const int8_t *b, const float *b_scale,
+                               const int32_t *outs, const int32_t *ranks, int n_members, float scale, int act,
+                               float *y, long ldy, float *scratch, int threads);
 
 /* probe.c: what this build is (instruction sets, compile-time choices, struct layouts), as text. */
 CHTSL_EXPORT int kernel_probe(char *buf, int size);
@@ -193,7 +199,20 @@ enum { A8_PAGE = 256, A8_ROWS = 16, A8_STEP = 128, A8_INDEX = 3 };
 #else
 #define A8_VECTOR 0
 #endif
+/* 1: spmm_a8.c's dense int8 rows are AVX-512 VNNI (vpdpbusd) loops; 0: plain C */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define A8_DOT_VECTOR 1
+#else
+#define A8_DOT_VECTOR 0
+#endif
 void a8_quantize(const float *xt, int n_in, int8_t *q, float *s, int p0, int p1);
 void a8_groups(const int8_t *xq, const float *xs, int n_in, int n_tok, const a8_layout *S, const float *scale,
                const int32_t *rows, int n_rows, float *y, long ldy, int g0, int g1);
+void a8_rows(const int8_t *w, const float *w_scale, int n_in, const int8_t *xq, const float *xs, int n_tok, float *y,
+             long ldy, int r0, int r1);
+float a8_round_block(const float *x, int n, int8_t *q);
+void a8_lowrank_b_rows(const int8_t *panel, const float *b_scale, const int32_t *outs, const int32_t *ranks,
+                       int n_members, const float *h, int n_rank, int n_tok, float *y, long ldy, long o0, long o1);
+void a8_lowrank_a_rows(const int8_t *a, const float *a_scale, int n_in, const int8_t *xq, const float *xs, int n_tok,
+                       int n_rank, float scale, int act, float *h, int j0, int j1);
 #endif

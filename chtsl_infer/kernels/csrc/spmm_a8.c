@@ -34,10 +34,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "activation.h"
+#include "bf16.h"
 #include "csr_tiles.h"
 #include "kernels.h"
 
-#if A8_VECTOR /* kernels.h */
+#if A8_VECTOR || A8_DOT_VECTOR /* kernels.h */
 #include <immintrin.h>
 #endif
 
@@ -143,16 +145,22 @@ int a8_pack(const int32_t *crow, const void *col, int col_bytes, const int8_t *v
 void a8_quantize(const float *xt, int n_in, int8_t *q, float *s, int p0, int p1) {
   for (int p = p0; p < p1; p++) {
     int i0 = p * A8_PAGE, i1 = i0 + A8_PAGE < n_in ? i0 + A8_PAGE : n_in;
-    float most = 0.0f;
-    for (int i = i0; i < i1; i++) most = fabsf(xt[i]) > most ? fabsf(xt[i]) : most;
-    float scale = most / 127.0f;
-    s[p] = scale;
-    for (int i = i0; i < i1; i++) {
-      float v = scale > 0.0f ? nearbyintf(xt[i] / scale) : 0.0f;
-      q[i] = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
-    }
+    s[p] = a8_round_block(xt + i0, i1 - i0, q + i0);
     for (int i = i1; i < i0 + A8_PAGE; i++) q[i] = 0;
   }
+}
+
+/* x[0 … n) as int8 q with one scale (returned): max |x| / 127, q = x / scale rounded to nearest (ties
+ * to even), all zero where x is. */
+float a8_round_block(const float *x, int n, int8_t *q) {
+  float most = 0.0f;
+  for (int i = 0; i < n; i++) most = fabsf(x[i]) > most ? fabsf(x[i]) : most;
+  float scale = most / 127.0f;
+  for (int i = 0; i < n; i++) {
+    float v = scale > 0.0f ? nearbyintf(x[i] / scale) : 0.0f;
+    q[i] = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+  }
+  return scale;
 }
 
 /* Groups g0 … g1 of Y = S X for n_tok tokens: xq (n_tok × pages × 256) and xs (n_tok × pages) from
@@ -253,4 +261,237 @@ int spmm_a8(const float *x, long ldx, int n_in, int n_tok, const uint8_t *steps,
   free(xs);
   free(xt);
   return failed;
+}
+
+/* ------------------------------------------------------------ dense int8 rows, int8 activations
+ *
+ * The dense int8 matrices of an int8-activation model — the low-rank A of each group and the lm_head —
+ * take the same rounded input as its sparse products (a8_quantize: per token, per page of 256
+ * features): row r's product is w_scale[r] · Σ_p xs[p] · Σ_{i in page p} w[r, i] · q[i], int32 within
+ * a page. With AVX-512 VNNI, 64 weights are one vpdpbusd (x's sign moved onto the weights, as above)
+ * where the fp32-activation int8 rows (gemv.c) widen 16 at a time to floats: 2 Zen 4 cores, the
+ * llama1b lm_head (32,000 × 2,048, streamed from memory) took 1.4–1.8 ms per token against 3.8–4.2,
+ * the llama60m one (32,000 × 512, in L3) 0.18–0.24 ms against 0.33–0.41.
+ *
+ * a8_dot: out[t] for n_tok (1..4) tokens of one row w (n_in int8); xq, xs as a8_quantize writes them
+ * for n_pages pages per token (xq zero past n_in, so a page's last vector may read zeros). */
+#if A8_DOT_VECTOR
+static inline __attribute__((always_inline)) void a8_dot_nt(const int8_t *w, int n_in, const int8_t *xq,
+                                                             const float *xs, int n_pages, int nt, float *out) {
+  const __m512i zero = _mm512_setzero_si512();
+  __m512 total[4];
+  for (int t = 0; t < nt; t++) total[t] = _mm512_setzero_ps();
+  for (int p = 0; p < n_pages; p++) {
+    int i0 = p * A8_PAGE;
+    __m512i acc[4], acc2[4];
+    for (int t = 0; t < nt; t++) acc[t] = acc2[t] = zero;
+    if (i0 + A8_PAGE <= n_in) { /* a whole page: four vectors, two chains per token */
+      for (int i = i0; i < i0 + A8_PAGE; i += 128) {
+        __m512i w0 = _mm512_loadu_si512(w + i), w1 = _mm512_loadu_si512(w + i + 64);
+        for (int t = 0; t < nt; t++) {
+          const int8_t *q = xq + (long)t * n_pages * A8_PAGE + i;
+          __m512i q0 = _mm512_loadu_si512(q), q1 = _mm512_loadu_si512(q + 64);
+          acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_abs_epi8(q0),
+                                       _mm512_mask_sub_epi8(w0, _mm512_movepi8_mask(q0), zero, w0));
+          acc2[t] = _mm512_dpbusd_epi32(acc2[t], _mm512_abs_epi8(q1),
+                                        _mm512_mask_sub_epi8(w1, _mm512_movepi8_mask(q1), zero, w1));
+        }
+      }
+    } else { /* the last page, cut short: the weights past n_in are not read */
+      for (int i = i0; i < n_in; i += 64) {
+        __mmask64 keep = n_in - i >= 64 ? ~0ULL : (1ULL << (n_in - i)) - 1;
+        __m512i w0 = _mm512_maskz_loadu_epi8(keep, w + i);
+        for (int t = 0; t < nt; t++) {
+          __m512i q0 = _mm512_loadu_si512(xq + (long)t * n_pages * A8_PAGE + i);
+          acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_abs_epi8(q0),
+                                       _mm512_mask_sub_epi8(w0, _mm512_movepi8_mask(q0), zero, w0));
+        }
+      }
+    }
+    for (int t = 0; t < nt; t++)
+      total[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[t], acc2[t])),
+                                 _mm512_set1_ps(xs[(long)t * n_pages + p]), total[t]);
+  }
+  for (int t = 0; t < nt; t++) out[t] = _mm512_reduce_add_ps(total[t]);
+}
+
+static void a8_dot(const int8_t *w, int n_in, const int8_t *xq, const float *xs, int n_pages, int n_tok, float *out) {
+  switch (n_tok) { /* constant token counts: the accumulators stay in registers */
+    case 1: a8_dot_nt(w, n_in, xq, xs, n_pages, 1, out); break;
+    case 2: a8_dot_nt(w, n_in, xq, xs, n_pages, 2, out); break;
+    case 3: a8_dot_nt(w, n_in, xq, xs, n_pages, 3, out); break;
+    default: a8_dot_nt(w, n_in, xq, xs, n_pages, 4, out); break;
+  }
+}
+#else
+static void a8_dot(const int8_t *w, int n_in, const int8_t *xq, const float *xs, int n_pages, int n_tok, float *out) {
+  for (int t = 0; t < n_tok; t++) {
+    const int8_t *q = xq + (long)t * n_pages * A8_PAGE;
+    float total = 0.0f;
+    for (int p = 0; p < n_pages; p++) {
+      int i1 = (p + 1) * A8_PAGE < n_in ? (p + 1) * A8_PAGE : n_in;
+      int32_t part = 0;
+      for (int i = p * A8_PAGE; i < i1; i++) part += (int32_t)w[i] * q[i];
+      total = fmaf((float)part, xs[(long)t * n_pages + p], total);
+    }
+    out[t] = total;
+  }
+}
+#endif
+
+/* y[t · ldy + r] = w_scale[r] · (row r of W) · x_t for rows r0 ≤ r < r1 of W (n_in int8 per row). */
+void a8_rows(const int8_t *w, const float *w_scale, int n_in, const int8_t *xq, const float *xs, int n_tok, float *y,
+             long ldy, int r0, int r1) {
+  int n_pages = a8_pages(n_in);
+  float dot[4];
+  for (int r = r0; r < r1; r++) {
+    a8_dot(w + (long)r * n_in, n_in, xq, xs, n_pages, n_tok, dot);
+    for (int t = 0; t < n_tok; t++) y[(long)t * ldy + r] = w_scale[r] * dot[t];
+  }
+}
+
+/* h[t · n_rank + j] = scale · act(a_scale[j] · A[j] · x_t) for A's rows j0 ≤ j < j1: the low-rank
+ * branch's first half with int8 activations (gemv.c's lowrank_a_rows_* with fp32 ones). */
+void a8_lowrank_a_rows(const int8_t *a, const float *a_scale, int n_in, const int8_t *xq, const float *xs, int n_tok,
+                       int n_rank, float scale, int act, float *h, int j0, int j1) {
+  a8_rows(a, a_scale, n_in, xq, xs, n_tok, h, n_rank, j0, j1);
+  for (int t = 0; t < n_tok; t++)
+    for (int j = j0; j < j1; j++) h[(long)t * n_rank + j] = scale * activate(h[(long)t * n_rank + j], act);
+}
+
+/* Rounds n_tok token-major rows of xt (row stride ldx) as a8_quantize does into fresh buffers *xq
+ * (n_tok × pages × 256) and *xs (n_tok × pages). Returns 1 when they could not be allocated. */
+static int a8_quantize_tokens(const float *xt, long ldx, int n_in, int n_tok, int8_t **xq, float **xs) {
+  int n_pages = a8_pages(n_in);
+  *xq = aligned_alloc(64, (size_t)n_tok * n_pages * A8_PAGE);
+  *xs = malloc(sizeof(float) * (size_t)n_tok * n_pages);
+  if (*xq == NULL || *xs == NULL) return 1;
+  for (int t = 0; t < n_tok; t++)
+    a8_quantize(xt + (long)t * ldx, n_in, *xq + (long)t * n_pages * A8_PAGE, *xs + (long)t * n_pages, 0, n_pages);
+  return 0;
+}
+
+/* Y[t, o] = scale[o] · W[o] · x_t with x rounded as a8_quantize does: gemv.c's gemv_i8 with int8
+ * activations (the lm_head of an int8-activation model). W (n_out × n_in) int8 row-major, x (n_tok ≤ 4
+ * rows of n_in fp32, row stride ldx), y at y[t · ldy + o]. Returns 1 for n_tok outside 1..4, 2 when a
+ * buffer could not be allocated. */
+int gemv_a8(const int8_t *w, const float *scale, int n_out, int n_in, const float *x, long ldx, int n_tok, float *y,
+            long ldy, int threads) {
+  if (n_tok < 1 || n_tok > 4) return 1;
+  int8_t *xq;
+  float *xs;
+  int failed = a8_quantize_tokens(x, ldx, n_in, n_tok, &xq, &xs);
+  if (!failed) {
+    _Pragma("omp parallel num_threads(threads)") {
+      int k = THREAD_ID(), n = N_THREADS();
+      a8_rows(w, scale, n_in, xq, xs, n_tok, y, ldy, (int)((long)n_out * k / n), (int)((long)n_out * (k + 1) / n));
+    }
+  }
+  free(xq);
+  free(xs);
+  return failed ? 2 : 0;
+}
+
+/* The low-rank B of an int8-activation group, y += B h, with h rounded to int8 too: per token and
+ * member, one scale for the member's r_m values of h (a8_round_block). B's rows are short (rank 65
+ * at llama1b): gemv.c's row loop spent more on each row's horizontal sum and scalar tail than on its
+ * 65 weights (14 % of a 1B token on 2 Zen 4 cores). Here B is held in panels: per member, per block
+ * of 16 rows, ⌈r_m/4⌉ steps of 64 bytes, byte 4i + j of step s being B_m[16 · block + i, 4s + j]
+ * (zero past the member's rows or rank; `a8_panels` in kernels/sparse.py writes them), so one vpdpbusd
+ * takes four ranks of 16 rows and a block's 16 sums end in one vector, no horizontal sum.
+ *
+ * Rows o0 ≤ o < o1 of Y (Σ out_m rows, feature-major: element (o, t) at y[o · ldy + t]); h token-major
+ * (n_tok × n_rank, member m's values at its rank offset). A block cut by o0 or o1 is computed whole
+ * and stored in part (threads share no output row). */
+void a8_lowrank_b_rows(const int8_t *panel, const float *b_scale, const int32_t *outs, const int32_t *ranks,
+                       int n_members, const float *h, int n_rank, int n_tok, float *y, long ldy, long o0, long o1) {
+  const int8_t *pm = panel;
+  long off = 0, r0 = 0;
+  for (int m = 0; m < n_members; m++) {
+    int r = ranks[m], n_steps = (r + 3) / 4;
+    long lo = o0 > off ? o0 : off, hi = o1 < off + outs[m] ? o1 : off + outs[m];
+    if (lo < hi) {
+      int8_t hq[4][n_steps * 4]; /* this member's h as int8, padded to whole steps; one scale per token */
+      float hs[4];
+      for (int t = 0; t < n_tok; t++) {
+        hs[t] = a8_round_block(h + (long)t * n_rank + r0, r, hq[t]);
+        for (int k = r; k < n_steps * 4; k++) hq[t][k] = 0;
+      }
+      for (long b = (lo - off) / A8_ROWS; b * A8_ROWS < hi - off; b++) {
+        const int8_t *w = pm + b * A8_ROWS * n_steps * 4;
+        float sum[4][A8_ROWS];
+#if A8_DOT_VECTOR
+        const __m512i zero = _mm512_setzero_si512();
+        __m512i acc[4];
+        for (int t = 0; t < n_tok; t++) acc[t] = zero;
+        for (int k = 0; k < n_steps; k++) {
+          __m512i wv = _mm512_loadu_si512(w + k * 64);
+          for (int t = 0; t < n_tok; t++) {
+            int32_t four;
+            memcpy(&four, hq[t] + 4 * k, 4);
+            __m512i hv = _mm512_set1_epi32(four); /* ranks 4k … 4k + 3 of h, for every row */
+            acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_abs_epi8(hv),
+                                         _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(hv), zero, wv));
+          }
+        }
+        for (int t = 0; t < n_tok; t++) _mm512_storeu_ps(sum[t], _mm512_cvtepi32_ps(acc[t]));
+#else
+        for (int t = 0; t < n_tok; t++)
+          for (int i = 0; i < A8_ROWS; i++) {
+            int32_t part = 0;
+            for (int k = 0; k < n_steps * 4; k++) part += (int32_t)w[(k / 4) * 64 + 4 * i + k % 4] * hq[t][k];
+            sum[t][i] = (float)part;
+          }
+#endif
+        for (int i = 0; i < A8_ROWS; i++) {
+          long o = off + b * A8_ROWS + i;
+          if (o < lo || o >= hi) continue;
+          for (int t = 0; t < n_tok; t++) y[o * ldy + t] += b_scale[o] * (hs[t] * sum[t][i]);
+        }
+      }
+    }
+    pm += (long)(outs[m] + A8_ROWS - 1) / A8_ROWS * A8_ROWS * n_steps * 4;
+    off += outs[m];
+    r0 += r;
+  }
+}
+
+/* gemv.c's lowrank_fm_i8 with A's input rounded as a8_quantize does, and B in panels with its input
+ * rounded too (a8_lowrank_b_rows): the low-rank branch of an int8-activation group, same arguments
+ * (b: the panels) and threading, for any number of tokens (a prompt too: the rows run 4 tokens at a
+ * time, A and B staying in cache; the float path it replaces dequantized and multiplied in torch,
+ * 0.46× the prefill speed of fp32 at llama60m). scratch: n_tok × (n_in + R) floats. Returns 1 for
+ * n_tok < 1, 2 when a buffer could not be allocated. */
+int lowrank_fm_a8(const int8_t *a, const float *a_scale, int n_rank, int n_in, const float *x, long sx_in, long sx_tok,
+                  int n_tok, const int8_t *b, const float *b_scale, const int32_t *outs, const int32_t *ranks,
+                  int n_members, float scale, int act, float *y, long ldy, float *scratch, int threads) {
+  if (n_tok < 1) return 1;
+  int n_pages = a8_pages(n_in);
+  float *xt = scratch, *h = xt + (long)n_tok * n_in; /* X, h token-major: (n_tok × n_in), (n_tok × R) */
+  copy_tm(x, sx_in, sx_tok, n_in, n_tok, xt, 0, n_in);
+  int8_t *xq;
+  float *xs;
+  int failed = a8_quantize_tokens(xt, n_in, n_in, n_tok, &xq, &xs);
+  long work = (long)n_rank * n_in;
+  for (int m = 0; m < n_members; m++) work += (long)outs[m] * ranks[m];
+  int n_threads = work * n_tok >= (1L << 18) ? threads : 1; /* as lowrank_fm: small groups on one thread */
+  if (!failed) {
+    _Pragma("omp parallel num_threads(n_threads)") {
+      int k = THREAD_ID(), n = N_THREADS();
+      for (int t0 = 0; t0 < n_tok; t0 += 4) {
+        int nt = n_tok - t0 < 4 ? n_tok - t0 : 4;
+        a8_lowrank_a_rows(a, a_scale, n_in, xq + (long)t0 * n_pages * A8_PAGE, xs + (long)t0 * n_pages, nt, n_rank,
+                          scale, act, h + (long)t0 * n_rank, (int)((long)n_rank * k / n),
+                          (int)((long)n_rank * (k + 1) / n));
+      }
+      _Pragma("omp barrier") /* h is complete */
+      long o0 = lowrank_b_split(outs, ranks, n_members, k, n), o1 = lowrank_b_split(outs, ranks, n_members, k + 1, n);
+      for (int t0 = 0; t0 < n_tok; t0 += 4)
+        a8_lowrank_b_rows(b, b_scale, outs, ranks, n_members, h + (long)t0 * n_rank, n_rank,
+                          n_tok - t0 < 4 ? n_tok - t0 : 4, y + t0, ldy, o0, o1);
+    }
+  }
+  free(xq);
+  free(xs);
+  return failed ? 2 : 0;
 }
