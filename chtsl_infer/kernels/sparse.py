@@ -224,20 +224,25 @@ def a8_panels(lora_b: torch.Tensor, outs: list[int], ranks: list[int]) -> torch.
     byte 4i + j of step k = B_m[16 · block + i, 4k + j] (zero past the rows and the rank). int8, flat."""
     parts, b0 = [], 0
     for n_out, r in zip(outs, ranks, strict=True):
-        block = torch.zeros(-(-n_out // A8_ROWS) * A8_ROWS, -(-r // 4) * 4, dtype=torch.int8)
+        rows, steps = _panel_shape(n_out, r)
+        block = torch.zeros(rows, steps * 4, dtype=torch.int8)
         block[:n_out, :r] = lora_b[b0:b0 + n_out * r].view(n_out, r)
-        parts.append(block.view(-1, A8_ROWS, block.shape[1] // 4, 4).permute(0, 2, 1, 3).reshape(-1))
+        parts.append(block.view(-1, A8_ROWS, steps, 4).permute(0, 2, 1, 3).reshape(-1))
         b0 += n_out * r
     return torch.cat(parts)
 
 
+def _panel_shape(n_out: int, rank: int) -> tuple[int, int]:
+    """A member's padded rows (whole blocks of 16) and steps (4 ranks each) in `a8_panels`."""
+    return -(-n_out // A8_ROWS) * A8_ROWS, -(-rank // 4)
+
+
 def a8_panel_block(panels: torch.Tensor, outs: list[int], ranks: list[int], member: int) -> torch.Tensor:
     """Member `member`'s B (out_m × r_m, int8) from `a8_panels`' layout (a copy)."""
-    start = sum(-(-n // A8_ROWS) * A8_ROWS * -(-r // 4) * 4 for n, r in zip(outs[:member], ranks[:member], strict=True))
-    n_out, r = outs[member], ranks[member]
-    rows, steps = -(-n_out // A8_ROWS) * A8_ROWS, -(-r // 4)
+    start = sum(rows * steps * 4 for rows, steps in map(_panel_shape, outs[:member], ranks[:member]))
+    rows, steps = _panel_shape(outs[member], ranks[member])
     flat = panels[start:start + rows * steps * 4]
-    return flat.view(-1, steps, A8_ROWS, 4).permute(0, 2, 1, 3).reshape(rows, steps * 4)[:n_out, :r]
+    return flat.view(-1, steps, A8_ROWS, 4).permute(0, 2, 1, 3).reshape(rows, steps * 4)[:outs[member], :ranks[member]]
 
 
 def sort_rows(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -145,10 +145,10 @@ class FusedLinears(nn.Module):
         256 features of each token (int8 weights and activations, int32 sums within a page; 3.4× the
         links per second of the fp32-activation gather on AMD Zen 4, see csrc/spmm_a8.c). The CSR
         buffers are freed. Returns False (nothing changed) where S is not an int8 CSR of the CPU kernels.
-        The low-rank A takes the same rounded input (`kernels.a8_round`: the VNNI rows of
-        `lowrank_fm_a8` for a few tokens, a float product with the rounded x otherwise), and B, held
-        in `kernels.a8_panels` from now on, its input h rounded per member; every operation outside
-        the group keeps fp32 activations. `spill_cost`: `kernels.a8_pack`'s
+        The low-rank A takes the same rounded input and B, held in `kernels.a8_panels` from now on, its
+        input h rounded per member (`kernels.lowrank_fm` with `int8_activations`; where it does not
+        apply, the float products with `kernels.a8_round`'s values); every operation outside the group
+        keeps fp32 activations. `spill_cost`: `kernels.a8_pack`'s
         (None: its default)."""
         if self.a8_data is not None:
             return True

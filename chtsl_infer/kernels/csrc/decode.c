@@ -242,8 +242,9 @@ static void sparse_rows_bf16(const dec_group *g, const uint16_t *x, const float 
   BY_INDEX(spmm_bf16)
 }
 
-/* The low-rank halves (gemv.c) with the group's arguments: h = scale · act(A x) for A's rows j0..j1, and
- * y += B h for output rows o0..o1; int8 factors with their row scales where the group is int8. */
+/* The low-rank halves (gemv.c; spmm_a8.c with int8 activations) with the group's arguments: h = scale ·
+ * act(A x) for A's rows j0..j1, and y += B h for output rows o0..o1; int8 factors with their row scales
+ * where the group is int8. */
 static void a_rows_f32(const dec_group *g, const float *xf, int n_tok, float *hl, int j0, int j1) {
   if (g->index == A8_INDEX) /* int8 activations: A takes the input S took, rounded in phase 1 */
     a8_lowrank_a_rows(g->lora_a, g->a_scale, g->n_in, g->a8_x, g->a8_xs, n_tok, g->n_rank, g->scale, g->act, hl, j0,

@@ -191,7 +191,7 @@ LOWRANK_ROWS(i8, int8_t, float)
     TOKEN_MAJOR_COPY(x, sx_in, sx_tok, n_in, n_tok, xt, 0, n_in);                                     \
     long work = (long)n_rank * n_in;                                                                  \
     for (int m = 0; m < n_members; m++) work += (long)outs[m] * ranks[m];                             \
-    int n_threads = work >= (1L << 18) ? threads : 1; /* small groups (llama60m): a fork/join costs more */ \
+    int n_threads = work >= LOWRANK_THREADS_FROM ? threads : 1; /* small groups: see kernels.h */       \
     _Pragma("omp parallel num_threads(n_threads)") {                                                  \
       int k = THREAD_ID(), n = N_THREADS();                                                           \
       lowrank_a_rows_##SUFFIX(a, a_scale, n_in, xt, n_tok, n_rank, scale, act, h,                     \

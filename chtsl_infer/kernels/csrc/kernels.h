@@ -177,6 +177,9 @@ CHTSL_EXPORT int kernel_probe(char *buf, int size);
                            Y *y, long ldy, int i0, int i1, float *buf);
 CHTSL_SPMM_VARIANTS(SPMM_TASK)
 #undef SPMM_TASK
+/* The low-rank branch (lowrank_fm*, gemv.c and spmm_a8.c) runs on one thread below this many
+ * multiply-adds: at llama60m's groups (under 2^18) an OpenMP fork/join costs more than the work. */
+#define LOWRANK_THREADS_FROM (1L << 18)
 long lowrank_b_split(const int32_t *outs, const int32_t *ranks, int n_members, int k, int n);
 void lowrank_a_rows_f32(const float *a, const float *a_scale, int n_in, const float *xt, int n_tok, int n_rank,
                         float scale, int act, float *h, int j0, int j1);

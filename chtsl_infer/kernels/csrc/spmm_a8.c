@@ -227,31 +227,47 @@ void a8_groups(const int8_t *xq, const float *xs, int n_in, int n_tok, const a8_
   }
 }
 
+/* X (n_in × n_tok fp32, element (i, t) at x[i · sx_in + t · sx_tok]) rounded as a8_quantize rounds
+ * it, into fresh buffers *xq (n_tok × pages × 256) and *xs (n_tok × pages), on `threads` threads. X is
+ * first copied token-major into xt (n_tok × n_in floats, the caller's) unless its tokens already are
+ * rows (sx_in 1), in blocks of 16 features × 64 tokens: whole lines written, the read lines reused (a
+ * plain column-by-column copy took 9 % of a llama1b 2 × 256 forward, on one thread). Returns 1 when
+ * a buffer could not be allocated (the caller frees both pointers either way). */
+static int a8_round_x(const float *x, long sx_in, long sx_tok, int n_in, int n_tok, float *xt, int8_t **xq,
+                      float **xs, int threads) {
+  int n_pages = a8_pages(n_in);
+  *xq = aligned_alloc(64, (size_t)n_tok * n_pages * A8_PAGE);
+  *xs = malloc(sizeof(float) * (size_t)n_tok * n_pages);
+  if (*xq == NULL || *xs == NULL) return 1;
+  const float *rows = sx_in == 1 ? x : xt; /* token t's features at rows + t · ldt */
+  long ldt = sx_in == 1 ? sx_tok : n_in;
+  _Pragma("omp parallel num_threads(threads) if (threads > 1)") {
+    if (sx_in != 1) {
+      _Pragma("omp for schedule(static)") for (int j0 = 0; j0 < n_in; j0 += 16)
+        for (int t0 = 0; t0 < n_tok; t0 += 64)
+          for (int t = t0; t < t0 + 64 && t < n_tok; t++)
+            for (int j = j0; j < j0 + 16 && j < n_in; j++) xt[(long)t * n_in + j] = x[j * sx_in + t * sx_tok];
+    }
+    _Pragma("omp for schedule(static)") for (int t = 0; t < n_tok; t++)
+      a8_quantize(rows + t * ldt, n_in, *xq + (long)t * n_pages * A8_PAGE, *xs + (long)t * n_pages, 0, n_pages);
+  }
+  return 0;
+}
+
 /* Y (n_rows output rows × n_tok, row stride ldy) = S X, X (n_in × n_tok) fp32 feature-major (row
  * stride ldx, tokens contiguous), S in the layout above (steps, start, data, spill_n, spill_start,
  * spill) with its stored rows' weight scales and output rows (stored row r is output row rows[r]). X
- * is quantized first (a8_quantize), then the groups run in n_chunks chunks of equal steps over
+ * is quantized first (a8_round_x), then the groups run in n_chunks chunks of equal steps over
  * n_threads threads. Returns 0, or 1 when a buffer could not be allocated (Y is then incomplete). */
 int spmm_a8(const float *x, long ldx, int n_in, int n_tok, const uint8_t *steps, const int32_t *start,
             const uint8_t *data, const uint8_t *spill_n, const int32_t *spill_start, const uint8_t *spill,
             const float *scale, const int32_t *rows, int n_rows, float *y, long ldy, int n_chunks, int n_threads) {
-  int n_pages = a8_pages(n_in), n_groups = (n_rows + A8_ROWS - 1) / A8_ROWS, failed = 0;
+  int n_groups = (n_rows + A8_ROWS - 1) / A8_ROWS;
   const a8_layout S = {steps, data, start, spill_n, spill, spill_start};
-  int8_t *xq = aligned_alloc(64, (size_t)n_tok * n_pages * A8_PAGE);
-  float *xs = malloc(sizeof(float) * (size_t)n_tok * n_pages), *xt = malloc(sizeof(float) * (size_t)n_tok * n_in);
-  if (xq == NULL || xs == NULL || xt == NULL) {
-    failed = 1;
-  } else {
-    _Pragma("omp parallel num_threads(n_threads)") {
-      /* X token-major in blocks of 16 features × 64 tokens: whole lines written, the read lines reused
-       * (a plain column-by-column copy took 9 % of a llama1b 2 × 256 forward, on one thread) */
-      _Pragma("omp for schedule(static)") for (int j0 = 0; j0 < n_in; j0 += 16)
-        for (int t0 = 0; t0 < n_tok; t0 += 64)
-          for (int t = t0; t < t0 + 64 && t < n_tok; t++)
-            for (int j = j0; j < j0 + 16 && j < n_in; j++) xt[(long)t * n_in + j] = x[(long)j * ldx + t];
-      _Pragma("omp for schedule(static)") for (int t = 0; t < n_tok; t++)
-        a8_quantize(xt + (long)t * n_in, n_in, xq + (long)t * n_pages * A8_PAGE, xs + (long)t * n_pages, 0, n_pages);
-    }
+  int8_t *xq = NULL;
+  float *xs = NULL, *xt = malloc(sizeof(float) * (size_t)n_tok * n_in);
+  int failed = xt == NULL || a8_round_x(x, ldx, 1, n_in, n_tok, xt, &xq, &xs, n_threads);
+  if (!failed) {
     _Pragma("omp parallel for num_threads(n_threads) schedule(dynamic)") for (int c = 0; c < n_chunks; c++) {
       int g0 = csr_chunk_start(start, n_groups, c, n_chunks), g1 = csr_chunk_start(start, n_groups, c + 1, n_chunks);
       if (g0 < g1) a8_groups(xq, xs, n_in, n_tok, &S, scale, rows, n_rows, y, ldy, g0, g1);
@@ -359,18 +375,6 @@ void a8_lowrank_a_rows(const int8_t *a, const float *a_scale, int n_in, const in
     for (int j = j0; j < j1; j++) h[(long)t * n_rank + j] = scale * activate(h[(long)t * n_rank + j], act);
 }
 
-/* Rounds n_tok token-major rows of xt (row stride ldx) as a8_quantize does into fresh buffers *xq
- * (n_tok × pages × 256) and *xs (n_tok × pages). Returns 1 when they could not be allocated. */
-static int a8_quantize_tokens(const float *xt, long ldx, int n_in, int n_tok, int8_t **xq, float **xs) {
-  int n_pages = a8_pages(n_in);
-  *xq = aligned_alloc(64, (size_t)n_tok * n_pages * A8_PAGE);
-  *xs = malloc(sizeof(float) * (size_t)n_tok * n_pages);
-  if (*xq == NULL || *xs == NULL) return 1;
-  for (int t = 0; t < n_tok; t++)
-    a8_quantize(xt + (long)t * ldx, n_in, *xq + (long)t * n_pages * A8_PAGE, *xs + (long)t * n_pages, 0, n_pages);
-  return 0;
-}
-
 /* Y[t, o] = scale[o] · W[o] · x_t with x rounded as a8_quantize does: gemv.c's gemv_i8 with int8
  * activations (the lm_head of an int8-activation model). W (n_out × n_in) int8 row-major, x (n_tok ≤ 4
  * rows of n_in fp32, row stride ldx), y at y[t · ldy + o]. Returns 1 for n_tok outside 1..4, 2 when a
@@ -378,9 +382,9 @@ static int a8_quantize_tokens(const float *xt, long ldx, int n_in, int n_tok, in
 int gemv_a8(const int8_t *w, const float *scale, int n_out, int n_in, const float *x, long ldx, int n_tok, float *y,
             long ldy, int threads) {
   if (n_tok < 1 || n_tok > 4) return 1;
-  int8_t *xq;
-  float *xs;
-  int failed = a8_quantize_tokens(x, ldx, n_in, n_tok, &xq, &xs);
+  int8_t *xq = NULL;
+  float *xs = NULL;
+  int failed = a8_round_x(x, 1, ldx, n_in, n_tok, NULL, &xq, &xs, 1); /* x's tokens are rows: no copy */
   if (!failed) {
     _Pragma("omp parallel num_threads(threads)") {
       int k = THREAD_ID(), n = N_THREADS();
@@ -468,13 +472,12 @@ int lowrank_fm_a8(const int8_t *a, const float *a_scale, int n_rank, int n_in, c
   if (n_tok < 1) return 1;
   int n_pages = a8_pages(n_in);
   float *xt = scratch, *h = xt + (long)n_tok * n_in; /* X, h token-major: (n_tok × n_in), (n_tok × R) */
-  copy_tm(x, sx_in, sx_tok, n_in, n_tok, xt, 0, n_in);
-  int8_t *xq;
-  float *xs;
-  int failed = a8_quantize_tokens(xt, n_in, n_in, n_tok, &xq, &xs);
   long work = (long)n_rank * n_in;
   for (int m = 0; m < n_members; m++) work += (long)outs[m] * ranks[m];
-  int n_threads = work * n_tok >= (1L << 18) ? threads : 1; /* as lowrank_fm: small groups on one thread */
+  int n_threads = work * n_tok >= LOWRANK_THREADS_FROM ? threads : 1; /* as lowrank_fm */
+  int8_t *xq = NULL;
+  float *xs = NULL;
+  int failed = a8_round_x(x, sx_in, sx_tok, n_in, n_tok, xt, &xq, &xs, n_tok > 4 ? n_threads : 1);
   if (!failed) {
     _Pragma("omp parallel num_threads(n_threads)") {
       int k = THREAD_ID(), n = N_THREADS();
